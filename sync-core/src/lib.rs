@@ -1,0 +1,52 @@
+//! # sync-core
+//!
+//! The contract of the `sync` toolkit: object-safe async traits for distributed
+//! synchronization primitives — [`Lock`], [`Leader`], [`Task`], [`Time`], [`Map`] — their
+//! option builders, one [`Error`] type with semantic [kinds](ErrorKind), the [id rules](id),
+//! and glue written purely against the traits: the [`Cron`](cron::Cron) driver and the typed
+//! [`TypedMap`](typed::TypedMap). It has no network code; pick a backend crate (`sync-local`,
+//! `sync-etcd`, `sync-consul`, `sync-redis`, `sync-ntp`) and use its handles as `Arc<dyn …>`.
+#![deny(missing_docs)]
+
+pub mod cron;
+mod error;
+pub mod id;
+mod leader;
+mod lock;
+mod map;
+mod signal;
+mod task;
+mod time;
+pub mod typed;
+
+pub use error::{Error, ErrorKind, Result};
+pub use leader::{ElectOptions, Elected, FollowStream, Leader, LeaderInfo, Leadership};
+pub use lock::{HeldLock, Lock, LockGuard, LockOptions};
+pub use map::{Entry, MAX_VALUE_LEN, Map, Version};
+pub use signal::{LossSignal, LossTrigger, loss_signal};
+pub use task::{
+    Handler, HandlerError, Job, JobContext, JobId, JobState, JobStatus, MAX_PAYLOAD_LEN, Task,
+    Worker, WorkerControl, WorkerOptions,
+};
+pub use time::{Time, TimeInterval};
+
+/// Validates a lease TTL against a backend's minimum: zero or below `min` is InvalidArgument.
+///
+/// ```
+/// use std::time::Duration;
+/// let err = sync_core::validate_ttl("consul", Duration::from_secs(5), Duration::from_secs(10));
+/// assert!(err.unwrap_err().to_string().contains("at least 10s"));
+/// ```
+pub fn validate_ttl(
+    backend: &'static str,
+    ttl: std::time::Duration,
+    min: std::time::Duration,
+) -> Result<()> {
+    if ttl.is_zero() || ttl < min {
+        return Err(
+            Error::invalid(format!("ttl is {ttl:?}; it must be at least {min:?}"))
+                .with_backend(backend),
+        );
+    }
+    Ok(())
+}

@@ -1,0 +1,155 @@
+//! Distributed lock.
+
+use std::time::Duration;
+
+use async_trait::async_trait;
+
+use crate::{LossSignal, Result};
+
+/// Options for [`Lock::acquire`].
+#[derive(Debug, Clone, Default)]
+#[non_exhaustive]
+pub struct LockOptions {
+    /// How long to wait for the lock; `None` waits until it is granted.
+    pub wait: Option<Duration>,
+}
+
+impl LockOptions {
+    /// Default options: wait forever.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Bounds the wait; past it, acquire fails with [`ErrorKind::Timeout`](crate::ErrorKind).
+    pub fn with_wait(mut self, wait: Duration) -> Self {
+        self.wait = Some(wait);
+        self
+    }
+}
+
+/// A distributed mutual-exclusion lock.
+///
+/// Every acquire is an independent contender, even on one handle. The handle's lease (its
+/// TTL) is renewed in the background while any guard lives; if the process dies, the lock frees
+/// after about one TTL.
+///
+/// ```
+/// # #[tokio::main(flavor = "current_thread")] async fn main() -> sync_core::Result<()> {
+/// use std::{sync::Arc, time::Duration};
+/// use sync_core::{Lock, LockOptions};
+///
+/// let client = sync_local::Cluster::new().client(Default::default())?;
+/// let lock: Arc<dyn Lock> = client.lock();
+///
+/// let guard = lock.acquire("orders", LockOptions::new()).await?;
+/// assert!(lock.try_acquire("orders").await?.is_none(), "held elsewhere");
+/// let token = guard.fencing_token(); // pass this to the resource you protect
+/// guard.release().await?;
+///
+/// let again = lock
+///     .acquire("orders", LockOptions::new().with_wait(Duration::from_secs(1)))
+///     .await?;
+/// assert!(again.fencing_token() > token);
+/// # Ok(()) }
+/// ```
+#[async_trait]
+pub trait Lock: Send + Sync {
+    /// Waits until the lock `id` is held by this caller. Dropping the future cancels the wait
+    /// and leaves nothing behind.
+    async fn acquire(&self, id: &str, opts: LockOptions) -> Result<LockGuard>;
+
+    /// Takes the lock if it is free right now; `None` when it is held elsewhere.
+    async fn try_acquire(&self, id: &str) -> Result<Option<LockGuard>>;
+
+    /// Releases the oldest guard of `id` held through this handle (the seed's `Release(id)`).
+    /// [`ErrorKind::NotHeld`](crate::ErrorKind) if this handle holds none.
+    async fn release(&self, id: &str) -> Result<()>;
+}
+
+/// The backend side of a held lock, boxed inside a [`LockGuard`].
+#[async_trait]
+pub trait HeldLock: Send + Sync + 'static {
+    /// Releases the lock; `NotHeld` or `LockLost` if it was no longer held.
+    async fn release(&mut self) -> Result<()>;
+
+    /// Releases without waiting (called from `Drop`): must not block, so it spawns or sends.
+    fn release_in_background(self: Box<Self>);
+}
+
+/// Proof of holding a lock. Dropping it releases the lock in the background.
+#[must_use = "dropping the guard releases the lock"]
+pub struct LockGuard {
+    id: String,
+    token: u64,
+    lost: LossSignal,
+    inner: Option<Box<dyn HeldLock>>,
+}
+
+impl LockGuard {
+    /// Built by backends.
+    pub fn new(
+        id: impl Into<String>,
+        token: u64,
+        lost: LossSignal,
+        inner: Box<dyn HeldLock>,
+    ) -> Self {
+        LockGuard {
+            id: id.into(),
+            token,
+            lost,
+            inner: Some(inner),
+        }
+    }
+
+    /// The lock id.
+    pub fn id(&self) -> &str {
+        &self.id
+    }
+
+    /// A number that strictly increases with each grant of this id: pass it to the protected
+    /// resource so it can refuse writes from a stale holder.
+    pub fn fencing_token(&self) -> u64 {
+        self.token
+    }
+
+    /// Resolves (with the reason) as soon as this holder can no longer be sure it holds.
+    pub async fn lost(&self) -> String {
+        self.lost.wait().await
+    }
+
+    /// Whether the lock has been lost.
+    pub fn is_lost(&self) -> bool {
+        self.lost.is_lost()
+    }
+
+    /// A clone of the loss signal, to watch from another task.
+    pub fn loss_signal(&self) -> LossSignal {
+        self.lost.clone()
+    }
+
+    /// Releases the lock and reports whether it was still held.
+    pub async fn release(mut self) -> Result<()> {
+        match self.inner.take() {
+            Some(mut inner) => inner.release().await,
+            None => Ok(()),
+        }
+    }
+}
+
+impl Drop for LockGuard {
+    fn drop(&mut self) {
+        if let Some(inner) = self.inner.take() {
+            inner.release_in_background();
+        }
+    }
+}
+
+impl std::fmt::Debug for LockGuard {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("LockGuard")
+            .field("id", &self.id)
+            .field("token", &self.token)
+            .field("lost", &self.lost.is_lost())
+            .finish()
+    }
+}
