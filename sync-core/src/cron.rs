@@ -1,1 +1,940 @@
-//! placeholder
+//! Distributed cron: schedules fired by the leader of a group, as jobs on a [`Task`] queue.
+//!
+//! A [`Cron`] is written once against the traits: a [`Leader`] decides who fires, a [`Task`]
+//! runs what is fired, and a [`Map`] records the last fired tick of every schedule so that a
+//! tick runs once under normal operation, also across failovers.
+//!
+//! # How it fires
+//!
+//! Every process that runs the same schedules builds a `Cron` over the same election group
+//! and the same map, and registers the same schedules by name. Each `Cron` runs one background
+//! driver (spawned on the first [`schedule`](Cron::schedule)) that campaigns in the group;
+//! while elected it sleeps until the earliest next tick of its schedules and fires it:
+//!
+//! 1. read the schedule's record in the map (key = the schedule name, value = JSON
+//!    `{"tick_ms": u64, "term": u64}`: the last fired tick in milliseconds since the Unix
+//!    epoch and the term of the leader that fired it);
+//! 2. if the record's tick is at or after this tick, skip it (it has fired);
+//! 3. otherwise compare-and-swap the record to `{tick, term}`; on a conflict another writer
+//!    won, and the tick is reconsidered from the fresh record;
+//! 4. only once the swap succeeded, submit the schedule's job with the labels
+//!    `cron.schedule` (the name), `cron.term` (the leader's term) and `cron.tick` (the tick in
+//!    milliseconds since the Unix epoch).
+//!
+//! When leadership is revoked the driver stops firing at once and campaigns again; on
+//! [`stop`](Cron::stop) (or drop) it resigns. Backend errors are logged (`tracing` warn) and
+//! retried after a short backoff; they never end the driver.
+//!
+//! # Which ticks fire
+//!
+//! - **Nothing before registration.** The first [`schedule`](Cron::schedule) of a name
+//!   anywhere writes a registration record (`term` 0, `tick_ms` = the registration time) if
+//!   the map has none, so ticks at or before the moment a schedule was first registered never
+//!   fire. For [`Schedule::every`] (which starts now) the first tick is therefore
+//!   `start + interval`; for [`Schedule::every_from`] with a past start it is the first
+//!   `start + k·interval` after registration. A later registration of the same name (another
+//!   process, or after [`unschedule`](Cron::unschedule), which keeps the record) resumes from
+//!   the record.
+//! - **One-shots run even when late.** A [`Schedule::once`] whose time is at or before its
+//!   first registration fires promptly, once (like `at(1)` with a past time), instead of
+//!   being dropped; after it fired, the record says so and it never fires again, in any
+//!   process.
+//! - **Missed ticks coalesce.** After a failover (or any gap without a leader) the new leader
+//!   resumes at the next tick after the recorded one. If several ticks were missed it fires
+//!   only the latest of them, then continues on schedule — like a cron job's missed-start
+//!   policy. A tick at or before the recorded one never fires.
+//!
+//! Delivery of a fired tick is the [`Task`]'s (at-least-once to a worker). The recorded tick
+//! and the submission are two steps: if the process dies between them, that tick is lost
+//! (at-most-once firing), never doubled.
+
+use std::{
+    collections::{BTreeMap, HashMap},
+    fmt,
+    str::FromStr,
+    sync::{
+        Arc, Mutex, MutexGuard,
+        atomic::{AtomicU64, Ordering},
+    },
+    time::{Duration, SystemTime, UNIX_EPOCH},
+};
+
+use chrono::{DateTime, SecondsFormat, Utc};
+use serde::{Deserialize, Serialize};
+use tokio::{sync::watch, task::JoinHandle};
+use tracing::{Instrument, debug, error, info, info_span, warn};
+
+use crate::{ElectOptions, Elected, Error, ErrorKind, Job, Leader, Map, Result, Task};
+
+/// The shortest interval accepted by [`Cron::schedule`]: ticks are recorded in milliseconds.
+pub const MIN_INTERVAL: Duration = Duration::from_millis(1);
+
+/// When a schedule fires: once, at a fixed interval, or on a cron expression (UTC).
+///
+/// ```
+/// use std::time::{Duration, SystemTime, UNIX_EPOCH};
+/// use sync_core::cron::Schedule;
+///
+/// let t0 = UNIX_EPOCH + Duration::from_secs(1_700_000_000);
+///
+/// let every = Schedule::every_from(t0, Duration::from_secs(10));
+/// assert_eq!(every.next_after(t0), Some(t0 + Duration::from_secs(10)));
+/// assert_eq!(every.next_after(t0 - Duration::from_secs(1)), Some(t0));
+///
+/// let once = Schedule::once(t0);
+/// assert_eq!(once.next_after(t0 - Duration::from_millis(1)), Some(t0));
+/// assert_eq!(once.next_after(t0), None);
+///
+/// // sec min hour day-of-month month day-of-week [year]
+/// let hourly = Schedule::cron("0 0 * * * *")?;
+/// assert_eq!(hourly.next_after(t0), Some(UNIX_EPOCH + Duration::from_secs(1_700_002_800)));
+/// assert!(Schedule::cron("every tuesday").is_err());
+/// # Ok::<(), sync_core::Error>(())
+/// ```
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum Schedule {
+    /// A single tick at `at`.
+    Once {
+        /// The tick.
+        at: SystemTime,
+    },
+    /// Ticks at `start + k·interval` for k = 0, 1, 2…
+    Every {
+        /// The first tick.
+        start: SystemTime,
+        /// The time between ticks (at least [`MIN_INTERVAL`] to be scheduled).
+        interval: Duration,
+    },
+    /// Ticks where a cron expression matches, in UTC.
+    Cron(CronExpr),
+}
+
+/// A parsed cron expression (the `cron` crate's syntax:
+/// `sec min hour day-of-month month day-of-week [year]`), evaluated in UTC.
+#[derive(Clone)]
+pub struct CronExpr {
+    parsed: Box<cron::Schedule>,
+}
+
+impl CronExpr {
+    /// The expression as written.
+    pub fn source(&self) -> &str {
+        self.parsed.source()
+    }
+}
+
+impl fmt::Debug for CronExpr {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_tuple("CronExpr").field(&self.source()).finish()
+    }
+}
+
+impl PartialEq for CronExpr {
+    fn eq(&self, other: &Self) -> bool {
+        self.source() == other.source()
+    }
+}
+
+impl Eq for CronExpr {}
+
+impl Schedule {
+    /// One tick at `at`.
+    pub fn once(at: SystemTime) -> Schedule {
+        Schedule::Once { at }
+    }
+
+    /// Every `interval`, starting now: ticks at `now + k·interval`. Since nothing before
+    /// registration fires, the first tick fired is `now + interval`.
+    pub fn every(interval: Duration) -> Schedule {
+        Schedule::every_from(SystemTime::now(), interval)
+    }
+
+    /// Every `interval`, with ticks at `start + k·interval` (k ≥ 0).
+    pub fn every_from(start: SystemTime, interval: Duration) -> Schedule {
+        Schedule::Every { start, interval }
+    }
+
+    /// Parses a cron expression (the `cron` crate's syntax, with seconds:
+    /// `sec min hour day-of-month month day-of-week [year]`), evaluated in UTC. A bad
+    /// expression is [`ErrorKind::InvalidArgument`] naming it and the parse error.
+    pub fn cron(expr: &str) -> Result<Schedule> {
+        let parsed = cron::Schedule::from_str(expr).map_err(|e| {
+            Error::invalid(format!("cron expression {expr:?} is invalid: {e}")).with_source(e)
+        })?;
+        Ok(Schedule::Cron(CronExpr {
+            parsed: Box::new(parsed),
+        }))
+    }
+
+    /// The first tick strictly after `t`; `None` when there is none (a one-shot at or before
+    /// `t`, a cron expression with no later match, a zero interval past its start, overflow).
+    pub fn next_after(&self, t: SystemTime) -> Option<SystemTime> {
+        match self {
+            Schedule::Once { at } => (*at > t).then_some(*at),
+            Schedule::Every { start, interval } => {
+                let Ok(elapsed) = t.duration_since(*start) else {
+                    return Some(*start);
+                };
+                let k = elapsed.as_nanos().checked_div(interval.as_nanos())?;
+                nth_tick(*start, *interval, k + 1)
+            }
+            Schedule::Cron(expr) => {
+                let after = DateTime::<Utc>::from(t);
+                expr.parsed.after(&after).next().map(SystemTime::from)
+            }
+        }
+    }
+
+    /// The latest tick in `(after, now]`, if any.
+    fn latest_between(&self, after: SystemTime, now: SystemTime) -> Option<SystemTime> {
+        let tick = match self {
+            Schedule::Once { at } => (*at <= now).then_some(*at),
+            Schedule::Every { start, interval } => {
+                let elapsed = now.duration_since(*start).ok()?;
+                match elapsed.as_nanos().checked_div(interval.as_nanos()) {
+                    Some(k) => nth_tick(*start, *interval, k),
+                    None => Some(*start),
+                }
+            }
+            Schedule::Cron(expr) => {
+                // The iterator's backward step is strictly before its starting point.
+                let before = DateTime::<Utc>::from(now + Duration::from_nanos(1));
+                expr.parsed.after(&before).next_back().map(SystemTime::from)
+            }
+        }?;
+        (tick > after).then_some(tick)
+    }
+
+    fn validate(&self) -> Result<()> {
+        if let Schedule::Every { interval, .. } = self {
+            if *interval < MIN_INTERVAL {
+                return Err(Error::invalid(format!(
+                    "interval is {interval:?}; it must be at least {MIN_INTERVAL:?}"
+                )));
+            }
+        }
+        Ok(())
+    }
+}
+
+/// `start + n·interval`, or `None` on overflow.
+fn nth_tick(start: SystemTime, interval: Duration, n: u128) -> Option<SystemTime> {
+    let nanos = interval.as_nanos().checked_mul(n)?;
+    let offset = Duration::new(
+        u64::try_from(nanos / 1_000_000_000).ok()?,
+        (nanos % 1_000_000_000) as u32,
+    );
+    start.checked_add(offset)
+}
+
+impl fmt::Display for Schedule {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Schedule::Once { at } => write!(f, "once at {}", rfc3339(*at)),
+            Schedule::Every { start, interval } => {
+                write!(f, "every {interval:?} from {}", rfc3339(*start))
+            }
+            Schedule::Cron(expr) => write!(f, "cron {:?} (UTC)", expr.source()),
+        }
+    }
+}
+
+fn rfc3339(t: SystemTime) -> String {
+    DateTime::<Utc>::from(t).to_rfc3339_opts(SecondsFormat::AutoSi, true)
+}
+
+/// Milliseconds since the Unix epoch, rounded down (0 before the epoch).
+fn to_ms(t: SystemTime) -> u64 {
+    t.duration_since(UNIX_EPOCH)
+        .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
+}
+
+/// The last instant of millisecond `ms`: a tick strictly after it has a later millisecond.
+fn end_of_ms(ms: u64) -> SystemTime {
+    UNIX_EPOCH + Duration::from_millis(ms) + Duration::from_nanos(999_999)
+}
+
+/// The map value of a schedule: the last fired tick and the term that fired it (term 0: the
+/// registration record, nothing fired yet).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+struct Record {
+    tick_ms: u64,
+    term: u64,
+}
+
+impl Record {
+    fn encode(self) -> Vec<u8> {
+        serde_json::to_vec(&self).expect("a struct of two integers encodes")
+    }
+
+    fn decode(name: &str, bytes: &[u8]) -> Option<Record> {
+        match serde_json::from_slice(bytes) {
+            Ok(record) => Some(record),
+            Err(e) => {
+                warn!(schedule = name, error = %e, "cron record is not valid JSON {{tick_ms, term}}; treating it as absent");
+                None
+            }
+        }
+    }
+}
+
+/// One registered schedule.
+struct Registered {
+    /// Unique per registration in this `Cron`, so a re-registration is seen as new.
+    id: u64,
+    name: String,
+    schedule: Schedule,
+    job: Job,
+    /// Ticks at or before this millisecond never fire (when the map has no record).
+    baseline_ms: u64,
+}
+
+struct Inner {
+    leader: Arc<dyn Leader>,
+    task: Arc<dyn Task>,
+    map: Arc<dyn Map>,
+    candidate: String,
+    schedules: Mutex<BTreeMap<String, Arc<Registered>>>,
+    next_id: AtomicU64,
+    /// Bumped on every schedule change.
+    changes: watch::Sender<u64>,
+    /// Set once by `stop`.
+    stop: watch::Sender<bool>,
+}
+
+/// Fires schedules as [`Task`] jobs from the elected leader of a group; see the
+/// [module docs](self) for which ticks fire.
+///
+/// ```
+/// # #[tokio::main(flavor = "current_thread")] async fn main() -> sync_core::Result<()> {
+/// use std::{sync::Arc, time::Duration};
+/// use sync_core::{Job, JobContext, WorkerOptions, cron::{Cron, Schedule}};
+/// use tokio::sync::mpsc;
+///
+/// let client = sync_local::Cluster::new().client(Default::default())?;
+/// let (tx, mut fired) = mpsc::unbounded_channel();
+/// let _worker = client
+///     .task()
+///     .work(
+///         "report",
+///         Arc::new(move |job: JobContext| {
+///             let tx = tx.clone();
+///             async move {
+///                 tx.send(job.labels).ok();
+///                 Ok(Vec::new())
+///             }
+///         }),
+///         WorkerOptions::new(),
+///     )
+///     .await?;
+///
+/// // Every process builds the same Cron; only the leader of "cron" fires.
+/// let cron = Cron::new(client.leader("cron")?, client.task(), client.map("cron")?, "node-1");
+/// cron.schedule("report", Schedule::every(Duration::from_millis(50)), Job::new("report", "")).await?;
+///
+/// let first = fired.recv().await.expect("a firing");
+/// let second = fired.recv().await.expect("a firing");
+/// assert_eq!(first["cron.schedule"], "report");
+/// let tick = |labels: &std::collections::BTreeMap<String, String>| labels["cron.tick"].parse::<u64>().unwrap();
+/// assert!(tick(&second) > tick(&first));
+///
+/// assert!(cron.unschedule("report").await?);
+/// cron.stop().await;
+/// # Ok(()) }
+/// ```
+pub struct Cron {
+    inner: Arc<Inner>,
+    driver: Mutex<Option<JoinHandle<()>>>,
+}
+
+impl fmt::Debug for Cron {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let names: Vec<String> = lock(&self.inner.schedules).keys().cloned().collect();
+        f.debug_struct("Cron")
+            .field("group", &self.inner.leader.group())
+            .field("map", &self.inner.map.name())
+            .field("candidate", &self.inner.candidate)
+            .field("schedules", &names)
+            .finish()
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
+impl Cron {
+    /// A cron driven by `leader` (campaigning as `candidate`), submitting to `task`, and
+    /// recording fired ticks in `map`. Nothing runs until the first
+    /// [`schedule`](Cron::schedule).
+    pub fn new(
+        leader: Arc<dyn Leader>,
+        task: Arc<dyn Task>,
+        map: Arc<dyn Map>,
+        candidate: impl Into<String>,
+    ) -> Cron {
+        Cron {
+            inner: Arc::new(Inner {
+                leader,
+                task,
+                map,
+                candidate: candidate.into(),
+                schedules: Mutex::new(BTreeMap::new()),
+                next_id: AtomicU64::new(1),
+                changes: watch::Sender::new(0),
+                stop: watch::Sender::new(false),
+            }),
+            driver: Mutex::new(None),
+        }
+    }
+
+    /// Registers `schedule` under `name`: while this cron leads, each tick submits `job`
+    /// (labelled `cron.schedule`, `cron.term`, `cron.tick`).
+    ///
+    /// Errors: an invalid name or job, or an interval under [`MIN_INTERVAL`], is
+    /// [`ErrorKind::InvalidArgument`]; a name already registered on this cron is
+    /// [`ErrorKind::Conflict`]; after [`stop`](Cron::stop), [`ErrorKind::Closed`]; a map
+    /// failure while writing the registration record is returned as is.
+    pub async fn schedule(&self, name: &str, schedule: Schedule, job: Job) -> Result<()> {
+        crate::id::validate("schedule name", name)?;
+        schedule.validate().map_err(|e| e.with_id(name))?;
+        job.validate()?;
+        self.check_open()?;
+        if lock(&self.inner.schedules).contains_key(name) {
+            return Err(duplicate(name));
+        }
+
+        // Ticks at or before the first registration anywhere never fire; a one-shot that is
+        // already due stays due.
+        let now_ms = to_ms(SystemTime::now());
+        let baseline_ms = match &schedule {
+            Schedule::Once { at } => now_ms.min(to_ms(*at).saturating_sub(1)),
+            _ => now_ms,
+        };
+        let registration = Record {
+            tick_ms: baseline_ms,
+            term: 0,
+        };
+        match self
+            .inner
+            .map
+            .compare_and_swap(name, None, &registration.encode())
+            .await
+        {
+            Ok(_) => debug!(schedule = name, baseline_ms, "cron schedule registered"),
+            Err(e) if e.kind() == ErrorKind::Conflict => {
+                debug!(schedule = name, "cron schedule resumes from its record")
+            }
+            Err(e) => return Err(e),
+        }
+
+        let registered = Arc::new(Registered {
+            id: self.inner.next_id.fetch_add(1, Ordering::Relaxed),
+            name: name.to_string(),
+            schedule,
+            job,
+            baseline_ms,
+        });
+        {
+            let mut schedules = lock(&self.inner.schedules);
+            if schedules.contains_key(name) {
+                return Err(duplicate(name));
+            }
+            info!(schedule = name, when = %registered.schedule, job = %registered.job.name, "cron schedule added");
+            schedules.insert(name.to_string(), registered);
+        }
+        self.inner.changes.send_modify(|n| *n += 1);
+        self.ensure_driver();
+        Ok(())
+    }
+
+    /// Removes the schedule `name` from this cron; false if it was not registered. Its
+    /// record stays in the map (other processes may still run the schedule).
+    pub async fn unschedule(&self, name: &str) -> Result<bool> {
+        crate::id::validate("schedule name", name)?;
+        let removed = lock(&self.inner.schedules).remove(name).is_some();
+        if removed {
+            info!(schedule = name, "cron schedule removed");
+            self.inner.changes.send_modify(|n| *n += 1);
+        }
+        Ok(removed)
+    }
+
+    /// Stops the driver and resigns leadership; waits (up to 10 s) for a firing in progress
+    /// to finish. Further [`schedule`](Cron::schedule) calls fail with
+    /// [`ErrorKind::Closed`].
+    pub async fn stop(&self) {
+        self.inner.stop.send_replace(true);
+        let handle = lock(&self.driver).take();
+        if let Some(mut handle) = handle {
+            if tokio::time::timeout(Duration::from_secs(10), &mut handle)
+                .await
+                .is_err()
+            {
+                warn!("cron driver did not stop within 10s; aborting it");
+                handle.abort();
+            }
+        }
+    }
+
+    fn check_open(&self) -> Result<()> {
+        if *self.inner.stop.borrow() {
+            return Err(Error::new(ErrorKind::Closed, "the cron has been stopped"));
+        }
+        Ok(())
+    }
+
+    fn ensure_driver(&self) {
+        let mut driver = lock(&self.driver);
+        if driver.is_none() && !*self.inner.stop.borrow() {
+            let span = info_span!(
+                "cron",
+                group = self.inner.leader.group(),
+                candidate = %self.inner.candidate
+            );
+            *driver = Some(tokio::spawn(
+                drive(Arc::clone(&self.inner)).instrument(span),
+            ));
+        }
+    }
+}
+
+impl Drop for Cron {
+    fn drop(&mut self) {
+        if let Some(handle) = lock(&self.driver).take() {
+            // Dropping the driver's future drops its `Elected`, which resigns in the
+            // background.
+            handle.abort();
+        }
+    }
+}
+
+fn duplicate(name: &str) -> Error {
+    Error::new(
+        ErrorKind::Conflict,
+        "a schedule of this name is already registered",
+    )
+    .with_id(name)
+}
+
+/// How a leadership ended.
+enum Outcome {
+    Stopped,
+    Revoked(String),
+}
+
+/// What a schedule needs next.
+enum Step {
+    Ended,
+    Wait(SystemTime),
+    Fire(SystemTime),
+}
+
+/// Jittered exponential backoff after failures: 100 ms doubling up to 5 s.
+fn backoff(failures: u32) -> Duration {
+    let cap = Duration::from_millis(100 * (1 << failures.min(6))).min(Duration::from_secs(5));
+    cap / 2 + cap.mul_f64(rand::random::<f64>() / 2.0)
+}
+
+/// The longest sleep between re-checks of the wall clock.
+const MAX_NAP: Duration = Duration::from_secs(30);
+
+async fn drive(inner: Arc<Inner>) {
+    let mut failures = 0u32;
+    loop {
+        let elected = tokio::select! {
+            biased;
+            () = inner.stopped() => return,
+            r = inner.leader.elect(&inner.candidate, ElectOptions::new()) => r,
+        };
+        let elected = match elected {
+            Ok(elected) => {
+                failures = 0;
+                elected
+            }
+            Err(e) => {
+                failures += 1;
+                let wait = backoff(failures);
+                warn!(error = %e, retry_in = ?wait, "cron election failed");
+                tokio::select! {
+                    () = inner.stopped() => return,
+                    () = tokio::time::sleep(wait) => continue,
+                }
+            }
+        };
+        info!(
+            term = elected.term(),
+            "cron leader elected; firing schedules"
+        );
+        match inner.lead(&elected).await {
+            Outcome::Stopped => {
+                let term = elected.term();
+                match elected.resign().await {
+                    Ok(()) => info!(term, "cron stopped; resigned"),
+                    Err(e) => warn!(term, error = %e, "cron stopped; resigning failed"),
+                }
+                return;
+            }
+            Outcome::Revoked(reason) => {
+                warn!(
+                    term = elected.term(),
+                    reason, "cron leadership lost; campaigning again"
+                );
+                drop(elected);
+            }
+        }
+    }
+}
+
+impl Inner {
+    /// Resolves once `stop` was called.
+    async fn stopped(&self) {
+        let mut rx = self.stop.subscribe();
+        // The sender lives in `self`, so this only returns once the flag is set.
+        let _ = rx.wait_for(|stopped| *stopped).await;
+    }
+
+    fn is_stopped(&self) -> bool {
+        *self.stop.borrow()
+    }
+
+    /// Fires schedules while `elected` leads.
+    async fn lead(&self, elected: &Elected) -> Outcome {
+        let term = elected.term();
+        let mut changes = self.changes.subscribe();
+        // The last fired (or registration) tick of each schedule, per registration id.
+        let mut last: HashMap<String, (u64, u64)> = HashMap::new();
+        let mut failures = 0u32;
+        loop {
+            if self.is_stopped() {
+                return Outcome::Stopped;
+            }
+            if let Some(reason) = elected.revocation_signal().reason() {
+                return Outcome::Revoked(reason);
+            }
+            changes.borrow_and_update();
+            let schedules: Vec<Arc<Registered>> = lock(&self.schedules).values().cloned().collect();
+            last.retain(|name, (id, _)| schedules.iter().any(|s| &s.name == name && s.id == *id));
+
+            let mut failed = false;
+            let mut fired = false;
+            let mut wake: Option<SystemTime> = None;
+            for reg in &schedules {
+                let last_ms = match last.get(&reg.name) {
+                    Some(&(_, ms)) => ms,
+                    None => match self.load(reg).await {
+                        Ok(ms) => {
+                            last.insert(reg.name.clone(), (reg.id, ms));
+                            ms
+                        }
+                        Err(e) => {
+                            warn!(schedule = %reg.name, error = %e, "cannot read cron record");
+                            failed = true;
+                            continue;
+                        }
+                    },
+                };
+                match step(&reg.schedule, last_ms, SystemTime::now()) {
+                    Step::Ended => {}
+                    Step::Wait(at) => wake = Some(wake.map_or(at, |w| w.min(at))),
+                    Step::Fire(tick) => {
+                        if let Some(reason) = elected.revocation_signal().reason() {
+                            return Outcome::Revoked(reason);
+                        }
+                        match self.fire(reg, tick, term).await {
+                            Ok(ms) => {
+                                last.insert(reg.name.clone(), (reg.id, ms));
+                                fired = true;
+                            }
+                            Err(e) => {
+                                warn!(schedule = %reg.name, term, tick = to_ms(tick), error = %e, "cron firing failed");
+                                failed = true;
+                            }
+                        }
+                    }
+                }
+            }
+
+            let nap = if failed {
+                failures += 1;
+                backoff(failures)
+            } else if fired {
+                failures = 0;
+                continue;
+            } else {
+                failures = 0;
+                wake.map_or(MAX_NAP, |w| {
+                    w.duration_since(SystemTime::now())
+                        .unwrap_or_default()
+                        .min(MAX_NAP)
+                })
+            };
+            tokio::select! {
+                biased;
+                () = self.stopped() => return Outcome::Stopped,
+                reason = elected.revoked() => return Outcome::Revoked(reason),
+                _ = changes.changed() => {}
+                () = tokio::time::sleep(nap) => {}
+            }
+        }
+    }
+
+    /// The recorded tick of a schedule, or its registration baseline if the map has none.
+    async fn load(&self, reg: &Registered) -> Result<u64> {
+        Ok(self
+            .map
+            .read(&reg.name)
+            .await?
+            .and_then(|entry| Record::decode(&reg.name, &entry.value))
+            .map_or(reg.baseline_ms, |record| record.tick_ms))
+    }
+
+    /// Records `tick` for the schedule with compare-and-swap and, if that succeeded, submits
+    /// the job. Returns the schedule's last tick as now known.
+    async fn fire(&self, reg: &Registered, tick: SystemTime, term: u64) -> Result<u64> {
+        let name = reg.name.as_str();
+        let tick_ms = to_ms(tick);
+        let entry = self.map.read(name).await?;
+        let expected = entry.as_ref().map(|e| e.version);
+        let recorded = entry
+            .as_ref()
+            .and_then(|e| Record::decode(name, &e.value))
+            .map(|r| r.tick_ms);
+        if let Some(recorded) = recorded {
+            if recorded >= tick_ms {
+                debug!(
+                    schedule = name,
+                    tick = tick_ms,
+                    recorded,
+                    "cron tick already fired"
+                );
+                return Ok(recorded);
+            }
+        }
+        let record = Record { tick_ms, term };
+        match self
+            .map
+            .compare_and_swap(name, expected, &record.encode())
+            .await
+        {
+            Ok(_) => {}
+            Err(e) if e.kind() == ErrorKind::Conflict => {
+                // Another writer got there first; reconsider the tick from the fresh record.
+                debug!(
+                    schedule = name,
+                    tick = tick_ms,
+                    "cron record changed under us"
+                );
+                return Ok(recorded.unwrap_or(reg.baseline_ms));
+            }
+            Err(e) => return Err(e),
+        }
+
+        let job = reg
+            .job
+            .clone()
+            .with_label("cron.schedule", name)
+            .with_label("cron.term", term.to_string())
+            .with_label("cron.tick", tick_ms.to_string());
+        // The tick is recorded as ours now: try hard to submit it, even if leadership is
+        // revoked meanwhile (nobody else will fire it).
+        const ATTEMPTS: u32 = 5;
+        for attempt in 1..=ATTEMPTS {
+            match self.task.submit(job.clone()).await {
+                Ok(id) => {
+                    info!(schedule = name, term, tick = tick_ms, job = %id, "cron fired");
+                    return Ok(tick_ms);
+                }
+                Err(e) if attempt < ATTEMPTS && e.kind() != ErrorKind::InvalidArgument => {
+                    let wait = backoff(attempt);
+                    warn!(schedule = name, term, tick = tick_ms, error = %e, retry_in = ?wait, "cron job submission failed");
+                    tokio::time::sleep(wait).await;
+                }
+                Err(e) => {
+                    error!(schedule = name, term, tick = tick_ms, error = %e, "cron job submission failed; this tick is lost");
+                    return Ok(tick_ms);
+                }
+            }
+        }
+        Ok(tick_ms)
+    }
+}
+
+/// What a schedule whose last fired tick is `last_ms` needs at `now`: nothing more, a wait,
+/// or a firing of the latest due tick (missed ticks coalesce into it).
+fn step(schedule: &Schedule, last_ms: u64, now: SystemTime) -> Step {
+    let after = end_of_ms(last_ms);
+    match schedule.next_after(after) {
+        None => Step::Ended,
+        Some(next) if next > now => Step::Wait(next),
+        Some(next) => Step::Fire(schedule.latest_between(after, now).unwrap_or(next)),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn at(secs: u64) -> SystemTime {
+        UNIX_EPOCH + Duration::from_secs(secs)
+    }
+
+    const T0: u64 = 1_700_000_000; // 2023-11-14T22:13:20Z
+
+    #[test]
+    fn interval_ticks_are_start_plus_k_intervals() {
+        let s = Schedule::every_from(at(T0), Duration::from_secs(10));
+        assert_eq!(s.next_after(at(T0 - 100)), Some(at(T0)));
+        assert_eq!(s.next_after(at(T0)), Some(at(T0 + 10)));
+        assert_eq!(s.next_after(at(T0 + 5)), Some(at(T0 + 10)));
+        assert_eq!(s.next_after(at(T0 + 10)), Some(at(T0 + 20)));
+        assert_eq!(
+            s.next_after(at(T0 + 10) - Duration::from_nanos(1)),
+            Some(at(T0 + 10))
+        );
+        assert_eq!(s.next_after(at(T0 + 1_000_005)), Some(at(T0 + 1_000_010)));
+
+        let ms = Schedule::every_from(at(T0), Duration::from_millis(250));
+        assert_eq!(
+            ms.next_after(at(T0 + 1)),
+            Some(at(T0 + 1) + Duration::from_millis(250))
+        );
+
+        let zero = Schedule::every_from(at(T0), Duration::ZERO);
+        assert_eq!(zero.next_after(at(T0 - 1)), Some(at(T0)));
+        assert_eq!(zero.next_after(at(T0)), None);
+        assert_eq!(
+            Schedule::every_from(SystemTime::UNIX_EPOCH, Duration::MAX).next_after(at(T0)),
+            None,
+            "overflow is no tick, not a panic"
+        );
+    }
+
+    #[test]
+    fn every_starts_now() {
+        let before = SystemTime::now();
+        let s = Schedule::every(Duration::from_secs(60));
+        let Schedule::Every { start, interval } = s else {
+            panic!("not an interval: {s:?}")
+        };
+        assert!(start >= before && start <= SystemTime::now());
+        assert_eq!(interval, Duration::from_secs(60));
+        assert_eq!(s.next_after(start), Some(start + interval));
+    }
+
+    #[test]
+    fn once_ticks_once() {
+        let s = Schedule::once(at(T0));
+        assert_eq!(s.next_after(at(T0 - 1)), Some(at(T0)));
+        assert_eq!(s.next_after(at(T0) - Duration::from_nanos(1)), Some(at(T0)));
+        assert_eq!(s.next_after(at(T0)), None);
+        assert_eq!(s.next_after(at(T0 + 1)), None);
+    }
+
+    #[test]
+    fn cron_expressions_are_utc_and_strictly_after() {
+        let hourly = Schedule::cron("0 0 * * * *").unwrap();
+        // T0 is 22:13:20 UTC; the next full hour is 23:00:00.
+        assert_eq!(hourly.next_after(at(T0)), Some(at(T0 + 46 * 60 + 40)));
+        let top = at(T0 + 46 * 60 + 40);
+        assert_eq!(
+            hourly.next_after(top),
+            Some(top + Duration::from_secs(3600))
+        );
+        assert_eq!(
+            hourly.next_after(top - Duration::from_millis(1)),
+            Some(top),
+            "sub-second times before a match still get it"
+        );
+        assert_eq!(
+            hourly.next_after(top + Duration::from_millis(500)),
+            Some(top + Duration::from_secs(3600))
+        );
+
+        let every_5s = Schedule::cron("*/5 * * * * *").unwrap();
+        assert_eq!(every_5s.next_after(at(T0)), Some(at(T0 + 5)));
+        assert_eq!(every_5s.next_after(at(T0 + 1)), Some(at(T0 + 5)));
+
+        let past_year = Schedule::cron("0 0 0 1 1 * 2020").unwrap();
+        assert_eq!(past_year.next_after(at(T0)), None);
+    }
+
+    #[test]
+    fn bad_cron_expression_is_named() {
+        let err = Schedule::cron("61 * * * * *").unwrap_err();
+        assert_eq!(err.kind(), ErrorKind::InvalidArgument);
+        assert!(err.to_string().contains("\"61 * * * * *\""), "{err}");
+        assert!(std::error::Error::source(&err).is_some());
+    }
+
+    #[test]
+    fn latest_between_coalesces_missed_ticks() {
+        let s = Schedule::every_from(at(T0), Duration::from_secs(10));
+        assert_eq!(s.latest_between(at(T0), at(T0 + 35)), Some(at(T0 + 30)));
+        assert_eq!(s.latest_between(at(T0), at(T0 + 30)), Some(at(T0 + 30)));
+        assert_eq!(s.latest_between(at(T0 + 30), at(T0 + 35)), None);
+        assert_eq!(s.latest_between(at(T0 - 50), at(T0 - 1)), None);
+
+        let c = Schedule::cron("*/5 * * * * *").unwrap();
+        assert_eq!(c.latest_between(at(T0), at(T0 + 17)), Some(at(T0 + 15)));
+        assert_eq!(c.latest_between(at(T0), at(T0 + 15)), Some(at(T0 + 15)));
+        assert_eq!(c.latest_between(at(T0 + 15), at(T0 + 19)), None);
+
+        let o = Schedule::once(at(T0));
+        assert_eq!(o.latest_between(at(T0 - 1), at(T0 + 5)), Some(at(T0)));
+        assert_eq!(o.latest_between(at(T0), at(T0 + 5)), None);
+    }
+
+    #[test]
+    fn step_resumes_after_the_recorded_tick() {
+        let s = Schedule::every_from(at(T0), Duration::from_secs(10));
+        let ms = |secs: u64| secs * 1000;
+        // Nothing missed: wait for the next tick.
+        assert!(matches!(step(&s, ms(T0 + 10), at(T0 + 15)), Step::Wait(t) if t == at(T0 + 20)));
+        // Several missed: fire only the latest.
+        assert!(matches!(step(&s, ms(T0 + 10), at(T0 + 55)), Step::Fire(t) if t == at(T0 + 50)));
+        // Exactly due.
+        assert!(matches!(step(&s, ms(T0 + 10), at(T0 + 20)), Step::Fire(t) if t == at(T0 + 20)));
+        // A one-shot fired is over.
+        let o = Schedule::once(at(T0));
+        assert!(matches!(step(&o, ms(T0), at(T0 + 100)), Step::Ended));
+        assert!(matches!(step(&o, ms(T0) - 1, at(T0 + 100)), Step::Fire(t) if t == at(T0)));
+        // Sub-millisecond ticks never repeat a recorded millisecond.
+        let fine =
+            Schedule::every_from(at(T0) + Duration::from_micros(300), Duration::from_secs(1));
+        assert!(
+            matches!(step(&fine, ms(T0 + 1), at(T0 + 5)), Step::Fire(t) if to_ms(t) == ms(T0 + 4))
+        );
+        assert!(
+            matches!(step(&fine, ms(T0 + 4), at(T0 + 4) + Duration::from_millis(1)), Step::Wait(t) if to_ms(t) == ms(T0 + 5))
+        );
+    }
+
+    #[test]
+    fn intervals_under_a_millisecond_are_rejected() {
+        let err = Schedule::every(Duration::ZERO).validate().unwrap_err();
+        assert_eq!(err.kind(), ErrorKind::InvalidArgument);
+        assert!(err.to_string().contains("1ms"), "{err}");
+        assert!(
+            Schedule::every(Duration::from_micros(999))
+                .validate()
+                .is_err()
+        );
+        assert!(Schedule::every(MIN_INTERVAL).validate().is_ok());
+    }
+
+    #[test]
+    fn records_are_the_documented_json() {
+        let r = Record {
+            tick_ms: 1_700_000_000_000,
+            term: 7,
+        };
+        assert_eq!(
+            String::from_utf8(r.encode()).unwrap(),
+            r#"{"tick_ms":1700000000000,"term":7}"#
+        );
+        assert_eq!(Record::decode("x", &r.encode()), Some(r));
+        assert_eq!(Record::decode("x", b"garbage"), None);
+    }
+}

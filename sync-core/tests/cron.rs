@@ -1,0 +1,253 @@
+//! The Cron driver over the in-process backend (the multi-instance cases live in the
+//! conformance suite).
+
+use std::{
+    collections::BTreeMap,
+    sync::Arc,
+    time::{Duration, SystemTime, UNIX_EPOCH},
+};
+
+use sync_core::{
+    ErrorKind, Job, JobContext, Map, Result, Worker, WorkerOptions,
+    cron::{Cron, Schedule},
+};
+use tokio::{sync::mpsc, time::timeout};
+
+type Labels = BTreeMap<String, String>;
+
+struct Setup {
+    client: sync_local::Client,
+    cron: Cron,
+    map: Arc<dyn Map>,
+    fired: mpsc::UnboundedReceiver<Labels>,
+    _worker: Worker,
+}
+
+async fn setup(job: &str) -> Result<Setup> {
+    let client = sync_local::Cluster::new().client(Default::default())?;
+    let (tx, fired) = mpsc::unbounded_channel();
+    let worker = client
+        .task()
+        .work(
+            job,
+            Arc::new(move |ctx: JobContext| {
+                let tx = tx.clone();
+                async move {
+                    tx.send(ctx.labels).ok();
+                    Ok(Vec::new())
+                }
+            }),
+            WorkerOptions::new(),
+        )
+        .await?;
+    let map = client.map("cron")?;
+    let cron = Cron::new(
+        client.leader("cron")?,
+        client.task(),
+        Arc::clone(&map),
+        "node-1",
+    );
+    Ok(Setup {
+        client,
+        cron,
+        map,
+        fired,
+        _worker: worker,
+    })
+}
+
+async fn next(fired: &mut mpsc::UnboundedReceiver<Labels>) -> Labels {
+    timeout(Duration::from_secs(5), fired.recv())
+        .await
+        .expect("a firing within 5s")
+        .expect("worker alive")
+}
+
+fn num(labels: &Labels, key: &str) -> u64 {
+    labels[key].parse().expect("a number")
+}
+
+fn now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap()
+        .as_millis() as u64
+}
+
+async fn record(map: &Arc<dyn Map>, name: &str) -> serde_json::Value {
+    let entry = map.read(name).await.unwrap().expect("a record");
+    serde_json::from_slice(&entry.value).unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_shot_fires_once() -> Result<()> {
+    let mut s = setup("once-job").await?;
+    let at = SystemTime::now() + Duration::from_millis(200);
+    let at_ms = at.duration_since(UNIX_EPOCH).unwrap().as_millis() as u64;
+    s.cron
+        .schedule("nightly", Schedule::once(at), Job::new("once-job", "x"))
+        .await?;
+
+    let labels = next(&mut s.fired).await;
+    assert!(now_ms() >= at_ms, "fired before its time");
+    assert_eq!(labels["cron.schedule"], "nightly");
+    assert_eq!(num(&labels, "cron.tick"), at_ms);
+    let term = num(&labels, "cron.term");
+    let leader = s.client.leader("cron")?.leader().await?.expect("a leader");
+    assert_eq!((leader.candidate.as_str(), leader.term), ("node-1", term));
+    assert_eq!(
+        record(&s.map, "nightly").await,
+        serde_json::json!({ "tick_ms": at_ms, "term": term })
+    );
+
+    assert!(
+        timeout(Duration::from_millis(500), s.fired.recv())
+            .await
+            .is_err(),
+        "a one-shot fires once"
+    );
+
+    // A second cron over the same map sees the record: the one-shot is over everywhere.
+    s.cron.stop().await;
+    let again = Cron::new(
+        s.client.leader("cron")?,
+        s.client.task(),
+        Arc::clone(&s.map),
+        "node-2",
+    );
+    again
+        .schedule("nightly", Schedule::once(at), Job::new("once-job", "x"))
+        .await?;
+    assert!(
+        timeout(Duration::from_millis(500), s.fired.recv())
+            .await
+            .is_err(),
+        "the record says it fired"
+    );
+    again.stop().await;
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn interval_fires_with_increasing_ticks_and_labels() -> Result<()> {
+    let mut s = setup("tick-job").await?;
+    let interval = Duration::from_millis(100);
+    let schedule = Schedule::every(interval);
+    let Schedule::Every { start, .. } = schedule else {
+        unreachable!()
+    };
+    let start_ms = start.duration_since(UNIX_EPOCH).unwrap().as_millis() as u64;
+    let registered_ms = now_ms();
+    s.cron
+        .schedule(
+            "poll",
+            schedule,
+            Job::new("tick-job", "").with_label("owner", "tests"),
+        )
+        .await?;
+
+    let mut ticks = Vec::new();
+    for _ in 0..3 {
+        let labels = next(&mut s.fired).await;
+        assert_eq!(labels["cron.schedule"], "poll");
+        assert_eq!(labels["owner"], "tests", "the job's own labels are kept");
+        assert!(num(&labels, "cron.term") > 0);
+        ticks.push(num(&labels, "cron.tick"));
+    }
+    assert!(
+        ticks[0] > registered_ms,
+        "nothing before registration fires"
+    );
+    assert!(ticks.windows(2).all(|w| w[0] < w[1]), "{ticks:?}");
+    for t in &ticks {
+        // start + k·interval, to the millisecond
+        let k = (t - start_ms) as f64 / 100.0;
+        assert!(
+            (k - k.round()).abs() < 0.02,
+            "tick {t} is off the grid from {start_ms}"
+        );
+    }
+
+    assert!(s.cron.unschedule("poll").await?);
+    assert!(!s.cron.unschedule("poll").await?);
+    // At most one firing already in flight, then silence.
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    while s.fired.try_recv().is_ok() {}
+    assert!(
+        timeout(Duration::from_millis(400), s.fired.recv())
+            .await
+            .is_err(),
+        "unscheduled"
+    );
+    s.cron.stop().await;
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn missed_ticks_coalesce_into_the_latest() -> Result<()> {
+    let mut s = setup("catch-up").await?;
+    let interval = Duration::from_millis(100);
+    let start = SystemTime::now() - Duration::from_secs(10);
+    let start_ms = start.duration_since(UNIX_EPOCH).unwrap().as_millis() as u64;
+    // A previous leader fired the tick at start + 1 s, then nobody led for 9 s.
+    let old_tick = start_ms + 1000;
+    s.map
+        .write(
+            "sweep",
+            &serde_json::to_vec(&serde_json::json!({ "tick_ms": old_tick, "term": 1 })).unwrap(),
+        )
+        .await?;
+
+    let before_ms = now_ms();
+    s.cron
+        .schedule(
+            "sweep",
+            Schedule::every_from(start, interval),
+            Job::new("catch-up", ""),
+        )
+        .await?;
+    let first = num(&next(&mut s.fired).await, "cron.tick");
+    assert!(
+        first + 100 > before_ms && first <= now_ms(),
+        "fires only the latest missed tick: {first} vs {before_ms}"
+    );
+    let second = num(&next(&mut s.fired).await, "cron.tick");
+    assert_eq!(second, first + 100, "then continues on schedule");
+    s.cron.stop().await;
+    Ok(())
+}
+
+#[tokio::test]
+async fn schedule_rejects_bad_input() -> Result<()> {
+    let client = sync_local::Cluster::new().client(Default::default())?;
+    let cron = Cron::new(
+        client.leader("cron")?,
+        client.task(),
+        client.map("cron")?,
+        "node-1",
+    );
+    let later = Schedule::once(SystemTime::now() + Duration::from_secs(3600));
+    let job = || Job::new("j", "");
+
+    let err = cron
+        .schedule("z", Schedule::every(Duration::ZERO), job())
+        .await
+        .unwrap_err();
+    assert_eq!(err.kind(), ErrorKind::InvalidArgument);
+    let err = cron.schedule("", later.clone(), job()).await.unwrap_err();
+    assert_eq!(err.kind(), ErrorKind::InvalidArgument);
+    let err = Schedule::cron("not a cron").unwrap_err();
+    assert_eq!(err.kind(), ErrorKind::InvalidArgument);
+    assert!(err.to_string().contains("not a cron"), "{err}");
+
+    cron.schedule("a", later.clone(), job()).await?;
+    let err = cron.schedule("a", later.clone(), job()).await.unwrap_err();
+    assert_eq!(err.kind(), ErrorKind::Conflict);
+
+    cron.stop().await;
+    let err = cron.schedule("b", later, job()).await.unwrap_err();
+    assert_eq!(err.kind(), ErrorKind::Closed);
+    // Stopping resigned: the group is free again.
+    assert_eq!(client.leader("cron")?.leader().await?, None);
+    Ok(())
+}

@@ -1,0 +1,1303 @@
+//! Task on the in-process backend: a per-cluster job table, FIFO queues per job name, workers
+//! with a bounded pool, retries with backoff, and at-least-once redelivery bound to sessions.
+//!
+//! A claim (a job in Running) belongs to the worker client's session: when that session ends
+//! (the client was killed and its TTL passed, or it was revoked) the job goes back to Queued for
+//! another worker, and whatever the old handler reports later is ignored, because the claim
+//! token it holds is no longer the job's.
+//!
+//! The seed's plain closure commands run on a [`CommandPool`].
+
+use std::{
+    collections::{HashMap, VecDeque},
+    fmt,
+    sync::{
+        Arc, Mutex, Weak,
+        atomic::{AtomicU64, Ordering},
+    },
+    time::Duration,
+};
+
+use async_trait::async_trait;
+use sync_core::{
+    Error, ErrorKind, Handler, HandlerError, Job, JobContext, JobId, JobState, JobStatus, Result,
+    Task, Worker, WorkerControl, WorkerOptions,
+};
+use tokio::{
+    sync::{Notify, OwnedSemaphorePermit, Semaphore, watch},
+    task::{JoinError, JoinHandle},
+};
+use tracing::Instrument;
+
+use crate::{
+    BACKEND, Client,
+    client::{ClientInner, Shared, locked},
+};
+
+/// The largest pool a worker or command pool accepts (what a tokio semaphore and
+/// `acquire_many` can count).
+const MAX_POOL: usize = if Semaphore::MAX_PERMITS < u32::MAX as usize {
+    Semaphore::MAX_PERMITS
+} else {
+    u32::MAX as usize
+};
+
+/// Every job and queue of a cluster.
+#[derive(Default)]
+pub(crate) struct JobTable {
+    state: Mutex<Jobs>,
+}
+
+#[derive(Default)]
+struct Jobs {
+    /// By namespaced job key (`<ns>/job/<id>`).
+    jobs: HashMap<String, JobEntry>,
+    /// By namespaced queue key (`<ns>/task/<name>`).
+    queues: HashMap<String, Queue>,
+}
+
+#[derive(Default)]
+struct Queue {
+    /// Job keys ready to be claimed, oldest first.
+    ready: VecDeque<String>,
+    /// Wakes the queue's idle workers when a job becomes ready.
+    wake: Arc<Notify>,
+}
+
+struct JobEntry {
+    job: Job,
+    queue: String,
+    status: JobStatus,
+    /// The current claim while Running.
+    claim: Option<Claim>,
+    /// The pending delayed requeue while Queued between retries.
+    retry: Option<u64>,
+    /// Bumped on every status change; `wait` subscribes.
+    changed: watch::Sender<()>,
+}
+
+struct Claim {
+    token: u64,
+    session: u64,
+    registration: u64,
+}
+
+impl Jobs {
+    /// Puts `job_key` at the back of its queue and wakes the queue's workers.
+    fn make_ready(&mut self, queue: &str, job_key: &str) {
+        let q = self.queues.entry(queue.to_string()).or_default();
+        q.ready.push_back(job_key.to_string());
+        q.wake.notify_waiters();
+    }
+}
+
+impl JobTable {
+    fn queue_wake(&self, queue: &str) -> Arc<Notify> {
+        locked(&self.state)
+            .queues
+            .entry(queue.to_string())
+            .or_default()
+            .wake
+            .clone()
+    }
+}
+
+/// What a worker took from its queue.
+struct Claimed {
+    job_key: String,
+    id: JobId,
+    job: Job,
+    attempt: u32,
+    token: u64,
+}
+
+enum Take {
+    Claimed(Claimed),
+    Empty,
+    /// The session ended between looking it up and registering the claim; try again.
+    SessionEnded,
+}
+
+/// Takes the oldest ready job of `queue` for `session`, binding the claim to the session.
+fn take_next(shared: &Arc<Shared>, queue: &str, session: u64) -> Take {
+    let mut state = locked(&shared.jobs.state);
+    let Jobs { jobs, queues } = &mut *state;
+    let Some(q) = queues.get_mut(queue) else {
+        return Take::Empty;
+    };
+    while let Some(job_key) = q.ready.pop_front() {
+        let Some(entry) = jobs.get_mut(&job_key) else {
+            continue;
+        };
+        if entry.status.state != JobState::Queued || entry.claim.is_some() {
+            continue;
+        }
+        let token = shared.next_revision();
+        let on_end = {
+            let weak = Arc::downgrade(shared);
+            let job_key = job_key.clone();
+            Box::new(move |reason: &str| worker_lost(&weak, &job_key, token, reason))
+        };
+        // Registered under the table lock: a session that ends at any point either never sees
+        // this claim or requeues it.
+        let registration = match shared.on_session_end(session, on_end) {
+            Ok(r) => r,
+            Err(_) => {
+                q.ready.push_front(job_key);
+                return Take::SessionEnded;
+            }
+        };
+        entry.status.state = JobState::Running;
+        entry.status.attempts = entry.status.attempts.saturating_add(1);
+        entry.claim = Some(Claim {
+            token,
+            session,
+            registration,
+        });
+        entry.changed.send_replace(());
+        return Take::Claimed(Claimed {
+            id: entry.status.id.clone(),
+            job: entry.job.clone(),
+            attempt: entry.status.attempts,
+            job_key,
+            token,
+        });
+    }
+    Take::Empty
+}
+
+/// Session-end callback of a claim: the job goes back to Queued (or Failed once out of
+/// attempts) unless the claim already finished.
+fn worker_lost(shared: &Weak<Shared>, job_key: &str, token: u64, reason: &str) {
+    let Some(shared) = shared.upgrade() else {
+        return;
+    };
+    let mut state = locked(&shared.jobs.state);
+    let Some(entry) = state.jobs.get_mut(job_key) else {
+        return;
+    };
+    if entry.claim.as_ref().is_none_or(|c| c.token != token) {
+        return;
+    }
+    entry.claim = None;
+    entry.status.last_error = Some(format!("worker lost: {reason}"));
+    let out_of_attempts = entry.status.attempts >= entry.job.max_attempts;
+    entry.status.state = if out_of_attempts {
+        JobState::Failed
+    } else {
+        JobState::Queued
+    };
+    entry.changed.send_replace(());
+    tracing::warn!(
+        backend = BACKEND,
+        primitive = "task",
+        id = %entry.status.id,
+        name = %entry.job.name,
+        attempts = entry.status.attempts,
+        reason,
+        redelivered = !out_of_attempts,
+        "worker lost; job {}",
+        if out_of_attempts { "failed" } else { "requeued" }
+    );
+    if !out_of_attempts {
+        let queue = entry.queue.clone();
+        state.make_ready(&queue, job_key);
+    }
+}
+
+/// Records the outcome of the attempt holding `claim`, if the claim is still the job's.
+fn finish(client: &ClientInner, claim: &Claimed, outcome: std::result::Result<Vec<u8>, String>) {
+    let shared = &client.shared;
+    if client.session().is_err() {
+        // A killed worker reports nothing; its session's expiry redelivers the job.
+        tracing::debug!(backend = BACKEND, primitive = "task", id = %claim.id, "result of a killed worker dropped");
+        return;
+    }
+    let mut retry = None;
+    {
+        let mut state = locked(&shared.jobs.state);
+        let Some(entry) = state.jobs.get_mut(&claim.job_key) else {
+            return;
+        };
+        let current = entry.claim.as_ref().map(|c| c.token);
+        if current != Some(claim.token) {
+            tracing::warn!(
+                backend = BACKEND,
+                primitive = "task",
+                id = %claim.id,
+                attempt = claim.attempt,
+                "stale claim: the job was redelivered; this attempt's result is ignored"
+            );
+            return;
+        }
+        if let Some(c) = entry.claim.take() {
+            shared.cancel_on_end(c.session, c.registration);
+        }
+        match outcome {
+            Ok(output) => {
+                entry.status.state = JobState::Succeeded;
+                entry.status.output = Some(output);
+                tracing::debug!(backend = BACKEND, primitive = "task", id = %claim.id, attempt = claim.attempt, "job succeeded");
+            }
+            Err(error) => {
+                let attempts = entry.status.attempts;
+                if attempts < entry.job.max_attempts {
+                    let delay = entry.job.retry_delay(attempts.saturating_add(1));
+                    tracing::info!(backend = BACKEND, primitive = "task", id = %claim.id, attempt = attempts, %error, ?delay, "job attempt failed; retrying");
+                    entry.status.state = JobState::Queued;
+                    entry.status.last_error = Some(error);
+                    if delay.is_zero() {
+                        let queue = entry.queue.clone();
+                        entry.changed.send_replace(());
+                        state.make_ready(&queue, &claim.job_key);
+                        return;
+                    }
+                    let token = shared.next_revision();
+                    entry.retry = Some(token);
+                    retry = Some((token, delay));
+                } else {
+                    tracing::warn!(backend = BACKEND, primitive = "task", id = %claim.id, attempts, %error, "job failed");
+                    entry.status.state = JobState::Failed;
+                    entry.status.last_error = Some(error);
+                }
+            }
+        }
+        entry.changed.send_replace(());
+    }
+    if let Some((token, delay)) = retry {
+        let weak = Arc::downgrade(shared);
+        let job_key = claim.job_key.clone();
+        tokio::spawn(async move {
+            tokio::time::sleep(delay).await;
+            let Some(shared) = weak.upgrade() else {
+                return;
+            };
+            let mut state = locked(&shared.jobs.state);
+            let Some(entry) = state.jobs.get_mut(&job_key) else {
+                return;
+            };
+            if entry.retry != Some(token) || entry.status.state != JobState::Queued {
+                return;
+            }
+            entry.retry = None;
+            let queue = entry.queue.clone();
+            state.make_ready(&queue, &job_key);
+        });
+    }
+}
+
+/// Why a handler task ended without a result.
+fn join_error_message(what: &str, e: JoinError) -> String {
+    if e.is_panic() {
+        let payload = e.into_panic();
+        let msg = payload
+            .downcast_ref::<&str>()
+            .map(|s| s.to_string())
+            .or_else(|| payload.downcast_ref::<String>().cloned());
+        match msg {
+            Some(m) => format!("{what} panicked: {m}"),
+            None => format!("{what} panicked"),
+        }
+    } else {
+        format!("{what} was cancelled")
+    }
+}
+
+fn check_pool(what: &str, n: usize) -> Result<()> {
+    if n == 0 {
+        return Err(Error::invalid(format!("{what} must be at least 1")).with_backend(BACKEND));
+    }
+    if n > MAX_POOL {
+        return Err(
+            Error::invalid(format!("{what} is {n}; the maximum is {MAX_POOL}"))
+                .with_backend(BACKEND),
+        );
+    }
+    Ok(())
+}
+
+pub(crate) struct LocalTask {
+    client: Arc<ClientInner>,
+}
+
+impl LocalTask {
+    pub(crate) fn new(client: Arc<ClientInner>) -> Self {
+        LocalTask { client }
+    }
+
+    fn job_key(&self, id: &JobId) -> String {
+        self.client.key(&["job", &id.0])
+    }
+
+    fn not_found(id: &JobId) -> Error {
+        Error::new(ErrorKind::NotFound, "no such job in this namespace")
+            .with_backend(BACKEND)
+            .with_id(id.0.clone())
+    }
+}
+
+#[async_trait]
+impl Task for LocalTask {
+    async fn submit(&self, job: Job) -> Result<JobId> {
+        let span =
+            tracing::debug_span!("submit", backend = BACKEND, primitive = "task", id = %job.name);
+        span.in_scope(|| {
+            job.validate().map_err(|e| e.with_backend(BACKEND))?;
+            self.client.session()?;
+            let id = JobId(uuid::Uuid::new_v4().to_string());
+            let job_key = self.job_key(&id);
+            let queue = self.client.key(&["task", &job.name]);
+            let status = JobStatus::queued(id.clone(), &job);
+            let mut state = locked(&self.client.shared.jobs.state);
+            state.jobs.insert(
+                job_key.clone(),
+                JobEntry {
+                    job,
+                    queue: queue.clone(),
+                    status,
+                    claim: None,
+                    retry: None,
+                    changed: watch::channel(()).0,
+                },
+            );
+            state.make_ready(&queue, &job_key);
+            tracing::debug!(backend = BACKEND, primitive = "task", job = %id, "job queued");
+            Ok(id)
+        })
+    }
+
+    async fn status(&self, id: &JobId) -> Result<JobStatus> {
+        let span = tracing::debug_span!("status", backend = BACKEND, primitive = "task", id = %id);
+        span.in_scope(|| {
+            self.client.session()?;
+            let state = locked(&self.client.shared.jobs.state);
+            state
+                .jobs
+                .get(&self.job_key(id))
+                .map(|e| e.status.clone())
+                .ok_or_else(|| Self::not_found(id))
+        })
+    }
+
+    async fn wait(&self, id: &JobId, timeout: Option<Duration>) -> Result<JobStatus> {
+        let span = tracing::debug_span!("wait", backend = BACKEND, primitive = "task", id = %id);
+        async {
+            self.client.session()?;
+            let deadline = timeout.map(|t| tokio::time::Instant::now() + t);
+            let job_key = self.job_key(id);
+            loop {
+                // Subscribe under the lock that guards the status, so no change is missed.
+                let mut changed = {
+                    let state = locked(&self.client.shared.jobs.state);
+                    let entry = state
+                        .jobs
+                        .get(&job_key)
+                        .ok_or_else(|| Self::not_found(id))?;
+                    if entry.status.state.is_final() {
+                        return Ok(entry.status.clone());
+                    }
+                    entry.changed.subscribe()
+                };
+                let expired = || {
+                    Error::new(
+                        ErrorKind::Timeout,
+                        format!(
+                            "job did not finish within {:?}",
+                            timeout.unwrap_or_default()
+                        ),
+                    )
+                    .with_backend(BACKEND)
+                    .with_id(id.0.clone())
+                };
+                match deadline {
+                    Some(d) => tokio::time::timeout_at(d, changed.changed())
+                        .await
+                        .map_err(|_| expired())?
+                        .map_err(|_| Self::not_found(id))?,
+                    None => changed.changed().await.map_err(|_| Self::not_found(id))?,
+                }
+            }
+        }
+        .instrument(span)
+        .await
+    }
+
+    async fn work(
+        &self,
+        name: &str,
+        handler: Arc<dyn Handler>,
+        opts: WorkerOptions,
+    ) -> Result<Worker> {
+        let span = tracing::debug_span!("work", backend = BACKEND, primitive = "task", id = name);
+        span.in_scope(|| {
+            sync_core::id::validate("job name", name).map_err(|e| e.with_backend(BACKEND))?;
+            opts.validate()
+                .map_err(|e| e.with_backend(BACKEND).with_id(name))?;
+            check_pool("worker concurrency (pool)", opts.concurrency)
+                .map_err(|e| e.with_id(name))?;
+            self.client.session()?;
+            let queue = self.client.key(&["task", name]);
+            let wake = self.client.shared.jobs.queue_wake(&queue);
+            let permits = Arc::new(Semaphore::new(opts.concurrency));
+            let (stop, stopped) = watch::channel(false);
+            let pool = WorkerPool {
+                client: self.client.clone(),
+                name: name.to_string(),
+                queue,
+                handler,
+                permits: permits.clone(),
+            };
+            let worker_span =
+                tracing::debug_span!("worker", backend = BACKEND, primitive = "task", id = name);
+            let main = tokio::spawn(pool.run(wake, stopped).instrument(worker_span));
+            tracing::debug!(
+                backend = BACKEND,
+                primitive = "task",
+                id = name,
+                concurrency = opts.concurrency,
+                "worker started"
+            );
+            Ok(Worker::new(Box::new(LocalWorker {
+                stop,
+                main: Some(main),
+                permits,
+                concurrency: opts.concurrency,
+            })))
+        })
+    }
+}
+
+/// One registered worker: its loop takes jobs while a permit of the pool is free.
+struct WorkerPool {
+    client: Arc<ClientInner>,
+    name: String,
+    queue: String,
+    handler: Arc<dyn Handler>,
+    permits: Arc<Semaphore>,
+}
+
+impl WorkerPool {
+    async fn run(self, wake: Arc<Notify>, mut stop: watch::Receiver<bool>) {
+        let this = Arc::new(self);
+        loop {
+            let permit = tokio::select! {
+                biased;
+                _ = stop.wait_for(|s| *s) => return,
+                p = this.permits.clone().acquire_owned() => match p {
+                    Ok(p) => p,
+                    Err(_) => return,
+                },
+            };
+            let claimed = loop {
+                // Listen before looking, so a job queued between the look and the wait wakes us.
+                let woken = wake.notified();
+                tokio::pin!(woken);
+                woken.as_mut().enable();
+                if *stop.borrow() {
+                    return;
+                }
+                let session = match this.client.session() {
+                    Ok(s) => s,
+                    Err(e) => {
+                        tracing::info!(backend = BACKEND, primitive = "task", id = %this.name, error = %e, "worker stops: client gone");
+                        return;
+                    }
+                };
+                match take_next(&this.client.shared, &this.queue, session) {
+                    Take::Claimed(c) => break c,
+                    Take::SessionEnded => continue,
+                    Take::Empty => {}
+                }
+                tokio::select! {
+                    biased;
+                    _ = stop.wait_for(|s| *s) => return,
+                    () = &mut woken => {}
+                }
+            };
+            this.clone().spawn_attempt(claimed, permit);
+        }
+    }
+
+    fn spawn_attempt(self: Arc<Self>, claimed: Claimed, permit: OwnedSemaphorePermit) {
+        let span = tracing::debug_span!(
+            "attempt",
+            backend = BACKEND,
+            primitive = "task",
+            id = %claimed.id,
+            name = %self.name,
+            attempt = claimed.attempt
+        );
+        tokio::spawn(
+            async move {
+                let _permit = permit;
+                tracing::debug!("job claimed");
+                let ctx = JobContext::new(claimed.id.clone(), &claimed.job, claimed.attempt);
+                let handler = self.handler.clone();
+                // A handler of its own task, so a panic is an attempt's failure, not ours.
+                let outcome = tokio::spawn(async move { handler.call(ctx).await }).await;
+                let outcome = match outcome {
+                    Ok(Ok(output)) => Ok(output),
+                    Ok(Err(e)) => Err(e.to_string()),
+                    Err(e) => Err(join_error_message("handler", e)),
+                };
+                finish(&self.client, &claimed, outcome);
+            }
+            .instrument(span),
+        );
+    }
+}
+
+struct LocalWorker {
+    stop: watch::Sender<bool>,
+    main: Option<JoinHandle<()>>,
+    permits: Arc<Semaphore>,
+    concurrency: usize,
+}
+
+#[async_trait]
+impl WorkerControl for LocalWorker {
+    async fn stop(&mut self) {
+        self.stop.send_replace(true);
+        if let Some(main) = self.main.take() {
+            let _ = main.await;
+        }
+        // Every running attempt holds a permit until its result is recorded.
+        let all = u32::try_from(self.concurrency).unwrap_or(u32::MAX);
+        let _ = self.permits.acquire_many(all).await;
+        tracing::debug!(backend = BACKEND, primitive = "task", "worker stopped");
+    }
+
+    fn stop_in_background(self: Box<Self>) {
+        self.stop.send_replace(true);
+    }
+}
+
+/// Seed parity: a plain closure, run on a [`CommandPool`] of the local backend.
+///
+/// The closure is synchronous and may block: it runs on tokio's blocking threads, never on a
+/// runtime worker. It can be run many times, so it is `Fn`.
+#[derive(Clone)]
+pub struct Command {
+    name: String,
+    f: Arc<dyn Fn() -> std::result::Result<(), HandlerError> + Send + Sync>,
+}
+
+impl Command {
+    /// A command called `name` (an id: non-empty, at most 512 bytes, no NUL) running `f`.
+    ///
+    /// ```
+    /// let cmd = sync_local::Command::new("cleanup", || -> Result<(), std::io::Error> { Ok(()) });
+    /// assert_eq!(cmd.name(), "cleanup");
+    /// ```
+    pub fn new<F, E>(name: impl Into<String>, f: F) -> Self
+    where
+        F: Fn() -> std::result::Result<(), E> + Send + Sync + 'static,
+        E: Into<HandlerError>,
+    {
+        Command {
+            name: name.into(),
+            f: Arc::new(move || f().map_err(Into::into)),
+        }
+    }
+
+    /// The command's name.
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+}
+
+impl fmt::Debug for Command {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Command")
+            .field("name", &self.name)
+            .finish_non_exhaustive()
+    }
+}
+
+/// A command's error, kept as the `source` of the error [`CommandPool::run`] returns.
+struct CommandError(HandlerError);
+
+impl fmt::Debug for CommandError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        fmt::Debug::fmt(&self.0, f)
+    }
+}
+
+impl fmt::Display for CommandError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        fmt::Display::fmt(&self.0, f)
+    }
+}
+
+impl std::error::Error for CommandError {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        self.0.source()
+    }
+}
+
+/// Seed parity: runs plain closure [`Command`]s on a bounded local pool and remembers the
+/// status of the last run of each command name.
+///
+/// [`run`](CommandPool::run) returns every error: a command that returns `Err` (or panics) is an
+/// [`ErrorKind::Backend`] error whose message includes the command's error (which is also its
+/// `source`), and [`status`](CommandPool::status) then shows the run as Failed with that error
+/// as `last_error`. A command runs once (one attempt); nothing is retried. Dropping the `run`
+/// future does not cancel a command: it still runs and its status is still recorded.
+///
+/// ```
+/// # #[tokio::main(flavor = "current_thread")] async fn main() -> sync_core::Result<()> {
+/// use sync_core::{ErrorKind, JobState};
+/// use sync_local::{Command, CommandPool};
+///
+/// let client = sync_local::Cluster::new().client(Default::default())?;
+/// let pool = CommandPool::new(&client, 2)?;
+/// let ok = pool.run(Command::new("greet", || -> Result<(), String> { Ok(()) })).await?;
+/// assert_eq!(ok.state, JobState::Succeeded);
+///
+/// let err = pool
+///     .run(Command::new("greet", || Err::<(), _>("disk full")))
+///     .await
+///     .unwrap_err();
+/// assert_eq!(err.kind(), ErrorKind::Backend);
+/// assert!(err.to_string().contains("disk full"));
+/// let last = pool.status("greet").unwrap();
+/// assert_eq!((last.state, last.last_error.as_deref()), (JobState::Failed, Some("disk full")));
+/// # Ok(()) }
+/// ```
+pub struct CommandPool {
+    client: Arc<ClientInner>,
+    permits: Arc<Semaphore>,
+    size: usize,
+    runs: Arc<CommandRuns>,
+}
+
+#[derive(Default)]
+struct CommandRuns {
+    next: AtomicU64,
+    /// The last run of each command name: its sequence number and status.
+    last: Mutex<HashMap<String, (u64, JobStatus)>>,
+}
+
+impl CommandRuns {
+    /// Records `status` if run `seq` is still the name's last run.
+    fn record(&self, seq: u64, status: &JobStatus) {
+        let mut last = locked(&self.last);
+        if let Some(slot) = last.get_mut(&status.name).filter(|(s, _)| *s == seq) {
+            slot.1 = status.clone();
+        }
+    }
+}
+
+impl fmt::Debug for CommandPool {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("CommandPool")
+            .field("pool", &self.size)
+            .finish_non_exhaustive()
+    }
+}
+
+impl CommandPool {
+    /// A pool of `pool` commands at once on `client`; 0 is InvalidArgument.
+    pub fn new(client: &Client, pool: usize) -> Result<CommandPool> {
+        check_pool("pool", pool)?;
+        client.inner.session()?;
+        Ok(CommandPool {
+            client: client.inner.clone(),
+            permits: Arc::new(Semaphore::new(pool)),
+            size: pool,
+            runs: Default::default(),
+        })
+    }
+
+    /// Runs `command` on the pool (waiting for a free slot) and returns its final status, or
+    /// the command's error as an [`ErrorKind::Backend`] error.
+    pub async fn run(&self, command: Command) -> Result<JobStatus> {
+        let span =
+            tracing::debug_span!("run", backend = BACKEND, primitive = "task", id = %command.name);
+        async {
+            sync_core::id::validate("command name", &command.name)
+                .map_err(|e| e.with_backend(BACKEND))?;
+            self.client.session()?;
+            let name = command.name.clone();
+            let mut status = JobStatus::queued(
+                JobId(uuid::Uuid::new_v4().to_string()),
+                &Job::new(&name, []),
+            );
+            let seq = self.runs.next.fetch_add(1, Ordering::SeqCst);
+            locked(&self.runs.last).insert(name.clone(), (seq, status.clone()));
+
+            let permits = self.permits.clone();
+            let runs = self.runs.clone();
+            let run = tokio::spawn(
+                async move {
+                    let Ok(_permit) = permits.acquire_owned().await else {
+                        status.state = JobState::Failed;
+                        status.last_error = Some("command pool closed".into());
+                        runs.record(seq, &status);
+                        return (status, None);
+                    };
+                    status.state = JobState::Running;
+                    status.attempts = 1;
+                    runs.record(seq, &status);
+                    let f = command.f.clone();
+                    let error = match tokio::task::spawn_blocking(move || f()).await {
+                        Ok(Ok(())) => None,
+                        Ok(Err(e)) => Some((e.to_string(), Some(CommandError(e)))),
+                        Err(e) => Some((join_error_message("command", e), None)),
+                    };
+                    match &error {
+                        None => status.state = JobState::Succeeded,
+                        Some((msg, _)) => {
+                            tracing::warn!(error = %msg, "command failed");
+                            status.state = JobState::Failed;
+                            status.last_error = Some(msg.clone());
+                        }
+                    }
+                    runs.record(seq, &status);
+                    (status, error.and_then(|(_, source)| source))
+                }
+                .in_current_span(),
+            );
+            let (status, source) = run.await.map_err(|e| {
+                Error::new(ErrorKind::Backend, join_error_message("command", e))
+                    .with_backend(BACKEND)
+                    .with_id(name.clone())
+            })?;
+            if status.state == JobState::Succeeded {
+                return Ok(status);
+            }
+            let msg = status.last_error.clone().unwrap_or_default();
+            let err = Error::new(ErrorKind::Backend, format!("command failed: {msg}"))
+                .with_backend(BACKEND)
+                .with_id(name);
+            Err(match source {
+                Some(source) => err.with_source(source),
+                None => err,
+            })
+        }
+        .instrument(span)
+        .await
+    }
+
+    /// The status of the last run of the command called `name` through this pool (Queued or
+    /// Running while it is under way), or None if it never ran here.
+    pub fn status(&self, name: &str) -> Option<JobStatus> {
+        locked(&self.runs.last).get(name).map(|(_, s)| s.clone())
+    }
+
+    /// The pool size.
+    pub fn size(&self) -> usize {
+        self.size
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::{
+        Arc,
+        atomic::{AtomicUsize, Ordering},
+    };
+    use std::time::Duration;
+
+    use sync_core::{
+        ErrorKind, Handler, HandlerError, Job, JobContext, JobId, JobState, MAX_PAYLOAD_LEN,
+        WorkerOptions,
+    };
+    use tokio::sync::Semaphore;
+
+    use super::{Command, CommandPool};
+    use crate::{Client, Cluster, Config};
+
+    const LONG: Option<Duration> = Some(Duration::from_secs(10));
+
+    fn client(cluster: &Cluster, ns: &str) -> Client {
+        cluster
+            .client(
+                Config::default()
+                    .with_namespace(ns)
+                    .with_ttl(Duration::from_millis(100)),
+            )
+            .unwrap()
+    }
+
+    fn handler<F, Fut>(f: F) -> Arc<dyn Handler>
+    where
+        F: Fn(JobContext) -> Fut + Send + Sync + 'static,
+        Fut: Future<Output = Result<Vec<u8>, HandlerError>> + Send + 'static,
+    {
+        Arc::new(f)
+    }
+
+    fn echo() -> Arc<dyn Handler> {
+        handler(|job: JobContext| async move { Ok(job.payload) })
+    }
+
+    #[tokio::test(flavor = "multi_thread")]
+    async fn run_submit_status_wait() {
+        let cluster = Cluster::new();
+        let task = client(&cluster, "t").task();
+        let id = task.submit(Job::new("echo", "hi")).await.unwrap();
+        let s = task.status(&id).await.unwrap();
+        assert_eq!((s.state, s.attempts), (JobState::Queued, 0));
+        let err = task
+            .wait(&id, Some(Duration::from_millis(30)))
+            .await
+            .unwrap_err();
+        assert_eq!(err.kind(), ErrorKind::Timeout);
+
+        let worker = task
+            .work("echo", echo(), WorkerOptions::new())
+            .await
+            .unwrap();
+        let s = task.wait(&id, LONG).await.unwrap();
+        assert_eq!((s.state, s.attempts), (JobState::Succeeded, 1));
+        assert_eq!(s.output.as_deref(), Some(&b"hi"[..]));
+        let s = task
+            .run(Job::new("echo", "again").with_label("k", "v"))
+            .await
+            .unwrap();
+        assert_eq!(s.output.as_deref(), Some(&b"again"[..]));
+        assert_eq!(s.labels.get("k").map(String::as_str), Some("v"));
+        worker.stop().await;
+
+        let unknown = JobId("nope".into());
+        assert_eq!(
+            task.status(&unknown).await.unwrap_err().kind(),
+            ErrorKind::NotFound
+        );
+        assert_eq!(
+            task.wait(&unknown, None).await.unwrap_err().kind(),
+            ErrorKind::NotFound
+        );
+    }
+
+    #[tokio::test]
+    async fn limits_are_named() {
+        let cluster = Cluster::new();
+        let task = client(&cluster, "t").task();
+        let err = task
+            .submit(Job::new("big", vec![0u8; MAX_PAYLOAD_LEN + 1]))
+            .await
+            .unwrap_err();
+        assert_eq!(err.kind(), ErrorKind::InvalidArgument);
+        assert!(
+            err.to_string().contains(&MAX_PAYLOAD_LEN.to_string()),
+            "{err}"
+        );
+        assert_eq!(err.backend(), Some(crate::BACKEND));
+        task.submit(Job::new("big", vec![0u8; MAX_PAYLOAD_LEN]))
+            .await
+            .unwrap();
+        let err = task.submit(Job::new("", "")).await.unwrap_err();
+        assert_eq!(err.kind(), ErrorKind::InvalidArgument);
+        let err = task
+            .submit(Job::new("x", "").with_max_attempts(0))
+            .await
+            .unwrap_err();
+        assert_eq!(err.kind(), ErrorKind::InvalidArgument);
+
+        let err = task
+            .work("x", echo(), WorkerOptions::new().with_concurrency(0))
+            .await
+            .unwrap_err();
+        assert_eq!(err.kind(), ErrorKind::InvalidArgument);
+        assert!(err.to_string().contains("at least 1"), "{err}");
+        let err = task
+            .work(
+                "x",
+                echo(),
+                WorkerOptions::new().with_concurrency(usize::MAX),
+            )
+            .await
+            .unwrap_err();
+        assert_eq!(err.kind(), ErrorKind::InvalidArgument);
+        assert!(err.to_string().contains("maximum"), "{err}");
+        let err = task
+            .work("", echo(), WorkerOptions::new())
+            .await
+            .unwrap_err();
+        assert_eq!(err.kind(), ErrorKind::InvalidArgument);
+    }
+
+    #[tokio::test(flavor = "multi_thread")]
+    async fn namespaces_never_collide() {
+        let cluster = Cluster::new();
+        let a = client(&cluster, "a").task();
+        let b = client(&cluster, "b").task();
+        let _wb = b.work("echo", echo(), WorkerOptions::new()).await.unwrap();
+        let id = a.submit(Job::new("echo", "x")).await.unwrap();
+        assert_eq!(b.status(&id).await.unwrap_err().kind(), ErrorKind::NotFound);
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        assert_eq!(a.status(&id).await.unwrap().state, JobState::Queued);
+        let _wa = a.work("echo", echo(), WorkerOptions::new()).await.unwrap();
+        assert_eq!(a.wait(&id, LONG).await.unwrap().state, JobState::Succeeded);
+    }
+
+    #[tokio::test(flavor = "multi_thread")]
+    async fn retries_with_backoff_then_fails() {
+        let cluster = Cluster::new();
+        let task = client(&cluster, "t").task();
+        let calls = Arc::new(AtomicUsize::new(0));
+        let c = calls.clone();
+        let _w = task
+            .work(
+                "flaky",
+                handler(move |job: JobContext| {
+                    let c = c.clone();
+                    async move {
+                        c.fetch_add(1, Ordering::SeqCst);
+                        if job.payload == b"ok-on-2" && job.attempt == 2 {
+                            Ok(b"done".to_vec())
+                        } else {
+                            Err(format!("boom {}", job.attempt).into())
+                        }
+                    }
+                }),
+                WorkerOptions::new(),
+            )
+            .await
+            .unwrap();
+        let job = Job::new("flaky", "ok-on-2").with_backoff(Duration::from_millis(300));
+        let id = task.submit(job).await.unwrap();
+        // During the backoff the job shows Queued with the first error.
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        let s = task.status(&id).await.unwrap();
+        assert_eq!((s.state, s.attempts), (JobState::Queued, 1));
+        assert_eq!(s.last_error.as_deref(), Some("boom 1"));
+        let s = task.wait(&id, LONG).await.unwrap();
+        assert_eq!((s.state, s.attempts), (JobState::Succeeded, 2));
+
+        let job = Job::new("flaky", "never")
+            .with_max_attempts(3)
+            .with_backoff(Duration::from_millis(1));
+        let s = task.run(job).await.unwrap();
+        assert_eq!((s.state, s.attempts), (JobState::Failed, 3));
+        assert_eq!(s.last_error.as_deref(), Some("boom 3"));
+        assert_eq!(calls.load(Ordering::SeqCst), 5);
+    }
+
+    #[tokio::test(flavor = "multi_thread")]
+    async fn panicking_handler_counts_as_failure() {
+        let cluster = Cluster::new();
+        let task = client(&cluster, "t").task();
+        let _w = task
+            .work(
+                "panics",
+                handler(|job: JobContext| async move {
+                    if job.attempt == 1 {
+                        panic!("kaboom");
+                    }
+                    Ok(Vec::new())
+                }),
+                WorkerOptions::new(),
+            )
+            .await
+            .unwrap();
+        let job = Job::new("panics", "").with_backoff(Duration::from_millis(1));
+        let s = task.run(job.clone()).await.unwrap();
+        assert_eq!((s.state, s.attempts), (JobState::Succeeded, 2));
+        assert!(
+            s.last_error
+                .as_deref()
+                .unwrap()
+                .contains("panicked: kaboom"),
+            "{s:?}"
+        );
+
+        let s = task.run(job.with_max_attempts(1)).await.unwrap();
+        assert_eq!((s.state, s.attempts), (JobState::Failed, 1));
+        assert_eq!(s.last_error.as_deref(), Some("handler panicked: kaboom"));
+        // The worker survives its handlers' panics.
+        let s = task
+            .run(Job::new("panics", "").with_max_attempts(1))
+            .await
+            .unwrap();
+        assert_eq!(s.state, JobState::Failed);
+    }
+
+    /// A handler whose attempt 1 blocks until `gate` opens and answers "stale"; later attempts
+    /// answer "fresh".
+    fn gated(gate: Arc<Semaphore>, started: Arc<Semaphore>) -> Arc<dyn Handler> {
+        handler(move |job: JobContext| {
+            let (gate, started) = (gate.clone(), started.clone());
+            async move {
+                started.add_permits(1);
+                if job.attempt == 1 {
+                    let _ = gate.acquire().await;
+                    return Ok(b"stale".to_vec());
+                }
+                Ok(b"fresh".to_vec())
+            }
+        })
+    }
+
+    #[tokio::test(flavor = "multi_thread")]
+    async fn stale_claim_result_is_ignored_after_revoke() {
+        let cluster = Cluster::new();
+        let worker_client = client(&cluster, "t");
+        let task = worker_client.task();
+        let (gate, started) = (Arc::new(Semaphore::new(0)), Arc::new(Semaphore::new(0)));
+        let w = task
+            .work(
+                "gated",
+                gated(gate.clone(), started.clone()),
+                WorkerOptions::new().with_concurrency(2),
+            )
+            .await
+            .unwrap();
+        let submitter = client(&cluster, "t").task();
+        let id = submitter.submit(Job::new("gated", "")).await.unwrap();
+        started.acquire().await.unwrap().forget();
+        assert_eq!(
+            submitter.status(&id).await.unwrap().state,
+            JobState::Running
+        );
+
+        worker_client.revoke();
+        // Redelivered (to the same worker, on its new session) and finished by attempt 2.
+        let s = submitter.wait(&id, LONG).await.unwrap();
+        assert_eq!((s.state, s.attempts), (JobState::Succeeded, 2));
+        assert_eq!(s.output.as_deref(), Some(&b"fresh"[..]));
+        assert_eq!(
+            s.last_error.as_deref(),
+            Some("worker lost: session revoked")
+        );
+
+        // The first attempt finishes late; its result is dropped.
+        gate.add_permits(1);
+        w.stop().await;
+        let s = submitter.status(&id).await.unwrap();
+        assert_eq!(s.output.as_deref(), Some(&b"fresh"[..]));
+        assert_eq!(s.attempts, 2);
+    }
+
+    #[tokio::test(flavor = "multi_thread")]
+    async fn killed_worker_redelivers_to_another() {
+        let cluster = Cluster::new();
+        let dying = client(&cluster, "t");
+        let (gate, started) = (Arc::new(Semaphore::new(0)), Arc::new(Semaphore::new(0)));
+        let _dead = dying
+            .task()
+            .work(
+                "gated",
+                gated(gate.clone(), started.clone()),
+                WorkerOptions::new(),
+            )
+            .await
+            .unwrap();
+        let other = client(&cluster, "t").task();
+        let id = other.submit(Job::new("gated", "")).await.unwrap();
+        started.acquire().await.unwrap().forget();
+        dying.kill();
+        // The killed worker's handler answers, but a dead process reports nothing.
+        gate.add_permits(1);
+        let _alive = other
+            .work("gated", gated(gate, started), WorkerOptions::new())
+            .await
+            .unwrap();
+        let s = other.wait(&id, LONG).await.unwrap();
+        assert_eq!((s.state, s.attempts), (JobState::Succeeded, 2));
+        assert_eq!(s.output.as_deref(), Some(&b"fresh"[..]));
+        assert!(
+            s.last_error
+                .as_deref()
+                .unwrap()
+                .starts_with("worker lost: session expired")
+        );
+        assert_eq!(
+            dying.task().status(&id).await.unwrap_err().kind(),
+            ErrorKind::Closed
+        );
+    }
+
+    #[tokio::test(flavor = "multi_thread")]
+    async fn worker_loss_on_last_attempt_fails_the_job() {
+        let cluster = Cluster::new();
+        let worker_client = client(&cluster, "t");
+        let (gate, started) = (Arc::new(Semaphore::new(0)), Arc::new(Semaphore::new(0)));
+        let _w = worker_client
+            .task()
+            .work(
+                "gated",
+                gated(gate.clone(), started.clone()),
+                WorkerOptions::new(),
+            )
+            .await
+            .unwrap();
+        let task = client(&cluster, "t").task();
+        let id = task
+            .submit(Job::new("gated", "").with_max_attempts(1))
+            .await
+            .unwrap();
+        started.acquire().await.unwrap().forget();
+        worker_client.revoke();
+        let s = task.wait(&id, LONG).await.unwrap();
+        assert_eq!((s.state, s.attempts), (JobState::Failed, 1));
+        assert_eq!(
+            s.last_error.as_deref(),
+            Some("worker lost: session revoked")
+        );
+        gate.add_permits(1);
+    }
+
+    #[tokio::test(flavor = "multi_thread")]
+    async fn pool_is_bounded_and_stop_waits() {
+        let cluster = Cluster::new();
+        let task = client(&cluster, "t").task();
+        let (running, peak, done) = (
+            Arc::new(AtomicUsize::new(0)),
+            Arc::new(AtomicUsize::new(0)),
+            Arc::new(AtomicUsize::new(0)),
+        );
+        let (r, p, d) = (running.clone(), peak.clone(), done.clone());
+        let w = task
+            .work(
+                "slow",
+                handler(move |_job: JobContext| {
+                    let (r, p, d) = (r.clone(), p.clone(), d.clone());
+                    async move {
+                        let now = r.fetch_add(1, Ordering::SeqCst) + 1;
+                        p.fetch_max(now, Ordering::SeqCst);
+                        tokio::time::sleep(Duration::from_millis(30)).await;
+                        r.fetch_sub(1, Ordering::SeqCst);
+                        d.fetch_add(1, Ordering::SeqCst);
+                        Ok(Vec::new())
+                    }
+                }),
+                WorkerOptions::new().with_concurrency(3),
+            )
+            .await
+            .unwrap();
+        let mut ids = Vec::new();
+        for _ in 0..9 {
+            ids.push(task.submit(Job::new("slow", "")).await.unwrap());
+        }
+        for id in &ids {
+            assert_eq!(
+                task.wait(id, LONG).await.unwrap().state,
+                JobState::Succeeded
+            );
+        }
+        assert_eq!(peak.load(Ordering::SeqCst), 3);
+
+        let id = task.submit(Job::new("slow", "")).await.unwrap();
+        while task.status(&id).await.unwrap().state != JobState::Running {
+            tokio::task::yield_now().await;
+        }
+        w.stop().await;
+        assert_eq!(
+            done.load(Ordering::SeqCst),
+            10,
+            "stop waits for running handlers"
+        );
+        let after = task.submit(Job::new("slow", "")).await.unwrap();
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        assert_eq!(task.status(&after).await.unwrap().state, JobState::Queued);
+
+        // Dropping a worker stops it without blocking.
+        let w = task
+            .work("other", echo(), WorkerOptions::new())
+            .await
+            .unwrap();
+        drop(w);
+        let id = task.submit(Job::new("other", "")).await.unwrap();
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        assert_eq!(task.status(&id).await.unwrap().state, JobState::Queued);
+    }
+
+    #[tokio::test(flavor = "multi_thread")]
+    async fn command_pool() {
+        let cluster = Cluster::new();
+        let client = client(&cluster, "t");
+        let err = CommandPool::new(&client, 0).unwrap_err();
+        assert_eq!(err.kind(), ErrorKind::InvalidArgument);
+        assert!(err.to_string().contains("pool must be at least 1"), "{err}");
+
+        let pool = Arc::new(CommandPool::new(&client, 2).unwrap());
+        assert_eq!(pool.status("c"), None);
+        let s = pool
+            .run(Command::new("c", || -> Result<(), std::io::Error> {
+                Ok(())
+            }))
+            .await
+            .unwrap();
+        assert_eq!(
+            (s.state, s.attempts, s.name.as_str()),
+            (JobState::Succeeded, 1, "c")
+        );
+        assert_eq!(pool.status("c").unwrap().state, JobState::Succeeded);
+
+        let err = pool
+            .run(Command::new("c", || {
+                Err::<(), _>(std::io::Error::other("disk full"))
+            }))
+            .await
+            .unwrap_err();
+        assert_eq!(err.kind(), ErrorKind::Backend);
+        assert!(err.to_string().contains("disk full"), "{err}");
+        assert!(std::error::Error::source(&err).is_some());
+        let s = pool.status("c").unwrap();
+        assert_eq!(
+            (s.state, s.last_error.as_deref()),
+            (JobState::Failed, Some("disk full"))
+        );
+
+        let err = pool
+            .run(Command::new("p", || -> Result<(), String> {
+                panic!("oops")
+            }))
+            .await
+            .unwrap_err();
+        assert!(err.to_string().contains("command panicked: oops"), "{err}");
+        assert_eq!(pool.status("p").unwrap().state, JobState::Failed);
+        let err = pool
+            .run(Command::new("", || Ok::<(), String>(())))
+            .await
+            .unwrap_err();
+        assert_eq!(err.kind(), ErrorKind::InvalidArgument);
+
+        // At most `pool` commands at once; the blocking closures never stall the runtime.
+        let (running, peak) = (Arc::new(AtomicUsize::new(0)), Arc::new(AtomicUsize::new(0)));
+        let (r, p) = (running.clone(), peak.clone());
+        let slow = Command::new("slow", move || -> Result<(), String> {
+            let now = r.fetch_add(1, Ordering::SeqCst) + 1;
+            p.fetch_max(now, Ordering::SeqCst);
+            std::thread::sleep(Duration::from_millis(30));
+            r.fetch_sub(1, Ordering::SeqCst);
+            Ok(())
+        });
+        let runs: Vec<_> = (0..6)
+            .map(|_| {
+                let (pool, slow) = (pool.clone(), slow.clone());
+                tokio::spawn(async move { pool.run(slow).await })
+            })
+            .collect();
+        for r in runs {
+            r.await.unwrap().unwrap();
+        }
+        assert_eq!(peak.load(Ordering::SeqCst), 2);
+
+        // The status always reflects the last run, even while it runs.
+        let gate = Arc::new(std::sync::Barrier::new(2));
+        let g = gate.clone();
+        let blocked = Command::new("c", move || -> Result<(), String> {
+            g.wait();
+            Ok(())
+        });
+        let p2 = pool.clone();
+        let run = tokio::spawn(async move { p2.run(blocked).await });
+        while pool.status("c").unwrap().state != JobState::Running {
+            tokio::task::yield_now().await;
+        }
+        gate.wait();
+        run.await.unwrap().unwrap();
+        assert_eq!(pool.status("c").unwrap().state, JobState::Succeeded);
+
+        client.kill();
+        let err = pool
+            .run(Command::new("c", || Ok::<(), String>(())))
+            .await
+            .unwrap_err();
+        assert_eq!(err.kind(), ErrorKind::Closed);
+    }
+}
