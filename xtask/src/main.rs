@@ -1,1 +1,131 @@
-fn main() {}
+//! `cargo xtask`: the project's automation, in Rust rather than shell scripts (the
+//! rust-analyzer model): run every test against live backends, and install, start, check and
+//! stop those backends. Deliberately plain std plus two small crates, so that building it is
+//! quick on a fresh machine.
+
+use std::{
+    path::{Path, PathBuf},
+    process::ExitCode,
+    sync::{
+        OnceLock,
+        atomic::{AtomicUsize, Ordering},
+    },
+    time::{Duration, Instant},
+};
+
+/// A progress line on stderr (stdout stays clean for `services env`, which is `eval`-ed).
+macro_rules! say {
+    ($($arg:tt)*) => { eprintln!("xtask: {}", format_args!($($arg)*)) };
+}
+
+macro_rules! bail {
+    ($($arg:tt)*) => { return Err(format!($($arg)*).into()) };
+}
+
+mod install;
+mod probe;
+mod services;
+mod test;
+
+pub(crate) type Error = Box<dyn std::error::Error + Send + Sync>;
+pub(crate) type Result<T, E = Error> = std::result::Result<T, E>;
+
+const USAGE: &str = "\
+usage:
+  cargo xtask test [--keep] [BACKEND...] [-- CARGO_TEST_ARGS...]
+      start the live backends, run the tests with SYNC_TEST_* and SYNC_REQUIRE_LIVE=1 set,
+      stop the backends again (--keep leaves them running). Without BACKEND: every backend and
+      the whole workspace; with BACKENDs (etcd consul redis ntp local): only those services and
+      the tests of their sync-<BACKEND> crates. A backend whose SYNC_TEST_* variable is already
+      set is used as it is, not started.
+  cargo xtask services up|down|status|env|smoke [BACKEND...]
+      up: install what is missing, start on 127.0.0.1, wait until ready (twice is harmless)
+      down: stop what `up` started; status: pid, port, health; env: SYNC_TEST_* lines to eval;
+      smoke: one real write and read through each service.";
+
+/// Ctrl-C, SIGTERM and SIGHUP only count here; whatever is running notices, stops its child
+/// and tears down what it started. A second Ctrl-C gives up on the teardown.
+static INTERRUPTS: AtomicUsize = AtomicUsize::new(0);
+
+pub(crate) fn interrupted() -> bool {
+    INTERRUPTS.load(Ordering::SeqCst) > 0
+}
+
+fn main() -> ExitCode {
+    let _ = START.set(Instant::now());
+    let handler = ctrlc::set_handler(|| {
+        if INTERRUPTS.fetch_add(1, Ordering::SeqCst) > 0 {
+            eprintln!("xtask: interrupted twice, exiting without teardown");
+            std::process::exit(130);
+        }
+        eprintln!("xtask: interrupted, cleaning up (Ctrl-C again to skip)");
+    });
+    if let Err(err) = handler {
+        say!("warning: cannot catch Ctrl-C ({err}); an interrupted run may leave services up");
+    }
+
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    match run(&args) {
+        Ok(code) => code,
+        Err(err) => {
+            say!("error: {err}");
+            if interrupted() {
+                ExitCode::from(130)
+            } else {
+                ExitCode::FAILURE
+            }
+        }
+    }
+}
+
+fn run(args: &[String]) -> Result<ExitCode> {
+    match args.first().map(String::as_str) {
+        Some("test") => test::run(&args[1..]),
+        Some("services") => services::cli(&args[1..]),
+        None | Some("help" | "-h" | "--help") => {
+            println!("{USAGE}");
+            Ok(ExitCode::SUCCESS)
+        }
+        Some(other) => bail!("unknown command `{other}`\n{USAGE}"),
+    }
+}
+
+static START: OnceLock<Instant> = OnceLock::new();
+
+/// Time since xtask started, for the closing line.
+pub(crate) fn total_elapsed() -> Duration {
+    START.get().map_or(Duration::ZERO, Instant::elapsed)
+}
+
+pub(crate) fn fmt_duration(d: Duration) -> String {
+    let secs = d.as_secs_f64();
+    if secs < 60.0 {
+        format!("{secs:.1}s")
+    } else {
+        format!("{}m{:02}s", d.as_secs() / 60, d.as_secs() % 60)
+    }
+}
+
+pub(crate) fn project_root() -> PathBuf {
+    // xtask/ sits directly under the workspace root.
+    let manifest = Path::new(env!("CARGO_MANIFEST_DIR"));
+    manifest.parent().unwrap_or(manifest).to_path_buf()
+}
+
+/// Cargo's target directory, honouring CARGO_TARGET_DIR like cargo does.
+pub(crate) fn target_dir() -> PathBuf {
+    match std::env::var_os("CARGO_TARGET_DIR") {
+        Some(dir) if !dir.is_empty() => project_root().join(dir),
+        _ => project_root().join("target"),
+    }
+}
+
+pub(crate) fn is_root() -> bool {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|status| {
+            let line = status.lines().find(|l| l.starts_with("Uid:"))?;
+            line.split_whitespace().nth(1).map(|uid| uid == "0")
+        })
+        .unwrap_or(false)
+}

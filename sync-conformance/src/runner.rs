@@ -1,0 +1,236 @@
+//! The libtest-style runner: one trial per case, gated on the backend's environment variable
+//! and capabilities.
+
+use std::{process::ExitCode, sync::Arc, time::Duration};
+
+use futures::future::BoxFuture;
+use libtest_mimic::{Arguments, Failed, Trial};
+
+use crate::{Capability, CaseResult, Ctx, Harness};
+
+/// One behaviour case: where it belongs, what it needs, and how to run it.
+#[derive(Clone, Copy)]
+pub struct Case {
+    /// The primitive (module) it tests, e.g. `lock`.
+    pub primitive: &'static str,
+    /// The case name, e.g. `mutual_exclusion`.
+    pub name: &'static str,
+    /// What the backend must support for the case to be meaningful.
+    pub needs: &'static [Capability],
+    /// The case itself.
+    pub run: for<'a> fn(&'a Ctx) -> BoxFuture<'a, CaseResult>,
+}
+
+impl std::fmt::Debug for Case {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Case")
+            .field("primitive", &self.primitive)
+            .field("name", &self.name)
+            .field("needs", &self.needs)
+            .finish_non_exhaustive()
+    }
+}
+
+macro_rules! case {
+    ($module:ident :: $name:ident, [$($cap:ident),* $(,)?]) => {
+        Case {
+            primitive: stringify!($module),
+            name: stringify!($name),
+            needs: &[$(Capability::$cap),*],
+            run: |ctx| Box::pin(crate::$module::$name(ctx)),
+        }
+    };
+}
+
+/// Every case of the suite, in report order.
+pub fn cases() -> Vec<Case> {
+    vec![
+        case!(lock::mutual_exclusion, [Lock]),
+        case!(lock::try_acquire_when_held, [Lock]),
+        case!(lock::wait_timeout, [Lock]),
+        case!(lock::handoff_on_release, [Lock]),
+        case!(lock::fencing_tokens_increase, [Lock]),
+        case!(lock::lost_on_lease_revoke, [Lock, RevokeSession]),
+        case!(lock::dead_holder_expires_after_ttl, [Lock, KillClient]),
+        case!(lock::drop_releases, [Lock]),
+        case!(lock::cancelled_acquire_leaves_nothing, [Lock]),
+        case!(lock::same_handle_tasks_exclude, [Lock]),
+        case!(lock::ids_do_not_collide, [Lock]),
+        case!(lock::invalid_ids_rejected, [Lock]),
+        case!(lock::release_not_held, [Lock]),
+        case!(lock::release_after_revoke, [Lock, RevokeSession]),
+        case!(leader::single_leader, [Leader]),
+        case!(leader::resign_hands_over, [Leader]),
+        case!(leader::revoked_on_lease_revoke, [Leader, RevokeSession]),
+        case!(leader::follow_sees_changes, [Leader]),
+        case!(leader::terms_increase, [Leader]),
+        case!(leader::proclaim_visible_to_followers, [Leader]),
+        case!(leader::leader_reports_current, [Leader]),
+        case!(task::pool_bounds_concurrency, [Task]),
+        case!(task::run_returns_outcome, [Task]),
+        case!(task::retries_until_max_attempts, [Task]),
+        case!(task::redelivery_after_worker_death, [Task, KillClient]),
+        case!(task::status_reports_attempts_and_error, [Task]),
+        case!(map::crud, [Map]),
+        case!(map::compare_and_swap_conflict, [Map]),
+        case!(map::concurrent_update_exact, [Map]),
+        case!(map::iterate_writes_back_changes, [Map]),
+        case!(map::iterate_holds_no_locks, [Map]),
+        case!(
+            cron::one_fire_per_tick_across_instances,
+            [Cron, Leader, Task, Map]
+        ),
+        case!(
+            cron::failover_resumes_next_tick,
+            [Cron, Leader, Task, Map, KillClient]
+        ),
+        case!(cron::one_shot_fires_once, [Cron, Leader, Task, Map]),
+        case!(time::now_within_bound, [Time]),
+        case!(time::interval_contains_system_time, [Time]),
+        case!(time::interval_never_inverted, [Time]),
+    ]
+}
+
+/// Test threads when the user gave none: cases mostly wait, so run many at once.
+const DEFAULT_TEST_THREADS: usize = 8;
+
+/// What the environment allows.
+enum Gate {
+    /// Run the cases against this harness.
+    Ready(Arc<dyn Harness>),
+    /// The endpoint variable is unset: show the cases as ignored; fail them if forced.
+    Skip(String),
+    /// Fail every case with this message.
+    Fail(String),
+}
+
+/// Runs every case against one backend, libtest-style (cargo's filters, `--list`,
+/// `--ignored`, `--include-ignored`, `--test-threads` work), and returns the exit code.
+///
+/// Trials are named `<backend>::<primitive>::<case>`. With `env_var` set (e.g.
+/// `Some("SYNC_TEST_ETCD")`), `make` receives the variable's value; while it is unset every case
+/// is ignored, or fails naming the variable when `SYNC_REQUIRE_LIVE=1`. With `None` (the local
+/// backend) `make` receives `None` and the cases always run. A case needing a capability the
+/// harness lacks is ignored with kind `unsupported`, and fails if forced to run.
+pub fn run(
+    backend: &'static str,
+    env_var: Option<&'static str>,
+    make: impl FnOnce(Option<String>) -> sync_core::Result<Arc<dyn Harness>>,
+) -> ExitCode {
+    let mut args = Arguments::from_args();
+    if args.test_threads.is_none() {
+        let from_env = std::env::var("RUST_TEST_THREADS")
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .filter(|n: &usize| *n > 0);
+        args.test_threads = Some(from_env.unwrap_or(DEFAULT_TEST_THREADS));
+    }
+
+    let gate = gate(backend, env_var, make);
+    let trials = cases()
+        .into_iter()
+        .map(|case| trial(backend, &gate, case))
+        .collect();
+    libtest_mimic::run(&args, trials).exit_code()
+}
+
+fn gate(
+    backend: &'static str,
+    env_var: Option<&'static str>,
+    make: impl FnOnce(Option<String>) -> sync_core::Result<Arc<dyn Harness>>,
+) -> Gate {
+    let endpoint = match env_var {
+        None => None,
+        Some(var) => match std::env::var(var) {
+            Ok(v) if !v.trim().is_empty() => Some(v),
+            _ => {
+                let require = std::env::var("SYNC_REQUIRE_LIVE").is_ok_and(|v| v == "1");
+                let why = format!(
+                    "{var} is not set: the {backend} cases need a live endpoint \
+                     (`cargo xtask services up` starts one; `cargo xtask services env` prints it)"
+                );
+                return if require {
+                    Gate::Fail(format!("SYNC_REQUIRE_LIVE=1 but {why}"))
+                } else {
+                    Gate::Skip(why)
+                };
+            }
+        },
+    };
+    match make(endpoint) {
+        Ok(harness) => Gate::Ready(harness),
+        Err(e) => Gate::Fail(format!("could not set up the {backend} harness: {e}")),
+    }
+}
+
+fn trial(backend: &'static str, gate: &Gate, case: Case) -> Trial {
+    let name = format!("{backend}::{}::{}", case.primitive, case.name);
+    match gate {
+        Gate::Skip(why) => {
+            let why = why.clone();
+            Trial::test(name, move || Err(why.into())).with_ignored_flag(true)
+        }
+        Gate::Fail(why) => {
+            let why = why.clone();
+            Trial::test(name, move || Err(why.into()))
+        }
+        Gate::Ready(harness) => {
+            let have = harness.capabilities();
+            let missing: Vec<Capability> = case
+                .needs
+                .iter()
+                .copied()
+                .filter(|c| !have.contains(c))
+                .collect();
+            if !missing.is_empty() {
+                // Forced with --include-ignored, an unsupported case fails: never a silent pass.
+                let why = format!("unsupported: the {backend} harness lacks {missing:?}");
+                return Trial::test(name, move || Err(why.into()))
+                    .with_kind("unsupported")
+                    .with_ignored_flag(true);
+            }
+            let harness = harness.clone();
+            Trial::test(name, move || run_case(harness, case))
+        }
+    }
+}
+
+/// A hang fails the trial instead of blocking CI; the bound leaves room for the slowest
+/// TTL-scaled waits (several expiries in a row).
+fn overall_timeout(ttl: Duration) -> Duration {
+    Duration::from_secs(60) + ttl * 8
+}
+
+fn run_case(harness: Arc<dyn Harness>, case: Case) -> Result<(), Failed> {
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .map_err(|e| format!("building the tokio runtime: {e}"))?;
+    let limit = overall_timeout(harness.ttl());
+    let ctx = Ctx::new(harness);
+    let namespace = ctx.namespace().to_string();
+    // Spawned, so a case that blocks its thread still lets the timeout fire on the other worker.
+    let outcome = rt.block_on(async move {
+        let handle = tokio::spawn(async move { (case.run)(&ctx).await });
+        tokio::time::timeout(limit, handle).await
+    });
+    // Tasks a case leaves behind (a handler blocked forever) must not hold up the next trial.
+    rt.shutdown_timeout(Duration::from_secs(1));
+    let result = match outcome {
+        Ok(Ok(Ok(()))) => return Ok(()),
+        Ok(Ok(Err(failure))) => failure.to_string(),
+        Ok(Err(join)) if join.is_panic() => {
+            let payload = join.into_panic();
+            let msg = payload
+                .downcast_ref::<String>()
+                .map(String::as_str)
+                .or_else(|| payload.downcast_ref::<&str>().copied())
+                .unwrap_or("(non-string payload)");
+            format!("case panicked: {msg}")
+        }
+        Ok(Err(join)) => format!("case task ended: {join}"),
+        Err(_) => format!("case did not finish within {limit:?} (a hang)"),
+    };
+    Err(format!("{result}\n  namespace: {namespace}").into())
+}

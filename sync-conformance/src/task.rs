@@ -1,0 +1,377 @@
+//! Task cases (DESIGN §3 Task).
+
+use std::{
+    collections::BTreeMap,
+    sync::{
+        Arc, Mutex,
+        atomic::{AtomicUsize, Ordering},
+    },
+    time::Duration,
+};
+
+use sync_core::{
+    ErrorKind, Handler, HandlerError, Job, JobContext, JobId, JobState, JobStatus, WorkerOptions,
+};
+use tokio::sync::{mpsc, watch};
+
+use crate::{CaseResult, Ctx, ensure, expect_kind, fail, within};
+
+/// Retries in these cases wait this long, so they stay fast.
+const BACKOFF: Duration = Duration::from_millis(10);
+
+fn handler<F, Fut>(f: F) -> Arc<dyn Handler>
+where
+    F: Fn(JobContext) -> Fut + Send + Sync + 'static,
+    Fut: std::future::Future<Output = Result<Vec<u8>, HandlerError>> + Send + 'static,
+{
+    Arc::new(f)
+}
+
+/// How long a job run to completion by a live worker may take in these cases.
+fn finish(ctx: &Ctx) -> Duration {
+    ctx.prompt() * 5
+}
+
+/// A worker with concurrency N given 3N blocking jobs runs exactly N handlers at once — never
+/// more, and not fewer while jobs wait — with the rest Queued, and then finishes them all.
+pub async fn pool_bounds_concurrency(ctx: &Ctx) -> CaseResult {
+    const N: usize = 3;
+    let (a, b) = (ctx.client().await?, ctx.client().await?);
+    let (worker_side, submit_side) = (a.task()?, b.task()?);
+
+    let (running_tx, mut running) = watch::channel(0usize);
+    let running_tx = Arc::new(running_tx);
+    let max_seen = Arc::new(AtomicUsize::new(0));
+    let (gate_tx, gate) = watch::channel(false);
+    let h = {
+        let (running_tx, max_seen) = (running_tx.clone(), max_seen.clone());
+        handler(move |_job| {
+            let (running_tx, max_seen, mut gate) =
+                (running_tx.clone(), max_seen.clone(), gate.clone());
+            async move {
+                running_tx.send_modify(|r| {
+                    *r += 1;
+                    max_seen.fetch_max(*r, Ordering::SeqCst);
+                });
+                let _ = gate.wait_for(|open| *open).await;
+                running_tx.send_modify(|r| *r -= 1);
+                Ok(Vec::new())
+            }
+        })
+    };
+    let worker = worker_side
+        .work("pool", h, WorkerOptions::new().with_concurrency(N))
+        .await?;
+
+    let mut ids = Vec::new();
+    for i in 0..3 * N {
+        ids.push(
+            submit_side
+                .submit(Job::new("pool", format!("{i}")).with_backoff(BACKOFF))
+                .await?,
+        );
+    }
+    within(
+        ctx.prompt(),
+        format!("{N} handlers running at once"),
+        running.wait_for(|r| *r >= N),
+    )
+    .await??;
+    // Bounded wait expected to elapse: a pool that overshoots would start a job here.
+    if let Ok(Ok(r)) =
+        tokio::time::timeout(Duration::from_millis(300), running.wait_for(|r| *r > N)).await
+    {
+        fail!("a worker with concurrency {N} ran {} handlers at once", *r);
+    }
+
+    let mut states = BTreeMap::new();
+    for id in &ids {
+        let s = submit_side.status(id).await?.state;
+        *states.entry(format!("{s:?}")).or_insert(0) += 1;
+    }
+    ensure!(
+        states.get("Running") == Some(&N) && states.get("Queued") == Some(&(2 * N)),
+        "with {N} handlers blocked, expected {N} Running and {} Queued; got {states:?}",
+        2 * N
+    );
+
+    gate_tx.send_replace(true);
+    for id in &ids {
+        let status = within(
+            finish(ctx),
+            "a pooled job finishing",
+            submit_side.wait(id, None),
+        )
+        .await??;
+        ensure!(
+            status.state == JobState::Succeeded,
+            "job {id} ended {status:?}"
+        );
+    }
+    let max = max_seen.load(Ordering::SeqCst);
+    ensure!(max == N, "max concurrent handlers was {max}, expected {N}");
+    worker.stop().await;
+    Ok(())
+}
+
+/// `run` returns the outcome: Succeeded with the handler's output, or (with one attempt)
+/// Failed with the handler's error as `last_error`; labels travel with the job.
+pub async fn run_returns_outcome(ctx: &Ctx) -> CaseResult {
+    let (a, b) = (ctx.client().await?, ctx.client().await?);
+    let task = a.task()?;
+    let _worker = b
+        .task()?
+        .work(
+            "echo",
+            handler(|job: JobContext| async move {
+                if job.payload == b"fail" {
+                    return Err("boom: asked to fail".into());
+                }
+                let mut out = job.payload.clone();
+                out.reverse();
+                Ok(out)
+            }),
+            WorkerOptions::new(),
+        )
+        .await?;
+
+    let ok = within(
+        finish(ctx),
+        "run of a succeeding job",
+        task.run(
+            Job::new("echo", "hello")
+                .with_label("case", "ok")
+                .with_max_attempts(1),
+        ),
+    )
+    .await??;
+    ensure!(
+        ok.state == JobState::Succeeded
+            && ok.output.as_deref() == Some(&b"olleh"[..])
+            && ok.attempts == 1
+            && ok.name == "echo"
+            && ok.labels.get("case").map(String::as_str) == Some("ok"),
+        "succeeding job: {ok:?}"
+    );
+
+    let failed = within(
+        finish(ctx),
+        "run of a failing job",
+        task.run(Job::new("echo", "fail").with_max_attempts(1)),
+    )
+    .await??;
+    ensure!(
+        failed.state == JobState::Failed
+            && failed.attempts == 1
+            && failed
+                .last_error
+                .as_deref()
+                .is_some_and(|e| e.contains("boom: asked to fail")),
+        "failing job with one attempt: {failed:?}"
+    );
+    Ok(())
+}
+
+/// Failed attempts are retried up to `max_attempts`: a handler failing twice then succeeding
+/// ends Succeeded after 3 attempts; one always failing ends Failed after exactly 3, with the
+/// last attempt's error. Each attempt is called once, numbered 1, 2, 3.
+pub async fn retries_until_max_attempts(ctx: &Ctx) -> CaseResult {
+    let (a, b) = (ctx.client().await?, ctx.client().await?);
+    let task = a.task()?;
+    let calls: Arc<Mutex<BTreeMap<String, Vec<u32>>>> = Arc::default();
+    let h = {
+        let calls = calls.clone();
+        handler(move |job: JobContext| {
+            let calls = calls.clone();
+            async move {
+                let kind = String::from_utf8_lossy(&job.payload).into_owned();
+                calls
+                    .lock()
+                    .unwrap()
+                    .entry(kind.clone())
+                    .or_default()
+                    .push(job.attempt);
+                if kind == "flaky" && job.attempt >= 3 {
+                    return Ok(b"done".to_vec());
+                }
+                Err(format!("{kind} attempt {}", job.attempt).into())
+            }
+        })
+    };
+    let _worker = b.task()?.work("retry", h, WorkerOptions::new()).await?;
+
+    let job = |kind: &str| {
+        Job::new("retry", kind)
+            .with_max_attempts(3)
+            .with_backoff(BACKOFF)
+    };
+    let flaky = within(finish(ctx), "flaky job finishing", task.run(job("flaky"))).await??;
+    ensure!(
+        flaky.state == JobState::Succeeded
+            && flaky.attempts == 3
+            && flaky.output.as_deref() == Some(&b"done"[..]),
+        "a job failing twice then succeeding: {flaky:?}"
+    );
+    let never = within(finish(ctx), "failing job finishing", task.run(job("never"))).await??;
+    ensure!(
+        never.state == JobState::Failed
+            && never.attempts == 3
+            && never
+                .last_error
+                .as_deref()
+                .is_some_and(|e| e.contains("never attempt 3")),
+        "a job failing every attempt with max_attempts 3: {never:?}"
+    );
+    let calls = calls.lock().unwrap().clone();
+    for kind in ["flaky", "never"] {
+        ensure!(
+            calls.get(kind).map(Vec::as_slice) == Some(&[1, 2, 3][..]),
+            "{kind}: the handler saw attempts {:?}, expected [1, 2, 3]",
+            calls.get(kind)
+        );
+    }
+    Ok(())
+}
+
+/// A job whose worker dies mid-run (its client killed: no heartbeat, no result) is handed to
+/// another worker after the visibility timeout and Succeeds there, with attempts ≥ 2.
+pub async fn redelivery_after_worker_death(ctx: &Ctx) -> CaseResult {
+    let (a, b, c) = (
+        ctx.client().await?,
+        ctx.client().await?,
+        ctx.client().await?,
+    );
+    let submitter = c.task()?;
+    let (started_tx, mut started) = mpsc::unbounded_channel();
+    let stuck = handler(move |job: JobContext| {
+        let started_tx = started_tx.clone();
+        async move {
+            let _ = started_tx.send(job.attempt);
+            std::future::pending::<()>().await;
+            Ok(Vec::new())
+        }
+    });
+    let _dead_worker = a
+        .task()?
+        .work("redeliver", stuck, WorkerOptions::new())
+        .await?;
+
+    let id = submitter
+        .submit(
+            Job::new("redeliver", "x")
+                .with_max_attempts(3)
+                .with_backoff(BACKOFF),
+        )
+        .await?;
+    let Some(attempt) = within(
+        ctx.prompt(),
+        "the first worker starting the job",
+        started.recv(),
+    )
+    .await?
+    else {
+        fail!("the first worker's handler was dropped without running");
+    };
+    ensure!(attempt == 1, "first delivery had attempt {attempt}");
+    let status = submitter.status(&id).await?;
+    ensure!(
+        status.state == JobState::Running && status.attempts == 1,
+        "while the first worker runs it: {status:?}"
+    );
+
+    a.kill().await?;
+    // Registered only now, so the first delivery surely went to the worker that dies.
+    let _live_worker = b
+        .task()?
+        .work(
+            "redeliver",
+            handler(|job: JobContext| async move { Ok(format!("attempt {}", job.attempt).into()) }),
+            WorkerOptions::new(),
+        )
+        .await?;
+    let done = within(
+        ctx.expiry() + ctx.prompt(),
+        "the job redelivered to the live worker and finished",
+        submitter.wait(&id, None),
+    )
+    .await??;
+    ensure!(
+        done.state == JobState::Succeeded && done.attempts >= 2,
+        "after its worker died the job ended {done:?}; expected Succeeded with attempts >= 2"
+    );
+    ensure!(
+        done.output.as_deref() == Some(format!("attempt {}", done.attempts).as_bytes()),
+        "the output {:?} is not from the last attempt ({})",
+        done.output,
+        done.attempts
+    );
+    ensure!(
+        started.try_recv().is_err(),
+        "the killed client's worker took the job again"
+    );
+    Ok(())
+}
+
+/// `status` reports Queued with no attempts before any worker runs a job, then the final state
+/// with attempts and the last error; `status` of an unknown id is NotFound.
+pub async fn status_reports_attempts_and_error(ctx: &Ctx) -> CaseResult {
+    let (a, b) = (ctx.client().await?, ctx.client().await?);
+    let task = a.task()?;
+    let id = task
+        .submit(
+            Job::new("status", "x")
+                .with_label("k", "v")
+                .with_max_attempts(2)
+                .with_backoff(BACKOFF),
+        )
+        .await?;
+    let queued = task.status(&id).await?;
+    let mut labels = BTreeMap::new();
+    labels.insert("k".to_string(), "v".to_string());
+    ensure!(
+        queued.id == id
+            && queued.name == "status"
+            && queued.state == JobState::Queued
+            && queued.attempts == 0
+            && queued.last_error.is_none()
+            && queued.output.is_none()
+            && queued.labels == labels,
+        "status before any worker: {queued:?}"
+    );
+
+    let _worker = b
+        .task()?
+        .work(
+            "status",
+            handler(|job: JobContext| async move { Err(format!("boom {}", job.attempt).into()) }),
+            WorkerOptions::new(),
+        )
+        .await?;
+    let done: JobStatus = within(
+        finish(ctx),
+        "the job failing for good",
+        task.wait(&id, None),
+    )
+    .await??;
+    ensure!(
+        done.state == JobState::Failed
+            && done.attempts == 2
+            && done
+                .last_error
+                .as_deref()
+                .is_some_and(|e| e.contains("boom 2")),
+        "final status after two failed attempts: {done:?}"
+    );
+    let again = task.status(&id).await?;
+    ensure!(
+        again == done,
+        "status() after wait() differs: {again:?} vs {done:?}"
+    );
+
+    expect_kind(
+        "status of an unknown job id",
+        task.status(&JobId("no-such-job".to_string())).await,
+        ErrorKind::NotFound,
+    )?;
+    Ok(())
+}

@@ -1,0 +1,207 @@
+//! `cargo xtask test`: services up, the tests against them, services down, whatever happens in
+//! between; the tests' exit status is xtask's.
+
+use std::{
+    os::unix::process::{CommandExt, ExitStatusExt},
+    process::{Command, ExitCode, ExitStatus, Stdio},
+    thread,
+    time::{Duration, Instant},
+};
+
+use nix::{sys::signal, unistd::Pid};
+
+use crate::{
+    Result, fmt_duration, install, interrupted, project_root, services, services::Service,
+    total_elapsed,
+};
+
+pub(crate) fn run(args: &[String]) -> Result<ExitCode> {
+    let mut keep = false;
+    let mut names: Vec<&str> = Vec::new();
+    let mut cargo_args: Vec<String> = Vec::new();
+    let mut rest = args.iter();
+    while let Some(arg) = rest.next() {
+        match arg.as_str() {
+            "--keep" => keep = true,
+            "--" => cargo_args.extend(rest.by_ref().cloned()),
+            "local" => names.push("local"),
+            flag if flag.starts_with('-') => bail!("unknown flag `{flag}`\n{}", crate::USAGE),
+            name => match Service::parse(name) {
+                Some(service) => names.push(service.name()),
+                None => bail!("unknown backend `{name}` (etcd consul redis ntp local)"),
+            },
+        }
+    }
+
+    let whole = names.is_empty();
+    let wanted: Vec<Service> = if whole {
+        Service::ALL.to_vec()
+    } else {
+        Service::ALL
+            .into_iter()
+            .filter(|s| names.contains(&s.name()))
+            .collect()
+    };
+    // A backend whose SYNC_TEST_* is already set is the user's own server: use it, start none.
+    let mut managed = Vec::new();
+    for service in wanted.iter().copied() {
+        match std::env::var(service.env_var()) {
+            Ok(value) if !value.is_empty() => {
+                say!(
+                    "{service}: using {}={value} from the environment (not started here)",
+                    service.env_var()
+                );
+            }
+            _ => managed.push(service),
+        }
+    }
+    // Scope of the cargo runs: the whole workspace, or the named backends' crates.
+    let scope: Vec<String> = if whole {
+        vec!["--workspace".into()]
+    } else {
+        let mut scope = Vec::new();
+        for name in &names {
+            let krate = format!("sync-{name}");
+            if workspace_has(&krate) {
+                scope.extend(["-p".to_string(), krate]);
+            } else {
+                say!("{krate}: not in the workspace yet, no tests to run for `{name}`");
+            }
+        }
+        scope
+    };
+    if whole || wanted.contains(&Service::Etcd) {
+        // etcd-client's build script runs protoc.
+        install::ensure(&[install::PROTOC])?;
+    }
+
+    // Only what this run starts is stopped at the end: services that were already up (from
+    // `cargo xtask services up`) stay up.
+    let mut started = Vec::new();
+    if !managed.is_empty() {
+        let since = Instant::now();
+        let names: Vec<&str> = managed.iter().map(|s| s.name()).collect();
+        say!("services up: {}", names.join(" "));
+        started = services::up(&managed)?;
+        say!("services up in {}", fmt_duration(since.elapsed()));
+    }
+    // From here on, every way out goes through the teardown below.
+    let outcome = smoke_and_test(&managed, &scope, &cargo_args);
+
+    let before: Vec<&str> = managed
+        .iter()
+        .filter(|s| !started.contains(s))
+        .map(|s| s.name())
+        .collect();
+    if !before.is_empty() {
+        say!("left running as found: {}", before.join(" "));
+    }
+    if keep {
+        if !started.is_empty() {
+            say!("--keep: left running; `cargo xtask services down` stops them");
+        }
+    } else if !started.is_empty() {
+        let since = Instant::now();
+        match services::down(&started) {
+            Ok(()) => say!("services down in {}", fmt_duration(since.elapsed())),
+            Err(err) => say!("warning: teardown: {err}"),
+        }
+    }
+    let code = outcome?;
+    say!("total {}", fmt_duration(total_elapsed()));
+    Ok(code)
+}
+
+fn smoke_and_test(
+    managed: &[Service],
+    scope: &[String],
+    cargo_args: &[String],
+) -> Result<ExitCode> {
+    if !managed.is_empty() {
+        let started = Instant::now();
+        services::smoke(managed)?;
+        say!("smoke checks passed in {}", fmt_duration(started.elapsed()));
+    }
+    if scope.is_empty() {
+        return Ok(ExitCode::SUCCESS);
+    }
+    let envs: Vec<(&str, String)> = managed
+        .iter()
+        .map(|s| (s.env_var(), s.endpoint()))
+        .chain([("SYNC_REQUIRE_LIVE", "1".to_string())])
+        .collect();
+    // --all-targets skips doc tests and --doc runs only them, hence two runs; the second reuses
+    // the first's build.
+    let steps: [(&str, &[&str]); 2] = [
+        ("tests", &["--all-targets", "--no-fail-fast"]),
+        ("doc tests", &["--doc", "--no-fail-fast"]),
+    ];
+    for (what, flags) in steps {
+        let mut command = Command::new(std::env::var_os("CARGO").unwrap_or("cargo".into()));
+        command
+            .current_dir(project_root())
+            .arg("test")
+            .args(scope)
+            .args(flags)
+            .args(cargo_args)
+            .envs(envs.iter().map(|(k, v)| (k, v)));
+        let shown: Vec<String> = command
+            .get_args()
+            .map(|a| a.to_string_lossy().into_owned())
+            .collect();
+        say!("{what}: cargo {}", shown.join(" "));
+        let started = Instant::now();
+        let status = run_child(command)?;
+        if interrupted() {
+            bail!("interrupted");
+        }
+        let took = fmt_duration(started.elapsed());
+        if !status.success() {
+            say!("{what} FAILED ({status}) after {took}");
+            let code = status
+                .code()
+                .or_else(|| status.signal().map(|s| 128 + s))
+                .unwrap_or(1);
+            return Ok(ExitCode::from(u8::try_from(code).unwrap_or(1)));
+        }
+        say!("{what} passed in {took}");
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// Runs a child in its own process group, streaming its output. An interrupt of xtask is
+/// passed on to the whole group as SIGINT (SIGKILL if it lingers), so that the child is gone
+/// before the teardown stops the services it is using.
+fn run_child(mut command: Command) -> Result<ExitStatus> {
+    command.stdin(Stdio::null()).process_group(0);
+    let mut child = command.spawn()?;
+    let group = Pid::from_raw(i32::try_from(child.id())?);
+    let mut signalled: Option<Instant> = None;
+    let mut killed = false;
+    loop {
+        if let Some(status) = child.try_wait()? {
+            return Ok(status);
+        }
+        if interrupted() {
+            match signalled {
+                None => {
+                    let _ = signal::killpg(group, signal::Signal::SIGINT);
+                    signalled = Some(Instant::now());
+                }
+                Some(at) if !killed && at.elapsed() > Duration::from_secs(10) => {
+                    let _ = signal::killpg(group, signal::Signal::SIGKILL);
+                    killed = true;
+                }
+                Some(_) => {}
+            }
+        }
+        thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// Whether the workspace lists a member crate of that name (backend crates arrive over time).
+fn workspace_has(krate: &str) -> bool {
+    let root = project_root();
+    let manifest = std::fs::read_to_string(root.join("Cargo.toml")).unwrap_or_default();
+    root.join(krate).join("Cargo.toml").is_file() && manifest.contains(&format!("\"{krate}\""))
+}
