@@ -14,6 +14,7 @@ pub mod id;
 mod leader;
 mod lock;
 mod map;
+pub mod serde_millis;
 mod signal;
 mod task;
 mod time;

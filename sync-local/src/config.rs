@@ -18,10 +18,10 @@ pub struct Config {
     /// Key prefix of every handle (default `sync`).
     pub namespace: String,
     /// The session lease: a killed client's locks free after about this long.
-    #[serde(with = "millis")]
+    #[serde(with = "sync_core::serde_millis")]
     pub ttl: Duration,
     /// The uncertainty the Time primitive states around the system clock.
-    #[serde(with = "millis")]
+    #[serde(with = "sync_core::serde_millis")]
     pub time_uncertainty: Duration,
 }
 
@@ -110,19 +110,5 @@ impl Config {
         sync_core::id::validate_namespace(&self.namespace)
             .map_err(|e| e.with_backend(crate::BACKEND))?;
         sync_core::validate_ttl(crate::BACKEND, self.ttl, MIN_TTL)
-    }
-}
-
-mod millis {
-    use std::time::Duration;
-
-    use serde::{Deserialize, Deserializer, Serializer};
-
-    pub fn serialize<S: Serializer>(d: &Duration, s: S) -> Result<S::Ok, S::Error> {
-        s.serialize_u64(d.as_millis().try_into().unwrap_or(u64::MAX))
-    }
-
-    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
-        u64::deserialize(d).map(Duration::from_millis)
     }
 }
