@@ -1,0 +1,167 @@
+//! Combining several servers' intervals (Marzullo's algorithm) and carrying the result forward
+//! on the monotonic clock with a growing drift allowance.
+//!
+//! Times are integer nanoseconds since the Unix epoch (`i128`), so nothing rounds away a bound.
+
+use std::time::{Duration, Instant};
+
+/// One server's statement: at monotonic instant `at`, true time lies in `[lo, hi]` (Unix ns).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct Span {
+    pub at: Instant,
+    pub lo: i128,
+    pub hi: i128,
+}
+
+/// Nanoseconds of drift allowance over `elapsed` at `ppm`, rounded up.
+pub(crate) fn drift_ns(elapsed: Duration, ppm: f64) -> i128 {
+    let ns = elapsed.as_nanos() as f64 * ppm / 1e6;
+    if ns.is_finite() && ns > 0.0 {
+        ns.ceil() as i128
+    } else {
+        0
+    }
+}
+
+impl Span {
+    /// The same statement carried to `to`: both ends move by the monotonic time between the
+    /// two instants, and the span widens by the drift allowance over it on each side. (`to` may
+    /// be slightly earlier than `at` when a sync lands between a caller reading the clock and
+    /// reading the cache.)
+    pub fn at(&self, to: Instant, ppm: f64) -> Span {
+        let (elapsed, sign) = match to.checked_duration_since(self.at) {
+            Some(d) => (d, 1),
+            None => (self.at.duration_since(to), -1),
+        };
+        let e = sign * elapsed.as_nanos() as i128;
+        let d = drift_ns(elapsed, ppm);
+        Span {
+            at: to,
+            lo: self.lo + e - d,
+            hi: self.hi + e + d,
+        }
+    }
+
+    /// Half the width, rounded up.
+    pub fn half_width(&self) -> Duration {
+        let w = (self.hi - self.lo).max(0);
+        let half = w / 2 + w % 2;
+        Duration::from_nanos(u64::try_from(half).unwrap_or(u64::MAX))
+    }
+}
+
+/// The outcome of [`marzullo`]: the combined span, and which inputs agree with it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct Combined {
+    pub span: Span,
+    pub agree: Vec<bool>,
+}
+
+/// Marzullo's algorithm: the smallest span on which the most inputs agree (when several
+/// disjoint regions tie, their hull, so that nothing possible is excluded). All inputs are first
+/// carried to the latest instant among them. `None` unless a strict majority of inputs agree.
+pub(crate) fn marzullo(spans: &[Span], ppm: f64) -> Option<Combined> {
+    let reference = spans.iter().map(|s| s.at).max()?;
+    let spans: Vec<Span> = spans.iter().map(|s| s.at(reference, ppm)).collect();
+    // (value, +1 for a start, -1 for an end); starts sort before ends at equal values, so
+    // intervals that touch count as agreeing.
+    let mut edges: Vec<(i128, i32)> = spans.iter().flat_map(|s| [(s.lo, 1), (s.hi, -1)]).collect();
+    edges.sort_by(|a, b| a.0.cmp(&b.0).then(b.1.cmp(&a.1)));
+    let (mut count, mut best) = (0i32, 0i32);
+    let (mut lo, mut hi) = (0i128, 0i128);
+    for (i, &(value, kind)) in edges.iter().enumerate() {
+        count += kind;
+        let next = edges.get(i + 1).map_or(value, |e| e.0);
+        if count > best {
+            best = count;
+            lo = value;
+            hi = next;
+        } else if count == best && kind == 1 {
+            // Another region as good as the best: keep the hull.
+            hi = next;
+        }
+    }
+    let n = spans.len() as i32;
+    if best * 2 <= n {
+        return None;
+    }
+    let agree = spans.iter().map(|s| s.lo <= hi && s.hi >= lo).collect();
+    Some(Combined {
+        span: Span {
+            at: reference,
+            lo,
+            hi,
+        },
+        agree,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn span(at: Instant, lo: i128, hi: i128) -> Span {
+        Span { at, lo, hi }
+    }
+
+    #[test]
+    fn intersection_of_agreeing_servers() {
+        let t = Instant::now();
+        let c = marzullo(&[span(t, 0, 10), span(t, 5, 20), span(t, 8, 12)], 0.0).unwrap();
+        assert_eq!((c.span.lo, c.span.hi), (8, 10));
+        assert_eq!(c.agree, [true, true, true]);
+    }
+
+    #[test]
+    fn falseticker_is_outvoted() {
+        let t = Instant::now();
+        let c = marzullo(&[span(t, 0, 10), span(t, 5, 20), span(t, 100, 110)], 0.0).unwrap();
+        assert_eq!((c.span.lo, c.span.hi), (5, 10));
+        assert_eq!(c.agree, [true, true, false]);
+    }
+
+    #[test]
+    fn no_majority_is_none() {
+        let t = Instant::now();
+        assert!(marzullo(&[span(t, 0, 10), span(t, 20, 30)], 0.0).is_none());
+        assert!(marzullo(&[], 0.0).is_none());
+        let one = marzullo(&[span(t, 3, 9)], 0.0).unwrap();
+        assert_eq!((one.span.lo, one.span.hi), (3, 9));
+    }
+
+    #[test]
+    fn touching_intervals_agree() {
+        let t = Instant::now();
+        let c = marzullo(&[span(t, 0, 10), span(t, 10, 20)], 0.0).unwrap();
+        assert_eq!((c.span.lo, c.span.hi), (10, 10));
+    }
+
+    #[test]
+    fn tied_regions_give_their_hull() {
+        let t = Instant::now();
+        let c = marzullo(&[span(t, 0, 10), span(t, 0, 1), span(t, 9, 10)], 0.0).unwrap();
+        assert_eq!((c.span.lo, c.span.hi), (0, 10));
+    }
+
+    #[test]
+    fn carried_forward_with_drift() {
+        let t = Instant::now();
+        let later = t + Duration::from_secs(10);
+        // 100 ppm over 10 s = 1 ms each side.
+        let s = span(t, 0, 2).at(later, 100.0);
+        assert_eq!(s.lo, 10_000_000_000 - 1_000_000);
+        assert_eq!(s.hi, 10_000_000_002 + 1_000_000);
+        assert_eq!(s.half_width(), Duration::from_nanos(1_000_001));
+        // And backwards, for a caller whose clock reading predates the sync.
+        let back = span(later, 0, 2).at(t, 100.0);
+        assert_eq!((back.lo, back.hi), (-10_001_000_000, -9_998_999_998));
+        // Samples taken at different instants are compared at the latest one.
+        let c = marzullo(
+            &[span(t, 0, 4), span(later, 10_000_000_000, 10_000_000_010)],
+            0.0,
+        )
+        .unwrap();
+        assert_eq!((c.span.lo, c.span.hi), (10_000_000_000, 10_000_000_004));
+        assert_eq!(c.span.at, later);
+    }
+}
