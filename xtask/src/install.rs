@@ -19,9 +19,21 @@ type Tool = (&'static str, &'static str);
 /// protoc is not a service, but etcd-client's build script needs it.
 pub(crate) const PROTOC: Tool = ("protoc", "protobuf-compiler");
 
+/// etcd-client's protos import `google/protobuf/descriptor.proto`, shipped apart from protoc.
+/// (`which` joins a PATH entry with an absolute path as that path, so the check holds.)
+pub(crate) const PROTO_INCLUDES: Tool = (
+    "/usr/include/google/protobuf/descriptor.proto",
+    "libprotobuf-dev",
+);
+
 pub(crate) fn tools(service: Service) -> &'static [Tool] {
     match service {
-        Service::Etcd => &[("etcd", "etcd-server"), ("etcdctl", "etcd-client"), PROTOC],
+        Service::Etcd => &[
+            ("etcd", "etcd-server"),
+            ("etcdctl", "etcd-client"),
+            PROTOC,
+            PROTO_INCLUDES,
+        ],
         Service::Redis => &[("redis-server", "redis-server")],
         Service::Ntp => &[("chronyd", "chrony")],
         // Not from the machine's apt: see `consul`.

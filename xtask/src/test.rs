@@ -72,7 +72,7 @@ pub(crate) fn run(args: &[String]) -> Result<ExitCode> {
     };
     if whole || wanted.contains(&Service::Etcd) {
         // etcd-client's build script runs protoc.
-        install::ensure(&[install::PROTOC])?;
+        install::ensure(&[install::PROTOC, install::PROTO_INCLUDES])?;
     }
 
     // Only what this run starts is stopped at the end: services that were already up (from

@@ -1,0 +1,567 @@
+//! The client handle: one etcd connection, one lease per handle with its keepalive task, the
+//! per-id local queues, and the error mapping.
+
+use std::{
+    collections::HashMap,
+    sync::{Arc, Mutex},
+    time::Duration,
+};
+
+use etcd_client::{ConnectOptions, LeaseKeepAliveStream, LeaseKeeper};
+use sync_core::{Error, ErrorKind, Leader, Lock, LossSignal, LossTrigger, Map, Result, Task};
+use tokio::{
+    sync::{OwnedMutexGuard, watch},
+    task::AbortHandle,
+    time::Instant,
+};
+
+use crate::{BACKEND, Config, leader::EtcdLeader, lock::EtcdLock, map::EtcdMap, task::EtcdTask};
+
+/// Locks a std mutex, recovering the data if a panicking thread poisoned it.
+pub(crate) fn locked<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// Maps an etcd client error to a `sync_core` error kind, with the client error as source.
+pub(crate) fn etcd_err(what: impl Into<String>, e: etcd_client::Error) -> Error {
+    let kind = match &e {
+        etcd_client::Error::TransportError(_) | etcd_client::Error::IoError(_) => {
+            ErrorKind::Unavailable
+        }
+        etcd_client::Error::GRpcStatus(status) => {
+            let message = status.message();
+            match i32::from(status.code()) {
+                // Cancelled, DeadlineExceeded, ResourceExhausted, Unavailable
+                1 | 4 | 8 | 14 => ErrorKind::Unavailable,
+                // Unknown, from the transport (a connection closed under the request).
+                2 if message.contains("transport error") => ErrorKind::Unavailable,
+                // PermissionDenied, Unauthenticated
+                7 | 16 => ErrorKind::Unauthorized,
+                // etcd answers a bad user or password with InvalidArgument.
+                _ if message.contains("authentication failed")
+                    || message.contains("permission denied")
+                    || message.contains("invalid auth token")
+                    || message.contains("user name is empty") =>
+                {
+                    ErrorKind::Unauthorized
+                }
+                _ => ErrorKind::Backend,
+            }
+        }
+        etcd_client::Error::InvalidArgs(_) | etcd_client::Error::InvalidUri(_) => {
+            ErrorKind::InvalidArgument
+        }
+        _ => ErrorKind::Backend,
+    };
+    Error::new(kind, what).with_backend(BACKEND).with_source(e)
+}
+
+/// Whether a request surely never reached etcd (the connection to the endpoint the channel
+/// picked could not be made), so it is safe to send again — on another endpoint.
+fn not_delivered(e: &etcd_client::Error) -> bool {
+    match e {
+        etcd_client::Error::GRpcStatus(status) => {
+            i32::from(status.code()) == 14 && status.message().contains("connect")
+        }
+        _ => false,
+    }
+}
+
+/// The KV API with retries of requests that never left (the balanced channel may pick an
+/// endpoint that is down); anything that may have reached etcd is returned as is.
+pub(crate) struct Kv {
+    kv: etcd_client::KvClient,
+    tries: usize,
+}
+
+macro_rules! retried {
+    ($tries:expr, $call:expr) => {{
+        let mut attempt = 0;
+        loop {
+            attempt += 1;
+            match $call {
+                Err(e) if not_delivered(&e) && attempt < $tries => {
+                    tracing::debug!(backend = BACKEND, attempt, error = %e, "request not delivered; retrying");
+                    tokio::time::sleep(Duration::from_millis(5 * attempt as u64)).await;
+                }
+                other => break other,
+            }
+        }
+    }};
+}
+
+type EtcdResult<T> = std::result::Result<T, etcd_client::Error>;
+
+impl Kv {
+    pub(crate) async fn get(
+        &mut self,
+        key: impl Into<Vec<u8>>,
+        opts: Option<etcd_client::GetOptions>,
+    ) -> EtcdResult<etcd_client::GetResponse> {
+        let key = key.into();
+        retried!(self.tries, self.kv.get(key.clone(), opts.clone()).await)
+    }
+
+    pub(crate) async fn put(
+        &mut self,
+        key: impl Into<Vec<u8>>,
+        value: impl Into<Vec<u8>>,
+        opts: Option<etcd_client::PutOptions>,
+    ) -> EtcdResult<etcd_client::PutResponse> {
+        let (key, value) = (key.into(), value.into());
+        retried!(
+            self.tries,
+            self.kv.put(key.clone(), value.clone(), opts.clone()).await
+        )
+    }
+
+    pub(crate) async fn delete(
+        &mut self,
+        key: impl Into<Vec<u8>>,
+        opts: Option<etcd_client::DeleteOptions>,
+    ) -> EtcdResult<etcd_client::DeleteResponse> {
+        let key = key.into();
+        retried!(self.tries, self.kv.delete(key.clone(), opts.clone()).await)
+    }
+
+    pub(crate) async fn txn(
+        &mut self,
+        txn: etcd_client::Txn,
+    ) -> EtcdResult<etcd_client::TxnResponse> {
+        retried!(self.tries, self.kv.txn(txn.clone()).await)
+    }
+}
+
+/// A connection to etcd with one lease (the TTL's "session"), shared by every handle made
+/// from it. Cheap to clone.
+///
+/// ```no_run
+/// # async fn demo() -> sync_core::Result<()> {
+/// use sync_core::LockOptions;
+///
+/// let client = sync_etcd::Client::connect(sync_etcd::Config::from_url("etcd://127.0.0.1:2379/app")?).await?;
+/// let guard = client.lock().acquire("orders", LockOptions::new()).await?;
+/// println!("fencing token {}", guard.fencing_token());
+/// guard.release().await?;
+/// # Ok(()) }
+/// ```
+#[derive(Clone)]
+pub struct Client {
+    pub(crate) inner: Arc<ClientInner>,
+}
+
+impl std::fmt::Debug for Client {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Client")
+            .field("config", &self.inner.config)
+            .finish_non_exhaustive()
+    }
+}
+
+pub(crate) struct ClientInner {
+    pub(crate) etcd: etcd_client::Client,
+    pub(crate) config: Config,
+    session: tokio::sync::Mutex<Option<Arc<Session>>>,
+    /// Set once by `kill`: every background task of this client stops.
+    killed: watch::Sender<bool>,
+    /// Per contender prefix: contenders of one id on this handle queue here, so only one of
+    /// them owns the key `<prefix><lease-hex>` at a time.
+    queues: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
+}
+
+/// One lease and the signal that it is gone (or no longer certain).
+pub(crate) struct Session {
+    pub(crate) lease: i64,
+    pub(crate) ended: LossSignal,
+    trigger: Arc<LossTrigger>,
+    keepalive: AbortHandle,
+}
+
+impl Session {
+    /// Marks the lease as gone (etcd said so); the next call grants a new one.
+    pub(crate) fn end(&self, reason: &str) {
+        self.trigger.fire(reason);
+        self.keepalive.abort();
+    }
+
+    /// The lease id as etcd's concurrency package writes it in keys.
+    pub(crate) fn lease_hex(&self) -> String {
+        format!("{:x}", self.lease)
+    }
+}
+
+/// A place in a per-id local queue; dropping it lets the next local contender talk to etcd.
+pub(crate) struct LocalTurn {
+    guard: Option<OwnedMutexGuard<()>>,
+    client: Arc<ClientInner>,
+    prefix: String,
+}
+
+impl Drop for LocalTurn {
+    fn drop(&mut self) {
+        drop(self.guard.take());
+        let mut queues = locked(&self.client.queues);
+        if queues
+            .get(&self.prefix)
+            .is_some_and(|q| Arc::strong_count(q) == 1)
+        {
+            queues.remove(&self.prefix);
+        }
+    }
+}
+
+impl ClientInner {
+    /// Waits for this handle's turn on `prefix` (None when `try_only` and it is taken).
+    pub(crate) async fn local_turn(
+        self: &Arc<Self>,
+        prefix: &str,
+        try_only: bool,
+    ) -> Option<LocalTurn> {
+        let queue = locked(&self.queues)
+            .entry(prefix.to_string())
+            .or_default()
+            .clone();
+        let guard = if try_only {
+            queue.try_lock_owned().ok()
+        } else {
+            Some(queue.lock_owned().await)
+        };
+        let turn = LocalTurn {
+            guard,
+            client: self.clone(),
+            prefix: prefix.to_string(),
+        };
+        turn.guard.is_some().then_some(turn)
+    }
+
+    /// The live session, granting a new lease if the last one ended. Fails once killed.
+    pub(crate) async fn session(&self) -> Result<Arc<Session>> {
+        if *self.killed.borrow() {
+            return Err(Error::new(ErrorKind::Closed, "client was killed").with_backend(BACKEND));
+        }
+        let mut slot = self.session.lock().await;
+        if let Some(s) = slot.as_ref().filter(|s| !s.ended.is_lost()) {
+            return Ok(s.clone());
+        }
+        if let Some(old) = slot.take() {
+            old.keepalive.abort();
+            // Its holders were told they lost; make sure the server agrees (it may not have
+            // expired the lease yet when renewals merely failed for a while).
+            let mut lease_client = self.etcd.lease_client();
+            tokio::spawn(async move {
+                let _ = lease_client.revoke(old.lease).await;
+            });
+        }
+        let ttl = self.config.ttl;
+        let granted_at = Instant::now();
+        let tries = 2 * self.config.endpoints.len() + 2;
+        let mut lease_client = self.etcd.lease_client();
+        let grant = retried!(tries, lease_client.grant(ttl.as_secs() as i64, None).await)
+            .map_err(|e| etcd_err("granting the lease", e))?;
+        let granted_ttl = Duration::from_secs(grant.ttl().max(1) as u64);
+        let lease = grant.id();
+        let (trigger, ended) = sync_core::loss_signal();
+        let trigger = Arc::new(trigger);
+        let keepalive = tokio::spawn(keepalive(
+            self.etcd.clone(),
+            lease,
+            granted_ttl,
+            granted_at,
+            trigger.clone(),
+            self.killed.subscribe(),
+        ))
+        .abort_handle();
+        tracing::debug!(backend = BACKEND, lease = format!("{lease:x}"), ttl = ?granted_ttl, "lease granted");
+        let session = Arc::new(Session {
+            lease,
+            ended,
+            trigger,
+            keepalive,
+        });
+        *slot = Some(session.clone());
+        Ok(session)
+    }
+
+    /// The KV API, retrying requests that could not be delivered to the endpoint picked.
+    pub(crate) fn kv(&self) -> Kv {
+        Kv {
+            kv: self.etcd.kv_client(),
+            tries: 2 * self.config.endpoints.len() + 2,
+        }
+    }
+
+    /// A receiver that turns true when the client is killed.
+    pub(crate) fn killed(&self) -> watch::Receiver<bool> {
+        self.killed.subscribe()
+    }
+
+    pub(crate) fn is_killed(&self) -> bool {
+        *self.killed.borrow()
+    }
+
+    /// `Closed` once the client was killed: a dead process makes no more calls.
+    pub(crate) fn check_alive(&self) -> Result<()> {
+        if self.is_killed() {
+            return Err(Error::new(ErrorKind::Closed, "client was killed").with_backend(BACKEND));
+        }
+        Ok(())
+    }
+
+    /// `<namespace>/` or `` for the empty namespace.
+    pub(crate) fn ns_prefix(&self) -> String {
+        if self.config.namespace.is_empty() {
+            String::new()
+        } else {
+            format!("{}/", self.config.namespace)
+        }
+    }
+
+    /// The contender prefix of a lock id or election group: `<ns>/<escaped id>/`.
+    pub(crate) fn contender_prefix(&self, id: &str) -> String {
+        format!("{}{}/", self.ns_prefix(), sync_core::id::escape(id))
+    }
+}
+
+impl Drop for ClientInner {
+    fn drop(&mut self) {
+        let session = self.session.get_mut().take();
+        if let Some(s) = session {
+            s.keepalive.abort();
+            if !*self.killed.borrow() && !s.ended.is_lost() {
+                s.trigger.fire("client closed");
+                // Free everything this client held at once rather than after a TTL.
+                if let Ok(rt) = tokio::runtime::Handle::try_current() {
+                    let mut lease = self.etcd.lease_client();
+                    rt.spawn(async move {
+                        let _ = lease.revoke(s.lease).await;
+                    });
+                }
+            }
+        }
+    }
+}
+
+/// Renews the lease every TTL/3 over one keepalive stream (reopened on error). Fires the
+/// session's signal when etcd answers TTL 0 (expired or revoked), or when renewals have failed
+/// until the safe deadline: the last confirmed expiry minus a safety margin.
+async fn keepalive(
+    etcd: etcd_client::Client,
+    lease: i64,
+    ttl: Duration,
+    granted_at: Instant,
+    trigger: Arc<LossTrigger>,
+    mut killed: watch::Receiver<bool>,
+) {
+    let margin = (ttl / 5).max(Duration::from_millis(300));
+    let lease_hex = format!("{lease:x}");
+    let work = async {
+        let mut safe_until = granted_at + ttl - margin;
+        let mut stream: Option<(LeaseKeeper, LeaseKeepAliveStream)> = None;
+        loop {
+            let now = Instant::now();
+            if now >= safe_until {
+                tracing::warn!(backend = BACKEND, lease = %lease_hex, "lease renewal failing past the safe deadline");
+                trigger.fire("lease renewal failing past the safe deadline");
+                return;
+            }
+            let sent = now;
+            let attempt = tokio::time::timeout_at(
+                safe_until.min(sent + ttl / 3),
+                renew(&etcd, lease, ttl, &mut stream),
+            )
+            .await;
+            let next = match attempt {
+                Ok(Ok(secs)) if secs <= 0 => {
+                    tracing::warn!(backend = BACKEND, lease = %lease_hex, "lease expired or revoked");
+                    trigger.fire("lease expired or revoked (keepalive answered TTL 0)");
+                    return;
+                }
+                Ok(Ok(secs)) => {
+                    safe_until = sent + Duration::from_secs(secs as u64) - margin;
+                    sent + ttl / 3
+                }
+                Ok(Err(e)) => {
+                    tracing::warn!(backend = BACKEND, lease = %lease_hex, error = %e, "lease renewal failed; retrying");
+                    stream = None;
+                    Instant::now() + Duration::from_millis(200)
+                }
+                Err(_) => {
+                    tracing::warn!(backend = BACKEND, lease = %lease_hex, "lease renewal timed out; retrying");
+                    stream = None;
+                    Instant::now()
+                }
+            };
+            tokio::time::sleep_until(next.min(safe_until)).await;
+        }
+    };
+    tokio::select! {
+        _ = work => {}
+        _ = killed.wait_for(|k| *k) => {
+            trigger.fire("client killed");
+        }
+    }
+}
+
+/// One renewal: the TTL etcd answered (0 = the lease is gone).
+async fn renew(
+    etcd: &etcd_client::Client,
+    lease: i64,
+    ttl: Duration,
+    stream: &mut Option<(LeaseKeeper, LeaseKeepAliveStream)>,
+) -> std::result::Result<i64, etcd_client::Error> {
+    if let Some((keeper, responses)) = stream.as_mut() {
+        keeper.keep_alive().await?;
+        return match responses.message().await? {
+            Some(resp) => Ok(resp.ttl()),
+            None => Err(etcd_client::Error::LeaseKeepAliveError(
+                "keepalive stream ended".into(),
+            )),
+        };
+    }
+    // Opening the stream sends the first renewal and reads its answer.
+    match etcd.lease_client().keep_alive(lease).await {
+        Ok(opened) => {
+            *stream = Some(opened);
+            // It renewed the lease to its granted TTL (the answer's TTL is not handed out).
+            Ok(ttl.as_secs().max(1) as i64)
+        }
+        Err(etcd_client::Error::LeaseKeepAliveError(m)) if m.contains("not found") => Ok(0),
+        Err(e) => Err(e),
+    }
+}
+
+impl Client {
+    /// Connects to etcd and grants this handle's lease.
+    #[tracing::instrument(level = "debug", skip(config), fields(backend = BACKEND, primitive = "client", endpoints = ?config.endpoints, namespace = %config.namespace))]
+    pub async fn connect(config: Config) -> Result<Client> {
+        config.validate()?;
+        // HTTP/2 pings find a dead connection; etcd refuses pings more often than every 5 s.
+        let mut options = ConnectOptions::new()
+            .with_connect_timeout(config.connect_timeout)
+            .with_keep_alive(Duration::from_secs(10), Duration::from_secs(5));
+        if let Some(user) = &config.user {
+            options = options.with_user(user.clone(), config.password.clone().unwrap_or_default());
+        }
+        #[cfg(feature = "tls")]
+        if let Some(tls) = &config.tls {
+            let tls = tls.clone();
+            let built = tokio::task::spawn_blocking(move || tls_options(&tls))
+                .await
+                .map_err(|e| {
+                    Error::new(ErrorKind::Backend, format!("reading TLS files: {e}"))
+                        .with_backend(BACKEND)
+                })??;
+            options = options.with_tls(built);
+        }
+        let etcd = etcd_client::Client::connect(config.endpoints.clone(), Some(options))
+            .await
+            .map_err(|e| etcd_err(format!("connecting to {:?}", config.endpoints), e))?;
+        let (killed, _) = watch::channel(false);
+        let inner = Arc::new(ClientInner {
+            etcd,
+            config,
+            session: tokio::sync::Mutex::new(None),
+            killed,
+            queues: Mutex::new(HashMap::new()),
+        });
+        inner.session().await?;
+        Ok(Client { inner })
+    }
+
+    /// Parses `url` (see [`Config::from_url`]) and connects.
+    pub async fn from_url(url: &str) -> Result<Client> {
+        Client::connect(Config::from_url(url)?).await
+    }
+
+    /// The config this client was made with.
+    pub fn config(&self) -> &Config {
+        &self.inner.config
+    }
+
+    /// A Lock handle on this client's lease.
+    pub fn lock(&self) -> Arc<dyn Lock> {
+        Arc::new(EtcdLock::new(self.inner.clone()))
+    }
+
+    /// A Leader handle bound to election `group`.
+    pub fn leader(&self, group: &str) -> Result<Arc<dyn Leader>> {
+        sync_core::id::validate("election group", group).map_err(|e| e.with_backend(BACKEND))?;
+        Ok(Arc::new(EtcdLeader::new(self.inner.clone(), group)))
+    }
+
+    /// A Map handle for the map called `name`.
+    pub fn map(&self, name: &str) -> Result<Arc<dyn Map>> {
+        sync_core::id::validate("map name", name).map_err(|e| e.with_backend(BACKEND))?;
+        Ok(Arc::new(EtcdMap::new(self.inner.clone(), name)))
+    }
+
+    /// A Task handle: submit jobs and run workers.
+    pub fn task(&self) -> Arc<dyn Task> {
+        Arc::new(EtcdTask::new(self.inner.clone()))
+    }
+
+    /// The current lease id (hex, as it appears in contender keys).
+    pub async fn lease_id(&self) -> Result<String> {
+        Ok(self.inner.session().await?.lease_hex())
+    }
+
+    /// Fault injection: the client "dies". Renewals stop and nothing is released; its
+    /// watches, monitors and workers stop; etcd expires the lease about one TTL after the last
+    /// renewal. Every later call fails with `Closed`.
+    #[tracing::instrument(level = "debug", skip(self), fields(backend = BACKEND, primitive = "client"))]
+    pub async fn kill(&self) {
+        self.inner.killed.send_replace(true);
+        if let Some(s) = self.inner.session.lock().await.as_ref() {
+            s.keepalive.abort();
+        }
+    }
+
+    /// Revokes this client's lease on the server now. The holders learn of it first (their
+    /// `lost()` fires before the request is sent); the next call grants a new lease.
+    #[tracing::instrument(level = "debug", skip(self), fields(backend = BACKEND, primitive = "client"))]
+    pub async fn revoke(&self) -> Result<()> {
+        let current = self.inner.session.lock().await.clone();
+        if let Some(s) = current {
+            s.trigger.fire("lease revoked");
+            s.keepalive.abort();
+            self.inner
+                .etcd
+                .lease_client()
+                .revoke(s.lease)
+                .await
+                .map_err(|e| etcd_err("revoking the lease", e))?;
+        }
+        Ok(())
+    }
+}
+
+#[cfg(feature = "tls")]
+fn tls_options(tls: &crate::TlsConfig) -> Result<etcd_client::TlsOptions> {
+    let read = |path: &str| {
+        std::fs::read(path).map_err(|e| {
+            Error::invalid(format!("reading TLS file {path:?}"))
+                .with_backend(BACKEND)
+                .with_source(e)
+        })
+    };
+    let mut options = etcd_client::TlsOptions::new();
+    if let Some(ca) = &tls.ca_file {
+        options = options.ca_certificate(etcd_client::Certificate::from_pem(read(ca)?));
+    }
+    match (&tls.cert_file, &tls.key_file) {
+        (Some(cert), Some(key)) => {
+            options = options.identity(etcd_client::Identity::from_pem(read(cert)?, read(key)?));
+        }
+        (None, None) => {}
+        _ => {
+            return Err(
+                Error::invalid("TLS needs both cert_file and key_file, or neither")
+                    .with_backend(BACKEND),
+            );
+        }
+    }
+    if let Some(domain) = &tls.domain {
+        options = options.domain_name(domain.clone());
+    }
+    Ok(options)
+}

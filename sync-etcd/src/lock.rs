@@ -1,0 +1,603 @@
+//! Lock on etcd, and the contention machinery Leader shares: the layout and algorithm of etcd's
+//! `concurrency.Mutex`.
+//!
+//! A contender writes `<prefix><lease-hex>` (prefix `<ns>/<escaped id>/`) with the handle's
+//! lease in one transaction that also reads the prefix's oldest key; it owns the lock when its
+//! key has the lowest create revision under the prefix. Otherwise it watches the deletion of
+//! the next-lower contender and re-checks (etcd's `waitDeletes`). The fencing token is the
+//! key's create revision.
+
+use std::{
+    collections::HashMap,
+    sync::{Arc, Mutex},
+    time::Duration,
+};
+
+use async_trait::async_trait;
+use etcd_client::{
+    Compare, CompareOp, EventType, GetOptions, PutOptions, SortOrder, SortTarget, Txn, TxnOp,
+    TxnOpResponse, WatchFilterType, WatchOptions,
+};
+use sync_core::{
+    Error, ErrorKind, HeldLock, Lock, LockGuard, LockOptions, LossSignal, LossTrigger, Result,
+};
+use tokio::task::AbortHandle;
+use tracing::Instrument;
+
+use crate::{
+    BACKEND,
+    client::{ClientInner, LocalTurn, Session, etcd_err, locked},
+};
+
+/// The safety-net re-check while waiting on a watch (push is the normal path).
+const FALLBACK_POLL: Duration = Duration::from_secs(10);
+
+/// A contender that owns its prefix (lock or leadership), before monitoring starts.
+pub(crate) struct Contender {
+    pub(crate) client: Arc<ClientInner>,
+    pub(crate) key: String,
+    pub(crate) rev: i64,
+    pub(crate) session: Arc<Session>,
+    turn: LocalTurn,
+}
+
+/// Deletes a contender key in the background unless disarmed: what makes a dropped acquire
+/// future leave nothing behind. It first waits for the creating transaction (so the delete
+/// cannot overtake it) and keeps the local turn until the delete is done.
+struct Cleanup {
+    client: Arc<ClientInner>,
+    key: String,
+    txn: Option<
+        tokio::task::JoinHandle<std::result::Result<etcd_client::TxnResponse, etcd_client::Error>>,
+    >,
+    turn: Option<LocalTurn>,
+    armed: bool,
+}
+
+impl Cleanup {
+    fn disarm(mut self) -> LocalTurn {
+        self.armed = false;
+        self.turn.take().expect("turn is only taken here")
+    }
+}
+
+impl Drop for Cleanup {
+    fn drop(&mut self) {
+        if !self.armed || self.client.is_killed() {
+            return;
+        }
+        let (txn, turn, key) = (
+            self.txn.take(),
+            self.turn.take(),
+            std::mem::take(&mut self.key),
+        );
+        let mut kv = self.client.kv();
+        if let Ok(rt) = tokio::runtime::Handle::try_current() {
+            rt.spawn(async move {
+                if let Some(txn) = txn {
+                    let _ = txn.await;
+                }
+                if let Err(e) = kv.delete(key.clone(), None).await {
+                    tracing::warn!(backend = BACKEND, key, error = %e, "deleting a cancelled contender key failed; the lease will expire it");
+                }
+                drop(turn);
+            });
+        }
+    }
+}
+
+fn first_created() -> GetOptions {
+    GetOptions::new()
+        .with_prefix()
+        .with_sort(SortTarget::Create, SortOrder::Ascend)
+        .with_limit(1)
+}
+
+pub(crate) fn timeout_error(what: &str, id: &str, wait: Duration) -> Error {
+    Error::new(
+        ErrorKind::Timeout,
+        format!("{what} not granted within {wait:?}"),
+    )
+    .with_backend(BACKEND)
+    .with_id(id)
+}
+
+/// Contends for `prefix`. `wait`: `None` = try once (Ok(None) when held elsewhere), `Some(None)`
+/// = wait forever, `Some(Some(d))` = wait at most `d` (Timeout after).
+pub(crate) async fn contend(
+    client: &Arc<ClientInner>,
+    what: &str,
+    id: &str,
+    prefix: &str,
+    value: Vec<u8>,
+    wait: Option<Option<Duration>>,
+) -> Result<Option<Contender>> {
+    let try_only = wait.is_none();
+    let fut = contend_inner(client, id, prefix, value, try_only);
+    match wait.flatten() {
+        Some(limit) => tokio::time::timeout(limit, fut)
+            .await
+            .map_err(|_| timeout_error(what, id, limit))?,
+        None => fut.await,
+    }
+}
+
+async fn contend_inner(
+    client: &Arc<ClientInner>,
+    id: &str,
+    prefix: &str,
+    value: Vec<u8>,
+    try_only: bool,
+) -> Result<Option<Contender>> {
+    let Some(mut turn) = client.local_turn(prefix, try_only).await else {
+        return Ok(None);
+    };
+    let mut attempt = 0;
+    let (session, key, cleanup, resp) = loop {
+        attempt += 1;
+        let session = client.session().await.map_err(|e| e.with_id(id))?;
+        let key = format!("{prefix}{}", session.lease_hex());
+        let txn = Txn::new()
+            .when([Compare::create_revision(key.clone(), CompareOp::Equal, 0)])
+            .and_then([
+                TxnOp::put(
+                    key.clone(),
+                    value.clone(),
+                    Some(PutOptions::new().with_lease(session.lease)),
+                ),
+                TxnOp::get(prefix, Some(first_created())),
+            ])
+            .or_else([
+                TxnOp::get(key.clone(), None),
+                TxnOp::get(prefix, Some(first_created())),
+            ]);
+        let mut kv = client.kv();
+        let mut cleanup = Cleanup {
+            client: client.clone(),
+            key: key.clone(),
+            txn: Some(tokio::spawn(async move { kv.txn(txn).await })),
+            turn: Some(turn),
+            armed: true,
+        };
+        let joined = cleanup.txn.as_mut().expect("set above").await;
+        cleanup.txn = None;
+        match joined {
+            Ok(Ok(resp)) => break (session, key, cleanup, resp),
+            // The lease ended before the keepalive noticed: end it and retry once on a new one.
+            Ok(Err(etcd_client::Error::GRpcStatus(status)))
+                if attempt < 2 && status.message().contains("lease not found") =>
+            {
+                session.end("lease not found");
+                turn = cleanup.disarm();
+            }
+            Ok(Err(e)) => return Err(etcd_err("creating the contender key", e).with_id(id)),
+            Err(e) => {
+                return Err(
+                    Error::new(ErrorKind::Backend, format!("contender task failed: {e}"))
+                        .with_backend(BACKEND)
+                        .with_id(id),
+                );
+            }
+        }
+    };
+    let ops = resp.op_responses();
+    let first_rev = |op: Option<&TxnOpResponse>| match op {
+        Some(TxnOpResponse::Get(g)) => g.kvs().first().map(|kv| kv.create_revision()),
+        _ => None,
+    };
+    let rev = if resp.succeeded() {
+        resp.header().map(|h| h.revision()).unwrap_or_default()
+    } else {
+        first_rev(ops.first()).unwrap_or_default()
+    };
+    if rev <= 0 {
+        return Err(Error::new(
+            ErrorKind::Backend,
+            "etcd returned no revision for the contender key",
+        )
+        .with_backend(BACKEND)
+        .with_id(id));
+    }
+    let owner = first_rev(ops.get(1));
+    if owner.is_some_and(|o| o != rev) {
+        if try_only {
+            // Foreground delete; on failure the armed cleanup retries in the background.
+            client
+                .kv()
+                .delete(key.clone(), None)
+                .await
+                .map_err(|e| etcd_err("deleting the contender key", e).with_id(id))?;
+            drop(cleanup.disarm());
+            return Ok(None);
+        }
+        wait_for_lower(client, id, prefix, rev, &session).await?;
+        // Like etcd's Mutex: make sure our own key survived the wait.
+        let own = client
+            .kv()
+            .get(key.clone(), None)
+            .await
+            .map_err(|e| etcd_err("checking the contender key", e).with_id(id))?;
+        if own.kvs().first().map(|kv| kv.create_revision()) != Some(rev) {
+            return Err(
+                Error::new(ErrorKind::LockLost, "the lease ended while waiting")
+                    .with_backend(BACKEND)
+                    .with_id(id),
+            );
+        }
+    }
+    let turn = cleanup.disarm();
+    Ok(Some(Contender {
+        client: client.clone(),
+        key,
+        rev,
+        session,
+        turn,
+    }))
+}
+
+/// Waits until no contender older than `rev` is left under `prefix` (etcd's `waitDeletes`).
+async fn wait_for_lower(
+    client: &Arc<ClientInner>,
+    id: &str,
+    prefix: &str,
+    rev: i64,
+    session: &Session,
+) -> Result<()> {
+    let mut kv = client.kv();
+    let mut killed = client.killed();
+    loop {
+        let opts = GetOptions::new()
+            .with_prefix()
+            .with_max_create_revision(rev - 1)
+            .with_sort(SortTarget::Create, SortOrder::Descend)
+            .with_limit(1);
+        let resp = kv
+            .get(prefix, Some(opts))
+            .await
+            .map_err(|e| etcd_err("reading the contenders", e).with_id(id))?;
+        let Some(lower) = resp.kvs().first() else {
+            return Ok(());
+        };
+        let lower = lower.key().to_vec();
+        let from = resp.header().map(|h| h.revision()).unwrap_or_default() + 1;
+        tokio::select! {
+            _ = wait_deleted(client, lower, from) => {}
+            reason = session.ended.wait() => {
+                return Err(Error::new(ErrorKind::LockLost, format!("the lease ended while waiting: {reason}"))
+                    .with_backend(BACKEND)
+                    .with_id(id));
+            }
+            _ = killed.wait_for(|k| *k) => {
+                return Err(Error::new(ErrorKind::Closed, "client was killed").with_backend(BACKEND).with_id(id));
+            }
+            _ = tokio::time::sleep(FALLBACK_POLL) => {
+                tracing::debug!(backend = BACKEND, id, "fallback re-check while waiting");
+            }
+        }
+    }
+}
+
+/// Returns once `key` is deleted at or after revision `from` — or when the watch fails or is
+/// cancelled, so the caller re-checks (after a short pause, so a failing server is not spun on).
+pub(crate) async fn wait_deleted(client: &ClientInner, key: Vec<u8>, from: i64) -> bool {
+    let opts = WatchOptions::new()
+        .with_start_revision(from)
+        .with_filters([WatchFilterType::NoPut]);
+    let mut stream = match client.etcd.watch_client().watch(key, Some(opts)).await {
+        Ok(s) => s,
+        Err(e) => {
+            tracing::debug!(backend = BACKEND, error = %e, "watch failed; re-checking");
+            tokio::time::sleep(Duration::from_millis(200)).await;
+            return false;
+        }
+    };
+    loop {
+        match stream.message().await {
+            Ok(Some(resp)) => {
+                if resp
+                    .events()
+                    .iter()
+                    .any(|e| e.event_type() == EventType::Delete)
+                {
+                    return true;
+                }
+                if resp.canceled() {
+                    return false;
+                }
+            }
+            Ok(None) | Err(_) => {
+                tokio::time::sleep(Duration::from_millis(200)).await;
+                return false;
+            }
+        }
+    }
+}
+
+/// An owned contender key being monitored: its loss signal fires when the lease ends (TTL 0,
+/// revoked, renewals failing past the safe deadline), when the key is deleted, or when the
+/// client is killed.
+pub(crate) struct Holding {
+    pub(crate) client: Arc<ClientInner>,
+    pub(crate) key: String,
+    pub(crate) rev: i64,
+    pub(crate) lease: i64,
+    pub(crate) lost: LossSignal,
+    _trigger: Arc<LossTrigger>,
+    monitor: AbortHandle,
+    turn: Option<LocalTurn>,
+    armed: bool,
+}
+
+impl Holding {
+    pub(crate) fn start(c: Contender) -> Holding {
+        let (trigger, lost) = sync_core::loss_signal();
+        let trigger = Arc::new(trigger);
+        let monitor = tokio::spawn(monitor(
+            c.client.clone(),
+            c.key.clone(),
+            c.rev,
+            c.session.clone(),
+            trigger.clone(),
+        ))
+        .abort_handle();
+        Holding {
+            client: c.client,
+            key: c.key,
+            rev: c.rev,
+            lease: c.session.lease,
+            lost,
+            _trigger: trigger,
+            monitor,
+            turn: Some(c.turn),
+            armed: true,
+        }
+    }
+
+    /// Deletes the key. `LockLost` if it was lost (or gone) before.
+    pub(crate) async fn release(mut self, id: &str) -> Result<()> {
+        self.armed = false;
+        self.monitor.abort();
+        let was_lost = self.lost.is_lost();
+        let key = std::mem::take(&mut self.key);
+        let turn = self.turn.take();
+        let result = self.client.kv().delete(key.clone(), None).await;
+        match result {
+            Ok(resp) => {
+                drop(turn);
+                if was_lost || resp.deleted() == 0 {
+                    let reason = self
+                        .lost
+                        .reason()
+                        .unwrap_or_else(|| "the key was gone".into());
+                    return Err(Error::new(
+                        ErrorKind::LockLost,
+                        format!("lost before release: {reason}"),
+                    )
+                    .with_backend(BACKEND)
+                    .with_id(id));
+                }
+                Ok(())
+            }
+            Err(e) => {
+                // Keep trying in the background so the lock does not stay held by a live lease.
+                spawn_delete(&self.client, key, turn);
+                Err(etcd_err("deleting the key on release", e).with_id(id))
+            }
+        }
+    }
+}
+
+fn spawn_delete(client: &ClientInner, key: String, turn: Option<LocalTurn>) {
+    if client.is_killed() {
+        // A dead process releases nothing: the lease expiry frees the key.
+        return;
+    }
+    let mut kv = client.kv();
+    if let Ok(rt) = tokio::runtime::Handle::try_current() {
+        rt.spawn(async move {
+            for attempt in 0..10u32 {
+                match kv.delete(key.clone(), None).await {
+                    Ok(_) => break,
+                    Err(e) => {
+                        tracing::warn!(backend = BACKEND, key, attempt, error = %e, "background release failed; retrying");
+                        tokio::time::sleep(Duration::from_millis(200) * (attempt + 1)).await;
+                    }
+                }
+            }
+            drop(turn);
+        });
+    }
+}
+
+impl Drop for Holding {
+    fn drop(&mut self) {
+        self.monitor.abort();
+        if self.armed {
+            spawn_delete(
+                &self.client,
+                std::mem::take(&mut self.key),
+                self.turn.take(),
+            );
+        }
+    }
+}
+
+async fn monitor(
+    client: Arc<ClientInner>,
+    key: String,
+    rev: i64,
+    session: Arc<Session>,
+    trigger: Arc<LossTrigger>,
+) {
+    let mut killed = client.killed();
+    let watch_key = async {
+        let mut from = rev + 1;
+        loop {
+            if wait_deleted(&client, key.clone().into_bytes(), from).await {
+                return "the key was deleted".to_string();
+            }
+            // The watch failed or was cancelled (compaction): check the key directly.
+            match client.kv().get(key.clone(), None).await {
+                Ok(resp) => {
+                    if resp.kvs().first().map(|kv| kv.create_revision()) != Some(rev) {
+                        return "the key was deleted".to_string();
+                    }
+                    from = resp.header().map(|h| h.revision()).unwrap_or(from - 1) + 1;
+                }
+                Err(e) => {
+                    tracing::debug!(backend = BACKEND, key, error = %e, "checking the held key failed");
+                }
+            }
+        }
+    };
+    let reason = tokio::select! {
+        r = session.ended.wait() => r,
+        r = watch_key => r,
+        _ = killed.wait_for(|k| *k) => "client killed".to_string(),
+    };
+    tracing::warn!(backend = BACKEND, key, token = rev, reason, "lost");
+    trigger.fire(reason);
+}
+
+/// Held grants through one handle, per prefix, oldest first (for the seed's `release(id)`).
+type Mine = Arc<Mutex<HashMap<String, Vec<Arc<Slot>>>>>;
+
+struct Slot {
+    holding: Mutex<Option<Holding>>,
+}
+
+pub(crate) struct EtcdLock {
+    client: Arc<ClientInner>,
+    mine: Mine,
+}
+
+impl EtcdLock {
+    pub(crate) fn new(client: Arc<ClientInner>) -> Self {
+        EtcdLock {
+            client,
+            mine: Default::default(),
+        }
+    }
+
+    fn prefix(&self, id: &str) -> Result<String> {
+        sync_core::id::validate("lock id", id).map_err(|e| e.with_backend(BACKEND))?;
+        self.client.check_alive()?;
+        Ok(self.client.contender_prefix(id))
+    }
+
+    fn guard(&self, id: &str, prefix: String, c: Contender) -> LockGuard {
+        let holding = Holding::start(c);
+        let (token, lost) = (holding.rev as u64, holding.lost.clone());
+        let slot = Arc::new(Slot {
+            holding: Mutex::new(Some(holding)),
+        });
+        locked(&self.mine)
+            .entry(prefix.clone())
+            .or_default()
+            .push(slot.clone());
+        tracing::debug!(backend = BACKEND, id, token, "lock acquired");
+        LockGuard::new(
+            id,
+            token,
+            lost,
+            Box::new(EtcdHeld {
+                mine: self.mine.clone(),
+                prefix,
+                id: id.to_string(),
+                slot,
+            }),
+        )
+    }
+}
+
+fn forget(mine: &Mine, prefix: &str, slot: &Arc<Slot>) {
+    let mut mine = locked(mine);
+    if let Some(slots) = mine.get_mut(prefix) {
+        slots.retain(|s| !Arc::ptr_eq(s, slot));
+        if slots.is_empty() {
+            mine.remove(prefix);
+        }
+    }
+}
+
+fn not_held(id: &str, why: &str) -> Error {
+    Error::new(ErrorKind::NotHeld, why.to_string())
+        .with_backend(BACKEND)
+        .with_id(id)
+}
+
+#[async_trait]
+impl Lock for EtcdLock {
+    #[tracing::instrument(level = "debug", skip(self, opts), fields(backend = BACKEND, primitive = "lock"))]
+    async fn acquire(&self, id: &str, opts: LockOptions) -> Result<LockGuard> {
+        let prefix = self.prefix(id)?;
+        let c = contend(
+            &self.client,
+            "lock",
+            id,
+            &prefix,
+            Vec::new(),
+            Some(opts.wait),
+        )
+        .await?
+        .ok_or_else(|| Error::new(ErrorKind::Backend, "no contender").with_backend(BACKEND))?;
+        Ok(self.guard(id, prefix, c))
+    }
+
+    #[tracing::instrument(level = "debug", skip(self), fields(backend = BACKEND, primitive = "lock"))]
+    async fn try_acquire(&self, id: &str) -> Result<Option<LockGuard>> {
+        let prefix = self.prefix(id)?;
+        Ok(contend(&self.client, "lock", id, &prefix, Vec::new(), None)
+            .await?
+            .map(|c| self.guard(id, prefix, c)))
+    }
+
+    #[tracing::instrument(level = "debug", skip(self), fields(backend = BACKEND, primitive = "lock"))]
+    async fn release(&self, id: &str) -> Result<()> {
+        let prefix = self.prefix(id)?;
+        let holding = {
+            let mut mine = locked(&self.mine);
+            let slot = mine
+                .get_mut(&prefix)
+                .and_then(|s| (!s.is_empty()).then(|| s.remove(0)));
+            if mine.get(&prefix).is_some_and(Vec::is_empty) {
+                mine.remove(&prefix);
+            }
+            slot.and_then(|s| locked(&s.holding).take())
+        };
+        match holding {
+            Some(h) => h.release(id).await,
+            None => Err(not_held(id, "this handle holds no such lock")),
+        }
+    }
+}
+
+struct EtcdHeld {
+    mine: Mine,
+    prefix: String,
+    id: String,
+    slot: Arc<Slot>,
+}
+
+#[async_trait]
+impl HeldLock for EtcdHeld {
+    async fn release(&mut self) -> Result<()> {
+        let span =
+            tracing::debug_span!("release", backend = BACKEND, primitive = "lock", id = %self.id);
+        forget(&self.mine, &self.prefix, &self.slot);
+        let holding = locked(&self.slot.holding).take();
+        match holding {
+            Some(h) => h.release(&self.id).instrument(span).await,
+            None => Err(not_held(
+                &self.id,
+                "the lock was already released through the handle",
+            )),
+        }
+    }
+
+    fn release_in_background(self: Box<Self>) {
+        forget(&self.mine, &self.prefix, &self.slot);
+        // Dropping the holding spawns the delete (it never blocks).
+        drop(locked(&self.slot.holding).take());
+    }
+}

@@ -1,0 +1,670 @@
+//! Task on etcd: a job queue whose claims are bound to the worker's lease, so a dead worker's
+//! jobs are redelivered when its lease expires.
+//!
+//! Keys under `<ns>/:task/`:
+//!
+//! | key | value | lease |
+//! | --- | --- | --- |
+//! | `jobs/<id>` | JSON: the job, its status, and the earliest retry time | none |
+//! | `queue/<escaped name>/<id>` | earliest start (unix ms) | none |
+//! | `claims/<id>` | the claiming worker | the worker client's lease |
+//! | `inflight/<id>` | empty | none |
+//!
+//! Submitting writes the record and the queue entry in one transaction. A worker claims a job
+//! in one transaction guarded by the record's mod revision: record → Running (attempts + 1),
+//! queue entry deleted, claim (with its lease) and in-flight marker written. Finishing is one
+//! transaction guarded by the same mod revision: record → Succeeded / Failed / Queued (retry,
+//! queue entry re-written), claim and marker deleted. Every worker watches `claims/` for
+//! deletions (and rescans every few seconds as a safety net); an in-flight marker whose claim
+//! is gone belongs to a dead worker, and its job is queued again (or Failed when out of
+//! attempts). `wait` watches the record.
+
+use std::{
+    panic::AssertUnwindSafe,
+    sync::Arc,
+    time::{Duration, SystemTime, UNIX_EPOCH},
+};
+
+use async_trait::async_trait;
+use etcd_client::{
+    Compare, CompareOp, DeleteOptions, GetOptions, PutOptions, SortOrder, SortTarget, Txn, TxnOp,
+    TxnOpResponse, WatchFilterType, WatchOptions,
+};
+use futures::FutureExt;
+use serde::{Deserialize, Serialize};
+use sync_core::{
+    Error, ErrorKind, Handler, Job, JobContext, JobId, JobState, JobStatus, Result, Task, Worker,
+    WorkerControl, WorkerOptions,
+};
+use tokio::{
+    sync::{Semaphore, watch},
+    task::JoinSet,
+    time::Instant,
+};
+use tracing::Instrument;
+
+use crate::{
+    BACKEND,
+    client::{ClientInner, etcd_err},
+};
+
+/// The safety-net rescan of orphaned claims and the longest a worker sleeps without a watch
+/// event before looking at its queue again.
+const SAFETY_NET: Duration = Duration::from_secs(5);
+
+/// How many queue entries a worker looks at per scan.
+const SCAN_LIMIT: i64 = 64;
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+struct Record {
+    job: Job,
+    status: JobStatus,
+}
+
+fn now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or_default()
+}
+
+struct Keys {
+    root: String,
+}
+
+impl Keys {
+    fn record(&self, id: &str) -> String {
+        format!("{}jobs/{}", self.root, sync_core::id::escape(id))
+    }
+    fn queue_prefix(&self, name: &str) -> String {
+        format!("{}queue/{}/", self.root, sync_core::id::escape(name))
+    }
+    fn queue(&self, name: &str, id: &str) -> String {
+        format!("{}{}", self.queue_prefix(name), sync_core::id::escape(id))
+    }
+    fn claims(&self) -> String {
+        format!("{}claims/", self.root)
+    }
+    fn claim(&self, id: &str) -> String {
+        format!("{}{}", self.claims(), sync_core::id::escape(id))
+    }
+    fn inflight(&self) -> String {
+        format!("{}inflight/", self.root)
+    }
+    fn inflight_of(&self, id: &str) -> String {
+        format!("{}{}", self.inflight(), sync_core::id::escape(id))
+    }
+}
+
+struct Shared {
+    client: Arc<ClientInner>,
+    keys: Keys,
+}
+
+impl Shared {
+    fn encode(&self, record: &Record) -> Result<Vec<u8>> {
+        serde_json::to_vec(record).map_err(|e| {
+            Error::new(ErrorKind::Backend, "encoding the job record")
+                .with_backend(BACKEND)
+                .with_source(e)
+        })
+    }
+
+    /// The record of `id` and its mod revision, if any.
+    async fn read(&self, id: &str) -> Result<Option<(Record, i64, i64)>> {
+        let resp = self
+            .client
+            .kv()
+            .get(self.keys.record(id), None)
+            .await
+            .map_err(|e| etcd_err("reading the job", e).with_id(id))?;
+        let header_rev = resp.header().map(|h| h.revision()).unwrap_or_default();
+        match resp.kvs().first() {
+            None => Ok(None),
+            Some(kv) => {
+                let record: Record = serde_json::from_slice(kv.value()).map_err(|e| {
+                    Error::new(ErrorKind::Backend, "the job record is not valid JSON")
+                        .with_backend(BACKEND)
+                        .with_id(id)
+                        .with_source(e)
+                })?;
+                Ok(Some((record, kv.mod_revision(), header_rev)))
+            }
+        }
+    }
+
+    fn not_found(id: &str) -> Error {
+        Error::new(ErrorKind::NotFound, "no such job in this namespace")
+            .with_backend(BACKEND)
+            .with_id(id)
+    }
+}
+
+pub(crate) struct EtcdTask {
+    shared: Arc<Shared>,
+}
+
+impl EtcdTask {
+    pub(crate) fn new(client: Arc<ClientInner>) -> Self {
+        let root = format!("{}:task/", client.ns_prefix());
+        EtcdTask {
+            shared: Arc::new(Shared {
+                client,
+                keys: Keys { root },
+            }),
+        }
+    }
+}
+
+#[async_trait]
+impl Task for EtcdTask {
+    #[tracing::instrument(level = "debug", skip(self, job), fields(backend = BACKEND, primitive = "task", id = %job.name))]
+    async fn submit(&self, job: Job) -> Result<JobId> {
+        job.validate().map_err(|e| e.with_backend(BACKEND))?;
+        self.shared.client.check_alive()?;
+        let id = uuid::Uuid::new_v4().simple().to_string();
+        let record = Record {
+            status: JobStatus::queued(JobId(id.clone()), &job),
+            job,
+        };
+        let keys = &self.shared.keys;
+        let txn = Txn::new().and_then([
+            TxnOp::put(keys.record(&id), self.shared.encode(&record)?, None),
+            TxnOp::put(keys.queue(&record.job.name, &id), "0", None),
+        ]);
+        self.shared
+            .client
+            .kv()
+            .txn(txn)
+            .await
+            .map_err(|e| etcd_err("submitting the job", e).with_id(&record.job.name))?;
+        tracing::debug!(backend = BACKEND, job = %id, name = %record.job.name, "job submitted");
+        Ok(JobId(id))
+    }
+
+    #[tracing::instrument(level = "debug", skip(self), fields(backend = BACKEND, primitive = "task"))]
+    async fn status(&self, id: &JobId) -> Result<JobStatus> {
+        self.shared.client.check_alive()?;
+        if sync_core::id::validate("job id", &id.0).is_err() {
+            return Err(Shared::not_found(&id.0));
+        }
+        match self.shared.read(&id.0).await? {
+            Some((record, _, _)) => Ok(record.status),
+            None => Err(Shared::not_found(&id.0)),
+        }
+    }
+
+    #[tracing::instrument(level = "debug", skip(self), fields(backend = BACKEND, primitive = "task"))]
+    async fn wait(&self, id: &JobId, timeout: Option<Duration>) -> Result<JobStatus> {
+        self.shared.client.check_alive()?;
+        if sync_core::id::validate("job id", &id.0).is_err() {
+            return Err(Shared::not_found(&id.0));
+        }
+        let shared = self.shared.clone();
+        let fut = async move {
+            loop {
+                let Some((record, _, rev)) = shared.read(&id.0).await? else {
+                    return Err(Shared::not_found(&id.0));
+                };
+                if record.status.state.is_final() {
+                    return Ok(record.status);
+                }
+                let key = shared.keys.record(&id.0);
+                let mut killed = shared.client.killed();
+                tokio::select! {
+                    _ = watch_change(&shared.client, key, rev + 1, false, false) => {}
+                    _ = tokio::time::sleep(SAFETY_NET) => {}
+                    _ = killed.wait_for(|k| *k) => shared.client.check_alive()?,
+                }
+            }
+        };
+        match timeout {
+            Some(limit) => tokio::time::timeout(limit, fut).await.map_err(|_| {
+                Error::new(
+                    ErrorKind::Timeout,
+                    format!("job not finished within {limit:?}"),
+                )
+                .with_backend(BACKEND)
+                .with_id(&id.0)
+            })?,
+            None => fut.await,
+        }
+    }
+
+    #[tracing::instrument(level = "debug", skip(self, handler, opts), fields(backend = BACKEND, primitive = "task"))]
+    async fn work(
+        &self,
+        name: &str,
+        handler: Arc<dyn Handler>,
+        opts: WorkerOptions,
+    ) -> Result<Worker> {
+        sync_core::id::validate("job name", name).map_err(|e| e.with_backend(BACKEND))?;
+        opts.validate().map_err(|e| e.with_backend(BACKEND))?;
+        // Fails with Closed once killed, and makes sure a lease exists for the claims.
+        self.shared.client.session().await?;
+        let (stop_tx, stop) = watch::channel(false);
+        let pool = Arc::new(Semaphore::new(opts.concurrency));
+        let span = tracing::info_span!("worker", backend = BACKEND, primitive = "task", id = name);
+        let mut tasks = JoinSet::new();
+        tasks.spawn(
+            claim_loop(
+                self.shared.clone(),
+                name.to_string(),
+                handler,
+                pool.clone(),
+                stop.clone(),
+            )
+            .instrument(span.clone()),
+        );
+        tasks.spawn(reaper(self.shared.clone(), stop).instrument(span));
+        Ok(Worker::new(Box::new(EtcdWorker {
+            stop: stop_tx,
+            pool,
+            concurrency: opts.concurrency,
+            tasks: Some(tasks),
+        })))
+    }
+}
+
+/// Returns at the first change of `key` (or under it, with `prefix`) from `from`, or when the
+/// watch fails (after a pause).
+async fn watch_change(
+    client: &ClientInner,
+    key: String,
+    from: i64,
+    prefix: bool,
+    deletes_only: bool,
+) {
+    let mut opts = WatchOptions::new().with_start_revision(from);
+    if prefix {
+        opts = opts.with_prefix();
+    }
+    if deletes_only {
+        opts = opts.with_filters([WatchFilterType::NoPut]);
+    }
+    let Ok(mut stream) = client.etcd.watch_client().watch(key, Some(opts)).await else {
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        return;
+    };
+    loop {
+        match stream.message().await {
+            Ok(Some(resp)) if !resp.events().is_empty() || resp.canceled() => return,
+            Ok(Some(_)) => {}
+            _ => {
+                tokio::time::sleep(Duration::from_millis(200)).await;
+                return;
+            }
+        }
+    }
+}
+
+async fn stopped(stop: &mut watch::Receiver<bool>, killed: &mut watch::Receiver<bool>) {
+    tokio::select! {
+        _ = stop.wait_for(|s| *s) => {}
+        _ = killed.wait_for(|k| *k) => {}
+    }
+}
+
+/// A claimed attempt.
+struct Claim {
+    id: String,
+    record: Record,
+    /// The record's mod revision after the claim: finishing is guarded by it.
+    rev: i64,
+}
+
+/// Takes permits from the pool and claims a job for each.
+async fn claim_loop(
+    shared: Arc<Shared>,
+    name: String,
+    handler: Arc<dyn Handler>,
+    pool: Arc<Semaphore>,
+    mut stop: watch::Receiver<bool>,
+) {
+    let mut killed = shared.client.killed();
+    let queue_prefix = shared.keys.queue_prefix(&name);
+    loop {
+        let permit = tokio::select! {
+            p = pool.clone().acquire_owned() => match p { Ok(p) => p, Err(_) => return },
+            _ = stopped(&mut stop, &mut killed) => return,
+        };
+        loop {
+            let (claim, rev, wake) = match claim_one(&shared, &queue_prefix).await {
+                Ok(found) => found,
+                Err(e) => {
+                    tracing::warn!(backend = BACKEND, error = %e, "claiming a job failed; retrying");
+                    (None, 0, Some(Instant::now() + Duration::from_millis(500)))
+                }
+            };
+            if let Some(claim) = claim {
+                let shared = shared.clone();
+                let handler = handler.clone();
+                let mut killed = shared.client.killed();
+                tokio::spawn(async move {
+                    // A killed client behaves like a dead process: its attempts just stop.
+                    tokio::select! {
+                        _ = run_attempt(&shared, handler, claim) => {}
+                        _ = killed.wait_for(|k| *k) => {}
+                    }
+                    drop(permit);
+                });
+                break;
+            }
+            let wake = wake.unwrap_or_else(|| Instant::now() + SAFETY_NET);
+            tokio::select! {
+                _ = watch_change(&shared.client, queue_prefix.clone(), rev + 1, true, false), if rev > 0 => {}
+                _ = tokio::time::sleep_until(wake) => {}
+                _ = stopped(&mut stop, &mut killed) => return,
+            }
+        }
+    }
+}
+
+/// Claims the oldest startable job of the queue. Returns the claim (if any), the revision the
+/// queue was read at, and when the earliest delayed retry becomes startable.
+async fn claim_one(
+    shared: &Shared,
+    queue_prefix: &str,
+) -> Result<(Option<Claim>, i64, Option<Instant>)> {
+    let client = &shared.client;
+    let session = client.session().await?;
+    let resp = client
+        .kv()
+        .get(
+            queue_prefix,
+            Some(
+                GetOptions::new()
+                    .with_prefix()
+                    .with_sort(SortTarget::Create, SortOrder::Ascend)
+                    .with_limit(SCAN_LIMIT),
+            ),
+        )
+        .await
+        .map_err(|e| etcd_err("reading the queue", e))?;
+    let rev = resp.header().map(|h| h.revision()).unwrap_or_default();
+    let now = now_ms();
+    let mut wake: Option<u64> = None;
+    for kv in resp.kvs() {
+        let not_before: u64 = std::str::from_utf8(kv.value())
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(0);
+        if not_before > now {
+            wake = Some(wake.map_or(not_before, |w| w.min(not_before)));
+            continue;
+        }
+        let Some(escaped) = std::str::from_utf8(kv.key())
+            .ok()
+            .and_then(|k| k.strip_prefix(queue_prefix))
+        else {
+            continue;
+        };
+        let Some(id) = sync_core::id::unescape(escaped) else {
+            continue;
+        };
+        let Some((mut record, mod_rev, _)) = shared.read(&id).await? else {
+            // An entry without a record: drop it.
+            let _ = client.kv().delete(kv.key().to_vec(), None).await;
+            continue;
+        };
+        if record.status.state != JobState::Queued {
+            if record.status.state.is_final() {
+                // A stale entry (the job already ended): drop it, guarded by the record.
+                let stale = Txn::new()
+                    .when([Compare::mod_revision(
+                        shared.keys.record(&id),
+                        CompareOp::Equal,
+                        mod_rev,
+                    )])
+                    .and_then([TxnOp::delete(kv.key().to_vec(), None::<DeleteOptions>)]);
+                let _ = client.kv().txn(stale).await;
+            }
+            continue;
+        }
+        record.status.state = JobState::Running;
+        record.status.attempts = record.status.attempts.saturating_add(1);
+        let keys = &shared.keys;
+        let txn = Txn::new()
+            .when([
+                Compare::mod_revision(keys.record(&id), CompareOp::Equal, mod_rev),
+                Compare::create_revision(keys.claim(&id), CompareOp::Equal, 0),
+            ])
+            .and_then([
+                TxnOp::put(keys.record(&id), shared.encode(&record)?, None),
+                TxnOp::delete(kv.key().to_vec(), None::<DeleteOptions>),
+                TxnOp::put(
+                    keys.claim(&id),
+                    session.lease_hex(),
+                    Some(PutOptions::new().with_lease(session.lease)),
+                ),
+                TxnOp::put(keys.inflight_of(&id), "", None),
+            ]);
+        let done = client
+            .kv()
+            .txn(txn)
+            .await
+            .map_err(|e| etcd_err("claiming the job", e).with_id(&id))?;
+        if done.succeeded() {
+            let rev = done.header().map(|h| h.revision()).unwrap_or_default();
+            tracing::debug!(backend = BACKEND, job = %id, attempt = record.status.attempts, "job claimed");
+            return Ok((Some(Claim { id, record, rev }), rev, None));
+        }
+    }
+    let wake = wake.map(|w| Instant::now() + Duration::from_millis(w.saturating_sub(now)));
+    Ok((None, rev, wake))
+}
+
+/// Runs one attempt and records its outcome, unless the claim was lost meanwhile.
+async fn run_attempt(shared: &Shared, handler: Arc<dyn Handler>, claim: Claim) {
+    let Claim {
+        id,
+        mut record,
+        rev,
+    } = claim;
+    let attempt = record.status.attempts;
+    let ctx = JobContext::new(JobId(id.clone()), &record.job, attempt);
+    let outcome = match AssertUnwindSafe(handler.call(ctx)).catch_unwind().await {
+        Ok(outcome) => outcome.map_err(|e| e.to_string()),
+        Err(panic) => Err(format!(
+            "handler panicked: {}",
+            panic
+                .downcast_ref::<String>()
+                .map(String::as_str)
+                .or_else(|| panic.downcast_ref::<&str>().copied())
+                .unwrap_or("(non-string payload)")
+        )),
+    };
+    if shared.client.is_killed() {
+        return;
+    }
+    let keys = &shared.keys;
+    let mut requeue_at = None;
+    match outcome {
+        Ok(output) => {
+            record.status.state = JobState::Succeeded;
+            record.status.output = Some(output);
+        }
+        Err(error) if attempt < record.job.max_attempts => {
+            let delay = record.job.retry_delay(attempt.saturating_add(1));
+            tracing::info!(backend = BACKEND, job = %id, attempt, %error, ?delay, "job attempt failed; retrying");
+            record.status.state = JobState::Queued;
+            record.status.last_error = Some(error);
+            requeue_at = Some(now_ms() + delay.as_millis() as u64);
+        }
+        Err(error) => {
+            tracing::warn!(backend = BACKEND, job = %id, attempt, %error, "job failed");
+            record.status.state = JobState::Failed;
+            record.status.last_error = Some(error);
+        }
+    }
+    let Ok(value) = shared.encode(&record) else {
+        return;
+    };
+    let mut ops = vec![
+        TxnOp::put(keys.record(&id), value, None),
+        TxnOp::delete(keys.claim(&id), None::<DeleteOptions>),
+        TxnOp::delete(keys.inflight_of(&id), None::<DeleteOptions>),
+    ];
+    if let Some(at) = requeue_at {
+        ops.push(TxnOp::put(
+            keys.queue(&record.job.name, &id),
+            at.to_string(),
+            None,
+        ));
+    }
+    let txn = Txn::new()
+        .when([Compare::mod_revision(
+            keys.record(&id),
+            CompareOp::Equal,
+            rev,
+        )])
+        .and_then(ops);
+    for attempt_no in 0..5u32 {
+        match shared.client.kv().txn(txn.clone()).await {
+            Ok(resp) if resp.succeeded() => return,
+            Ok(_) => {
+                tracing::warn!(backend = BACKEND, job = %id, "the claim was lost before the attempt finished; its outcome is dropped");
+                return;
+            }
+            Err(e) => {
+                tracing::warn!(backend = BACKEND, job = %id, error = %e, "recording the outcome failed; retrying");
+                tokio::time::sleep(Duration::from_millis(200) * (attempt_no + 1)).await;
+            }
+        }
+    }
+}
+
+/// Requeues jobs whose claim vanished while Running: pushed by a watch on claim deletions,
+/// with a periodic rescan as a safety net.
+async fn reaper(shared: Arc<Shared>, mut stop: watch::Receiver<bool>) {
+    let mut killed = shared.client.killed();
+    loop {
+        let rev = match reap_orphans(&shared).await {
+            Ok(rev) => rev,
+            Err(e) => {
+                tracing::debug!(backend = BACKEND, error = %e, "scanning for orphaned claims failed");
+                0
+            }
+        };
+        tokio::select! {
+            _ = watch_change(&shared.client, shared.keys.claims(), rev + 1, true, true), if rev > 0 => {}
+            _ = tokio::time::sleep(SAFETY_NET) => {}
+            _ = stopped(&mut stop, &mut killed) => return,
+        }
+    }
+}
+
+/// One consistent look at in-flight markers and claims; requeues every marker without a
+/// claim. Returns the revision it looked at.
+async fn reap_orphans(shared: &Shared) -> Result<i64> {
+    let keys = &shared.keys;
+    let only_keys = || Some(GetOptions::new().with_prefix().with_keys_only());
+    let txn = Txn::new().and_then([
+        TxnOp::get(keys.inflight(), only_keys()),
+        TxnOp::get(keys.claims(), only_keys()),
+    ]);
+    let resp = shared
+        .client
+        .kv()
+        .txn(txn)
+        .await
+        .map_err(|e| etcd_err("scanning claims", e))?;
+    let rev = resp.header().map(|h| h.revision()).unwrap_or_default();
+    let ops = resp.op_responses();
+    let ids = |op: Option<&TxnOpResponse>, prefix: &str| -> Vec<String> {
+        match op {
+            Some(TxnOpResponse::Get(g)) => g
+                .kvs()
+                .iter()
+                .filter_map(|kv| {
+                    std::str::from_utf8(kv.key())
+                        .ok()?
+                        .strip_prefix(prefix)
+                        .map(String::from)
+                })
+                .collect(),
+            _ => Vec::new(),
+        }
+    };
+    let inflight = ids(ops.first(), &keys.inflight());
+    let claims = ids(ops.get(1), &keys.claims());
+    for escaped in inflight.iter().filter(|i| !claims.contains(i)) {
+        if let Some(id) = sync_core::id::unescape(escaped) {
+            if let Err(e) = requeue_orphan(shared, &id).await {
+                tracing::warn!(backend = BACKEND, job = %id, error = %e, "requeueing an orphaned job failed");
+            }
+        }
+    }
+    Ok(rev)
+}
+
+async fn requeue_orphan(shared: &Shared, id: &str) -> Result<()> {
+    let keys = &shared.keys;
+    let kv = || shared.client.kv();
+    let Some((mut record, mod_rev, _)) = shared.read(id).await? else {
+        let _ = kv().delete(keys.inflight_of(id), None).await;
+        return Ok(());
+    };
+    if record.status.state != JobState::Running {
+        let _ = kv().delete(keys.inflight_of(id), None).await;
+        return Ok(());
+    }
+    let attempts = record.status.attempts;
+    record.status.last_error = Some(format!(
+        "worker lost: its lease ended during attempt {attempts}"
+    ));
+    let out_of_attempts = attempts >= record.job.max_attempts;
+    record.status.state = if out_of_attempts {
+        JobState::Failed
+    } else {
+        JobState::Queued
+    };
+    let mut ops = vec![
+        TxnOp::put(keys.record(id), shared.encode(&record)?, None),
+        TxnOp::delete(keys.inflight_of(id), None::<DeleteOptions>),
+    ];
+    if !out_of_attempts {
+        ops.push(TxnOp::put(keys.queue(&record.job.name, id), "0", None));
+    }
+    let txn = Txn::new()
+        .when([
+            Compare::mod_revision(keys.record(id), CompareOp::Equal, mod_rev),
+            Compare::create_revision(keys.claim(id), CompareOp::Equal, 0),
+        ])
+        .and_then(ops);
+    let resp = kv()
+        .txn(txn)
+        .await
+        .map_err(|e| etcd_err("requeueing the job", e).with_id(id))?;
+    if resp.succeeded() {
+        tracing::warn!(backend = BACKEND, job = %id, attempts, redelivered = !out_of_attempts, "a worker died holding the job");
+    }
+    Ok(())
+}
+
+struct EtcdWorker {
+    stop: watch::Sender<bool>,
+    pool: Arc<Semaphore>,
+    concurrency: usize,
+    tasks: Option<JoinSet<()>>,
+}
+
+#[async_trait]
+impl WorkerControl for EtcdWorker {
+    async fn stop(&mut self) {
+        self.stop.send_replace(true);
+        if let Some(mut tasks) = self.tasks.take() {
+            while tasks.join_next().await.is_some() {}
+        }
+        // Every permit back = every running attempt finished.
+        let _ = self.pool.acquire_many(self.concurrency as u32).await;
+    }
+
+    fn stop_in_background(mut self: Box<Self>) {
+        self.stop.send_replace(true);
+        if let Some(mut tasks) = self.tasks.take() {
+            // The loops end on the stop signal; detach them rather than abort mid-claim.
+            tasks.detach_all();
+        }
+    }
+}

@@ -1,0 +1,49 @@
+//! Shared by the live test binaries: the endpoint gate and a libtest-style runner.
+
+#![allow(dead_code)]
+
+use std::{future::Future, pin::Pin, process::ExitCode};
+
+use libtest_mimic::{Arguments, Trial};
+
+pub type TestResult = Result<(), String>;
+pub type TestFn = fn(String) -> Pin<Box<dyn Future<Output = TestResult> + Send>>;
+
+/// The endpoint from `SYNC_TEST_ETCD` (first of a comma-separated list).
+pub fn endpoint() -> Option<String> {
+    std::env::var("SYNC_TEST_ETCD")
+        .ok()
+        .and_then(|v| v.split(',').next().map(|e| e.trim().to_string()))
+        .filter(|e| !e.is_empty())
+}
+
+/// Runs `tests` against the live endpoint; without it they show as ignored (failed with
+/// `SYNC_REQUIRE_LIVE=1`).
+pub fn run(tests: &[(&'static str, TestFn)], args: Arguments) -> ExitCode {
+    let endpoint = endpoint();
+    let require = std::env::var("SYNC_REQUIRE_LIVE").is_ok_and(|v| v == "1");
+    let trials = tests
+        .iter()
+        .map(|&(name, f)| match endpoint.clone() {
+            None => {
+                let why = "SYNC_TEST_ETCD is not set: this test needs a live etcd".to_string();
+                Trial::test(name, move || Err(why.into())).with_ignored_flag(!require)
+            }
+            Some(ep) => Trial::test(name, move || {
+                let rt = tokio::runtime::Builder::new_multi_thread()
+                    .worker_threads(2)
+                    .enable_all()
+                    .build()
+                    .map_err(|e| e.to_string())?;
+                let out = rt.block_on(async move {
+                    tokio::time::timeout(std::time::Duration::from_secs(60), f(ep))
+                        .await
+                        .map_err(|_| "timed out after 60s".to_string())?
+                });
+                rt.shutdown_timeout(std::time::Duration::from_secs(1));
+                out.map_err(Into::into)
+            }),
+        })
+        .collect();
+    libtest_mimic::run(&args, trials).exit_code()
+}

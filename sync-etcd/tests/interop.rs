@@ -1,0 +1,243 @@
+//! Interoperability with etcd's own `concurrency.Mutex` and `concurrency.Election`, through
+//! the real `etcdctl lock` / `etcdctl elect` (etcdctl 3.4), on the empty namespace.
+//! Needs `SYNC_TEST_ETCD` and `etcdctl` on the PATH.
+
+mod common;
+
+use std::{process::Stdio, time::Duration};
+
+use common::{TestFn, TestResult};
+use sync_core::{ElectOptions, ErrorKind, LockOptions};
+use tokio::{
+    io::{AsyncBufReadExt, BufReader, Lines},
+    process::{Child, ChildStdout, Command},
+};
+
+async fn client(endpoint: &str) -> Result<sync_etcd::Client, String> {
+    let config = sync_etcd::Config::default()
+        .with_endpoints([endpoint])
+        .with_namespace("")
+        .with_ttl(sync_etcd::MIN_TTL);
+    sync_etcd::Client::connect(config)
+        .await
+        .map_err(|e| e.to_string())
+}
+
+fn unique(what: &str) -> String {
+    format!("sync-interop-{what}-{}", uuid::Uuid::new_v4().simple())
+}
+
+struct Etcdctl {
+    child: Child,
+    lines: Lines<BufReader<ChildStdout>>,
+}
+
+impl Etcdctl {
+    fn spawn(endpoint: &str, args: &[&str]) -> Result<Etcdctl, String> {
+        let mut command = Command::new("etcdctl");
+        // The user's ETCDCTL_* settings are for their own etcd, not this one.
+        for (k, _) in std::env::vars().filter(|(k, _)| k.starts_with("ETCDCTL_")) {
+            command.env_remove(k);
+        }
+        let mut child = command
+            .env("ETCDCTL_API", "3")
+            .arg(format!("--endpoints={endpoint}"))
+            .args(args)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .kill_on_drop(true)
+            .spawn()
+            .map_err(|e| format!("spawning etcdctl: {e}"))?;
+        let stdout = child.stdout.take().ok_or("no stdout")?;
+        Ok(Etcdctl {
+            child,
+            lines: BufReader::new(stdout).lines(),
+        })
+    }
+
+    /// The next line printed, within `limit` (None if nothing was printed in time).
+    async fn line(&mut self, limit: Duration) -> Result<Option<String>, String> {
+        match tokio::time::timeout(limit, self.lines.next_line()).await {
+            Err(_) => Ok(None),
+            Ok(Ok(Some(line))) => Ok(Some(line)),
+            Ok(Ok(None)) => Err("etcdctl exited".into()),
+            Ok(Err(e)) => Err(format!("reading etcdctl: {e}")),
+        }
+    }
+
+    /// SIGTERM, so etcdctl unlocks / resigns and closes its session, then waits for it.
+    async fn terminate(mut self) -> TestResult {
+        if let Some(pid) = self.child.id() {
+            // The shell's own `kill`: no procps needed.
+            Command::new("sh")
+                .args(["-c", &format!("kill -TERM {pid}")])
+                .status()
+                .await
+                .map_err(|e| format!("kill: {e}"))?;
+        }
+        tokio::time::timeout(Duration::from_secs(10), self.child.wait())
+            .await
+            .map_err(|_| "etcdctl did not exit after SIGTERM".to_string())?
+            .map_err(|e| e.to_string())?;
+        Ok(())
+    }
+}
+
+/// `etcdctl lock NAME` holds: the library cannot take NAME until etcdctl lets go.
+async fn etcdctl_lock_excludes_library(endpoint: String) -> TestResult {
+    let name = unique("lock");
+    let mut ctl = Etcdctl::spawn(&endpoint, &["lock", &name])?;
+    let key = ctl
+        .line(Duration::from_secs(10))
+        .await?
+        .ok_or("etcdctl lock did not acquire")?;
+    if !key.starts_with(&format!("{name}/")) {
+        return Err(format!("etcdctl printed {key:?}"));
+    }
+    let lock = client(&endpoint).await?.lock();
+    if lock
+        .try_acquire(&name)
+        .await
+        .map_err(|e| e.to_string())?
+        .is_some()
+    {
+        return Err("try_acquire got a lock etcdctl holds".into());
+    }
+    let waited = lock
+        .acquire(
+            &name,
+            LockOptions::new().with_wait(Duration::from_millis(500)),
+        )
+        .await;
+    match waited {
+        Err(e) if e.kind() == ErrorKind::Timeout => {}
+        other => return Err(format!("acquire while etcdctl holds: {other:?}")),
+    }
+    let mut waiter =
+        Box::pin(lock.acquire(&name, LockOptions::new().with_wait(Duration::from_secs(10))));
+    if tokio::time::timeout(Duration::from_millis(300), &mut waiter)
+        .await
+        .is_ok()
+    {
+        return Err("a waiting acquire finished while etcdctl held the lock".into());
+    }
+    ctl.terminate().await?;
+    let guard = waiter
+        .await
+        .map_err(|e| format!("acquire after etcdctl released: {e}"))?;
+    guard.release().await.map_err(|e| e.to_string())
+}
+
+/// The library holds NAME: `etcdctl lock NAME` does not get it until the guard is released.
+async fn library_lock_excludes_etcdctl(endpoint: String) -> TestResult {
+    let name = unique("lock");
+    let lock = client(&endpoint).await?.lock();
+    let guard = lock
+        .acquire(&name, LockOptions::new())
+        .await
+        .map_err(|e| e.to_string())?;
+    let mut ctl = Etcdctl::spawn(&endpoint, &["lock", &name])?;
+    if let Some(line) = ctl.line(Duration::from_millis(1500)).await? {
+        return Err(format!("etcdctl acquired a lock the library holds: {line}"));
+    }
+    guard.release().await.map_err(|e| e.to_string())?;
+    let key = ctl
+        .line(Duration::from_secs(5))
+        .await?
+        .ok_or("etcdctl did not acquire after the library released")?;
+    if !key.starts_with(&format!("{name}/")) {
+        return Err(format!("etcdctl printed {key:?}"));
+    }
+    ctl.terminate().await
+}
+
+/// `etcdctl elect NAME PROPOSAL` leads: the library sees it as leader and is not elected
+/// until etcdctl resigns.
+async fn etcdctl_elect_excludes_library(endpoint: String) -> TestResult {
+    let name = unique("elect");
+    let mut ctl = Etcdctl::spawn(&endpoint, &["elect", &name, "from-etcdctl"])?;
+    ctl.line(Duration::from_secs(10))
+        .await?
+        .ok_or("etcdctl elect was not elected")?;
+    let c = client(&endpoint).await?;
+    let leader = c.leader(&name).map_err(|e| e.to_string())?;
+    let current = leader.leader().await.map_err(|e| e.to_string())?;
+    match &current {
+        Some(info) if info.value == b"from-etcdctl" && info.candidate == "from-etcdctl" => {}
+        other => return Err(format!("leader() while etcdctl leads: {other:?}")),
+    }
+    match leader
+        .elect(
+            "lib",
+            ElectOptions::new().with_wait(Duration::from_millis(500)),
+        )
+        .await
+    {
+        Err(e) if e.kind() == ErrorKind::Timeout => {}
+        other => return Err(format!("elect while etcdctl leads: {other:?}")),
+    }
+    let mut campaign = Box::pin(leader.elect(
+        "lib",
+        ElectOptions::new().with_wait(Duration::from_secs(10)),
+    ));
+    if tokio::time::timeout(Duration::from_millis(300), &mut campaign)
+        .await
+        .is_ok()
+    {
+        return Err("the library was elected while etcdctl led".into());
+    }
+    ctl.terminate().await?;
+    let elected = campaign
+        .await
+        .map_err(|e| format!("elect after etcdctl resigned: {e}"))?;
+    let term = current.map(|i| i.term).unwrap_or_default();
+    if elected.term() <= term {
+        return Err(format!("term went from {term} to {}", elected.term()));
+    }
+    elected.resign().await.map_err(|e| e.to_string())
+}
+
+/// The library leads NAME: `etcdctl elect NAME` is not elected until the library resigns.
+async fn library_elect_excludes_etcdctl(endpoint: String) -> TestResult {
+    let name = unique("elect");
+    let c = client(&endpoint).await?;
+    let elected = c
+        .leader(&name)
+        .map_err(|e| e.to_string())?
+        .elect("lib", ElectOptions::new().with_value(b"lib-value".to_vec()))
+        .await
+        .map_err(|e| e.to_string())?;
+    let mut ctl = Etcdctl::spawn(&endpoint, &["elect", &name, "from-etcdctl"])?;
+    if let Some(line) = ctl.line(Duration::from_millis(1500)).await? {
+        return Err(format!(
+            "etcdctl was elected while the library leads: {line}"
+        ));
+    }
+    elected.resign().await.map_err(|e| e.to_string())?;
+    let key = ctl
+        .line(Duration::from_secs(5))
+        .await?
+        .ok_or("etcdctl was not elected after the library resigned")?;
+    if !key.starts_with(&format!("{name}/")) {
+        return Err(format!("etcdctl printed {key:?}"));
+    }
+    ctl.terminate().await
+}
+
+fn main() -> std::process::ExitCode {
+    let tests: [(&'static str, TestFn); 4] = [
+        ("interop::etcdctl_lock_excludes_library", |e| {
+            Box::pin(etcdctl_lock_excludes_library(e))
+        }),
+        ("interop::library_lock_excludes_etcdctl", |e| {
+            Box::pin(library_lock_excludes_etcdctl(e))
+        }),
+        ("interop::etcdctl_elect_excludes_library", |e| {
+            Box::pin(etcdctl_elect_excludes_library(e))
+        }),
+        ("interop::library_elect_excludes_etcdctl", |e| {
+            Box::pin(library_elect_excludes_etcdctl(e))
+        }),
+    ];
+    common::run(&tests, libtest_mimic::Arguments::from_args())
+}
