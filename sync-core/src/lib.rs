@@ -23,7 +23,7 @@ pub mod typed;
 pub use error::{Error, ErrorKind, Result};
 pub use leader::{ElectOptions, Elected, FollowStream, Leader, LeaderInfo, Leadership};
 pub use lock::{HeldLock, Lock, LockGuard, LockOptions};
-pub use map::{Entry, MAX_VALUE_LEN, Map, Version};
+pub use map::{Entry, MAX_VALUE_LEN, Map, Version, validate_value};
 pub use signal::{LossSignal, LossTrigger, loss_signal};
 pub use task::{
     Handler, HandlerError, Job, JobContext, JobId, JobState, JobStatus, MAX_PAYLOAD_LEN, Task,

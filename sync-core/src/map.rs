@@ -4,13 +4,29 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 
-use crate::{ErrorKind, Result};
+use crate::{Error, ErrorKind, Result};
 
 /// A value's version: changes with every write of the key; never 0.
 pub type Version = u64;
 
 /// The longest value accepted by default, in bytes.
 pub const MAX_VALUE_LEN: usize = 512 * 1024;
+
+/// Checks a value against [`MAX_VALUE_LEN`]: InvalidArgument naming the limit.
+///
+/// ```
+/// let err = sync_core::validate_value(&vec![0; sync_core::MAX_VALUE_LEN + 1]).unwrap_err();
+/// assert!(err.to_string().contains("the maximum is 524288"));
+/// ```
+pub fn validate_value(value: &[u8]) -> Result<()> {
+    if value.len() > MAX_VALUE_LEN {
+        return Err(Error::invalid(format!(
+            "value is {} bytes; the maximum is {MAX_VALUE_LEN}",
+            value.len()
+        )));
+    }
+    Ok(())
+}
 
 /// One key's value and version.
 #[derive(Debug, Clone, PartialEq, Eq)]
