@@ -24,6 +24,7 @@ pub(crate) fn locked<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 
 /// Maps an etcd client error to a `sync_core` error kind, with the client error as source.
 pub(crate) fn etcd_err(what: impl Into<String>, e: etcd_client::Error) -> Error {
+    let mut what = what.into();
     let kind = match &e {
         etcd_client::Error::TransportError(_) | etcd_client::Error::IoError(_) => {
             ErrorKind::Unavailable
@@ -31,6 +32,18 @@ pub(crate) fn etcd_err(what: impl Into<String>, e: etcd_client::Error) -> Error 
         etcd_client::Error::GRpcStatus(status) => {
             let message = status.message();
             match i32::from(status.code()) {
+                // etcd refuses a request over its --max-request-bytes (1.5 MiB by default)
+                // with InvalidArgument, or, past that plus its gRPC overhead allowance, with
+                // ResourceExhausted: bad input, never worth retrying.
+                3 | 8
+                    if message.contains("request is too large")
+                        || message.contains("larger than max") =>
+                {
+                    what.push_str(
+                        ": the request exceeds etcd's --max-request-bytes (1.5 MiB by default)",
+                    );
+                    ErrorKind::InvalidArgument
+                }
                 // Cancelled, DeadlineExceeded, ResourceExhausted, Unavailable
                 1 | 4 | 8 | 14 => ErrorKind::Unavailable,
                 // Unknown, from the transport (a connection closed under the request).

@@ -15,7 +15,7 @@ use etcd_client::{
 use futures::StreamExt;
 use sync_core::{
     ElectOptions, Elected, Error, ErrorKind, FollowStream, Leader, LeaderInfo, Leadership,
-    LossSignal, Result,
+    LossSignal, MAX_VALUE_LEN, Result,
 };
 use tokio::sync::mpsc;
 use tracing::Instrument;
@@ -47,6 +47,19 @@ fn decode(raw: &[u8]) -> (String, Vec<u8>) {
         }
     }
     (String::from_utf8_lossy(raw).into_owned(), raw.to_vec())
+}
+
+/// A proclaimed value over [`MAX_VALUE_LEN`] is refused (etcd refuses requests over 1.5 MiB).
+fn check_value(group: &str, value: &[u8]) -> Result<()> {
+    if value.len() > MAX_VALUE_LEN {
+        return Err(Error::invalid(format!(
+            "proclaimed value is {} bytes; the maximum is {MAX_VALUE_LEN}",
+            value.len()
+        ))
+        .with_backend(BACKEND)
+        .with_id(group));
+    }
+    Ok(())
 }
 
 fn first_created() -> GetOptions {
@@ -124,6 +137,7 @@ impl Leader for EtcdLeader {
     async fn elect(&self, candidate: &str, opts: ElectOptions) -> Result<Elected> {
         sync_core::id::validate("candidate id", candidate)
             .map_err(|e| e.with_backend(BACKEND).with_id(&self.group))?;
+        check_value(&self.group, &opts.value)?;
         self.client.check_alive()?;
         let holding = campaign(
             &self.client,
@@ -260,6 +274,7 @@ impl EtcdLeadership {
 impl Leadership for EtcdLeadership {
     async fn proclaim(&self, value: &[u8]) -> Result<()> {
         let span = tracing::debug_span!("proclaim", backend = BACKEND, primitive = "leader", id = %self.group);
+        check_value(&self.group, value)?;
         let Some(h) = self.holding.as_ref() else {
             return Err(self.lost_error("leadership was resigned"));
         };

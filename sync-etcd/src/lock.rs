@@ -322,6 +322,8 @@ pub(crate) struct Holding {
     pub(crate) rev: i64,
     pub(crate) lease: i64,
     pub(crate) lost: LossSignal,
+    /// The end of the lease the key was written with.
+    lease_ended: LossSignal,
     _trigger: Arc<LossTrigger>,
     monitor: AbortHandle,
     turn: Option<LocalTurn>,
@@ -346,6 +348,7 @@ impl Holding {
             rev: c.rev,
             lease: c.session.lease,
             lost,
+            lease_ended: c.session.ended.clone(),
             _trigger: trigger,
             monitor,
             turn: Some(c.turn),
@@ -355,15 +358,15 @@ impl Holding {
 
     /// Deletes the key. `LockLost` if it was lost (or gone) before.
     pub(crate) async fn release(mut self, id: &str) -> Result<()> {
-        self.armed = false;
         self.monitor.abort();
         let was_lost = self.lost.is_lost();
-        let key = std::mem::take(&mut self.key);
-        let turn = self.turn.take();
-        let result = self.client.kv().delete(key.clone(), None).await;
+        // Stays armed until the delete is known to be done: if this future is dropped
+        // mid-request, `Drop` finishes the release in the background instead of leaving the
+        // key (and so the lock) held by a live lease.
+        let result = self.client.kv().delete(self.key.clone(), None).await;
         match result {
             Ok(resp) => {
-                drop(turn);
+                self.armed = false;
                 if was_lost || resp.deleted() == 0 {
                     let reason = self
                         .lost
@@ -378,16 +381,24 @@ impl Holding {
                 }
                 Ok(())
             }
-            Err(e) => {
-                // Keep trying in the background so the lock does not stay held by a live lease.
-                spawn_delete(&self.client, key, turn);
-                Err(etcd_err("deleting the key on release", e).with_id(id))
-            }
+            // Still armed: dropping `self` keeps trying in the background, holding the local
+            // turn until the key is gone.
+            Err(e) => Err(etcd_err("deleting the key on release", e).with_id(id)),
         }
     }
 }
 
-fn spawn_delete(client: &ClientInner, key: String, turn: Option<LocalTurn>) {
+/// Deletes a released key in the background, keeping the local turn until it is gone, so the
+/// next local contender (same lease, so the same key name) never finds it and adopts it with
+/// its old create revision (a reused fencing token). Retries until the delete succeeds or the
+/// lease the key was written with has ended (a later contender then uses a new lease, hence a
+/// new key, and the old lease is revoked).
+fn spawn_delete(
+    client: &ClientInner,
+    key: String,
+    turn: Option<LocalTurn>,
+    lease_ended: LossSignal,
+) {
     if client.is_killed() {
         // A dead process releases nothing: the lease expiry frees the key.
         return;
@@ -395,12 +406,22 @@ fn spawn_delete(client: &ClientInner, key: String, turn: Option<LocalTurn>) {
     let mut kv = client.kv();
     if let Ok(rt) = tokio::runtime::Handle::try_current() {
         rt.spawn(async move {
-            for attempt in 0..10u32 {
+            let mut attempt = 0u32;
+            loop {
                 match kv.delete(key.clone(), None).await {
                     Ok(_) => break,
+                    Err(e) if lease_ended.is_lost() => {
+                        tracing::warn!(backend = BACKEND, key, error = %e, "background release failed; the key ends with its lease");
+                        break;
+                    }
                     Err(e) => {
+                        attempt = attempt.saturating_add(1);
                         tracing::warn!(backend = BACKEND, key, attempt, error = %e, "background release failed; retrying");
-                        tokio::time::sleep(Duration::from_millis(200) * (attempt + 1)).await;
+                        let pause = Duration::from_millis(200) * attempt.min(25);
+                        tokio::select! {
+                            _ = tokio::time::sleep(pause) => {}
+                            _ = lease_ended.wait() => {}
+                        }
                     }
                 }
             }
@@ -417,6 +438,7 @@ impl Drop for Holding {
                 &self.client,
                 std::mem::take(&mut self.key),
                 self.turn.take(),
+                self.lease_ended.clone(),
             );
         }
     }

@@ -6,7 +6,7 @@ use std::sync::Arc;
 
 use async_trait::async_trait;
 use etcd_client::{Compare, CompareOp, DeleteOptions, GetOptions, Txn, TxnOp};
-use sync_core::{Entry, Error, ErrorKind, MAX_VALUE_LEN, Map, Result, Version};
+use sync_core::{Entry, Error, ErrorKind, Map, Result, Version};
 
 use crate::{
     BACKEND,
@@ -40,15 +40,7 @@ impl EtcdMap {
     }
 
     fn check_value(key: &str, value: &[u8]) -> Result<()> {
-        if value.len() > MAX_VALUE_LEN {
-            return Err(Error::invalid(format!(
-                "value is {} bytes; the maximum is {MAX_VALUE_LEN}",
-                value.len()
-            ))
-            .with_backend(BACKEND)
-            .with_id(key));
-        }
-        Ok(())
+        sync_core::validate_value(value).map_err(|e| e.with_backend(BACKEND).with_id(key))
     }
 
     fn conflict(key: &str, expected: Option<Version>) -> Error {

@@ -33,8 +33,8 @@ use etcd_client::{
 use futures::FutureExt;
 use serde::{Deserialize, Serialize};
 use sync_core::{
-    Error, ErrorKind, Handler, Job, JobContext, JobId, JobState, JobStatus, Result, Task, Worker,
-    WorkerControl, WorkerOptions,
+    Error, ErrorKind, Handler, Job, JobContext, JobId, JobState, JobStatus, LossSignal, Result,
+    Task, Worker, WorkerControl, WorkerOptions,
 };
 use tokio::{
     sync::{Semaphore, watch},
@@ -51,6 +51,14 @@ use crate::{
 /// The safety-net rescan of orphaned claims and the longest a worker sleeps without a watch
 /// event before looking at its queue again.
 const SAFETY_NET: Duration = Duration::from_secs(5);
+
+/// The largest worker pool accepted (the pool is a semaphore, and stopping takes every permit
+/// in one call).
+const MAX_CONCURRENCY: usize = if (u32::MAX as usize) < Semaphore::MAX_PERMITS {
+    u32::MAX as usize
+} else {
+    Semaphore::MAX_PERMITS
+};
 
 /// How many queue entries a worker looks at per scan.
 const SCAN_LIMIT: i64 = 64;
@@ -240,6 +248,14 @@ impl Task for EtcdTask {
     ) -> Result<Worker> {
         sync_core::id::validate("job name", name).map_err(|e| e.with_backend(BACKEND))?;
         opts.validate().map_err(|e| e.with_backend(BACKEND))?;
+        if opts.concurrency > MAX_CONCURRENCY {
+            return Err(Error::invalid(format!(
+                "worker concurrency is {}; the maximum is {MAX_CONCURRENCY}",
+                opts.concurrency
+            ))
+            .with_backend(BACKEND)
+            .with_id(name));
+        }
         // Fails with Closed once killed, and makes sure a lease exists for the claims.
         self.shared.client.session().await?;
         let (stop_tx, stop) = watch::channel(false);
@@ -311,6 +327,8 @@ struct Claim {
     record: Record,
     /// The record's mod revision after the claim: finishing is guarded by it.
     rev: i64,
+    /// Fires when the lease the claim was written with ends (the claim goes with it).
+    lease_ended: LossSignal,
 }
 
 /// Takes permits from the pool and claims a job for each.
@@ -447,7 +465,16 @@ async fn claim_one(
         if done.succeeded() {
             let rev = done.header().map(|h| h.revision()).unwrap_or_default();
             tracing::debug!(backend = BACKEND, job = %id, attempt = record.status.attempts, "job claimed");
-            return Ok((Some(Claim { id, record, rev }), rev, None));
+            return Ok((
+                Some(Claim {
+                    id,
+                    record,
+                    rev,
+                    lease_ended: session.ended.clone(),
+                }),
+                rev,
+                None,
+            ));
         }
     }
     let wake = wake.map(|w| Instant::now() + Duration::from_millis(w.saturating_sub(now)));
@@ -460,6 +487,7 @@ async fn run_attempt(shared: &Shared, handler: Arc<dyn Handler>, claim: Claim) {
         id,
         mut record,
         rev,
+        lease_ended,
     } = claim;
     let attempt = record.status.attempts;
     let ctx = JobContext::new(JobId(id.clone()), &record.job, attempt);
@@ -474,11 +502,73 @@ async fn run_attempt(shared: &Shared, handler: Arc<dyn Handler>, claim: Claim) {
                 .unwrap_or("(non-string payload)")
         )),
     };
-    if shared.client.is_killed() {
-        return;
+    let mut outcome = outcome;
+    let mut downgraded = false;
+    let mut transient_failures = 0u32;
+    loop {
+        if shared.client.is_killed() {
+            return;
+        }
+        let txn = match finish_txn(shared, &id, rev, &mut record, attempt, outcome.clone()) {
+            Ok(txn) => txn,
+            Err(e) => {
+                tracing::warn!(backend = BACKEND, job = %id, error = %e, "encoding the outcome failed; releasing the claim");
+                release_claim(shared, &id, rev).await;
+                return;
+            }
+        };
+        let err = match shared.client.kv().txn(txn).await {
+            Ok(resp) if resp.succeeded() => return,
+            Ok(_) => {
+                tracing::warn!(backend = BACKEND, job = %id, "the claim was lost before the attempt finished; its outcome is dropped");
+                return;
+            }
+            Err(e) => etcd_err("recording the outcome", e).with_id(&id),
+        };
+        match err.kind() {
+            // etcd is unreachable: keep trying while the claim's lease may live. Once it has
+            // ended the claim goes with it and the reapers redeliver the job.
+            ErrorKind::Unavailable if lease_ended.is_lost() => {
+                tracing::warn!(backend = BACKEND, job = %id, error = %err, "recording the outcome failed and the claim's lease ended; the job will be redelivered");
+                return;
+            }
+            ErrorKind::Unavailable => {
+                transient_failures = transient_failures.saturating_add(1);
+                tracing::warn!(backend = BACKEND, job = %id, error = %err, "recording the outcome failed; retrying");
+                let backoff = Duration::from_millis(200) * transient_failures.min(25);
+                tokio::time::sleep(backoff).await;
+            }
+            // The outcome cannot be stored (an output over etcd's request limit): record the
+            // attempt as failed instead, once, so the job is not left Running.
+            _ if !downgraded => {
+                tracing::warn!(backend = BACKEND, job = %id, error = %err, "the outcome cannot be stored; recording the attempt as failed");
+                downgraded = true;
+                outcome = Err(format!("the attempt's outcome could not be stored: {err}"));
+            }
+            // Nothing can be written: give the claim up so the job is redelivered rather than
+            // left Running for as long as this worker's lease lives.
+            _ => {
+                tracing::warn!(backend = BACKEND, job = %id, error = %err, "recording the outcome failed; releasing the claim");
+                release_claim(shared, &id, rev).await;
+                return;
+            }
+        }
     }
+}
+
+/// The transaction that records an attempt's outcome, guarded by the claim's revision:
+/// Succeeded, Failed, or Queued again with a delayed queue entry.
+fn finish_txn(
+    shared: &Shared,
+    id: &str,
+    rev: i64,
+    record: &mut Record,
+    attempt: u32,
+    outcome: std::result::Result<Vec<u8>, String>,
+) -> Result<Txn> {
     let keys = &shared.keys;
     let mut requeue_at = None;
+    record.status.output = None;
     match outcome {
         Ok(output) => {
             record.status.state = JobState::Succeeded;
@@ -489,7 +579,7 @@ async fn run_attempt(shared: &Shared, handler: Arc<dyn Handler>, claim: Claim) {
             tracing::info!(backend = BACKEND, job = %id, attempt, %error, ?delay, "job attempt failed; retrying");
             record.status.state = JobState::Queued;
             record.status.last_error = Some(error);
-            requeue_at = Some(now_ms() + delay.as_millis() as u64);
+            requeue_at = Some(now_ms().saturating_add(delay.as_millis() as u64));
         }
         Err(error) => {
             tracing::warn!(backend = BACKEND, job = %id, attempt, %error, "job failed");
@@ -497,40 +587,42 @@ async fn run_attempt(shared: &Shared, handler: Arc<dyn Handler>, claim: Claim) {
             record.status.last_error = Some(error);
         }
     }
-    let Ok(value) = shared.encode(&record) else {
-        return;
-    };
+    let value = shared.encode(record)?;
     let mut ops = vec![
-        TxnOp::put(keys.record(&id), value, None),
-        TxnOp::delete(keys.claim(&id), None::<DeleteOptions>),
-        TxnOp::delete(keys.inflight_of(&id), None::<DeleteOptions>),
+        TxnOp::put(keys.record(id), value, None),
+        TxnOp::delete(keys.claim(id), None::<DeleteOptions>),
+        TxnOp::delete(keys.inflight_of(id), None::<DeleteOptions>),
     ];
     if let Some(at) = requeue_at {
         ops.push(TxnOp::put(
-            keys.queue(&record.job.name, &id),
+            keys.queue(&record.job.name, id),
             at.to_string(),
             None,
         ));
     }
-    let txn = Txn::new()
+    Ok(Txn::new()
         .when([Compare::mod_revision(
-            keys.record(&id),
+            keys.record(id),
             CompareOp::Equal,
             rev,
         )])
-        .and_then(ops);
-    for attempt_no in 0..5u32 {
-        match shared.client.kv().txn(txn.clone()).await {
-            Ok(resp) if resp.succeeded() => return,
-            Ok(_) => {
-                tracing::warn!(backend = BACKEND, job = %id, "the claim was lost before the attempt finished; its outcome is dropped");
-                return;
-            }
-            Err(e) => {
-                tracing::warn!(backend = BACKEND, job = %id, error = %e, "recording the outcome failed; retrying");
-                tokio::time::sleep(Duration::from_millis(200) * (attempt_no + 1)).await;
-            }
-        }
+        .and_then(ops))
+}
+
+/// Deletes the claim of `id` so the reapers redeliver the job — only while the record is still
+/// at this attempt's revision `rev`, so a newer attempt's claim is never touched (best effort:
+/// if it fails, the claim still ends with this worker's lease).
+async fn release_claim(shared: &Shared, id: &str, rev: i64) {
+    let keys = &shared.keys;
+    let txn = Txn::new()
+        .when([Compare::mod_revision(
+            keys.record(id),
+            CompareOp::Equal,
+            rev,
+        )])
+        .and_then([TxnOp::delete(keys.claim(id), None::<DeleteOptions>)]);
+    if let Err(e) = shared.client.kv().txn(txn).await {
+        tracing::warn!(backend = BACKEND, job = %id, error = %e, "releasing the claim failed; it ends with the lease");
     }
 }
 
