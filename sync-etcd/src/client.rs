@@ -179,7 +179,15 @@ pub(crate) struct ClientInner {
     killed: watch::Sender<bool>,
     /// Per contender prefix: contenders of one id on this handle queue here, so only one of
     /// them owns the key `<prefix><lease-hex>` at a time.
-    queues: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
+    queues: Mutex<HashMap<String, LocalQueue>>,
+}
+
+/// One per-id local queue and how many contenders (waiting or holding) use it; the entry is
+/// removed when the last of them goes, however it goes (turn dropped, or a waiting future
+/// cancelled).
+struct LocalQueue {
+    mutex: Arc<tokio::sync::Mutex<()>>,
+    users: usize,
 }
 
 /// One lease and the signal that it is gone (or no longer certain).
@@ -205,46 +213,63 @@ impl Session {
 
 /// A place in a per-id local queue; dropping it lets the next local contender talk to etcd.
 pub(crate) struct LocalTurn {
-    guard: Option<OwnedMutexGuard<()>>,
+    // Declared first so it is dropped (the queue handed on) before the place is given up.
+    _guard: OwnedMutexGuard<()>,
+    _user: QueueUser,
+}
+
+/// A contender's use of a local queue, from before it waits until its turn ends; the last one
+/// out removes the queue from the map.
+struct QueueUser {
     client: Arc<ClientInner>,
     prefix: String,
 }
 
-impl Drop for LocalTurn {
+impl Drop for QueueUser {
     fn drop(&mut self) {
-        drop(self.guard.take());
         let mut queues = locked(&self.client.queues);
-        if queues
-            .get(&self.prefix)
-            .is_some_and(|q| Arc::strong_count(q) == 1)
-        {
-            queues.remove(&self.prefix);
+        if let Some(queue) = queues.get_mut(&self.prefix) {
+            queue.users = queue.users.saturating_sub(1);
+            if queue.users == 0 {
+                queues.remove(&self.prefix);
+            }
         }
     }
 }
 
 impl ClientInner {
     /// Waits for this handle's turn on `prefix` (None when `try_only` and it is taken).
+    /// Cancelling the wait gives the place up.
     pub(crate) async fn local_turn(
         self: &Arc<Self>,
         prefix: &str,
         try_only: bool,
     ) -> Option<LocalTurn> {
-        let queue = locked(&self.queues)
-            .entry(prefix.to_string())
-            .or_default()
-            .clone();
-        let guard = if try_only {
-            queue.try_lock_owned().ok()
-        } else {
-            Some(queue.lock_owned().await)
+        let queue = {
+            let mut queues = locked(&self.queues);
+            let queue = queues
+                .entry(prefix.to_string())
+                .or_insert_with(|| LocalQueue {
+                    mutex: Arc::default(),
+                    users: 0,
+                });
+            queue.users += 1;
+            queue.mutex.clone()
         };
-        let turn = LocalTurn {
-            guard,
+        // Registered above: from here on, dropping `user` (also by cancellation) counts out.
+        let user = QueueUser {
             client: self.clone(),
             prefix: prefix.to_string(),
         };
-        turn.guard.is_some().then_some(turn)
+        let guard = if try_only {
+            queue.try_lock_owned().ok()?
+        } else {
+            queue.lock_owned().await
+        };
+        Some(LocalTurn {
+            _guard: guard,
+            _user: user,
+        })
     }
 
     /// The live session, granting a new lease if the last one ended. Fails once killed.
@@ -577,4 +602,69 @@ fn tls_options(tls: &crate::TlsConfig) -> Result<etcd_client::TlsOptions> {
         options = options.domain_name(domain.clone());
     }
     Ok(options)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A client that never talks to etcd (the channel connects lazily).
+    async fn offline_inner() -> Arc<ClientInner> {
+        let etcd = etcd_client::Client::connect(["http://127.0.0.1:1"], None)
+            .await
+            .expect("a lazy channel");
+        let (killed, _) = watch::channel(false);
+        Arc::new(ClientInner {
+            etcd,
+            config: Config::default(),
+            session: tokio::sync::Mutex::new(None),
+            killed,
+            queues: Mutex::new(HashMap::new()),
+        })
+    }
+
+    fn queue_count(inner: &ClientInner) -> usize {
+        locked(&inner.queues).len()
+    }
+
+    #[tokio::test]
+    async fn local_queue_is_removed_when_a_waiter_is_cancelled_after_the_holder_left() {
+        let inner = offline_inner().await;
+        let turn = inner.local_turn("ns/a/", false).await.expect("free");
+        let mut waiter = Box::pin(inner.local_turn("ns/a/", false));
+        assert!(futures::poll!(waiter.as_mut()).is_pending());
+        // The holder leaves while the waiter is queued, then the waiter is cancelled.
+        drop(turn);
+        drop(waiter);
+        assert_eq!(queue_count(&inner), 0, "the queue of a gone id leaked");
+    }
+
+    #[tokio::test]
+    async fn local_queue_is_removed_when_a_waiter_is_cancelled_before_the_holder_left() {
+        let inner = offline_inner().await;
+        let turn = inner.local_turn("ns/a/", false).await.expect("free");
+        let mut waiter = Box::pin(inner.local_turn("ns/a/", false));
+        assert!(futures::poll!(waiter.as_mut()).is_pending());
+        drop(waiter);
+        assert_eq!(queue_count(&inner), 1, "the holder still uses it");
+        drop(turn);
+        assert_eq!(queue_count(&inner), 0);
+    }
+
+    #[tokio::test]
+    async fn local_queue_hands_over_and_is_removed_after_the_last_turn() {
+        let inner = offline_inner().await;
+        let turn = inner.local_turn("ns/a/", false).await.expect("free");
+        assert!(inner.local_turn("ns/a/", true).await.is_none(), "taken");
+        let mut waiter = Box::pin(inner.local_turn("ns/a/", false));
+        assert!(futures::poll!(waiter.as_mut()).is_pending());
+        drop(turn);
+        let next = waiter.await.expect("handed over");
+        assert_eq!(queue_count(&inner), 1);
+        drop(next);
+        assert_eq!(queue_count(&inner), 0);
+        let other = inner.local_turn("ns/b/", true).await.expect("free");
+        drop(other);
+        assert_eq!(queue_count(&inner), 0);
+    }
 }

@@ -13,7 +13,7 @@
 //! | lock `id` | `ns/<escaped id>/<lease-hex>` — etcd's `concurrency.Mutex` layout |
 //! | election `group` | `ns/<escaped group>/<lease-hex>` — etcd's `concurrency.Election` layout |
 //! | map `name` | `ns/:map/<escaped name>/<escaped key>` |
-//! | task | `ns/:task/…` (jobs, queue, claims) |
+//! | task | `ns/:task/…` (jobs, payloads, outputs, queue, claims) |
 //!
 //! Escaped ids never contain `:` or `/`, so map and task keys never fall under a lock or
 //! election prefix. With the empty namespace, a lock `NAME` and `etcdctl lock NAME` (or a Go

@@ -1,6 +1,7 @@
 //! Map on etcd: one key per entry at `<ns>/:map/<escaped name>/<escaped key>`; the version is
 //! the key's mod revision, and compare-and-swap is a transaction on it (absent = create
-//! revision 0).
+//! revision 0). `entries()` reads the map in pages, every page at the first page's revision:
+//! one consistent, sorted snapshot however large the map is.
 
 use std::sync::Arc;
 
@@ -12,6 +13,16 @@ use crate::{
     BACKEND,
     client::{ClientInner, etcd_err},
 };
+
+/// The most entries `entries()` asks etcd for per request.
+const PAGE_LIMIT: i64 = 256;
+
+/// The response size `entries()` aims a page at (gRPC refuses to decode more than 4 MiB); the
+/// next page's entry count is chosen from the sizes seen so far.
+const PAGE_BYTES: usize = 2 * 1024 * 1024;
+
+/// How often a listing starts over when etcd compacted its pinned revision mid-way.
+const LIST_RESTARTS: usize = 3;
 
 pub(crate) struct EtcdMap {
     client: Arc<ClientInner>,
@@ -51,6 +62,92 @@ impl EtcdMap {
         Error::new(ErrorKind::Conflict, what)
             .with_backend(BACKEND)
             .with_id(key)
+    }
+
+    /// Every entry, sorted by key: one range request per page of at most `page_limit` entries
+    /// (fewer for large values), continuing after the last key seen. Every page after the first
+    /// is read at the first page's revision, so the result is one consistent snapshot of the
+    /// map at that revision, like a single range request. If etcd compacts that revision
+    /// before the last page is read, the listing starts over (a few times, then fails).
+    pub(crate) async fn list(&self, page_limit: i64) -> Result<Vec<Entry>> {
+        self.client.check_alive()?;
+        let page_limit = page_limit.max(1);
+        let mut restarts = 0;
+        loop {
+            match self.list_once(page_limit).await {
+                Err(e) if is_compacted(&e) && restarts < LIST_RESTARTS => {
+                    restarts += 1;
+                    tracing::debug!(backend = BACKEND, map = %self.name, "snapshot revision compacted while listing; starting over");
+                }
+                Err(e) => return Err(etcd_err("listing", e).with_id(&self.name)),
+                Ok(mut out) => {
+                    // Sorted by the key itself, not by its escaped form.
+                    out.sort_by(|a, b| a.key.cmp(&b.key));
+                    return Ok(out);
+                }
+            }
+        }
+    }
+
+    async fn list_once(
+        &self,
+        page_limit: i64,
+    ) -> std::result::Result<Vec<Entry>, etcd_client::Error> {
+        let mut range_end = self.prefix.as_bytes().to_vec();
+        // The prefix ends with '/', so the end of its range is the prefix with '0' last.
+        if let Some(last) = range_end.last_mut() {
+            *last += 1;
+        }
+        let mut from = self.prefix.as_bytes().to_vec();
+        let mut revision = 0;
+        let mut limit = page_limit;
+        let mut out = Vec::new();
+        loop {
+            let mut opts = GetOptions::new()
+                .with_range(range_end.clone())
+                .with_limit(limit);
+            if revision > 0 {
+                opts = opts.with_revision(revision);
+            }
+            let resp = match self.client.kv().get(from.clone(), Some(opts)).await {
+                // Over gRPC's decode limit: ask for fewer entries (one always fits).
+                Err(e) if is_too_large(&e) && limit > 1 => {
+                    limit = (limit / 2).max(1);
+                    continue;
+                }
+                other => other?,
+            };
+            if revision == 0 {
+                revision = resp.header().map(|h| h.revision()).unwrap_or_default();
+            }
+            let kvs = resp.kvs();
+            let mut bytes = 0usize;
+            for kv in kvs {
+                bytes = bytes.saturating_add(kv.key().len() + kv.value().len());
+                let Some(key) = std::str::from_utf8(kv.key())
+                    .ok()
+                    .and_then(|raw| raw.strip_prefix(&self.prefix))
+                    .and_then(sync_core::id::unescape)
+                else {
+                    continue;
+                };
+                out.push(Entry::new(
+                    key,
+                    kv.value().to_vec(),
+                    kv.mod_revision() as Version,
+                ));
+            }
+            let Some(last) = kvs.last() else { break };
+            if !resp.more() {
+                break;
+            }
+            // The next page starts just after the last key seen.
+            from = last.key().to_vec();
+            from.push(0);
+            let average = (bytes / kvs.len()).max(1);
+            limit = ((PAGE_BYTES / average) as i64).clamp(1, page_limit);
+        }
+        Ok(out)
     }
 
     fn revision(resp_header: Option<&etcd_client::ResponseHeader>) -> Version {
@@ -157,30 +254,19 @@ impl Map for EtcdMap {
         Ok(())
     }
 
+    /// A sorted snapshot of the whole map, read in pages (see [`EtcdMap::list`]).
     #[tracing::instrument(level = "debug", skip(self), fields(backend = BACKEND, primitive = "map", map = %self.name))]
     async fn entries(&self) -> Result<Vec<Entry>> {
-        self.client.check_alive()?;
-        let resp = self
-            .client
-            .kv()
-            .get(self.prefix.clone(), Some(GetOptions::new().with_prefix()))
-            .await
-            .map_err(|e| etcd_err("listing", e).with_id(&self.name))?;
-        let mut out: Vec<Entry> = resp
-            .kvs()
-            .iter()
-            .filter_map(|kv| {
-                let raw = std::str::from_utf8(kv.key()).ok()?;
-                let key = sync_core::id::unescape(raw.strip_prefix(&self.prefix)?)?;
-                Some(Entry::new(
-                    key,
-                    kv.value().to_vec(),
-                    kv.mod_revision() as Version,
-                ))
-            })
-            .collect();
-        // Sorted by the key itself, not by its escaped form.
-        out.sort_by(|a, b| a.key.cmp(&b.key));
-        Ok(out)
+        self.list(PAGE_LIMIT).await
     }
+}
+
+/// gRPC refused to decode a response over its message size limit.
+fn is_too_large(e: &etcd_client::Error) -> bool {
+    matches!(e, etcd_client::Error::GRpcStatus(s) if s.message().contains("message length too large"))
+}
+
+/// etcd no longer has the revision asked for.
+fn is_compacted(e: &etcd_client::Error) -> bool {
+    matches!(e, etcd_client::Error::GRpcStatus(s) if s.message().contains("compacted"))
 }

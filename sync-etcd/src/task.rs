@@ -5,16 +5,25 @@
 //!
 //! | key | value | lease |
 //! | --- | --- | --- |
-//! | `jobs/<id>` | JSON: the job, its status, and the earliest retry time | none |
+//! | `jobs/<id>` | JSON: the job and its status, without payload and output | none |
+//! | `payloads/<id>` | the payload, raw (deleted once the job ended) | none |
+//! | `outputs/<id>` | the output, raw, once Succeeded | none |
 //! | `queue/<escaped name>/<id>` | earliest start (unix ms) | none |
 //! | `claims/<id>` | the claiming worker | the worker client's lease |
 //! | `inflight/<id>` | empty | none |
 //!
-//! Submitting writes the record and the queue entry in one transaction. A worker claims a job
-//! in one transaction guarded by the record's mod revision: record → Running (attempts + 1),
-//! queue entry deleted, claim (with its lease) and in-flight marker written. Finishing is one
-//! transaction guarded by the same mod revision: record → Succeeded / Failed / Queued (retry,
-//! queue entry re-written), claim and marker deleted. Every worker watches `claims/` for
+//! Payload and output bytes are kept raw beside the record rather than in its JSON (where bytes
+//! are arrays of numbers, about 4x larger), so a payload or output of up to
+//! [`MAX_PAYLOAD_LEN`] stays well within etcd's request limit (1.5 MiB by default).
+//!
+//! Submitting writes the record, the payload and the queue entry in one transaction. A worker
+//! claims a job in one transaction guarded by the record's mod revision: record → Running
+//! (attempts + 1), queue entry deleted, claim (with its lease) and in-flight marker written,
+//! payload read. Finishing is one transaction guarded by the same mod revision: record →
+//! Succeeded (output written) / Failed / Queued (retry, queue entry re-written), claim and
+//! marker deleted (and the payload, once the job ended). An output over [`MAX_PAYLOAD_LEN`]
+//! fails the attempt. Workers page through the whole queue, oldest first, until they find a
+//! startable entry, so delayed retries at its head never hold up newer jobs. Every worker watches `claims/` for
 //! deletions (and rescans every few seconds as a safety net); an in-flight marker whose claim
 //! is gone belongs to a dead worker, and its job is queued again (or Failed when out of
 //! attempts). `wait` watches the record.
@@ -33,8 +42,8 @@ use etcd_client::{
 use futures::FutureExt;
 use serde::{Deserialize, Serialize};
 use sync_core::{
-    Error, ErrorKind, Handler, Job, JobContext, JobId, JobState, JobStatus, LossSignal, Result,
-    Task, Worker, WorkerControl, WorkerOptions,
+    Error, ErrorKind, Handler, Job, JobContext, JobId, JobState, JobStatus, LossSignal,
+    MAX_PAYLOAD_LEN, Result, Task, Worker, WorkerControl, WorkerOptions,
 };
 use tokio::{
     sync::{Semaphore, watch},
@@ -45,12 +54,17 @@ use tracing::Instrument;
 
 use crate::{
     BACKEND,
-    client::{ClientInner, etcd_err},
+    client::{ClientInner, Session, etcd_err},
 };
 
 /// The safety-net rescan of orphaned claims and the longest a worker sleeps without a watch
 /// event before looking at its queue again.
 const SAFETY_NET: Duration = Duration::from_secs(5);
+
+/// How long the reaper lets claim deletions accumulate before rescanning: every finished job
+/// deletes a claim, and one rescan reads every in-flight marker and claim, so a burst of
+/// finished jobs costs one rescan rather than one each.
+const REAP_DEBOUNCE: Duration = Duration::from_millis(250);
 
 /// The largest worker pool accepted (the pool is a semaphore, and stopping takes every permit
 /// in one call).
@@ -60,7 +74,7 @@ const MAX_CONCURRENCY: usize = if (u32::MAX as usize) < Semaphore::MAX_PERMITS {
     Semaphore::MAX_PERMITS
 };
 
-/// How many queue entries a worker looks at per scan.
+/// How many queue entries a worker reads per request while scanning its queue.
 const SCAN_LIMIT: i64 = 64;
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -102,6 +116,12 @@ impl Keys {
     fn inflight_of(&self, id: &str) -> String {
         format!("{}{}", self.inflight(), sync_core::id::escape(id))
     }
+    fn payload(&self, id: &str) -> String {
+        format!("{}payloads/{}", self.root, sync_core::id::escape(id))
+    }
+    fn output(&self, id: &str) -> String {
+        format!("{}outputs/{}", self.root, sync_core::id::escape(id))
+    }
 }
 
 struct Shared {
@@ -118,7 +138,17 @@ impl Shared {
         })
     }
 
-    /// The record of `id` and its mod revision, if any.
+    fn decode(id: &str, value: &[u8]) -> Result<Record> {
+        serde_json::from_slice(value).map_err(|e| {
+            Error::new(ErrorKind::Backend, "the job record is not valid JSON")
+                .with_backend(BACKEND)
+                .with_id(id)
+                .with_source(e)
+        })
+    }
+
+    /// The record of `id`, its mod revision and the revision read at, if any (the status's
+    /// output is not filled in: see [`Shared::read_status`]).
     async fn read(&self, id: &str) -> Result<Option<(Record, i64, i64)>> {
         let resp = self
             .client
@@ -129,16 +159,40 @@ impl Shared {
         let header_rev = resp.header().map(|h| h.revision()).unwrap_or_default();
         match resp.kvs().first() {
             None => Ok(None),
-            Some(kv) => {
-                let record: Record = serde_json::from_slice(kv.value()).map_err(|e| {
-                    Error::new(ErrorKind::Backend, "the job record is not valid JSON")
-                        .with_backend(BACKEND)
-                        .with_id(id)
-                        .with_source(e)
-                })?;
-                Ok(Some((record, kv.mod_revision(), header_rev)))
-            }
+            Some(kv) => Ok(Some((
+                Self::decode(id, kv.value())?,
+                kv.mod_revision(),
+                header_rev,
+            ))),
         }
+    }
+
+    /// The status of `id` with its output, and the revision read at: the record and the
+    /// output in one consistent read.
+    async fn read_status(&self, id: &str) -> Result<Option<(JobStatus, i64)>> {
+        let txn = Txn::new().and_then([
+            TxnOp::get(self.keys.record(id), None),
+            TxnOp::get(self.keys.output(id), None),
+        ]);
+        let resp = self
+            .client
+            .kv()
+            .txn(txn)
+            .await
+            .map_err(|e| etcd_err("reading the job", e).with_id(id))?;
+        let header_rev = resp.header().map(|h| h.revision()).unwrap_or_default();
+        let first = |i: usize| match resp.op_responses().get(i) {
+            Some(TxnOpResponse::Get(g)) => g.kvs().first().map(|kv| kv.value().to_vec()),
+            _ => None,
+        };
+        let Some(value) = first(0) else {
+            return Ok(None);
+        };
+        let mut status = Self::decode(id, &value)?.status;
+        if let Some(output) = first(1) {
+            status.output = Some(output);
+        }
+        Ok(Some((status, header_rev)))
     }
 
     fn not_found(id: &str) -> Error {
@@ -171,6 +225,8 @@ impl Task for EtcdTask {
         job.validate().map_err(|e| e.with_backend(BACKEND))?;
         self.shared.client.check_alive()?;
         let id = uuid::Uuid::new_v4().simple().to_string();
+        let mut job = job;
+        let payload = std::mem::take(&mut job.payload);
         let record = Record {
             status: JobStatus::queued(JobId(id.clone()), &job),
             job,
@@ -178,6 +234,7 @@ impl Task for EtcdTask {
         let keys = &self.shared.keys;
         let txn = Txn::new().and_then([
             TxnOp::put(keys.record(&id), self.shared.encode(&record)?, None),
+            TxnOp::put(keys.payload(&id), payload, None),
             TxnOp::put(keys.queue(&record.job.name, &id), "0", None),
         ]);
         self.shared
@@ -196,8 +253,8 @@ impl Task for EtcdTask {
         if sync_core::id::validate("job id", &id.0).is_err() {
             return Err(Shared::not_found(&id.0));
         }
-        match self.shared.read(&id.0).await? {
-            Some((record, _, _)) => Ok(record.status),
+        match self.shared.read_status(&id.0).await? {
+            Some((status, _)) => Ok(status),
             None => Err(Shared::not_found(&id.0)),
         }
     }
@@ -211,11 +268,11 @@ impl Task for EtcdTask {
         let shared = self.shared.clone();
         let fut = async move {
             loop {
-                let Some((record, _, rev)) = shared.read(&id.0).await? else {
+                let Some((status, rev)) = shared.read_status(&id.0).await? else {
                     return Err(Shared::not_found(&id.0));
                 };
-                if record.status.state.is_final() {
-                    return Ok(record.status);
+                if status.state.is_final() {
+                    return Ok(status);
                 }
                 let key = shared.keys.record(&id.0);
                 let mut killed = shared.client.killed();
@@ -325,6 +382,8 @@ async fn stopped(stop: &mut watch::Receiver<bool>, killed: &mut watch::Receiver<
 struct Claim {
     id: String,
     record: Record,
+    /// The job's payload, read in the claim's transaction.
+    payload: Vec<u8>,
     /// The record's mod revision after the claim: finishing is guarded by it.
     rev: i64,
     /// Fires when the lease the claim was written with ends (the claim goes with it).
@@ -378,107 +437,138 @@ async fn claim_loop(
     }
 }
 
-/// Claims the oldest startable job of the queue. Returns the claim (if any), the revision the
-/// queue was read at, and when the earliest delayed retry becomes startable.
+/// Claims the oldest startable job of the queue, paging through it (oldest first) until one
+/// is claimed or the queue is exhausted. Returns the claim (if any), the revision the queue was
+/// first read at (watching for changes from there misses nothing), and when the earliest
+/// delayed retry seen becomes startable.
 async fn claim_one(
     shared: &Shared,
     queue_prefix: &str,
 ) -> Result<(Option<Claim>, i64, Option<Instant>)> {
     let client = &shared.client;
     let session = client.session().await?;
-    let resp = client
-        .kv()
-        .get(
-            queue_prefix,
-            Some(
-                GetOptions::new()
-                    .with_prefix()
-                    .with_sort(SortTarget::Create, SortOrder::Ascend)
-                    .with_limit(SCAN_LIMIT),
-            ),
-        )
-        .await
-        .map_err(|e| etcd_err("reading the queue", e))?;
-    let rev = resp.header().map(|h| h.revision()).unwrap_or_default();
     let now = now_ms();
     let mut wake: Option<u64> = None;
-    for kv in resp.kvs() {
-        let not_before: u64 = std::str::from_utf8(kv.value())
-            .ok()
-            .and_then(|v| v.parse().ok())
-            .unwrap_or(0);
-        if not_before > now {
-            wake = Some(wake.map_or(not_before, |w| w.min(not_before)));
-            continue;
+    let mut first_rev = 0;
+    // Pages continue after the last entry seen, in create-revision order.
+    let mut after_create_rev = 0;
+    loop {
+        let mut opts = GetOptions::new()
+            .with_prefix()
+            .with_sort(SortTarget::Create, SortOrder::Ascend)
+            .with_limit(SCAN_LIMIT);
+        if after_create_rev > 0 {
+            opts = opts.with_min_create_revision(after_create_rev + 1);
         }
-        let Some(escaped) = std::str::from_utf8(kv.key())
-            .ok()
-            .and_then(|k| k.strip_prefix(queue_prefix))
-        else {
-            continue;
-        };
-        let Some(id) = sync_core::id::unescape(escaped) else {
-            continue;
-        };
-        let Some((mut record, mod_rev, _)) = shared.read(&id).await? else {
-            // An entry without a record: drop it.
-            let _ = client.kv().delete(kv.key().to_vec(), None).await;
-            continue;
-        };
-        if record.status.state != JobState::Queued {
-            if record.status.state.is_final() {
-                // A stale entry (the job already ended): drop it, guarded by the record.
-                let stale = Txn::new()
-                    .when([Compare::mod_revision(
-                        shared.keys.record(&id),
-                        CompareOp::Equal,
-                        mod_rev,
-                    )])
-                    .and_then([TxnOp::delete(kv.key().to_vec(), None::<DeleteOptions>)]);
-                let _ = client.kv().txn(stale).await;
-            }
-            continue;
-        }
-        record.status.state = JobState::Running;
-        record.status.attempts = record.status.attempts.saturating_add(1);
-        let keys = &shared.keys;
-        let txn = Txn::new()
-            .when([
-                Compare::mod_revision(keys.record(&id), CompareOp::Equal, mod_rev),
-                Compare::create_revision(keys.claim(&id), CompareOp::Equal, 0),
-            ])
-            .and_then([
-                TxnOp::put(keys.record(&id), shared.encode(&record)?, None),
-                TxnOp::delete(kv.key().to_vec(), None::<DeleteOptions>),
-                TxnOp::put(
-                    keys.claim(&id),
-                    session.lease_hex(),
-                    Some(PutOptions::new().with_lease(session.lease)),
-                ),
-                TxnOp::put(keys.inflight_of(&id), "", None),
-            ]);
-        let done = client
+        let resp = client
             .kv()
-            .txn(txn)
+            .get(queue_prefix, Some(opts))
             .await
-            .map_err(|e| etcd_err("claiming the job", e).with_id(&id))?;
-        if done.succeeded() {
-            let rev = done.header().map(|h| h.revision()).unwrap_or_default();
-            tracing::debug!(backend = BACKEND, job = %id, attempt = record.status.attempts, "job claimed");
-            return Ok((
-                Some(Claim {
-                    id,
-                    record,
-                    rev,
-                    lease_ended: session.ended.clone(),
-                }),
-                rev,
-                None,
-            ));
+            .map_err(|e| etcd_err("reading the queue", e))?;
+        if first_rev == 0 {
+            first_rev = resp.header().map(|h| h.revision()).unwrap_or_default();
+        }
+        for kv in resp.kvs() {
+            after_create_rev = after_create_rev.max(kv.create_revision());
+            let not_before: u64 = std::str::from_utf8(kv.value())
+                .ok()
+                .and_then(|v| v.parse().ok())
+                .unwrap_or(0);
+            if not_before > now {
+                wake = Some(wake.map_or(not_before, |w| w.min(not_before)));
+                continue;
+            }
+            if let Some(claim) = try_claim(shared, &session, queue_prefix, kv).await? {
+                return Ok((Some(claim), first_rev, None));
+            }
+        }
+        if !resp.more() || resp.kvs().is_empty() {
+            break;
         }
     }
     let wake = wake.map(|w| Instant::now() + Duration::from_millis(w.saturating_sub(now)));
-    Ok((None, rev, wake))
+    Ok((None, first_rev, wake))
+}
+
+/// Tries to claim the job of one startable queue entry (None if it is not claimable: gone,
+/// already running or ended, or claimed by another worker first).
+async fn try_claim(
+    shared: &Shared,
+    session: &Session,
+    queue_prefix: &str,
+    kv: &etcd_client::KeyValue,
+) -> Result<Option<Claim>> {
+    let client = &shared.client;
+    let Some(escaped) = std::str::from_utf8(kv.key())
+        .ok()
+        .and_then(|k| k.strip_prefix(queue_prefix))
+    else {
+        return Ok(None);
+    };
+    let Some(id) = sync_core::id::unescape(escaped) else {
+        return Ok(None);
+    };
+    let Some((mut record, mod_rev, _)) = shared.read(&id).await? else {
+        // An entry without a record: drop it.
+        let _ = client.kv().delete(kv.key().to_vec(), None).await;
+        return Ok(None);
+    };
+    if record.status.state != JobState::Queued {
+        if record.status.state.is_final() {
+            // A stale entry (the job already ended): drop it, guarded by the record.
+            let stale = Txn::new()
+                .when([Compare::mod_revision(
+                    shared.keys.record(&id),
+                    CompareOp::Equal,
+                    mod_rev,
+                )])
+                .and_then([TxnOp::delete(kv.key().to_vec(), None::<DeleteOptions>)]);
+            let _ = client.kv().txn(stale).await;
+        }
+        return Ok(None);
+    }
+    record.status.state = JobState::Running;
+    record.status.attempts = record.status.attempts.saturating_add(1);
+    let keys = &shared.keys;
+    let txn = Txn::new()
+        .when([
+            Compare::mod_revision(keys.record(&id), CompareOp::Equal, mod_rev),
+            Compare::create_revision(keys.claim(&id), CompareOp::Equal, 0),
+        ])
+        .and_then([
+            TxnOp::put(keys.record(&id), shared.encode(&record)?, None),
+            TxnOp::delete(kv.key().to_vec(), None::<DeleteOptions>),
+            TxnOp::put(
+                keys.claim(&id),
+                session.lease_hex(),
+                Some(PutOptions::new().with_lease(session.lease)),
+            ),
+            TxnOp::put(keys.inflight_of(&id), "", None),
+            TxnOp::get(keys.payload(&id), None),
+        ]);
+    let done = client
+        .kv()
+        .txn(txn)
+        .await
+        .map_err(|e| etcd_err("claiming the job", e).with_id(&id))?;
+    if !done.succeeded() {
+        return Ok(None);
+    }
+    let rev = done.header().map(|h| h.revision()).unwrap_or_default();
+    let payload = match done.op_responses().get(4) {
+        Some(TxnOpResponse::Get(g)) => g.kvs().first().map(|kv| kv.value().to_vec()),
+        _ => None,
+    }
+    // A record written with its payload inline (older versions of this crate).
+    .unwrap_or_else(|| record.job.payload.clone());
+    tracing::debug!(backend = BACKEND, job = %id, attempt = record.status.attempts, "job claimed");
+    Ok(Some(Claim {
+        id,
+        record,
+        payload,
+        rev,
+        lease_ended: session.ended.clone(),
+    }))
 }
 
 /// Runs one attempt and records its outcome, unless the claim was lost meanwhile.
@@ -486,12 +576,18 @@ async fn run_attempt(shared: &Shared, handler: Arc<dyn Handler>, claim: Claim) {
     let Claim {
         id,
         mut record,
+        payload,
         rev,
         lease_ended,
     } = claim;
     let attempt = record.status.attempts;
-    let ctx = JobContext::new(JobId(id.clone()), &record.job, attempt);
+    let mut ctx = JobContext::new(JobId(id.clone()), &record.job, attempt);
+    ctx.payload = payload;
     let outcome = match AssertUnwindSafe(handler.call(ctx)).catch_unwind().await {
+        Ok(Ok(output)) if output.len() > MAX_PAYLOAD_LEN => Err(format!(
+            "the handler's output is {} bytes; the maximum is {MAX_PAYLOAD_LEN}",
+            output.len()
+        )),
         Ok(outcome) => outcome.map_err(|e| e.to_string()),
         Err(panic) => Err(format!(
             "handler panicked: {}",
@@ -568,11 +664,12 @@ fn finish_txn(
 ) -> Result<Txn> {
     let keys = &shared.keys;
     let mut requeue_at = None;
+    let mut output = None;
     record.status.output = None;
     match outcome {
-        Ok(output) => {
+        Ok(out) => {
             record.status.state = JobState::Succeeded;
-            record.status.output = Some(output);
+            output = Some(out);
         }
         Err(error) if attempt < record.job.max_attempts => {
             let delay = record.job.retry_delay(attempt.saturating_add(1));
@@ -593,12 +690,17 @@ fn finish_txn(
         TxnOp::delete(keys.claim(id), None::<DeleteOptions>),
         TxnOp::delete(keys.inflight_of(id), None::<DeleteOptions>),
     ];
-    if let Some(at) = requeue_at {
-        ops.push(TxnOp::put(
+    if let Some(output) = output {
+        ops.push(TxnOp::put(keys.output(id), output, None));
+    }
+    match requeue_at {
+        Some(at) => ops.push(TxnOp::put(
             keys.queue(&record.job.name, id),
             at.to_string(),
             None,
-        ));
+        )),
+        // The job ended: nothing reads its payload any more.
+        None => ops.push(TxnOp::delete(keys.payload(id), None::<DeleteOptions>)),
     }
     Ok(Txn::new()
         .when([Compare::mod_revision(
@@ -626,8 +728,8 @@ async fn release_claim(shared: &Shared, id: &str, rev: i64) {
     }
 }
 
-/// Requeues jobs whose claim vanished while Running: pushed by a watch on claim deletions,
-/// with a periodic rescan as a safety net.
+/// Requeues jobs whose claim vanished while Running: pushed by a watch on claim deletions
+/// (debounced by [`REAP_DEBOUNCE`]), with a periodic rescan as a safety net.
 async fn reaper(shared: Arc<Shared>, mut stop: watch::Receiver<bool>) {
     let mut killed = shared.client.killed();
     loop {
@@ -638,8 +740,12 @@ async fn reaper(shared: Arc<Shared>, mut stop: watch::Receiver<bool>) {
                 0
             }
         };
+        let deleted = async {
+            watch_change(&shared.client, shared.keys.claims(), rev + 1, true, true).await;
+            tokio::time::sleep(REAP_DEBOUNCE).await;
+        };
         tokio::select! {
-            _ = watch_change(&shared.client, shared.keys.claims(), rev + 1, true, true), if rev > 0 => {}
+            _ = deleted, if rev > 0 => {}
             _ = tokio::time::sleep(SAFETY_NET) => {}
             _ = stopped(&mut stop, &mut killed) => return,
         }
@@ -715,7 +821,9 @@ async fn requeue_orphan(shared: &Shared, id: &str) -> Result<()> {
         TxnOp::put(keys.record(id), shared.encode(&record)?, None),
         TxnOp::delete(keys.inflight_of(id), None::<DeleteOptions>),
     ];
-    if !out_of_attempts {
+    if out_of_attempts {
+        ops.push(TxnOp::delete(keys.payload(id), None::<DeleteOptions>));
+    } else {
         ops.push(TxnOp::put(keys.queue(&record.job.name, id), "0", None));
     }
     let txn = Txn::new()

@@ -1,9 +1,11 @@
 //! Live behaviour beyond the conformance suite: the key layout, loss when another client
-//! deletes the key, several endpoints. Needs `SYNC_TEST_ETCD` and `etcdctl` on the PATH.
+//! deletes the key, several endpoints, full-size task payloads and outputs, queue scans past
+//! delayed retries, and paged map listings. Needs `SYNC_TEST_ETCD` and `etcdctl` on the PATH.
 
 mod common;
 
 use std::{
+    collections::BTreeMap,
     sync::{
         Arc,
         atomic::{AtomicBool, Ordering},
@@ -14,7 +16,10 @@ use std::{
 use tokio::time::Instant;
 
 use common::{TestFn, TestResult};
-use sync_core::{ElectOptions, ErrorKind, LockOptions};
+use sync_core::{
+    ElectOptions, ErrorKind, HandlerError, Job, JobContext, JobState, LockOptions, MAX_PAYLOAD_LEN,
+    MAX_VALUE_LEN, WorkerOptions,
+};
 
 fn config(endpoint: &str, namespace: &str) -> sync_etcd::Config {
     sync_etcd::Config::default()
@@ -261,8 +266,333 @@ async fn lost_before_expiry_when_renewals_fail(endpoint: String) -> TestResult {
     granted.release().await.map_err(|e| e.to_string())
 }
 
+/// A payload and an output of the largest accepted size round-trip through `run()` (records
+/// are JSON, where bytes would be ~4x larger than etcd's request limit allows: payload and
+/// output are kept raw beside the record), and the record itself stays small.
+async fn task_full_size_payload_and_output(endpoint: String) -> TestResult {
+    let ns = unique("payload");
+    let client = sync_etcd::Client::connect(config(&endpoint, &ns))
+        .await
+        .map_err(|e| e.to_string())?;
+    let task = client.task();
+    let handler = Arc::new(|ctx: JobContext| async move {
+        let mut out = ctx.payload;
+        out.reverse();
+        Ok::<_, HandlerError>(out)
+    });
+    let worker = task
+        .work("big", handler, WorkerOptions::new())
+        .await
+        .map_err(|e| e.to_string())?;
+    for len in [500 * 1024, MAX_PAYLOAD_LEN] {
+        let payload: Vec<u8> = (0..len).map(|i| (i % 251) as u8).collect();
+        let mut expected = payload.clone();
+        expected.reverse();
+        let status = tokio::time::timeout(
+            Duration::from_secs(20),
+            task.run(Job::new("big", payload).with_max_attempts(1)),
+        )
+        .await
+        .map_err(|_| format!("a {len}-byte job did not finish within 20s"))?
+        .map_err(|e| format!("running a {len}-byte job: {e}"))?;
+        if status.state != JobState::Succeeded {
+            return Err(format!("a {len}-byte job: {status:?}"));
+        }
+        if status.output.as_deref() != Some(&expected[..]) {
+            return Err(format!(
+                "a {len}-byte job's output from run() is not the reversed payload ({:?} bytes)",
+                status.output.as_ref().map(Vec::len)
+            ));
+        }
+        let again = task.status(&status.id).await.map_err(|e| e.to_string())?;
+        if again.output.as_deref() != Some(&expected[..]) {
+            return Err(format!("a {len}-byte job's output from status() differs"));
+        }
+        let record = etcdctl(
+            &endpoint,
+            &[
+                "get",
+                "--print-value-only",
+                &format!("{ns}/:task/jobs/{}", status.id),
+            ],
+        )
+        .await?;
+        if record.is_empty() || record.len() > 4096 {
+            return Err(format!(
+                "the job record is {} bytes; payload and output belong beside it",
+                record.len()
+            ));
+        }
+    }
+    worker.stop().await;
+    Ok(())
+}
+
+/// A handler output over MAX_PAYLOAD_LEN fails the attempt, with the reason in last_error.
+async fn task_output_over_the_limit_fails(endpoint: String) -> TestResult {
+    let ns = unique("output");
+    let client = sync_etcd::Client::connect(config(&endpoint, &ns))
+        .await
+        .map_err(|e| e.to_string())?;
+    let task = client.task();
+    let handler = Arc::new(|ctx: JobContext| async move {
+        let len = if ctx.attempt == 1 {
+            MAX_PAYLOAD_LEN + 1
+        } else {
+            3
+        };
+        Ok::<_, HandlerError>(vec![7u8; len])
+    });
+    let worker = task
+        .work("out", handler, WorkerOptions::new())
+        .await
+        .map_err(|e| e.to_string())?;
+    let run = |attempts: u32| {
+        let task = task.clone();
+        async move {
+            tokio::time::timeout(
+                Duration::from_secs(20),
+                task.run(
+                    Job::new("out", "x")
+                        .with_max_attempts(attempts)
+                        .with_backoff(Duration::from_millis(10)),
+                ),
+            )
+            .await
+            .map_err(|_| "the job did not finish within 20s".to_string())?
+            .map_err(|e| e.to_string())
+        }
+    };
+    let failed = run(1).await?;
+    let error = failed.last_error.clone().unwrap_or_default();
+    if failed.state != JobState::Failed
+        || failed.output.is_some()
+        || !error.contains("output")
+        || !error.contains(&MAX_PAYLOAD_LEN.to_string())
+    {
+        return Err(format!(
+            "an over-long output: {:?} after {} attempts, last error {:?}, output of {:?} bytes",
+            failed.state,
+            failed.attempts,
+            failed.last_error,
+            failed.output.as_ref().map(Vec::len)
+        ));
+    }
+    // A failed attempt like any other: retried.
+    let retried = run(2).await?;
+    if retried.state != JobState::Succeeded
+        || retried.attempts != 2
+        || retried.output.as_deref() != Some(&[7u8; 3][..])
+    {
+        return Err(format!(
+            "an over-long output, then a retry: {:?} after {} attempts, output of {:?} bytes",
+            retried.state,
+            retried.attempts,
+            retried.output.as_ref().map(Vec::len)
+        ));
+    }
+    worker.stop().await;
+    Ok(())
+}
+
+/// More delayed retries than one queue scan reads (64), all ahead of a startable job, do not
+/// hold it up until a delay expires: the worker pages through the queue.
+async fn task_delayed_retries_do_not_starve_newer_jobs(endpoint: String) -> TestResult {
+    const DELAYED: usize = 70;
+    let ns = unique("starve");
+    let client = sync_etcd::Client::connect(config(&endpoint, &ns))
+        .await
+        .map_err(|e| e.to_string())?;
+    let task = client.task();
+    let handler = Arc::new(|ctx: JobContext| async move {
+        if ctx.payload == b"retry" && ctx.attempt == 1 {
+            return Err::<Vec<u8>, HandlerError>("the first attempt fails".into());
+        }
+        Ok(b"done".to_vec())
+    });
+    let worker = task
+        .work("starve", handler, WorkerOptions::new().with_concurrency(8))
+        .await
+        .map_err(|e| e.to_string())?;
+    let mut ids = Vec::new();
+    for _ in 0..DELAYED {
+        let job = Job::new("starve", "retry")
+            .with_max_attempts(2)
+            .with_backoff(Duration::from_secs(30));
+        ids.push(task.submit(job).await.map_err(|e| e.to_string())?);
+    }
+    // Every one of them failed once and waits 30 s for its retry, queued again.
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let mut waiting = 0;
+        for id in &ids {
+            let s = task.status(id).await.map_err(|e| e.to_string())?;
+            if s.state == JobState::Queued && s.attempts == 1 {
+                waiting += 1;
+            }
+        }
+        if waiting == DELAYED {
+            break;
+        }
+        if Instant::now() > deadline {
+            return Err(format!(
+                "only {waiting} of {DELAYED} jobs failed once within 20s"
+            ));
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let started = Instant::now();
+    let id = task
+        .submit(Job::new("starve", "fresh"))
+        .await
+        .map_err(|e| e.to_string())?;
+    let status = task
+        .wait(&id, Some(Duration::from_secs(10)))
+        .await
+        .map_err(|e| {
+            format!("a startable job behind {DELAYED} delayed retries did not finish: {e}")
+        })?;
+    if status.state != JobState::Succeeded {
+        return Err(format!("the startable job: {status:?}"));
+    }
+    eprintln!(
+        "a job behind {DELAYED} delayed retries finished in {:?}",
+        started.elapsed()
+    );
+    worker.stop().await;
+    etcdctl(&endpoint, &["del", "--prefix", &format!("{ns}/")]).await?;
+    Ok(())
+}
+
+/// `entries()` over several pages (600 entries, 256 a page): every entry, sorted by key, with
+/// its version — and one consistent snapshot even while keys are written at both ends of the
+/// range during the listing.
+async fn map_entries_over_several_pages(endpoint: String) -> TestResult {
+    use futures::StreamExt;
+
+    let ns = unique("entries");
+    let client = sync_etcd::Client::connect(config(&endpoint, &ns))
+        .await
+        .map_err(|e| e.to_string())?;
+    let map = client.map("big").map_err(|e| e.to_string())?;
+    let prefixes = ["m/", "m ", "n", "\u{e4}/"];
+    let written: Vec<(String, Vec<u8>, u64)> = futures::stream::iter(0..600)
+        .map(|i| {
+            let map = map.clone();
+            async move {
+                let key = format!("{}{i:04}", prefixes[i % prefixes.len()]);
+                let value = format!("value {i}").into_bytes();
+                let version = map.write(&key, &value).await.map_err(|e| e.to_string())?;
+                Ok::<_, String>((key, value, version))
+            }
+        })
+        .buffer_unordered(32)
+        .collect::<Vec<_>>()
+        .await
+        .into_iter()
+        .collect::<Result<_, _>>()?;
+    let written: BTreeMap<String, (Vec<u8>, u64)> = written
+        .into_iter()
+        .map(|(k, v, version)| (k, (v, version)))
+        .collect();
+
+    // A writer adding keys that sort first and last in etcd's key order, one after another.
+    let stop = Arc::new(AtomicBool::new(false));
+    let writer = {
+        let (map, stop) = (map.clone(), stop.clone());
+        tokio::spawn(async move {
+            let mut log = Vec::new();
+            let mut n = 0u32;
+            while !stop.load(Ordering::SeqCst) {
+                let key = if n % 2 == 0 {
+                    format!("0-{n:06}")
+                } else {
+                    format!("zz-{n:06}")
+                };
+                let version = map.write(&key, b"w").await.map_err(|e| e.to_string())?;
+                log.push((key, version));
+                n += 1;
+            }
+            Ok::<_, String>(log)
+        })
+    };
+    let mut listings = Vec::new();
+    for _ in 0..10 {
+        listings.push(map.entries().await.map_err(|e| e.to_string())?);
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    stop.store(true, Ordering::SeqCst);
+    let log = writer.await.map_err(|e| e.to_string())??;
+    if log.is_empty() {
+        return Err("the concurrent writer wrote nothing".into());
+    }
+
+    for entries in &listings {
+        if !entries.windows(2).all(|w| w[0].key < w[1].key) {
+            return Err("entries() is not sorted by key".into());
+        }
+        let listed: BTreeMap<&str, &sync_core::Entry> =
+            entries.iter().map(|e| (e.key.as_str(), e)).collect();
+        for (key, (value, version)) in &written {
+            match listed.get(key.as_str()) {
+                Some(e) if &e.value == value && e.version == *version => {}
+                other => return Err(format!("entry {key:?}: {other:?}")),
+            }
+        }
+        // One snapshot: every write at or below the newest version listed is in it.
+        let newest = entries.iter().map(|e| e.version).max().unwrap_or(0);
+        for (key, version) in &log {
+            if *version <= newest && !listed.contains_key(key.as_str()) {
+                return Err(format!(
+                    "{key:?} (version {version}) is missing from a listing that has version \
+                     {newest}: not one snapshot"
+                ));
+            }
+        }
+        if entries.len()
+            != written.len()
+                + listed
+                    .keys()
+                    .filter(|k| k.starts_with("0-") || k.starts_with("zz-"))
+                    .count()
+        {
+            return Err(format!("unexpected entries: {} listed", entries.len()));
+        }
+    }
+    etcdctl(&endpoint, &["del", "--prefix", &format!("{ns}/")]).await?;
+    Ok(())
+}
+
+/// `entries()` of a map larger than gRPC's 4 MiB response limit (10 values of 500 KiB).
+async fn map_entries_beyond_the_grpc_message_limit(endpoint: String) -> TestResult {
+    let ns = unique("entries-large");
+    let client = sync_etcd::Client::connect(config(&endpoint, &ns))
+        .await
+        .map_err(|e| e.to_string())?;
+    let map = client.map("large").map_err(|e| e.to_string())?;
+    let len = (500 * 1024).min(MAX_VALUE_LEN);
+    for i in 0..10u8 {
+        map.write(&format!("k{i}"), &vec![i; len])
+            .await
+            .map_err(|e| e.to_string())?;
+    }
+    let entries = map.entries().await.map_err(|e| e.to_string())?;
+    let keys: Vec<&str> = entries.iter().map(|e| e.key.as_str()).collect();
+    let expected: Vec<String> = (0..10).map(|i| format!("k{i}")).collect();
+    if keys != expected {
+        return Err(format!("keys {keys:?}"));
+    }
+    for (i, e) in entries.iter().enumerate() {
+        if e.value.len() != len || e.value.iter().any(|&b| b != i as u8) {
+            return Err(format!("the value of {:?} differs", e.key));
+        }
+    }
+    etcdctl(&endpoint, &["del", "--prefix", &format!("{ns}/")]).await?;
+    Ok(())
+}
+
 fn main() -> std::process::ExitCode {
-    let tests: [(&'static str, TestFn); 4] = [
+    let tests: [(&'static str, TestFn); 9] = [
         ("live::lost_before_expiry_when_renewals_fail", |e| {
             Box::pin(lost_before_expiry_when_renewals_fail(e))
         }),
@@ -272,6 +602,21 @@ fn main() -> std::process::ExitCode {
         }),
         ("live::several_endpoints", |e| {
             Box::pin(several_endpoints(e))
+        }),
+        ("live::task_full_size_payload_and_output", |e| {
+            Box::pin(task_full_size_payload_and_output(e))
+        }),
+        ("live::task_output_over_the_limit_fails", |e| {
+            Box::pin(task_output_over_the_limit_fails(e))
+        }),
+        ("live::task_delayed_retries_do_not_starve_newer_jobs", |e| {
+            Box::pin(task_delayed_retries_do_not_starve_newer_jobs(e))
+        }),
+        ("live::map_entries_over_several_pages", |e| {
+            Box::pin(map_entries_over_several_pages(e))
+        }),
+        ("live::map_entries_beyond_the_grpc_message_limit", |e| {
+            Box::pin(map_entries_beyond_the_grpc_message_limit(e))
         }),
     ];
     common::run(&tests, libtest_mimic::Arguments::from_args())
