@@ -180,7 +180,7 @@ impl Schedule {
                 nth_tick(*start, *interval, k + 1)
             }
             Schedule::Cron(expr) => {
-                let after = DateTime::<Utc>::from(t);
+                let after = to_utc(t)?;
                 expr.parsed.after(&after).next().map(SystemTime::from)
             }
         }
@@ -199,7 +199,7 @@ impl Schedule {
             }
             Schedule::Cron(expr) => {
                 // The iterator's backward step is strictly before its starting point.
-                let before = DateTime::<Utc>::from(now + Duration::from_nanos(1));
+                let before = to_utc(now.checked_add(Duration::from_nanos(1))?)?;
                 expr.parsed.after(&before).next_back().map(SystemTime::from)
             }
         }?;
@@ -241,7 +241,28 @@ impl fmt::Display for Schedule {
 }
 
 fn rfc3339(t: SystemTime) -> String {
-    DateTime::<Utc>::from(t).to_rfc3339_opts(SecondsFormat::AutoSi, true)
+    match to_utc(t) {
+        Some(utc) => utc.to_rfc3339_opts(SecondsFormat::AutoSi, true),
+        None => format!("{t:?}"),
+    }
+}
+
+/// `t` as a chrono UTC time; `None` outside chrono's range (about ±262,000 years), where
+/// `DateTime::from(SystemTime)` would panic. Such times come from callers or from a map
+/// record, so they must not bring the driver down.
+fn to_utc(t: SystemTime) -> Option<DateTime<Utc>> {
+    let (secs, nanos) = match t.duration_since(UNIX_EPOCH) {
+        Ok(d) => (i64::try_from(d.as_secs()).ok()?, d.subsec_nanos()),
+        Err(e) => {
+            let d = e.duration();
+            let secs = i64::try_from(d.as_secs()).ok()?;
+            match d.subsec_nanos() {
+                0 => (-secs, 0),
+                n => (-secs - 1, 1_000_000_000 - n),
+            }
+        }
+    };
+    DateTime::from_timestamp(secs, nanos)
 }
 
 /// Milliseconds since the Unix epoch, rounded down (0 before the epoch).
@@ -251,8 +272,9 @@ fn to_ms(t: SystemTime) -> u64 {
 }
 
 /// The last instant of millisecond `ms`: a tick strictly after it has a later millisecond.
-fn end_of_ms(ms: u64) -> SystemTime {
-    UNIX_EPOCH + Duration::from_millis(ms) + Duration::from_nanos(999_999)
+/// `None` when that is not a representable time (a corrupt record).
+fn end_of_ms(ms: u64) -> Option<SystemTime> {
+    UNIX_EPOCH.checked_add(Duration::from_millis(ms) + Duration::from_nanos(999_999))
 }
 
 /// The map value of a schedule: the last fired tick and the term that fired it (term 0: the
@@ -537,6 +559,9 @@ fn backoff(failures: u32) -> Duration {
     cap / 2 + cap.mul_f64(rand::random::<f64>() / 2.0)
 }
 
+/// A leadership revoked sooner than this counts as a failure: the next campaign backs off.
+const MIN_REIGN: Duration = Duration::from_secs(1);
+
 /// The longest sleep between re-checks of the wall clock.
 const MAX_NAP: Duration = Duration::from_secs(30);
 
@@ -549,12 +574,11 @@ async fn drive(inner: Arc<Inner>) {
             r = inner.leader.elect(&inner.candidate, ElectOptions::new()) => r,
         };
         let elected = match elected {
-            Ok(elected) => {
-                failures = 0;
-                elected
-            }
+            // `failures` is reset only by a leadership that lasted (below), so a backend that
+            // keeps electing and at once revoking is backed off, not spun on.
+            Ok(elected) => elected,
             Err(e) => {
-                failures += 1;
+                failures = failures.saturating_add(1);
                 let wait = backoff(failures);
                 warn!(error = %e, retry_in = ?wait, "cron election failed");
                 tokio::select! {
@@ -567,6 +591,7 @@ async fn drive(inner: Arc<Inner>) {
             term = elected.term(),
             "cron leader elected; firing schedules"
         );
+        let reign_started = tokio::time::Instant::now();
         match inner.lead(&elected).await {
             Outcome::Stopped => {
                 let term = elected.term();
@@ -582,6 +607,16 @@ async fn drive(inner: Arc<Inner>) {
                     reason, "cron leadership lost; campaigning again"
                 );
                 drop(elected);
+                if reign_started.elapsed() >= MIN_REIGN {
+                    failures = 0;
+                } else {
+                    failures = failures.saturating_add(1);
+                    let wait = backoff(failures);
+                    tokio::select! {
+                        () = inner.stopped() => return,
+                        () = tokio::time::sleep(wait) => {}
+                    }
+                }
             }
         }
     }
@@ -657,7 +692,7 @@ impl Inner {
             }
 
             let nap = if failed {
-                failures += 1;
+                failures = failures.saturating_add(1);
                 backoff(failures)
             } else if fired {
                 failures = 0;
@@ -764,7 +799,9 @@ impl Inner {
 /// What a schedule whose last fired tick is `last_ms` needs at `now`: nothing more, a wait,
 /// or a firing of the latest due tick (missed ticks coalesce into it).
 fn step(schedule: &Schedule, last_ms: u64, now: SystemTime) -> Step {
-    let after = end_of_ms(last_ms);
+    let Some(after) = end_of_ms(last_ms) else {
+        return Step::Ended;
+    };
     match schedule.next_after(after) {
         None => Step::Ended,
         Some(next) if next > now => Step::Wait(next),
@@ -922,6 +959,34 @@ mod tests {
                 .is_err()
         );
         assert!(Schedule::every(MIN_INTERVAL).validate().is_ok());
+    }
+
+    #[test]
+    fn out_of_range_times_are_no_tick_not_a_panic() {
+        // Representable as a SystemTime, far beyond chrono's range (±262,000 years).
+        let far = UNIX_EPOCH + Duration::from_secs(1 << 60);
+        let hourly = Schedule::cron("0 0 * * * *").unwrap();
+        assert_eq!(hourly.next_after(far), None);
+        assert_eq!(hourly.latest_between(at(T0), far), None);
+        // A corrupt record far in the future (or u64::MAX) ends the schedule.
+        assert!(matches!(step(&hourly, u64::MAX, at(T0)), Step::Ended));
+        assert!(matches!(step(&hourly, 1 << 60, at(T0)), Step::Ended));
+        let every = Schedule::every_from(at(T0), Duration::from_secs(10));
+        assert!(matches!(
+            step(&every, u64::MAX, at(T0)),
+            Step::Ended | Step::Wait(_)
+        ));
+        // Just inside chrono's range.
+        let edge = SystemTime::from(DateTime::<Utc>::MAX_UTC) - Duration::from_secs(86_400);
+        let _ = hourly.next_after(edge);
+        let _ = hourly.latest_between(at(T0), edge);
+        // Display (used in the "schedule added" log line) of a far one-shot.
+        assert!(!Schedule::once(far).to_string().is_empty());
+        assert!(
+            !Schedule::every_from(far, Duration::from_secs(1))
+                .to_string()
+                .is_empty()
+        );
     }
 
     #[test]

@@ -76,7 +76,11 @@ impl Job {
     /// The delay before attempt `next_attempt` (2 = first retry), capped at one minute.
     pub fn retry_delay(&self, next_attempt: u32) -> Duration {
         let doublings = next_attempt.saturating_sub(2).min(16);
-        (self.backoff * 2u32.pow(doublings)).min(Duration::from_secs(60))
+        // Saturating: `backoff` is caller input (or decoded from a backend), and `Duration *`
+        // panics on overflow.
+        self.backoff
+            .saturating_mul(2u32.pow(doublings))
+            .min(Duration::from_secs(60))
     }
 }
 
@@ -325,5 +329,22 @@ pub trait Task: Send + Sync {
     async fn run(&self, job: Job) -> Result<JobStatus> {
         let id = self.submit(job).await?;
         self.wait(&id, None).await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn retry_delay_doubles_and_caps_without_overflow() {
+        let job = Job::new("j", "").with_backoff(Duration::from_millis(100));
+        assert_eq!(job.retry_delay(2), Duration::from_millis(100));
+        assert_eq!(job.retry_delay(3), Duration::from_millis(200));
+        assert_eq!(job.retry_delay(100), Duration::from_secs(60));
+        // A huge backoff (caller input, or a job decoded from a backend) must not panic.
+        let huge = Job::new("j", "").with_backoff(Duration::MAX);
+        assert_eq!(huge.retry_delay(2), Duration::from_secs(60));
+        assert_eq!(huge.retry_delay(5), Duration::from_secs(60));
     }
 }

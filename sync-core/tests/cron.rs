@@ -251,3 +251,108 @@ async fn schedule_rejects_bad_input() -> Result<()> {
     assert_eq!(client.leader("cron")?.leader().await?, None);
     Ok(())
 }
+
+/// A stored record whose tick is out of chrono's range (a corrupt or foreign value) must not
+/// panic the driver: the other schedules keep firing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn corrupt_far_future_record_does_not_kill_the_driver() -> Result<()> {
+    let mut s = setup("survivor").await?;
+    s.map
+        .write(
+            "corrupt",
+            &serde_json::to_vec(&serde_json::json!({ "tick_ms": 1u64 << 60, "term": 1 })).unwrap(),
+        )
+        .await?;
+    s.cron
+        .schedule(
+            "corrupt",
+            Schedule::cron("* * * * * *")?,
+            Job::new("survivor", ""),
+        )
+        .await?;
+    s.cron
+        .schedule(
+            "healthy",
+            Schedule::every(Duration::from_millis(50)),
+            Job::new("survivor", ""),
+        )
+        .await?;
+    for _ in 0..2 {
+        assert_eq!(next(&mut s.fired).await["cron.schedule"], "healthy");
+    }
+    s.cron.stop().await;
+    Ok(())
+}
+
+/// A leader backend that elects at once and revokes at once (an expired lease, say).
+struct FlappingLeader {
+    elections: std::sync::atomic::AtomicUsize,
+}
+
+struct Gone;
+
+#[async_trait::async_trait]
+impl sync_core::Leadership for Gone {
+    async fn proclaim(&self, _: &[u8]) -> Result<()> {
+        Ok(())
+    }
+    async fn resign(&mut self) -> Result<()> {
+        Ok(())
+    }
+    fn resign_in_background(self: Box<Self>) {}
+    async fn reelect(&mut self) -> Result<(u64, sync_core::LossSignal)> {
+        Err(sync_core::Error::new(ErrorKind::Unsupported, "test"))
+    }
+}
+
+#[async_trait::async_trait]
+impl sync_core::Leader for FlappingLeader {
+    fn group(&self) -> &str {
+        "flapping"
+    }
+    async fn elect(
+        &self,
+        candidate: &str,
+        _: sync_core::ElectOptions,
+    ) -> Result<sync_core::Elected> {
+        let n = self
+            .elections
+            .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        let (trigger, signal) = sync_core::loss_signal();
+        trigger.fire("lease expired");
+        Ok(sync_core::Elected::new(
+            candidate,
+            n as u64 + 1,
+            signal,
+            Box::new(Gone),
+        ))
+    }
+    async fn leader(&self) -> Result<Option<sync_core::LeaderInfo>> {
+        Ok(None)
+    }
+    async fn follow(&self) -> Result<sync_core::FollowStream> {
+        Ok(Box::pin(futures::stream::empty()))
+    }
+}
+
+/// Leaderships revoked as soon as they are granted are backed off, not campaigned for in a
+/// busy loop.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn flapping_leadership_is_backed_off() -> Result<()> {
+    let client = sync_local::Cluster::new().client(Default::default())?;
+    let leader = Arc::new(FlappingLeader {
+        elections: Default::default(),
+    });
+    let cron = Cron::new(leader.clone(), client.task(), client.map("cron")?, "node-1");
+    cron.schedule(
+        "s",
+        Schedule::every(Duration::from_millis(10)),
+        Job::new("j", ""),
+    )
+    .await?;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    cron.stop().await;
+    let n = leader.elections.load(std::sync::atomic::Ordering::SeqCst);
+    assert!(n <= 10, "{n} elections in 500 ms");
+    Ok(())
+}

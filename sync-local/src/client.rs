@@ -185,11 +185,22 @@ struct SessionHandle {
 }
 
 impl ClientInner {
-    /// The live session, opening a new one if the last was revoked. Fails once killed.
-    pub(crate) fn session(&self) -> Result<u64> {
+    /// Err(Closed) once the client was killed: a dead process makes no calls, releases nothing.
+    pub(crate) fn check_open(&self) -> Result<()> {
         if self.killed.load(Ordering::SeqCst) {
             return Err(Error::new(ErrorKind::Closed, "client was killed").with_backend(BACKEND));
         }
+        Ok(())
+    }
+
+    /// Whether the client was killed.
+    pub(crate) fn is_killed(&self) -> bool {
+        self.killed.load(Ordering::SeqCst)
+    }
+
+    /// The live session, opening a new one if the last was revoked. Fails once killed.
+    pub(crate) fn session(&self) -> Result<u64> {
+        self.check_open()?;
         let mut slot = locked(&self.session);
         if let Some(s) = slot.as_ref().filter(|s| self.shared.session_alive(s.id)) {
             return Ok(s.id);
@@ -213,11 +224,21 @@ impl ClientInner {
 
 impl Drop for ClientInner {
     fn drop(&mut self) {
-        if let Some(s) = locked(&self.session).take() {
-            s.keepalive.abort();
-            if !self.killed.load(Ordering::SeqCst) {
-                self.shared.end_session(s.id, "client closed");
+        let slot = self
+            .session
+            .get_mut()
+            .unwrap_or_else(|p| p.into_inner())
+            .take();
+        if let Some(s) = slot {
+            if self.killed.load(Ordering::SeqCst) {
+                // A killed client's session must still expire one TTL after its last renewal,
+                // as a crashed process's lease does: its keepalive (which holds only a weak
+                // reference to the cluster) keeps running to end it. Aborting it here would
+                // leave the session, and every lock, leadership and job claim on it, forever.
+                return;
             }
+            s.keepalive.abort();
+            self.shared.end_session(s.id, "client closed");
         }
     }
 }

@@ -114,30 +114,36 @@ impl Campaign {
 
     fn try_win(&self, candidate: &str, value: &[u8]) -> Result<Option<(u64, LossSignal)>> {
         let shared = self.shared();
-        let session = self.client.session()?;
-        let mut groups = locked(&shared.elections.groups);
-        let group = groups.entry(self.key.clone()).or_default();
-        if group.reign.is_some() {
-            return Ok(None);
+        loop {
+            let session = self.client.session()?;
+            let mut groups = locked(&shared.elections.groups);
+            let group = groups.entry(self.key.clone()).or_default();
+            if group.reign.is_some() {
+                return Ok(None);
+            }
+            let term = shared.next_revision();
+            let (trigger, signal) = loss_signal();
+            let on_end = {
+                let weak = Arc::downgrade(shared);
+                let key = self.key.clone();
+                Box::new(move |reason: &str| depose(&weak, &key, term, reason))
+            };
+            // The session may have been revoked since `session()` looked: this candidate never
+            // led, so it retries on a fresh session instead of reporting a loss.
+            let Ok(registration) = shared.on_session_end(session, on_end) else {
+                continue;
+            };
+            let info = LeaderInfo::new(candidate, term, value.to_vec());
+            group.published.send_replace(Some(info.clone()));
+            group.reign = Some(Reign {
+                info,
+                session,
+                registration,
+                trigger,
+            });
+            tracing::info!(backend = BACKEND, group = %self.group, candidate, term, "elected");
+            return Ok(Some((term, signal)));
         }
-        let term = shared.next_revision();
-        let (trigger, signal) = loss_signal();
-        let on_end = {
-            let weak = Arc::downgrade(shared);
-            let key = self.key.clone();
-            Box::new(move |reason: &str| depose(&weak, &key, term, reason))
-        };
-        let registration = shared.on_session_end(session, on_end)?;
-        let info = LeaderInfo::new(candidate, term, value.to_vec());
-        group.published.send_replace(Some(info.clone()));
-        group.reign = Some(Reign {
-            info,
-            session,
-            registration,
-            trigger,
-        });
-        tracing::info!(backend = BACKEND, group = %self.group, candidate, term, "elected");
-        Ok(Some((term, signal)))
     }
 }
 
@@ -204,11 +210,13 @@ impl Leader for LocalLeader {
 
     #[tracing::instrument(level = "debug", skip(self), fields(backend = BACKEND, primitive = "leader", id = %self.campaign.group))]
     async fn leader(&self) -> Result<Option<LeaderInfo>> {
+        self.campaign.client.check_open()?;
         Ok(self.campaign.shared().elections.current(&self.campaign.key))
     }
 
     #[tracing::instrument(level = "debug", skip(self), fields(backend = BACKEND, primitive = "leader", id = %self.campaign.group))]
     async fn follow(&self) -> Result<FollowStream> {
+        self.campaign.client.check_open()?;
         let rx = {
             let mut groups = locked(&self.campaign.shared().elections.groups);
             let group = groups.entry(self.campaign.key.clone()).or_default();
@@ -247,6 +255,11 @@ impl LocalLeadership {
     }
 
     fn step_down(&self) -> Result<()> {
+        // A killed client resigns nothing: its leadership ends when its session expires.
+        self.campaign
+            .client
+            .check_open()
+            .map_err(|e| e.with_id(&self.campaign.group))?;
         let shared = self.campaign.shared();
         match shared.elections.end(&self.campaign.key, self.term) {
             Some((session, registration)) => {
@@ -262,6 +275,10 @@ impl LocalLeadership {
 #[async_trait]
 impl Leadership for LocalLeadership {
     async fn proclaim(&self, value: &[u8]) -> Result<()> {
+        self.campaign
+            .client
+            .check_open()
+            .map_err(|e| e.with_id(&self.campaign.group))?;
         let mut groups = locked(&self.campaign.shared().elections.groups);
         let group = groups.get_mut(&self.campaign.key);
         let Some(group) =
@@ -288,6 +305,10 @@ impl Leadership for LocalLeadership {
     }
 
     async fn reelect(&mut self) -> Result<(u64, LossSignal)> {
+        self.campaign
+            .client
+            .check_open()
+            .map_err(|e| e.with_id(&self.campaign.group))?;
         let current = self.campaign.shared().elections.current(&self.campaign.key);
         if current.as_ref().is_some_and(|c| c.term == self.term) {
             return Ok((self.term, self.revoked.clone()));

@@ -68,29 +68,35 @@ impl LocalLock {
     /// session that ends at any point either never sees this grant or fires its signal.
     fn try_grant(&self, id: &str, key: &str) -> Result<Option<LockGuard>> {
         let shared = &self.client.shared;
-        let session = self.client.session()?;
-        let mut held = locked(&shared.locks.held);
-        if held.contains_key(key) {
-            return Ok(None);
-        }
-        let grant = shared.next_revision();
-        let (trigger, signal) = loss_signal();
-        let on_end = {
-            let weak = Arc::downgrade(shared);
-            let key = key.to_string();
-            Box::new(move |reason: &str| lose(&weak, &key, grant, reason))
+        let (grant, signal) = loop {
+            let session = self.client.session()?;
+            let mut held = locked(&shared.locks.held);
+            if held.contains_key(key) {
+                return Ok(None);
+            }
+            let grant = shared.next_revision();
+            let (trigger, signal) = loss_signal();
+            let on_end = {
+                let weak = Arc::downgrade(shared);
+                let key = key.to_string();
+                Box::new(move |reason: &str| lose(&weak, &key, grant, reason))
+            };
+            // The session may have been revoked since `session()` looked: this contender never
+            // held anything, so it retries on a fresh session instead of reporting a loss.
+            let Ok(registration) = shared.on_session_end(session, on_end) else {
+                continue;
+            };
+            held.insert(
+                key.to_string(),
+                Holder {
+                    grant,
+                    session,
+                    registration,
+                    trigger,
+                },
+            );
+            break (grant, signal);
         };
-        let registration = shared.on_session_end(session, on_end)?;
-        held.insert(
-            key.to_string(),
-            Holder {
-                grant,
-                session,
-                registration,
-                trigger,
-            },
-        );
-        drop(held);
         locked(&self.mine)
             .entry(key.to_string())
             .or_default()
@@ -193,6 +199,7 @@ impl Lock for LocalLock {
     #[tracing::instrument(level = "debug", skip(self), fields(backend = BACKEND, primitive = "lock"))]
     async fn release(&self, id: &str) -> Result<()> {
         let key = self.key(id)?;
+        self.client.check_open()?;
         let grant = {
             let mut mine = locked(&self.mine);
             let grants = mine.get_mut(&key);
@@ -239,6 +246,8 @@ impl LocalHeld {
 impl HeldLock for LocalHeld {
     async fn release(&mut self) -> Result<()> {
         self.forget();
+        // A killed client releases nothing: its lock frees when its session expires.
+        self.client.check_open().map_err(|e| e.with_id(&self.id))?;
         release_grant(
             &self.client.shared,
             &self.id,
@@ -251,6 +260,10 @@ impl HeldLock for LocalHeld {
     fn release_in_background(self: Box<Self>) {
         // Freeing in-process state never blocks, so it happens right here.
         self.forget();
+        if self.client.is_killed() {
+            // A dead process drops nothing: the lock frees when its session expires.
+            return;
+        }
         let _ = release_grant(&self.client.shared, &self.id, &self.key, self.grant, true);
     }
 }

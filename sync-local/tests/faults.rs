@@ -105,3 +105,182 @@ async fn config_rejects_bad_values() {
     assert!(Config::from_url("etcd://x").is_err());
     assert!(Config::from_url("local://?bogus=1").is_err());
 }
+
+/// A killed client releases nothing, even when its guard, leadership and client are dropped:
+/// the lock and the leadership free only when the session expires, about one TTL later.
+#[tokio::test]
+async fn killed_client_dropped_frees_after_ttl_not_before_and_not_never() {
+    let cluster = Cluster::new();
+    let (a, b) = (
+        cluster.client(config()).unwrap(),
+        cluster.client(config()).unwrap(),
+    );
+    let guard = a.lock().acquire("x", LockOptions::new()).await.unwrap();
+    let elected = a
+        .leader("g")
+        .unwrap()
+        .elect("a", ElectOptions::new())
+        .await
+        .unwrap();
+    a.kill();
+    let started = tokio::time::Instant::now();
+    drop(guard);
+    drop(elected);
+    drop(a);
+    let next = b
+        .lock()
+        .acquire("x", LockOptions::new().with_wait(Duration::from_secs(2)))
+        .await
+        .expect("the dead client's session expires and frees the lock");
+    assert!(
+        started.elapsed() >= Duration::from_millis(100),
+        "a killed client's dropped guard released the lock at once"
+    );
+    let leads = b
+        .leader("g")
+        .unwrap()
+        .elect("b", ElectOptions::new().with_wait(Duration::from_secs(2)))
+        .await
+        .expect("the dead client's leadership ends with its session");
+    drop((next, leads));
+}
+
+/// Explicit releases and leader calls of a killed client fail with Closed and free nothing.
+#[tokio::test]
+async fn killed_client_calls_fail_closed_and_free_nothing() {
+    let cluster = Cluster::new();
+    let (a, b) = (
+        cluster.client(config()).unwrap(),
+        cluster.client(config()).unwrap(),
+    );
+    let lock = a.lock();
+    let guard = lock.acquire("x", LockOptions::new()).await.unwrap();
+    let _second = lock.acquire("y", LockOptions::new()).await.unwrap();
+    let leader = a.leader("g").unwrap();
+    let elected = leader.elect("a", ElectOptions::new()).await.unwrap();
+    a.kill();
+    assert_eq!(guard.release().await.unwrap_err().kind(), ErrorKind::Closed);
+    assert_eq!(
+        lock.release("y").await.unwrap_err().kind(),
+        ErrorKind::Closed
+    );
+    assert_eq!(
+        elected.proclaim(b"v").await.unwrap_err().kind(),
+        ErrorKind::Closed
+    );
+    assert_eq!(leader.leader().await.unwrap_err().kind(), ErrorKind::Closed);
+    assert_eq!(
+        elected.resign().await.unwrap_err().kind(),
+        ErrorKind::Closed
+    );
+    let lb = b.lock();
+    assert!(lb.try_acquire("x").await.unwrap().is_none(), "x was freed");
+    assert!(lb.try_acquire("y").await.unwrap().is_none(), "y was freed");
+    assert_eq!(
+        b.leader("g")
+            .unwrap()
+            .leader()
+            .await
+            .unwrap()
+            .map(|l| l.candidate),
+        Some("a".to_string()),
+        "the leadership was resigned"
+    );
+}
+
+/// A job claimed by a client that is killed and then dropped is redelivered once the dead
+/// session expires; it is not left Running forever.
+#[tokio::test(flavor = "multi_thread")]
+async fn dropped_killed_worker_client_still_redelivers() {
+    use std::sync::Arc;
+    use sync_core::{Job, JobContext, JobState, WorkerOptions};
+    use tokio::sync::Semaphore;
+
+    let cluster = Cluster::new();
+    let dying = cluster.client(config()).unwrap();
+    let (gate, started) = (Arc::new(Semaphore::new(0)), Arc::new(Semaphore::new(0)));
+    let worker = dying
+        .task()
+        .work(
+            "gated",
+            Arc::new({
+                let (gate, started) = (gate.clone(), started.clone());
+                move |job: JobContext| {
+                    let (gate, started) = (gate.clone(), started.clone());
+                    async move {
+                        started.add_permits(1);
+                        if job.attempt == 1 {
+                            let _ = gate.acquire().await;
+                        }
+                        Ok(Vec::new())
+                    }
+                }
+            }),
+            WorkerOptions::new(),
+        )
+        .await
+        .unwrap();
+    let other = cluster.client(config()).unwrap();
+    let task = other.task();
+    let id = task.submit(Job::new("gated", "")).await.unwrap();
+    started.acquire().await.unwrap().forget();
+    dying.kill();
+    gate.add_permits(1);
+    worker.stop().await;
+    drop(dying);
+    let _alive = task
+        .work(
+            "gated",
+            Arc::new(|_: JobContext| async { Ok(Vec::new()) }),
+            WorkerOptions::new(),
+        )
+        .await
+        .unwrap();
+    let done = task
+        .wait(&id, Some(Duration::from_secs(3)))
+        .await
+        .expect("redelivered after the dead session expired");
+    assert_eq!((done.state, done.attempts), (JobState::Succeeded, 2));
+}
+
+/// A revoke racing an acquire never makes the acquire report a loss of a lock it never held:
+/// it retries on a fresh session.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn revoke_racing_acquire_is_not_a_loss() {
+    let cluster = Cluster::new();
+    let a = cluster.client(config()).unwrap();
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let revoker = std::thread::spawn({
+        let (a, stop) = (a.clone(), stop.clone());
+        move || {
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                a.revoke();
+            }
+        }
+    });
+    let (lock, leader) = (a.lock(), a.leader("g").unwrap());
+    let mut result = Ok(());
+    for _ in 0..20_000 {
+        match lock.try_acquire("k").await {
+            Ok(Some(g)) => drop(g),
+            Ok(None) => {}
+            Err(e) => {
+                result = Err(format!("try_acquire: {e}"));
+                break;
+            }
+        }
+        match leader
+            .elect("a", ElectOptions::new().with_wait(Duration::from_secs(1)))
+            .await
+        {
+            Ok(e) => drop(e),
+            Err(e) => {
+                result = Err(format!("elect: {e}"));
+                break;
+            }
+        }
+    }
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    revoker.join().unwrap();
+    result.unwrap();
+}
