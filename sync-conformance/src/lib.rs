@@ -226,7 +226,7 @@ impl Ctx {
     pub fn new(harness: Arc<dyn Harness>) -> Self {
         Ctx {
             harness,
-            namespace: format!("conformance/{}", uuid::Uuid::new_v4().simple()),
+            namespace: format!("conformance-{}", uuid::Uuid::new_v4().simple()),
         }
     }
 

@@ -40,8 +40,21 @@ pub fn validate(what: &str, id: &str) -> Result<()> {
     Ok(())
 }
 
-/// Checks a namespace (a key prefix): may be empty, at most [`MAX_NAMESPACE_LEN`] bytes, no
-/// NUL, and no leading or trailing `/` (the backend adds the separator).
+/// Checks a namespace (the first key segment of every handle): at most
+/// [`MAX_NAMESPACE_LEN`] bytes, no NUL, and no `/`.
+///
+/// A namespace is one segment because ids map to themselves: were `tenant/a` a namespace, it
+/// would lie inside the key range of lock `a` in namespace `tenant`, and the two would block
+/// each other. Use `tenant-a` or `tenant.a` instead. The empty namespace (keys at the top level,
+/// for interoperating with `etcdctl lock` or `consul lock`) shares its ids with the names of
+/// every other namespace: keep it for that use.
+///
+/// ```
+/// use sync_core::id::validate_namespace;
+/// assert!(validate_namespace("tenant-a").is_ok());
+/// let err = validate_namespace("tenant/a").unwrap_err();
+/// assert!(err.to_string().contains("must not contain '/'"));
+/// ```
 pub fn validate_namespace(ns: &str) -> Result<()> {
     if ns.len() > MAX_NAMESPACE_LEN {
         return Err(Error::invalid(format!(
@@ -52,9 +65,10 @@ pub fn validate_namespace(ns: &str) -> Result<()> {
     if ns.contains('\0') {
         return Err(Error::invalid("namespace must not contain NUL"));
     }
-    if ns.starts_with('/') || ns.ends_with('/') {
+    if ns.contains('/') {
         return Err(Error::invalid(format!(
-            "namespace {ns:?} must not start or end with '/'"
+            "namespace {ns:?} must not contain '/': a nested namespace would share keys with \
+             its parent's ids (use '-' or '.')"
         )));
     }
     Ok(())
@@ -172,5 +186,6 @@ mod tests {
         assert!(validate("lock id", "a\0b").is_err());
         assert!(validate_namespace("").is_ok());
         assert!(validate_namespace("/x").is_err());
+        assert!(validate_namespace("a/b").is_err());
     }
 }

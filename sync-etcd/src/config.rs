@@ -331,9 +331,14 @@ mod tests {
         assert_eq!(c.endpoints, ["http://127.0.0.1:2379"]);
         let c = Config::from_url("etcd://127.0.0.1:2379/").unwrap();
         assert_eq!(c.namespace, "");
-        let c = Config::from_url("etcd://a:1,b:2/x/y").unwrap();
-        assert_eq!(c.namespace, "x/y");
+        let c = Config::from_url("etcd://a:1,b:2/x.y").unwrap();
+        assert_eq!(c.namespace, "x.y");
         assert_eq!(c.endpoints.len(), 2);
+        let nested = Config::from_url("etcd://a:1/x/y").unwrap_err();
+        assert!(
+            nested.to_string().contains("must not contain '/'"),
+            "{nested}"
+        );
         assert!(Config::from_url("consul://a").is_err());
         assert!(Config::from_url("etcd://").is_err());
         assert!(Config::from_url("etcd://a:1?ttl_ms=1000").is_err());

@@ -84,7 +84,7 @@ const UNARY: [&str; 6] = [
 async fn uncontended_acquire_release_costs_two_requests(endpoint: String) -> TestResult {
     let config = sync_etcd::Config::default()
         .with_endpoints([endpoint.as_str()])
-        .with_namespace(format!("requests/{}", uuid::Uuid::new_v4().simple()))
+        .with_namespace(format!("requests-{}", uuid::Uuid::new_v4().simple()))
         .with_ttl(Duration::from_secs(10));
     let client = sync_etcd::Client::connect(config)
         .await
