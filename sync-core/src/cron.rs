@@ -43,6 +43,9 @@
 //!   resumes at the next tick after the recorded one. If several ticks were missed it fires
 //!   only the latest of them, then continues on schedule — like a cron job's missed-start
 //!   policy. A tick at or before the recorded one never fires.
+//! - **A stale leader steps down.** Terms only grow, so a record written under a higher term
+//!   than this leader's means a newer leader exists and this one missed its revocation: it
+//!   fires nothing, drops its leadership and campaigns again.
 //!
 //! Delivery of a fired tick is the [`Task`]'s (at-least-once to a worker). The recorded tick
 //! and the submission are two steps: if the process dies between them, that tick is lost
@@ -682,6 +685,9 @@ impl Inner {
                                 last.insert(reg.name.clone(), (reg.id, ms));
                                 fired = true;
                             }
+                            Err(e) if e.kind() == ErrorKind::NotHeld => {
+                                return Outcome::Revoked(e.to_string());
+                            }
                             Err(e) => {
                                 warn!(schedule = %reg.name, term, tick = to_ms(tick), error = %e, "cron firing failed");
                                 failed = true;
@@ -732,10 +738,19 @@ impl Inner {
         let tick_ms = to_ms(tick);
         let entry = self.map.read(name).await?;
         let expected = entry.as_ref().map(|e| e.version);
-        let recorded = entry
-            .as_ref()
-            .and_then(|e| Record::decode(name, &e.value))
-            .map(|r| r.tick_ms);
+        let record = entry.as_ref().and_then(|e| Record::decode(name, &e.value));
+        if let Some(newer) = record.filter(|r| r.term > term) {
+            // Terms only grow, so a newer leader exists: this one missed its revocation.
+            return Err(Error::new(
+                ErrorKind::NotHeld,
+                format!(
+                    "a newer leader (term {}) fired this schedule; term {term} steps down",
+                    newer.term
+                ),
+            )
+            .with_id(name));
+        }
+        let recorded = record.map(|r| r.tick_ms);
         if let Some(recorded) = recorded {
             if recorded >= tick_ms {
                 debug!(

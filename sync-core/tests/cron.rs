@@ -356,3 +356,32 @@ async fn flapping_leadership_is_backed_off() -> Result<()> {
     assert!(n <= 10, "{n} elections in 500 ms");
     Ok(())
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stale_leader_steps_down_instead_of_firing() -> Result<()> {
+    let mut s = setup("stale").await?;
+    let start = SystemTime::now();
+    let stamped = |term: u64| {
+        let ms = start.duration_since(UNIX_EPOCH).unwrap().as_millis() as u64;
+        serde_json::to_vec(&serde_json::json!({ "tick_ms": ms, "term": term })).unwrap()
+    };
+    // A leader with a far higher term has fired: this one must have missed its revocation.
+    s.map.write("beat", &stamped(u64::MAX / 2)).await?;
+    s.cron
+        .schedule(
+            "beat",
+            Schedule::every_from(start, Duration::from_millis(100)),
+            Job::new("stale", ""),
+        )
+        .await?;
+    let quiet = timeout(Duration::from_secs(1), s.fired.recv()).await;
+    assert!(quiet.is_err(), "a stale leader fired: {quiet:?}");
+    assert_eq!(record(&s.map, "beat").await["term"], u64::MAX / 2);
+
+    // Once no newer term stands in the record, it leads and fires again.
+    s.map.write("beat", &stamped(0)).await?;
+    let labels = next(&mut s.fired).await;
+    assert!(num(&labels, "cron.term") < u64::MAX / 2);
+    s.cron.stop().await;
+    Ok(())
+}
