@@ -419,13 +419,22 @@ impl Cron {
     ///
     /// Errors: an invalid name or job, or an interval under [`MIN_INTERVAL`], is
     /// [`ErrorKind::InvalidArgument`]; a name already registered on this cron is
-    /// [`ErrorKind::Conflict`]; after [`stop`](Cron::stop), [`ErrorKind::Closed`]; a map
+    /// [`ErrorKind::Conflict`]; after [`stop`](Cron::stop), [`ErrorKind::Closed`]; polled
+    /// outside a tokio runtime (which the driver runs on), [`ErrorKind::Unavailable`]; a map
     /// failure while writing the registration record is returned as is.
     pub async fn schedule(&self, name: &str, schedule: Schedule, job: Job) -> Result<()> {
         crate::id::validate("schedule name", name)?;
         schedule.validate().map_err(|e| e.with_id(name))?;
         job.validate()?;
         self.check_open()?;
+        let runtime = tokio::runtime::Handle::try_current().map_err(|e| {
+            Error::new(
+                ErrorKind::Unavailable,
+                "the Cron driver needs a tokio runtime to run on",
+            )
+            .with_source(e)
+            .with_id(name)
+        })?;
         if lock(&self.inner.schedules).contains_key(name) {
             return Err(duplicate(name));
         }
@@ -470,7 +479,7 @@ impl Cron {
             schedules.insert(name.to_string(), registered);
         }
         self.inner.changes.send_modify(|n| *n += 1);
-        self.ensure_driver();
+        self.ensure_driver(&runtime);
         Ok(())
     }
 
@@ -510,7 +519,7 @@ impl Cron {
         Ok(())
     }
 
-    fn ensure_driver(&self) {
+    fn ensure_driver(&self, runtime: &tokio::runtime::Handle) {
         let mut driver = lock(&self.driver);
         if driver.is_none() && !*self.inner.stop.borrow() {
             let span = info_span!(
@@ -518,9 +527,7 @@ impl Cron {
                 group = self.inner.leader.group(),
                 candidate = %self.inner.candidate
             );
-            *driver = Some(tokio::spawn(
-                drive(Arc::clone(&self.inner)).instrument(span),
-            ));
+            *driver = Some(runtime.spawn(drive(Arc::clone(&self.inner)).instrument(span)));
         }
     }
 }

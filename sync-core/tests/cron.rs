@@ -385,3 +385,25 @@ async fn stale_leader_steps_down_instead_of_firing() -> Result<()> {
     s.cron.stop().await;
     Ok(())
 }
+
+#[test]
+fn schedule_outside_a_runtime_is_unavailable() -> Result<()> {
+    let runtime = tokio::runtime::Runtime::new().expect("a runtime");
+    let (client, cron) = runtime.block_on(async {
+        let client = sync_local::Cluster::new().client(Default::default())?;
+        let cron = Cron::new(
+            client.leader("cron")?,
+            client.task(),
+            client.map("cron")?,
+            "node-1",
+        );
+        Ok::<_, sync_core::Error>((client, cron))
+    })?;
+    let every = Schedule::every(Duration::from_secs(1));
+    let err = futures::executor::block_on(cron.schedule("x", every, Job::new("j", "")))
+        .expect_err("no runtime to run the driver on");
+    assert_eq!(err.kind(), ErrorKind::Unavailable);
+    assert!(err.to_string().contains("tokio runtime"), "{err}");
+    drop((cron, client));
+    Ok(())
+}

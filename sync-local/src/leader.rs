@@ -310,7 +310,8 @@ impl Leadership for LocalLeadership {
             .check_open()
             .map_err(|e| e.with_id(&self.campaign.group))?;
         let current = self.campaign.shared().elections.current(&self.campaign.key);
-        if current.as_ref().is_some_and(|c| c.term == self.term) {
+        // A fired signal means the reign is ending even if the table still shows it.
+        if current.as_ref().is_some_and(|c| c.term == self.term) && !self.revoked.is_lost() {
             return Ok((self.term, self.revoked.clone()));
         }
         let value = locked(&self.value).clone();
