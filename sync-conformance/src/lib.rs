@@ -9,7 +9,9 @@
 //!
 //! ```no_run
 //! # use std::sync::Arc;
-//! # fn make_harness(_endpoint: Option<String>) -> sync_core::Result<Arc<dyn sync_conformance::Harness>> { todo!() }
+//! # fn make_harness(_endpoint: Option<String>) -> sync_core::Result<Arc<dyn sync_conformance::Harness>> {
+//! #     Err(sync_core::Error::new(sync_core::ErrorKind::Unsupported, "an example"))
+//! # }
 //! fn main() -> std::process::ExitCode {
 //!     sync_conformance::run("etcd", Some("SYNC_TEST_ETCD"), make_harness)
 //! }
