@@ -85,6 +85,29 @@ fn cron_on(client: &dyn Client, group: &str, candidate: String) -> Result<Cron, 
     ))
 }
 
+/// `count` schedulers, each on its own client, in election group `group`, all registering
+/// `schedule` under the name `name` to submit `job`.
+async fn schedulers(
+    ctx: &Ctx,
+    count: usize,
+    group: &str,
+    name: &str,
+    schedule: Schedule,
+    job: &str,
+) -> Result<(Vec<Box<dyn Client>>, Vec<Cron>), Failure> {
+    let mut clients = Vec::new();
+    let mut crons = Vec::new();
+    for i in 0..count {
+        let client = ctx.client().await?;
+        let cron = cron_on(client.as_ref(), group, format!("scheduler-{i}"))?;
+        cron.schedule(name, schedule.clone(), sync_core::Job::new(job, ""))
+            .await?;
+        crons.push(cron);
+        clients.push(client);
+    }
+    Ok((clients, crons))
+}
+
 fn unix_ms(t: SystemTime) -> u64 {
     t.duration_since(UNIX_EPOCH).unwrap_or_default().as_millis() as u64
 }
@@ -96,20 +119,15 @@ pub async fn one_fire_per_tick_across_instances(ctx: &Ctx) -> CaseResult {
     let worker_client = ctx.client().await?;
     let (worker, mut fired) = recorder(worker_client.task()?, "cron-job").await?;
     let start = SystemTime::now();
-    let mut clients = Vec::new();
-    let mut crons = Vec::new();
-    for i in 0..3 {
-        let client = ctx.client().await?;
-        let cron = cron_on(client.as_ref(), "cron", format!("scheduler-{i}"))?;
-        cron.schedule(
-            "tick",
-            Schedule::every_from(start, INTERVAL),
-            sync_core::Job::new("cron-job", ""),
-        )
-        .await?;
-        crons.push(cron);
-        clients.push(client);
-    }
+    let (_clients, crons) = schedulers(
+        ctx,
+        3,
+        "cron",
+        "tick",
+        Schedule::every_from(start, INTERVAL),
+        "cron-job",
+    )
+    .await?;
 
     // Watch one tick past the five checked, so a duplicate of the fifth would have arrived.
     let mut seen: Vec<Firing> = Vec::new();
@@ -155,20 +173,15 @@ pub async fn failover_resumes_next_tick(ctx: &Ctx) -> CaseResult {
     let (worker, mut fired) = recorder(worker_client.task()?, "cron-job").await?;
     let observer = worker_client.leader("cron")?;
     let start = SystemTime::now();
-    let mut clients = Vec::new();
-    let mut crons = Vec::new();
-    for i in 0..3 {
-        let client = ctx.client().await?;
-        let cron = cron_on(client.as_ref(), "cron", format!("scheduler-{i}"))?;
-        cron.schedule(
-            "tick",
-            Schedule::every_from(start, INTERVAL),
-            sync_core::Job::new("cron-job", ""),
-        )
-        .await?;
-        crons.push(cron);
-        clients.push(client);
-    }
+    let (clients, crons) = schedulers(
+        ctx,
+        3,
+        "cron",
+        "tick",
+        Schedule::every_from(start, INTERVAL),
+        "cron-job",
+    )
+    .await?;
 
     let mut seen = Vec::new();
     for _ in 0..3 {
@@ -250,20 +263,8 @@ pub async fn one_shot_fires_once(ctx: &Ctx) -> CaseResult {
     let (worker, mut fired) = recorder(worker_client.task()?, "once-job").await?;
     // A whole millisecond, so the expected tick label is exact.
     let at = UNIX_EPOCH + Duration::from_millis(unix_ms(SystemTime::now()) + 300);
-    let mut clients = Vec::new();
-    let mut crons = Vec::new();
-    for i in 0..2 {
-        let client = ctx.client().await?;
-        let cron = cron_on(client.as_ref(), "once", format!("scheduler-{i}"))?;
-        cron.schedule(
-            "once",
-            Schedule::once(at),
-            sync_core::Job::new("once-job", ""),
-        )
-        .await?;
-        crons.push(cron);
-        clients.push(client);
-    }
+    let (_clients, crons) =
+        schedulers(ctx, 2, "once", "once", Schedule::once(at), "once-job").await?;
 
     let f = next_firing(
         &mut fired,
