@@ -30,7 +30,7 @@ mod time;
 
 pub use client::{Client, Cluster};
 pub use config::{Config, MIN_TTL};
-pub use task::{Command, CommandPool};
+pub use task::{Command, CommandPool, JOB_RETENTION};
 
 /// The backend name used in errors and traces.
 pub const BACKEND: &str = "local";

@@ -26,6 +26,7 @@ use sync_core::{
 use tokio::{
     sync::{Notify, OwnedSemaphorePermit, Semaphore, watch},
     task::{JoinError, JoinHandle},
+    time::Instant,
 };
 use tracing::Instrument;
 
@@ -54,7 +55,14 @@ struct Jobs {
     jobs: HashMap<String, JobEntry>,
     /// By namespaced queue key (`<ns>/task/<name>`).
     queues: HashMap<String, Queue>,
+    /// Finished job keys and when they may be forgotten, oldest first.
+    finished: VecDeque<(Instant, String)>,
+    /// How long finished jobs stay visible to `status`; `None` is [`JOB_RETENTION`].
+    retention: Option<Duration>,
 }
+
+/// How long a finished job's status is kept by default.
+pub const JOB_RETENTION: Duration = Duration::from_secs(3600);
 
 #[derive(Default)]
 struct Queue {
@@ -83,6 +91,30 @@ struct Claim {
 }
 
 impl Jobs {
+    /// Notes that `job_key` reached a final state, and forgets jobs past their retention, so a
+    /// long-running cluster does not keep every job it ever ran.
+    fn retire(&mut self, job_key: &str) {
+        let now = Instant::now();
+        let keep = self.retention.unwrap_or(JOB_RETENTION);
+        self.finished.push_back((now + keep, job_key.to_string()));
+        self.forget_expired(now);
+    }
+
+    fn forget_expired(&mut self, now: Instant) {
+        while self.finished.front().is_some_and(|(at, _)| *at <= now) {
+            let Some((_, key)) = self.finished.pop_front() else {
+                break;
+            };
+            if self
+                .jobs
+                .get(&key)
+                .is_some_and(|e| e.status.state.is_final())
+            {
+                self.jobs.remove(&key);
+            }
+        }
+    }
+
     /// Puts `job_key` at the back of its queue and wakes the queue's workers.
     fn make_ready(&mut self, queue: &str, job_key: &str) {
         let q = self.queues.entry(queue.to_string()).or_default();
@@ -92,6 +124,10 @@ impl Jobs {
 }
 
 impl JobTable {
+    pub(crate) fn set_retention(&self, retention: Duration) {
+        locked(&self.state).retention = Some(retention);
+    }
+
     fn queue_wake(&self, queue: &str) -> Arc<Notify> {
         locked(&self.state)
             .queues
@@ -121,7 +157,7 @@ enum Take {
 /// Takes the oldest ready job of `queue` for `session`, binding the claim to the session.
 fn take_next(shared: &Arc<Shared>, queue: &str, session: u64) -> Take {
     let mut state = locked(&shared.jobs.state);
-    let Jobs { jobs, queues } = &mut *state;
+    let Jobs { jobs, queues, .. } = &mut *state;
     let Some(q) = queues.get_mut(queue) else {
         return Take::Empty;
     };
@@ -199,7 +235,9 @@ fn worker_lost(shared: &Weak<Shared>, job_key: &str, token: u64, reason: &str) {
         "worker lost; job {}",
         if out_of_attempts { "failed" } else { "requeued" }
     );
-    if !out_of_attempts {
+    if out_of_attempts {
+        state.retire(job_key);
+    } else {
         let queue = entry.queue.clone();
         state.make_ready(&queue, job_key);
     }
@@ -263,6 +301,9 @@ fn finish(client: &ClientInner, claim: &Claimed, outcome: std::result::Result<Ve
             }
         }
         entry.changed.send_replace(());
+        if entry.status.state.is_final() {
+            state.retire(&claim.job_key);
+        }
     }
     if let Some((token, delay)) = retry {
         let weak = Arc::downgrade(shared);
@@ -349,6 +390,7 @@ impl Task for LocalTask {
             let queue = self.client.key(&["task", &job.name]);
             let status = JobStatus::queued(id.clone(), &job);
             let mut state = locked(&self.client.shared.jobs.state);
+            state.forget_expired(Instant::now());
             state.jobs.insert(
                 job_key.clone(),
                 JobEntry {
@@ -830,6 +872,30 @@ mod tests {
 
     fn echo() -> Arc<dyn Handler> {
         handler(|job: JobContext| async move { Ok(job.payload) })
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn finished_jobs_are_forgotten_after_retention() {
+        let cluster = Cluster::new().with_job_retention(Duration::from_secs(60));
+        let config = Config::default().with_ttl(Duration::from_secs(600));
+        let task = cluster.client(config).unwrap().task();
+        let _w = task
+            .work("echo", echo(), WorkerOptions::new())
+            .await
+            .unwrap();
+        let old = task.run(Job::new("echo", "a")).await.unwrap();
+        tokio::time::advance(Duration::from_secs(59)).await;
+        task.submit(Job::new("echo", "b")).await.unwrap();
+        assert_eq!(
+            task.status(&old.id).await.unwrap().state,
+            JobState::Succeeded
+        );
+
+        tokio::time::advance(Duration::from_secs(2)).await;
+        let fresh = task.submit(Job::new("echo", "c")).await.unwrap();
+        let err = task.status(&old.id).await.unwrap_err();
+        assert_eq!(err.kind(), ErrorKind::NotFound);
+        assert!(task.status(&fresh).await.is_ok());
     }
 
     #[tokio::test(flavor = "multi_thread")]
