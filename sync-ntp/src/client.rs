@@ -27,6 +27,17 @@ use crate::{
 /// callers of an unreachable pool get their error at once instead of each querying again.
 const RETRY_HOLDOFF: Duration = Duration::from_secs(1);
 
+/// How a server that sent a kiss-of-death is treated (RFC 4330 §8, RFC 5905 §7.4): after DENY
+/// or RSTR it is never queried again; after RATE it is left alone for a back-off that doubles
+/// with each RATE kiss (from the sync interval up to NTP's longest poll).
+#[derive(Debug, Clone)]
+struct Kissed {
+    code: String,
+    /// Not queried before this instant; `None`: never again.
+    until: Option<Instant>,
+    backoff: Duration,
+}
+
 /// One server's good reply in a [`SyncReport`].
 #[derive(Debug, Clone, PartialEq)]
 #[non_exhaustive]
@@ -102,13 +113,29 @@ impl fmt::Display for SyncError {
 
 impl std::error::Error for SyncError {}
 
+/// Why the last sync left no usable interval.
+#[derive(Debug, Clone)]
+enum Failure {
+    /// No usable majority answered.
+    Servers(SyncError),
+    /// The servers answered, but the combined error already exceeds the maximum acceptable
+    /// error (a root distance just under it, widened by rounding and drift).
+    TooWide(Duration),
+}
+
 #[derive(Default)]
 struct State {
     /// The combined span of the last good sync.
     span: Option<Span>,
+    /// The local monotonic and wall clocks read together as the sync that gave `span` began
+    /// (wall first): time the monotonic clock missed since (a suspend) shows as the wall clock
+    /// running ahead of it.
+    clocks: Option<(Instant, SystemTime)>,
     report: Option<SyncReport>,
     /// The last sync's failure and when it happened, while no later sync succeeded.
-    failure: Option<(Instant, SyncError)>,
+    failure: Option<(Instant, Failure)>,
+    /// Per server (by index), the kiss-of-death it last sent, while it applies.
+    kissed: Vec<Option<Kissed>>,
 }
 
 pub(crate) struct Inner {
@@ -306,7 +333,13 @@ impl Inner {
 
     /// The cached span carried to `now`, if its error is still acceptable.
     fn current(&self, now: Instant) -> Option<Span> {
-        let span = lock(&self.state).span?.at(now, self.config.drift_ppm);
+        let (span, clocks) = {
+            let state = lock(&self.state);
+            (state.span?, state.clocks)
+        };
+        // The wall clock is read after `now` (so that the gap below is never understated).
+        let wall = SystemTime::now();
+        let span = carry(&span, self.config.drift_ppm, clocks, now, wall);
         (span.half_width() <= self.config.max_error).then_some(span)
     }
 
@@ -325,22 +358,38 @@ impl Inner {
             .as_ref()
             .filter(|(at, _)| at.elapsed() < RETRY_HOLDOFF)
             .map(|(_, e)| e.clone());
-        if let Some(e) = recent_failure {
-            return Err(self.stale_error(e));
+        match recent_failure {
+            Some(Failure::Servers(e)) => return Err(self.stale_error(e)),
+            Some(Failure::TooWide(error)) => return Err(self.too_wide(error)),
+            None => {}
         }
-        match self.sync_now().await {
-            Ok(_) => match self.current(Instant::now()) {
-                Some(span) => interval_of(&span),
-                None => Err(self.unavailable(
-                    format!(
-                        "the synchronized error exceeds the maximum acceptable error {:?}",
-                        self.config.max_error
-                    ),
-                    None,
-                )),
-            },
-            Err(e) => Err(e),
+        self.sync_now().await?;
+        match self.current(Instant::now()) {
+            Some(span) => interval_of(&span),
+            None => {
+                // Hold further on-demand syncs off, as after a failed one: otherwise every
+                // call would query the servers again.
+                let error = {
+                    let mut state = lock(&self.state);
+                    let error = state.span.map_or(Duration::MAX, |s| {
+                        s.at(Instant::now(), self.config.drift_ppm).half_width()
+                    });
+                    state.failure = Some((Instant::now(), Failure::TooWide(error)));
+                    error
+                };
+                Err(self.too_wide(error))
+            }
         }
+    }
+
+    fn too_wide(&self, error: Duration) -> Error {
+        self.unavailable(
+            format!(
+                "the synchronized error {error:?} exceeds the maximum acceptable error {:?}",
+                self.config.max_error
+            ),
+            None,
+        )
     }
 
     fn stale_error(&self, e: SyncError) -> Error {
@@ -359,35 +408,24 @@ impl Inner {
 
     /// Queries every server and installs the combined result. The caller holds `syncing`.
     async fn sync_now(&self) -> Result<SyncReport> {
-        let timeout = self.config.timeout;
         let max_error = self.config.max_error;
-        let queries = &self.queries;
-        let outcomes = futures::future::join_all(self.servers.iter().map(|server| async move {
-            let addr = match tokio::net::lookup_host(server.as_str()).await {
-                Ok(mut addrs) => addrs.next(),
-                Err(e) => {
-                    return (
-                        server,
-                        Err(ReplyError::Unreachable {
-                            reason: format!("could not resolve: {e}"),
-                        }),
-                    );
-                }
-            };
-            let Some(addr) = addr else {
-                return (
-                    server,
-                    Err(ReplyError::Unreachable {
-                        reason: "the name resolved to no address".into(),
-                    }),
-                );
-            };
-            let result = query(addr, timeout, max_error, queries)
-                .await
-                .map(|s| (addr, s));
-            (server, result)
-        }))
+        // The local clocks as the sync begins (wall first): a suspend from here on, even one
+        // during the exchange, shows in `carry` as the wall clock running ahead.
+        let clocks_wall = SystemTime::now();
+        let start = Instant::now();
+        let kissed: Vec<Option<Kissed>> = {
+            let mut state = lock(&self.state);
+            state.kissed.resize(self.servers.len(), None);
+            state.kissed.clone()
+        };
+        let outcomes = futures::future::join_all(
+            self.servers
+                .iter()
+                .zip(kissed)
+                .map(|(server, kissed)| self.query_server(server, kissed, start)),
+        )
         .await;
+        self.note_kisses(&outcomes);
 
         let mut good: Vec<(&String, SocketAddr, Sample)> = Vec::new();
         let mut failures = Vec::new();
@@ -413,7 +451,7 @@ impl Inner {
                 });
             }
             let e = SyncError { failures };
-            lock(&self.state).failure = Some((Instant::now(), e.clone()));
+            lock(&self.state).failure = Some((Instant::now(), Failure::Servers(e.clone())));
             return Err(self.unavailable(e.to_string(), Some(e)));
         };
         let mut samples = Vec::new();
@@ -450,10 +488,205 @@ impl Inner {
             rejected = report.failures.len(),
             "NTP sync"
         );
+        let now = Instant::now();
         let mut state = lock(&self.state);
         state.span = Some(combined.span);
+        state.clocks = Some((start, clocks_wall));
         state.report = Some(report.clone());
-        state.failure = None;
+        let error = combined.span.at(now, self.config.drift_ppm).half_width();
+        state.failure = (error > max_error).then_some((now, Failure::TooWide(error)));
         Ok(report)
+    }
+
+    /// One server's part of a sync: skipped while a kiss-of-death applies, else resolved and
+    /// queried, each within the timeout.
+    async fn query_server<'a>(
+        &self,
+        server: &'a String,
+        kissed: Option<Kissed>,
+        start: Instant,
+    ) -> (
+        &'a String,
+        std::result::Result<(SocketAddr, Sample), ReplyError>,
+    ) {
+        let timeout = self.config.timeout;
+        if let Some(k) = kissed.filter(|k| k.until.is_none_or(|until| start < until)) {
+            tracing::debug!(server = %server, code = %k.code, "not queried: it sent a kiss-of-death");
+            return (server, Err(ReplyError::KissOfDeath { code: k.code }));
+        }
+        // The resolver (a blocking getaddrinfo) is bounded by the timeout too: a slow DNS server
+        // must not hold the sync, and every caller waiting on it, any longer.
+        let lookup = tokio::time::timeout(timeout, tokio::net::lookup_host(server.as_str()));
+        let unreachable = |reason: String| (server, Err(ReplyError::Unreachable { reason }));
+        let addr = match lookup.await {
+            Ok(Ok(mut addrs)) => addrs.next(),
+            Ok(Err(e)) => return unreachable(format!("could not resolve: {e}")),
+            Err(_) => return unreachable(format!("could not resolve within {timeout:?}")),
+        };
+        let Some(addr) = addr else {
+            return unreachable("the name resolved to no address".into());
+        };
+        let result = query(
+            addr,
+            timeout,
+            self.config.max_error,
+            self.config.drift_ppm,
+            &self.queries,
+        )
+        .await
+        .map(|s| (addr, s));
+        (server, result)
+    }
+
+    /// Remembers the kisses-of-death of this sync, and forgets those of servers that answered.
+    fn note_kisses<T>(&self, outcomes: &[(&String, std::result::Result<T, ReplyError>)]) {
+        let now = Instant::now();
+        let mut state = lock(&self.state);
+        state.kissed.resize(self.servers.len(), None);
+        for (i, (_, outcome)) in outcomes.iter().enumerate() {
+            let slot = &mut state.kissed[i];
+            match outcome {
+                Err(ReplyError::KissOfDeath { code }) => {
+                    let until_set = slot
+                        .as_ref()
+                        .is_some_and(|k| k.until.is_none_or(|u| now < u));
+                    if until_set {
+                        // Skipped this time: the remembered kiss still applies.
+                        continue;
+                    }
+                    *slot = kiss(slot.take(), code, now, self.config.interval);
+                    if let Some(k) = slot {
+                        tracing::warn!(
+                            server = %self.servers[i],
+                            code = %k.code,
+                            until = ?k.until.map(|u| u - now),
+                            "NTP server sent a kiss-of-death; not querying it for now"
+                        );
+                    }
+                }
+                Ok(_) => *slot = None,
+                Err(_) => {}
+            }
+        }
+    }
+}
+
+/// The state after a kiss-of-death `code` at `now`: DENY and RSTR forever, RATE for a doubling
+/// back-off, any other code for this sync only.
+fn kiss(previous: Option<Kissed>, code: &str, now: Instant, interval: Duration) -> Option<Kissed> {
+    match code {
+        "DENY" | "RSTR" => Some(Kissed {
+            code: code.to_string(),
+            until: None,
+            backoff: Duration::ZERO,
+        }),
+        "RATE" => {
+            let backoff = previous
+                .map_or(interval, |k| k.backoff.saturating_mul(2))
+                .clamp(interval, crate::config::MAX_INTERVAL);
+            Some(Kissed {
+                code: code.to_string(),
+                until: Some(now + backoff),
+                backoff,
+            })
+        }
+        _ => None,
+    }
+}
+
+/// Below this, the wall clock running ahead of the monotonic clock is the time between reading
+/// the two (they advance alike on Linux, slewed together), not a suspend.
+const MISSED_TIME_FLOOR: Duration = Duration::from_millis(1);
+
+/// `span` carried to the monotonic instant `now` with the drift allowance, and its upper end
+/// moved by however much more the wall clock advanced than the monotonic clock since `clocks`
+/// (monotonic, wall) were read, when that is over [`MISSED_TIME_FLOOR`]: the monotonic clock
+/// stops while the machine is suspended, true time does not. (A wall clock stepped forward only
+/// widens the interval, to be safe; once that exceeds the maximum error the next call syncs
+/// again.)
+fn carry(
+    span: &Span,
+    ppm: f64,
+    clocks: Option<(Instant, SystemTime)>,
+    now: Instant,
+    wall: SystemTime,
+) -> Span {
+    let mut carried = span.at(now, ppm);
+    if let Some((mono_at, wall_at)) = clocks {
+        let mono = now.saturating_duration_since(mono_at).as_nanos() as i128;
+        let walled = match wall.duration_since(wall_at) {
+            Ok(d) => d.as_nanos() as i128,
+            Err(_) => 0,
+        };
+        let missed = walled - mono;
+        if missed > MISSED_TIME_FLOOR.as_nanos() as i128 {
+            carried.hi += missed;
+        }
+    }
+    carried
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn time_the_monotonic_clock_missed_widens_the_upper_end() {
+        let t = Instant::now();
+        let wall = UNIX_EPOCH + Duration::from_secs(1_700_000_000);
+        let span = Span {
+            at: t,
+            lo: 1_000,
+            hi: 3_000,
+        };
+        let later = t + Duration::from_secs(10);
+        let clocks = Some((t, wall));
+        // Both clocks advanced alike: only the drift allowance (1 ppm of 10 s = 10 µs).
+        let same = carry(&span, 1.0, clocks, later, wall + Duration::from_secs(10));
+        assert_eq!(same, span.at(later, 1.0));
+        // The machine slept an hour: the monotonic clock saw 10 s, the wall clock an hour more.
+        let slept = carry(&span, 1.0, clocks, later, wall + Duration::from_secs(3_610));
+        assert_eq!(slept.lo, same.lo);
+        assert_eq!(slept.hi, same.hi + 3_600_000_000_000);
+        // Reading the two clocks a few microseconds apart is not a suspend.
+        let read = carry(
+            &span,
+            1.0,
+            clocks,
+            later,
+            wall + Duration::from_micros(10_000_050),
+        );
+        assert_eq!(read, same);
+        // A wall clock stepped back changes nothing; no clock pair, nothing to compare.
+        let back = carry(&span, 1.0, clocks, later, wall - Duration::from_secs(5));
+        assert_eq!(back, same);
+        assert_eq!(carry(&span, 1.0, None, later, wall), same);
+    }
+
+    #[test]
+    fn kisses_of_death() {
+        let now = Instant::now();
+        let every = Duration::from_secs(64);
+        let deny = kiss(None, "DENY", now, every).unwrap();
+        assert_eq!(deny.until, None);
+        assert_eq!(kiss(None, "RSTR", now, every).unwrap().until, None);
+        let rate = kiss(None, "RATE", now, every).unwrap();
+        assert_eq!(rate.until, Some(now + every));
+        let again = kiss(Some(rate), "RATE", now, every).unwrap();
+        assert_eq!(again.until, Some(now + 2 * every));
+        let capped = kiss(
+            Some(Kissed {
+                code: "RATE".into(),
+                until: None,
+                backoff: crate::config::MAX_INTERVAL,
+            }),
+            "RATE",
+            now,
+            every,
+        )
+        .unwrap();
+        assert_eq!(capped.backoff, crate::config::MAX_INTERVAL);
+        // Other codes (INIT, STEP, …) fail this sync only.
+        assert!(kiss(None, "INIT", now, every).is_none());
     }
 }

@@ -181,8 +181,16 @@ impl Config {
                 self.servers.len()
             ));
         }
+        let mut seen = Vec::with_capacity(self.servers.len());
         for s in &self.servers {
-            normalize_server(s)?;
+            let normalized = normalize_server(s)?;
+            // One server listed twice would vote twice, and outvote an honest one.
+            if seen.contains(&normalized) {
+                return bad(format!(
+                    "server {normalized} is listed twice; each server may vote once"
+                ));
+            }
+            seen.push(normalized);
         }
         let range = |name: &str, v: Duration, min: Duration, max: Duration| {
             if v < min || v > max {
@@ -302,6 +310,8 @@ mod tests {
             .collect::<Vec<_>>()
             .join(",");
         assert!(msg(&format!("ntp://{many}")).contains("at most 16"));
+        assert!(msg("ntp://a,a:123").contains("listed twice"));
+        assert!(msg("ntp://[::1],[::1]:123").contains("listed twice"));
         let e = Config::default().validate().unwrap_err();
         assert_eq!(e.kind(), sync_core::ErrorKind::InvalidArgument);
         assert!(e.to_string().contains("at least 1"));

@@ -8,14 +8,22 @@
 //!   [`ReplyError`] — for a kiss-of-death, stratum 0 or ≥ 16, leap indicator 3, a root distance
 //!   above the maximum acceptable error, or a malformed packet (short, wrong mode or version,
 //!   zero transmit timestamp). A datagram whose origin timestamp does not echo our request's
-//!   random nonce is not an answer: it is discarded while the wait for the real one goes on.
+//!   random nonce, or too malformed to tell, is not an answer: it is discarded while the wait
+//!   for the real one goes on. After a DENY or RSTR kiss the server is not queried again, after
+//!   RATE not for a back-off that doubles per kiss (RFC 4330 §8); a server listed twice is a
+//!   configuration error (it would vote twice).
 //! - Each good reply states `offset ± error` with offset = ((T2−T1)+(T3−T4))/2 and
-//!   error = round trip / 2 + root delay / 2 + root dispersion. The replies are combined with
+//!   error = round trip / 2 + root delay / 2 + root dispersion: the interval at T4 is
+//!   [T3 − root distance, T2 + (T4 − T1) + root distance], in exact integer nanoseconds (1 ns
+//!   outwards for rounding; T1 cancels out, so the local wall clock does not matter), its upper
+//!   end also allowing for drift over T4 − T1. The replies are combined with
 //!   Marzullo's algorithm (the intersection a strict majority agrees on; others are
 //!   falsetickers).
 //! - The result is cached against the monotonic clock (`std::time::Instant`): `now()` and
 //!   `now_interval()` cost no network round trip between syncs, and the interval widens by
-//!   `drift_ppm` of the time since the sync. A background task refreshes it every `interval`
+//!   `drift_ppm` of the time since the sync (and its upper end by any time over 1 ms that the
+//!   wall clock advanced beyond the monotonic clock, which stops while the machine sleeps). The resolver
+//!   is bounded by the query timeout. A background task refreshes it every `interval`
 //!   and stops when the last handle is dropped. The first call syncs on demand.
 //! - Never silent local time: when every server fails and the widened interval would exceed
 //!   `max_error`, calls fail with [`ErrorKind::Unavailable`](sync_core::ErrorKind::Unavailable)

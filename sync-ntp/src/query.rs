@@ -51,8 +51,10 @@ pub enum ReplyError {
         max: Duration,
     },
     /// The reply is not a well-formed answer to our query (too short, wrong mode or version,
-    /// a zero transmit timestamp…). A datagram whose origin timestamp does not echo our request
-    /// is not an answer to it: it is discarded, and the wait for the real reply goes on.
+    /// a zero transmit timestamp…). A datagram too short or in the wrong mode or version, or
+    /// whose origin timestamp does not echo our request, is not an answer to it: it is
+    /// discarded and the wait for the real reply goes on; this error then reports the first
+    /// such malformed datagram when no answer came within the timeout.
     Malformed {
         /// What was wrong.
         reason: String,
@@ -222,9 +224,8 @@ fn request(nonce: u64) -> [u8; PACKET_LEN] {
 }
 
 /// Whether `reply` is addressed to the request carrying `nonce`. A reply too short to say, or
-/// in the wrong mode or version, is checked first and fails the query (in that order), as the
-/// server's answer cannot be told from a stray there; one that echoes another origin is a
-/// stray, to be discarded.
+/// in the wrong mode or version, is an error (checked in that order); one that echoes another
+/// origin is `false`. Either way the query discards it and keeps waiting.
 fn addressed(reply: &[u8], nonce: u64) -> Result<bool, ReplyError> {
     if reply.len() < PACKET_LEN {
         return Err(malformed(format!(
@@ -253,12 +254,14 @@ struct Sent {
     received: Instant,
 }
 
-/// Checks a reply that echoes our nonce and turns it into a sample.
+/// Checks a reply that echoes our nonce and turns it into a sample. `drift_ppm` bounds how far
+/// the monotonic clock that measured T4 − T1 may be off over the exchange.
 fn sample(
     reply: &[u8],
     sent: &Sent,
     server: SocketAddr,
     max_error: Duration,
+    drift_ppm: f64,
 ) -> Result<Sample, ReplyError> {
     let leap = reply[0] >> 6;
     let stratum = reply[1];
@@ -285,22 +288,18 @@ fn sample(
     let root_delay = short_format(word(reply, 4));
     let root_dispersion = short_format(word(reply, 8));
 
-    // All in exact nanoseconds relative to T1 first; f64 seconds only for the differences.
-    let t21 = diff_ns(t2, sent.t1) as f64 / 1e9;
-    let t31 = diff_ns(t3, sent.t1) as f64 / 1e9;
-    let t32 = diff_ns(t3, t2) as f64 / 1e9;
-    let t41 = sent.elapsed.as_secs_f64();
-    let offset = (t21 + (t31 - t41)) / 2.0;
+    // Everything in exact integer nanoseconds: an f64 of T2 − T1 loses hundreds of
+    // nanoseconds when the local wall clock is years off (a machine that booted in 1970).
+    let t21 = diff_ns(t2, sent.t1);
+    let t31 = diff_ns(t3, sent.t1);
+    let t32 = diff_ns(t3, t2);
+    let t41 = sent.elapsed.as_nanos() as i128;
+    // ((T2−T1)+(T3−T4))/2, for the report only.
+    let offset = (t21 + t31 - t41) as f64 / 2e9;
     // A slightly negative round trip (the server's processing time measured on its clock
     // exceeding ours) is clamped to zero, as RFC 5905 clamps the delay to be non-negative.
-    let rtt = (t41 - t32).max(0.0);
-    if !offset.is_finite() || !rtt.is_finite() {
-        return Err(malformed(
-            "timestamps give a non-finite offset or round trip",
-        ));
-    }
-    // Rounded up to the nanosecond, so the stated error never falls short.
-    let round_trip = Duration::try_from_secs_f64((rtt * 1e9).ceil() / 1e9).unwrap_or(Duration::MAX);
+    let rtt = (t41 - t32).max(0);
+    let round_trip = Duration::from_nanos(u64::try_from(rtt).unwrap_or(u64::MAX));
     let distance = round_trip / 2 + root_delay / 2 + root_dispersion;
     if distance > max_error {
         return Err(ReplyError::RootDistance {
@@ -308,17 +307,24 @@ fn sample(
             max: max_error,
         });
     }
-    // The server's time at T4: our T4 (T1 plus the monotonic elapsed time) plus the offset.
-    let t1_ns = diff_ns(sent.t1, UNIX_EPOCH);
-    let mid = t1_ns + sent.elapsed.as_nanos() as i128 + (offset * 1e9).round() as i128;
-    // + 1 ns for rounding the offset to whole nanoseconds.
-    let err = distance.as_nanos() as i128 + 1;
+    // True time at T4 lies in [T3, T2 + (T4 − T1)], each end moved out by the server's root
+    // distance: T1 cancels out, so the local wall clock does not matter. Exact nanoseconds:
+    // T2 and T3 are each within ½ ns of the timestamps sent, hence the 1 ns outwards; the
+    // root delay is halved rounding up; the upper end allows for the monotonic clock having
+    // measured T4 − T1 short by the drift. With a negative round trip (clamped to zero above)
+    // the bounds cross, and the interval is the midpoint ± the root distance instead.
+    let (t2, t3) = (diff_ns(t2, UNIX_EPOCH), diff_ns(t3, UNIX_EPOCH));
+    let sum = t2 + t3 + t41;
+    let (mid_down, mid_up) = (sum.div_euclid(2), sum.div_euclid(2) + sum.rem_euclid(2));
+    let root = (root_delay.as_nanos() as i128 + 1) / 2 + root_dispersion.as_nanos() as i128;
+    let drift = crate::combine::drift_ns(sent.elapsed, drift_ppm);
+    let span = Span {
+        at: sent.received,
+        lo: t3.min(mid_down) - root - 1,
+        hi: (t2 + t41).max(mid_up) + root + 1 + drift,
+    };
     Ok(Sample {
-        span: Span {
-            at: sent.received,
-            lo: mid - err,
-            hi: mid + err,
-        },
+        span,
         offset,
         round_trip,
         root_delay,
@@ -329,10 +335,16 @@ fn sample(
 }
 
 /// Queries `addr` once; `queries` counts the requests actually sent to the server.
+///
+/// A datagram that is not a well-formed answer to this request (too short, wrong mode or
+/// version, or echoing another origin) is discarded and the wait goes on: only a reply that
+/// echoes the nonce settles the query. If the timeout passes after a malformed datagram, the
+/// query fails as [`ReplyError::Malformed`] with the first one's reason.
 pub(crate) async fn query(
     addr: SocketAddr,
     timeout: Duration,
     max_error: Duration,
+    drift_ppm: f64,
     queries: &AtomicU64,
 ) -> Result<Sample, ReplyError> {
     let socket = if addr.is_ipv4() {
@@ -351,6 +363,7 @@ pub(crate) async fn query(
     socket.send(&request(nonce)).await.map_err(unreachable)?;
     queries.fetch_add(1, Ordering::Relaxed);
 
+    let mut first_malformed: Option<ReplyError> = None;
     let exchange = async {
         // Room for extension fields and a MAC, which are ignored.
         let mut buf = [0u8; 1024];
@@ -358,24 +371,33 @@ pub(crate) async fn query(
             let n = socket.recv(&mut buf).await.map_err(unreachable)?;
             let received = Instant::now();
             let reply = &buf[..n];
-            if !addressed(reply, nonce)? {
-                tracing::debug!(
-                    server = %addr,
-                    "discarded an NTP reply whose origin timestamp does not echo our request"
-                );
-                continue;
+            match addressed(reply, nonce) {
+                Ok(true) => {}
+                Ok(false) => {
+                    tracing::debug!(
+                        server = %addr,
+                        "discarded an NTP reply whose origin timestamp does not echo our request"
+                    );
+                    continue;
+                }
+                Err(e) => {
+                    tracing::debug!(server = %addr, error = %e, "discarded a malformed NTP datagram");
+                    first_malformed.get_or_insert(e);
+                    continue;
+                }
             }
             let sent = Sent {
                 t1,
                 elapsed: received.duration_since(sent_at),
                 received,
             };
-            return sample(reply, &sent, addr, max_error);
+            return sample(reply, &sent, addr, max_error, drift_ppm);
         }
     };
-    match tokio::time::timeout_at(deadline, exchange).await {
+    let outcome = tokio::time::timeout_at(deadline, exchange).await;
+    match outcome {
         Ok(result) => result,
-        Err(_) => Err(ReplyError::Timeout { after: timeout }),
+        Err(_) => Err(first_malformed.unwrap_or(ReplyError::Timeout { after: timeout })),
     }
 }
 
@@ -483,7 +505,7 @@ mod tests {
         let p = reply(7, Duration::from_secs(3), t1);
         assert_eq!(addressed(&p, 7), Ok(true));
         assert_eq!(addressed(&p, 8), Ok(false));
-        let s = sample(&p, &sent, server, Duration::from_secs(1)).unwrap();
+        let s = sample(&p, &sent, server, Duration::from_secs(1), 0.0).unwrap();
         assert!((s.offset - 3.0).abs() < 1e-8, "{s:?}");
         assert!(
             s.round_trip.abs_diff(Duration::from_millis(20)) <= Duration::from_nanos(2),
@@ -498,6 +520,111 @@ mod tests {
             s.span.half_width() <= Duration::from_micros(10_001),
             "{s:?}"
         );
+    }
+
+    #[test]
+    fn the_centre_is_exact_whatever_the_local_wall_clock_says() {
+        // A machine that booted in 1970 asks a server in 2024: T2 − T1 is about 1.7e9 s, where
+        // an f64 has a resolution of about 240 ns. The centre must still be exact.
+        let t1 = unix(1, 0);
+        let server_t2 = unix(1_704_067_200, 123_456_789);
+        let mut p = [0u8; PACKET_LEN];
+        p[0] = 4 << 3 | 4;
+        p[1] = 2;
+        p[24..32].copy_from_slice(&7u64.to_be_bytes());
+        p[32..40].copy_from_slice(&to_ntp(server_t2).to_be_bytes());
+        let server_t3 = server_t2 + Duration::from_millis(2);
+        p[40..48].copy_from_slice(&to_ntp(server_t3).to_be_bytes());
+        let sent = Sent {
+            t1,
+            elapsed: Duration::from_millis(22),
+            received: Instant::now(),
+        };
+        let server = SocketAddr::from(([192, 0, 2, 1], 123));
+        let s = sample(&p, &sent, server, Duration::from_secs(1), 0.0).unwrap();
+        // True time at T4 is in [T3, T2 + 22 ms]: centred on T3 + 10 ms, ± 10 ms.
+        let t3 = diff_ns(from_ntp(to_ntp(server_t3)), UNIX_EPOCH);
+        let t2 = diff_ns(from_ntp(to_ntp(server_t2)), UNIX_EPOCH);
+        assert!(s.span.lo <= t3 && s.span.hi >= t2 + 22_000_000, "{s:?}");
+        assert!(
+            (s.span.lo + s.span.hi - 2 * (t3 + 10_000_000)).abs() <= 2,
+            "{s:?}"
+        );
+        assert!(
+            s.span.half_width() <= Duration::from_nanos(10_000_004),
+            "{s:?}"
+        );
+    }
+
+    #[test]
+    fn the_error_allows_for_drift_over_the_exchange() {
+        let t1 = unix(1_704_067_200, 0);
+        let sent = Sent {
+            t1,
+            elapsed: Duration::from_millis(22),
+            received: Instant::now(),
+        };
+        let server = SocketAddr::from(([192, 0, 2, 1], 123));
+        let p = reply(7, Duration::ZERO, t1);
+        let s = sample(&p, &sent, server, Duration::from_secs(1), 500.0).unwrap();
+        // 500 ppm of the 22 ms measured on the monotonic clock: the round trip may have been
+        // 11 µs longer, so the upper end (T2 + 22 ms + root distance) moves out by that much.
+        let t2 = diff_ns(from_ntp(timestamp(&p, 32)), UNIX_EPOCH);
+        assert!(s.span.hi >= t2 + 22_000_000 + 11_000, "{s:?}");
+        assert!(s.span.hi <= t2 + 22_000_000 + 11_002, "{s:?}");
+    }
+
+    /// A server on loopback that answers each request with `before` datagrams, then `answer`.
+    async fn server(
+        before: Vec<Vec<u8>>,
+        answer: bool,
+    ) -> (SocketAddr, tokio::task::JoinHandle<()>) {
+        let socket = UdpSocket::bind("127.0.0.1:0").await.unwrap();
+        let addr = socket.local_addr().unwrap();
+        let task = tokio::spawn(async move {
+            let mut buf = [0u8; 512];
+            let (n, from) = socket.recv_from(&mut buf).await.unwrap();
+            assert_eq!(n, PACKET_LEN);
+            let nonce = timestamp(&buf, 40);
+            for datagram in before {
+                socket.send_to(&datagram, from).await.unwrap();
+            }
+            if answer {
+                let good = reply(nonce, Duration::ZERO, SystemTime::now());
+                socket.send_to(&good, from).await.unwrap();
+            }
+        });
+        (addr, task)
+    }
+
+    #[tokio::test]
+    async fn a_malformed_datagram_is_discarded_and_reported_only_if_no_answer_comes() {
+        let good = reply(1, Duration::ZERO, SystemTime::now());
+        let mut wrong_mode = good;
+        wrong_mode[0] = 4 << 3 | 3;
+        let junk = vec![good[..20].to_vec(), wrong_mode.to_vec()];
+        let counter = AtomicU64::new(0);
+        let timeout = Duration::from_millis(300);
+
+        // A short datagram and a mode-3 one before the real answer: the answer is used.
+        let (addr, task) = server(junk.clone(), true).await;
+        let s = query(addr, timeout, Duration::from_secs(1), 15.0, &counter).await;
+        assert!(s.is_ok(), "{s:?}");
+        task.await.unwrap();
+
+        // The same without an answer: the first malformed datagram's reason, at the timeout.
+        let (addr, task) = server(junk, false).await;
+        let start = Instant::now();
+        let e = query(addr, timeout, Duration::from_secs(1), 15.0, &counter)
+            .await
+            .unwrap_err();
+        assert!(start.elapsed() >= timeout);
+        assert!(
+            matches!(&e, ReplyError::Malformed { reason } if reason.contains("20 bytes")),
+            "{e:?}"
+        );
+        task.await.unwrap();
+        assert_eq!(counter.load(Ordering::Relaxed), 2);
     }
 
     #[test]
@@ -523,7 +650,7 @@ mod tests {
             received: Instant::now(),
         };
         let server = SocketAddr::from(([192, 0, 2, 1], 123));
-        let check = |p: &[u8]| sample(p, &sent, server, Duration::from_secs(1));
+        let check = |p: &[u8]| sample(p, &sent, server, Duration::from_secs(1), 0.0);
         let mut p = good;
         p[1] = 0;
         p[12..16].copy_from_slice(b"RATE");

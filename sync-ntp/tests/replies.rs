@@ -432,3 +432,75 @@ async fn invalid_config_is_rejected_by_connect() {
         .unwrap_err();
     assert!(err.to_string().contains("at least 1µs"), "{err}");
 }
+
+#[tokio::test]
+async fn deny_and_rstr_stop_all_queries_to_that_server() {
+    for code in ["DENY", "RSTR"] {
+        let responder = Responder::start(Reply::Kiss(code)).await;
+        let client = Client::connect(config(&[&responder])).await.unwrap();
+        for _ in 0..3 {
+            let err = client.sync().await.unwrap_err();
+            assert_eq!(
+                failures(&err),
+                [ReplyError::KissOfDeath { code: code.into() }]
+            );
+        }
+        // RFC 4330 §8: the client stops sending packets to that server.
+        assert_eq!(responder.queries(), 1, "{code}");
+        // Even once it would answer again.
+        responder.set(Reply::good());
+        assert!(client.sync().await.is_err());
+        assert_eq!(responder.queries(), 1, "{code}");
+    }
+}
+
+#[tokio::test]
+async fn rate_backs_off_that_server_while_the_others_serve() {
+    let kissing = Responder::start(Reply::Kiss("RATE")).await;
+    let good = Responder::start(Reply::good()).await;
+    let client = Client::connect(config(&[&kissing, &good])).await.unwrap();
+    for _ in 0..3 {
+        let report = client.sync().await.unwrap();
+        assert_eq!(report.samples.len(), 1, "{report:?}");
+        assert!(
+            matches!(&report.failures[..], [f] if f.error == ReplyError::KissOfDeath { code: "RATE".into() }),
+            "{report:?}"
+        );
+    }
+    // The kissing server was asked once; the back-off (at least the 64 s interval) holds.
+    assert_eq!(kissing.queries(), 1);
+    assert_eq!(good.queries(), 3);
+}
+
+#[tokio::test]
+async fn a_sync_already_too_wide_is_held_off_not_repeated_per_call() {
+    // Root distance exactly the maximum error: the reply is accepted, but the interval it
+    // gives (plus rounding and drift allowance) is already wider than the maximum.
+    let dispersion_raw = 656; // 656 / 65536 s, rounded up to 10 009 766 ns
+    let responder = Responder::start(Reply::SlowServer { dispersion_raw }).await;
+    let max_error = Duration::from_nanos(10_009_766);
+    let client = Client::connect(config(&[&responder]).with_max_error(max_error))
+        .await
+        .unwrap();
+    let time = client.time();
+    let err = time.now_interval().await.unwrap_err();
+    assert_eq!(err.kind(), ErrorKind::Unavailable);
+    assert!(
+        err.to_string()
+            .contains("exceeds the maximum acceptable error"),
+        "{err}"
+    );
+    assert_eq!(responder.queries(), 1);
+    let report = client.last_sync().unwrap();
+    assert_eq!(report.samples[0].round_trip, Duration::ZERO, "{report:?}");
+    // Within the hold-off, further calls fail at once without querying again.
+    for _ in 0..100 {
+        let err = time.now().await.unwrap_err();
+        assert_eq!(err.kind(), ErrorKind::Unavailable);
+    }
+    assert_eq!(responder.queries(), 1);
+    // After it, one call syncs again.
+    tokio::time::sleep(Duration::from_millis(1_100)).await;
+    assert!(time.now().await.is_err());
+    assert_eq!(responder.queries(), 2);
+}

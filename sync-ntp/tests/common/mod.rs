@@ -43,6 +43,10 @@ pub enum Reply {
     StrayThenGood,
     /// No answer at all.
     Silent,
+    /// A good reply whose receive timestamp is a second before its transmit timestamp (so the
+    /// round trip comes out negative and counts as zero), with this raw 16.16 root dispersion:
+    /// the root distance is exactly the dispersion.
+    SlowServer { dispersion_raw: u32 },
 }
 
 impl Reply {
@@ -104,6 +108,7 @@ pub fn craft(reply: &Reply, query: &[u8]) -> Option<Vec<u8>> {
         Reply::Stratum16 => stratum = 16,
         Reply::Leap3 => li = 3,
         Reply::RootDispersionSecs(s) => dispersion = u32::from(*s) << 16,
+        Reply::SlowServer { dispersion_raw } => dispersion = *dispersion_raw,
         Reply::Short
         | Reply::WrongOrigin
         | Reply::ZeroTransmit
@@ -127,7 +132,11 @@ pub fn craft(reply: &Reply, query: &[u8]) -> Option<Vec<u8>> {
     p[12..16].copy_from_slice(&refid);
     p[16..24].copy_from_slice(&now.to_be_bytes()); // reference
     p[24..32].copy_from_slice(&origin);
-    p[32..40].copy_from_slice(&now.to_be_bytes()); // receive
+    let receive = match reply {
+        Reply::SlowServer { .. } => now - (1 << 32),
+        _ => now,
+    };
+    p[32..40].copy_from_slice(&receive.to_be_bytes()); // receive
     p[40..48].copy_from_slice(&now.to_be_bytes()); // transmit
     if *reply == Reply::Short {
         p.truncate(40);
