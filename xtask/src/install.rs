@@ -127,7 +127,7 @@ pub(crate) fn consul() -> Result<PathBuf> {
         "fetching consul {CONSUL_VERSION} from Debian {CONSUL_SUITE} into {}",
         dir.display()
     );
-    fetch_consul(&dir)?;
+    fetch_consul(&cache_dir(), &dir)?;
     let version = consul_version(&binary)?;
     say!("fetched {version} in {}", fmt_duration(started.elapsed()));
     Ok(binary)
@@ -160,8 +160,9 @@ fn cache_dir() -> PathBuf {
     base.join("sync-xtask")
 }
 
-fn fetch_consul(dir: &Path) -> Result<()> {
-    let apt_dir = cache_dir().join(format!("apt-{CONSUL_SUITE}"));
+/// Fetches and unpacks bullseye's consul into `dir`, with the private apt state under `cache`.
+fn fetch_consul(cache: &Path, dir: &Path) -> Result<()> {
+    let apt_dir = cache.join(format!("apt-{CONSUL_SUITE}"));
     let state = apt_dir.join("state");
     let cache = apt_dir.join("cache");
     let download = apt_dir.join("download");
@@ -200,6 +201,25 @@ fn fetch_consul(dir: &Path) -> Result<()> {
     opt("Dir::Cache", &cache.to_string_lossy());
     // A snapshot mirror's Release files may have expired; signatures are still checked.
     opt("Acquire::Check-Valid-Until", "false");
+    // Only the Packages index is needed: no translations, and no AppStream metadata (4 MB for
+    // bullseye main) that the machine's apt.conf.d may ask for.
+    opt("Acquire::Languages", "none");
+    opt(
+        "Acquire::IndexTargets::deb::DEP-11::DefaultEnabled",
+        "false",
+    );
+    opt(
+        "Acquire::IndexTargets::deb::DEP-11-icons::DefaultEnabled",
+        "false",
+    );
+    opt(
+        "Acquire::IndexTargets::deb::DEP-11-icons-small::DefaultEnabled",
+        "false",
+    );
+    opt(
+        "Acquire::IndexTargets::deb::DEP-11-icons-hidpi::DefaultEnabled",
+        "false",
+    );
     if is_root() {
         // The private directories are root's; apt's _apt sandbox user could not write them.
         opt("APT::Sandbox::User", "root");
@@ -284,22 +304,63 @@ fn host_archive() -> Result<Archive> {
     })
 }
 
-/// The entry for the release suite itself (not -security or -updates), with `main`.
+/// The entry for the release suite itself (not -security or -updates), with `main`. Third-party
+/// repositories often name the release suite and `main` too (`https://apt.releases.example
+/// bookworm main`), and may come first (sources.list, or a .list file sorting before
+/// debian.sources): among the candidates, the one that looks most like Debian's own archive wins
+/// — signed by Debian's archive keyring, or by the system keyrings with a `…/debian` path — and
+/// the first such one on a tie.
 fn pick_archive(entries: &[SourceEntry], codename: &str) -> Option<Archive> {
     let usable = |e: &&SourceEntry| {
         (e.uri.starts_with("http://") || e.uri.starts_with("https://"))
             && e.components.iter().any(|c| c == "main")
     };
-    let exact = entries
-        .iter()
-        .filter(usable)
-        .find(|e| !codename.is_empty() && e.suites.iter().any(|s| s == codename));
+    let debian_like = |e: &SourceEntry| -> u32 {
+        let keyring = match e.signed_by.as_deref() {
+            Some(k) if k.contains("debian-archive-keyring") => 4,
+            // The system's trusted keyrings, as Debian's classic sources.list has it.
+            None => 1,
+            // A keyring of its own: a third-party repository.
+            Some(_) => 0,
+        };
+        let path = e
+            .uri
+            .trim_end_matches('/')
+            .rsplit('/')
+            .next()
+            .unwrap_or_default();
+        let path = if path == "debian" { 2 } else { 0 };
+        keyring + path
+    };
+    fn best(
+        candidates: Vec<&SourceEntry>,
+        score: impl Fn(&SourceEntry) -> u32,
+    ) -> Option<&SourceEntry> {
+        // max_by_key keeps the last of equals; the first listed should win a tie.
+        candidates.into_iter().rev().max_by_key(|e| score(e))
+    }
+    let exact = best(
+        entries
+            .iter()
+            .filter(usable)
+            .filter(|e| !codename.is_empty() && e.suites.iter().any(|s| s == codename))
+            .collect(),
+        debian_like,
+    );
     let plain = || {
-        entries.iter().filter(usable).find(|e| {
-            e.suites
+        best(
+            entries
                 .iter()
-                .any(|s| !s.contains('-') && !s.contains('/'))
-        })
+                .filter(usable)
+                .filter(|e| debian_like(e) > 0)
+                .filter(|e| {
+                    e.suites
+                        .iter()
+                        .any(|s| !s.contains('-') && !s.contains('/'))
+                })
+                .collect(),
+            debian_like,
+        )
     };
     exact.or_else(plain).map(|e| Archive {
         uri: e.uri.trim_end_matches('/').to_string(),
@@ -438,6 +499,59 @@ mod tests {
         assert_eq!(
             pick_archive(&entries, "").unwrap().uri,
             "https://mirror.example/debian"
+        );
+    }
+
+    #[test]
+    fn a_third_party_repository_naming_the_release_suite_is_not_picked() {
+        // sources.list is read first, and .list files may sort before debian.sources.
+        let mut entries = parse_one_line(
+            "deb [signed-by=/usr/share/keyrings/vendor.gpg] https://apt.vendor.example bookworm main\n\
+             deb [arch=amd64] https://packages.other.example/repos/cli/ bookworm main\n",
+        );
+        entries.extend(parse_deb822(
+            "Types: deb\nURIs: http://mirror.example/debian\nSuites: bookworm bookworm-updates\n\
+             Components: main\nSigned-By: /usr/share/keyrings/debian-archive-keyring.gpg\n\n\
+             Types: deb\nURIs: https://deb.vendor.example/node_20.x\nSuites: nodistro\n\
+             Components: main\nSigned-By: /usr/share/keyrings/nodesource.gpg\n",
+        ));
+        let debian = Some(Archive {
+            uri: "http://mirror.example/debian".into(),
+            signed_by: Some("/usr/share/keyrings/debian-archive-keyring.gpg".into()),
+        });
+        assert_eq!(pick_archive(&entries, "bookworm"), debian);
+        assert_eq!(pick_archive(&entries, ""), debian);
+        // A classic one-line Debian entry (system keyrings) beats a vendor's own keyring.
+        let classic = parse_one_line(
+            "deb [signed-by=/etc/apt/keyrings/vendor.asc] https://apt.vendor.example bookworm main\n\
+             deb http://ftp.example/debian bookworm main\n",
+        );
+        assert_eq!(
+            pick_archive(&classic, "bookworm").unwrap().uri,
+            "http://ftp.example/debian"
+        );
+        // A vendor repository alone, with a suite that is not the release's: nothing.
+        let vendor_only = parse_deb822(
+            "Types: deb\nURIs: https://deb.vendor.example/node_20.x\nSuites: nodistro\n\
+             Components: main\nSigned-By: /usr/share/keyrings/nodesource.gpg\n",
+        );
+        assert_eq!(pick_archive(&vendor_only, ""), None);
+    }
+
+    /// The whole consul download, against the machine's own Debian archive (network needed):
+    /// `cargo test -p xtask -- --ignored consul`.
+    #[test]
+    #[ignore = "downloads from the machine's Debian archive"]
+    fn consul_is_fetched_from_bullseye_through_a_private_apt_state() {
+        let base = crate::target_dir().join(format!("xtask-consul-test-{}", std::process::id()));
+        let dir = base.join(format!("consul-{CONSUL_VERSION}"));
+        let result = fetch_consul(&base, &dir)
+            .and_then(|()| consul_version(&dir.join("root/usr/bin/consul")));
+        let _ = fs::remove_dir_all(&base);
+        let version = result.unwrap();
+        assert!(
+            version.starts_with(&format!("Consul v{CONSUL_VERSION}")),
+            "{version}"
         );
     }
 

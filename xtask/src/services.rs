@@ -200,13 +200,38 @@ fn alive(pid: u32) -> bool {
 
 /// The pid of the service's process if it is running, per its pid file.
 fn running_pid(service: Service) -> Option<u32> {
-    let pid: u32 = fs::read_to_string(service.pid_file())
-        .ok()?
-        .trim()
-        .parse()
-        .ok()?;
-    let comm = fs::read_to_string(format!("/proc/{pid}/comm")).ok()?;
-    (comm.trim() == service.comm() && alive(pid)).then_some(pid)
+    let (pid, started) = parse_pid_file(&fs::read_to_string(service.pid_file()).ok()?)?;
+    is_ours(pid, service.comm(), started).then_some(pid)
+}
+
+/// `PID [START_TIME]`: the start time (in clock ticks since boot, /proc/PID/stat field 22)
+/// tells our process from a later one that was given the same pid — after a reboot, say, a
+/// system redis-server or chronyd. (A pid file without it, from an older xtask, is checked by
+/// name only.)
+fn parse_pid_file(text: &str) -> Option<(u32, Option<u64>)> {
+    let mut words = text.split_whitespace();
+    let pid = words.next()?.parse().ok()?;
+    let started = match words.next() {
+        Some(w) => Some(w.parse().ok()?),
+        None => None,
+    };
+    Some((pid, started))
+}
+
+/// When `pid` started, in clock ticks since boot.
+fn start_time(pid: u32) -> Option<u64> {
+    let stat = fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // After the parenthesised name, field 3 (state) onwards; the start time is field 22.
+    let (_, rest) = stat.rsplit_once(')')?;
+    rest.split_whitespace().nth(19)?.parse().ok()
+}
+
+/// Whether `pid` is alive, named `comm`, and (if known) the process started at `started`.
+fn is_ours(pid: u32, comm: &str, started: Option<u64>) -> bool {
+    let Ok(name) = fs::read_to_string(format!("/proc/{pid}/comm")) else {
+        return false;
+    };
+    name.trim() == comm && started.is_none_or(|t| start_time(pid) == Some(t)) && alive(pid)
 }
 
 fn tcp_free(port: u16) -> bool {
@@ -269,7 +294,7 @@ pub(crate) fn up(services: &[Service]) -> Result<Vec<Service>> {
     };
 
     let mut started = Vec::new();
-    let result = (|| -> Result<()> {
+    let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| -> Result<()> {
         // Start all, then wait for all: their start-ups overlap.
         for &service in &to_start {
             if interrupted() {
@@ -283,7 +308,8 @@ pub(crate) fn up(services: &[Service]) -> Result<Vec<Service>> {
             wait_ready(service, pid, since)?;
         }
         Ok(())
-    })();
+    }))
+    .unwrap_or_else(|_| Err("xtask panicked while starting the services".into()));
     if let Err(err) = result {
         // Interrupted or failed half-way: leave nothing of ours behind.
         let _ = down(&started);
@@ -381,11 +407,21 @@ fn spawn(service: Service, consul: Option<&PathBuf>) -> Result<u32> {
         .spawn()
         .map_err(|e| format!("{service}: cannot start {program}: {e}"))?;
     let pid = child.id();
-    fs::write(service.pid_file(), format!("{pid}\n"))?;
+    // Kept (and so reaped and stoppable) before anything else can fail.
     CHILDREN
         .lock()
         .unwrap_or_else(|e| e.into_inner())
         .push(child);
+    let started = start_time(pid).map_or(String::new(), |t| format!(" {t}"));
+    if let Err(err) = fs::write(service.pid_file(), format!("{pid}{started}\n")) {
+        // Without a pid file nothing could stop it later: stop it now.
+        let _ = signal::kill(Pid::from_raw(i32::try_from(pid)?), signal::Signal::SIGKILL);
+        wait_until(Duration::from_secs(5), || !alive(pid));
+        bail!(
+            "{service}: cannot write {}: {err}",
+            service.pid_file().display()
+        );
+    }
     say!("{service}: started {program} (pid {pid})");
     Ok(pid)
 }
@@ -705,5 +741,32 @@ fn smoke_one(service: Service) -> Result<String> {
                 reply.stratum, reply.offset, reply.round_trip
             ))
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn pid_files() {
+        assert_eq!(parse_pid_file("123\n"), Some((123, None)));
+        assert_eq!(parse_pid_file("123 4567\n"), Some((123, Some(4567))));
+        assert_eq!(parse_pid_file(""), None);
+        assert_eq!(parse_pid_file("x"), None);
+        assert_eq!(parse_pid_file("123 x"), None);
+    }
+
+    #[test]
+    fn a_reused_pid_is_not_ours() {
+        let me = std::process::id();
+        let comm = fs::read_to_string(format!("/proc/{me}/comm")).unwrap();
+        let comm = comm.trim();
+        let started = start_time(me).unwrap();
+        assert!(is_ours(me, comm, Some(started)));
+        assert!(is_ours(me, comm, None));
+        // Same pid and name, another start time: a different process.
+        assert!(!is_ours(me, comm, Some(started + 1)));
+        assert!(!is_ours(me, "chronyd", Some(started)));
     }
 }

@@ -70,10 +70,16 @@ pub(crate) fn run(args: &[String]) -> Result<ExitCode> {
         }
         scope
     };
+    // One apt-get run for everything missing (each run starts with an `apt-get update`).
+    let mut tools = Vec::new();
     if whole || wanted.contains(&Service::Etcd) {
         // etcd-client's build script runs protoc.
-        install::ensure(&[install::PROTOC, install::PROTO_INCLUDES])?;
+        tools.extend([install::PROTOC, install::PROTO_INCLUDES]);
     }
+    for &service in &managed {
+        tools.extend_from_slice(install::tools(service));
+    }
+    install::ensure(&tools)?;
 
     // Only what this run starts is stopped at the end: services that were already up (from
     // `cargo xtask services up`) stay up.
@@ -86,7 +92,11 @@ pub(crate) fn run(args: &[String]) -> Result<ExitCode> {
         say!("services up in {}", fmt_duration(since.elapsed()));
     }
     // From here on, every way out goes through the teardown below.
-    let outcome = smoke_and_test(&managed, &scope, &cargo_args);
+    // A panic (an eprintln! to a closed stderr, say) must not skip it either.
+    let outcome = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        smoke_and_test(&managed, &scope, &cargo_args)
+    }))
+    .unwrap_or_else(|_| Err("xtask panicked while testing".into()));
 
     let before: Vec<&str> = managed
         .iter()
@@ -136,6 +146,9 @@ fn smoke_and_test(
         ("tests", &["--all-targets", "--no-fail-fast"]),
         ("doc tests", &["--doc", "--no-fail-fast"]),
     ];
+    // Both steps run even when the first fails (CI reports every failure); the first failure's
+    // status is xtask's.
+    let mut failed: Option<ExitCode> = None;
     for (what, flags) in steps {
         let mut command = Command::new(std::env::var_os("CARGO").unwrap_or("cargo".into()));
         command
@@ -158,15 +171,21 @@ fn smoke_and_test(
         let took = fmt_duration(started.elapsed());
         if !status.success() {
             say!("{what} FAILED ({status}) after {took}");
-            let code = status
-                .code()
-                .or_else(|| status.signal().map(|s| 128 + s))
-                .unwrap_or(1);
-            return Ok(ExitCode::from(u8::try_from(code).unwrap_or(1)));
+            failed.get_or_insert(exit_code(status));
+            continue;
         }
         say!("{what} passed in {took}");
     }
-    Ok(ExitCode::SUCCESS)
+    Ok(failed.unwrap_or(ExitCode::SUCCESS))
+}
+
+/// A child's status as ours: its exit code, or 128 + the signal that ended it.
+fn exit_code(status: ExitStatus) -> ExitCode {
+    let code = status
+        .code()
+        .or_else(|| status.signal().map(|s| 128 + s))
+        .unwrap_or(1);
+    u8::try_from(code).map_or(ExitCode::FAILURE, ExitCode::from)
 }
 
 /// Runs a child in its own process group, streaming its output. An interrupt of xtask is
@@ -204,4 +223,19 @@ fn workspace_has(krate: &str) -> bool {
     let root = project_root();
     let manifest = std::fs::read_to_string(root.join("Cargo.toml")).unwrap_or_default();
     root.join(krate).join("Cargo.toml").is_file() && manifest.contains(&format!("\"{krate}\""))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_childs_status_is_ours() {
+        let code = |c: i32| exit_code(ExitStatus::from_raw(c << 8));
+        assert_eq!(code(0), ExitCode::SUCCESS);
+        assert_eq!(code(101), ExitCode::from(101));
+        assert_eq!(code(1), ExitCode::FAILURE);
+        // Killed by SIGKILL: 128 + 9.
+        assert_eq!(exit_code(ExitStatus::from_raw(9)), ExitCode::from(137));
+    }
 }
