@@ -17,7 +17,7 @@ use tracing::Instrument;
 
 use crate::{
     BACKEND, PRIMITIVE,
-    combine::{Span, marzullo},
+    combine::{Span, select},
     config::{Config, normalize_server},
     query::{ReplyError, Sample, query},
     time::NtpTime,
@@ -442,7 +442,7 @@ impl Inner {
             }
         }
         let spans: Vec<Span> = good.iter().map(|(_, _, s)| s.span).collect();
-        let combined = marzullo(&spans, self.config.drift_ppm);
+        let combined = select(&spans, self.config.drift_ppm);
         let Some(combined) = combined else {
             for (server, _, _) in &good {
                 failures.push(ServerFailure {

@@ -1,5 +1,5 @@
-//! Combining several servers' intervals (Marzullo's algorithm) and carrying the result forward
-//! on the monotonic clock with a growing drift allowance.
+//! Combining several servers' intervals (the hull of what a strict majority contains) and
+//! carrying the result forward on the monotonic clock with a growing drift allowance.
 //!
 //! Times are integer nanoseconds since the Unix epoch (`i128`), so nothing rounds away a bound.
 
@@ -50,41 +50,38 @@ impl Span {
     }
 }
 
-/// The outcome of [`marzullo`]: the combined span, and which inputs agree with it.
+/// The outcome of [`select`]: the combined span, and which inputs agree with it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub(crate) struct Combined {
     pub span: Span,
     pub agree: Vec<bool>,
 }
 
-/// Marzullo's algorithm: the smallest span on which the most inputs agree (when several
-/// disjoint regions tie, their hull, so that nothing possible is excluded). All inputs are first
-/// carried to the latest instant among them. `None` unless a strict majority of inputs agree.
-pub(crate) fn marzullo(spans: &[Span], ppm: f64) -> Option<Combined> {
+/// Combines the servers' spans (Marzullo-style intersection, RFC 5905 §11.2.1 bound): the hull
+/// of every point that a strict majority of spans contain. If a strict majority of the servers
+/// are truechimers (their spans contain true time), true time is such a point, so the result
+/// contains it — unlike the single region of largest overlap, which a colluding minority can
+/// move away from true time. `None` when no point has a majority. All inputs are first carried to
+/// the latest instant among them; spans that do not meet the result are falsetickers.
+pub(crate) fn select(spans: &[Span], ppm: f64) -> Option<Combined> {
     let reference = spans.iter().map(|s| s.at).max()?;
     let spans: Vec<Span> = spans.iter().map(|s| s.at(reference, ppm)).collect();
+    let majority = spans.len() as i32 / 2 + 1;
     // (value, +1 for a start, -1 for an end); starts sort before ends at equal values, so
-    // intervals that touch count as agreeing.
+    // intervals that touch share that point.
     let mut edges: Vec<(i128, i32)> = spans.iter().flat_map(|s| [(s.lo, 1), (s.hi, -1)]).collect();
     edges.sort_by(|a, b| a.0.cmp(&b.0).then(b.1.cmp(&a.1)));
-    let (mut count, mut best) = (0i32, 0i32);
-    let (mut lo, mut hi) = (0i128, 0i128);
-    for (i, &(value, kind)) in edges.iter().enumerate() {
+    let (mut count, mut lo, mut hi) = (0i32, None, None);
+    for &(value, kind) in &edges {
+        if kind == -1 && count >= majority {
+            hi = Some(value);
+        }
         count += kind;
-        let next = edges.get(i + 1).map_or(value, |e| e.0);
-        if count > best {
-            best = count;
-            lo = value;
-            hi = next;
-        } else if count == best && kind == 1 {
-            // Another region as good as the best: keep the hull.
-            hi = next;
+        if kind == 1 && count >= majority && lo.is_none() {
+            lo = Some(value);
         }
     }
-    let n = spans.len() as i32;
-    if best * 2 <= n {
-        return None;
-    }
+    let (lo, hi) = (lo?, hi?);
     let agree = spans.iter().map(|s| s.lo <= hi && s.hi >= lo).collect();
     Some(Combined {
         span: Span {
@@ -107,15 +104,18 @@ mod tests {
     #[test]
     fn intersection_of_agreeing_servers() {
         let t = Instant::now();
-        let c = marzullo(&[span(t, 0, 10), span(t, 5, 20), span(t, 8, 12)], 0.0).unwrap();
-        assert_eq!((c.span.lo, c.span.hi), (8, 10));
+        // Points at least two of the three contain: a single falseticker cannot mislead it.
+        let c = select(&[span(t, 0, 10), span(t, 5, 20), span(t, 8, 12)], 0.0).unwrap();
+        assert_eq!((c.span.lo, c.span.hi), (5, 12));
+        let two = select(&[span(t, 0, 10), span(t, 5, 20)], 0.0).unwrap();
+        assert_eq!((two.span.lo, two.span.hi), (5, 10));
         assert_eq!(c.agree, [true, true, true]);
     }
 
     #[test]
     fn falseticker_is_outvoted() {
         let t = Instant::now();
-        let c = marzullo(&[span(t, 0, 10), span(t, 5, 20), span(t, 100, 110)], 0.0).unwrap();
+        let c = select(&[span(t, 0, 10), span(t, 5, 20), span(t, 100, 110)], 0.0).unwrap();
         assert_eq!((c.span.lo, c.span.hi), (5, 10));
         assert_eq!(c.agree, [true, true, false]);
     }
@@ -123,23 +123,39 @@ mod tests {
     #[test]
     fn no_majority_is_none() {
         let t = Instant::now();
-        assert!(marzullo(&[span(t, 0, 10), span(t, 20, 30)], 0.0).is_none());
-        assert!(marzullo(&[], 0.0).is_none());
-        let one = marzullo(&[span(t, 3, 9)], 0.0).unwrap();
+        assert!(select(&[span(t, 0, 10), span(t, 20, 30)], 0.0).is_none());
+        assert!(select(&[], 0.0).is_none());
+        let one = select(&[span(t, 3, 9)], 0.0).unwrap();
         assert_eq!((one.span.lo, one.span.hi), (3, 9));
     }
 
     #[test]
     fn touching_intervals_agree() {
         let t = Instant::now();
-        let c = marzullo(&[span(t, 0, 10), span(t, 10, 20)], 0.0).unwrap();
+        let c = select(&[span(t, 0, 10), span(t, 10, 20)], 0.0).unwrap();
         assert_eq!((c.span.lo, c.span.hi), (10, 10));
+    }
+
+    #[test]
+    fn a_colluding_minority_cannot_exclude_true_time() {
+        let t = Instant::now();
+        // True time 5.5: three honest spans, two falsetickers that overlap the wide honest ones.
+        let spans = [
+            span(t, 0, 10),
+            span(t, 0, 10),
+            span(t, 5, 6),
+            span(t, 0, 1),
+            span(t, 0, 1),
+        ];
+        let c = select(&spans, 0.0).unwrap();
+        assert!(c.span.lo <= 5 && 6 <= c.span.hi, "{:?}", c.span);
+        assert_eq!(c.agree, [true; 5]);
     }
 
     #[test]
     fn tied_regions_give_their_hull() {
         let t = Instant::now();
-        let c = marzullo(&[span(t, 0, 10), span(t, 0, 1), span(t, 9, 10)], 0.0).unwrap();
+        let c = select(&[span(t, 0, 10), span(t, 0, 1), span(t, 9, 10)], 0.0).unwrap();
         assert_eq!((c.span.lo, c.span.hi), (0, 10));
     }
 
@@ -156,7 +172,7 @@ mod tests {
         let back = span(later, 0, 2).at(t, 100.0);
         assert_eq!((back.lo, back.hi), (-10_001_000_000, -9_998_999_998));
         // Samples taken at different instants are compared at the latest one.
-        let c = marzullo(
+        let c = select(
             &[span(t, 0, 4), span(later, 10_000_000_000, 10_000_000_010)],
             0.0,
         )

@@ -16,9 +16,10 @@
 //!   error = round trip / 2 + root delay / 2 + root dispersion: the interval at T4 is
 //!   [T3 − root distance, T2 + (T4 − T1) + root distance], in exact integer nanoseconds (1 ns
 //!   outwards for rounding; T1 cancels out, so the local wall clock does not matter), its upper
-//!   end also allowing for drift over T4 − T1. The replies are combined with
-//!   Marzullo's algorithm (the intersection a strict majority agrees on; others are
-//!   falsetickers).
+//!   end also allowing for drift over T4 − T1. The replies are combined
+//!   Marzullo-style: the result is the hull of every point that a strict majority of the
+//!   servers' intervals contain, so it contains true time whenever a majority of the servers
+//!   are right; servers whose intervals miss it are falsetickers.
 //! - The result is cached against the monotonic clock (`std::time::Instant`): `now()` and
 //!   `now_interval()` cost no network round trip between syncs, and the interval widens by
 //!   `drift_ppm` of the time since the sync (and its upper end by any time over 1 ms that the
