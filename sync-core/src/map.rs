@@ -112,10 +112,19 @@ impl dyn Map + '_ {
     where
         F: FnMut(Option<&[u8]>) -> Vec<u8> + Send,
     {
+        self.try_update(key, |current| Ok(f(current))).await
+    }
+
+    /// [`update`](Self::update) with a fallible `f`: its error ends the loop before anything
+    /// is written.
+    pub async fn try_update<F>(&self, key: &str, mut f: F) -> Result<Version>
+    where
+        F: FnMut(Option<&[u8]>) -> Result<Vec<u8>> + Send,
+    {
         let mut backoff = Backoff::default();
         loop {
             let current = self.read(key).await?;
-            let next = f(current.as_ref().map(|e| e.value.as_slice()));
+            let next = f(current.as_ref().map(|e| e.value.as_slice()))?;
             match self
                 .compare_and_swap(key, current.map(|e| e.version), &next)
                 .await

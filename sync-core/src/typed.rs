@@ -10,11 +10,11 @@
 //!   version of `T`) is an [`ErrorKind::Backend`] error naming the key and the type, with the
 //!   serde error as its [`source`](std::error::Error::source).
 
-use std::{any::type_name, fmt, marker::PhantomData, sync::Arc, time::Duration};
+use std::{any::type_name, fmt, marker::PhantomData, sync::Arc};
 
 use serde::{Serialize, de::DeserializeOwned};
 
-use crate::{Entry, Error, ErrorKind, Map, Result, Version};
+use crate::{Error, ErrorKind, Map, Result, Version};
 
 /// A [`Map`] whose values are `T`, stored as JSON.
 ///
@@ -135,26 +135,12 @@ impl<T: Serialize + DeserializeOwned> TypedMap<T> {
     where
         F: FnMut(Option<T>) -> T + Send,
     {
-        // The same CAS loop as `update` on `dyn Map`, written out here because that one's
-        // closure cannot fail: a value that does not decode must abort, not be overwritten.
-        let mut tries = 0u32;
-        loop {
-            let current = self.map.read(key).await?;
-            let (old, expected) = match current {
-                Some(Entry { value, version, .. }) => {
-                    (Some(self.decode(key, &value)?), Some(version))
-                }
-                None => (None, None),
-            };
-            let next = self.encode(key, &f(old))?;
-            match self.map.compare_and_swap(key, expected, &next).await {
-                Err(e) if e.kind() == ErrorKind::Conflict => {
-                    tries += 1;
-                    backoff(tries).await;
-                }
-                other => return other,
-            }
-        }
+        self.map
+            .try_update(key, |current| {
+                let old = current.map(|bytes| self.decode(key, bytes)).transpose()?;
+                self.encode(key, &f(old))
+            })
+            .await
     }
 
     /// Every entry at the time of the call as `(key, value, version)`, sorted by key. One
@@ -197,10 +183,4 @@ impl<T: Serialize + DeserializeOwned> TypedMap<T> {
             .with_source(e)
         })
     }
-}
-
-/// Jittered exponential backoff between compare-and-swap retries (up to 64 ms).
-async fn backoff(tries: u32) {
-    let cap_us = 1000u64 << tries.min(6);
-    tokio::time::sleep(Duration::from_micros(rand::random_range(0..=cap_us))).await;
 }
