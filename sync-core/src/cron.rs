@@ -591,10 +591,10 @@ async fn drive(inner: Arc<Inner>) {
                 failures = failures.saturating_add(1);
                 let wait = backoff(failures);
                 warn!(error = %e, retry_in = ?wait, "cron election failed");
-                tokio::select! {
-                    () = inner.stopped() => return,
-                    () = tokio::time::sleep(wait) => continue,
+                if inner.rest(wait).await {
+                    continue;
                 }
+                return;
             }
         };
         info!(
@@ -621,10 +621,8 @@ async fn drive(inner: Arc<Inner>) {
                     failures = 0;
                 } else {
                     failures = failures.saturating_add(1);
-                    let wait = backoff(failures);
-                    tokio::select! {
-                        () = inner.stopped() => return,
-                        () = tokio::time::sleep(wait) => {}
+                    if !inner.rest(backoff(failures)).await {
+                        return;
                     }
                 }
             }
@@ -633,6 +631,14 @@ async fn drive(inner: Arc<Inner>) {
 }
 
 impl Inner {
+    /// Sleeps for `wait` unless stopped first; false if stopped.
+    async fn rest(&self, wait: Duration) -> bool {
+        tokio::select! {
+            () = self.stopped() => false,
+            () = tokio::time::sleep(wait) => true,
+        }
+    }
+
     /// Resolves once `stop` was called.
     async fn stopped(&self) {
         let mut rx = self.stop.subscribe();

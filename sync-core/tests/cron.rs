@@ -56,6 +56,11 @@ async fn setup(job: &str) -> Result<Setup> {
     })
 }
 
+/// True when nothing fires for `window` (a wait that is expected to run out).
+async fn silent(fired: &mut mpsc::UnboundedReceiver<Labels>, window: Duration) -> bool {
+    timeout(window, fired.recv()).await.is_err()
+}
+
 async fn next(fired: &mut mpsc::UnboundedReceiver<Labels>) -> Labels {
     timeout(Duration::from_secs(5), fired.recv())
         .await
@@ -101,9 +106,7 @@ async fn one_shot_fires_once() -> Result<()> {
     );
 
     assert!(
-        timeout(Duration::from_millis(500), s.fired.recv())
-            .await
-            .is_err(),
+        silent(&mut s.fired, Duration::from_millis(500)).await,
         "a one-shot fires once"
     );
 
@@ -119,9 +122,7 @@ async fn one_shot_fires_once() -> Result<()> {
         .schedule("nightly", Schedule::once(at), Job::new("once-job", "x"))
         .await?;
     assert!(
-        timeout(Duration::from_millis(500), s.fired.recv())
-            .await
-            .is_err(),
+        silent(&mut s.fired, Duration::from_millis(500)).await,
         "the record says it fired"
     );
     again.stop().await;
@@ -171,14 +172,11 @@ async fn interval_fires_with_increasing_ticks_and_labels() -> Result<()> {
     assert!(s.cron.unschedule("poll").await?);
     assert!(!s.cron.unschedule("poll").await?);
     // At most one firing already in flight, then silence.
-    tokio::time::sleep(Duration::from_millis(50)).await;
-    while s.fired.try_recv().is_ok() {}
-    assert!(
-        timeout(Duration::from_millis(400), s.fired.recv())
-            .await
-            .is_err(),
-        "unscheduled"
-    );
+    let mut late = 0;
+    while late < 3 && !silent(&mut s.fired, Duration::from_millis(400)).await {
+        late += 1;
+    }
+    assert!(late <= 1, "unscheduled, yet {late} more firings");
     s.cron.stop().await;
     Ok(())
 }
@@ -374,8 +372,10 @@ async fn stale_leader_steps_down_instead_of_firing() -> Result<()> {
             Job::new("stale", ""),
         )
         .await?;
-    let quiet = timeout(Duration::from_secs(1), s.fired.recv()).await;
-    assert!(quiet.is_err(), "a stale leader fired: {quiet:?}");
+    assert!(
+        silent(&mut s.fired, Duration::from_secs(1)).await,
+        "a stale leader fired"
+    );
     assert_eq!(record(&s.map, "beat").await["term"], u64::MAX / 2);
 
     // Once no newer term stands in the record, it leads and fires again.
