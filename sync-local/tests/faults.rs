@@ -2,20 +2,39 @@
 
 use std::time::Duration;
 
-use sync_core::{ElectOptions, ErrorKind, LockOptions};
-use sync_local::{Cluster, Config};
+use sync_core::{ElectOptions, Elected, ErrorKind, LockGuard, LockOptions};
+use sync_local::{Client, Cluster, Config};
 
 fn config() -> Config {
     Config::default().with_ttl(Duration::from_millis(200))
 }
 
+fn two_clients(cluster: &Cluster) -> (Client, Client) {
+    (
+        cluster.client(config()).unwrap(),
+        cluster.client(config()).unwrap(),
+    )
+}
+
+/// `client` holds lock "x" and leads group "g" as candidate "a".
+async fn holding(client: &Client) -> (LockGuard, Elected) {
+    let guard = client
+        .lock()
+        .acquire("x", LockOptions::new())
+        .await
+        .unwrap();
+    let elected = client
+        .leader("g")
+        .unwrap()
+        .elect("a", ElectOptions::new())
+        .await
+        .unwrap();
+    (guard, elected)
+}
+
 #[tokio::test]
 async fn revoke_fires_lost_before_the_next_grant() {
-    let cluster = Cluster::new();
-    let (a, b) = (
-        cluster.client(config()).unwrap(),
-        cluster.client(config()).unwrap(),
-    );
+    let (a, b) = two_clients(&Cluster::new());
     let guard = a.lock().acquire("x", LockOptions::new()).await.unwrap();
     let lost = guard.loss_signal();
     let waiter = tokio::spawn({
@@ -47,18 +66,8 @@ async fn revoke_fires_lost_before_the_next_grant() {
 
 #[tokio::test]
 async fn killed_client_fails_calls_and_frees_after_ttl() {
-    let cluster = Cluster::new();
-    let (a, b) = (
-        cluster.client(config()).unwrap(),
-        cluster.client(config()).unwrap(),
-    );
-    let guard = a.lock().acquire("x", LockOptions::new()).await.unwrap();
-    let elected = a
-        .leader("g")
-        .unwrap()
-        .elect("a", ElectOptions::new())
-        .await
-        .unwrap();
+    let (a, b) = two_clients(&Cluster::new());
+    let (guard, elected) = holding(&a).await;
     a.kill();
     let err = a.lock().try_acquire("z").await.unwrap_err();
     assert_eq!(err.kind(), ErrorKind::Closed);
@@ -110,18 +119,8 @@ async fn config_rejects_bad_values() {
 /// the lock and the leadership free only when the session expires, about one TTL later.
 #[tokio::test]
 async fn killed_client_dropped_frees_after_ttl_not_before_and_not_never() {
-    let cluster = Cluster::new();
-    let (a, b) = (
-        cluster.client(config()).unwrap(),
-        cluster.client(config()).unwrap(),
-    );
-    let guard = a.lock().acquire("x", LockOptions::new()).await.unwrap();
-    let elected = a
-        .leader("g")
-        .unwrap()
-        .elect("a", ElectOptions::new())
-        .await
-        .unwrap();
+    let (a, b) = two_clients(&Cluster::new());
+    let (guard, elected) = holding(&a).await;
     a.kill();
     let started = tokio::time::Instant::now();
     drop(guard);
@@ -148,11 +147,7 @@ async fn killed_client_dropped_frees_after_ttl_not_before_and_not_never() {
 /// Explicit releases and leader calls of a killed client fail with Closed and free nothing.
 #[tokio::test]
 async fn killed_client_calls_fail_closed_and_free_nothing() {
-    let cluster = Cluster::new();
-    let (a, b) = (
-        cluster.client(config()).unwrap(),
-        cluster.client(config()).unwrap(),
-    );
+    let (a, b) = two_clients(&Cluster::new());
     let lock = a.lock();
     let guard = lock.acquire("x", LockOptions::new()).await.unwrap();
     let _second = lock.acquire("y", LockOptions::new()).await.unwrap();
