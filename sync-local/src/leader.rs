@@ -83,6 +83,11 @@ impl Campaign {
         &self.client.shared
     }
 
+    /// Err(Closed), naming the group, once the client was killed.
+    fn check_open(&self) -> Result<()> {
+        self.client.check_open().map_err(|e| e.with_id(&self.group))
+    }
+
     /// Waits until `candidate` reigns; returns its term and revocation signal.
     async fn win(
         &self,
@@ -210,13 +215,13 @@ impl Leader for LocalLeader {
 
     #[tracing::instrument(level = "debug", skip(self), fields(backend = BACKEND, primitive = "leader", id = %self.campaign.group))]
     async fn leader(&self) -> Result<Option<LeaderInfo>> {
-        self.campaign.client.check_open()?;
+        self.campaign.check_open()?;
         Ok(self.campaign.shared().elections.current(&self.campaign.key))
     }
 
     #[tracing::instrument(level = "debug", skip(self), fields(backend = BACKEND, primitive = "leader", id = %self.campaign.group))]
     async fn follow(&self) -> Result<FollowStream> {
-        self.campaign.client.check_open()?;
+        self.campaign.check_open()?;
         let rx = {
             let mut groups = locked(&self.campaign.shared().elections.groups);
             let group = groups.entry(self.campaign.key.clone()).or_default();
@@ -256,10 +261,7 @@ impl LocalLeadership {
 
     fn step_down(&self) -> Result<()> {
         // A killed client resigns nothing: its leadership ends when its session expires.
-        self.campaign
-            .client
-            .check_open()
-            .map_err(|e| e.with_id(&self.campaign.group))?;
+        self.campaign.check_open()?;
         let shared = self.campaign.shared();
         match shared.elections.end(&self.campaign.key, self.term) {
             Some((session, registration)) => {
@@ -275,10 +277,7 @@ impl LocalLeadership {
 #[async_trait]
 impl Leadership for LocalLeadership {
     async fn proclaim(&self, value: &[u8]) -> Result<()> {
-        self.campaign
-            .client
-            .check_open()
-            .map_err(|e| e.with_id(&self.campaign.group))?;
+        self.campaign.check_open()?;
         let mut groups = locked(&self.campaign.shared().elections.groups);
         let group = groups.get_mut(&self.campaign.key);
         let Some(group) =
@@ -305,10 +304,7 @@ impl Leadership for LocalLeadership {
     }
 
     async fn reelect(&mut self) -> Result<(u64, LossSignal)> {
-        self.campaign
-            .client
-            .check_open()
-            .map_err(|e| e.with_id(&self.campaign.group))?;
+        self.campaign.check_open()?;
         let current = self.campaign.shared().elections.current(&self.campaign.key);
         // A fired signal means the reign is ending even if the table still shows it.
         if current.as_ref().is_some_and(|c| c.term == self.term) && !self.revoked.is_lost() {
