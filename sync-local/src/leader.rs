@@ -48,14 +48,19 @@ struct Reign {
 }
 
 impl ElectionTable {
-    /// Ends the reign `term` of `key` if it is still current; true if it was.
-    fn end(&self, key: &str, term: u64) -> Option<(u64, u64)> {
+    /// Ends the reign `term` of `key` if it is still current, returning its session and
+    /// registration. With `lost`, the leader's signal fires under the table lock, so it hears of
+    /// the loss before anyone else can be elected.
+    fn end(&self, key: &str, term: u64, lost: Option<&str>) -> Option<(u64, u64)> {
         let mut groups = locked(&self.groups);
         let group = groups.get_mut(key)?;
         if group.reign.as_ref().is_none_or(|r| r.info.term != term) {
             return None;
         }
         let reign = group.reign.take()?;
+        if let Some(reason) = lost {
+            reign.trigger.fire(reason);
+        }
         group.published.send_replace(None);
         drop(groups);
         self.resigned.notify_waiters();
@@ -157,15 +162,9 @@ fn depose(shared: &Weak<Shared>, key: &str, term: u64, reason: &str) {
     let Some(shared) = shared.upgrade() else {
         return;
     };
-    {
-        let groups = locked(&shared.elections.groups);
-        let reign = groups.get(key).and_then(|g| g.reign.as_ref());
-        if let Some(r) = reign.filter(|r| r.info.term == term) {
-            r.trigger.fire(reason);
-        }
+    if shared.elections.end(key, term, Some(reason)).is_some() {
+        tracing::warn!(backend = BACKEND, key, term, reason, "leadership revoked");
     }
-    tracing::warn!(backend = BACKEND, key, term, reason, "leadership revoked");
-    shared.elections.end(key, term);
 }
 
 pub(crate) struct LocalLeader {
@@ -263,7 +262,7 @@ impl LocalLeadership {
         // A killed client resigns nothing: its leadership ends when its session expires.
         self.campaign.check_open()?;
         let shared = self.campaign.shared();
-        match shared.elections.end(&self.campaign.key, self.term) {
+        match shared.elections.end(&self.campaign.key, self.term, None) {
             Some((session, registration)) => {
                 shared.cancel_on_end(session, registration);
                 tracing::info!(backend = BACKEND, group = %self.campaign.group, term = self.term, "resigned");

@@ -32,16 +32,20 @@ struct Holder {
 }
 
 impl LockTable {
-    /// Frees `key` if `grant` still holds it; true if it did.
-    fn free(&self, key: &str, grant: u64) -> bool {
+    /// Frees `key` if `grant` still holds it and returns its holder. With `lost`, the holder's
+    /// signal fires under the table lock, so it hears of the loss before anyone can be granted.
+    fn free(&self, key: &str, grant: u64, lost: Option<&str>) -> Option<Holder> {
         let mut held = locked(&self.held);
-        let ours = held.get(key).is_some_and(|h| h.grant == grant);
-        if ours {
-            held.remove(key);
-            drop(held);
-            self.released.notify_waiters();
+        if held.get(key).is_none_or(|h| h.grant != grant) {
+            return None;
         }
-        ours
+        let holder = held.remove(key)?;
+        if let Some(reason) = lost {
+            holder.trigger.fire(reason);
+        }
+        drop(held);
+        self.released.notify_waiters();
+        Some(holder)
     }
 }
 
@@ -119,35 +123,24 @@ fn lose(shared: &Weak<Shared>, key: &str, grant: u64, reason: &str) {
     let Some(shared) = shared.upgrade() else {
         return;
     };
-    if let Some(h) = locked(&shared.locks.held)
-        .get(key)
-        .filter(|h| h.grant == grant)
-    {
-        h.trigger.fire(reason);
+    if shared.locks.free(key, grant, Some(reason)).is_some() {
+        tracing::warn!(backend = BACKEND, key, token = grant, reason, "lock lost");
     }
-    tracing::warn!(backend = BACKEND, key, token = grant, reason, "lock lost");
-    shared.locks.free(key, grant);
 }
 
 /// Releases `grant` of `key`: NotHeld or LockLost if it no longer held.
 fn release_grant(shared: &Shared, id: &str, key: &str, grant: u64, lost: bool) -> Result<()> {
-    let holder = {
-        let held = locked(&shared.locks.held);
-        held.get(key)
-            .filter(|h| h.grant == grant)
-            .map(|h| (h.session, h.registration))
-    };
-    match holder {
-        Some((session, registration)) if shared.locks.free(key, grant) => {
-            shared.cancel_on_end(session, registration);
+    match shared.locks.free(key, grant, None) {
+        Some(holder) => {
+            shared.cancel_on_end(holder.session, holder.registration);
             Ok(())
         }
-        _ if lost => Err(
+        None if lost => Err(
             Error::new(ErrorKind::LockLost, "the lock was lost before release")
                 .with_backend(BACKEND)
                 .with_id(id),
         ),
-        _ => Err(
+        None => Err(
             Error::new(ErrorKind::NotHeld, "the lock is not held by this guard")
                 .with_backend(BACKEND)
                 .with_id(id),
