@@ -123,7 +123,6 @@ enum Failure {
     TooWide(Duration),
 }
 
-#[derive(Default)]
 struct State {
     /// The combined span of the last good sync.
     span: Option<Span>,
@@ -134,7 +133,8 @@ struct State {
     report: Option<SyncReport>,
     /// The last sync's failure and when it happened, while no later sync succeeded.
     failure: Option<(Instant, Failure)>,
-    /// Per server (by index), the kiss-of-death it last sent, while it applies.
+    /// Per server (by index, one slot each from the start), the kiss-of-death it last sent,
+    /// while it applies.
     kissed: Vec<Option<Kissed>>,
 }
 
@@ -211,11 +211,18 @@ impl Client {
                 .iter()
                 .map(|s| normalize_server(s))
                 .collect::<Result<Vec<_>>>()?;
+            let state = State {
+                span: None,
+                clocks: None,
+                report: None,
+                failure: None,
+                kissed: vec![None; servers.len()],
+            };
             let inner = Arc::new(Inner {
                 config,
                 id: servers.join(","),
                 servers,
-                state: Mutex::new(State::default()),
+                state: Mutex::new(state),
                 syncing: tokio::sync::Mutex::new(()),
                 queries: AtomicU64::new(0),
                 refresh: Mutex::new(None),
@@ -331,16 +338,21 @@ impl Inner {
         }
     }
 
-    /// The cached span carried to `now`, if its error is still acceptable.
-    fn current(&self, now: Instant) -> Option<Span> {
+    /// The cached span carried to `now`, whatever its error.
+    fn carried(&self, now: Instant) -> Option<Span> {
         let (span, clocks) = {
             let state = lock(&self.state);
             (state.span?, state.clocks)
         };
         // The wall clock is read after `now` (so that the gap below is never understated).
         let wall = SystemTime::now();
-        let span = carry(&span, self.config.drift_ppm, clocks, now, wall);
-        (span.half_width() <= self.config.max_error).then_some(span)
+        Some(carry(&span, self.config.drift_ppm, clocks, now, wall))
+    }
+
+    /// The cached span carried to `now`, if its error is still acceptable.
+    fn current(&self, now: Instant) -> Option<Span> {
+        self.carried(now)
+            .filter(|span| span.half_width() <= self.config.max_error)
     }
 
     /// The interval now: from the cache, or after an on-demand sync.
@@ -364,22 +376,15 @@ impl Inner {
             None => {}
         }
         self.sync_now().await?;
-        match self.current(Instant::now()) {
-            Some(span) => interval_of(&span),
-            None => {
-                // Hold further on-demand syncs off, as after a failed one: otherwise every
-                // call would query the servers again.
-                let error = {
-                    let mut state = lock(&self.state);
-                    let error = state.span.map_or(Duration::MAX, |s| {
-                        s.at(Instant::now(), self.config.drift_ppm).half_width()
-                    });
-                    state.failure = Some((Instant::now(), Failure::TooWide(error)));
-                    error
-                };
-                Err(self.too_wide(error))
-            }
-        }
+        let now = Instant::now();
+        let error = match self.carried(now) {
+            Some(span) if span.half_width() <= self.config.max_error => return interval_of(&span),
+            span => span.map_or(Duration::MAX, |s| s.half_width()),
+        };
+        // Hold further on-demand syncs off, as after a failed one: otherwise every call would
+        // query the servers again.
+        lock(&self.state).failure = Some((now, Failure::TooWide(error)));
+        Err(self.too_wide(error))
     }
 
     fn too_wide(&self, error: Duration) -> Error {
@@ -413,11 +418,7 @@ impl Inner {
         // during the exchange, shows in `carry` as the wall clock running ahead.
         let clocks_wall = SystemTime::now();
         let start = Instant::now();
-        let kissed: Vec<Option<Kissed>> = {
-            let mut state = lock(&self.state);
-            state.kissed.resize(self.servers.len(), None);
-            state.kissed.clone()
-        };
+        let kissed = lock(&self.state).kissed.clone();
         let outcomes = futures::future::join_all(
             self.servers
                 .iter()
@@ -542,7 +543,6 @@ impl Inner {
     fn note_kisses<T>(&self, outcomes: &[(&String, std::result::Result<T, ReplyError>)]) {
         let now = Instant::now();
         let mut state = lock(&self.state);
-        state.kissed.resize(self.servers.len(), None);
         for (i, (_, outcome)) in outcomes.iter().enumerate() {
             let slot = &mut state.kissed[i];
             match outcome {

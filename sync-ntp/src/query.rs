@@ -176,20 +176,11 @@ fn short_format(bytes: [u8; 4]) -> Duration {
 }
 
 fn word(p: &[u8], at: usize) -> [u8; 4] {
-    [p[at], p[at + 1], p[at + 2], p[at + 3]]
+    p[at..at + 4].try_into().expect("4 bytes")
 }
 
 fn timestamp(p: &[u8], at: usize) -> u64 {
-    u64::from_be_bytes([
-        p[at],
-        p[at + 1],
-        p[at + 2],
-        p[at + 3],
-        p[at + 4],
-        p[at + 5],
-        p[at + 6],
-        p[at + 7],
-    ])
+    u64::from_be_bytes(p[at..at + 8].try_into().expect("8 bytes"))
 }
 
 /// A kiss code (or a stratum-1 reference id): four ASCII characters, NUL-padded. Anything

@@ -1,6 +1,6 @@
 //! The [`Time`] handle over a [`Client`](crate::Client).
 
-use std::{sync::Arc, time::SystemTime};
+use std::sync::Arc;
 
 use async_trait::async_trait;
 use sync_core::{Result, Time, TimeInterval};
@@ -10,6 +10,7 @@ use crate::{BACKEND, PRIMITIVE, client::Inner};
 
 /// Synchronized time: the cached combined interval carried forward on the monotonic clock,
 /// widened by the drift allowance since the last sync. No network round trip between syncs.
+/// `now`, `after` and `before` are the trait's defaults over `now_interval`.
 pub(crate) struct NtpTime {
     inner: Arc<Inner>,
 }
@@ -30,35 +31,5 @@ impl Time for NtpTime {
             id = %self.inner.id
         );
         self.inner.interval().instrument(span).await
-    }
-
-    async fn now(&self) -> Result<SystemTime> {
-        let span = tracing::trace_span!(
-            "ntp.now",
-            backend = BACKEND,
-            primitive = PRIMITIVE,
-            id = %self.inner.id
-        );
-        Ok(self.inner.interval().instrument(span).await?.midpoint())
-    }
-
-    async fn after(&self, t: SystemTime) -> Result<bool> {
-        let span = tracing::trace_span!(
-            "ntp.after",
-            backend = BACKEND,
-            primitive = PRIMITIVE,
-            id = %self.inner.id
-        );
-        Ok(self.inner.interval().instrument(span).await?.after(t))
-    }
-
-    async fn before(&self, t: SystemTime) -> Result<bool> {
-        let span = tracing::trace_span!(
-            "ntp.before",
-            backend = BACKEND,
-            primitive = PRIMITIVE,
-            id = %self.inner.id
-        );
-        Ok(self.inner.interval().instrument(span).await?.before(t))
     }
 }

@@ -14,7 +14,7 @@ use xshell::{Shell, cmd};
 use crate::{Result, fmt_duration, is_root, services::Service};
 
 /// A program and the Debian package that ships it.
-type Tool = (&'static str, &'static str);
+pub(crate) type Tool = (&'static str, &'static str);
 
 /// protoc is not a service, but etcd-client's build script needs it.
 pub(crate) const PROTOC: Tool = ("protoc", "protobuf-compiler");

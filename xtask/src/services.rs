@@ -166,7 +166,7 @@ pub(crate) fn cli(args: &[String]) -> Result<ExitCode> {
     let services = parse_names(names)?;
     match verb.as_str() {
         "up" => {
-            up(&services)?;
+            up(&services, &[])?;
             say!("ready; to use them: eval \"$(cargo xtask services env)\"");
         }
         "down" => down(&services)?,
@@ -189,13 +189,15 @@ fn alive(pid: u32) -> bool {
     }
     drop(children);
     // Not our child: alive unless gone or a zombie.
-    match fs::read_to_string(format!("/proc/{pid}/stat")) {
-        Ok(stat) => stat
-            .rsplit_once(')')
-            .and_then(|(_, rest)| rest.split_whitespace().next())
-            .is_some_and(|state| state != "Z" && state != "X"),
-        Err(_) => false,
-    }
+    stat_field(pid, 3).is_some_and(|state| state != "Z" && state != "X")
+}
+
+/// Field `n` (1-based, as proc(5) numbers them; 3 or later) of /proc/PID/stat.
+fn stat_field(pid: u32, n: usize) -> Option<String> {
+    let stat = fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // Fields 1 and 2 are the pid and the parenthesised name, which may hold spaces and ')'.
+    let (_, rest) = stat.rsplit_once(')')?;
+    rest.split_whitespace().nth(n - 3).map(String::from)
 }
 
 /// The pid of the service's process if it is running, per its pid file.
@@ -220,10 +222,7 @@ fn parse_pid_file(text: &str) -> Option<(u32, Option<u64>)> {
 
 /// When `pid` started, in clock ticks since boot.
 fn start_time(pid: u32) -> Option<u64> {
-    let stat = fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-    // After the parenthesised name, field 3 (state) onwards; the start time is field 22.
-    let (_, rest) = stat.rsplit_once(')')?;
-    rest.split_whitespace().nth(19)?.parse().ok()
+    stat_field(pid, 22)?.parse().ok()
 }
 
 /// Whether `pid` is alive, named `comm`, and (if known) the process started at `started`.
@@ -250,9 +249,11 @@ fn busy_ports(service: Service) -> Vec<String> {
         .collect()
 }
 
-/// Installs what is missing and starts every service that is not already running; returns the
-/// ones it started. On failure, stops those again before returning the error.
-pub(crate) fn up(services: &[Service]) -> Result<Vec<Service>> {
+/// Installs what is missing — the tools of the services to start and `extra_tools`, in one
+/// apt-get run (each begins with an `apt-get update`) — and starts every service that is not
+/// already running; returns the ones it started. On failure, stops those again before returning
+/// the error.
+pub(crate) fn up(services: &[Service], extra_tools: &[install::Tool]) -> Result<Vec<Service>> {
     let mut to_start = Vec::new();
     let mut running = Vec::new();
     for &service in services {
@@ -275,6 +276,12 @@ pub(crate) fn up(services: &[Service]) -> Result<Vec<Service>> {
             }
         }
     }
+    let tools: Vec<_> = to_start
+        .iter()
+        .flat_map(|&s| install::tools(s).iter().copied())
+        .chain(extra_tools.iter().copied())
+        .collect();
+    install::ensure(&tools)?;
     if to_start.is_empty() {
         for (service, pid, since) in running {
             wait_ready(service, pid, since)?;
@@ -282,11 +289,6 @@ pub(crate) fn up(services: &[Service]) -> Result<Vec<Service>> {
         return Ok(Vec::new());
     }
 
-    let tools: Vec<_> = to_start
-        .iter()
-        .flat_map(|&s| install::tools(s).iter().copied())
-        .collect();
-    install::ensure(&tools)?;
     let consul = if to_start.contains(&Service::Consul) {
         Some(install::consul()?)
     } else {

@@ -70,25 +70,23 @@ pub(crate) fn run(args: &[String]) -> Result<ExitCode> {
         }
         scope
     };
-    // One apt-get run for everything missing (each run starts with an `apt-get update`).
-    let mut tools = Vec::new();
-    if whole || wanted.contains(&Service::Etcd) {
-        // etcd-client's build script runs protoc.
-        tools.extend([install::PROTOC, install::PROTO_INCLUDES]);
-    }
-    for &service in &managed {
-        tools.extend_from_slice(install::tools(service));
-    }
-    install::ensure(&tools)?;
+    // etcd-client's build script runs protoc, also against a user's own etcd: installed by
+    // `services::up`, in the same apt-get run as the services' own packages.
+    let build_tools: &[install::Tool] = if wanted.contains(&Service::Etcd) {
+        &[install::PROTOC, install::PROTO_INCLUDES]
+    } else {
+        &[]
+    };
 
     // Only what this run starts is stopped at the end: services that were already up (from
     // `cargo xtask services up`) stay up.
-    let mut started = Vec::new();
+    let since = Instant::now();
     if !managed.is_empty() {
-        let since = Instant::now();
         let names: Vec<&str> = managed.iter().map(|s| s.name()).collect();
         say!("services up: {}", names.join(" "));
-        started = services::up(&managed)?;
+    }
+    let started = services::up(&managed, build_tools)?;
+    if !managed.is_empty() {
         say!("services up in {}", fmt_duration(since.elapsed()));
     }
     // From here on, every way out goes through the teardown below.

@@ -5,14 +5,11 @@
 
 use std::{
     net::SocketAddr,
-    sync::{
-        Arc, Mutex,
-        atomic::{AtomicU64, Ordering},
-    },
+    sync::{Arc, Mutex},
     time::{Duration, SystemTime, UNIX_EPOCH},
 };
 
-use tokio::{net::UdpSocket, task::JoinHandle};
+use tokio::{net::UdpSocket, sync::watch, task::JoinHandle};
 
 /// What the responder sends back.
 #[derive(Debug, Clone, PartialEq)]
@@ -60,7 +57,8 @@ impl Reply {
 
 pub struct Responder {
     pub addr: SocketAddr,
-    queries: Arc<AtomicU64>,
+    /// The queries received so far; watched, so that a test can await the next one.
+    queries: Arc<watch::Sender<u64>>,
     reply: Arc<Mutex<Reply>>,
     task: JoinHandle<()>,
 }
@@ -89,7 +87,7 @@ pub fn craft(reply: &Reply, query: &[u8]) -> Option<Vec<u8>> {
     if query.len() >= 48 {
         origin.copy_from_slice(&query[40..48]);
     }
-    let (mut li, mut mode, mut stratum) = (0u8, 4u8, 2u8);
+    let (mut li, mut version, mut mode, mut stratum) = (0u8, 4u8, 4u8, 2u8);
     let mut refid = [127, 0, 0, 1];
     let mut dispersion: u32 = 0;
     let mut offset_ms = 0;
@@ -109,20 +107,14 @@ pub fn craft(reply: &Reply, query: &[u8]) -> Option<Vec<u8>> {
         Reply::Leap3 => li = 3,
         Reply::RootDispersionSecs(s) => dispersion = u32::from(*s) << 16,
         Reply::SlowServer { dispersion_raw } => dispersion = *dispersion_raw,
-        Reply::Short
-        | Reply::WrongOrigin
-        | Reply::ZeroTransmit
-        | Reply::WrongVersion
-        | Reply::StrayThenGood => {}
+        Reply::WrongOrigin => origin = 0x0123_4567_89ab_cdef_u64.to_be_bytes(),
+        Reply::WrongVersion => version = 2,
         Reply::WrongMode => mode = 3,
+        Reply::Short | Reply::ZeroTransmit | Reply::StrayThenGood => {}
         Reply::Silent => return None,
-    }
-    if *reply == Reply::WrongOrigin {
-        origin = 0x0123_4567_89ab_cdef_u64.to_be_bytes();
     }
     let now = ntp_timestamp(SystemTime::now(), offset_ms);
     let mut p = vec![0u8; 48];
-    let version = if *reply == Reply::WrongVersion { 2 } else { 4 };
     p[0] = (li << 6) | (version << 3) | mode;
     p[1] = stratum;
     p[2] = 6; // poll
@@ -138,11 +130,10 @@ pub fn craft(reply: &Reply, query: &[u8]) -> Option<Vec<u8>> {
     };
     p[32..40].copy_from_slice(&receive.to_be_bytes()); // receive
     p[40..48].copy_from_slice(&now.to_be_bytes()); // transmit
-    if *reply == Reply::Short {
-        p.truncate(40);
-    }
-    if *reply == Reply::ZeroTransmit {
-        p[40..48].fill(0);
+    match reply {
+        Reply::Short => p.truncate(40),
+        Reply::ZeroTransmit => p[40..48].fill(0),
+        _ => {}
     }
     Some(p)
 }
@@ -156,7 +147,7 @@ impl Responder {
     pub async fn start_on(bind: &str, reply: Reply) -> Responder {
         let socket = UdpSocket::bind(bind).await.unwrap();
         let addr = socket.local_addr().unwrap();
-        let queries = Arc::new(AtomicU64::new(0));
+        let queries = Arc::new(watch::Sender::new(0));
         let reply = Arc::new(Mutex::new(reply));
         let task = tokio::spawn({
             let (queries, reply) = (queries.clone(), reply.clone());
@@ -166,7 +157,7 @@ impl Responder {
                     let Ok((n, from)) = socket.recv_from(&mut buf).await else {
                         continue;
                     };
-                    queries.fetch_add(1, Ordering::SeqCst);
+                    queries.send_modify(|q| *q += 1);
                     let reply = reply.lock().unwrap().clone();
                     if reply == Reply::StrayThenGood {
                         let stray = craft(&Reply::WrongOrigin, &buf[..n]).unwrap();
@@ -188,7 +179,16 @@ impl Responder {
     }
 
     pub fn queries(&self) -> u64 {
-        self.queries.load(Ordering::SeqCst)
+        *self.queries.borrow()
+    }
+
+    /// Waits until at least `n` queries have arrived.
+    pub async fn wait_for_queries(&self, n: u64) {
+        let mut queries = self.queries.subscribe();
+        queries
+            .wait_for(|&q| q >= n)
+            .await
+            .expect("the responder owns the sender");
     }
 
     pub fn set(&self, reply: Reply) {
