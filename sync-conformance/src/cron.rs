@@ -2,7 +2,7 @@
 //! and Map.
 
 use std::{
-    collections::BTreeMap,
+    collections::{BTreeMap, BTreeSet},
     sync::Arc,
     time::{Duration, SystemTime, UNIX_EPOCH},
 };
@@ -34,6 +34,16 @@ fn label<T: std::str::FromStr>(job: &JobContext, key: &str) -> Result<T, Handler
         .ok_or_else(|| format!("label {key} missing or malformed in {:?}", job.labels).into())
 }
 
+/// The firing `job` records, from its Cron labels.
+fn firing(job: &JobContext) -> Result<Firing, HandlerError> {
+    Ok(Firing {
+        schedule: label(job, "cron.schedule")?,
+        term: label(job, "cron.term")?,
+        tick: label(job, "cron.tick")?,
+        at: SystemTime::now(),
+    })
+}
+
 /// A worker for the job `name` that reports every firing on a channel.
 async fn recorder(
     task: Arc<dyn Task>,
@@ -46,15 +56,7 @@ async fn recorder(
             Arc::new(move |job: JobContext| {
                 let tx = tx.clone();
                 async move {
-                    let firing = (|| {
-                        Ok::<_, HandlerError>(Firing {
-                            schedule: label(&job, "cron.schedule")?,
-                            term: label(&job, "cron.term")?,
-                            tick: label(&job, "cron.tick")?,
-                            at: SystemTime::now(),
-                        })
-                    })();
-                    let _ = tx.send(firing.map_err(|e| e.to_string()));
+                    let _ = tx.send(firing(&job).map_err(|e| e.to_string()));
                     Ok(Vec::new())
                 }
             }),
@@ -108,70 +110,21 @@ async fn schedulers(
     Ok((clients, crons))
 }
 
-fn unix_ms(t: SystemTime) -> u64 {
-    t.duration_since(UNIX_EPOCH).unwrap_or_default().as_millis() as u64
+/// A recording worker for `cron-job` and three schedulers in group `cron` registering the
+/// schedule `tick`: every [`INTERVAL`] from now.
+struct Ticking {
+    worker_client: Box<dyn Client>,
+    worker: Worker,
+    fired: mpsc::UnboundedReceiver<Result<Firing, String>>,
+    /// The schedule's start.
+    start: SystemTime,
+    clients: Vec<Box<dyn Client>>,
+    crons: Vec<Cron>,
 }
 
-/// Three schedulers in one group register the same 200 ms schedule: the ticks fire once each
-/// (only the leader fires), carry the schedule name, a term and tick labels, and are spaced by
-/// at least the interval.
-pub async fn one_fire_per_tick_across_instances(ctx: &Ctx) -> CaseResult {
+async fn ticking(ctx: &Ctx) -> Result<Ticking, Failure> {
     let worker_client = ctx.client().await?;
-    let (worker, mut fired) = recorder(worker_client.task()?, "cron-job").await?;
-    let start = SystemTime::now();
-    let (_clients, crons) = schedulers(
-        ctx,
-        3,
-        "cron",
-        "tick",
-        Schedule::every_from(start, INTERVAL),
-        "cron-job",
-    )
-    .await?;
-
-    // Watch one tick past the five checked, so a duplicate of the fifth would have arrived.
-    let mut seen: Vec<Firing> = Vec::new();
-    let mut per_tick: BTreeMap<u64, usize> = BTreeMap::new();
-    while per_tick.len() < 6 {
-        let f = next_firing(&mut fired, ctx.prompt() + INTERVAL * 2, "the next tick").await?;
-        *per_tick.entry(f.tick).or_default() += 1;
-        seen.push(f);
-    }
-    for cron in &crons {
-        cron.stop().await;
-    }
-    worker.stop().await;
-
-    let dupes: Vec<_> = per_tick.iter().filter(|(_, n)| **n > 1).collect();
-    ensure!(
-        dupes.is_empty(),
-        "ticks fired more than once (tick → times): {dupes:?}; all firings: {seen:?}"
-    );
-    ensure!(
-        seen.iter().all(|f| f.schedule == "tick"),
-        "cron.schedule label is not \"tick\": {seen:?}"
-    );
-    let ticks: Vec<u64> = per_tick.keys().copied().collect();
-    let min_gap = INTERVAL.as_millis() as u64;
-    ensure!(
-        ticks.windows(2).all(|w| w[1] - w[0] >= min_gap),
-        "ticks closer than the {INTERVAL:?} interval: {ticks:?}"
-    );
-    let first_ms = unix_ms(start);
-    ensure!(
-        ticks.iter().all(|t| (t - first_ms) % min_gap == 0),
-        "ticks {ticks:?} are not on the schedule start {first_ms} + k·{min_gap}"
-    );
-    Ok(())
-}
-
-/// Killing the leading scheduler's client hands firing to another scheduler: after the
-/// failover ticks continue with a strictly greater term, every tick after it is later than
-/// every tick before it, and no tick fires twice.
-pub async fn failover_resumes_next_tick(ctx: &Ctx) -> CaseResult {
-    let worker_client = ctx.client().await?;
-    let (worker, mut fired) = recorder(worker_client.task()?, "cron-job").await?;
-    let observer = worker_client.leader("cron")?;
+    let (worker, fired) = recorder(worker_client.task()?, "cron-job").await?;
     let start = SystemTime::now();
     let (clients, crons) = schedulers(
         ctx,
@@ -182,6 +135,94 @@ pub async fn failover_resumes_next_tick(ctx: &Ctx) -> CaseResult {
         "cron-job",
     )
     .await?;
+    Ok(Ticking {
+        worker_client,
+        worker,
+        fired,
+        start,
+        clients,
+        crons,
+    })
+}
+
+/// Checks that no tick of `seen` fired twice; `when` says over what.
+#[track_caller]
+fn ensure_each_tick_once(seen: &[Firing], when: &str) -> CaseResult {
+    let mut per_tick: BTreeMap<u64, usize> = BTreeMap::new();
+    for f in seen {
+        *per_tick.entry(f.tick).or_default() += 1;
+    }
+    let dupes: Vec<_> = per_tick.iter().filter(|(_, n)| **n > 1).collect();
+    ensure!(
+        dupes.is_empty(),
+        "ticks fired more than once {when} (tick → times): {dupes:?}; all firings: {seen:?}"
+    );
+    Ok(())
+}
+
+fn unix_ms(t: SystemTime) -> u64 {
+    t.duration_since(UNIX_EPOCH).unwrap_or_default().as_millis() as u64
+}
+
+/// Three schedulers in one group register the same 200 ms schedule: the ticks fire once each
+/// (only the leader fires), carry the schedule name, a term and tick labels, and are spaced by
+/// at least the interval.
+pub async fn one_fire_per_tick_across_instances(ctx: &Ctx) -> CaseResult {
+    let Ticking {
+        worker,
+        mut fired,
+        start,
+        crons,
+        ..
+    } = ticking(ctx).await?;
+
+    // Watch one tick past the five checked, so a duplicate of the fifth would have arrived.
+    let mut seen: Vec<Firing> = Vec::new();
+    let mut ticks: BTreeSet<u64> = BTreeSet::new();
+    while ticks.len() < 6 {
+        let f = next_firing(&mut fired, ctx.prompt() + INTERVAL * 2, "the next tick").await?;
+        ticks.insert(f.tick);
+        seen.push(f);
+    }
+    for cron in &crons {
+        cron.stop().await;
+    }
+    worker.stop().await;
+
+    ensure_each_tick_once(&seen, "across instances")?;
+    ensure!(
+        seen.iter().all(|f| f.schedule == "tick"),
+        "cron.schedule label is not \"tick\": {seen:?}"
+    );
+    let ticks: Vec<u64> = ticks.into_iter().collect();
+    let min_gap = INTERVAL.as_millis() as u64;
+    ensure!(
+        ticks.windows(2).all(|w| w[1] - w[0] >= min_gap),
+        "ticks closer than the {INTERVAL:?} interval: {ticks:?}"
+    );
+    let first_ms = unix_ms(start);
+    ensure!(
+        ticks
+            .iter()
+            .all(|t| t.checked_sub(first_ms).is_some_and(|d| d % min_gap == 0)),
+        "ticks {ticks:?} are not on the schedule start {first_ms} + k·{min_gap}"
+    );
+    Ok(())
+}
+
+/// Killing the leading scheduler's client hands firing to another scheduler: after the
+/// failover ticks continue with a strictly greater term, every tick after it is later than
+/// every tick before it, and no tick fires twice.
+pub async fn failover_resumes_next_tick(ctx: &Ctx) -> CaseResult {
+    let Ticking {
+        worker_client,
+        worker,
+        mut fired,
+        clients,
+        crons,
+        ..
+    } = ticking(ctx).await?;
+    let observer = worker_client.leader("cron")?;
 
     let mut seen = Vec::new();
     for _ in 0..3 {
@@ -224,15 +265,7 @@ pub async fn failover_resumes_next_tick(ctx: &Ctx) -> CaseResult {
     }
     worker.stop().await;
 
-    let mut per_tick: BTreeMap<u64, usize> = BTreeMap::new();
-    for f in &seen {
-        *per_tick.entry(f.tick).or_default() += 1;
-    }
-    let dupes: Vec<_> = per_tick.iter().filter(|(_, n)| **n > 1).collect();
-    ensure!(
-        dupes.is_empty(),
-        "ticks fired more than once across the failover: {dupes:?}; firings: {seen:?}"
-    );
+    ensure_each_tick_once(&seen, "across the failover")?;
     let old: Vec<&Firing> = seen.iter().filter(|f| f.term <= leader.term).collect();
     ensure!(
         old.iter().all(|f| f.term == leader.term),

@@ -11,7 +11,9 @@ use std::{
 use futures::StreamExt;
 use sync_core::{ElectOptions, FollowStream, Leader, LeaderInfo};
 
-use crate::{CaseResult, Context, Ctx, Failure, ensure, fail, stays_pending, within};
+use crate::{
+    CaseResult, Context, Ctx, Failure, ensure, ensure_increasing, fail, stays_pending, within,
+};
 
 /// The next state a follow stream reports, within `limit`.
 async fn next_state(
@@ -78,11 +80,8 @@ pub async fn single_leader(ctx: &Ctx) -> CaseResult {
         names.len() == candidates as usize && led.len() == candidates as usize,
         "every candidate must lead exactly once; leaderships: {led:?}"
     );
-    ensure!(
-        led.windows(2).all(|w| w[0].1 < w[1].1),
-        "terms must strictly increase across leaderships: {led:?}"
-    );
-    Ok(())
+    let terms: Vec<u64> = led.iter().map(|(_, term)| *term).collect();
+    ensure_increasing(&format!("terms across leaderships {led:?}"), &terms)
 }
 
 /// A waiting candidate is not elected while the leader leads, and is elected promptly once
@@ -238,11 +237,7 @@ pub async fn terms_increase(ctx: &Ctx) -> CaseResult {
         terms.push(elected.term());
         elected.resign().await?;
     }
-    ensure!(
-        terms.windows(2).all(|w| w[0] < w[1]),
-        "terms must strictly increase: {terms:?}"
-    );
-    Ok(())
+    ensure_increasing("terms", &terms)
 }
 
 /// The value given at election and each later `proclaim` is what `leader()` and `follow()`

@@ -122,7 +122,12 @@ impl Failure {
     /// A failure with `message`, located at the caller.
     #[track_caller]
     pub fn new(message: impl fmt::Display) -> Self {
-        let at = std::panic::Location::caller();
+        Failure::located(message, std::panic::Location::caller())
+    }
+
+    /// A failure with `message`, located at `at` (a caller captured before an `async` block,
+    /// which `#[track_caller]` does not reach).
+    fn located(message: impl fmt::Display, at: &std::panic::Location<'_>) -> Self {
         Failure {
             message: format!("{message} (at {}:{})", at.file(), at.line()),
         }
@@ -214,6 +219,18 @@ pub fn expect_kind<T: fmt::Debug>(
     }
 }
 
+/// Checks that `values` (fencing tokens, terms) strictly increase; `what` names them.
+#[track_caller]
+pub(crate) fn ensure_increasing(what: &str, values: &[u64]) -> CaseResult {
+    match values.windows(2).find(|w| w[0] >= w[1]) {
+        None => Ok(()),
+        Some(w) => Err(Failure::new(format_args!(
+            "{what} must strictly increase; got {values:?} ({} then {})",
+            w[0], w[1]
+        ))),
+    }
+}
+
 /// Extra time added to TTL-scaled bounds: scheduling, network round trips, a watch firing.
 pub const SLACK: Duration = Duration::from_secs(2);
 
@@ -245,9 +262,7 @@ impl Ctx {
             self.harness
                 .client(&self.namespace)
                 .await
-                .map_err(|e| Failure {
-                    message: format!("creating a client: {e} (at {}:{})", at.file(), at.line()),
-                })
+                .map_err(|e| Failure::located(format_args!("creating a client: {e}"), at))
         }
     }
 
@@ -283,12 +298,8 @@ where
     let at = std::panic::Location::caller();
     let what = what.to_string();
     async move {
-        tokio::time::timeout(limit, fut).await.map_err(|_| Failure {
-            message: format!(
-                "{what}: did not happen within {limit:?} (at {}:{})",
-                at.file(),
-                at.line()
-            ),
+        tokio::time::timeout(limit, fut).await.map_err(|_| {
+            Failure::located(format_args!("{what}: did not happen within {limit:?}"), at)
         })
     }
 }
@@ -311,15 +322,14 @@ where
         let start = Instant::now();
         match tokio::time::timeout(limit, fut).await {
             Err(_) => Ok(()),
-            Ok(out) => Err(Failure {
-                message: format!(
+            Ok(out) => Err(Failure::located(
+                format_args!(
                     "{what}: happened after {:?} but must not happen within {limit:?}; \
-                     result {out:?} (at {}:{})",
-                    start.elapsed(),
-                    at.file(),
-                    at.line()
+                     result {out:?}",
+                    start.elapsed()
                 ),
-            }),
+                at,
+            )),
         }
     }
 }
@@ -346,13 +356,10 @@ where
                 return Ok(());
             }
             if Instant::now() >= deadline {
-                return Err(Failure {
-                    message: format!(
-                        "{what}: still not true after {limit:?} (at {}:{})",
-                        at.file(),
-                        at.line()
-                    ),
-                });
+                return Err(Failure::located(
+                    format_args!("{what}: still not true after {limit:?}"),
+                    at,
+                ));
             }
             tokio::time::sleep(pause).await;
             pause = (pause * 2).min(Duration::from_millis(100));

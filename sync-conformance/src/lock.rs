@@ -10,7 +10,10 @@ use std::{
 
 use sync_core::{ErrorKind, Lock, LockOptions, id::MAX_ID_LEN};
 
-use crate::{CaseResult, Context, Ctx, Failure, ensure, expect_kind, fail, stays_pending, within};
+use crate::{
+    CaseResult, Context, Ctx, Failure, ensure, ensure_increasing, expect_kind, stays_pending,
+    within,
+};
 
 /// Runs `rounds` critical sections per contender, each contender a task on one of `handles`
 /// (round-robin), checking that no two critical sections ever overlap and that the fencing
@@ -66,14 +69,18 @@ async fn contend(
         contenders * rounds,
         tokens.len()
     );
-    if let Some(w) = tokens.windows(2).find(|w| w[0] >= w[1]) {
-        fail!(
-            "fencing tokens of successive grants must strictly increase, saw {} then {}",
-            w[0],
-            w[1]
-        );
+    ensure_increasing("fencing tokens of successive grants", &tokens)
+}
+
+/// Checks that a release of what is no longer held failed with NotHeld or LockLost.
+#[track_caller]
+fn expect_not_held(what: &str, result: sync_core::Result<()>) -> CaseResult {
+    match &result {
+        Err(e) if matches!(e.kind(), ErrorKind::NotHeld | ErrorKind::LockLost) => Ok(()),
+        _ => Err(Failure::new(format_args!(
+            "{what} gave {result:?}, not NotHeld or LockLost"
+        ))),
     }
-    Ok(())
 }
 
 /// 8 contenders over two independent clients run 200 critical sections on one id: no two
@@ -192,14 +199,7 @@ pub async fn fencing_tokens_increase(ctx: &Ctx) -> CaseResult {
         la.release("fence").await?;
         drop(g);
     }
-    if let Some(w) = tokens.windows(2).find(|w| w[0] >= w[1]) {
-        fail!(
-            "tokens must strictly increase; got {tokens:?} ({} then {})",
-            w[0],
-            w[1]
-        );
-    }
-    Ok(())
+    ensure_increasing("fencing tokens", &tokens)
 }
 
 /// Revoking the holder's lease fires the guard's `lost()` promptly, another client can then
@@ -485,11 +485,10 @@ pub async fn release_not_held(ctx: &Ctx) -> CaseResult {
         lb.acquire("twice", LockOptions::new()),
     )
     .await??;
-    let stale = guard.release().await;
-    match &stale {
-        Err(e) if matches!(e.kind(), ErrorKind::NotHeld | ErrorKind::LockLost) => {}
-        _ => fail!("releasing a guard already freed by release(id) gave {stale:?}, not NotHeld"),
-    }
+    expect_not_held(
+        "releasing a guard already freed by release(id)",
+        guard.release().await,
+    )?;
     ensure!(
         lb.try_acquire("twice").await?.is_none() && la.try_acquire("twice").await?.is_none(),
         "the stale guard's release freed the other client's lock"
@@ -506,9 +505,8 @@ pub async fn release_after_revoke(ctx: &Ctx) -> CaseResult {
     let guard = a.lock()?.acquire("gone", LockOptions::new()).await?;
     a.revoke().await?;
     within(ctx.prompt(), "guard.lost() after revoke", guard.lost()).await?;
-    let result = guard.release().await;
-    match &result {
-        Err(e) if matches!(e.kind(), ErrorKind::NotHeld | ErrorKind::LockLost) => Ok(()),
-        _ => fail!("release of a guard whose lease was revoked gave {result:?}"),
-    }
+    expect_not_held(
+        "release of a guard whose lease was revoked",
+        guard.release().await,
+    )
 }

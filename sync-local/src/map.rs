@@ -82,6 +82,19 @@ impl LocalMap {
         out
     }
 
+    /// Stores `value` at `key` under the next cluster revision, which it returns.
+    fn put(&self, map: &mut BTreeMap<String, Slot>, key: &str, value: &[u8]) -> Version {
+        let version = self.client.shared.next_revision();
+        map.insert(
+            key.to_string(),
+            Slot {
+                value: value.to_vec(),
+                version,
+            },
+        );
+        version
+    }
+
     fn conflict(key: &str, expected: Option<Version>, actual: Option<Version>) -> Error {
         let show = |v: Option<Version>| v.map_or_else(|| "absent".to_string(), |v| v.to_string());
         Error::new(
@@ -118,18 +131,7 @@ impl Map for LocalMap {
         self.span("write", key).in_scope(|| {
             self.check_key(key)?;
             Self::check_value(key, value)?;
-            let shared = &self.client.shared;
-            Ok(self.with_map(|map| {
-                let version = shared.next_revision();
-                map.insert(
-                    key.to_string(),
-                    Slot {
-                        value: value.to_vec(),
-                        version,
-                    },
-                );
-                version
-            }))
+            Ok(self.with_map(|map| self.put(map, key, value)))
         })
     }
 
@@ -149,21 +151,12 @@ impl Map for LocalMap {
         self.span("compare_and_swap", key).in_scope(|| {
             self.check_key(key)?;
             Self::check_value(key, value)?;
-            let shared = &self.client.shared;
             let result = self.with_map(|map| {
                 let actual = map.get(key).map(|s| s.version);
                 if actual != expected {
                     return Err(Self::conflict(key, expected, actual));
                 }
-                let version = shared.next_revision();
-                map.insert(
-                    key.to_string(),
-                    Slot {
-                        value: value.to_vec(),
-                        version,
-                    },
-                );
-                Ok(version)
+                Ok(self.put(map, key, value))
             });
             if let Err(e) = &result {
                 tracing::debug!(backend = BACKEND, key, error = %e, "compare-and-swap lost");

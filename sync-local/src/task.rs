@@ -138,17 +138,16 @@ impl JobTable {
     }
 }
 
-/// What a worker took from its queue.
+/// What a worker took from its queue (the handler's [`JobContext`] travels beside it).
 struct Claimed {
     job_key: String,
     id: JobId,
-    job: Job,
     attempt: u32,
     token: u64,
 }
 
 enum Take {
-    Claimed(Claimed),
+    Claimed(Claimed, JobContext),
     Empty,
     /// The session ended between looking it up and registering the claim; try again.
     SessionEnded,
@@ -191,13 +190,15 @@ fn take_next(shared: &Arc<Shared>, queue: &str, session: u64) -> Take {
             registration,
         });
         entry.changed.send_replace(());
-        return Take::Claimed(Claimed {
-            id: entry.status.id.clone(),
-            job: entry.job.clone(),
-            attempt: entry.status.attempts,
+        // The payload is copied once, straight into the handler's context.
+        let ctx = JobContext::new(entry.status.id.clone(), &entry.job, entry.status.attempts);
+        let claimed = Claimed {
+            id: ctx.id.clone(),
+            attempt: ctx.attempt,
             job_key,
             token,
-        });
+        };
+        return Take::Claimed(claimed, ctx);
     }
     Take::Empty
 }
@@ -251,14 +252,12 @@ fn finish(client: &ClientInner, claim: &Claimed, outcome: std::result::Result<Ve
         tracing::debug!(backend = BACKEND, primitive = "task", id = %claim.id, "result of a killed worker dropped");
         return;
     }
-    let mut retry = None;
-    {
+    let (token, delay) = {
         let mut state = locked(&shared.jobs.state);
         let Some(entry) = state.jobs.get_mut(&claim.job_key) else {
             return;
         };
-        let current = entry.claim.as_ref().map(|c| c.token);
-        if current != Some(claim.token) {
+        let Some(c) = entry.claim.take_if(|c| c.token == claim.token) else {
             tracing::warn!(
                 backend = BACKEND,
                 primitive = "task",
@@ -267,10 +266,10 @@ fn finish(client: &ClientInner, claim: &Claimed, outcome: std::result::Result<Ve
                 "stale claim: the job was redelivered; this attempt's result is ignored"
             );
             return;
-        }
-        if let Some(c) = entry.claim.take() {
-            shared.cancel_on_end(c.session, c.registration);
-        }
+        };
+        shared.cancel_on_end(c.session, c.registration);
+        // The delay before the next attempt; None once the job is final.
+        let mut requeue = None;
         match outcome {
             Ok(output) => {
                 entry.status.state = JobState::Succeeded;
@@ -283,48 +282,50 @@ fn finish(client: &ClientInner, claim: &Claimed, outcome: std::result::Result<Ve
                     let delay = entry.job.retry_delay(attempts.saturating_add(1));
                     tracing::info!(backend = BACKEND, primitive = "task", id = %claim.id, attempt = attempts, %error, ?delay, "job attempt failed; retrying");
                     entry.status.state = JobState::Queued;
-                    entry.status.last_error = Some(error);
-                    if delay.is_zero() {
-                        let queue = entry.queue.clone();
-                        entry.changed.send_replace(());
-                        state.make_ready(&queue, &claim.job_key);
-                        return;
-                    }
-                    let token = shared.next_revision();
-                    entry.retry = Some(token);
-                    retry = Some((token, delay));
+                    requeue = Some(delay);
                 } else {
                     tracing::warn!(backend = BACKEND, primitive = "task", id = %claim.id, attempts, %error, "job failed");
                     entry.status.state = JobState::Failed;
-                    entry.status.last_error = Some(error);
                 }
+                entry.status.last_error = Some(error);
             }
         }
         entry.changed.send_replace(());
-        if entry.status.state.is_final() {
-            state.retire(&claim.job_key);
-        }
-    }
-    if let Some((token, delay)) = retry {
-        let weak = Arc::downgrade(shared);
-        let job_key = claim.job_key.clone();
-        tokio::spawn(async move {
-            tokio::time::sleep(delay).await;
-            let Some(shared) = weak.upgrade() else {
-                return;
-            };
-            let mut state = locked(&shared.jobs.state);
-            let Some(entry) = state.jobs.get_mut(&job_key) else {
-                return;
-            };
-            if entry.retry != Some(token) || entry.status.state != JobState::Queued {
+        match requeue {
+            None => {
+                state.retire(&claim.job_key);
                 return;
             }
-            entry.retry = None;
-            let queue = entry.queue.clone();
-            state.make_ready(&queue, &job_key);
-        });
-    }
+            Some(delay) if delay.is_zero() => {
+                let queue = entry.queue.clone();
+                state.make_ready(&queue, &claim.job_key);
+                return;
+            }
+            Some(delay) => {
+                let token = shared.next_revision();
+                entry.retry = Some(token);
+                (token, delay)
+            }
+        }
+    };
+    let weak = Arc::downgrade(shared);
+    let job_key = claim.job_key.clone();
+    tokio::spawn(async move {
+        tokio::time::sleep(delay).await;
+        let Some(shared) = weak.upgrade() else {
+            return;
+        };
+        let mut state = locked(&shared.jobs.state);
+        let Some(entry) = state.jobs.get_mut(&job_key) else {
+            return;
+        };
+        if entry.retry != Some(token) || entry.status.state != JobState::Queued {
+            return;
+        }
+        entry.retry = None;
+        let queue = entry.queue.clone();
+        state.make_ready(&queue, &job_key);
+    });
 }
 
 /// Why a handler task ended without a result.
@@ -425,7 +426,8 @@ impl Task for LocalTask {
         let span = tracing::debug_span!("wait", backend = BACKEND, primitive = "task", id = %id);
         async {
             self.client.session()?;
-            let deadline = timeout.map(|t| tokio::time::Instant::now() + t);
+            // With a timeout: when it expires, and the timeout for the message.
+            let deadline = timeout.map(|t| (Instant::now() + t, t));
             let job_key = self.job_key(id);
             loop {
                 // Subscribe under the lock that guards the status, so no change is missed.
@@ -440,24 +442,21 @@ impl Task for LocalTask {
                     }
                     entry.changed.subscribe()
                 };
-                let expired = || {
-                    Error::new(
-                        ErrorKind::Timeout,
-                        format!(
-                            "job did not finish within {:?}",
-                            timeout.unwrap_or_default()
-                        ),
-                    )
-                    .with_backend(BACKEND)
-                    .with_id(id.0.clone())
-                };
-                match deadline {
-                    Some(d) => tokio::time::timeout_at(d, changed.changed())
+                let changed = match deadline {
+                    Some((at, t)) => tokio::time::timeout_at(at, changed.changed())
                         .await
-                        .map_err(|_| expired())?
-                        .map_err(|_| Self::not_found(id))?,
-                    None => changed.changed().await.map_err(|_| Self::not_found(id))?,
-                }
+                        .map_err(|_| {
+                            Error::new(
+                                ErrorKind::Timeout,
+                                format!("job did not finish within {t:?}"),
+                            )
+                            .with_backend(BACKEND)
+                            .with_id(id.0.clone())
+                        })?,
+                    None => changed.changed().await,
+                };
+                // The sender is dropped when the job is forgotten.
+                changed.map_err(|_| Self::not_found(id))?;
             }
         }
         .instrument(span)
@@ -530,7 +529,7 @@ impl WorkerPool {
                     Err(_) => return,
                 },
             };
-            let claimed = loop {
+            let (claimed, ctx) = loop {
                 // Listen before looking, so a job queued between the look and the wait wakes us.
                 let woken = wake.notified();
                 tokio::pin!(woken);
@@ -546,7 +545,7 @@ impl WorkerPool {
                     }
                 };
                 match take_next(&this.client.shared, &this.queue, session) {
-                    Take::Claimed(c) => break c,
+                    Take::Claimed(c, ctx) => break (c, ctx),
                     Take::SessionEnded => continue,
                     Take::Empty => {}
                 }
@@ -556,11 +555,16 @@ impl WorkerPool {
                     () = &mut woken => {}
                 }
             };
-            this.clone().spawn_attempt(claimed, permit);
+            this.clone().spawn_attempt(claimed, ctx, permit);
         }
     }
 
-    fn spawn_attempt(self: Arc<Self>, claimed: Claimed, permit: OwnedSemaphorePermit) {
+    fn spawn_attempt(
+        self: Arc<Self>,
+        claimed: Claimed,
+        ctx: JobContext,
+        permit: OwnedSemaphorePermit,
+    ) {
         let span = tracing::debug_span!(
             "attempt",
             backend = BACKEND,
@@ -573,7 +577,6 @@ impl WorkerPool {
             async move {
                 let _permit = permit;
                 tracing::debug!("job claimed");
-                let ctx = JobContext::new(claimed.id.clone(), &claimed.job, claimed.attempt);
                 let handler = self.handler.clone();
                 // A handler of its own task, so a panic is an attempt's failure, not ours.
                 let outcome = tokio::spawn(async move { handler.call(ctx).await }).await;
@@ -843,7 +846,7 @@ mod tests {
 
     use sync_core::{
         ErrorKind, Handler, HandlerError, Job, JobContext, JobId, JobState, MAX_PAYLOAD_LEN,
-        WorkerOptions,
+        Worker, WorkerOptions,
     };
     use tokio::sync::Semaphore;
 
@@ -993,6 +996,7 @@ mod tests {
         let _wb = b.work("echo", echo(), WorkerOptions::new()).await.unwrap();
         let id = a.submit(Job::new("echo", "x")).await.unwrap();
         assert_eq!(b.status(&id).await.unwrap_err().kind(), ErrorKind::NotFound);
+        // A window in which b's worker must NOT take a's job.
         tokio::time::sleep(Duration::from_millis(50)).await;
         assert_eq!(a.status(&id).await.unwrap().state, JobState::Queued);
         let _wa = a.work("echo", echo(), WorkerOptions::new()).await.unwrap();
@@ -1026,8 +1030,13 @@ mod tests {
         let job = Job::new("flaky", "ok-on-2").with_backoff(Duration::from_millis(300));
         let id = task.submit(job).await.unwrap();
         // During the backoff the job shows Queued with the first error.
-        tokio::time::sleep(Duration::from_millis(100)).await;
-        let s = task.status(&id).await.unwrap();
+        let s = loop {
+            let s = task.status(&id).await.unwrap();
+            if s.last_error.is_some() {
+                break s;
+            }
+            tokio::task::yield_now().await;
+        };
         assert_eq!((s.state, s.attempts), (JobState::Queued, 1));
         assert_eq!(s.last_error.as_deref(), Some("boom 1"));
         let s = task.wait(&id, LONG).await.unwrap();
@@ -1097,20 +1106,30 @@ mod tests {
         })
     }
 
-    #[tokio::test(flavor = "multi_thread")]
-    async fn stale_claim_result_is_ignored_after_revoke() {
-        let cluster = Cluster::new();
-        let worker_client = client(&cluster, "t");
-        let task = worker_client.task();
+    /// A fresh client of `cluster` running a [`gated`] worker with a pool of `concurrency`,
+    /// with the handler's gate and its start signal.
+    async fn gated_worker(
+        cluster: &Cluster,
+        concurrency: usize,
+    ) -> (Client, Worker, Arc<Semaphore>, Arc<Semaphore>) {
+        let worker_client = client(cluster, "t");
         let (gate, started) = (Arc::new(Semaphore::new(0)), Arc::new(Semaphore::new(0)));
-        let w = task
+        let worker = worker_client
+            .task()
             .work(
                 "gated",
                 gated(gate.clone(), started.clone()),
-                WorkerOptions::new().with_concurrency(2),
+                WorkerOptions::new().with_concurrency(concurrency),
             )
             .await
             .unwrap();
+        (worker_client, worker, gate, started)
+    }
+
+    #[tokio::test(flavor = "multi_thread")]
+    async fn stale_claim_result_is_ignored_after_revoke() {
+        let cluster = Cluster::new();
+        let (worker_client, w, gate, started) = gated_worker(&cluster, 2).await;
         let submitter = client(&cluster, "t").task();
         let id = submitter.submit(Job::new("gated", "")).await.unwrap();
         started.acquire().await.unwrap().forget();
@@ -1140,17 +1159,7 @@ mod tests {
     #[tokio::test(flavor = "multi_thread")]
     async fn killed_worker_redelivers_to_another() {
         let cluster = Cluster::new();
-        let dying = client(&cluster, "t");
-        let (gate, started) = (Arc::new(Semaphore::new(0)), Arc::new(Semaphore::new(0)));
-        let _dead = dying
-            .task()
-            .work(
-                "gated",
-                gated(gate.clone(), started.clone()),
-                WorkerOptions::new(),
-            )
-            .await
-            .unwrap();
+        let (dying, _dead, gate, started) = gated_worker(&cluster, 1).await;
         let other = client(&cluster, "t").task();
         let id = other.submit(Job::new("gated", "")).await.unwrap();
         started.acquire().await.unwrap().forget();
@@ -1179,17 +1188,7 @@ mod tests {
     #[tokio::test(flavor = "multi_thread")]
     async fn worker_loss_on_last_attempt_fails_the_job() {
         let cluster = Cluster::new();
-        let worker_client = client(&cluster, "t");
-        let (gate, started) = (Arc::new(Semaphore::new(0)), Arc::new(Semaphore::new(0)));
-        let _w = worker_client
-            .task()
-            .work(
-                "gated",
-                gated(gate.clone(), started.clone()),
-                WorkerOptions::new(),
-            )
-            .await
-            .unwrap();
+        let (worker_client, _w, gate, started) = gated_worker(&cluster, 1).await;
         let task = client(&cluster, "t").task();
         let id = task
             .submit(Job::new("gated", "").with_max_attempts(1))
@@ -1257,6 +1256,7 @@ mod tests {
             "stop waits for running handlers"
         );
         let after = task.submit(Job::new("slow", "")).await.unwrap();
+        // A window in which the stopped worker must NOT take the job.
         tokio::time::sleep(Duration::from_millis(50)).await;
         assert_eq!(task.status(&after).await.unwrap().state, JobState::Queued);
 
