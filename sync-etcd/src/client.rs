@@ -7,7 +7,7 @@ use std::{
     time::Duration,
 };
 
-use etcd_client::{ConnectOptions, LeaseKeepAliveStream, LeaseKeeper};
+use etcd_client::{ConnectOptions, LeaseKeepAliveStream, LeaseKeeper, WatchOptions};
 use sync_core::{Error, ErrorKind, Leader, Lock, LossSignal, LossTrigger, Map, Result, Task};
 use tokio::{
     sync::{OwnedMutexGuard, watch},
@@ -20,6 +20,11 @@ use crate::{BACKEND, Config, leader::EtcdLeader, lock::EtcdLock, map::EtcdMap, t
 /// Locks a std mutex, recovering the data if a panicking thread poisoned it.
 pub(crate) fn locked<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// Checks an id by sync-core's rules, naming this backend in the error.
+pub(crate) fn validate_id(what: &str, id: &str) -> Result<()> {
+    sync_core::id::validate(what, id).map_err(|e| e.with_backend(BACKEND))
 }
 
 /// Maps an etcd client error to a `sync_core` error kind, with the client error as source.
@@ -115,16 +120,17 @@ impl Kv {
         retried!(self.tries, self.kv.get(key.clone(), opts.clone()).await)
     }
 
+    /// Takes the value by reference: each attempt needs its own copy anyway.
     pub(crate) async fn put(
         &mut self,
         key: impl Into<Vec<u8>>,
-        value: impl Into<Vec<u8>>,
+        value: &[u8],
         opts: Option<etcd_client::PutOptions>,
     ) -> EtcdResult<etcd_client::PutResponse> {
-        let (key, value) = (key.into(), value.into());
+        let key = key.into();
         retried!(
             self.tries,
-            self.kv.put(key.clone(), value.clone(), opts.clone()).await
+            self.kv.put(key.clone(), value.to_vec(), opts.clone()).await
         )
     }
 
@@ -205,6 +211,17 @@ impl Session {
         self.keepalive.abort();
     }
 
+    /// Ends the session if `e` says etcd no longer has its lease (a write with it failed before
+    /// the keepalive noticed), so the next call grants a new one. True if it did.
+    pub(crate) fn end_if_lease_gone(&self, e: &etcd_client::Error) -> bool {
+        let gone = matches!(e, etcd_client::Error::GRpcStatus(status)
+            if status.message().contains("lease not found"));
+        if gone {
+            self.end("lease not found");
+        }
+        gone
+    }
+
     /// The lease id as etcd's concurrency package writes it in keys.
     pub(crate) fn lease_hex(&self) -> String {
         format!("{:x}", self.lease)
@@ -274,9 +291,7 @@ impl ClientInner {
 
     /// The live session, granting a new lease if the last one ended. Fails once killed.
     pub(crate) async fn session(&self) -> Result<Arc<Session>> {
-        if *self.killed.borrow() {
-            return Err(Error::new(ErrorKind::Closed, "client was killed").with_backend(BACKEND));
-        }
+        self.check_alive()?;
         let mut slot = self.session.lock().await;
         if let Some(s) = slot.as_ref().filter(|s| !s.ended.is_lost()) {
             return Ok(s.clone());
@@ -292,10 +307,12 @@ impl ClientInner {
         }
         let ttl = self.config.ttl;
         let granted_at = Instant::now();
-        let tries = 2 * self.config.endpoints.len() + 2;
         let mut lease_client = self.etcd.lease_client();
-        let grant = retried!(tries, lease_client.grant(ttl.as_secs() as i64, None).await)
-            .map_err(|e| etcd_err("granting the lease", e))?;
+        let grant = retried!(
+            self.tries(),
+            lease_client.grant(ttl.as_secs() as i64, None).await
+        )
+        .map_err(|e| etcd_err("granting the lease", e))?;
         let granted_ttl = Duration::from_secs(grant.ttl().max(1) as u64);
         let lease = grant.id();
         let (trigger, ended) = sync_core::loss_signal();
@@ -324,7 +341,38 @@ impl ClientInner {
     pub(crate) fn kv(&self) -> Kv {
         Kv {
             kv: self.etcd.kv_client(),
-            tries: 2 * self.config.endpoints.len() + 2,
+            tries: self.tries(),
+        }
+    }
+
+    /// How often a request that was never delivered is sent: enough to try every endpoint.
+    fn tries(&self) -> usize {
+        2 * self.config.endpoints.len() + 2
+    }
+
+    /// Waits for the first event of a watch on `key`: true when one arrived, false when the
+    /// watch was cancelled (compaction) or failed (then after a short pause, so a failing
+    /// server is not spun on). On false the caller re-checks by reading.
+    pub(crate) async fn watch_once(&self, key: impl Into<Vec<u8>>, opts: WatchOptions) -> bool {
+        const PAUSE: Duration = Duration::from_millis(200);
+        let mut stream = match self.etcd.watch_client().watch(key, Some(opts)).await {
+            Ok(stream) => stream,
+            Err(e) => {
+                tracing::debug!(backend = BACKEND, error = %e, "watch failed; re-checking");
+                tokio::time::sleep(PAUSE).await;
+                return false;
+            }
+        };
+        loop {
+            match stream.message().await {
+                Ok(Some(resp)) if !resp.events().is_empty() => return true,
+                Ok(Some(resp)) if resp.canceled() => return false,
+                Ok(Some(_)) => {}
+                Ok(None) | Err(_) => {
+                    tokio::time::sleep(PAUSE).await;
+                    return false;
+                }
+            }
         }
     }
 
@@ -486,8 +534,9 @@ impl Client {
             let built = tokio::task::spawn_blocking(move || tls_options(&tls))
                 .await
                 .map_err(|e| {
-                    Error::new(ErrorKind::Backend, format!("reading TLS files: {e}"))
+                    Error::new(ErrorKind::Backend, "the task reading the TLS files failed")
                         .with_backend(BACKEND)
+                        .with_source(e)
                 })??;
             options = options.with_tls(built);
         }
@@ -523,13 +572,13 @@ impl Client {
 
     /// A Leader handle bound to election `group`.
     pub fn leader(&self, group: &str) -> Result<Arc<dyn Leader>> {
-        sync_core::id::validate("election group", group).map_err(|e| e.with_backend(BACKEND))?;
+        validate_id("election group", group)?;
         Ok(Arc::new(EtcdLeader::new(self.inner.clone(), group)))
     }
 
     /// A Map handle for the map called `name`.
     pub fn map(&self, name: &str) -> Result<Arc<dyn Map>> {
-        sync_core::id::validate("map name", name).map_err(|e| e.with_backend(BACKEND))?;
+        validate_id("map name", name)?;
         Ok(Arc::new(EtcdMap::new(self.inner.clone(), name)))
     }
 
@@ -560,8 +609,7 @@ impl Client {
     pub async fn revoke(&self) -> Result<()> {
         let current = self.inner.session.lock().await.clone();
         if let Some(s) = current {
-            s.trigger.fire("lease revoked");
-            s.keepalive.abort();
+            s.end("lease revoked");
             self.inner
                 .etcd
                 .lease_client()

@@ -9,21 +9,19 @@
 use std::sync::{Arc, Mutex};
 
 use async_trait::async_trait;
-use etcd_client::{
-    Compare, CompareOp, GetOptions, PutOptions, SortOrder, SortTarget, Txn, TxnOp, WatchOptions,
-};
+use etcd_client::{Compare, CompareOp, PutOptions, Txn, TxnOp, WatchOptions};
 use futures::StreamExt;
 use sync_core::{
     ElectOptions, Elected, Error, ErrorKind, FollowStream, Leader, LeaderInfo, Leadership,
-    LossSignal, MAX_VALUE_LEN, Result,
+    LossSignal, Result,
 };
 use tokio::sync::mpsc;
 use tracing::Instrument;
 
 use crate::{
     BACKEND,
-    client::{ClientInner, etcd_err, locked},
-    lock::{Holding, contend},
+    client::{ClientInner, etcd_err, locked, validate_id},
+    lock::{Holding, contend, first_created},
 };
 
 const MAGIC: &[u8] = b"\0sync\0";
@@ -49,24 +47,10 @@ fn decode(raw: &[u8]) -> (String, Vec<u8>) {
     (String::from_utf8_lossy(raw).into_owned(), raw.to_vec())
 }
 
-/// A proclaimed value over [`MAX_VALUE_LEN`] is refused (etcd refuses requests over 1.5 MiB).
+/// A proclaimed value over [`sync_core::MAX_VALUE_LEN`] is refused (etcd refuses requests over
+/// 1.5 MiB).
 fn check_value(group: &str, value: &[u8]) -> Result<()> {
-    if value.len() > MAX_VALUE_LEN {
-        return Err(Error::invalid(format!(
-            "proclaimed value is {} bytes; the maximum is {MAX_VALUE_LEN}",
-            value.len()
-        ))
-        .with_backend(BACKEND)
-        .with_id(group));
-    }
-    Ok(())
-}
-
-fn first_created() -> GetOptions {
-    GetOptions::new()
-        .with_prefix()
-        .with_sort(SortTarget::Create, SortOrder::Ascend)
-        .with_limit(1)
+    sync_core::validate_value(value).map_err(|e| e.with_backend(BACKEND).with_id(group))
 }
 
 /// The current leader of `prefix` and the revision it was read at.
@@ -120,10 +104,9 @@ async fn campaign(
         group,
         prefix,
         encode(candidate, value),
-        Some(wait),
+        wait,
     )
-    .await?
-    .ok_or_else(|| Error::new(ErrorKind::Backend, "no contender").with_backend(BACKEND))?;
+    .await?;
     Ok(Holding::start(c))
 }
 
@@ -135,8 +118,7 @@ impl Leader for EtcdLeader {
 
     #[tracing::instrument(level = "debug", skip(self, opts), fields(backend = BACKEND, primitive = "leader", id = %self.group))]
     async fn elect(&self, candidate: &str, opts: ElectOptions) -> Result<Elected> {
-        sync_core::id::validate("candidate id", candidate)
-            .map_err(|e| e.with_backend(BACKEND).with_id(&self.group))?;
+        validate_id("candidate id", candidate).map_err(|e| e.with_id(&self.group))?;
         check_value(&self.group, &opts.value)?;
         self.client.check_alive()?;
         let holding = campaign(
@@ -207,8 +189,11 @@ async fn follow_task(
     let mut killed = client.killed();
     let mut failing = false;
     loop {
+        let changed = WatchOptions::new()
+            .with_prefix()
+            .with_start_revision(rev + 1);
         tokio::select! {
-            _ = watch_any(&client, &prefix, rev + 1) => {}
+            _ = client.watch_once(prefix.as_str(), changed) => {}
             _ = tx.closed() => return,
             _ = killed.wait_for(|k| *k) => return,
         }
@@ -229,25 +214,6 @@ async fn follow_task(
                 }
                 failing = true;
                 tokio::time::sleep(std::time::Duration::from_millis(500)).await;
-            }
-        }
-    }
-}
-
-/// Returns at the first change under `prefix` from revision `from` (or when the watch fails).
-async fn watch_any(client: &ClientInner, prefix: &str, from: i64) {
-    let opts = WatchOptions::new().with_prefix().with_start_revision(from);
-    let Ok(mut stream) = client.etcd.watch_client().watch(prefix, Some(opts)).await else {
-        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
-        return;
-    };
-    loop {
-        match stream.message().await {
-            Ok(Some(resp)) if !resp.events().is_empty() || resp.canceled() => return,
-            Ok(Some(_)) => {}
-            _ => {
-                tokio::time::sleep(std::time::Duration::from_millis(200)).await;
-                return;
             }
         }
     }
@@ -290,7 +256,7 @@ impl Leadership for EtcdLeadership {
             .and_then([TxnOp::put(
                 h.key.clone(),
                 encode(&self.candidate, value),
-                Some(PutOptions::new().with_lease(h.lease)),
+                Some(PutOptions::new().with_lease(h.session.lease)),
             )]);
         let resp = self
             .client

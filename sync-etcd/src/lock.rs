@@ -15,8 +15,8 @@ use std::{
 
 use async_trait::async_trait;
 use etcd_client::{
-    Compare, CompareOp, EventType, GetOptions, PutOptions, SortOrder, SortTarget, Txn, TxnOp,
-    TxnOpResponse, WatchFilterType, WatchOptions,
+    Compare, CompareOp, GetOptions, PutOptions, SortOrder, SortTarget, Txn, TxnOp, TxnOpResponse,
+    WatchFilterType, WatchOptions,
 };
 use sync_core::{
     Error, ErrorKind, HeldLock, Lock, LockGuard, LockOptions, LossSignal, LossTrigger, Result,
@@ -26,7 +26,7 @@ use tracing::Instrument;
 
 use crate::{
     BACKEND,
-    client::{ClientInner, LocalTurn, Session, etcd_err, locked},
+    client::{ClientInner, LocalTurn, Session, etcd_err, locked, validate_id},
 };
 
 /// The safety-net re-check while waiting on a watch (push is the normal path).
@@ -86,40 +86,52 @@ impl Drop for Cleanup {
     }
 }
 
-fn first_created() -> GetOptions {
+/// The oldest key under a prefix: its owner (lock holder or leader).
+pub(crate) fn first_created() -> GetOptions {
     GetOptions::new()
         .with_prefix()
         .with_sort(SortTarget::Create, SortOrder::Ascend)
         .with_limit(1)
 }
 
-pub(crate) fn timeout_error(what: &str, id: &str, wait: Duration) -> Error {
-    Error::new(
-        ErrorKind::Timeout,
-        format!("{what} not granted within {wait:?}"),
-    )
-    .with_backend(BACKEND)
-    .with_id(id)
-}
-
-/// Contends for `prefix`. `wait`: `None` = try once (Ok(None) when held elsewhere), `Some(None)`
-/// = wait forever, `Some(Some(d))` = wait at most `d` (Timeout after).
+/// Contends for `prefix` until it owns it; `wait` bounds the wait (`None` = forever; past it,
+/// Timeout naming `what`).
 pub(crate) async fn contend(
     client: &Arc<ClientInner>,
     what: &str,
     id: &str,
     prefix: &str,
     value: Vec<u8>,
-    wait: Option<Option<Duration>>,
-) -> Result<Option<Contender>> {
-    let try_only = wait.is_none();
-    let fut = contend_inner(client, id, prefix, value, try_only);
-    match wait.flatten() {
-        Some(limit) => tokio::time::timeout(limit, fut)
-            .await
-            .map_err(|_| timeout_error(what, id, limit))?,
+    wait: Option<Duration>,
+) -> Result<Contender> {
+    let fut = contend_inner(client, id, prefix, value, false);
+    let owned = match wait {
+        Some(limit) => tokio::time::timeout(limit, fut).await.map_err(|_| {
+            Error::new(
+                ErrorKind::Timeout,
+                format!("{what} not granted within {limit:?}"),
+            )
+            .with_backend(BACKEND)
+            .with_id(id)
+        })?,
         None => fut.await,
-    }
+    }?;
+    // Only a try (`try_only`) comes back without owning.
+    owned.ok_or_else(|| {
+        Error::new(ErrorKind::Backend, "no contender")
+            .with_backend(BACKEND)
+            .with_id(id)
+    })
+}
+
+/// Takes `prefix` if no one else owns it right now (None when held elsewhere).
+pub(crate) async fn try_contend(
+    client: &Arc<ClientInner>,
+    id: &str,
+    prefix: &str,
+    value: Vec<u8>,
+) -> Result<Option<Contender>> {
+    contend_inner(client, id, prefix, value, true).await
 }
 
 async fn contend_inner(
@@ -163,20 +175,16 @@ async fn contend_inner(
         cleanup.txn = None;
         match joined {
             Ok(Ok(resp)) => break (session, key, cleanup, resp),
-            // The lease ended before the keepalive noticed: end it and retry once on a new one.
-            Ok(Err(etcd_client::Error::GRpcStatus(status)))
-                if attempt < 2 && status.message().contains("lease not found") =>
-            {
-                session.end("lease not found");
+            // The lease ended before the keepalive noticed: retry once on a new one.
+            Ok(Err(e)) if attempt < 2 && session.end_if_lease_gone(&e) => {
                 turn = cleanup.disarm();
             }
             Ok(Err(e)) => return Err(etcd_err("creating the contender key", e).with_id(id)),
             Err(e) => {
-                return Err(
-                    Error::new(ErrorKind::Backend, format!("contender task failed: {e}"))
-                        .with_backend(BACKEND)
-                        .with_id(id),
-                );
+                return Err(Error::new(ErrorKind::Backend, "the contender task failed")
+                    .with_backend(BACKEND)
+                    .with_id(id)
+                    .with_source(e));
             }
         }
     };
@@ -210,20 +218,7 @@ async fn contend_inner(
             drop(cleanup.disarm());
             return Ok(None);
         }
-        wait_for_lower(client, id, prefix, rev, &session).await?;
-        // Like etcd's Mutex: make sure our own key survived the wait.
-        let own = client
-            .kv()
-            .get(key.clone(), None)
-            .await
-            .map_err(|e| etcd_err("checking the contender key", e).with_id(id))?;
-        if own.kvs().first().map(|kv| kv.create_revision()) != Some(rev) {
-            return Err(
-                Error::new(ErrorKind::LockLost, "the lease ended while waiting")
-                    .with_backend(BACKEND)
-                    .with_id(id),
-            );
-        }
+        wait_for_lower(client, id, prefix, &key, rev, &session).await?;
     }
     let turn = cleanup.disarm();
     Ok(Some(Contender {
@@ -236,26 +231,43 @@ async fn contend_inner(
 }
 
 /// Waits until no contender older than `rev` is left under `prefix` (etcd's `waitDeletes`).
+/// Like etcd's Mutex it makes sure our own `key` survived the wait — read in the same request
+/// as the contenders, so the last look costs no extra round trip.
 async fn wait_for_lower(
     client: &Arc<ClientInner>,
     id: &str,
     prefix: &str,
+    key: &str,
     rev: i64,
     session: &Session,
 ) -> Result<()> {
     let mut kv = client.kv();
     let mut killed = client.killed();
     loop {
-        let opts = GetOptions::new()
+        let next_lower = GetOptions::new()
             .with_prefix()
             .with_max_create_revision(rev - 1)
             .with_sort(SortTarget::Create, SortOrder::Descend)
             .with_limit(1);
+        let txn =
+            Txn::new().and_then([TxnOp::get(prefix, Some(next_lower)), TxnOp::get(key, None)]);
         let resp = kv
-            .get(prefix, Some(opts))
+            .txn(txn)
             .await
             .map_err(|e| etcd_err("reading the contenders", e).with_id(id))?;
-        let Some(lower) = resp.kvs().first() else {
+        let ops = resp.op_responses();
+        let first = |i: usize| match ops.get(i) {
+            Some(TxnOpResponse::Get(g)) => g.kvs().first(),
+            _ => None,
+        };
+        if first(1).map(|kv| kv.create_revision()) != Some(rev) {
+            return Err(
+                Error::new(ErrorKind::LockLost, "the lease ended while waiting")
+                    .with_backend(BACKEND)
+                    .with_id(id),
+            );
+        }
+        let Some(lower) = first(0) else {
             return Ok(());
         };
         let lower = lower.key().to_vec();
@@ -277,40 +289,14 @@ async fn wait_for_lower(
     }
 }
 
-/// Returns once `key` is deleted at or after revision `from` — or when the watch fails or is
-/// cancelled, so the caller re-checks (after a short pause, so a failing server is not spun on).
-pub(crate) async fn wait_deleted(client: &ClientInner, key: Vec<u8>, from: i64) -> bool {
+/// True once `key` is deleted at or after revision `from`; false when the watch failed or was
+/// cancelled, so the caller re-checks (see [`ClientInner::watch_once`]).
+async fn wait_deleted(client: &ClientInner, key: Vec<u8>, from: i64) -> bool {
+    // NoPut: every event the server sends is a delete.
     let opts = WatchOptions::new()
         .with_start_revision(from)
         .with_filters([WatchFilterType::NoPut]);
-    let mut stream = match client.etcd.watch_client().watch(key, Some(opts)).await {
-        Ok(s) => s,
-        Err(e) => {
-            tracing::debug!(backend = BACKEND, error = %e, "watch failed; re-checking");
-            tokio::time::sleep(Duration::from_millis(200)).await;
-            return false;
-        }
-    };
-    loop {
-        match stream.message().await {
-            Ok(Some(resp)) => {
-                if resp
-                    .events()
-                    .iter()
-                    .any(|e| e.event_type() == EventType::Delete)
-                {
-                    return true;
-                }
-                if resp.canceled() {
-                    return false;
-                }
-            }
-            Ok(None) | Err(_) => {
-                tokio::time::sleep(Duration::from_millis(200)).await;
-                return false;
-            }
-        }
-    }
+    client.watch_once(key, opts).await
 }
 
 /// An owned contender key being monitored: its loss signal fires when the lease ends (TTL 0,
@@ -320,10 +306,9 @@ pub(crate) struct Holding {
     pub(crate) client: Arc<ClientInner>,
     pub(crate) key: String,
     pub(crate) rev: i64,
-    pub(crate) lease: i64,
+    /// The session (lease) the key was written with.
+    pub(crate) session: Arc<Session>,
     pub(crate) lost: LossSignal,
-    /// The end of the lease the key was written with.
-    lease_ended: LossSignal,
     _trigger: Arc<LossTrigger>,
     monitor: AbortHandle,
     turn: Option<LocalTurn>,
@@ -346,9 +331,8 @@ impl Holding {
             client: c.client,
             key: c.key,
             rev: c.rev,
-            lease: c.session.lease,
+            session: c.session,
             lost,
-            lease_ended: c.session.ended.clone(),
             _trigger: trigger,
             monitor,
             turn: Some(c.turn),
@@ -438,7 +422,7 @@ impl Drop for Holding {
                 &self.client,
                 std::mem::take(&mut self.key),
                 self.turn.take(),
-                self.lease_ended.clone(),
+                self.session.ended.clone(),
             );
         }
     }
@@ -502,7 +486,7 @@ impl EtcdLock {
     }
 
     fn prefix(&self, id: &str) -> Result<String> {
-        sync_core::id::validate("lock id", id).map_err(|e| e.with_backend(BACKEND))?;
+        validate_id("lock id", id)?;
         self.client.check_alive()?;
         Ok(self.client.contender_prefix(id))
     }
@@ -553,23 +537,14 @@ impl Lock for EtcdLock {
     #[tracing::instrument(level = "debug", skip(self, opts), fields(backend = BACKEND, primitive = "lock"))]
     async fn acquire(&self, id: &str, opts: LockOptions) -> Result<LockGuard> {
         let prefix = self.prefix(id)?;
-        let c = contend(
-            &self.client,
-            "lock",
-            id,
-            &prefix,
-            Vec::new(),
-            Some(opts.wait),
-        )
-        .await?
-        .ok_or_else(|| Error::new(ErrorKind::Backend, "no contender").with_backend(BACKEND))?;
+        let c = contend(&self.client, "lock", id, &prefix, Vec::new(), opts.wait).await?;
         Ok(self.guard(id, prefix, c))
     }
 
     #[tracing::instrument(level = "debug", skip(self), fields(backend = BACKEND, primitive = "lock"))]
     async fn try_acquire(&self, id: &str) -> Result<Option<LockGuard>> {
         let prefix = self.prefix(id)?;
-        Ok(contend(&self.client, "lock", id, &prefix, Vec::new(), None)
+        Ok(try_contend(&self.client, id, &prefix, Vec::new())
             .await?
             .map(|c| self.guard(id, prefix, c)))
     }

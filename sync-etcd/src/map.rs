@@ -11,7 +11,7 @@ use sync_core::{Entry, Error, ErrorKind, Map, Result, Version};
 
 use crate::{
     BACKEND,
-    client::{ClientInner, etcd_err},
+    client::{ClientInner, etcd_err, validate_id},
 };
 
 /// The most entries `entries()` asks etcd for per request.
@@ -45,7 +45,7 @@ impl EtcdMap {
     }
 
     fn key(&self, key: &str) -> Result<String> {
-        sync_core::id::validate("map key", key).map_err(|e| e.with_backend(BACKEND))?;
+        validate_id("map key", key)?;
         self.client.check_alive()?;
         Ok(format!("{}{}", self.prefix, sync_core::id::escape(key)))
     }
@@ -64,17 +64,25 @@ impl EtcdMap {
             .with_id(key)
     }
 
-    /// Every entry, sorted by key: one range request per page of at most `page_limit` entries
+    /// `expected` as an etcd mod revision. No key is ever at version 0 (or past `i64::MAX`),
+    /// so such an expectation is a Conflict without asking etcd.
+    fn mod_revision(key: &str, expected: Version) -> Result<i64> {
+        match i64::try_from(expected) {
+            Ok(v) if v > 0 => Ok(v),
+            _ => Err(Self::conflict(key, Some(expected))),
+        }
+    }
+
+    /// Every entry, sorted by key: one range request per page of at most [`PAGE_LIMIT`] entries
     /// (fewer for large values), continuing after the last key seen. Every page after the first
     /// is read at the first page's revision, so the result is one consistent snapshot of the
     /// map at that revision, like a single range request. If etcd compacts that revision
     /// before the last page is read, the listing starts over (a few times, then fails).
-    pub(crate) async fn list(&self, page_limit: i64) -> Result<Vec<Entry>> {
+    async fn list(&self) -> Result<Vec<Entry>> {
         self.client.check_alive()?;
-        let page_limit = page_limit.max(1);
         let mut restarts = 0;
         loop {
-            match self.list_once(page_limit).await {
+            match self.list_once().await {
                 Err(e) if is_compacted(&e) && restarts < LIST_RESTARTS => {
                     restarts += 1;
                     tracing::debug!(backend = BACKEND, map = %self.name, "snapshot revision compacted while listing; starting over");
@@ -89,10 +97,7 @@ impl EtcdMap {
         }
     }
 
-    async fn list_once(
-        &self,
-        page_limit: i64,
-    ) -> std::result::Result<Vec<Entry>, etcd_client::Error> {
+    async fn list_once(&self) -> std::result::Result<Vec<Entry>, etcd_client::Error> {
         let mut range_end = self.prefix.as_bytes().to_vec();
         // The prefix ends with '/', so the end of its range is the prefix with '0' last.
         if let Some(last) = range_end.last_mut() {
@@ -100,7 +105,7 @@ impl EtcdMap {
         }
         let mut from = self.prefix.as_bytes().to_vec();
         let mut revision = 0;
-        let mut limit = page_limit;
+        let mut limit = PAGE_LIMIT;
         let mut out = Vec::new();
         loop {
             let mut opts = GetOptions::new()
@@ -145,7 +150,7 @@ impl EtcdMap {
             from = last.key().to_vec();
             from.push(0);
             let average = (bytes / kvs.len()).max(1);
-            limit = ((PAGE_BYTES / average) as i64).clamp(1, page_limit);
+            limit = ((PAGE_BYTES / average) as i64).clamp(1, PAGE_LIMIT);
         }
         Ok(out)
     }
@@ -183,7 +188,7 @@ impl Map for EtcdMap {
         let resp = self
             .client
             .kv()
-            .put(k, value.to_vec(), None)
+            .put(k, value, None)
             .await
             .map_err(|e| etcd_err("writing", e).with_id(key))?;
         Ok(Self::revision(resp.header()))
@@ -213,11 +218,7 @@ impl Map for EtcdMap {
         let cmp = match expected {
             None => Compare::create_revision(k.clone(), CompareOp::Equal, 0),
             Some(v) => {
-                let v = i64::try_from(v).map_err(|_| Self::conflict(key, expected))?;
-                if v == 0 {
-                    return Err(Self::conflict(key, expected));
-                }
-                Compare::mod_revision(k.clone(), CompareOp::Equal, v)
+                Compare::mod_revision(k.clone(), CompareOp::Equal, Self::mod_revision(key, v)?)
             }
         };
         let txn = Txn::new()
@@ -238,7 +239,7 @@ impl Map for EtcdMap {
     #[tracing::instrument(level = "debug", skip(self), fields(backend = BACKEND, primitive = "map", map = %self.name))]
     async fn compare_and_delete(&self, key: &str, expected: Version) -> Result<()> {
         let k = self.key(key)?;
-        let v = i64::try_from(expected).map_err(|_| Self::conflict(key, Some(expected)))?;
+        let v = Self::mod_revision(key, expected)?;
         let txn = Txn::new()
             .when([Compare::mod_revision(k.clone(), CompareOp::Equal, v)])
             .and_then([TxnOp::delete(k, None::<DeleteOptions>)]);
@@ -248,7 +249,7 @@ impl Map for EtcdMap {
             .txn(txn)
             .await
             .map_err(|e| etcd_err("compare-and-delete", e).with_id(key))?;
-        if !resp.succeeded() || v == 0 {
+        if !resp.succeeded() {
             return Err(Self::conflict(key, Some(expected)));
         }
         Ok(())
@@ -257,7 +258,7 @@ impl Map for EtcdMap {
     /// A sorted snapshot of the whole map, read in pages (see [`EtcdMap::list`]).
     #[tracing::instrument(level = "debug", skip(self), fields(backend = BACKEND, primitive = "map", map = %self.name))]
     async fn entries(&self) -> Result<Vec<Entry>> {
-        self.list(PAGE_LIMIT).await
+        self.list().await
     }
 }
 

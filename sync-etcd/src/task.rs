@@ -29,6 +29,7 @@
 //! attempts). `wait` watches the record.
 
 use std::{
+    collections::HashSet,
     panic::AssertUnwindSafe,
     sync::Arc,
     time::{Duration, SystemTime, UNIX_EPOCH},
@@ -54,7 +55,7 @@ use tracing::Instrument;
 
 use crate::{
     BACKEND,
-    client::{ClientInner, Session, etcd_err},
+    client::{ClientInner, Session, etcd_err, validate_id},
 };
 
 /// The safety-net rescan of orphaned claims and the longest a worker sleeps without a watch
@@ -81,6 +82,19 @@ const SCAN_LIMIT: i64 = 64;
 struct Record {
     job: Job,
     status: JobStatus,
+}
+
+/// The value of the first key read by the get at `ops[i]`, moved out (no copy of a payload or
+/// output).
+fn take_first_value(ops: &mut [TxnOpResponse], i: usize) -> Option<Vec<u8>> {
+    match ops.get_mut(i) {
+        Some(TxnOpResponse::Get(g)) => g
+            .take_kvs()
+            .into_iter()
+            .next()
+            .map(|kv| kv.into_key_value().1),
+        _ => None,
+    }
 }
 
 fn now_ms() -> u64 {
@@ -122,6 +136,10 @@ impl Keys {
     fn output(&self, id: &str) -> String {
         format!("{}outputs/{}", self.root, sync_core::id::escape(id))
     }
+    /// The guard of every change to a job: its record is still at mod revision `rev`.
+    fn record_at(&self, id: &str, rev: i64) -> Compare {
+        Compare::mod_revision(self.record(id), CompareOp::Equal, rev)
+    }
 }
 
 struct Shared {
@@ -147,23 +165,18 @@ impl Shared {
         })
     }
 
-    /// The record of `id`, its mod revision and the revision read at, if any (the status's
-    /// output is not filled in: see [`Shared::read_status`]).
-    async fn read(&self, id: &str) -> Result<Option<(Record, i64, i64)>> {
+    /// The record of `id` and its mod revision, if any (the status's output is not filled in:
+    /// see [`Shared::read_status`]).
+    async fn read(&self, id: &str) -> Result<Option<(Record, i64)>> {
         let resp = self
             .client
             .kv()
             .get(self.keys.record(id), None)
             .await
             .map_err(|e| etcd_err("reading the job", e).with_id(id))?;
-        let header_rev = resp.header().map(|h| h.revision()).unwrap_or_default();
         match resp.kvs().first() {
             None => Ok(None),
-            Some(kv) => Ok(Some((
-                Self::decode(id, kv.value())?,
-                kv.mod_revision(),
-                header_rev,
-            ))),
+            Some(kv) => Ok(Some((Self::decode(id, kv.value())?, kv.mod_revision()))),
         }
     }
 
@@ -181,17 +194,12 @@ impl Shared {
             .await
             .map_err(|e| etcd_err("reading the job", e).with_id(id))?;
         let header_rev = resp.header().map(|h| h.revision()).unwrap_or_default();
-        let first = |i: usize| match resp.op_responses().get(i) {
-            Some(TxnOpResponse::Get(g)) => g.kvs().first().map(|kv| kv.value().to_vec()),
-            _ => None,
-        };
-        let Some(value) = first(0) else {
+        let mut ops = resp.op_responses();
+        let Some(value) = take_first_value(&mut ops, 0) else {
             return Ok(None);
         };
         let mut status = Self::decode(id, &value)?.status;
-        if let Some(output) = first(1) {
-            status.output = Some(output);
-        }
+        status.output = take_first_value(&mut ops, 1);
         Ok(Some((status, header_rev)))
     }
 
@@ -199,6 +207,12 @@ impl Shared {
         Error::new(ErrorKind::NotFound, "no such job in this namespace")
             .with_backend(BACKEND)
             .with_id(id)
+    }
+
+    /// `Closed` once killed; NotFound for an id no job can have.
+    fn check_job_id(&self, id: &JobId) -> Result<()> {
+        self.client.check_alive()?;
+        sync_core::id::validate("job id", &id.0).map_err(|e| Self::not_found(&id.0).with_source(e))
     }
 }
 
@@ -249,10 +263,7 @@ impl Task for EtcdTask {
 
     #[tracing::instrument(level = "debug", skip(self), fields(backend = BACKEND, primitive = "task"))]
     async fn status(&self, id: &JobId) -> Result<JobStatus> {
-        self.shared.client.check_alive()?;
-        if sync_core::id::validate("job id", &id.0).is_err() {
-            return Err(Shared::not_found(&id.0));
-        }
+        self.shared.check_job_id(id)?;
         match self.shared.read_status(&id.0).await? {
             Some((status, _)) => Ok(status),
             None => Err(Shared::not_found(&id.0)),
@@ -261,12 +272,11 @@ impl Task for EtcdTask {
 
     #[tracing::instrument(level = "debug", skip(self), fields(backend = BACKEND, primitive = "task"))]
     async fn wait(&self, id: &JobId, timeout: Option<Duration>) -> Result<JobStatus> {
-        self.shared.client.check_alive()?;
-        if sync_core::id::validate("job id", &id.0).is_err() {
-            return Err(Shared::not_found(&id.0));
-        }
+        self.shared.check_job_id(id)?;
         let shared = self.shared.clone();
         let fut = async move {
+            let key = shared.keys.record(&id.0);
+            let mut killed = shared.client.killed();
             loop {
                 let Some((status, rev)) = shared.read_status(&id.0).await? else {
                     return Err(Shared::not_found(&id.0));
@@ -274,10 +284,9 @@ impl Task for EtcdTask {
                 if status.state.is_final() {
                     return Ok(status);
                 }
-                let key = shared.keys.record(&id.0);
-                let mut killed = shared.client.killed();
+                let changed = WatchOptions::new().with_start_revision(rev + 1);
                 tokio::select! {
-                    _ = watch_change(&shared.client, key, rev + 1, false, false) => {}
+                    _ = shared.client.watch_once(key.as_str(), changed) => {}
                     _ = tokio::time::sleep(SAFETY_NET) => {}
                     _ = killed.wait_for(|k| *k) => shared.client.check_alive()?,
                 }
@@ -303,7 +312,7 @@ impl Task for EtcdTask {
         handler: Arc<dyn Handler>,
         opts: WorkerOptions,
     ) -> Result<Worker> {
-        sync_core::id::validate("job name", name).map_err(|e| e.with_backend(BACKEND))?;
+        validate_id("job name", name)?;
         opts.validate().map_err(|e| e.with_backend(BACKEND))?;
         if opts.concurrency > MAX_CONCURRENCY {
             return Err(Error::invalid(format!(
@@ -336,38 +345,6 @@ impl Task for EtcdTask {
             concurrency: opts.concurrency,
             tasks: Some(tasks),
         })))
-    }
-}
-
-/// Returns at the first change of `key` (or under it, with `prefix`) from `from`, or when the
-/// watch fails (after a pause).
-async fn watch_change(
-    client: &ClientInner,
-    key: String,
-    from: i64,
-    prefix: bool,
-    deletes_only: bool,
-) {
-    let mut opts = WatchOptions::new().with_start_revision(from);
-    if prefix {
-        opts = opts.with_prefix();
-    }
-    if deletes_only {
-        opts = opts.with_filters([WatchFilterType::NoPut]);
-    }
-    let Ok(mut stream) = client.etcd.watch_client().watch(key, Some(opts)).await else {
-        tokio::time::sleep(Duration::from_millis(200)).await;
-        return;
-    };
-    loop {
-        match stream.message().await {
-            Ok(Some(resp)) if !resp.events().is_empty() || resp.canceled() => return,
-            Ok(Some(_)) => {}
-            _ => {
-                tokio::time::sleep(Duration::from_millis(200)).await;
-                return;
-            }
-        }
     }
 }
 
@@ -428,8 +405,11 @@ async fn claim_loop(
                 break;
             }
             let wake = wake.unwrap_or_else(|| Instant::now() + SAFETY_NET);
+            let changed = WatchOptions::new()
+                .with_prefix()
+                .with_start_revision(rev + 1);
             tokio::select! {
-                _ = watch_change(&shared.client, queue_prefix.clone(), rev + 1, true, false), if rev > 0 => {}
+                _ = shared.client.watch_once(queue_prefix.as_str(), changed), if rev > 0 => {}
                 _ = tokio::time::sleep_until(wake) => {}
                 _ = stopped(&mut stop, &mut killed) => return,
             }
@@ -508,7 +488,7 @@ async fn try_claim(
     let Some(id) = sync_core::id::unescape(escaped) else {
         return Ok(None);
     };
-    let Some((mut record, mod_rev, _)) = shared.read(&id).await? else {
+    let Some((mut record, mod_rev)) = shared.read(&id).await? else {
         // An entry without a record: drop it.
         let _ = client.kv().delete(kv.key().to_vec(), None).await;
         return Ok(None);
@@ -517,11 +497,7 @@ async fn try_claim(
         if record.status.state.is_final() {
             // A stale entry (the job already ended): drop it, guarded by the record.
             let stale = Txn::new()
-                .when([Compare::mod_revision(
-                    shared.keys.record(&id),
-                    CompareOp::Equal,
-                    mod_rev,
-                )])
+                .when([shared.keys.record_at(&id, mod_rev)])
                 .and_then([TxnOp::delete(kv.key().to_vec(), None::<DeleteOptions>)]);
             let _ = client.kv().txn(stale).await;
         }
@@ -532,7 +508,7 @@ async fn try_claim(
     let keys = &shared.keys;
     let txn = Txn::new()
         .when([
-            Compare::mod_revision(keys.record(&id), CompareOp::Equal, mod_rev),
+            keys.record_at(&id, mod_rev),
             Compare::create_revision(keys.claim(&id), CompareOp::Equal, 0),
         ])
         .and_then([
@@ -546,21 +522,18 @@ async fn try_claim(
             TxnOp::put(keys.inflight_of(&id), "", None),
             TxnOp::get(keys.payload(&id), None),
         ]);
-    let done = client
-        .kv()
-        .txn(txn)
-        .await
-        .map_err(|e| etcd_err("claiming the job", e).with_id(&id))?;
+    let done = client.kv().txn(txn).await.map_err(|e| {
+        // A lease gone before the keepalive noticed: the next claim uses a new one.
+        session.end_if_lease_gone(&e);
+        etcd_err("claiming the job", e).with_id(&id)
+    })?;
     if !done.succeeded() {
         return Ok(None);
     }
     let rev = done.header().map(|h| h.revision()).unwrap_or_default();
-    let payload = match done.op_responses().get(4) {
-        Some(TxnOpResponse::Get(g)) => g.kvs().first().map(|kv| kv.value().to_vec()),
-        _ => None,
-    }
-    // A record written with its payload inline (older versions of this crate).
-    .unwrap_or_else(|| record.job.payload.clone());
+    // Submit keeps the payload beside the record (`record.job.payload` is empty), until the
+    // job ends.
+    let payload = take_first_value(&mut done.op_responses(), 4).unwrap_or_default();
     tracing::debug!(backend = BACKEND, job = %id, attempt = record.status.attempts, "job claimed");
     Ok(Some(Claim {
         id,
@@ -583,7 +556,7 @@ async fn run_attempt(shared: &Shared, handler: Arc<dyn Handler>, claim: Claim) {
     let attempt = record.status.attempts;
     let mut ctx = JobContext::new(JobId(id.clone()), &record.job, attempt);
     ctx.payload = payload;
-    let outcome = match AssertUnwindSafe(handler.call(ctx)).catch_unwind().await {
+    let mut outcome = match AssertUnwindSafe(handler.call(ctx)).catch_unwind().await {
         Ok(Ok(output)) if output.len() > MAX_PAYLOAD_LEN => Err(format!(
             "the handler's output is {} bytes; the maximum is {MAX_PAYLOAD_LEN}",
             output.len()
@@ -598,7 +571,6 @@ async fn run_attempt(shared: &Shared, handler: Arc<dyn Handler>, claim: Claim) {
                 .unwrap_or("(non-string payload)")
         )),
     };
-    let mut outcome = outcome;
     let mut downgraded = false;
     let mut transient_failures = 0u32;
     loop {
@@ -702,13 +674,7 @@ fn finish_txn(
         // The job ended: nothing reads its payload any more.
         None => ops.push(TxnOp::delete(keys.payload(id), None::<DeleteOptions>)),
     }
-    Ok(Txn::new()
-        .when([Compare::mod_revision(
-            keys.record(id),
-            CompareOp::Equal,
-            rev,
-        )])
-        .and_then(ops))
+    Ok(Txn::new().when([keys.record_at(id, rev)]).and_then(ops))
 }
 
 /// Deletes the claim of `id` so the reapers redeliver the job — only while the record is still
@@ -717,11 +683,7 @@ fn finish_txn(
 async fn release_claim(shared: &Shared, id: &str, rev: i64) {
     let keys = &shared.keys;
     let txn = Txn::new()
-        .when([Compare::mod_revision(
-            keys.record(id),
-            CompareOp::Equal,
-            rev,
-        )])
+        .when([keys.record_at(id, rev)])
         .and_then([TxnOp::delete(keys.claim(id), None::<DeleteOptions>)]);
     if let Err(e) = shared.client.kv().txn(txn).await {
         tracing::warn!(backend = BACKEND, job = %id, error = %e, "releasing the claim failed; it ends with the lease");
@@ -741,7 +703,11 @@ async fn reaper(shared: Arc<Shared>, mut stop: watch::Receiver<bool>) {
             }
         };
         let deleted = async {
-            watch_change(&shared.client, shared.keys.claims(), rev + 1, true, true).await;
+            let opts = WatchOptions::new()
+                .with_prefix()
+                .with_start_revision(rev + 1)
+                .with_filters([WatchFilterType::NoPut]);
+            shared.client.watch_once(shared.keys.claims(), opts).await;
             tokio::time::sleep(REAP_DEBOUNCE).await;
         };
         tokio::select! {
@@ -785,8 +751,8 @@ async fn reap_orphans(shared: &Shared) -> Result<i64> {
         }
     };
     let inflight = ids(ops.first(), &keys.inflight());
-    let claims = ids(ops.get(1), &keys.claims());
-    for escaped in inflight.iter().filter(|i| !claims.contains(i)) {
+    let claims: HashSet<String> = ids(ops.get(1), &keys.claims()).into_iter().collect();
+    for escaped in inflight.iter().filter(|i| !claims.contains(*i)) {
         if let Some(id) = sync_core::id::unescape(escaped) {
             if let Err(e) = requeue_orphan(shared, &id).await {
                 tracing::warn!(backend = BACKEND, job = %id, error = %e, "requeueing an orphaned job failed");
@@ -799,7 +765,7 @@ async fn reap_orphans(shared: &Shared) -> Result<i64> {
 async fn requeue_orphan(shared: &Shared, id: &str) -> Result<()> {
     let keys = &shared.keys;
     let kv = || shared.client.kv();
-    let Some((mut record, mod_rev, _)) = shared.read(id).await? else {
+    let Some((mut record, mod_rev)) = shared.read(id).await? else {
         let _ = kv().delete(keys.inflight_of(id), None).await;
         return Ok(());
     };
@@ -828,7 +794,7 @@ async fn requeue_orphan(shared: &Shared, id: &str) -> Result<()> {
     }
     let txn = Txn::new()
         .when([
-            Compare::mod_revision(keys.record(id), CompareOp::Equal, mod_rev),
+            keys.record_at(id, mod_rev),
             Compare::create_revision(keys.claim(id), CompareOp::Equal, 0),
         ])
         .and_then(ops);

@@ -4,7 +4,7 @@
 
 mod common;
 
-use std::{process::Stdio, time::Duration};
+use std::{fmt::Debug, future::Future, process::Stdio, time::Duration};
 
 use common::{TestFn, TestResult};
 use sync_core::{ElectOptions, ErrorKind, LockOptions};
@@ -13,18 +13,13 @@ use tokio::{
     process::{Child, ChildStdout, Command},
 };
 
+/// A client on the empty namespace: etcd's own key layout.
 async fn client(endpoint: &str) -> Result<sync_etcd::Client, String> {
-    let config = sync_etcd::Config::default()
-        .with_endpoints([endpoint])
-        .with_namespace("")
-        .with_ttl(sync_etcd::MIN_TTL);
-    sync_etcd::Client::connect(config)
-        .await
-        .map_err(|e| e.to_string())
+    common::connect(endpoint, "").await
 }
 
 fn unique(what: &str) -> String {
-    format!("sync-interop-{what}-{}", uuid::Uuid::new_v4().simple())
+    common::unique("interop", what)
 }
 
 struct Etcdctl {
@@ -34,14 +29,7 @@ struct Etcdctl {
 
 impl Etcdctl {
     fn spawn(endpoint: &str, args: &[&str]) -> Result<Etcdctl, String> {
-        let mut command = Command::new("etcdctl");
-        // The user's ETCDCTL_* settings are for their own etcd, not this one.
-        for (k, _) in std::env::vars().filter(|(k, _)| k.starts_with("ETCDCTL_")) {
-            command.env_remove(k);
-        }
-        let mut child = command
-            .env("ETCDCTL_API", "3")
-            .arg(format!("--endpoints={endpoint}"))
+        let mut child = common::etcdctl(endpoint)
             .args(args)
             .stdout(Stdio::piped())
             .stderr(Stdio::null())
@@ -83,6 +71,65 @@ impl Etcdctl {
     }
 }
 
+/// etcdctl lock and elect print the key they own: `<name>/<lease-hex>`.
+fn check_key(printed: &str, name: &str) -> TestResult {
+    if !printed.starts_with(&format!("{name}/")) {
+        return Err(format!("etcdctl printed {printed:?}"));
+    }
+    Ok(())
+}
+
+/// While `ctl` holds `what`, a bounded `attempt` (given its wait) times out, and a longer one
+/// is still waiting after 300 ms (a window in which it must not finish); once `ctl` lets go,
+/// that one gets it.
+async fn library_waits_for_etcdctl<T: Debug, Fut>(
+    ctl: Etcdctl,
+    what: &str,
+    attempt: impl Fn(Duration) -> Fut,
+) -> Result<T, String>
+where
+    Fut: Future<Output = sync_core::Result<T>>,
+{
+    match attempt(Duration::from_millis(500)).await {
+        Err(e) if e.kind() == ErrorKind::Timeout => {}
+        other => return Err(format!("{what} while etcdctl holds it: {other:?}")),
+    }
+    let mut waiter = Box::pin(attempt(Duration::from_secs(10)));
+    if tokio::time::timeout(Duration::from_millis(300), &mut waiter)
+        .await
+        .is_ok()
+    {
+        return Err(format!("a waiting {what} finished while etcdctl held it"));
+    }
+    ctl.terminate().await?;
+    waiter
+        .await
+        .map_err(|e| format!("{what} after etcdctl let go: {e}"))
+}
+
+/// `etcdctl <args>` does not get `name` while the library holds it (1.5 s in which it must
+/// print nothing), and gets it within 5 s of `let_go`.
+async fn etcdctl_waits_for_library(
+    endpoint: &str,
+    name: &str,
+    args: &[&str],
+    let_go: impl Future<Output = TestResult>,
+) -> TestResult {
+    let mut ctl = Etcdctl::spawn(endpoint, args)?;
+    if let Some(line) = ctl.line(Duration::from_millis(1500)).await? {
+        return Err(format!(
+            "etcdctl {args:?} got what the library holds: {line}"
+        ));
+    }
+    let_go.await?;
+    let key = ctl
+        .line(Duration::from_secs(5))
+        .await?
+        .ok_or_else(|| format!("etcdctl {args:?} did not get it after the library let go"))?;
+    check_key(&key, name)?;
+    ctl.terminate().await
+}
+
 /// `etcdctl lock NAME` holds: the library cannot take NAME until etcdctl lets go.
 async fn etcdctl_lock_excludes_library(endpoint: String) -> TestResult {
     let name = unique("lock");
@@ -91,9 +138,7 @@ async fn etcdctl_lock_excludes_library(endpoint: String) -> TestResult {
         .line(Duration::from_secs(10))
         .await?
         .ok_or("etcdctl lock did not acquire")?;
-    if !key.starts_with(&format!("{name}/")) {
-        return Err(format!("etcdctl printed {key:?}"));
-    }
+    check_key(&key, &name)?;
     let lock = client(&endpoint).await?.lock();
     if lock
         .try_acquire(&name)
@@ -103,28 +148,10 @@ async fn etcdctl_lock_excludes_library(endpoint: String) -> TestResult {
     {
         return Err("try_acquire got a lock etcdctl holds".into());
     }
-    let waited = lock
-        .acquire(
-            &name,
-            LockOptions::new().with_wait(Duration::from_millis(500)),
-        )
-        .await;
-    match waited {
-        Err(e) if e.kind() == ErrorKind::Timeout => {}
-        other => return Err(format!("acquire while etcdctl holds: {other:?}")),
-    }
-    let mut waiter =
-        Box::pin(lock.acquire(&name, LockOptions::new().with_wait(Duration::from_secs(10))));
-    if tokio::time::timeout(Duration::from_millis(300), &mut waiter)
-        .await
-        .is_ok()
-    {
-        return Err("a waiting acquire finished while etcdctl held the lock".into());
-    }
-    ctl.terminate().await?;
-    let guard = waiter
-        .await
-        .map_err(|e| format!("acquire after etcdctl released: {e}"))?;
+    let guard = library_waits_for_etcdctl(ctl, "acquire", |wait| {
+        lock.acquire(&name, LockOptions::new().with_wait(wait))
+    })
+    .await?;
     guard.release().await.map_err(|e| e.to_string())
 }
 
@@ -136,19 +163,10 @@ async fn library_lock_excludes_etcdctl(endpoint: String) -> TestResult {
         .acquire(&name, LockOptions::new())
         .await
         .map_err(|e| e.to_string())?;
-    let mut ctl = Etcdctl::spawn(&endpoint, &["lock", &name])?;
-    if let Some(line) = ctl.line(Duration::from_millis(1500)).await? {
-        return Err(format!("etcdctl acquired a lock the library holds: {line}"));
-    }
-    guard.release().await.map_err(|e| e.to_string())?;
-    let key = ctl
-        .line(Duration::from_secs(5))
-        .await?
-        .ok_or("etcdctl did not acquire after the library released")?;
-    if !key.starts_with(&format!("{name}/")) {
-        return Err(format!("etcdctl printed {key:?}"));
-    }
-    ctl.terminate().await
+    etcdctl_waits_for_library(&endpoint, &name, &["lock", &name], async {
+        guard.release().await.map_err(|e| e.to_string())
+    })
+    .await
 }
 
 /// `etcdctl elect NAME PROPOSAL` leads: the library sees it as leader and is not elected
@@ -166,30 +184,10 @@ async fn etcdctl_elect_excludes_library(endpoint: String) -> TestResult {
         Some(info) if info.value == b"from-etcdctl" && info.candidate == "from-etcdctl" => {}
         other => return Err(format!("leader() while etcdctl leads: {other:?}")),
     }
-    match leader
-        .elect(
-            "lib",
-            ElectOptions::new().with_wait(Duration::from_millis(500)),
-        )
-        .await
-    {
-        Err(e) if e.kind() == ErrorKind::Timeout => {}
-        other => return Err(format!("elect while etcdctl leads: {other:?}")),
-    }
-    let mut campaign = Box::pin(leader.elect(
-        "lib",
-        ElectOptions::new().with_wait(Duration::from_secs(10)),
-    ));
-    if tokio::time::timeout(Duration::from_millis(300), &mut campaign)
-        .await
-        .is_ok()
-    {
-        return Err("the library was elected while etcdctl led".into());
-    }
-    ctl.terminate().await?;
-    let elected = campaign
-        .await
-        .map_err(|e| format!("elect after etcdctl resigned: {e}"))?;
+    let elected = library_waits_for_etcdctl(ctl, "elect", |wait| {
+        leader.elect("lib", ElectOptions::new().with_wait(wait))
+    })
+    .await?;
     let term = current.map(|i| i.term).unwrap_or_default();
     if elected.term() <= term {
         return Err(format!("term went from {term} to {}", elected.term()));
@@ -207,21 +205,10 @@ async fn library_elect_excludes_etcdctl(endpoint: String) -> TestResult {
         .elect("lib", ElectOptions::new().with_value(b"lib-value".to_vec()))
         .await
         .map_err(|e| e.to_string())?;
-    let mut ctl = Etcdctl::spawn(&endpoint, &["elect", &name, "from-etcdctl"])?;
-    if let Some(line) = ctl.line(Duration::from_millis(1500)).await? {
-        return Err(format!(
-            "etcdctl was elected while the library leads: {line}"
-        ));
-    }
-    elected.resign().await.map_err(|e| e.to_string())?;
-    let key = ctl
-        .line(Duration::from_secs(5))
-        .await?
-        .ok_or("etcdctl was not elected after the library resigned")?;
-    if !key.starts_with(&format!("{name}/")) {
-        return Err(format!("etcdctl printed {key:?}"));
-    }
-    ctl.terminate().await
+    etcdctl_waits_for_library(&endpoint, &name, &["elect", &name, "from-etcdctl"], async {
+        elected.resign().await.map_err(|e| e.to_string())
+    })
+    .await
 }
 
 fn main() -> std::process::ExitCode {

@@ -13,7 +13,7 @@ use std::{
     time::Duration,
 };
 
-use tokio::time::Instant;
+use tokio::{sync::watch, time::Instant};
 
 use common::{TestFn, TestResult};
 use sync_core::{
@@ -21,26 +21,12 @@ use sync_core::{
     MAX_VALUE_LEN, WorkerOptions,
 };
 
-fn config(endpoint: &str, namespace: &str) -> sync_etcd::Config {
-    sync_etcd::Config::default()
-        .with_endpoints([endpoint])
-        .with_namespace(namespace)
-        .with_ttl(sync_etcd::MIN_TTL)
-}
-
 fn unique(what: &str) -> String {
-    format!("sync-live-{what}-{}", uuid::Uuid::new_v4().simple())
+    common::unique("live", what)
 }
 
 async fn etcdctl(endpoint: &str, args: &[&str]) -> Result<String, String> {
-    let mut command = tokio::process::Command::new("etcdctl");
-    // The user's ETCDCTL_* settings are for their own etcd, not this one.
-    for (k, _) in std::env::vars().filter(|(k, _)| k.starts_with("ETCDCTL_")) {
-        command.env_remove(k);
-    }
-    let out = command
-        .env("ETCDCTL_API", "3")
-        .arg(format!("--endpoints={endpoint}"))
+    let out = common::etcdctl(endpoint)
         .args(args)
         .output()
         .await
@@ -58,9 +44,7 @@ async fn etcdctl(endpoint: &str, args: &[&str]) -> Result<String, String> {
 /// create revision.
 async fn key_layout(endpoint: String) -> TestResult {
     let ns = unique("layout");
-    let client = sync_etcd::Client::connect(config(&endpoint, &ns))
-        .await
-        .map_err(|e| e.to_string())?;
+    let client = common::connect(&endpoint, &ns).await?;
     let guard = client
         .lock()
         .acquire("a/b", LockOptions::new())
@@ -102,9 +86,7 @@ async fn key_layout(endpoint: String) -> TestResult {
 /// Another client deleting the holder's key fires `lost()` promptly; release is then LockLost.
 async fn lost_when_key_deleted(endpoint: String) -> TestResult {
     let ns = unique("deleted");
-    let client = sync_etcd::Client::connect(config(&endpoint, &ns))
-        .await
-        .map_err(|e| e.to_string())?;
+    let client = common::connect(&endpoint, &ns).await?;
     let guard = client
         .lock()
         .acquire("victim", LockOptions::new())
@@ -139,7 +121,7 @@ async fn lost_when_key_deleted(endpoint: String) -> TestResult {
 
 /// With several endpoints, one of them dead, the client still works.
 async fn several_endpoints(endpoint: String) -> TestResult {
-    let authority = endpoint.trim_start_matches("http://").trim_end_matches('/');
+    let authority = common::authority(endpoint.as_str());
     let url = format!(
         "etcd://127.0.0.1:1,{authority}/{}?ttl_ms=2000",
         unique("multi")
@@ -161,19 +143,15 @@ async fn several_endpoints(endpoint: String) -> TestResult {
     Ok(())
 }
 
-/// A TCP proxy to etcd that can stall: while paused it forwards nothing (the connections stay
-/// open), like a network partition.
-async fn stalling_proxy(endpoint: &str) -> Result<(String, Arc<AtomicBool>), String> {
-    let upstream = endpoint
-        .trim_start_matches("http://")
-        .trim_end_matches('/')
-        .to_string();
+/// A TCP proxy to etcd that can stall: while paused (`send_replace(true)`) it forwards nothing
+/// (the connections stay open), like a network partition.
+async fn stalling_proxy(endpoint: &str) -> Result<(String, watch::Sender<bool>), String> {
+    let upstream = common::authority(endpoint);
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
         .await
         .map_err(|e| e.to_string())?;
     let addr = listener.local_addr().map_err(|e| e.to_string())?;
-    let paused = Arc::new(AtomicBool::new(false));
-    let p = paused.clone();
+    let (paused, p) = watch::channel(false);
     tokio::spawn(async move {
         while let Ok((inbound, _)) = listener.accept().await {
             let Ok(outbound) = tokio::net::TcpStream::connect(&upstream).await else {
@@ -191,7 +169,7 @@ async fn stalling_proxy(endpoint: &str) -> Result<(String, Arc<AtomicBool>), Str
 async fn pump(
     mut from: tokio::net::tcp::OwnedReadHalf,
     mut to: tokio::net::tcp::OwnedWriteHalf,
-    paused: Arc<AtomicBool>,
+    mut paused: watch::Receiver<bool>,
 ) {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let mut buf = vec![0u8; 16 * 1024];
@@ -200,8 +178,9 @@ async fn pump(
             Ok(0) | Err(_) => return,
             Ok(n) => n,
         };
-        while paused.load(Ordering::SeqCst) {
-            tokio::time::sleep(Duration::from_millis(10)).await;
+        // Held back while paused; the proxy's owner gone ends the pump.
+        if paused.wait_for(|p| !*p).await.is_err() {
+            return;
         }
         if to.write_all(&buf[..n]).await.is_err() {
             return;
@@ -215,12 +194,8 @@ async fn pump(
 async fn lost_before_expiry_when_renewals_fail(endpoint: String) -> TestResult {
     let ns = unique("partition");
     let (proxied, paused) = stalling_proxy(&endpoint).await?;
-    let holder = sync_etcd::Client::connect(config(&proxied, &ns))
-        .await
-        .map_err(|e| e.to_string())?;
-    let other = sync_etcd::Client::connect(config(&endpoint, &ns))
-        .await
-        .map_err(|e| e.to_string())?;
+    let holder = common::connect(&proxied, &ns).await?;
+    let other = common::connect(&endpoint, &ns).await?;
     let guard = holder
         .lock()
         .acquire("p", LockOptions::new())
@@ -232,9 +207,26 @@ async fn lost_before_expiry_when_renewals_fail(endpoint: String) -> TestResult {
         let g = lo.acquire("p", LockOptions::new()).await;
         (g, lost.is_lost(), Instant::now())
     });
-    tokio::time::sleep(Duration::from_millis(200)).await;
+    // The other client is queued (its contender key written) before the stall.
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let keys = etcdctl(
+            &endpoint,
+            &["get", "--prefix", "--keys-only", &format!("{ns}/p/")],
+        )
+        .await?;
+        if keys.lines().filter(|l| !l.is_empty()).count() == 2 {
+            break;
+        }
+        if Instant::now() > deadline {
+            return Err(format!(
+                "the other client did not queue within 5s: {keys:?}"
+            ));
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
     let stalled = Instant::now();
-    paused.store(true, Ordering::SeqCst);
+    paused.send_replace(true);
     let reason = tokio::time::timeout(sync_etcd::MIN_TTL, guard.lost())
         .await
         .map_err(|_| "lost() did not fire within one TTL of renewals stalling".to_string())?;
@@ -258,7 +250,7 @@ async fn lost_before_expiry_when_renewals_fail(endpoint: String) -> TestResult {
     if !reason.contains("safe deadline") {
         return Err(format!("lost() reason: {reason}"));
     }
-    paused.store(false, Ordering::SeqCst);
+    paused.send_replace(false);
     match tokio::time::timeout(Duration::from_secs(10), guard.release()).await {
         Ok(Err(e)) if e.kind() == ErrorKind::LockLost => {}
         other => return Err(format!("release after the loss: {other:?}")),
@@ -271,9 +263,7 @@ async fn lost_before_expiry_when_renewals_fail(endpoint: String) -> TestResult {
 /// output are kept raw beside the record), and the record itself stays small.
 async fn task_full_size_payload_and_output(endpoint: String) -> TestResult {
     let ns = unique("payload");
-    let client = sync_etcd::Client::connect(config(&endpoint, &ns))
-        .await
-        .map_err(|e| e.to_string())?;
+    let client = common::connect(&endpoint, &ns).await?;
     let task = client.task();
     let handler = Arc::new(|ctx: JobContext| async move {
         let mut out = ctx.payload;
@@ -331,9 +321,7 @@ async fn task_full_size_payload_and_output(endpoint: String) -> TestResult {
 /// A handler output over MAX_PAYLOAD_LEN fails the attempt, with the reason in last_error.
 async fn task_output_over_the_limit_fails(endpoint: String) -> TestResult {
     let ns = unique("output");
-    let client = sync_etcd::Client::connect(config(&endpoint, &ns))
-        .await
-        .map_err(|e| e.to_string())?;
+    let client = common::connect(&endpoint, &ns).await?;
     let task = client.task();
     let handler = Arc::new(|ctx: JobContext| async move {
         let len = if ctx.attempt == 1 {
@@ -400,9 +388,7 @@ async fn task_output_over_the_limit_fails(endpoint: String) -> TestResult {
 async fn task_delayed_retries_do_not_starve_newer_jobs(endpoint: String) -> TestResult {
     const DELAYED: usize = 70;
     let ns = unique("starve");
-    let client = sync_etcd::Client::connect(config(&endpoint, &ns))
-        .await
-        .map_err(|e| e.to_string())?;
+    let client = common::connect(&endpoint, &ns).await?;
     let task = client.task();
     let handler = Arc::new(|ctx: JobContext| async move {
         if ctx.payload == b"retry" && ctx.attempt == 1 {
@@ -471,9 +457,7 @@ async fn map_entries_over_several_pages(endpoint: String) -> TestResult {
     use futures::StreamExt;
 
     let ns = unique("entries");
-    let client = sync_etcd::Client::connect(config(&endpoint, &ns))
-        .await
-        .map_err(|e| e.to_string())?;
+    let client = common::connect(&endpoint, &ns).await?;
     let map = client.map("big").map_err(|e| e.to_string())?;
     let prefixes = ["m/", "m ", "n", "\u{e4}/"];
     let written: Vec<(String, Vec<u8>, u64)> = futures::stream::iter(0..600)
@@ -519,6 +503,7 @@ async fn map_entries_over_several_pages(endpoint: String) -> TestResult {
     let mut listings = Vec::new();
     for _ in 0..10 {
         listings.push(map.entries().await.map_err(|e| e.to_string())?);
+        // Not a wait for anything: spaces the listings so the writer's keys land between them.
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
     stop.store(true, Ordering::SeqCst);
@@ -566,9 +551,7 @@ async fn map_entries_over_several_pages(endpoint: String) -> TestResult {
 /// `entries()` of a map larger than gRPC's 4 MiB response limit (10 values of 500 KiB).
 async fn map_entries_beyond_the_grpc_message_limit(endpoint: String) -> TestResult {
     let ns = unique("entries-large");
-    let client = sync_etcd::Client::connect(config(&endpoint, &ns))
-        .await
-        .map_err(|e| e.to_string())?;
+    let client = common::connect(&endpoint, &ns).await?;
     let map = client.map("large").map_err(|e| e.to_string())?;
     let len = (500 * 1024).min(MAX_VALUE_LEN);
     for i in 0..10u8 {

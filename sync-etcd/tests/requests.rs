@@ -14,10 +14,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 /// `grpc_server_started_total` per method for the KV, Lease (unary) and Watch services.
 async fn counters(endpoint: &str) -> Result<BTreeMap<String, u64>, String> {
-    let authority = endpoint
-        .trim_start_matches("http://")
-        .trim_end_matches('/')
-        .to_string();
+    let authority = common::authority(endpoint);
     let mut stream = tokio::net::TcpStream::connect(&authority)
         .await
         .map_err(|e| format!("connecting to {authority}: {e}"))?;
@@ -106,6 +103,8 @@ async fn uncontended_acquire_release_costs_two_requests(endpoint: String) -> Tes
             .await
             .map_err(|e| e.to_string())?;
         guard.release().await.map_err(|e| e.to_string())?;
+        // Not a wait for an event: a window in which any request this round set off in the
+        // background (there must be none) lands before the counters are read, so it is counted.
         tokio::time::sleep(Duration::from_millis(200)).await;
         let after = counters(&endpoint).await?;
         let d = delta(&before, &after);

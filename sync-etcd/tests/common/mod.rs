@@ -17,6 +17,47 @@ pub fn endpoint() -> Option<String> {
         .filter(|e| !e.is_empty())
 }
 
+/// `host:port` of an `http://host:port` endpoint.
+pub fn authority(endpoint: &str) -> String {
+    endpoint
+        .trim_start_matches("http://")
+        .trim_end_matches('/')
+        .to_string()
+}
+
+/// A name no other run uses: `sync-<suite>-<what>-<uuid>`.
+pub fn unique(suite: &str, what: &str) -> String {
+    format!("sync-{suite}-{what}-{}", uuid::Uuid::new_v4().simple())
+}
+
+/// A config for `endpoint` and `namespace` with the shortest lease etcd grants.
+pub fn config(endpoint: &str, namespace: &str) -> sync_etcd::Config {
+    sync_etcd::Config::default()
+        .with_endpoints([endpoint])
+        .with_namespace(namespace)
+        .with_ttl(sync_etcd::MIN_TTL)
+}
+
+/// A client of `endpoint` in `namespace` (see [`config`]).
+pub async fn connect(endpoint: &str, namespace: &str) -> Result<sync_etcd::Client, String> {
+    sync_etcd::Client::connect(config(endpoint, namespace))
+        .await
+        .map_err(|e| e.to_string())
+}
+
+/// `etcdctl` (API v3) against `endpoint`, without the user's ETCDCTL_* settings (they are for
+/// their own etcd, not this one).
+pub fn etcdctl(endpoint: &str) -> tokio::process::Command {
+    let mut command = tokio::process::Command::new("etcdctl");
+    for (k, _) in std::env::vars().filter(|(k, _)| k.starts_with("ETCDCTL_")) {
+        command.env_remove(k);
+    }
+    command
+        .env("ETCDCTL_API", "3")
+        .arg(format!("--endpoints={endpoint}"));
+    command
+}
+
 /// Runs `tests` against the live endpoint; without it they show as ignored (failed with
 /// `SYNC_REQUIRE_LIVE=1`).
 pub fn run(tests: &[(&'static str, TestFn)], args: Arguments) -> ExitCode {
