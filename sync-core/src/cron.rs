@@ -11,13 +11,14 @@
 //! driver (spawned on the first [`schedule`](Cron::schedule)) that campaigns in the group;
 //! while elected it sleeps until the earliest next tick of its schedules and fires it:
 //!
-//! 1. read the schedule's record in the map (key = the schedule name, value = JSON
-//!    `{"tick_ms": u64, "term": u64}`: the last fired tick in milliseconds since the Unix
-//!    epoch and the term of the leader that fired it);
-//! 2. if the record's tick is at or after this tick, skip it (it has fired);
-//! 3. otherwise compare-and-swap the record to `{tick, term}`; on a conflict another writer
-//!    won, and the tick is reconsidered from the fresh record;
-//! 4. only once the swap succeeded, submit the schedule's job with the labels
+//! 1. on gaining leadership, read the schedule's record in the map (key = the schedule
+//!    name, value = JSON `{"tick_ms": u64, "term": u64}`: the last fired tick in milliseconds
+//!    since the Unix epoch and the term of the leader that fired it); ticks at or before it
+//!    have fired;
+//! 2. compare-and-swap the record to `{tick, term}` against the version last seen (one map
+//!    write per tick); on a conflict another writer won: read the record again and reconsider
+//!    the tick from it;
+//! 3. only once the swap succeeded, submit the schedule's job with the labels
 //!    `cron.schedule` (the name), `cron.term` (the leader's term) and `cron.tick` (the tick in
 //!    milliseconds since the Unix epoch).
 //!
@@ -67,7 +68,7 @@ use serde::{Deserialize, Serialize};
 use tokio::{sync::watch, task::JoinHandle};
 use tracing::{Instrument, debug, error, info, info_span, warn};
 
-use crate::{ElectOptions, Elected, Error, ErrorKind, Job, Leader, Map, Result, Task};
+use crate::{ElectOptions, Elected, Error, ErrorKind, Job, Leader, Map, Result, Task, Version};
 
 /// The shortest interval accepted by [`Cron::schedule`]: ticks are recorded in milliseconds.
 pub const MIN_INTERVAL: Duration = Duration::from_millis(1);
@@ -550,6 +551,14 @@ fn duplicate(name: &str) -> Error {
     .with_id(name)
 }
 
+/// What the driver knows of a schedule's record: the last fired (or registration) tick, and
+/// the record's version (`None`: the map has no record).
+#[derive(Debug, Clone, Copy)]
+struct Known {
+    tick_ms: u64,
+    version: Option<Version>,
+}
+
 /// How a leadership ended.
 enum Outcome {
     Stopped,
@@ -654,8 +663,8 @@ impl Inner {
     async fn lead(&self, elected: &Elected) -> Outcome {
         let term = elected.term();
         let mut changes = self.changes.subscribe();
-        // The last fired (or registration) tick of each schedule, per registration id.
-        let mut last: HashMap<String, (u64, u64)> = HashMap::new();
+        // What is known of each schedule's record, per registration id.
+        let mut last: HashMap<String, (u64, Known)> = HashMap::new();
         let mut failures = 0u32;
         loop {
             if self.is_stopped() {
@@ -672,30 +681,32 @@ impl Inner {
             let mut fired = false;
             let mut wake: Option<SystemTime> = None;
             for reg in &schedules {
-                let last_ms = match last.get(&reg.name) {
-                    Some(&(_, ms)) => ms,
-                    None => match self.load(reg).await {
-                        Ok(ms) => {
-                            last.insert(reg.name.clone(), (reg.id, ms));
-                            ms
-                        }
-                        Err(e) => {
-                            warn!(schedule = %reg.name, error = %e, "cannot read cron record");
-                            failed = true;
-                            continue;
-                        }
-                    },
+                let known = match last.get(&reg.name) {
+                    Some(&(_, known)) => Ok(known),
+                    None => self.load(reg, term).await,
                 };
-                match step(&reg.schedule, last_ms, SystemTime::now()) {
+                let known = match known {
+                    Ok(known) => known,
+                    Err(e) if e.kind() == ErrorKind::NotHeld => {
+                        return Outcome::Revoked(e.to_string());
+                    }
+                    Err(e) => {
+                        warn!(schedule = %reg.name, error = %e, "cannot read cron record");
+                        failed = true;
+                        continue;
+                    }
+                };
+                last.insert(reg.name.clone(), (reg.id, known));
+                match step(&reg.schedule, known.tick_ms, SystemTime::now()) {
                     Step::Ended => {}
                     Step::Wait(at) => wake = Some(wake.map_or(at, |w| w.min(at))),
                     Step::Fire(tick) => {
                         if let Some(reason) = elected.revocation_signal().reason() {
                             return Outcome::Revoked(reason);
                         }
-                        match self.fire(reg, tick, term).await {
-                            Ok(ms) => {
-                                last.insert(reg.name.clone(), (reg.id, ms));
+                        match self.fire(reg, tick, term, known).await {
+                            Ok(now_known) => {
+                                last.insert(reg.name.clone(), (reg.id, now_known));
                                 fired = true;
                             }
                             Err(e) if e.kind() == ErrorKind::NotHeld => {
@@ -703,6 +714,7 @@ impl Inner {
                             }
                             Err(e) => {
                                 warn!(schedule = %reg.name, term, tick = to_ms(tick), error = %e, "cron firing failed");
+                                last.remove(&reg.name);
                                 failed = true;
                             }
                         }
@@ -734,26 +746,15 @@ impl Inner {
         }
     }
 
-    /// The recorded tick of a schedule, or its registration baseline if the map has none.
-    async fn load(&self, reg: &Registered) -> Result<u64> {
-        Ok(self
-            .map
-            .read(&reg.name)
-            .await?
-            .and_then(|entry| Record::decode(&reg.name, &entry.value))
-            .map_or(reg.baseline_ms, |record| record.tick_ms))
-    }
-
-    /// Records `tick` for the schedule with compare-and-swap and, if that succeeded, submits
-    /// the job. Returns the schedule's last tick as now known.
-    async fn fire(&self, reg: &Registered, tick: SystemTime, term: u64) -> Result<u64> {
+    /// Reads a schedule's record: its tick (the registration baseline if the map has none) and
+    /// version. A record written under a higher term than `term` is NotHeld: terms only grow, so
+    /// a newer leader exists and this one missed its revocation.
+    async fn load(&self, reg: &Registered, term: u64) -> Result<Known> {
         let name = reg.name.as_str();
-        let tick_ms = to_ms(tick);
         let entry = self.map.read(name).await?;
-        let expected = entry.as_ref().map(|e| e.version);
-        let record = entry.as_ref().and_then(|e| Record::decode(name, &e.value));
+        let version = entry.as_ref().map(|e| e.version);
+        let record = entry.and_then(|e| Record::decode(name, &e.value));
         if let Some(newer) = record.filter(|r| r.term > term) {
-            // Terms only grow, so a newer leader exists: this one missed its revocation.
             return Err(Error::new(
                 ErrorKind::NotHeld,
                 format!(
@@ -763,36 +764,46 @@ impl Inner {
             )
             .with_id(name));
         }
-        let recorded = record.map(|r| r.tick_ms);
-        if let Some(recorded) = recorded {
-            if recorded >= tick_ms {
-                debug!(
-                    schedule = name,
-                    tick = tick_ms,
-                    recorded,
-                    "cron tick already fired"
-                );
-                return Ok(recorded);
-            }
-        }
+        Ok(Known {
+            tick_ms: record.map_or(reg.baseline_ms, |r| r.tick_ms),
+            version,
+        })
+    }
+
+    /// Records `tick` with compare-and-swap against the version last seen and, if that
+    /// succeeded, submits the job: one map write per tick while nobody else writes the record.
+    /// On a conflict the record is read again and the tick reconsidered from it. Returns what
+    /// is now known of the record.
+    async fn fire(
+        &self,
+        reg: &Registered,
+        tick: SystemTime,
+        term: u64,
+        known: Known,
+    ) -> Result<Known> {
+        let name = reg.name.as_str();
+        let tick_ms = to_ms(tick);
         let record = Record { tick_ms, term };
-        match self
+        let version = match self
             .map
-            .compare_and_swap(name, expected, &record.encode())
+            .compare_and_swap(name, known.version, &record.encode())
             .await
         {
-            Ok(_) => {}
+            Ok(version) => version,
             Err(e) if e.kind() == ErrorKind::Conflict => {
-                // Another writer got there first; reconsider the tick from the fresh record.
                 debug!(
                     schedule = name,
                     tick = tick_ms,
-                    "cron record changed under us"
+                    "cron record changed under us; reading it again"
                 );
-                return Ok(recorded.unwrap_or(reg.baseline_ms));
+                return self.load(reg, term).await;
             }
             Err(e) => return Err(e),
-        }
+        };
+        let fired = Known {
+            tick_ms,
+            version: Some(version),
+        };
 
         let job = reg
             .job
@@ -807,7 +818,7 @@ impl Inner {
             match self.task.submit(job.clone()).await {
                 Ok(id) => {
                     info!(schedule = name, term, tick = tick_ms, job = %id, "cron fired");
-                    return Ok(tick_ms);
+                    return Ok(fired);
                 }
                 Err(e) if attempt < ATTEMPTS && e.kind() != ErrorKind::InvalidArgument => {
                     let wait = backoff(attempt);
@@ -816,11 +827,11 @@ impl Inner {
                 }
                 Err(e) => {
                     error!(schedule = name, term, tick = tick_ms, error = %e, "cron job submission failed; this tick is lost");
-                    return Ok(tick_ms);
+                    return Ok(fired);
                 }
             }
         }
-        Ok(tick_ms)
+        Ok(fired)
     }
 }
 

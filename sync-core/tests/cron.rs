@@ -407,3 +407,70 @@ fn schedule_outside_a_runtime_is_unavailable() -> Result<()> {
     drop((cron, client));
     Ok(())
 }
+
+/// Counts the reads that reach a map.
+struct CountingMap {
+    inner: Arc<dyn Map>,
+    reads: std::sync::atomic::AtomicUsize,
+}
+
+#[async_trait::async_trait]
+impl Map for CountingMap {
+    fn name(&self) -> &str {
+        self.inner.name()
+    }
+    async fn read(&self, key: &str) -> Result<Option<sync_core::Entry>> {
+        self.reads.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        self.inner.read(key).await
+    }
+    async fn write(&self, key: &str, value: &[u8]) -> Result<sync_core::Version> {
+        self.inner.write(key, value).await
+    }
+    async fn delete(&self, key: &str) -> Result<bool> {
+        self.inner.delete(key).await
+    }
+    async fn compare_and_swap(
+        &self,
+        key: &str,
+        expected: Option<sync_core::Version>,
+        value: &[u8],
+    ) -> Result<sync_core::Version> {
+        self.inner.compare_and_swap(key, expected, value).await
+    }
+    async fn compare_and_delete(&self, key: &str, expected: sync_core::Version) -> Result<()> {
+        self.inner.compare_and_delete(key, expected).await
+    }
+    async fn entries(&self) -> Result<Vec<sync_core::Entry>> {
+        self.inner.entries().await
+    }
+}
+
+/// While nobody else writes the record, a tick costs one map write and no read: the record
+/// is read once when leadership is gained.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_tick_costs_one_write_and_no_read() -> Result<()> {
+    let mut s = setup("counted").await?;
+    let counting = Arc::new(CountingMap {
+        inner: Arc::clone(&s.map),
+        reads: Default::default(),
+    });
+    let cron = Cron::new(
+        s.client.leader("counted")?,
+        s.client.task(),
+        counting.clone(),
+        "node-1",
+    );
+    cron.schedule(
+        "beat",
+        Schedule::every(Duration::from_millis(50)),
+        Job::new("counted", ""),
+    )
+    .await?;
+    for _ in 0..5 {
+        next(&mut s.fired).await;
+    }
+    cron.stop().await;
+    let reads = counting.reads.load(std::sync::atomic::Ordering::SeqCst);
+    assert_eq!(reads, 1, "{reads} reads for 5 ticks");
+    Ok(())
+}
