@@ -8,6 +8,7 @@
 //! `sync-etcd`, `sync-consul`, `sync-redis`, `sync-ntp`) and use its handles as `Arc<dyn …>`.
 #![deny(missing_docs)]
 
+mod backend;
 pub mod cron;
 mod error;
 pub mod id;
@@ -20,34 +21,49 @@ mod task;
 mod time;
 pub mod typed;
 
+pub use backend::{Backend, Capabilities, Capability, Faults};
 pub use error::{Error, ErrorKind, Result};
-pub use leader::{ElectOptions, Elected, FollowStream, Leader, LeaderInfo, Leadership};
-pub use lock::{HeldLock, Lock, LockGuard, LockOptions};
-pub use map::{Entry, MAX_VALUE_LEN, Map, Version, validate_value};
-pub use signal::{LossSignal, LossTrigger, loss_signal};
+pub use leader::{ElectOptions, Elected, FollowStream, Leader, LeaderInfo};
+pub use lock::{Lock, LockGuard, LockOptions};
+pub use map::{Entry, MAX_VALUE_LEN, Map, Version};
+pub use signal::LossSignal;
 pub use task::{
     Handler, HandlerError, Job, JobContext, JobId, JobState, JobStatus, MAX_PAYLOAD_LEN, Task,
-    Worker, WorkerControl, WorkerOptions,
+    Worker, WorkerOptions,
 };
 pub use time::{Time, TimeInterval};
 
-/// Validates a lease TTL against a backend's minimum: zero or below `min` is InvalidArgument.
-///
-/// ```
-/// use std::time::Duration;
-/// let err = sync_core::validate_ttl("consul", Duration::from_secs(5), Duration::from_secs(10));
-/// assert!(err.unwrap_err().to_string().contains("at least 10s"));
-/// ```
-pub fn validate_ttl(
-    backend: &'static str,
-    ttl: std::time::Duration,
-    min: std::time::Duration,
-) -> Result<()> {
-    if ttl.is_zero() || ttl < min {
-        return Err(
-            Error::invalid(format!("ttl is {ttl:?}; it must be at least {min:?}"))
-                .with_backend(backend),
-        );
+/// What backends implement and call, kept out of the crate root, which shows what a user needs:
+/// the backend side of guards, leaderships and workers, the loss trigger, and the shared checks.
+pub mod raw {
+    pub use crate::backend::unsupported;
+    pub use crate::leader::Leadership;
+    pub use crate::lock::HeldLock;
+    pub use crate::map::validate_value;
+    pub use crate::signal::{LossTrigger, loss_signal};
+    pub use crate::task::WorkerControl;
+
+    use crate::{Error, Result};
+
+    /// Validates a lease TTL against a backend's minimum: zero or below `min` is
+    /// InvalidArgument naming the limit.
+    ///
+    /// ```
+    /// use std::time::Duration;
+    /// let err = sync_core::raw::validate_ttl("consul", Duration::from_secs(5), Duration::from_secs(10));
+    /// assert!(err.unwrap_err().to_string().contains("at least 10s"));
+    /// ```
+    pub fn validate_ttl(
+        backend: &'static str,
+        ttl: std::time::Duration,
+        min: std::time::Duration,
+    ) -> Result<()> {
+        if ttl.is_zero() || ttl < min {
+            return Err(
+                Error::invalid(format!("ttl is {ttl:?}; it must be at least {min:?}"))
+                    .with_backend(backend),
+            );
+        }
+        Ok(())
     }
-    Ok(())
 }

@@ -15,7 +15,7 @@ pub const MAX_VALUE_LEN: usize = 512 * 1024;
 /// Checks a value against [`MAX_VALUE_LEN`]: InvalidArgument naming the limit.
 ///
 /// ```
-/// let err = sync_core::validate_value(&vec![0; sync_core::MAX_VALUE_LEN + 1]).unwrap_err();
+/// let err = sync_core::raw::validate_value(&vec![0; sync_core::MAX_VALUE_LEN + 1]).unwrap_err();
 /// assert!(err.to_string().contains("the maximum is 524288"));
 /// ```
 pub fn validate_value(value: &[u8]) -> Result<()> {

@@ -14,7 +14,7 @@ pub struct LossTrigger {
 ///
 /// ```
 /// # #[tokio::main(flavor = "current_thread")] async fn main() {
-/// let (trigger, signal) = sync_core::loss_signal();
+/// let (trigger, signal) = sync_core::raw::loss_signal();
 /// assert!(!signal.is_lost());
 /// trigger.fire("lease revoked");
 /// assert_eq!(signal.wait().await, "lease revoked");

@@ -290,7 +290,7 @@ struct FlappingLeader {
 struct Gone;
 
 #[async_trait::async_trait]
-impl sync_core::Leadership for Gone {
+impl sync_core::raw::Leadership for Gone {
     async fn proclaim(&self, _: &[u8]) -> Result<()> {
         Ok(())
     }
@@ -316,7 +316,7 @@ impl sync_core::Leader for FlappingLeader {
         let n = self
             .elections
             .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
-        let (trigger, signal) = sync_core::loss_signal();
+        let (trigger, signal) = sync_core::raw::loss_signal();
         trigger.fire("lease expired");
         Ok(sync_core::Elected::new(
             candidate,

@@ -7,8 +7,13 @@ use std::{
     time::Duration,
 };
 
+use async_trait::async_trait;
 use etcd_client::{ConnectOptions, LeaseKeepAliveStream, LeaseKeeper, WatchOptions};
-use sync_core::{Error, ErrorKind, Leader, Lock, LossSignal, LossTrigger, Map, Result, Task};
+use sync_core::raw::LossTrigger;
+use sync_core::{
+    Backend, Capabilities, Capability, Error, ErrorKind, Faults, Leader, Lock, LossSignal, Map,
+    Result, Task,
+};
 use tokio::{
     sync::{OwnedMutexGuard, watch},
     task::AbortHandle,
@@ -315,7 +320,7 @@ impl ClientInner {
         .map_err(|e| etcd_err("granting the lease", e))?;
         let granted_ttl = Duration::from_secs(grant.ttl().max(1) as u64);
         let lease = grant.id();
-        let (trigger, ended) = sync_core::loss_signal();
+        let (trigger, ended) = sync_core::raw::loss_signal();
         let trigger = Arc::new(trigger);
         let keepalive = tokio::spawn(keepalive(
             self.etcd.clone(),
@@ -388,7 +393,10 @@ impl ClientInner {
     /// `Closed` once the client was killed: a dead process makes no more calls.
     pub(crate) fn check_alive(&self) -> Result<()> {
         if self.is_killed() {
-            return Err(Error::new(ErrorKind::Closed, "client was killed").with_backend(BACKEND));
+            return Err(
+                Error::new(ErrorKind::Closed, "client is closed or was killed")
+                    .with_backend(BACKEND),
+            );
         }
         Ok(())
     }
@@ -714,5 +722,72 @@ mod tests {
         let other = inner.local_turn("ns/b/", true).await.expect("free");
         drop(other);
         assert_eq!(queue_count(&inner), 0);
+    }
+}
+
+/// Time is not an etcd primitive.
+const CAPABILITIES: Capabilities = Capabilities::all().without(Capability::Time);
+
+#[async_trait]
+impl Backend for Client {
+    fn name(&self) -> &'static str {
+        BACKEND
+    }
+
+    fn capabilities(&self) -> Capabilities {
+        CAPABILITIES
+    }
+
+    fn ttl(&self) -> Option<Duration> {
+        Some(self.inner.config.ttl)
+    }
+
+    fn lock(&self) -> Result<Arc<dyn Lock>> {
+        Ok(Client::lock(self))
+    }
+
+    fn leader(&self, group: &str) -> Result<Arc<dyn Leader>> {
+        Client::leader(self, group)
+    }
+
+    fn task(&self) -> Result<Arc<dyn Task>> {
+        Ok(Client::task(self))
+    }
+
+    fn map(&self, name: &str) -> Result<Arc<dyn Map>> {
+        Client::map(self, name)
+    }
+
+    /// Stops every background task and revokes the lease, so everything this client held
+    /// frees now; later calls fail with Closed.
+    async fn close(&self) -> Result<()> {
+        self.inner.killed.send_replace(true);
+        let session = self.inner.session.lock().await.take();
+        if let Some(s) = session {
+            s.end("client closed");
+            self.inner
+                .etcd
+                .lease_client()
+                .revoke(s.lease)
+                .await
+                .map_err(|e| etcd_err("revoking the lease", e))?;
+        }
+        Ok(())
+    }
+
+    fn faults(&self) -> Option<&dyn Faults> {
+        Some(self)
+    }
+}
+
+#[async_trait]
+impl Faults for Client {
+    async fn kill(&self) -> Result<()> {
+        Client::kill(self).await;
+        Ok(())
+    }
+
+    async fn revoke(&self) -> Result<()> {
+        Client::revoke(self).await
     }
 }

@@ -249,7 +249,7 @@ impl Config {
             return Err(Error::invalid("at least one endpoint is needed").with_backend(BACKEND));
         }
         sync_core::id::validate_namespace(&self.namespace).map_err(|e| e.with_backend(BACKEND))?;
-        sync_core::validate_ttl(BACKEND, self.ttl, MIN_TTL)?;
+        sync_core::raw::validate_ttl(BACKEND, self.ttl, MIN_TTL)?;
         if self.ttl > MAX_TTL {
             return Err(Error::invalid(format!(
                 "ttl is {:?}; etcd's maximum is {MAX_TTL:?}",

@@ -11,9 +11,9 @@ use std::sync::{Arc, Mutex};
 use async_trait::async_trait;
 use etcd_client::{Compare, CompareOp, PutOptions, Txn, TxnOp, WatchOptions};
 use futures::StreamExt;
+use sync_core::raw::Leadership;
 use sync_core::{
-    ElectOptions, Elected, Error, ErrorKind, FollowStream, Leader, LeaderInfo, Leadership,
-    LossSignal, Result,
+    ElectOptions, Elected, Error, ErrorKind, FollowStream, Leader, LeaderInfo, LossSignal, Result,
 };
 use tokio::sync::mpsc;
 use tracing::Instrument;
@@ -50,7 +50,7 @@ fn decode(raw: &[u8]) -> (String, Vec<u8>) {
 /// A proclaimed value over [`sync_core::MAX_VALUE_LEN`] is refused (etcd refuses requests over
 /// 1.5 MiB).
 fn check_value(group: &str, value: &[u8]) -> Result<()> {
-    sync_core::validate_value(value).map_err(|e| e.with_backend(BACKEND).with_id(group))
+    sync_core::raw::validate_value(value).map_err(|e| e.with_backend(BACKEND).with_id(group))
 }
 
 /// The current leader of `prefix` and the revision it was read at.

@@ -18,9 +18,8 @@ use etcd_client::{
     Compare, CompareOp, GetOptions, PutOptions, SortOrder, SortTarget, Txn, TxnOp, TxnOpResponse,
     WatchFilterType, WatchOptions,
 };
-use sync_core::{
-    Error, ErrorKind, HeldLock, Lock, LockGuard, LockOptions, LossSignal, LossTrigger, Result,
-};
+use sync_core::raw::{HeldLock, LossTrigger};
+use sync_core::{Error, ErrorKind, Lock, LockGuard, LockOptions, LossSignal, Result};
 use tokio::task::AbortHandle;
 use tracing::Instrument;
 
@@ -317,7 +316,7 @@ pub(crate) struct Holding {
 
 impl Holding {
     pub(crate) fn start(c: Contender) -> Holding {
-        let (trigger, lost) = sync_core::loss_signal();
+        let (trigger, lost) = sync_core::raw::loss_signal();
         let trigger = Arc::new(trigger);
         let monitor = tokio::spawn(monitor(
             c.client.clone(),

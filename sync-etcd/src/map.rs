@@ -51,7 +51,7 @@ impl EtcdMap {
     }
 
     fn check_value(key: &str, value: &[u8]) -> Result<()> {
-        sync_core::validate_value(value).map_err(|e| e.with_backend(BACKEND).with_id(key))
+        sync_core::raw::validate_value(value).map_err(|e| e.with_backend(BACKEND).with_id(key))
     }
 
     fn conflict(key: &str, expected: Option<Version>) -> Error {

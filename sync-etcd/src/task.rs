@@ -42,9 +42,10 @@ use etcd_client::{
 };
 use futures::FutureExt;
 use serde::{Deserialize, Serialize};
+use sync_core::raw::WorkerControl;
 use sync_core::{
     Error, ErrorKind, Handler, Job, JobContext, JobId, JobState, JobStatus, LossSignal,
-    MAX_PAYLOAD_LEN, Result, Task, Worker, WorkerControl, WorkerOptions,
+    MAX_PAYLOAD_LEN, Result, Task, Worker, WorkerOptions,
 };
 use tokio::{
     sync::{Semaphore, watch},

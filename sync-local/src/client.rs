@@ -8,7 +8,10 @@ use std::{
     },
 };
 
-use sync_core::{Error, ErrorKind, Leader, Lock, Map, Result, Task, Time};
+use async_trait::async_trait;
+use sync_core::{
+    Backend, Capabilities, Error, ErrorKind, Faults, Leader, Lock, Map, Result, Task, Time,
+};
 use tokio::{task::AbortHandle, time::Instant};
 
 use crate::{
@@ -195,7 +198,10 @@ impl ClientInner {
     /// Err(Closed) once the client was killed: a dead process makes no calls, releases nothing.
     pub(crate) fn check_open(&self) -> Result<()> {
         if self.killed.load(Ordering::SeqCst) {
-            return Err(Error::new(ErrorKind::Closed, "client was killed").with_backend(BACKEND));
+            return Err(
+                Error::new(ErrorKind::Closed, "client is closed or was killed")
+                    .with_backend(BACKEND),
+            );
         }
         Ok(())
     }
@@ -348,5 +354,71 @@ impl Client {
     /// Whether [`kill`](Client::kill) was called.
     pub fn is_killed(&self) -> bool {
         self.inner.killed.load(Ordering::SeqCst)
+    }
+}
+
+/// Every primitive, and both fault hooks.
+const CAPABILITIES: Capabilities = Capabilities::all();
+
+#[async_trait]
+impl Backend for Client {
+    fn name(&self) -> &'static str {
+        BACKEND
+    }
+
+    fn capabilities(&self) -> Capabilities {
+        CAPABILITIES
+    }
+
+    fn ttl(&self) -> Option<std::time::Duration> {
+        Some(self.inner.config.ttl)
+    }
+
+    fn lock(&self) -> Result<Arc<dyn Lock>> {
+        Ok(Client::lock(self))
+    }
+
+    fn leader(&self, group: &str) -> Result<Arc<dyn Leader>> {
+        Client::leader(self, group)
+    }
+
+    fn task(&self) -> Result<Arc<dyn Task>> {
+        Ok(Client::task(self))
+    }
+
+    fn map(&self, name: &str) -> Result<Arc<dyn Map>> {
+        Client::map(self, name)
+    }
+
+    fn time(&self) -> Result<Arc<dyn Time>> {
+        Ok(Client::time(self))
+    }
+
+    /// Ends the session now (everything it held frees at once); later calls fail with Closed.
+    async fn close(&self) -> Result<()> {
+        let session = locked(&self.inner.session).take();
+        self.inner.killed.store(true, Ordering::SeqCst);
+        if let Some(s) = session {
+            s.keepalive.abort();
+            self.inner.shared.end_session(s.id, "client closed");
+        }
+        Ok(())
+    }
+
+    fn faults(&self) -> Option<&dyn Faults> {
+        Some(self)
+    }
+}
+
+#[async_trait]
+impl Faults for Client {
+    async fn kill(&self) -> Result<()> {
+        Client::kill(self);
+        Ok(())
+    }
+
+    async fn revoke(&self) -> Result<()> {
+        Client::revoke(self);
+        Ok(())
     }
 }

@@ -109,6 +109,6 @@ impl Config {
     pub fn validate(&self) -> Result<()> {
         sync_core::id::validate_namespace(&self.namespace)
             .map_err(|e| e.with_backend(crate::BACKEND))?;
-        sync_core::validate_ttl(crate::BACKEND, self.ttl, MIN_TTL)
+        sync_core::raw::validate_ttl(crate::BACKEND, self.ttl, MIN_TTL)
     }
 }

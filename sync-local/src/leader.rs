@@ -6,9 +6,9 @@ use std::{
 };
 
 use async_trait::async_trait;
+use sync_core::raw::{Leadership, LossTrigger, loss_signal};
 use sync_core::{
-    ElectOptions, Elected, Error, ErrorKind, FollowStream, Leader, LeaderInfo, Leadership,
-    LossSignal, LossTrigger, Result, loss_signal,
+    ElectOptions, Elected, Error, ErrorKind, FollowStream, Leader, LeaderInfo, LossSignal, Result,
 };
 use tokio::sync::{Notify, watch};
 use tracing::Instrument;

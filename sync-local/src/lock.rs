@@ -6,9 +6,8 @@ use std::{
 };
 
 use async_trait::async_trait;
-use sync_core::{
-    Error, ErrorKind, HeldLock, Lock, LockGuard, LockOptions, LossTrigger, Result, loss_signal,
-};
+use sync_core::raw::{HeldLock, LossTrigger, loss_signal};
+use sync_core::{Error, ErrorKind, Lock, LockGuard, LockOptions, Result};
 use tokio::sync::Notify;
 use tracing::Instrument;
 

@@ -57,7 +57,7 @@ impl LocalMap {
     }
 
     fn check_value(key: &str, value: &[u8]) -> Result<()> {
-        sync_core::validate_value(value).map_err(|e| e.with_backend(BACKEND).with_id(key))
+        sync_core::raw::validate_value(value).map_err(|e| e.with_backend(BACKEND).with_id(key))
     }
 
     fn span(&self, op: &'static str, key: &str) -> tracing::Span {

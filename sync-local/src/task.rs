@@ -19,9 +19,10 @@ use std::{
 };
 
 use async_trait::async_trait;
+use sync_core::raw::WorkerControl;
 use sync_core::{
     Error, ErrorKind, Handler, HandlerError, Job, JobContext, JobId, JobState, JobStatus, Result,
-    Task, Worker, WorkerControl, WorkerOptions,
+    Task, Worker, WorkerOptions,
 };
 use tokio::{
     sync::{Notify, OwnedSemaphorePermit, Semaphore, watch},

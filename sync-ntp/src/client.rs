@@ -6,12 +6,13 @@ use std::{
     net::SocketAddr,
     sync::{
         Arc, Mutex, Weak,
-        atomic::{AtomicU64, Ordering},
+        atomic::{AtomicBool, AtomicU64, Ordering},
     },
     time::{Duration, Instant, SystemTime, UNIX_EPOCH},
 };
 
-use sync_core::{Error, ErrorKind, Result, Time, TimeInterval};
+use async_trait::async_trait;
+use sync_core::{Backend, Capabilities, Capability, Error, ErrorKind, Result, Time, TimeInterval};
 use tokio::task::JoinHandle;
 use tracing::Instrument;
 
@@ -148,6 +149,8 @@ pub(crate) struct Inner {
     syncing: tokio::sync::Mutex<()>,
     queries: AtomicU64,
     refresh: Mutex<Option<JoinHandle<()>>>,
+    /// Set by [`Backend::close`]: later calls fail with Closed.
+    closed: AtomicBool,
 }
 
 impl Drop for Inner {
@@ -226,6 +229,7 @@ impl Client {
                 syncing: tokio::sync::Mutex::new(()),
                 queries: AtomicU64::new(0),
                 refresh: Mutex::new(None),
+                closed: AtomicBool::new(false),
             });
             let task = runtime.spawn(refresh(Arc::downgrade(&inner), inner.config.interval));
             *lock(&inner.refresh) = Some(task);
@@ -357,6 +361,11 @@ impl Inner {
 
     /// The interval now: from the cache, or after an on-demand sync.
     pub(crate) async fn interval(&self) -> Result<TimeInterval> {
+        if self.closed.load(Ordering::SeqCst) {
+            return Err(Error::new(ErrorKind::Closed, "client is closed")
+                .with_backend(BACKEND)
+                .with_id(self.id.clone()));
+        }
         if let Some(span) = self.current(Instant::now()) {
             return interval_of(&span);
         }
@@ -688,5 +697,34 @@ mod tests {
         assert_eq!(capped.backoff, crate::config::MAX_INTERVAL);
         // Other codes (INIT, STEP, …) fail this sync only.
         assert!(kiss(None, "INIT", now, every).is_none());
+    }
+}
+
+#[async_trait]
+impl Backend for Client {
+    fn name(&self) -> &'static str {
+        BACKEND
+    }
+
+    fn capabilities(&self) -> Capabilities {
+        Capabilities::none().with(Capability::Time)
+    }
+
+    /// NTP has no lease.
+    fn ttl(&self) -> Option<Duration> {
+        None
+    }
+
+    fn time(&self) -> Result<Arc<dyn Time>> {
+        Ok(Client::time(self))
+    }
+
+    /// Stops the background refresh; later calls fail with Closed.
+    async fn close(&self) -> Result<()> {
+        self.inner.closed.store(true, Ordering::SeqCst);
+        if let Some(task) = lock(&self.inner.refresh).take() {
+            task.abort();
+        }
+        Ok(())
     }
 }

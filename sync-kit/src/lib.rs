@@ -1,0 +1,33 @@
+//! # sync-kit
+//!
+//! What every backend of the `sync` toolkit shares, written once so that a backend crate holds
+//! only its protocol code. Users do not need this crate to use a backend.
+#![deny(missing_docs)]
+
+use std::sync::{Mutex, MutexGuard};
+
+/// Locks a std mutex, recovering the data if a panicking thread poisoned it: every critical
+/// section of the backends keeps its state consistent and never panics half-way.
+///
+/// ```
+/// let m = std::sync::Mutex::new(1);
+/// *sync_kit::locked(&m) += 1;
+/// assert_eq!(*sync_kit::locked(&m), 2);
+/// ```
+pub fn locked<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// The message of a panic payload (`&str` or `String`), or a placeholder for any other payload.
+///
+/// ```
+/// let payload = std::panic::catch_unwind(|| panic!("boom {}", 1)).unwrap_err();
+/// assert_eq!(sync_kit::panic_message(payload.as_ref()), "boom 1");
+/// ```
+pub fn panic_message(payload: &(dyn std::any::Any + Send)) -> &str {
+    payload
+        .downcast_ref::<String>()
+        .map(String::as_str)
+        .or_else(|| payload.downcast_ref::<&str>().copied())
+        .unwrap_or("(non-string payload)")
+}
