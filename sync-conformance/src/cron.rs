@@ -78,7 +78,7 @@ async fn next_firing(
     }
 }
 
-fn cron_on(client: &dyn Client, group: &str, candidate: String) -> Result<Cron, Failure> {
+fn cron_on(client: &Client, group: &str, candidate: String) -> Result<Cron, Failure> {
     Ok(Cron::new(
         client.leader(group)?,
         client.task()?,
@@ -96,12 +96,12 @@ async fn schedulers(
     name: &str,
     schedule: Schedule,
     job: &str,
-) -> Result<(Vec<Box<dyn Client>>, Vec<Cron>), Failure> {
+) -> Result<(Vec<Client>, Vec<Cron>), Failure> {
     let mut clients = Vec::new();
     let mut crons = Vec::new();
     for i in 0..count {
         let client = ctx.client().await?;
-        let cron = cron_on(client.as_ref(), group, format!("scheduler-{i}"))?;
+        let cron = cron_on(&client, group, format!("scheduler-{i}"))?;
         cron.schedule(name, schedule.clone(), sync_core::Job::new(job, ""))
             .await?;
         crons.push(cron);
@@ -113,12 +113,12 @@ async fn schedulers(
 /// A recording worker for `cron-job` and three schedulers in group `cron` registering the
 /// schedule `tick`: every [`INTERVAL`] from now.
 struct Ticking {
-    worker_client: Box<dyn Client>,
+    worker_client: Client,
     worker: Worker,
     fired: mpsc::UnboundedReceiver<Result<Firing, String>>,
     /// The schedule's start.
     start: SystemTime,
-    clients: Vec<Box<dyn Client>>,
+    clients: Vec<Client>,
     crons: Vec<Cron>,
 }
 

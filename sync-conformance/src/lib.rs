@@ -3,24 +3,26 @@
 //! The behaviour cases every `sync` backend must pass, written once against the `sync-core`
 //! traits, and the [runner](run) each backend crate calls from its `tests/conformance.rs`.
 //!
-//! A backend implements [`Harness`] (how to make independent clients in a namespace, what it
-//! supports, its lease TTL) and [`Client`] (its handles, plus the fault hooks `kill` and
-//! `revoke`), then hands a constructor to [`run`]:
+//! A backend's `tests/conformance.rs` hands [`run`] a way to connect a client of its own in a
+//! given namespace; everything else (capabilities, the lease TTL, fault hooks) comes through
+//! the [`Backend`] trait:
 //!
 //! ```no_run
-//! # use std::sync::Arc;
-//! # fn make_harness(_endpoint: Option<String>) -> sync_core::Result<Arc<dyn sync_conformance::Harness>> {
-//! #     Err(sync_core::Error::new(sync_core::ErrorKind::Unsupported, "an example"))
-//! # }
+//! # use std::time::Duration;
 //! fn main() -> std::process::ExitCode {
-//!     sync_conformance::run("etcd", Some("SYNC_TEST_ETCD"), make_harness)
+//!     sync_conformance::run("local", None, |_url, namespace| async move {
+//!         let config = sync_local::Config::default()
+//!             .with_namespace(&namespace)
+//!             .with_ttl(Duration::from_secs(1));
+//!         sync_local::Client::connect(config)
+//!     })
 //! }
 //! ```
 //!
 //! Each case is a plain `pub async fn(&Ctx) -> Result<(), Failure>` in the module of its
 //! primitive ([`lock`], [`leader`], [`task`], [`map`], [`cron`], [`time`]), so a backend can also
 //! call one directly while debugging. Cases wait on events with bounded timeouts, never on fixed
-//! sleeps, and their time bounds scale with [`Harness::ttl`].
+//! sleeps, and their time bounds scale with the backend's lease TTL ([`Backend::ttl`]).
 #![deny(missing_docs)]
 
 use std::{
@@ -30,8 +32,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use async_trait::async_trait;
-use sync_core::{Leader, Lock, Map, Task, Time};
+use sync_core::{Backend, Faults, Leader, Lock, Map, Task, Time};
 
 pub mod cron;
 pub mod leader;
@@ -41,73 +42,53 @@ mod runner;
 pub mod task;
 pub mod time;
 
+use runner::Harness;
 pub use runner::{Case, cases, run};
+pub use sync_core::{Capabilities, Capability};
 
-/// What a backend supports; a case needing something missing is reported unsupported.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub enum Capability {
-    /// [`Client::lock`].
-    Lock,
-    /// [`Client::leader`].
-    Leader,
-    /// [`Client::task`].
-    Task,
-    /// [`Client::map`].
-    Map,
-    /// [`Client::time`].
-    Time,
-    /// The Cron driver of `sync-core` over this backend's Leader, Task and Map.
-    Cron,
-    /// [`Client::kill`] simulates a dead process.
-    KillClient,
-    /// [`Client::revoke`] ends a lease/session on the server side.
-    RevokeSession,
-}
+/// One participant of a case: a connected [`Backend`] client (its own lease/session) with its
+/// handles and fault hooks.
+pub struct Client(Arc<dyn Backend>);
 
-impl Capability {
-    /// Every capability, for a backend that supports everything.
-    pub const ALL: [Capability; 8] = [
-        Capability::Lock,
-        Capability::Leader,
-        Capability::Task,
-        Capability::Map,
-        Capability::Time,
-        Capability::Cron,
-        Capability::KillClient,
-        Capability::RevokeSession,
-    ];
-}
-
-/// How a backend makes clients for the cases.
-#[async_trait]
-pub trait Harness: Send + Sync + 'static {
-    /// A new independent client (its own lease/session) whose keys live under `namespace`.
-    async fn client(&self, namespace: &str) -> sync_core::Result<Box<dyn Client>>;
-
-    /// What this backend supports.
-    fn capabilities(&self) -> Vec<Capability>;
-
-    /// The lease TTL clients are configured with; time bounds in cases scale with it.
-    fn ttl(&self) -> Duration;
-}
-
-/// One participant: its own lease/session, its handles, and fault hooks.
-#[async_trait]
-pub trait Client: Send + Sync {
+impl Client {
+    /// The backend client itself.
+    pub fn backend(&self) -> &Arc<dyn Backend> {
+        &self.0
+    }
     /// The lock handle.
-    fn lock(&self) -> sync_core::Result<Arc<dyn Lock>>;
+    pub fn lock(&self) -> sync_core::Result<Arc<dyn Lock>> {
+        self.0.lock()
+    }
     /// A leader handle bound to `group`.
-    fn leader(&self, group: &str) -> sync_core::Result<Arc<dyn Leader>>;
+    pub fn leader(&self, group: &str) -> sync_core::Result<Arc<dyn Leader>> {
+        self.0.leader(group)
+    }
     /// The task handle.
-    fn task(&self) -> sync_core::Result<Arc<dyn Task>>;
+    pub fn task(&self) -> sync_core::Result<Arc<dyn Task>> {
+        self.0.task()
+    }
     /// The map `name`.
-    fn map(&self, name: &str) -> sync_core::Result<Arc<dyn Map>>;
+    pub fn map(&self, name: &str) -> sync_core::Result<Arc<dyn Map>> {
+        self.0.map(name)
+    }
     /// The time source.
-    fn time(&self) -> sync_core::Result<Arc<dyn Time>>;
+    pub fn time(&self) -> sync_core::Result<Arc<dyn Time>> {
+        self.0.time()
+    }
     /// Simulates the process dying: stops renewing, releases nothing.
-    async fn kill(&self) -> sync_core::Result<()>;
+    pub async fn kill(&self) -> sync_core::Result<()> {
+        self.faults()?.kill().await
+    }
     /// Revokes the client's lease/session on the server side.
-    async fn revoke(&self) -> sync_core::Result<()>;
+    pub async fn revoke(&self) -> sync_core::Result<()> {
+        self.faults()?.revoke().await
+    }
+
+    fn faults(&self) -> sync_core::Result<&dyn Faults> {
+        self.0
+            .faults()
+            .ok_or_else(|| sync_core::raw::unsupported(self.0.name(), "fault hooks"))
+    }
 }
 
 /// Why a case failed: a message with the source location of the check that failed.
@@ -236,13 +217,13 @@ pub const SLACK: Duration = Duration::from_secs(2);
 
 /// Per-case context: the harness, the case's own random namespace, and its time bounds.
 pub struct Ctx {
-    harness: Arc<dyn Harness>,
+    harness: Arc<Harness>,
     namespace: String,
 }
 
 impl Ctx {
     /// A context in a fresh random namespace.
-    pub fn new(harness: Arc<dyn Harness>) -> Self {
+    pub(crate) fn new(harness: Arc<Harness>) -> Self {
         Ctx {
             harness,
             namespace: format!("conformance-{}", uuid::Uuid::new_v4().simple()),
@@ -256,19 +237,19 @@ impl Ctx {
 
     /// A new independent client in the case's namespace.
     #[track_caller]
-    pub fn client(&self) -> impl Future<Output = Result<Box<dyn Client>, Failure>> + Send + '_ {
+    pub fn client(&self) -> impl Future<Output = Result<Client, Failure>> + Send + '_ {
         let at = std::panic::Location::caller();
         async move {
-            self.harness
-                .client(&self.namespace)
+            (self.harness.connect)(self.namespace.clone())
                 .await
+                .map(Client)
                 .map_err(|e| Failure::located(format_args!("creating a client: {e}"), at))
         }
     }
 
     /// The backend's lease TTL.
     pub fn ttl(&self) -> Duration {
-        self.harness.ttl()
+        self.harness.ttl
     }
 
     /// How long something pushed (a release, a resignation, a revocation, a job) may take to

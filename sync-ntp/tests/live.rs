@@ -1,5 +1,5 @@
 //! Figures measured against a live NTP server (chronyd from `cargo xtask services up ntp`):
-//! `SYNC_TEST_NTP=127.0.0.1:11123 cargo test -p sync-ntp --test live -- --nocapture`.
+//! `SYNC_TEST_NTP=ntp://127.0.0.1:11123 cargo test -p sync-ntp --test live -- --nocapture`.
 //! Without the variable the tests show as ignored, or fail under `SYNC_REQUIRE_LIVE=1`, like
 //! the conformance cases.
 
@@ -11,13 +11,9 @@ use std::{
 use libtest_mimic::{Arguments, Failed, Trial};
 use sync_ntp::{Client, Config};
 
-fn config(endpoint: &str) -> Result<Config, Failed> {
-    let url = if endpoint.starts_with("ntp://") {
-        endpoint.to_string()
-    } else {
-        format!("ntp://{endpoint}")
-    };
-    Ok(Config::from_url(&url)?)
+/// The config of the `SYNC_TEST_NTP` URL (`ntp://host:port`).
+fn config(url: &str) -> Result<Config, Failed> {
+    Ok(Config::from_url(url)?)
 }
 
 fn block_on<F: std::future::Future<Output = Result<(), Failed>>>(f: F) -> Result<(), Failed> {

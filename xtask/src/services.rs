@@ -87,13 +87,15 @@ impl Service {
         SocketAddr::from(([127, 0, 0, 1], self.port()))
     }
 
-    /// The value of the service's SYNC_TEST_* variable.
+    /// The value of the service's SYNC_TEST_* variable: a backend URL, as `sync-any` takes.
     pub(crate) fn endpoint(self) -> String {
-        match self {
-            Self::Etcd | Self::Consul => format!("http://{HOST}:{}", self.port()),
-            Self::Redis => format!("redis://{HOST}:{}/0", self.port()),
-            Self::Ntp => format!("{HOST}:{}", self.port()),
-        }
+        let scheme = match self {
+            Self::Etcd => "etcd",
+            Self::Consul => "consul",
+            Self::Redis => "redis",
+            Self::Ntp => "ntp",
+        };
+        format!("{scheme}://{HOST}:{}", self.port())
     }
 
     fn tcp_ports(self) -> &'static [u16] {
@@ -673,7 +675,7 @@ fn smoke_one(service: Service) -> Result<String> {
                 clear_env_prefix(&mut etcdctl, "ETCDCTL");
                 let output = etcdctl
                     .env("ETCDCTL_API", "3")
-                    .arg(format!("--endpoints={}", service.endpoint()))
+                    .arg(format!("--endpoints=http://{}", service.addr()))
                     .arg("--command-timeout=5s")
                     .args(args)
                     .output()?;

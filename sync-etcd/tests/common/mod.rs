@@ -9,12 +9,12 @@ use libtest_mimic::{Arguments, Trial};
 pub type TestResult = Result<(), String>;
 pub type TestFn = fn(String) -> Pin<Box<dyn Future<Output = TestResult> + Send>>;
 
-/// The endpoint from `SYNC_TEST_ETCD` (first of a comma-separated list).
+/// The first endpoint (`http://host:port`) of the `SYNC_TEST_ETCD` URL
+/// (`etcd://host:port[,host:port…]`).
 pub fn endpoint() -> Option<String> {
-    std::env::var("SYNC_TEST_ETCD")
-        .ok()
-        .and_then(|v| v.split(',').next().map(|e| e.trim().to_string()))
-        .filter(|e| !e.is_empty())
+    let url = std::env::var("SYNC_TEST_ETCD").ok()?;
+    let config = sync_etcd::Config::from_url(url.trim()).ok()?;
+    config.endpoints.into_iter().next()
 }
 
 /// `host:port` of an `http://host:port` endpoint.
@@ -67,7 +67,9 @@ pub fn run(tests: &[(&'static str, TestFn)], args: Arguments) -> ExitCode {
         .iter()
         .map(|&(name, f)| match endpoint.clone() {
             None => {
-                let why = "SYNC_TEST_ETCD is not set: this test needs a live etcd".to_string();
+                let why =
+                    "SYNC_TEST_ETCD is not set to an etcd:// URL: this test needs a live etcd"
+                        .to_string();
                 Trial::test(name, move || Err(why.into())).with_ignored_flag(!require)
             }
             Some(ep) => Trial::test(name, move || {
