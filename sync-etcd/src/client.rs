@@ -660,70 +660,6 @@ fn tls_options(tls: &crate::TlsConfig) -> Result<etcd_client::TlsOptions> {
     Ok(options)
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    /// A client that never talks to etcd (the channel connects lazily).
-    async fn offline_inner() -> Arc<ClientInner> {
-        let etcd = etcd_client::Client::connect(["http://127.0.0.1:1"], None)
-            .await
-            .expect("a lazy channel");
-        let (killed, _) = watch::channel(false);
-        Arc::new(ClientInner {
-            etcd,
-            config: Config::default(),
-            session: tokio::sync::Mutex::new(None),
-            killed,
-            queues: Mutex::new(HashMap::new()),
-        })
-    }
-
-    fn queue_count(inner: &ClientInner) -> usize {
-        locked(&inner.queues).len()
-    }
-
-    #[tokio::test]
-    async fn local_queue_is_removed_when_a_waiter_is_cancelled_after_the_holder_left() {
-        let inner = offline_inner().await;
-        let turn = inner.local_turn("ns/a/", false).await.expect("free");
-        let mut waiter = Box::pin(inner.local_turn("ns/a/", false));
-        assert!(futures::poll!(waiter.as_mut()).is_pending());
-        // The holder leaves while the waiter is queued, then the waiter is cancelled.
-        drop(turn);
-        drop(waiter);
-        assert_eq!(queue_count(&inner), 0, "the queue of a gone id leaked");
-    }
-
-    #[tokio::test]
-    async fn local_queue_is_removed_when_a_waiter_is_cancelled_before_the_holder_left() {
-        let inner = offline_inner().await;
-        let turn = inner.local_turn("ns/a/", false).await.expect("free");
-        let mut waiter = Box::pin(inner.local_turn("ns/a/", false));
-        assert!(futures::poll!(waiter.as_mut()).is_pending());
-        drop(waiter);
-        assert_eq!(queue_count(&inner), 1, "the holder still uses it");
-        drop(turn);
-        assert_eq!(queue_count(&inner), 0);
-    }
-
-    #[tokio::test]
-    async fn local_queue_hands_over_and_is_removed_after_the_last_turn() {
-        let inner = offline_inner().await;
-        let turn = inner.local_turn("ns/a/", false).await.expect("free");
-        assert!(inner.local_turn("ns/a/", true).await.is_none(), "taken");
-        let mut waiter = Box::pin(inner.local_turn("ns/a/", false));
-        assert!(futures::poll!(waiter.as_mut()).is_pending());
-        drop(turn);
-        let next = waiter.await.expect("handed over");
-        assert_eq!(queue_count(&inner), 1);
-        drop(next);
-        assert_eq!(queue_count(&inner), 0);
-        let other = inner.local_turn("ns/b/", true).await.expect("free");
-        drop(other);
-        assert_eq!(queue_count(&inner), 0);
-    }
-}
 
 /// Time is not an etcd primitive.
 const CAPABILITIES: Capabilities = Capabilities::all().without(Capability::Time);
@@ -789,5 +725,70 @@ impl Faults for Client {
 
     async fn revoke(&self) -> Result<()> {
         Client::revoke(self).await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A client that never talks to etcd (the channel connects lazily).
+    async fn offline_inner() -> Arc<ClientInner> {
+        let etcd = etcd_client::Client::connect(["http://127.0.0.1:1"], None)
+            .await
+            .expect("a lazy channel");
+        let (killed, _) = watch::channel(false);
+        Arc::new(ClientInner {
+            etcd,
+            config: Config::default(),
+            session: tokio::sync::Mutex::new(None),
+            killed,
+            queues: Mutex::new(HashMap::new()),
+        })
+    }
+
+    fn queue_count(inner: &ClientInner) -> usize {
+        locked(&inner.queues).len()
+    }
+
+    #[tokio::test]
+    async fn local_queue_is_removed_when_a_waiter_is_cancelled_after_the_holder_left() {
+        let inner = offline_inner().await;
+        let turn = inner.local_turn("ns/a/", false).await.expect("free");
+        let mut waiter = Box::pin(inner.local_turn("ns/a/", false));
+        assert!(futures::poll!(waiter.as_mut()).is_pending());
+        // The holder leaves while the waiter is queued, then the waiter is cancelled.
+        drop(turn);
+        drop(waiter);
+        assert_eq!(queue_count(&inner), 0, "the queue of a gone id leaked");
+    }
+
+    #[tokio::test]
+    async fn local_queue_is_removed_when_a_waiter_is_cancelled_before_the_holder_left() {
+        let inner = offline_inner().await;
+        let turn = inner.local_turn("ns/a/", false).await.expect("free");
+        let mut waiter = Box::pin(inner.local_turn("ns/a/", false));
+        assert!(futures::poll!(waiter.as_mut()).is_pending());
+        drop(waiter);
+        assert_eq!(queue_count(&inner), 1, "the holder still uses it");
+        drop(turn);
+        assert_eq!(queue_count(&inner), 0);
+    }
+
+    #[tokio::test]
+    async fn local_queue_hands_over_and_is_removed_after_the_last_turn() {
+        let inner = offline_inner().await;
+        let turn = inner.local_turn("ns/a/", false).await.expect("free");
+        assert!(inner.local_turn("ns/a/", true).await.is_none(), "taken");
+        let mut waiter = Box::pin(inner.local_turn("ns/a/", false));
+        assert!(futures::poll!(waiter.as_mut()).is_pending());
+        drop(turn);
+        let next = waiter.await.expect("handed over");
+        assert_eq!(queue_count(&inner), 1);
+        drop(next);
+        assert_eq!(queue_count(&inner), 0);
+        let other = inner.local_turn("ns/b/", true).await.expect("free");
+        drop(other);
+        assert_eq!(queue_count(&inner), 0);
     }
 }

@@ -635,6 +635,36 @@ fn carry(
     carried
 }
 
+
+#[async_trait]
+impl Backend for Client {
+    fn name(&self) -> &'static str {
+        BACKEND
+    }
+
+    fn capabilities(&self) -> Capabilities {
+        Capabilities::none().with(Capability::Time)
+    }
+
+    /// NTP has no lease.
+    fn ttl(&self) -> Option<Duration> {
+        None
+    }
+
+    fn time(&self) -> Result<Arc<dyn Time>> {
+        Ok(Client::time(self))
+    }
+
+    /// Stops the background refresh; later calls fail with Closed.
+    async fn close(&self) -> Result<()> {
+        self.inner.closed.store(true, Ordering::SeqCst);
+        if let Some(task) = lock(&self.inner.refresh).take() {
+            task.abort();
+        }
+        Ok(())
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -697,34 +727,5 @@ mod tests {
         assert_eq!(capped.backoff, crate::config::MAX_INTERVAL);
         // Other codes (INIT, STEP, …) fail this sync only.
         assert!(kiss(None, "INIT", now, every).is_none());
-    }
-}
-
-#[async_trait]
-impl Backend for Client {
-    fn name(&self) -> &'static str {
-        BACKEND
-    }
-
-    fn capabilities(&self) -> Capabilities {
-        Capabilities::none().with(Capability::Time)
-    }
-
-    /// NTP has no lease.
-    fn ttl(&self) -> Option<Duration> {
-        None
-    }
-
-    fn time(&self) -> Result<Arc<dyn Time>> {
-        Ok(Client::time(self))
-    }
-
-    /// Stops the background refresh; later calls fail with Closed.
-    async fn close(&self) -> Result<()> {
-        self.inner.closed.store(true, Ordering::SeqCst);
-        if let Some(task) = lock(&self.inner.refresh).take() {
-            task.abort();
-        }
-        Ok(())
     }
 }
