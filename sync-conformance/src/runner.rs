@@ -87,6 +87,7 @@ pub fn cases() -> Vec<Case> {
         case!(task::retries_until_max_attempts, [Task]),
         case!(task::redelivery_after_worker_death, [Task, KillClient]),
         case!(task::status_reports_attempts_and_error, [Task]),
+        case!(task::output_over_limit_fails, [Task]),
         case!(map::crud, [Map]),
         case!(map::compare_and_swap_conflict, [Map]),
         case!(map::concurrent_update_exact, [Map]),

@@ -10,7 +10,8 @@ use std::{
 };
 
 use sync_core::{
-    ErrorKind, Handler, HandlerError, Job, JobContext, JobId, JobState, JobStatus, WorkerOptions,
+    ErrorKind, Handler, HandlerError, Job, JobContext, JobId, JobState, JobStatus, MAX_PAYLOAD_LEN,
+    WorkerOptions,
 };
 use tokio::sync::{mpsc, watch};
 
@@ -375,5 +376,54 @@ pub async fn status_reports_attempts_and_error(ctx: &Ctx) -> CaseResult {
         task.status(&JobId("no-such-job".to_string())).await,
         ErrorKind::NotFound,
     )?;
+    Ok(())
+}
+
+/// An output over [`MAX_PAYLOAD_LEN`] fails the attempt with an error naming the limit on every
+/// backend (it is never stored, nor silently cut); an output of exactly the limit succeeds.
+pub async fn output_over_limit_fails(ctx: &Ctx) -> CaseResult {
+    let client = ctx.client().await?;
+    let task = client.task()?;
+    let _worker = task
+        .work(
+            "sized",
+            handler(|job: JobContext| async move {
+                let extra = usize::from(job.payload == b"over");
+                Ok(vec![7u8; MAX_PAYLOAD_LEN + extra])
+            }),
+            WorkerOptions::new(),
+        )
+        .await?;
+
+    let over = Job::new("sized", "over").with_max_attempts(1);
+    let over = within(
+        finish(ctx),
+        "run of a job whose output is too big",
+        task.run(over),
+    )
+    .await??;
+    let error = over.last_error.as_deref().unwrap_or_default();
+    ensure!(
+        over.state == JobState::Failed
+            && over.output.is_none()
+            && error.contains(&MAX_PAYLOAD_LEN.to_string()),
+        "an output of {} bytes must fail the attempt naming the limit {MAX_PAYLOAD_LEN}: {over:?}",
+        MAX_PAYLOAD_LEN + 1
+    );
+
+    let at = Job::new("sized", "at").with_max_attempts(1);
+    let at = within(
+        finish(ctx),
+        "run of a job whose output is at the limit",
+        task.run(at),
+    )
+    .await??;
+    ensure!(
+        at.state == JobState::Succeeded
+            && at.output.as_ref().map(Vec::len) == Some(MAX_PAYLOAD_LEN),
+        "an output of exactly {MAX_PAYLOAD_LEN} bytes must succeed: state {:?}, {:?} bytes",
+        at.state,
+        at.output.as_ref().map(Vec::len)
+    );
     Ok(())
 }

@@ -660,7 +660,6 @@ fn tls_options(tls: &crate::TlsConfig) -> Result<etcd_client::TlsOptions> {
     Ok(options)
 }
 
-
 /// Time is not an etcd primitive.
 const CAPABILITIES: Capabilities = Capabilities::all().without(Capability::Time);
 

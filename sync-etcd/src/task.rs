@@ -14,14 +14,14 @@
 //!
 //! Payload and output bytes are kept raw beside the record rather than in its JSON (where bytes
 //! are arrays of numbers, about 4x larger), so a payload or output of up to
-//! [`MAX_PAYLOAD_LEN`] stays well within etcd's request limit (1.5 MiB by default).
+//! [`MAX_PAYLOAD_LEN`](sync_core::MAX_PAYLOAD_LEN) stays well within etcd's request limit (1.5 MiB by default).
 //!
 //! Submitting writes the record, the payload and the queue entry in one transaction. A worker
 //! claims a job in one transaction guarded by the record's mod revision: record → Running
 //! (attempts + 1), queue entry deleted, claim (with its lease) and in-flight marker written,
 //! payload read. Finishing is one transaction guarded by the same mod revision: record →
 //! Succeeded (output written) / Failed / Queued (retry, queue entry re-written), claim and
-//! marker deleted (and the payload, once the job ended). An output over [`MAX_PAYLOAD_LEN`]
+//! marker deleted (and the payload, once the job ended). An output over [`MAX_PAYLOAD_LEN`](sync_core::MAX_PAYLOAD_LEN)
 //! fails the attempt. Workers page through the whole queue, oldest first, until they find a
 //! startable entry, so delayed retries at its head never hold up newer jobs. Every worker watches `claims/` for
 //! deletions (and rescans every few seconds as a safety net); an in-flight marker whose claim
@@ -30,7 +30,6 @@
 
 use std::{
     collections::HashSet,
-    panic::AssertUnwindSafe,
     sync::Arc,
     time::{Duration, SystemTime, UNIX_EPOCH},
 };
@@ -40,19 +39,16 @@ use etcd_client::{
     Compare, CompareOp, DeleteOptions, GetOptions, PutOptions, SortOrder, SortTarget, Txn, TxnOp,
     TxnOpResponse, WatchFilterType, WatchOptions,
 };
-use futures::FutureExt;
+use futures::future::BoxFuture;
 use serde::{Deserialize, Serialize};
-use sync_core::raw::WorkerControl;
 use sync_core::{
-    Error, ErrorKind, Handler, Job, JobContext, JobId, JobState, JobStatus, LossSignal,
-    MAX_PAYLOAD_LEN, Result, Task, Worker, WorkerOptions,
+    Error, ErrorKind, Handler, Job, JobContext, JobId, JobState, JobStatus, LossSignal, Result,
+    Task, Worker, WorkerOptions,
 };
-use tokio::{
-    sync::{Semaphore, watch},
-    task::JoinSet,
-    time::Instant,
+use sync_kit::task::{
+    Claimed, JobQueue, Next, Outcome, apply_outcome, apply_worker_loss, spawn_worker,
 };
-use tracing::Instrument;
+use tokio::{sync::watch, time::Instant};
 
 use crate::{
     BACKEND,
@@ -67,14 +63,6 @@ const SAFETY_NET: Duration = Duration::from_secs(5);
 /// deletes a claim, and one rescan reads every in-flight marker and claim, so a burst of
 /// finished jobs costs one rescan rather than one each.
 const REAP_DEBOUNCE: Duration = Duration::from_millis(250);
-
-/// The largest worker pool accepted (the pool is a semaphore, and stopping takes every permit
-/// in one call).
-const MAX_CONCURRENCY: usize = if (u32::MAX as usize) < Semaphore::MAX_PERMITS {
-    u32::MAX as usize
-} else {
-    Semaphore::MAX_PERMITS
-};
 
 /// How many queue entries a worker reads per request while scanning its queue.
 const SCAN_LIMIT: i64 = 64;
@@ -314,38 +302,62 @@ impl Task for EtcdTask {
         opts: WorkerOptions,
     ) -> Result<Worker> {
         validate_id("job name", name)?;
-        opts.validate().map_err(|e| e.with_backend(BACKEND))?;
-        if opts.concurrency > MAX_CONCURRENCY {
-            return Err(Error::invalid(format!(
-                "worker concurrency is {}; the maximum is {MAX_CONCURRENCY}",
-                opts.concurrency
-            ))
-            .with_backend(BACKEND)
-            .with_id(name));
-        }
         // Fails with Closed once killed, and makes sure a lease exists for the claims.
         self.shared.client.session().await?;
-        let (stop_tx, stop) = watch::channel(false);
-        let pool = Arc::new(Semaphore::new(opts.concurrency));
-        let span = tracing::info_span!("worker", backend = BACKEND, primitive = "task", id = name);
-        let mut tasks = JoinSet::new();
-        tasks.spawn(
-            claim_loop(
-                self.shared.clone(),
-                name.to_string(),
-                handler,
-                pool.clone(),
-                stop.clone(),
-            )
-            .instrument(span.clone()),
-        );
-        tasks.spawn(reaper(self.shared.clone(), stop).instrument(span));
-        Ok(Worker::new(Box::new(EtcdWorker {
-            stop: stop_tx,
-            pool,
-            concurrency: opts.concurrency,
-            tasks: Some(tasks),
+        let queue = Arc::new(EtcdQueue {
+            shared: self.shared.clone(),
+            prefix: self.shared.keys.queue_prefix(name),
+        });
+        spawn_worker(BACKEND, queue, name, handler, opts)
+    }
+}
+
+/// One job name's queue, as a worker of this client sees it.
+struct EtcdQueue {
+    shared: Arc<Shared>,
+    prefix: String,
+}
+
+#[async_trait]
+impl JobQueue for EtcdQueue {
+    type Claim = Claim;
+
+    async fn claim(&self, _name: &str) -> Result<Claimed<Claim>> {
+        let (claim, rev, wake) = claim_one(&self.shared, &self.prefix).await?;
+        if let Some(mut claim) = claim {
+            let mut ctx = JobContext::new(
+                JobId(claim.id.clone()),
+                &claim.record.job,
+                claim.record.status.attempts,
+            );
+            ctx.payload = std::mem::take(&mut claim.payload);
+            return Ok(Claimed::Job(claim, ctx));
+        }
+        // Watching from the revision the queue was read at misses no entry written since.
+        let shared = self.shared.clone();
+        let prefix = self.prefix.clone();
+        let wake = wake.unwrap_or_else(|| Instant::now() + SAFETY_NET);
+        Ok(Claimed::Empty(Box::pin(async move {
+            let changed = WatchOptions::new()
+                .with_prefix()
+                .with_start_revision(rev + 1);
+            tokio::select! {
+                _ = shared.client.watch_once(prefix.as_str(), changed), if rev > 0 => {}
+                _ = tokio::time::sleep_until(wake) => {}
+            }
         })))
+    }
+
+    async fn finish(&self, claim: Claim, outcome: Outcome) {
+        record_outcome(&self.shared, claim, outcome).await;
+    }
+
+    async fn closed(&self) {
+        let _ = self.shared.client.killed().wait_for(|k| *k).await;
+    }
+
+    fn chores(self: Arc<Self>, stop: watch::Receiver<bool>) -> Option<BoxFuture<'static, ()>> {
+        Some(Box::pin(reaper(self.shared.clone(), stop)))
     }
 }
 
@@ -366,56 +378,6 @@ struct Claim {
     rev: i64,
     /// Fires when the lease the claim was written with ends (the claim goes with it).
     lease_ended: LossSignal,
-}
-
-/// Takes permits from the pool and claims a job for each.
-async fn claim_loop(
-    shared: Arc<Shared>,
-    name: String,
-    handler: Arc<dyn Handler>,
-    pool: Arc<Semaphore>,
-    mut stop: watch::Receiver<bool>,
-) {
-    let mut killed = shared.client.killed();
-    let queue_prefix = shared.keys.queue_prefix(&name);
-    loop {
-        let permit = tokio::select! {
-            p = pool.clone().acquire_owned() => match p { Ok(p) => p, Err(_) => return },
-            _ = stopped(&mut stop, &mut killed) => return,
-        };
-        loop {
-            let (claim, rev, wake) = match claim_one(&shared, &queue_prefix).await {
-                Ok(found) => found,
-                Err(e) => {
-                    tracing::warn!(backend = BACKEND, error = %e, "claiming a job failed; retrying");
-                    (None, 0, Some(Instant::now() + Duration::from_millis(500)))
-                }
-            };
-            if let Some(claim) = claim {
-                let shared = shared.clone();
-                let handler = handler.clone();
-                let mut killed = shared.client.killed();
-                tokio::spawn(async move {
-                    // A killed client behaves like a dead process: its attempts just stop.
-                    tokio::select! {
-                        _ = run_attempt(&shared, handler, claim) => {}
-                        _ = killed.wait_for(|k| *k) => {}
-                    }
-                    drop(permit);
-                });
-                break;
-            }
-            let wake = wake.unwrap_or_else(|| Instant::now() + SAFETY_NET);
-            let changed = WatchOptions::new()
-                .with_prefix()
-                .with_start_revision(rev + 1);
-            tokio::select! {
-                _ = shared.client.watch_once(queue_prefix.as_str(), changed), if rev > 0 => {}
-                _ = tokio::time::sleep_until(wake) => {}
-                _ = stopped(&mut stop, &mut killed) => return,
-            }
-        }
-    }
 }
 
 /// Claims the oldest startable job of the queue, paging through it (oldest first) until one
@@ -545,33 +507,16 @@ async fn try_claim(
     }))
 }
 
-/// Runs one attempt and records its outcome, unless the claim was lost meanwhile.
-async fn run_attempt(shared: &Shared, handler: Arc<dyn Handler>, claim: Claim) {
+/// Records an attempt's outcome, unless the claim was lost meanwhile.
+async fn record_outcome(shared: &Shared, claim: Claim, mut outcome: Outcome) {
     let Claim {
         id,
         mut record,
-        payload,
         rev,
         lease_ended,
+        ..
     } = claim;
     let attempt = record.status.attempts;
-    let mut ctx = JobContext::new(JobId(id.clone()), &record.job, attempt);
-    ctx.payload = payload;
-    let mut outcome = match AssertUnwindSafe(handler.call(ctx)).catch_unwind().await {
-        Ok(Ok(output)) if output.len() > MAX_PAYLOAD_LEN => Err(format!(
-            "the handler's output is {} bytes; the maximum is {MAX_PAYLOAD_LEN}",
-            output.len()
-        )),
-        Ok(outcome) => outcome.map_err(|e| e.to_string()),
-        Err(panic) => Err(format!(
-            "handler panicked: {}",
-            panic
-                .downcast_ref::<String>()
-                .map(String::as_str)
-                .or_else(|| panic.downcast_ref::<&str>().copied())
-                .unwrap_or("(non-string payload)")
-        )),
-    };
     let mut downgraded = false;
     let mut transient_failures = 0u32;
     loop {
@@ -633,29 +578,17 @@ fn finish_txn(
     rev: i64,
     record: &mut Record,
     attempt: u32,
-    outcome: std::result::Result<Vec<u8>, String>,
+    outcome: Outcome,
 ) -> Result<Txn> {
     let keys = &shared.keys;
     let mut requeue_at = None;
     let mut output = None;
-    record.status.output = None;
-    match outcome {
-        Ok(out) => {
-            record.status.state = JobState::Succeeded;
-            output = Some(out);
-        }
-        Err(error) if attempt < record.job.max_attempts => {
-            let delay = record.job.retry_delay(attempt.saturating_add(1));
-            tracing::info!(backend = BACKEND, job = %id, attempt, %error, ?delay, "job attempt failed; retrying");
-            record.status.state = JobState::Queued;
-            record.status.last_error = Some(error);
+    match apply_outcome(&record.job, &mut record.status, attempt, outcome) {
+        Next::Succeeded(out) => output = Some(out),
+        Next::Retry { delay } => {
             requeue_at = Some(now_ms().saturating_add(delay.as_millis() as u64));
         }
-        Err(error) => {
-            tracing::warn!(backend = BACKEND, job = %id, attempt, %error, "job failed");
-            record.status.state = JobState::Failed;
-            record.status.last_error = Some(error);
-        }
+        Next::Failed => {}
     }
     let value = shared.encode(record)?;
     let mut ops = vec![
@@ -775,15 +708,8 @@ async fn requeue_orphan(shared: &Shared, id: &str) -> Result<()> {
         return Ok(());
     }
     let attempts = record.status.attempts;
-    record.status.last_error = Some(format!(
-        "worker lost: its lease ended during attempt {attempts}"
-    ));
-    let out_of_attempts = attempts >= record.job.max_attempts;
-    record.status.state = if out_of_attempts {
-        JobState::Failed
-    } else {
-        JobState::Queued
-    };
+    let reason = format!("its lease ended during attempt {attempts}");
+    let out_of_attempts = !apply_worker_loss(&record.job, &mut record.status, &reason);
     let mut ops = vec![
         TxnOp::put(keys.record(id), shared.encode(&record)?, None),
         TxnOp::delete(keys.inflight_of(id), None::<DeleteOptions>),
@@ -807,31 +733,4 @@ async fn requeue_orphan(shared: &Shared, id: &str) -> Result<()> {
         tracing::warn!(backend = BACKEND, job = %id, attempts, redelivered = !out_of_attempts, "a worker died holding the job");
     }
     Ok(())
-}
-
-struct EtcdWorker {
-    stop: watch::Sender<bool>,
-    pool: Arc<Semaphore>,
-    concurrency: usize,
-    tasks: Option<JoinSet<()>>,
-}
-
-#[async_trait]
-impl WorkerControl for EtcdWorker {
-    async fn stop(&mut self) {
-        self.stop.send_replace(true);
-        if let Some(mut tasks) = self.tasks.take() {
-            while tasks.join_next().await.is_some() {}
-        }
-        // Every permit back = every running attempt finished.
-        let _ = self.pool.acquire_many(self.concurrency as u32).await;
-    }
-
-    fn stop_in_background(mut self: Box<Self>) {
-        self.stop.send_replace(true);
-        if let Some(mut tasks) = self.tasks.take() {
-            // The loops end on the stop signal; detach them rather than abort mid-claim.
-            tasks.detach_all();
-        }
-    }
 }

@@ -31,3 +31,5 @@ pub fn panic_message(payload: &(dyn std::any::Any + Send)) -> &str {
         .or_else(|| payload.downcast_ref::<&str>().copied())
         .unwrap_or("(non-string payload)")
 }
+
+pub mod task;

@@ -19,14 +19,19 @@ use std::{
 };
 
 use async_trait::async_trait;
-use sync_core::raw::WorkerControl;
 use sync_core::{
     Error, ErrorKind, Handler, HandlerError, Job, JobContext, JobId, JobState, JobStatus, Result,
     Task, Worker, WorkerOptions,
 };
+use sync_kit::{
+    panic_message,
+    task::{
+        JobQueue, MAX_CONCURRENCY, Next, Outcome, apply_outcome, apply_worker_loss, spawn_worker,
+    },
+};
 use tokio::{
-    sync::{Notify, OwnedSemaphorePermit, Semaphore, watch},
-    task::{JoinError, JoinHandle},
+    sync::{Notify, Semaphore, watch},
+    task::JoinError,
     time::Instant,
 };
 use tracing::Instrument;
@@ -34,14 +39,6 @@ use tracing::Instrument;
 use crate::{
     BACKEND, Client,
     client::{ClientInner, Shared, locked},
-};
-
-/// The largest pool a worker or command pool accepts (what a tokio semaphore and
-/// `acquire_many` can count).
-const MAX_POOL: usize = if Semaphore::MAX_PERMITS < u32::MAX as usize {
-    Semaphore::MAX_PERMITS
-} else {
-    u32::MAX as usize
 };
 
 /// Every job and queue of a cluster.
@@ -218,30 +215,14 @@ fn worker_lost(shared: &Weak<Shared>, job_key: &str, token: u64, reason: &str) {
         return;
     }
     entry.claim = None;
-    entry.status.last_error = Some(format!("worker lost: {reason}"));
-    let out_of_attempts = entry.status.attempts >= entry.job.max_attempts;
-    entry.status.state = if out_of_attempts {
-        JobState::Failed
-    } else {
-        JobState::Queued
-    };
+    let requeue = apply_worker_loss(&entry.job, &mut entry.status, reason);
     entry.changed.send_replace(());
-    tracing::warn!(
-        backend = BACKEND,
-        primitive = "task",
-        id = %entry.status.id,
-        name = %entry.job.name,
-        attempts = entry.status.attempts,
-        reason,
-        redelivered = !out_of_attempts,
-        "worker lost; job {}",
-        if out_of_attempts { "failed" } else { "requeued" }
-    );
-    if out_of_attempts {
-        state.retire(job_key);
-    } else {
+    tracing::warn!(backend = BACKEND, primitive = "task", job = %entry.status.id, attempts = entry.status.attempts, reason, redelivered = requeue, "a worker died holding the job");
+    if requeue {
         let queue = entry.queue.clone();
         state.make_ready(&queue, job_key);
+    } else {
+        state.retire(job_key);
     }
 }
 
@@ -269,28 +250,16 @@ fn finish(client: &ClientInner, claim: &Claimed, outcome: std::result::Result<Ve
             return;
         };
         shared.cancel_on_end(c.session, c.registration);
+        let attempt = entry.status.attempts;
         // The delay before the next attempt; None once the job is final.
-        let mut requeue = None;
-        match outcome {
-            Ok(output) => {
-                entry.status.state = JobState::Succeeded;
+        let requeue = match apply_outcome(&entry.job, &mut entry.status, attempt, outcome) {
+            Next::Succeeded(output) => {
                 entry.status.output = Some(output);
-                tracing::debug!(backend = BACKEND, primitive = "task", id = %claim.id, attempt = claim.attempt, "job succeeded");
+                None
             }
-            Err(error) => {
-                let attempts = entry.status.attempts;
-                if attempts < entry.job.max_attempts {
-                    let delay = entry.job.retry_delay(attempts.saturating_add(1));
-                    tracing::info!(backend = BACKEND, primitive = "task", id = %claim.id, attempt = attempts, %error, ?delay, "job attempt failed; retrying");
-                    entry.status.state = JobState::Queued;
-                    requeue = Some(delay);
-                } else {
-                    tracing::warn!(backend = BACKEND, primitive = "task", id = %claim.id, attempts, %error, "job failed");
-                    entry.status.state = JobState::Failed;
-                }
-                entry.status.last_error = Some(error);
-            }
-        }
+            Next::Retry { delay } => Some(delay),
+            Next::Failed => None,
+        };
         entry.changed.send_replace(());
         match requeue {
             None => {
@@ -329,34 +298,30 @@ fn finish(client: &ClientInner, claim: &Claimed, outcome: std::result::Result<Ve
     });
 }
 
-/// Why a handler task ended without a result.
-fn join_error_message(what: &str, e: JoinError) -> String {
-    if e.is_panic() {
-        let payload = e.into_panic();
-        let msg = payload
-            .downcast_ref::<&str>()
-            .map(|s| s.to_string())
-            .or_else(|| payload.downcast_ref::<String>().cloned());
-        match msg {
-            Some(m) => format!("{what} panicked: {m}"),
-            None => format!("{what} panicked"),
-        }
-    } else {
-        format!("{what} was cancelled")
-    }
-}
-
-fn check_pool(what: &str, n: usize) -> Result<()> {
+/// A command pool of at least 1 and at most [`MAX_CONCURRENCY`].
+fn check_pool(n: usize) -> Result<()> {
     if n == 0 {
-        return Err(Error::invalid(format!("{what} must be at least 1")).with_backend(BACKEND));
+        return Err(Error::invalid("pool must be at least 1").with_backend(BACKEND));
     }
-    if n > MAX_POOL {
+    if n > MAX_CONCURRENCY {
         return Err(
-            Error::invalid(format!("{what} is {n}; the maximum is {MAX_POOL}"))
+            Error::invalid(format!("pool is {n}; the maximum is {MAX_CONCURRENCY}"))
                 .with_backend(BACKEND),
         );
     }
     Ok(())
+}
+
+/// Why a command's task ended without a result.
+fn join_error_message(e: JoinError) -> String {
+    if e.is_panic() {
+        format!(
+            "command panicked: {}",
+            panic_message(e.into_panic().as_ref())
+        )
+    } else {
+        "command was cancelled".to_string()
+    }
 }
 
 pub(crate) struct LocalTask {
@@ -470,151 +435,54 @@ impl Task for LocalTask {
         handler: Arc<dyn Handler>,
         opts: WorkerOptions,
     ) -> Result<Worker> {
-        let span = tracing::debug_span!("work", backend = BACKEND, primitive = "task", id = name);
-        span.in_scope(|| {
-            sync_core::id::validate("job name", name).map_err(|e| e.with_backend(BACKEND))?;
-            opts.validate()
-                .map_err(|e| e.with_backend(BACKEND).with_id(name))?;
-            check_pool("worker concurrency (pool)", opts.concurrency)
-                .map_err(|e| e.with_id(name))?;
-            self.client.session()?;
-            let queue = self.client.key(&["task", name]);
-            let wake = self.client.shared.jobs.queue_wake(&queue);
-            let permits = Arc::new(Semaphore::new(opts.concurrency));
-            let (stop, stopped) = watch::channel(false);
-            let pool = WorkerPool {
-                client: self.client.clone(),
-                name: name.to_string(),
-                queue,
-                handler,
-                permits: permits.clone(),
-            };
-            let worker_span =
-                tracing::debug_span!("worker", backend = BACKEND, primitive = "task", id = name);
-            let main = tokio::spawn(pool.run(wake, stopped).instrument(worker_span));
-            tracing::debug!(
-                backend = BACKEND,
-                primitive = "task",
-                id = name,
-                concurrency = opts.concurrency,
-                "worker started"
-            );
-            Ok(Worker::new(Box::new(LocalWorker {
-                stop,
-                main: Some(main),
-                permits,
-                concurrency: opts.concurrency,
-            })))
-        })
+        sync_core::id::validate("job name", name).map_err(|e| e.with_backend(BACKEND))?;
+        self.client.session()?;
+        let queue = Arc::new(LocalQueue {
+            client: self.client.clone(),
+            key: self.client.key(&["task", name]),
+        });
+        spawn_worker(BACKEND, queue, name, handler, opts)
     }
 }
 
-/// One registered worker: its loop takes jobs while a permit of the pool is free.
-struct WorkerPool {
+/// One job name's queue, as a worker of this client sees it.
+struct LocalQueue {
     client: Arc<ClientInner>,
-    name: String,
-    queue: String,
-    handler: Arc<dyn Handler>,
-    permits: Arc<Semaphore>,
-}
-
-impl WorkerPool {
-    async fn run(self, wake: Arc<Notify>, mut stop: watch::Receiver<bool>) {
-        let this = Arc::new(self);
-        loop {
-            let permit = tokio::select! {
-                biased;
-                _ = stop.wait_for(|s| *s) => return,
-                p = this.permits.clone().acquire_owned() => match p {
-                    Ok(p) => p,
-                    Err(_) => return,
-                },
-            };
-            let (claimed, ctx) = loop {
-                // Listen before looking, so a job queued between the look and the wait wakes us.
-                let woken = wake.notified();
-                tokio::pin!(woken);
-                woken.as_mut().enable();
-                if *stop.borrow() {
-                    return;
-                }
-                let session = match this.client.session() {
-                    Ok(s) => s,
-                    Err(e) => {
-                        tracing::info!(backend = BACKEND, primitive = "task", id = %this.name, error = %e, "worker stops: client gone");
-                        return;
-                    }
-                };
-                match take_next(&this.client.shared, &this.queue, session) {
-                    Take::Claimed(c, ctx) => break (c, ctx),
-                    Take::SessionEnded => continue,
-                    Take::Empty => {}
-                }
-                tokio::select! {
-                    biased;
-                    _ = stop.wait_for(|s| *s) => return,
-                    () = &mut woken => {}
-                }
-            };
-            this.clone().spawn_attempt(claimed, ctx, permit);
-        }
-    }
-
-    fn spawn_attempt(
-        self: Arc<Self>,
-        claimed: Claimed,
-        ctx: JobContext,
-        permit: OwnedSemaphorePermit,
-    ) {
-        let span = tracing::debug_span!(
-            "attempt",
-            backend = BACKEND,
-            primitive = "task",
-            id = %claimed.id,
-            name = %self.name,
-            attempt = claimed.attempt
-        );
-        tokio::spawn(
-            async move {
-                let _permit = permit;
-                tracing::debug!("job claimed");
-                let handler = self.handler.clone();
-                // A handler of its own task, so a panic is an attempt's failure, not ours.
-                let outcome = tokio::spawn(async move { handler.call(ctx).await }).await;
-                let outcome = match outcome {
-                    Ok(Ok(output)) => Ok(output),
-                    Ok(Err(e)) => Err(e.to_string()),
-                    Err(e) => Err(join_error_message("handler", e)),
-                };
-                finish(&self.client, &claimed, outcome);
-            }
-            .instrument(span),
-        );
-    }
-}
-
-struct LocalWorker {
-    stop: watch::Sender<bool>,
-    main: Option<JoinHandle<()>>,
-    permits: Arc<Semaphore>,
-    concurrency: usize,
+    key: String,
 }
 
 #[async_trait]
-impl WorkerControl for LocalWorker {
-    async fn stop(&mut self) {
-        self.stop.send_replace(true);
-        if let Some(main) = self.main.take() {
-            let _ = main.await;
+impl JobQueue for LocalQueue {
+    type Claim = Claimed;
+
+    async fn claim(&self, _name: &str) -> Result<sync_kit::task::Claimed<Claimed>> {
+        loop {
+            // Listen before looking, so a job queued between the look and the wait wakes us.
+            let mut woken = Box::pin(
+                self.client
+                    .shared
+                    .jobs
+                    .queue_wake(&self.key)
+                    .notified_owned(),
+            );
+            woken.as_mut().enable();
+            let session = self.client.session()?;
+            match take_next(&self.client.shared, &self.key, session) {
+                Take::Claimed(claim, ctx) => return Ok(sync_kit::task::Claimed::Job(claim, ctx)),
+                Take::SessionEnded => continue,
+                Take::Empty => return Ok(sync_kit::task::Claimed::Empty(woken)),
+            }
         }
-        // Every running attempt holds a permit until its result is recorded.
-        let all = u32::try_from(self.concurrency).unwrap_or(u32::MAX);
-        let _ = self.permits.acquire_many(all).await;
-        tracing::debug!(backend = BACKEND, primitive = "task", "worker stopped");
     }
 
-    fn stop_in_background(self: Box<Self>) {
-        self.stop.send_replace(true);
+    async fn finish(&self, claim: Claimed, outcome: Outcome) {
+        finish(&self.client, &claim, outcome);
+    }
+
+    /// A killed client's workers stop at their next claim (which fails with Closed); their
+    /// running attempts finish, but `finish` drops what a dead process would never report.
+    async fn closed(&self) {
+        std::future::pending().await
     }
 }
 
@@ -745,7 +613,7 @@ impl fmt::Debug for CommandPool {
 impl CommandPool {
     /// A pool of `pool` commands at once on `client`; 0 is InvalidArgument.
     pub fn new(client: &Client, pool: usize) -> Result<CommandPool> {
-        check_pool("pool", pool)?;
+        check_pool(pool)?;
         client.inner.session()?;
         Ok(CommandPool {
             client: client.inner.clone(),
@@ -789,7 +657,7 @@ impl CommandPool {
                     let error = match tokio::task::spawn_blocking(move || f()).await {
                         Ok(Ok(())) => None,
                         Ok(Err(e)) => Some((e.to_string(), Some(CommandError(e)))),
-                        Err(e) => Some((join_error_message("command", e), None)),
+                        Err(e) => Some((join_error_message(e), None)),
                     };
                     match &error {
                         None => status.state = JobState::Succeeded,
@@ -805,7 +673,7 @@ impl CommandPool {
                 .in_current_span(),
             );
             let (status, source) = run.await.map_err(|e| {
-                Error::new(ErrorKind::Backend, join_error_message("command", e))
+                Error::new(ErrorKind::Backend, join_error_message(e))
                     .with_backend(BACKEND)
                     .with_id(name.clone())
             })?;

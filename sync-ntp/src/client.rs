@@ -635,7 +635,6 @@ fn carry(
     carried
 }
 
-
 #[async_trait]
 impl Backend for Client {
     fn name(&self) -> &'static str {

@@ -1,0 +1,322 @@
+//! The task worker machinery every backend shares: the claim loop with its bounded pool, panic
+//! capture, the output limit, what an attempt's outcome makes of a job (retry with backoff, or
+//! final), and a graceful stop. A backend implements [`JobQueue`] — claim one job, record an
+//! outcome — and [`spawn_worker`] does the rest.
+
+use std::{future::Future, sync::Arc, time::Duration};
+
+use async_trait::async_trait;
+use futures::future::BoxFuture;
+use sync_core::{
+    Error, ErrorKind, Handler, Job, JobContext, JobState, JobStatus, MAX_PAYLOAD_LEN, Result,
+    Worker, WorkerOptions, raw::WorkerControl,
+};
+use tokio::{
+    sync::{Semaphore, watch},
+    task::JoinSet,
+};
+use tracing::Instrument;
+
+/// The largest pool a worker accepts: what a tokio semaphore, and taking every permit back in
+/// one call on stop, can count.
+pub const MAX_CONCURRENCY: usize = if (u32::MAX as usize) < Semaphore::MAX_PERMITS {
+    u32::MAX as usize
+} else {
+    Semaphore::MAX_PERMITS
+};
+
+/// How long the claim loop rests after a failed claim before trying again.
+const CLAIM_RETRY: Duration = Duration::from_millis(500);
+
+/// What an attempt produced: the handler's output, or why it failed (its error, a panic, an
+/// output over the limit).
+pub type Outcome = std::result::Result<Vec<u8>, String>;
+
+/// The answer to one claim.
+pub enum Claimed<C> {
+    /// A job was claimed: the backend's claim and the handler's context.
+    Job(C, JobContext),
+    /// Nothing is startable now; the future resolves once something may be (a push, the
+    /// earliest delayed retry, or a safety-net poll). It must have been armed before the queue
+    /// was looked at, so a job queued in between is not missed.
+    Empty(BoxFuture<'static, ()>),
+}
+
+/// A backend's job queue as a worker sees it.
+#[async_trait]
+pub trait JobQueue: Send + Sync + 'static {
+    /// The backend's record of one claimed attempt.
+    type Claim: Send + 'static;
+
+    /// Claims the oldest startable job named `name`. An error of kind
+    /// [`Closed`](ErrorKind::Closed) stops the worker; any other is retried after a pause.
+    async fn claim(&self, name: &str) -> Result<Claimed<Self::Claim>>;
+
+    /// Records the outcome of the attempt holding `claim`, unless the claim was lost meanwhile
+    /// (then the job was, or will be, handed to another worker).
+    async fn finish(&self, claim: Self::Claim, outcome: Outcome);
+
+    /// Resolves once the client is gone (killed or closed): the worker stops at once and its
+    /// running attempts stop without reporting, as a dead process's would.
+    async fn closed(&self);
+
+    /// Backend work that runs beside the claim loop while the worker runs (etcd's reaper of
+    /// orphaned claims); it must end once `stop` turns true.
+    fn chores(self: Arc<Self>, stop: watch::Receiver<bool>) -> Option<BoxFuture<'static, ()>> {
+        let _ = stop;
+        None
+    }
+}
+
+/// Checks the options and starts a worker taking jobs named `name` from `queue` with a pool of
+/// `opts.concurrency`.
+pub fn spawn_worker<Q: JobQueue>(
+    backend: &'static str,
+    queue: Arc<Q>,
+    name: &str,
+    handler: Arc<dyn Handler>,
+    opts: WorkerOptions,
+) -> Result<Worker> {
+    check_concurrency(opts.concurrency).map_err(|e| e.with_backend(backend).with_id(name))?;
+    let (stop, stopped) = watch::channel(false);
+    let pool = Arc::new(Semaphore::new(opts.concurrency));
+    let span = tracing::debug_span!("worker", backend, primitive = "task", id = name);
+    let mut tasks = JoinSet::new();
+    if let Some(chores) = queue.clone().chores(stopped.clone()) {
+        tasks.spawn(chores.instrument(span.clone()));
+    }
+    let claims = ClaimLoop {
+        queue,
+        name: name.to_string(),
+        handler,
+        pool: pool.clone(),
+    };
+    tasks.spawn(claims.run(stopped).instrument(span));
+    tracing::debug!(
+        backend,
+        primitive = "task",
+        id = name,
+        concurrency = opts.concurrency,
+        "worker started"
+    );
+    Ok(Worker::new(Box::new(PoolWorker {
+        stop,
+        pool,
+        concurrency: opts.concurrency,
+        tasks: Some(tasks),
+    })))
+}
+
+/// A pool of at least 1 and at most [`MAX_CONCURRENCY`].
+fn check_concurrency(n: usize) -> Result<()> {
+    if n == 0 {
+        return Err(Error::invalid(
+            "worker concurrency (pool) must be at least 1",
+        ));
+    }
+    if n > MAX_CONCURRENCY {
+        return Err(Error::invalid(format!(
+            "worker concurrency (pool) is {n}; the maximum is {MAX_CONCURRENCY}"
+        )));
+    }
+    Ok(())
+}
+
+struct ClaimLoop<Q: JobQueue> {
+    queue: Arc<Q>,
+    name: String,
+    handler: Arc<dyn Handler>,
+    pool: Arc<Semaphore>,
+}
+
+impl<Q: JobQueue> ClaimLoop<Q> {
+    /// Takes a permit of the pool, then claims a job for it, until stopped or closed. A claim
+    /// under way is never cancelled (its answer may be a job this worker now owns): stop and
+    /// close are heeded only while waiting.
+    async fn run(self, mut stop: watch::Receiver<bool>) {
+        let this = Arc::new(self);
+        loop {
+            let permit = tokio::select! {
+                biased;
+                _ = stop.wait_for(|s| *s) => return,
+                () = this.queue.closed() => return,
+                p = this.pool.clone().acquire_owned() => match p {
+                    Ok(p) => p,
+                    Err(_) => return,
+                },
+            };
+            let (claim, ctx) = loop {
+                if *stop.borrow() {
+                    return;
+                }
+                let pause = match this.queue.claim(&this.name).await {
+                    Ok(Claimed::Job(claim, ctx)) => break (claim, ctx),
+                    Ok(Claimed::Empty(wake)) => wake,
+                    Err(e) if e.kind() == ErrorKind::Closed => {
+                        tracing::info!(error = %e, "worker stops: client gone");
+                        return;
+                    }
+                    Err(e) => {
+                        tracing::warn!(error = %e, "claiming a job failed; retrying");
+                        Box::pin(tokio::time::sleep(CLAIM_RETRY))
+                    }
+                };
+                tokio::select! {
+                    biased;
+                    _ = stop.wait_for(|s| *s) => return,
+                    () = this.queue.closed() => return,
+                    () = pause => {}
+                }
+            };
+            this.clone().spawn_attempt(claim, ctx, permit);
+        }
+    }
+
+    fn spawn_attempt(
+        self: Arc<Self>,
+        claim: Q::Claim,
+        ctx: JobContext,
+        permit: tokio::sync::OwnedSemaphorePermit,
+    ) {
+        let span = tracing::debug_span!("attempt", job = %ctx.id, attempt = ctx.attempt);
+        tokio::spawn(
+            async move {
+                let _permit = permit;
+                tokio::select! {
+                    biased;
+                    () = self.queue.closed() => {}
+                    () = self.attempt(claim, ctx) => {}
+                }
+            }
+            .instrument(span),
+        );
+    }
+
+    async fn attempt(&self, claim: Q::Claim, ctx: JobContext) {
+        tracing::debug!("job claimed");
+        let outcome = run_handler(self.handler.clone(), ctx).await;
+        self.queue.finish(claim, outcome).await;
+    }
+}
+
+/// Runs one attempt of a handler in a task of its own, so that its panic is the attempt's
+/// failure and not the worker's, and checks its output against [`MAX_PAYLOAD_LEN`].
+pub async fn run_handler(handler: Arc<dyn Handler>, ctx: JobContext) -> Outcome {
+    match tokio::spawn(async move { handler.call(ctx).await }).await {
+        Ok(Ok(output)) if output.len() > MAX_PAYLOAD_LEN => Err(format!(
+            "the handler's output is {} bytes; the maximum is {MAX_PAYLOAD_LEN}",
+            output.len()
+        )),
+        Ok(Ok(output)) => Ok(output),
+        Ok(Err(e)) => Err(e.to_string()),
+        Err(e) if e.is_panic() => Err(format!(
+            "handler panicked: {}",
+            crate::panic_message(e.into_panic().as_ref())
+        )),
+        Err(_) => Err("handler was cancelled".to_string()),
+    }
+}
+
+/// What an attempt's outcome makes of its job.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Next {
+    /// The job succeeded with this output.
+    Succeeded(Vec<u8>),
+    /// The attempt failed with attempts left: queue the job again after `delay`.
+    Retry {
+        /// The backoff before the next attempt.
+        delay: Duration,
+    },
+    /// Every attempt failed.
+    Failed,
+}
+
+/// Applies attempt `attempt`'s outcome to `status` (state, last error) and says what comes
+/// next: success, a retry after the job's backoff, or failure once out of attempts.
+pub fn apply_outcome(job: &Job, status: &mut JobStatus, attempt: u32, outcome: Outcome) -> Next {
+    status.output = None;
+    match outcome {
+        Ok(output) => {
+            status.state = JobState::Succeeded;
+            tracing::debug!(job = %status.id, attempt, "job succeeded");
+            Next::Succeeded(output)
+        }
+        Err(error) if attempt < job.max_attempts => {
+            let delay = job.retry_delay(attempt.saturating_add(1));
+            tracing::info!(job = %status.id, attempt, %error, ?delay, "job attempt failed; retrying");
+            status.state = JobState::Queued;
+            status.last_error = Some(error);
+            Next::Retry { delay }
+        }
+        Err(error) => {
+            tracing::warn!(job = %status.id, attempt, %error, "job failed");
+            status.state = JobState::Failed;
+            status.last_error = Some(error);
+            Next::Failed
+        }
+    }
+}
+
+/// Applies the loss of the worker running `status`'s job (its lease or session ended): the job
+/// is queued again, or failed once out of attempts. Returns whether it is queued again.
+pub fn apply_worker_loss(job: &Job, status: &mut JobStatus, reason: &str) -> bool {
+    let requeue = status.attempts < job.max_attempts;
+    status.last_error = Some(format!("worker lost: {reason}"));
+    status.state = if requeue {
+        JobState::Queued
+    } else {
+        JobState::Failed
+    };
+    requeue
+}
+
+/// The running worker: stop signal, pool and loops.
+struct PoolWorker {
+    stop: watch::Sender<bool>,
+    pool: Arc<Semaphore>,
+    concurrency: usize,
+    tasks: Option<JoinSet<()>>,
+}
+
+#[async_trait]
+impl WorkerControl for PoolWorker {
+    async fn stop(&mut self) {
+        self.stop.send_replace(true);
+        if let Some(mut tasks) = self.tasks.take() {
+            while tasks.join_next().await.is_some() {}
+        }
+        // Every permit back = every running attempt finished and recorded.
+        let all = u32::try_from(self.concurrency).unwrap_or(u32::MAX);
+        let _ = self.pool.acquire_many(all).await;
+        tracing::debug!(primitive = "task", "worker stopped");
+    }
+
+    fn stop_in_background(mut self: Box<Self>) {
+        self.stop.send_replace(true);
+        if let Some(mut tasks) = self.tasks.take() {
+            // The loops end on the stop signal; detach them rather than abort mid-claim.
+            tasks.detach_all();
+        }
+    }
+}
+
+/// Waits for `fut` up to `timeout` (forever with `None`); past it, a Timeout error naming the
+/// job and the limit.
+pub async fn wait_for_job<T>(
+    backend: &'static str,
+    job: &str,
+    timeout: Option<Duration>,
+    fut: impl Future<Output = Result<T>>,
+) -> Result<T> {
+    match timeout {
+        None => fut.await,
+        Some(limit) => tokio::time::timeout(limit, fut).await.unwrap_or_else(|_| {
+            Err(Error::new(
+                ErrorKind::Timeout,
+                format!("job did not finish within {limit:?}"),
+            )
+            .with_backend(backend)
+            .with_id(job))
+        }),
+    }
+}
