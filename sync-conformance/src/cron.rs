@@ -1,4 +1,4 @@
-//! Cron cases (DESIGN §3 Cron): the `sync-core` Cron driver over the backend's Leader, Task
+//! Cron cases (DESIGN §3 Cron): the `sync-cron` Cron driver over the backend's Leader, Task
 //! and Map.
 
 use std::{
@@ -7,10 +7,8 @@ use std::{
     time::{Duration, SystemTime, UNIX_EPOCH},
 };
 
-use sync_core::{
-    HandlerError, JobContext, Task, Worker, WorkerOptions,
-    cron::{Cron, Schedule},
-};
+use sync_core::{HandlerError, JobContext, Task, Worker, WorkerOptions};
+use sync_cron::{Cron, Schedule};
 use tokio::sync::mpsc;
 
 use crate::{CaseResult, Client, Ctx, Failure, ensure, fail, stays_pending, within};

@@ -2,14 +2,14 @@
 //!
 //! The contract of the `sync` toolkit: object-safe async traits for distributed
 //! synchronization primitives — [`Lock`], [`Leader`], [`Task`], [`Time`], [`Map`] — their
-//! option builders, one [`Error`] type with semantic [kinds](ErrorKind), the [id rules](id),
-//! and glue written purely against the traits: the [`Cron`](cron::Cron) driver and the typed
-//! [`TypedMap`](typed::TypedMap). It has no network code; pick a backend crate (`sync-local`,
-//! `sync-etcd`, `sync-consul`, `sync-redis`, `sync-ntp`) and use its handles as `Arc<dyn …>`.
+//! option builders, one [`Error`] type with semantic [kinds](ErrorKind) and the [id rules](id).
+//! It has no network code; pick a backend crate (`sync-local`, `sync-etcd`, `sync-consul`,
+//! `sync-redis`, `sync-ntp`) and use its handles as `Arc<dyn …>`. Code written against the
+//! traits lives in its own crates: the `Cron` driver in `sync-cron`, the serde `TypedMap` in
+//! `sync-kit`.
 #![deny(missing_docs)]
 
 mod backend;
-pub mod cron;
 mod error;
 pub mod id;
 mod leader;
@@ -19,7 +19,6 @@ pub mod serde_millis;
 mod signal;
 mod task;
 mod time;
-pub mod typed;
 
 pub use backend::{Backend, Capabilities, Capability, Faults};
 pub use error::{Error, ErrorKind, Result};

@@ -1,8 +1,11 @@
 //! # sync-kit
 //!
 //! What every backend of the `sync` toolkit shares, written once so that a backend crate holds
-//! only its protocol code. Users do not need this crate to use a backend.
+//! only its protocol code. Users do not need this crate to use a backend, except for the
+//! [typed map](typed::TypedMap): serde values as JSON over any backend's [`Map`](sync_core::Map).
 #![deny(missing_docs)]
+
+pub mod typed;
 
 use std::sync::{Mutex, MutexGuard};
 

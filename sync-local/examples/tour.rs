@@ -9,10 +9,8 @@ use std::{
 };
 
 use futures::StreamExt;
-use sync_core::{
-    ElectOptions, Job, JobContext, LockOptions, Result, WorkerOptions,
-    cron::{Cron, Schedule},
-};
+use sync_core::{ElectOptions, Job, JobContext, LockOptions, Result, WorkerOptions};
+use sync_cron::{Cron, Schedule};
 use sync_local::{Cluster, Config};
 
 #[tokio::main]

@@ -14,14 +14,15 @@ use std::{any::type_name, fmt, marker::PhantomData, sync::Arc};
 
 use serde::{Serialize, de::DeserializeOwned};
 
-use crate::{Error, ErrorKind, Map, Result, Version};
+use sync_core::{Error, ErrorKind, Map, Result, Version};
 
 /// A [`Map`] whose values are `T`, stored as JSON.
 ///
 /// ```
 /// # #[tokio::main(flavor = "current_thread")] async fn main() -> sync_core::Result<()> {
 /// use serde::{Deserialize, Serialize};
-/// use sync_core::{ErrorKind, typed::TypedMap};
+/// use sync_core::ErrorKind;
+/// use sync_kit::typed::TypedMap;
 ///
 /// #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 /// struct Quota {

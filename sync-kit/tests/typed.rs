@@ -3,7 +3,8 @@
 use std::{collections::BTreeMap, sync::Arc};
 
 use serde::{Deserialize, Serialize};
-use sync_core::{ErrorKind, Map, Result, typed::TypedMap};
+use sync_core::{ErrorKind, Map, Result};
+use sync_kit::typed::TypedMap;
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 struct Counter {

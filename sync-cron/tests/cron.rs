@@ -7,10 +7,8 @@ use std::{
     time::{Duration, SystemTime, UNIX_EPOCH},
 };
 
-use sync_core::{
-    ErrorKind, Job, JobContext, Map, Result, Worker, WorkerOptions,
-    cron::{Cron, Schedule},
-};
+use sync_core::{ErrorKind, Job, JobContext, Map, Result, Worker, WorkerOptions};
+use sync_cron::{Cron, Schedule};
 use tokio::{sync::mpsc, time::timeout};
 
 type Labels = BTreeMap<String, String>;
