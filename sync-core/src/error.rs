@@ -68,6 +68,7 @@ pub struct Error {
     kind: ErrorKind,
     message: String,
     backend: Option<&'static str>,
+    operation: Option<&'static str>,
     id: Option<String>,
     #[source]
     source: Option<Source>,
@@ -80,6 +81,7 @@ impl Error {
             kind,
             message: message.into(),
             backend: None,
+            operation: None,
             id: None,
             source: None,
         }
@@ -93,6 +95,30 @@ impl Error {
     /// Names the backend that failed (`"etcd"`, `"local"`…).
     pub fn with_backend(mut self, backend: &'static str) -> Self {
         self.backend = Some(backend);
+        self
+    }
+
+    /// Names the operation that failed (`"lock.acquire"`, `"map.write"`…).
+    pub fn with_operation(mut self, operation: &'static str) -> Self {
+        self.operation = Some(operation);
+        self
+    }
+
+    /// Fills in backend, operation and id where the error does not name them yet.
+    ///
+    /// ```
+    /// use sync_core::{Error, ErrorKind};
+    /// let err = Error::new(ErrorKind::NotHeld, "released twice")
+    ///     .with_id("orders")
+    ///     .in_context("local", "lock.release", "ignored: the id is already named");
+    /// assert_eq!(err.to_string(), "local: lock.release: orders: not held: released twice");
+    /// ```
+    pub fn in_context(mut self, backend: &'static str, operation: &'static str, id: &str) -> Self {
+        self.backend.get_or_insert(backend);
+        self.operation.get_or_insert(operation);
+        if self.id.is_none() && !id.is_empty() {
+            self.id = Some(id.to_string());
+        }
         self
     }
 
@@ -123,6 +149,11 @@ impl Error {
         self.backend
     }
 
+    /// The operation named in the error, if any.
+    pub fn operation(&self) -> Option<&'static str> {
+        self.operation
+    }
+
     /// The id named in the error, if any.
     pub fn id(&self) -> Option<&str> {
         self.id.as_deref()
@@ -133,6 +164,9 @@ impl fmt::Display for Error {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         if let Some(backend) = self.backend {
             write!(f, "{backend}: ")?;
+        }
+        if let Some(operation) = self.operation {
+            write!(f, "{operation}: ")?;
         }
         if let Some(id) = &self.id {
             write!(f, "{id}: ")?;
@@ -147,6 +181,9 @@ impl fmt::Debug for Error {
         d.field("kind", &self.kind).field("message", &self.message);
         if let Some(b) = self.backend {
             d.field("backend", &b);
+        }
+        if let Some(op) = self.operation {
+            d.field("operation", &op);
         }
         if let Some(id) = &self.id {
             d.field("id", id);

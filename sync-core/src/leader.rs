@@ -161,6 +161,16 @@ impl Elected {
         self.revoked.clone()
     }
 
+    /// For wrappers around a backend (sync-kit's checking layer): replaces the backend side of
+    /// the leadership, keeping its candidate, term and revocation signal.
+    pub fn map_leadership(
+        mut self,
+        f: impl FnOnce(Box<dyn Leadership>) -> Box<dyn Leadership>,
+    ) -> Self {
+        self.inner = self.inner.take().map(f);
+        self
+    }
+
     /// Updates the value followers see.
     pub async fn proclaim(&self, value: &[u8]) -> Result<()> {
         self.inner().proclaim(value).await

@@ -127,6 +127,13 @@ impl LockGuard {
         self.lost.clone()
     }
 
+    /// For wrappers around a backend (sync-kit's checking layer): replaces the backend side of
+    /// the guard, keeping its id, token and loss signal.
+    pub fn map_held(mut self, f: impl FnOnce(Box<dyn HeldLock>) -> Box<dyn HeldLock>) -> Self {
+        self.inner = self.inner.take().map(f);
+        self
+    }
+
     /// Releases the lock and reports whether it was still held.
     pub async fn release(mut self) -> Result<()> {
         match self.inner.take() {

@@ -14,6 +14,7 @@ use sync_core::{
     Backend, Capabilities, Capability, Error, ErrorKind, Faults, Leader, Lock, LossSignal, Map,
     Result, Task,
 };
+use sync_kit::checked;
 use tokio::{
     sync::{OwnedMutexGuard, watch},
     task::AbortHandle,
@@ -575,24 +576,28 @@ impl Client {
 
     /// A Lock handle on this client's lease.
     pub fn lock(&self) -> Arc<dyn Lock> {
-        Arc::new(EtcdLock::new(self.inner.clone()))
+        checked::lock(BACKEND, Arc::new(EtcdLock::new(self.inner.clone())))
     }
 
     /// A Leader handle bound to election `group`.
     pub fn leader(&self, group: &str) -> Result<Arc<dyn Leader>> {
         validate_id("election group", group)?;
-        Ok(Arc::new(EtcdLeader::new(self.inner.clone(), group)))
+        let raw = Arc::new(EtcdLeader::new(self.inner.clone(), group));
+        Ok(checked::leader(BACKEND, raw))
     }
 
     /// A Map handle for the map called `name`.
     pub fn map(&self, name: &str) -> Result<Arc<dyn Map>> {
         validate_id("map name", name)?;
-        Ok(Arc::new(EtcdMap::new(self.inner.clone(), name)))
+        Ok(checked::map(
+            BACKEND,
+            Arc::new(EtcdMap::new(self.inner.clone(), name)),
+        ))
     }
 
     /// A Task handle: submit jobs and run workers.
     pub fn task(&self) -> Arc<dyn Task> {
-        Arc::new(EtcdTask::new(self.inner.clone()))
+        checked::task(BACKEND, Arc::new(EtcdTask::new(self.inner.clone())))
     }
 
     /// The current lease id (hex, as it appears in contender keys).

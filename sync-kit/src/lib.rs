@@ -35,4 +35,5 @@ pub fn panic_message(payload: &(dyn std::any::Any + Send)) -> &str {
         .unwrap_or("(non-string payload)")
 }
 
+pub mod checked;
 pub mod task;

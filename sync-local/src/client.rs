@@ -12,6 +12,7 @@ use async_trait::async_trait;
 use sync_core::{
     Backend, Capabilities, Error, ErrorKind, Faults, Leader, Lock, Map, Result, Task, Time,
 };
+use sync_kit::checked;
 use tokio::{task::AbortHandle, time::Instant};
 
 use crate::{
@@ -306,18 +307,19 @@ impl Client {
 
     /// A Lock handle on this client's session.
     pub fn lock(&self) -> Arc<dyn Lock> {
-        Arc::new(LocalLock::new(self.inner.clone()))
+        checked::lock(BACKEND, Arc::new(LocalLock::new(self.inner.clone())))
     }
 
     /// A Leader handle bound to election `group`.
     pub fn leader(&self, group: &str) -> Result<Arc<dyn Leader>> {
         sync_core::id::validate("election group", group).map_err(|e| e.with_backend(BACKEND))?;
-        Ok(Arc::new(LocalLeader::new(self.inner.clone(), group)))
+        let raw = Arc::new(LocalLeader::new(self.inner.clone(), group));
+        Ok(checked::leader(BACKEND, raw))
     }
 
     /// A Task handle: submit jobs and run workers.
     pub fn task(&self) -> Arc<dyn Task> {
-        Arc::new(LocalTask::new(self.inner.clone()))
+        checked::task(BACKEND, Arc::new(LocalTask::new(self.inner.clone())))
     }
 
     /// Seed parity: a pool that runs plain closure [`Command`](crate::Command)s, `pool` at once.
@@ -328,12 +330,16 @@ impl Client {
     /// A Map handle for the map called `name`.
     pub fn map(&self, name: &str) -> Result<Arc<dyn Map>> {
         sync_core::id::validate("map name", name).map_err(|e| e.with_backend(BACKEND))?;
-        Ok(Arc::new(LocalMap::new(self.inner.clone(), name)))
+        Ok(checked::map(
+            BACKEND,
+            Arc::new(LocalMap::new(self.inner.clone(), name)),
+        ))
     }
 
     /// The Time primitive: the system clock with the configured uncertainty.
     pub fn time(&self) -> Arc<dyn Time> {
-        Arc::new(LocalTime::new(self.inner.config.time_uncertainty))
+        let raw = Arc::new(LocalTime::new(self.inner.config.time_uncertainty));
+        checked::time(BACKEND, raw)
     }
 
     /// Fault injection: the client "dies". It stops renewing and releases nothing; its session

@@ -251,7 +251,7 @@ impl Client {
 
     /// The Time handle.
     pub fn time(&self) -> Arc<dyn Time> {
-        Arc::new(NtpTime::new(self.inner.clone()))
+        sync_kit::checked::time(BACKEND, Arc::new(NtpTime::new(self.inner.clone())))
     }
 
     /// Syncs now with every server (regardless of the cache) and reports what was found.

@@ -1,0 +1,446 @@
+//! The checking layer every backend handle goes through: ids and values are validated once,
+//! here; every error names the backend, the operation and the id; every operation runs in one
+//! `tracing` span (`backend`, `primitive`, `operation`, `id`); and the `metrics` facade records
+//! operation counts and latencies, errors by kind, lock wait and hold times, and losses.
+//!
+//! A backend crate builds its raw handles and returns them through [`lock`], [`leader`],
+//! [`task`], [`map`] and [`time`]; the raw handles may then assume valid input.
+//!
+//! | metric | kind | labels |
+//! | --- | --- | --- |
+//! | `sync_operations_total` | counter | backend, primitive, operation |
+//! | `sync_operation_seconds` | histogram | backend, primitive, operation |
+//! | `sync_errors_total` | counter | backend, primitive, operation, kind |
+//! | `sync_lock_wait_seconds` | histogram | backend |
+//! | `sync_lock_hold_seconds` | histogram | backend |
+//! | `sync_losses_total` | counter | backend, primitive |
+//!
+//! No exporter is bundled: install any `metrics` recorder (the `metrics` example of this crate
+//! serves them to Prometheus).
+
+use std::{
+    future::Future,
+    sync::Arc,
+    time::{Duration, Instant, SystemTime},
+};
+
+use async_trait::async_trait;
+use futures::StreamExt;
+use sync_core::{
+    ElectOptions, Elected, Entry, Error, FollowStream, Handler, Job, JobId, JobStatus, Leader,
+    LeaderInfo, Lock, LockGuard, LockOptions, LossSignal, Map, Result, Task, Time, TimeInterval,
+    Version, Worker, WorkerOptions,
+    raw::{HeldLock, Leadership, validate_value},
+};
+use tracing::Instrument;
+
+/// Checks an id by sync-core's rules (`what` names it: "lock id", "map key"…), naming the
+/// backend in the error.
+///
+/// ```
+/// let err = sync_kit::checked::check_id("etcd", "lock id", "").unwrap_err();
+/// assert_eq!(err.to_string(), "etcd: invalid argument: lock id must not be empty");
+/// ```
+pub fn check_id(backend: &'static str, what: &str, id: &str) -> Result<()> {
+    sync_core::id::validate(what, id).map_err(|e| e.with_backend(backend))
+}
+
+/// One operation's context: where it counts and what its errors name.
+#[derive(Clone, Copy)]
+struct Op {
+    backend: &'static str,
+    primitive: &'static str,
+    operation: &'static str,
+}
+
+impl Op {
+    /// Runs `fut` in its span, records it, and names backend, operation and id in its error.
+    async fn run<T>(self, id: &str, fut: impl Future<Output = Result<T>>) -> Result<T> {
+        let span = tracing::debug_span!(
+            "sync",
+            backend = self.backend,
+            primitive = self.primitive,
+            operation = self.operation,
+            id
+        );
+        let start = Instant::now();
+        let result = fut.instrument(span).await;
+        self.record(start.elapsed(), result.as_ref().err());
+        result.map_err(|e| e.in_context(self.backend, self.operation, id))
+    }
+
+    /// Runs `fut` only if the input `check` passed; a refusal is counted and named like any
+    /// other error. (`fut` is lazy: nothing reaches the backend before it is polled.)
+    async fn checked<T>(
+        self,
+        id: &str,
+        check: Result<()>,
+        fut: impl Future<Output = Result<T>>,
+    ) -> Result<T> {
+        self.run(id, async move {
+            check?;
+            fut.await
+        })
+        .await
+    }
+
+    fn record(self, took: Duration, error: Option<&Error>) {
+        let labels = [
+            ("backend", self.backend),
+            ("primitive", self.primitive),
+            ("operation", self.operation),
+        ];
+        metrics::counter!("sync_operations_total", &labels).increment(1);
+        metrics::histogram!("sync_operation_seconds", &labels).record(took.as_secs_f64());
+        if let Some(e) = error {
+            let kind = e.kind().to_string();
+            metrics::counter!(
+                "sync_errors_total",
+                "backend" => self.backend,
+                "primitive" => self.primitive,
+                "operation" => self.operation,
+                "kind" => kind
+            )
+            .increment(1);
+        }
+    }
+}
+
+fn op(backend: &'static str, primitive: &'static str, operation: &'static str) -> Op {
+    Op {
+        backend,
+        primitive,
+        operation,
+    }
+}
+
+fn count_loss(backend: &'static str, primitive: &'static str, signal: &LossSignal) {
+    if let Some(reason) = signal.reason() {
+        tracing::warn!(backend, primitive, %reason, "held until lost");
+        metrics::counter!("sync_losses_total", "backend" => backend, "primitive" => primitive)
+            .increment(1);
+    }
+}
+
+/// Wraps a backend's raw Lock handle.
+pub fn lock(backend: &'static str, inner: Arc<dyn Lock>) -> Arc<dyn Lock> {
+    Arc::new(CheckedLock { backend, inner })
+}
+
+struct CheckedLock {
+    backend: &'static str,
+    inner: Arc<dyn Lock>,
+}
+
+impl CheckedLock {
+    fn check(&self, id: &str) -> Result<()> {
+        check_id(self.backend, "lock id", id)
+    }
+
+    /// Times the hold and counts a loss when the guard ends.
+    fn held(&self, guard: LockGuard, waited: Duration) -> LockGuard {
+        let backend = self.backend;
+        metrics::histogram!("sync_lock_wait_seconds", "backend" => backend)
+            .record(waited.as_secs_f64());
+        let lost = guard.loss_signal();
+        guard.map_held(|inner| {
+            Box::new(TimedHold {
+                backend,
+                inner,
+                since: Instant::now(),
+                lost,
+            })
+        })
+    }
+}
+
+#[async_trait]
+impl Lock for CheckedLock {
+    async fn acquire(&self, id: &str, opts: LockOptions) -> Result<LockGuard> {
+        let start = Instant::now();
+        let guard = op(self.backend, "lock", "lock.acquire")
+            .checked(id, self.check(id), self.inner.acquire(id, opts))
+            .await?;
+        Ok(self.held(guard, start.elapsed()))
+    }
+
+    async fn try_acquire(&self, id: &str) -> Result<Option<LockGuard>> {
+        let start = Instant::now();
+        let guard = op(self.backend, "lock", "lock.try_acquire")
+            .checked(id, self.check(id), self.inner.try_acquire(id))
+            .await?;
+        Ok(guard.map(|g| self.held(g, start.elapsed())))
+    }
+
+    async fn release(&self, id: &str) -> Result<()> {
+        op(self.backend, "lock", "lock.release")
+            .checked(id, self.check(id), self.inner.release(id))
+            .await
+    }
+}
+
+/// The backend side of a guard, timed.
+struct TimedHold {
+    backend: &'static str,
+    inner: Box<dyn HeldLock>,
+    since: Instant,
+    lost: LossSignal,
+}
+
+impl TimedHold {
+    fn ended(&self) {
+        metrics::histogram!("sync_lock_hold_seconds", "backend" => self.backend)
+            .record(self.since.elapsed().as_secs_f64());
+        count_loss(self.backend, "lock", &self.lost);
+    }
+}
+
+#[async_trait]
+impl HeldLock for TimedHold {
+    async fn release(&mut self) -> Result<()> {
+        self.ended();
+        op(self.backend, "lock", "lock.release")
+            .run("", self.inner.release())
+            .await
+    }
+
+    fn release_in_background(self: Box<Self>) {
+        self.ended();
+        self.inner.release_in_background();
+    }
+}
+
+/// Wraps a backend's raw Leader handle (the group was checked when the handle was made).
+pub fn leader(backend: &'static str, inner: Arc<dyn Leader>) -> Arc<dyn Leader> {
+    Arc::new(CheckedLeader { backend, inner })
+}
+
+struct CheckedLeader {
+    backend: &'static str,
+    inner: Arc<dyn Leader>,
+}
+
+#[async_trait]
+impl Leader for CheckedLeader {
+    fn group(&self) -> &str {
+        self.inner.group()
+    }
+
+    async fn elect(&self, candidate: &str, opts: ElectOptions) -> Result<Elected> {
+        let check = check_id(self.backend, "candidate id", candidate)
+            .and_then(|()| validate_value(&opts.value).map_err(|e| e.with_backend(self.backend)));
+        let elected = op(self.backend, "leader", "leader.elect")
+            .checked(self.group(), check, self.inner.elect(candidate, opts))
+            .await?;
+        let (backend, group) = (self.backend, self.group().to_string());
+        let revoked = elected.revocation_signal();
+        Ok(elected.map_leadership(|inner| {
+            Box::new(CheckedLeadership {
+                backend,
+                group,
+                inner,
+                revoked,
+            })
+        }))
+    }
+
+    async fn leader(&self) -> Result<Option<LeaderInfo>> {
+        op(self.backend, "leader", "leader.leader")
+            .run(self.group(), self.inner.leader())
+            .await
+    }
+
+    async fn follow(&self) -> Result<FollowStream> {
+        let (backend, group) = (self.backend, self.group().to_string());
+        let stream = op(backend, "leader", "leader.follow")
+            .run(&group, self.inner.follow())
+            .await?;
+        Ok(stream
+            .map(move |item| item.map_err(|e| e.in_context(backend, "leader.follow", &group)))
+            .boxed())
+    }
+}
+
+/// The backend side of a leadership, checked and counted.
+struct CheckedLeadership {
+    backend: &'static str,
+    group: String,
+    inner: Box<dyn Leadership>,
+    /// The signal of the current term (reelect replaces it).
+    revoked: LossSignal,
+}
+
+#[async_trait]
+impl Leadership for CheckedLeadership {
+    async fn proclaim(&self, value: &[u8]) -> Result<()> {
+        let check = validate_value(value).map_err(|e| e.with_backend(self.backend));
+        op(self.backend, "leader", "leader.proclaim")
+            .checked(&self.group, check, self.inner.proclaim(value))
+            .await
+    }
+
+    async fn resign(&mut self) -> Result<()> {
+        count_loss(self.backend, "leader", &self.revoked);
+        op(self.backend, "leader", "leader.resign")
+            .run(&self.group, self.inner.resign())
+            .await
+    }
+
+    fn resign_in_background(self: Box<Self>) {
+        count_loss(self.backend, "leader", &self.revoked);
+        self.inner.resign_in_background();
+    }
+
+    async fn reelect(&mut self) -> Result<(u64, LossSignal)> {
+        count_loss(self.backend, "leader", &self.revoked);
+        let (term, revoked) = op(self.backend, "leader", "leader.reelect")
+            .run(&self.group, self.inner.reelect())
+            .await?;
+        self.revoked = revoked.clone();
+        Ok((term, revoked))
+    }
+}
+
+/// Wraps a backend's raw Task handle.
+pub fn task(backend: &'static str, inner: Arc<dyn Task>) -> Arc<dyn Task> {
+    Arc::new(CheckedTask { backend, inner })
+}
+
+struct CheckedTask {
+    backend: &'static str,
+    inner: Arc<dyn Task>,
+}
+
+#[async_trait]
+impl Task for CheckedTask {
+    async fn submit(&self, job: Job) -> Result<JobId> {
+        let name = job.name.clone();
+        let check = job.validate().map_err(|e| e.with_backend(self.backend));
+        op(self.backend, "task", "task.submit")
+            .checked(&name, check, self.inner.submit(job))
+            .await
+    }
+
+    async fn status(&self, id: &JobId) -> Result<JobStatus> {
+        op(self.backend, "task", "task.status")
+            .run(&id.0, self.inner.status(id))
+            .await
+    }
+
+    async fn wait(&self, id: &JobId, timeout: Option<Duration>) -> Result<JobStatus> {
+        op(self.backend, "task", "task.wait")
+            .run(&id.0, self.inner.wait(id, timeout))
+            .await
+    }
+
+    async fn work(
+        &self,
+        name: &str,
+        handler: Arc<dyn Handler>,
+        opts: WorkerOptions,
+    ) -> Result<Worker> {
+        let check = check_id(self.backend, "job name", name)
+            .and_then(|()| opts.validate().map_err(|e| e.with_backend(self.backend)));
+        op(self.backend, "task", "task.work")
+            .checked(name, check, self.inner.work(name, handler, opts))
+            .await
+    }
+}
+
+/// Wraps a backend's raw Map handle (the map name was checked when the handle was made).
+pub fn map(backend: &'static str, inner: Arc<dyn Map>) -> Arc<dyn Map> {
+    Arc::new(CheckedMap { backend, inner })
+}
+
+struct CheckedMap {
+    backend: &'static str,
+    inner: Arc<dyn Map>,
+}
+
+impl CheckedMap {
+    fn check_key(&self, key: &str) -> Result<()> {
+        check_id(self.backend, "map key", key)
+    }
+
+    fn check_write(&self, key: &str, value: &[u8]) -> Result<()> {
+        self.check_key(key)?;
+        validate_value(value).map_err(|e| e.with_backend(self.backend))
+    }
+}
+
+#[async_trait]
+impl Map for CheckedMap {
+    fn name(&self) -> &str {
+        self.inner.name()
+    }
+
+    async fn read(&self, key: &str) -> Result<Option<Entry>> {
+        op(self.backend, "map", "map.read")
+            .checked(key, self.check_key(key), self.inner.read(key))
+            .await
+    }
+
+    async fn write(&self, key: &str, value: &[u8]) -> Result<Version> {
+        op(self.backend, "map", "map.write")
+            .checked(
+                key,
+                self.check_write(key, value),
+                self.inner.write(key, value),
+            )
+            .await
+    }
+
+    async fn delete(&self, key: &str) -> Result<bool> {
+        op(self.backend, "map", "map.delete")
+            .checked(key, self.check_key(key), self.inner.delete(key))
+            .await
+    }
+
+    async fn compare_and_swap(
+        &self,
+        key: &str,
+        expected: Option<Version>,
+        value: &[u8],
+    ) -> Result<Version> {
+        let cas = self.inner.compare_and_swap(key, expected, value);
+        op(self.backend, "map", "map.compare_and_swap")
+            .checked(key, self.check_write(key, value), cas)
+            .await
+    }
+
+    async fn compare_and_delete(&self, key: &str, expected: Version) -> Result<()> {
+        let cad = self.inner.compare_and_delete(key, expected);
+        op(self.backend, "map", "map.compare_and_delete")
+            .checked(key, self.check_key(key), cad)
+            .await
+    }
+
+    async fn entries(&self) -> Result<Vec<Entry>> {
+        op(self.backend, "map", "map.entries")
+            .run(self.name(), self.inner.entries())
+            .await
+    }
+}
+
+/// Wraps a backend's raw Time handle.
+pub fn time(backend: &'static str, inner: Arc<dyn Time>) -> Arc<dyn Time> {
+    Arc::new(CheckedTime { backend, inner })
+}
+
+struct CheckedTime {
+    backend: &'static str,
+    inner: Arc<dyn Time>,
+}
+
+#[async_trait]
+impl Time for CheckedTime {
+    async fn now_interval(&self) -> Result<TimeInterval> {
+        op(self.backend, "time", "time.now_interval")
+            .run("", self.inner.now_interval())
+            .await
+    }
+
+    async fn now(&self) -> Result<SystemTime> {
+        Ok(self.now_interval().await?.midpoint())
+    }
+}
