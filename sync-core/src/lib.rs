@@ -15,11 +15,11 @@ pub mod id;
 mod leader;
 mod lock;
 mod map;
-pub mod serde_millis;
 mod signal;
 mod task;
 mod time;
 pub mod typed;
+pub mod url;
 
 pub use backend::{Backend, Capabilities, Capability, Faults};
 pub use error::{Error, ErrorKind, Result};
