@@ -15,10 +15,10 @@ pub mod id;
 mod leader;
 mod lock;
 mod map;
-pub mod serde_millis;
 mod signal;
 mod task;
 mod time;
+pub mod url;
 
 pub use backend::{Backend, Capabilities, Capability, Faults};
 pub use error::{Error, ErrorKind, Result};

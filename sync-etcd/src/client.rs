@@ -538,8 +538,8 @@ impl Client {
             options = options.with_user(user.clone(), config.password.clone().unwrap_or_default());
         }
         #[cfg(feature = "tls")]
-        if let Some(tls) = &config.tls {
-            let tls = tls.clone();
+        if config.tls {
+            let tls = config.clone();
             let built = tokio::task::spawn_blocking(move || tls_options(&tls))
                 .await
                 .map_err(|e| {
@@ -635,7 +635,7 @@ impl Client {
 }
 
 #[cfg(feature = "tls")]
-fn tls_options(tls: &crate::TlsConfig) -> Result<etcd_client::TlsOptions> {
+fn tls_options(tls: &Config) -> Result<etcd_client::TlsOptions> {
     let read = |path: &str| {
         std::fs::read(path).map_err(|e| {
             Error::invalid(format!("reading TLS file {path:?}"))
@@ -659,7 +659,7 @@ fn tls_options(tls: &crate::TlsConfig) -> Result<etcd_client::TlsOptions> {
             );
         }
     }
-    if let Some(domain) = &tls.domain {
+    if let Some(domain) = &tls.tls_domain {
         options = options.domain_name(domain.clone());
     }
     Ok(options)

@@ -3,6 +3,7 @@
 use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
+use sync_core::url::BackendUrl;
 use sync_core::{Error, Result};
 
 use crate::BACKEND;
@@ -19,25 +20,13 @@ pub const MIN_TTL: Duration = Duration::from_secs(2);
 /// The longest lease TTL etcd grants (its `MaxLeaseTTL`, 9,000,000,000 s).
 pub const MAX_TTL: Duration = Duration::from_secs(9_000_000_000);
 
-/// The TLS settings (with the `tls` cargo feature): PEM files for the CA, and optionally the
-/// client certificate and key.
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(default)]
-#[non_exhaustive]
-pub struct TlsConfig {
-    /// PEM file of the CA that signed the server certificates (system roots are not used).
-    pub ca_file: Option<String>,
-    /// PEM file of the client certificate (mutual TLS).
-    pub cert_file: Option<String>,
-    /// PEM file of the client key (mutual TLS).
-    pub key_file: Option<String>,
-    /// The server name to verify, when it differs from the endpoint host.
-    pub domain: Option<String>,
-}
-
 /// How a [`Client`](crate::Client) connects and behaves.
+///
+/// The fields are flat, so each one is a query key of [`Config::from_url`] as well as a JSON or
+/// TOML key: `{"endpoints": ["https://h:2379"], "tls": true, "ca_file": "ca.pem", "ttl": "5s"}`
+/// and `etcds://h:2379?ca_file=ca.pem&ttl=5s` are the same config.
 #[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(default)]
+#[serde(default, deny_unknown_fields)]
 #[non_exhaustive]
 pub struct Config {
     /// etcd endpoints, `host:port` or `http://host:port` (`https://` with TLS).
@@ -48,17 +37,26 @@ pub struct Config {
     pub namespace: String,
     /// The lease TTL: a dead client's locks free after about this long. Whole seconds, at
     /// least [`MIN_TTL`].
-    #[serde(with = "sync_core::serde_millis")]
+    #[serde(with = "humantime_serde")]
     pub ttl: Duration,
     /// User name for etcd authentication.
     pub user: Option<String>,
     /// Password for etcd authentication.
     pub password: Option<String>,
-    /// TLS settings; `None` for plain HTTP/2. Needs the `tls` cargo feature.
-    pub tls: Option<TlsConfig>,
     /// How long connecting may take.
-    #[serde(with = "sync_core::serde_millis")]
+    #[serde(with = "humantime_serde")]
     pub connect_timeout: Duration,
+    /// Connect with TLS (the `etcds://` scheme); needs the `tls` cargo feature.
+    pub tls: bool,
+    /// With TLS: PEM file of the CA that signed the server certificates (system roots are not
+    /// used).
+    pub ca_file: Option<String>,
+    /// With TLS: PEM file of the client certificate (mutual TLS, with `key_file`).
+    pub cert_file: Option<String>,
+    /// With TLS: PEM file of the client key (mutual TLS, with `cert_file`).
+    pub key_file: Option<String>,
+    /// With TLS: the server name to verify, when it differs from the endpoint host.
+    pub tls_domain: Option<String>,
 }
 
 impl std::fmt::Debug for Config {
@@ -69,8 +67,12 @@ impl std::fmt::Debug for Config {
             .field("ttl", &self.ttl)
             .field("user", &self.user)
             .field("password", &self.password.as_ref().map(|_| "<redacted>"))
-            .field("tls", &self.tls)
             .field("connect_timeout", &self.connect_timeout)
+            .field("tls", &self.tls)
+            .field("ca_file", &self.ca_file)
+            .field("cert_file", &self.cert_file)
+            .field("key_file", &self.key_file)
+            .field("tls_domain", &self.tls_domain)
             .finish()
     }
 }
@@ -83,128 +85,52 @@ impl Default for Config {
             ttl: Duration::from_secs(10),
             user: None,
             password: None,
-            tls: None,
             connect_timeout: Duration::from_secs(5),
+            tls: false,
+            ca_file: None,
+            cert_file: None,
+            key_file: None,
+            tls_domain: None,
         }
     }
-}
-
-fn percent_decode(s: &str) -> Result<String> {
-    let bytes = s.as_bytes();
-    let mut out = Vec::with_capacity(bytes.len());
-    let mut i = 0;
-    while i < bytes.len() {
-        if bytes[i] == b'%' {
-            let hex = s
-                .get(i + 1..i + 3)
-                .and_then(|h| u8::from_str_radix(h, 16).ok())
-                .ok_or_else(|| Error::invalid(format!("bad percent escape in {s:?}")))?;
-            out.push(hex);
-            i += 3;
-        } else {
-            out.push(bytes[i]);
-            i += 1;
-        }
-    }
-    String::from_utf8(out).map_err(|e| Error::invalid(format!("{s:?} is not UTF-8")).with_source(e))
 }
 
 impl Config {
-    /// Parses `etcd://[user:password@]h1:2379,h2:2379[/namespace][?ttl_ms=N&connect_timeout_ms=N]`.
+    /// Parses `etcd://[user[:password]@]h1:2379,h2:2379[/namespace][?ttl=5s&connect_timeout=5s]`.
     ///
-    /// `etcds://` selects TLS (the `tls` feature; `ca_file`, `cert_file`, `key_file` and
-    /// `domain` may be given as query parameters). Without a path the namespace is `sync`; the
-    /// path `/` alone selects the empty namespace (etcd's own key layout).
+    /// The query keys are the field names, durations human-readable as in JSON. `etcds://`
+    /// selects TLS (the `tls` feature) and https endpoints; only then may `ca_file`,
+    /// `cert_file`, `key_file` and `tls_domain` be given. Without a path the namespace is
+    /// `sync`; the path `/` alone selects the empty namespace (etcd's own key layout).
     ///
     /// ```
-    /// let c = sync_etcd::Config::from_url("etcd://u:p%40ss@h1:2379,h2:2379/tenant-a?ttl_ms=3000").unwrap();
+    /// let c = sync_etcd::Config::from_url("etcd://u:p%40ss@h1:2379,h2:2379/tenant-a?ttl=3s").unwrap();
     /// assert_eq!(c.endpoints, ["http://h1:2379", "http://h2:2379"]);
     /// assert_eq!(c.namespace, "tenant-a");
     /// assert_eq!(c.password.as_deref(), Some("p@ss"));
     /// assert_eq!(c.ttl, std::time::Duration::from_secs(3));
     /// ```
     pub fn from_url(url: &str) -> Result<Config> {
-        let bad = |why: String| {
-            Error::invalid(format!("bad etcd url {url:?}: {why}")).with_backend(BACKEND)
-        };
-        let (scheme, rest) = url
-            .split_once("://")
-            .ok_or_else(|| bad("expected etcd://hosts/namespace".into()))?;
-        let tls = match scheme {
-            "etcd" => false,
-            "etcds" => true,
-            other => {
-                return Err(bad(format!(
-                    "scheme {other:?}; expected etcd:// or etcds://"
-                )));
-            }
-        };
-        let (rest, query) = match rest.split_once('?') {
-            Some((r, q)) => (r, Some(q)),
-            None => (rest, None),
-        };
-        let (authority, path) = match rest.find('/') {
-            Some(i) => (&rest[..i], Some(&rest[i + 1..])),
-            None => (rest, None),
-        };
-        let mut config = Config::default();
-        let hosts = match authority.rsplit_once('@') {
-            Some((userinfo, hosts)) => {
-                let (user, password) = match userinfo.split_once(':') {
-                    Some((u, p)) => (u, Some(p)),
-                    None => (userinfo, None),
-                };
-                config.user = Some(percent_decode(user)?);
-                config.password = password.map(percent_decode).transpose()?;
-                hosts
-            }
-            None => authority,
-        };
-        let http = if tls { "https" } else { "http" };
-        config.endpoints = hosts
-            .split(',')
-            .filter(|h| !h.is_empty())
-            .map(|h| format!("{http}://{h}"))
+        Self::parse_url(url).map_err(|e| e.with_backend(BACKEND))
+    }
+
+    fn parse_url(url: &str) -> Result<Config> {
+        let url = BackendUrl::parse(url)?;
+        url.expect_scheme(&["etcd", "etcds"])?;
+        let mut config: Config =
+            url.query_into(&["endpoints", "namespace", "user", "password", "tls"])?;
+        config.tls = url.scheme == "etcds";
+        let http = if config.tls { "https" } else { "http" };
+        config.endpoints = url
+            .require_hosts()?
+            .iter()
+            .map(|host| format!("{http}://{host}"))
             .collect();
-        if config.endpoints.is_empty() {
-            return Err(bad("no endpoints".into()));
+        if let Some(namespace) = url.namespace {
+            config.namespace = namespace;
         }
-        if let Some(path) = path {
-            config.namespace = percent_decode(path.trim_end_matches('/'))?;
-        }
-        let mut tls_config = TlsConfig::default();
-        for pair in query
-            .unwrap_or_default()
-            .split('&')
-            .filter(|p| !p.is_empty())
-        {
-            let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
-            let v = percent_decode(v)?;
-            let ms = || {
-                v.parse::<u64>()
-                    .map(Duration::from_millis)
-                    .map_err(|e| bad(format!("{k}={v} is not milliseconds")).with_source(e))
-            };
-            match k {
-                "ttl_ms" => config.ttl = ms()?,
-                "connect_timeout_ms" => config.connect_timeout = ms()?,
-                "ca_file" => tls_config.ca_file = Some(v),
-                "cert_file" => tls_config.cert_file = Some(v),
-                "key_file" => tls_config.key_file = Some(v),
-                "domain" => tls_config.domain = Some(v),
-                other => {
-                    return Err(bad(format!(
-                        "unknown parameter {other:?}; known: ttl_ms, connect_timeout_ms, \
-                         ca_file, cert_file, key_file, domain"
-                    )));
-                }
-            }
-        }
-        if tls {
-            config.tls = Some(tls_config);
-        } else if tls_config != TlsConfig::default() {
-            return Err(bad("TLS parameters need the etcds:// scheme".into()));
-        }
+        config.user = url.user;
+        config.password = url.password;
         config.validate()?;
         Ok(config)
     }
@@ -237,9 +163,32 @@ impl Config {
         self
     }
 
-    /// Sets the TLS settings.
-    pub fn with_tls(mut self, tls: TlsConfig) -> Self {
-        self.tls = Some(tls);
+    /// Turns TLS on or off (on needs the `tls` feature and `https://` or bare endpoints).
+    pub fn with_tls(mut self, tls: bool) -> Self {
+        self.tls = tls;
+        self
+    }
+
+    /// Sets the PEM file of the CA that signed the server certificates (with TLS).
+    pub fn with_ca_file(mut self, ca_file: impl Into<String>) -> Self {
+        self.ca_file = Some(ca_file.into());
+        self
+    }
+
+    /// Sets the PEM files of the client certificate and key, for mutual TLS.
+    pub fn with_client_cert(
+        mut self,
+        cert_file: impl Into<String>,
+        key_file: impl Into<String>,
+    ) -> Self {
+        self.cert_file = Some(cert_file.into());
+        self.key_file = Some(key_file.into());
+        self
+    }
+
+    /// Sets the server name TLS verifies, when it differs from the endpoint host.
+    pub fn with_tls_domain(mut self, domain: impl Into<String>) -> Self {
+        self.tls_domain = Some(domain.into());
         self
     }
 
@@ -270,8 +219,34 @@ impl Config {
         if self.password.is_some() && self.user.is_none() {
             return Err(Error::invalid("a password needs a user").with_backend(BACKEND));
         }
-        #[cfg(not(feature = "tls"))]
-        if self.tls.is_some() {
+        self.validate_tls()
+    }
+
+    /// TLS settings without TLS, or TLS to a plain `http://` endpoint, would be ignored or
+    /// refused later; name them now.
+    fn validate_tls(&self) -> Result<()> {
+        let tls_settings = [
+            ("ca_file", &self.ca_file),
+            ("cert_file", &self.cert_file),
+            ("key_file", &self.key_file),
+            ("tls_domain", &self.tls_domain),
+        ];
+        if !self.tls {
+            return match tls_settings.iter().find(|(_, v)| v.is_some()) {
+                Some((key, _)) => Err(Error::invalid(format!(
+                    "{key} needs TLS: use an etcds:// url or set tls"
+                ))
+                .with_backend(BACKEND)),
+                None => Ok(()),
+            };
+        }
+        if let Some(plain) = self.endpoints.iter().find(|e| e.starts_with("http://")) {
+            return Err(Error::invalid(format!(
+                "endpoint {plain:?} is plain http, but tls is set; use https://"
+            ))
+            .with_backend(BACKEND));
+        }
+        if !cfg!(feature = "tls") {
             return Err(Error::new(
                 sync_core::ErrorKind::Unsupported,
                 "TLS needs sync-etcd's `tls` cargo feature",
@@ -315,9 +290,9 @@ mod tests {
 
     #[test]
     fn serde_round_trip() {
-        let c = Config::from_url("etcd://u:p@h1:1,h2:2/ns?ttl_ms=3000").unwrap();
+        let c = Config::from_url("etcd://u:p@h1:1,h2:2/ns?ttl=3s").unwrap();
         let json = serde_json::to_string(&c).unwrap();
-        assert!(json.contains("\"ttl\":3000"), "{json}");
+        assert!(json.contains(r#""ttl":"3s""#), "{json}");
         assert_eq!(serde_json::from_str::<Config>(&json).unwrap(), c);
         let partial: Config = serde_json::from_str(r#"{"namespace":"x"}"#).unwrap();
         assert_eq!(partial.namespace, "x");
@@ -341,8 +316,72 @@ mod tests {
         );
         assert!(Config::from_url("consul://a").is_err());
         assert!(Config::from_url("etcd://").is_err());
-        assert!(Config::from_url("etcd://a:1?ttl_ms=1000").is_err());
+        assert!(Config::from_url("etcd://a:1?ttl=1s").is_err());
+        assert!(Config::from_url("etcd://a:1?ttl_ms=3000").is_err());
         assert!(Config::from_url("etcd://a:1?bogus=1").is_err());
         assert!(Config::from_url("etcd://a:1?ca_file=x").is_err());
+    }
+
+    #[test]
+    fn url_and_json_give_the_same_config() {
+        let from_url = Config::from_url(
+            "etcds://u:p@h1:2379,[::1]:2379/?ttl=5s&connect_timeout=1s&ca_file=%2Fca.pem&tls_domain=etcd",
+        );
+        let from_json = serde_json::from_str::<Config>(
+            r#"{"endpoints":["https://h1:2379","https://[::1]:2379"],"namespace":"","ttl":"5s",
+                "user":"u","password":"p","connect_timeout":"1s","tls":true,
+                "ca_file":"/ca.pem","tls_domain":"etcd"}"#,
+        )
+        .unwrap();
+        if cfg!(feature = "tls") {
+            assert_eq!(from_url.unwrap(), from_json);
+        } else {
+            let err = from_url.unwrap_err();
+            assert_eq!(err.kind(), sync_core::ErrorKind::Unsupported, "{err}");
+        }
+        let from_url = Config::from_url("etcd://h:1/ns?connect_timeout=300ms").unwrap();
+        let from_json = serde_json::from_str::<Config>(
+            r#"{"endpoints":["http://h:1"],"namespace":"ns","connect_timeout":"300ms"}"#,
+        )
+        .unwrap();
+        assert_eq!(from_url, from_json);
+    }
+
+    #[test]
+    fn bad_urls_name_the_problem() {
+        let msg = |url: &str| {
+            let err = Config::from_url(url).unwrap_err();
+            assert_eq!(
+                err.kind(),
+                sync_core::ErrorKind::InvalidArgument,
+                "{url}: {err}"
+            );
+            assert_eq!(err.backend(), Some(BACKEND), "{url}: {err}");
+            err.to_string()
+        };
+        assert!(msg("consul://a").contains("expected etcd:// or etcds://"));
+        assert!(msg("etcd://").contains("the host list is empty"));
+        assert!(msg("etcd://a:0").contains("1 to 65535"));
+        assert!(msg("etcd://a?ttl=5").contains("ttl=\"5\""));
+        assert!(msg("etcd://a?ttl=2500ms").contains("whole seconds"));
+        assert!(msg("etcd://a?bogus=1").contains("unknown field `bogus`"));
+        assert!(msg("etcd://a?ca_file=x").contains("ca_file needs TLS"));
+        for key in ["endpoints", "namespace", "user", "password", "tls"] {
+            let m = msg(&format!("etcd://a?{key}=x"));
+            assert!(m.contains(&format!("`{key}`")), "{m}");
+        }
+        let m = msg("etcd://u:s3cret@a:0");
+        assert!(!m.contains("s3cret"), "{m}");
+    }
+
+    #[test]
+    fn tls_settings_need_tls_and_https() {
+        let err = Config::default()
+            .with_ca_file("ca.pem")
+            .validate()
+            .unwrap_err();
+        assert!(err.to_string().contains("ca_file needs TLS"), "{err}");
+        let err = Config::default().with_tls(true).validate().unwrap_err();
+        assert!(err.to_string().contains("plain http"), "{err}");
     }
 }

@@ -33,13 +33,14 @@
 //!
 //! ## Connecting
 //!
-//! [`Config::from_url`] takes `etcd://[user:password@]h1:2379,h2:2379[/namespace]`; several
-//! endpoints are balanced, and a request that could not be delivered to the endpoint picked
-//! (connection refused) is sent again, so one node down does not fail calls. User/password
-//! authentication is config; TLS (`etcds://…?ca_file=…&cert_file=…&key_file=…`) needs the
-//! `tls` cargo feature. Client errors map to [`ErrorKind`](sync_core::ErrorKind)s:
-//! `Unavailable` for connect and transport failures, `Unauthorized` for rejected credentials or
-//! permissions, `Backend` otherwise — with the client error as the source.
+//! [`Config::from_url`] takes `etcd://[user[:password]@]h1:2379,h2:2379[/namespace][?ttl=5s]`,
+//! whose query keys are the [`Config`] field names; several endpoints are balanced, and a
+//! request that could not be delivered to the endpoint picked (connection refused) is sent
+//! again, so one node down does not fail calls. User/password authentication is config; TLS
+//! (`etcds://…?ca_file=…&cert_file=…&key_file=…&tls_domain=…`) needs the `tls` cargo feature.
+//! Client errors map to [`ErrorKind`](sync_core::ErrorKind)s: `Unavailable` for connect and
+//! transport failures, `Unauthorized` for rejected credentials or permissions, `Backend`
+//! otherwise — with the client error as the source.
 //!
 //! ## Task
 //!
@@ -68,7 +69,7 @@ mod map;
 mod task;
 
 pub use client::Client;
-pub use config::{Config, MAX_TTL, MIN_TTL, TlsConfig};
+pub use config::{Config, MAX_TTL, MIN_TTL};
 
 /// The backend name used in errors and traces.
 pub const BACKEND: &str = "etcd";

@@ -122,10 +122,7 @@ async fn lost_when_key_deleted(endpoint: String) -> TestResult {
 /// With several endpoints, one of them dead, the client still works.
 async fn several_endpoints(endpoint: String) -> TestResult {
     let authority = common::authority(endpoint.as_str());
-    let url = format!(
-        "etcd://127.0.0.1:1,{authority}/{}?ttl_ms=2000",
-        unique("multi")
-    );
+    let url = format!("etcd://127.0.0.1:1,{authority}/{}?ttl=2s", unique("multi"));
     let client = tokio::time::timeout(Duration::from_secs(15), sync_etcd::Client::from_url(&url))
         .await
         .map_err(|_| "connecting with a dead endpoint in the list hung".to_string())?

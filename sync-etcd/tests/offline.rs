@@ -7,7 +7,7 @@ use sync_etcd::{Client, Config};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn unreachable_endpoint_is_unavailable() {
-    let config = Config::from_url("etcd://127.0.0.1:1/x?connect_timeout_ms=300").unwrap();
+    let config = Config::from_url("etcd://127.0.0.1:1/x?connect_timeout=300ms").unwrap();
     let err = tokio::time::timeout(Duration::from_secs(20), Client::connect(config))
         .await
         .expect("connect must give up, not hang")
@@ -27,7 +27,7 @@ async fn ttl_under_the_etcd_minimum_is_rejected_before_connecting() {
         .unwrap_err();
     assert_eq!(err.kind(), ErrorKind::InvalidArgument);
     assert!(err.to_string().contains("at least 2s"), "{err}");
-    let err = Client::from_url("etcd://127.0.0.1:2379/ns?ttl_ms=1500")
+    let err = Client::from_url("etcd://127.0.0.1:2379/ns?ttl=1500ms")
         .await
         .unwrap_err();
     assert_eq!(err.kind(), ErrorKind::InvalidArgument);

@@ -3,6 +3,7 @@
 use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
+use sync_core::url::BackendUrl;
 use sync_core::{Error, Result};
 
 /// The shortest TTL the local backend accepts.
@@ -10,7 +11,7 @@ pub const MIN_TTL: Duration = Duration::from_millis(50);
 
 /// How a [`Client`](crate::Client) behaves.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(default)]
+#[serde(default, deny_unknown_fields)]
 #[non_exhaustive]
 pub struct Config {
     /// Which in-process cluster `connect` joins: clients of one name share state.
@@ -18,10 +19,10 @@ pub struct Config {
     /// Key prefix of every handle (default `sync`).
     pub namespace: String,
     /// The session lease: a killed client's locks free after about this long.
-    #[serde(with = "sync_core::serde_millis")]
+    #[serde(with = "humantime_serde")]
     pub ttl: Duration,
     /// The uncertainty the Time primitive states around the system clock.
-    #[serde(with = "sync_core::serde_millis")]
+    #[serde(with = "humantime_serde")]
     pub time_uncertainty: Duration,
 }
 
@@ -37,45 +38,35 @@ impl Default for Config {
 }
 
 impl Config {
-    /// Parses `local://[cluster][/namespace][?ttl_ms=N&uncertainty_ms=N]`.
+    /// Parses `local://[cluster][/namespace][?ttl=1s&time_uncertainty=5ms]`: the query keys
+    /// are the field names, durations human-readable as in JSON. Without a path the namespace
+    /// is `sync`; a lone `/` is the empty namespace.
     ///
     /// ```
-    /// let c = sync_local::Config::from_url("local://tests/tenant-a?ttl_ms=500").unwrap();
+    /// let c = sync_local::Config::from_url("local://tests/tenant-a?ttl=500ms").unwrap();
     /// assert_eq!((c.cluster.as_str(), c.namespace.as_str()), ("tests", "tenant-a"));
     /// assert_eq!(c.ttl, std::time::Duration::from_millis(500));
     /// ```
     pub fn from_url(url: &str) -> Result<Config> {
-        let parsed = url::Url::parse(url)
-            .map_err(|e| Error::invalid(format!("bad local url {url:?}")).with_source(e))?;
-        if parsed.scheme() != "local" {
-            return Err(Error::invalid(format!(
-                "url {url:?} has scheme {:?}; expected local://",
-                parsed.scheme()
-            )));
-        }
-        let mut config = Config {
-            cluster: parsed.host_str().unwrap_or_default().to_string(),
-            ..Config::default()
-        };
-        let path = parsed.path().trim_matches('/');
-        if !path.is_empty() {
-            config.namespace = path.to_string();
-        }
-        for (k, v) in parsed.query_pairs() {
-            let ms = || {
-                v.parse::<u64>().map(Duration::from_millis).map_err(|e| {
-                    Error::invalid(format!("{k}={v} in {url:?} is not milliseconds")).with_source(e)
-                })
-            };
-            match k.as_ref() {
-                "ttl_ms" => config.ttl = ms()?,
-                "uncertainty_ms" => config.time_uncertainty = ms()?,
-                other => {
-                    return Err(Error::invalid(format!(
-                        "unknown parameter {other:?} in {url:?}; known: ttl_ms, uncertainty_ms"
-                    )));
-                }
+        Self::parse_url(url).map_err(|e| e.with_backend(crate::BACKEND))
+    }
+
+    fn parse_url(url: &str) -> Result<Config> {
+        let url = BackendUrl::parse(url)?;
+        url.expect_scheme(&["local"])?;
+        url.reject_credentials()?;
+        let mut config: Config = url.query_into(&["cluster", "namespace"])?;
+        config.cluster = match url.hosts.as_slice() {
+            [] => String::new(),
+            [cluster] => cluster.clone(),
+            _ => {
+                return Err(Error::invalid(
+                    "a local:// url names one cluster, not several",
+                ));
             }
+        };
+        if let Some(namespace) = url.namespace {
+            config.namespace = namespace;
         }
         config.validate()?;
         Ok(config)
@@ -110,5 +101,57 @@ impl Config {
         sync_core::id::validate_namespace(&self.namespace)
             .map_err(|e| e.with_backend(crate::BACKEND))?;
         sync_core::raw::validate_ttl(crate::BACKEND, self.ttl, MIN_TTL)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn url_and_json_give_the_same_config() {
+        let from_url =
+            Config::from_url("local://tests/tenant-a?ttl=2s&time_uncertainty=5ms").unwrap();
+        let from_json: Config = serde_json::from_str(
+            r#"{"cluster":"tests","namespace":"tenant-a","ttl":"2s","time_uncertainty":"5ms"}"#,
+        )
+        .unwrap();
+        assert_eq!(from_url, from_json);
+        let json = serde_json::to_string(&from_url).unwrap();
+        assert!(json.contains(r#""ttl":"2s""#), "{json}");
+        assert_eq!(serde_json::from_str::<Config>(&json).unwrap(), from_url);
+    }
+
+    #[test]
+    fn urls() {
+        let c = Config::from_url("local://").unwrap();
+        assert_eq!(c, Config::default());
+        let c = Config::from_url("local:///").unwrap();
+        assert_eq!((c.cluster.as_str(), c.namespace.as_str()), ("", ""));
+        let c = Config::from_url("local:///x?time_uncertainty=1ms").unwrap();
+        assert_eq!((c.cluster.as_str(), c.namespace.as_str()), ("", "x"));
+        assert_eq!(c.time_uncertainty, Duration::from_millis(1));
+    }
+
+    #[test]
+    fn bad_urls_name_the_problem() {
+        let msg = |url: &str| {
+            let err = Config::from_url(url).unwrap_err();
+            assert_eq!(
+                err.kind(),
+                sync_core::ErrorKind::InvalidArgument,
+                "{url}: {err}"
+            );
+            assert_eq!(err.backend(), Some(crate::BACKEND), "{url}: {err}");
+            err.to_string()
+        };
+        assert!(msg("etcd://x").contains("expected local://"));
+        assert!(msg("local://?ttl_ms=500").contains("unknown field `ttl_ms`"));
+        assert!(msg("local://?ttl=fast").contains("ttl=\"fast\""));
+        assert!(msg("local://?ttl=10ms").contains("at least 50ms"));
+        assert!(msg("local://?namespace=x").contains("`namespace`"));
+        assert!(msg("local://a,b").contains("one cluster"));
+        assert!(msg("local://u:pw@c").contains("no user or password"));
+        assert!(msg("local://c/a/b").contains("must not contain '/'"));
     }
 }

@@ -3,6 +3,7 @@
 use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
+use sync_core::url::BackendUrl;
 use sync_core::{Error, Result};
 
 use crate::BACKEND;
@@ -30,27 +31,27 @@ pub const MAX_DRIFT_PPM: f64 = 500.0;
 ///
 /// ```
 /// use std::time::Duration;
-/// let c = sync_ntp::Config::from_url("ntp://a.example:123,b.example?interval_s=64&timeout_ms=500").unwrap();
+/// let c = sync_ntp::Config::from_url("ntp://a.example:123,b.example?interval=64s&timeout=500ms").unwrap();
 /// assert_eq!(c.servers, ["a.example:123", "b.example:123"]);
 /// assert_eq!(c.interval, Duration::from_secs(64));
 /// assert_eq!(c.timeout, Duration::from_millis(500));
 /// ```
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(default)]
+#[serde(default, deny_unknown_fields)]
 #[non_exhaustive]
 pub struct Config {
     /// The servers, each `host:port` (the port defaults to 123). All are queried on every sync.
     pub servers: Vec<String>,
     /// How often the background refresh syncs.
-    #[serde(with = "sync_core::serde_millis")]
+    #[serde(with = "humantime_serde")]
     pub interval: Duration,
     /// How long one query waits for its reply.
-    #[serde(with = "sync_core::serde_millis")]
+    #[serde(with = "humantime_serde")]
     pub timeout: Duration,
     /// The largest error (half the interval's width) the client will state. A server whose root
     /// distance exceeds it is rejected, and once the error grown since the last good sync exceeds
     /// it, calls fail with Unavailable instead of answering.
-    #[serde(with = "sync_core::serde_millis")]
+    #[serde(with = "humantime_serde")]
     pub max_error: Duration,
     /// How fast the local monotonic clock may drift from true time, in parts per million; the
     /// error grows by this much of the time elapsed since the last sync.
@@ -78,63 +79,37 @@ impl Config {
         }
     }
 
-    /// Parses `ntp://host[:port][,host[:port]…][?interval_s=N&timeout_ms=N&max_error_ms=N&drift_ppm=X]`.
+    /// Parses `ntp://host[:port][,host[:port]…][?key=value&…]`, such as
+    /// `ntp://a:123,b?interval=64s&timeout=1s&max_error=1s&drift_ppm=15`: the query keys are the
+    /// field names, durations human-readable as in JSON. NTP has no namespace, so a URL with a
+    /// path (other than a lone trailing `/`) is refused.
     ///
     /// ```
-    /// let c = sync_ntp::Config::from_url("ntp://127.0.0.1:11123?max_error_ms=250&drift_ppm=20").unwrap();
+    /// let c = sync_ntp::Config::from_url("ntp://127.0.0.1:11123?max_error=250ms&drift_ppm=20").unwrap();
     /// assert_eq!(c.servers, ["127.0.0.1:11123"]);
     /// assert_eq!(c.max_error, std::time::Duration::from_millis(250));
-    /// let err = sync_ntp::Config::from_url("ntp://h?interval_s=0").unwrap_err();
+    /// let err = sync_ntp::Config::from_url("ntp://h?interval=0s").unwrap_err();
     /// assert!(err.to_string().contains("at least 1s"));
     /// ```
     pub fn from_url(url: &str) -> Result<Config> {
-        let bad = |msg: String| Error::invalid(msg).with_backend(BACKEND);
-        let rest = url
-            .strip_prefix("ntp://")
-            .ok_or_else(|| bad(format!("url {url:?} does not start with ntp://")))?;
-        let (hosts, query) = match rest.split_once('?') {
-            Some((h, q)) => (h, Some(q)),
-            None => (rest, None),
-        };
-        let hosts = hosts.trim_end_matches('/');
-        if hosts.contains('/') {
-            return Err(bad(format!("url {url:?} has a path; ntp urls have none")));
+        Self::parse_url(url).map_err(|e| e.with_backend(BACKEND))
+    }
+
+    fn parse_url(url: &str) -> Result<Config> {
+        let url = BackendUrl::parse(url)?;
+        url.expect_scheme(&["ntp"])?;
+        url.reject_credentials()?;
+        if url.namespace.as_deref().is_some_and(|ns| !ns.is_empty()) {
+            return Err(Error::invalid(
+                "ntp urls have no path: NTP has no namespace",
+            ));
         }
-        let mut config = Config {
-            servers: hosts
-                .split(',')
-                .map(|h| normalize_server(h.trim()))
-                .collect::<Result<_>>()?,
-            ..Config::default()
-        };
-        for pair in query
-            .unwrap_or_default()
-            .split('&')
-            .filter(|p| !p.is_empty())
-        {
-            let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
-            let int = || {
-                v.parse::<u64>().map_err(|e| {
-                    bad(format!("{k}={v} in {url:?} is not a whole number")).with_source(e)
-                })
-            };
-            match k {
-                "interval_s" => config.interval = Duration::from_secs(int()?),
-                "timeout_ms" => config.timeout = Duration::from_millis(int()?),
-                "max_error_ms" => config.max_error = Duration::from_millis(int()?),
-                "drift_ppm" => {
-                    config.drift_ppm = v.parse::<f64>().map_err(|e| {
-                        bad(format!("{k}={v} in {url:?} is not a number")).with_source(e)
-                    })?;
-                }
-                other => {
-                    return Err(bad(format!(
-                        "unknown parameter {other:?} in {url:?}; known: interval_s, timeout_ms, \
-                         max_error_ms, drift_ppm"
-                    )));
-                }
-            }
-        }
+        let mut config: Config = url.query_into(&["servers"])?;
+        config.servers = url
+            .require_hosts()?
+            .iter()
+            .map(|h| normalize_server(h))
+            .collect::<Result<_>>()?;
         config.validate()?;
         Ok(config)
     }
@@ -273,7 +248,7 @@ mod tests {
     #[test]
     fn urls() {
         let c = Config::from_url(
-            "ntp://a:123,b,[::1]:11123?interval_s=16&timeout_ms=250&max_error_ms=100&drift_ppm=2.5",
+            "ntp://a:123,b,[::1]:11123?interval=16s&timeout=250ms&max_error=100ms&drift_ppm=2.5",
         )
         .unwrap();
         assert_eq!(c.servers, ["a:123", "b:123", "[::1]:11123"]);
@@ -288,17 +263,17 @@ mod tests {
     #[test]
     fn out_of_range_names_the_limit() {
         let msg = |url: &str| Config::from_url(url).unwrap_err().to_string();
-        assert!(msg("ntp://h?interval_s=0").contains("at least 1s"));
-        assert!(msg("ntp://h?interval_s=1000000").contains("at most 131072s"));
-        assert!(msg("ntp://h?timeout_ms=0").contains("at least 1ms"));
-        assert!(msg("ntp://h?timeout_ms=61000").contains("at most 60s"));
-        assert!(msg("ntp://h?max_error_ms=0").contains("max_error"));
-        assert!(msg("ntp://h?max_error_ms=61000").contains("at most 60s"));
+        assert!(msg("ntp://h?interval=0s").contains("at least 1s"));
+        assert!(msg("ntp://h?interval=1000000s").contains("at most 131072s"));
+        assert!(msg("ntp://h?timeout=0ms").contains("at least 1ms"));
+        assert!(msg("ntp://h?timeout=61s").contains("at most 60s"));
+        assert!(msg("ntp://h?max_error=0s").contains("max_error"));
+        assert!(msg("ntp://h?max_error=61000ms").contains("at most 60s"));
         assert!(msg("ntp://h?drift_ppm=501").contains("at most 500"));
         assert!(msg("ntp://h?drift_ppm=-1").contains("at least 0"));
         assert!(msg("ntp://h?drift_ppm=NaN").contains("drift_ppm"));
-        assert!(msg("ntp://h?bogus=1").contains("unknown parameter"));
-        assert!(msg("ntp://h?interval_s=x").contains("not a whole number"));
+        assert!(msg("ntp://h?bogus=1").contains("unknown field `bogus`"));
+        assert!(msg("ntp://h?interval=x").contains("interval=\"x\""));
         assert!(msg("http://h").contains("ntp://"));
         assert!(msg("ntp://").contains("empty"));
         assert!(msg("ntp://h:0").contains("1 to 65535"));
@@ -318,10 +293,30 @@ mod tests {
     }
 
     #[test]
+    fn url_and_json_give_the_same_config() {
+        let from_url =
+            Config::from_url("ntp://a:123,[::1]:11123?interval=16s&timeout=250ms&drift_ppm=2.5")
+                .unwrap();
+        let from_json: Config = serde_json::from_str(
+            r#"{"servers":["a:123","[::1]:11123"],"interval":"16s","timeout":"250ms","drift_ppm":2.5}"#,
+        )
+        .unwrap();
+        assert_eq!(from_url, from_json);
+    }
+
+    #[test]
+    fn url_structure_is_not_repeated_in_the_query() {
+        let msg = |url: &str| Config::from_url(url).unwrap_err().to_string();
+        assert!(msg("ntp://a?servers=b").contains("`servers`"));
+        assert!(msg("ntp://u:pw@a").contains("no user or password"));
+        assert!(msg("ntp://a/b/c").contains("'/'"));
+    }
+
+    #[test]
     fn serde_round_trip() {
         let c = Config::new(["a:1"]).with_interval(Duration::from_secs(5));
         let json = serde_json::to_string(&c).unwrap();
-        assert!(json.contains("\"interval\":5000"));
+        assert!(json.contains(r#""interval":"5s""#), "{json}");
         let back: Config = serde_json::from_str(&json).unwrap();
         assert_eq!(back, c);
         let partial: Config = serde_json::from_str(r#"{"servers":["x"]}"#).unwrap();

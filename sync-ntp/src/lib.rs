@@ -41,7 +41,7 @@
 //!
 //! // A server that never answers: Unavailable within the timeout, never local time.
 //! let silent = tokio::net::UdpSocket::bind("127.0.0.1:0").await.unwrap();
-//! let url = format!("ntp://{}?timeout_ms=200", silent.local_addr().unwrap());
+//! let url = format!("ntp://{}?timeout=200ms", silent.local_addr().unwrap());
 //! let client = sync_ntp::Client::from_url(&url).await?;
 //! let err = client.time().now_interval().await.unwrap_err();
 //! assert_eq!(err.kind(), ErrorKind::Unavailable);
