@@ -22,10 +22,8 @@ use tokio::{
 
 use crate::{BACKEND, Config, leader::EtcdLeader, lock::EtcdLock, map::EtcdMap, task::EtcdTask};
 
-/// Locks a std mutex, recovering the data if a panicking thread poisoned it.
-pub(crate) fn locked<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|p| p.into_inner())
-}
+/// Re-exported for the modules that import it from here.
+pub(crate) use sync_kit::locked;
 
 /// Checks an id by sync-core's rules, naming this backend in the error.
 pub(crate) fn validate_id(what: &str, id: &str) -> Result<()> {

@@ -22,11 +22,8 @@ use crate::{
 /// Called once when a session ends, with the reason.
 pub(crate) type OnEnd = Box<dyn FnOnce(&str) + Send>;
 
-/// Locks a std mutex, recovering the data if a panicking thread poisoned it (the state is
-/// kept consistent by every critical section, which never panics half-way).
-pub(crate) fn locked<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|p| p.into_inner())
-}
+/// Re-exported for the modules that import it from here.
+pub(crate) use sync_kit::locked;
 
 /// An in-process "server": the state every client of it shares. Cheap to clone.
 ///
