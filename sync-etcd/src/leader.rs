@@ -18,9 +18,12 @@ use sync_core::{
 use tokio::sync::mpsc;
 use tracing::Instrument;
 
+use sync_kit::locked;
+
 use crate::{
     BACKEND,
-    client::{ClientInner, etcd_err, locked, validate_id},
+    client::{ClientInner, validate_id},
+    error::etcd_err,
     lock::{Holding, contend, first_created},
 };
 

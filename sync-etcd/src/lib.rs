@@ -62,9 +62,12 @@
 
 mod client;
 mod config;
+mod error;
+mod kv;
 mod leader;
 mod lock;
 mod map;
+mod session;
 mod task;
 
 pub use client::Client;

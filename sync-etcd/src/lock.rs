@@ -23,9 +23,13 @@ use sync_core::{Error, ErrorKind, Lock, LockGuard, LockOptions, LossSignal, Resu
 use tokio::task::AbortHandle;
 use tracing::Instrument;
 
+use sync_kit::locked;
+
 use crate::{
     BACKEND,
-    client::{ClientInner, LocalTurn, Session, etcd_err, locked, validate_id},
+    client::{ClientInner, LocalTurn, validate_id},
+    error::etcd_err,
+    session::Session,
 };
 
 /// The safety-net re-check while waiting on a watch (push is the normal path).
