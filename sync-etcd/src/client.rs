@@ -1,24 +1,23 @@
-//! The client handle: one etcd connection and its session (lease), the per-id local queues,
-//! the handle factory, and the fault hooks.
+//! The client handle: one etcd connection, its current session (lease) and local queues, the
+//! handle factory, and the fault hooks.
 
-use std::{
-    collections::HashMap,
-    sync::{Arc, Mutex},
-    time::Duration,
-};
+use std::{sync::Arc, time::Duration};
 
 use async_trait::async_trait;
 use etcd_client::{ConnectOptions, WatchOptions};
 use sync_core::{
     Backend, Capabilities, Capability, Error, ErrorKind, Faults, Leader, Lock, Map, Result, Task,
 };
-use tokio::sync::{OwnedMutexGuard, watch};
+use tokio::sync::watch;
 
 use crate::{
-    BACKEND, Config, kv::Kv, leader::EtcdLeader, lock::EtcdLock, map::EtcdMap, task::EtcdTask,
+    BACKEND, Config, contention::LocalQueues, kv::Kv, leader::EtcdLeader, lock::EtcdLock,
+    map::EtcdMap, task::EtcdTask,
 };
 // Re-exported for the modules that import them from here.
 pub(crate) use crate::{error::etcd_err, session::Session};
+// Kept for task.rs, which imports it from here on other branches; nothing here uses it now.
+#[allow(unused_imports)]
 pub(crate) use sync_kit::locked;
 
 /// Checks an id by sync-core's rules, naming this backend in the error.
@@ -58,77 +57,19 @@ pub(crate) struct ClientInner {
     session: tokio::sync::Mutex<Option<Arc<Session>>>,
     /// Set once by `kill`: every background task of this client stops.
     killed: watch::Sender<bool>,
-    /// Per contender prefix: contenders of one id on this handle queue here, so only one of
-    /// them owns the key `<prefix><lease-hex>` at a time.
-    queues: Mutex<HashMap<String, LocalQueue>>,
-}
-
-/// One per-id local queue and how many contenders (waiting or holding) use it; the entry is
-/// removed when the last of them goes, however it goes (turn dropped, or a waiting future
-/// cancelled).
-struct LocalQueue {
-    mutex: Arc<tokio::sync::Mutex<()>>,
-    users: usize,
-}
-
-/// A place in a per-id local queue; dropping it lets the next local contender talk to etcd.
-pub(crate) struct LocalTurn {
-    // Declared first so it is dropped (the queue handed on) before the place is given up.
-    _guard: OwnedMutexGuard<()>,
-    _user: QueueUser,
-}
-
-/// A contender's use of a local queue, from before it waits until its turn ends; the last one
-/// out removes the queue from the map.
-struct QueueUser {
-    client: Arc<ClientInner>,
-    prefix: String,
-}
-
-impl Drop for QueueUser {
-    fn drop(&mut self) {
-        let mut queues = locked(&self.client.queues);
-        if let Some(queue) = queues.get_mut(&self.prefix) {
-            queue.users = queue.users.saturating_sub(1);
-            if queue.users == 0 {
-                queues.remove(&self.prefix);
-            }
-        }
-    }
+    /// The per-id local queues of contenders on this handle.
+    pub(crate) queues: LocalQueues,
 }
 
 impl ClientInner {
-    /// Waits for this handle's turn on `prefix` (None when `try_only` and it is taken).
-    /// Cancelling the wait gives the place up.
-    pub(crate) async fn local_turn(
-        self: &Arc<Self>,
-        prefix: &str,
-        try_only: bool,
-    ) -> Option<LocalTurn> {
-        let queue = {
-            let mut queues = locked(&self.queues);
-            let queue = queues
-                .entry(prefix.to_string())
-                .or_insert_with(|| LocalQueue {
-                    mutex: Arc::default(),
-                    users: 0,
-                });
-            queue.users += 1;
-            queue.mutex.clone()
-        };
-        // Registered above: from here on, dropping `user` (also by cancellation) counts out.
-        let user = QueueUser {
-            client: self.clone(),
-            prefix: prefix.to_string(),
-        };
-        let guard = if try_only {
-            queue.try_lock_owned().ok()?
-        } else {
-            queue.lock_owned().await
-        };
-        Some(LocalTurn {
-            _guard: guard,
-            _user: user,
+    /// A handle on `etcd` with no session yet.
+    pub(crate) fn new(etcd: etcd_client::Client, config: Config) -> Arc<ClientInner> {
+        Arc::new(ClientInner {
+            etcd,
+            config,
+            session: tokio::sync::Mutex::new(None),
+            killed: watch::channel(false).0,
+            queues: LocalQueues::default(),
         })
     }
 
@@ -216,11 +157,6 @@ impl ClientInner {
             format!("{}/", self.config.namespace)
         }
     }
-
-    /// The contender prefix of a lock id or election group: `<ns>/<escaped id>/`.
-    pub(crate) fn contender_prefix(&self, id: &str) -> String {
-        format!("{}{}/", self.ns_prefix(), sync_core::id::escape(id))
-    }
 }
 
 impl Drop for ClientInner {
@@ -264,14 +200,7 @@ impl Client {
         let etcd = etcd_client::Client::connect(config.endpoints.clone(), Some(options))
             .await
             .map_err(|e| etcd_err(format!("connecting to {:?}", config.endpoints), e))?;
-        let (killed, _) = watch::channel(false);
-        let inner = Arc::new(ClientInner {
-            etcd,
-            config,
-            session: tokio::sync::Mutex::new(None),
-            killed,
-            queues: Mutex::new(HashMap::new()),
-        });
+        let inner = ClientInner::new(etcd, config);
         inner.session().await?;
         Ok(Client { inner })
     }
@@ -437,70 +366,5 @@ impl Faults for Client {
 
     async fn revoke(&self) -> Result<()> {
         Client::revoke(self).await
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    /// A client that never talks to etcd (the channel connects lazily).
-    async fn offline_inner() -> Arc<ClientInner> {
-        let etcd = etcd_client::Client::connect(["http://127.0.0.1:1"], None)
-            .await
-            .expect("a lazy channel");
-        let (killed, _) = watch::channel(false);
-        Arc::new(ClientInner {
-            etcd,
-            config: Config::default(),
-            session: tokio::sync::Mutex::new(None),
-            killed,
-            queues: Mutex::new(HashMap::new()),
-        })
-    }
-
-    fn queue_count(inner: &ClientInner) -> usize {
-        locked(&inner.queues).len()
-    }
-
-    #[tokio::test]
-    async fn local_queue_is_removed_when_a_waiter_is_cancelled_after_the_holder_left() {
-        let inner = offline_inner().await;
-        let turn = inner.local_turn("ns/a/", false).await.expect("free");
-        let mut waiter = Box::pin(inner.local_turn("ns/a/", false));
-        assert!(futures::poll!(waiter.as_mut()).is_pending());
-        // The holder leaves while the waiter is queued, then the waiter is cancelled.
-        drop(turn);
-        drop(waiter);
-        assert_eq!(queue_count(&inner), 0, "the queue of a gone id leaked");
-    }
-
-    #[tokio::test]
-    async fn local_queue_is_removed_when_a_waiter_is_cancelled_before_the_holder_left() {
-        let inner = offline_inner().await;
-        let turn = inner.local_turn("ns/a/", false).await.expect("free");
-        let mut waiter = Box::pin(inner.local_turn("ns/a/", false));
-        assert!(futures::poll!(waiter.as_mut()).is_pending());
-        drop(waiter);
-        assert_eq!(queue_count(&inner), 1, "the holder still uses it");
-        drop(turn);
-        assert_eq!(queue_count(&inner), 0);
-    }
-
-    #[tokio::test]
-    async fn local_queue_hands_over_and_is_removed_after_the_last_turn() {
-        let inner = offline_inner().await;
-        let turn = inner.local_turn("ns/a/", false).await.expect("free");
-        assert!(inner.local_turn("ns/a/", true).await.is_none(), "taken");
-        let mut waiter = Box::pin(inner.local_turn("ns/a/", false));
-        assert!(futures::poll!(waiter.as_mut()).is_pending());
-        drop(turn);
-        let next = waiter.await.expect("handed over");
-        assert_eq!(queue_count(&inner), 1);
-        drop(next);
-        assert_eq!(queue_count(&inner), 0);
-        let other = inner.local_turn("ns/b/", true).await.expect("free");
-        drop(other);
-        assert_eq!(queue_count(&inner), 0);
     }
 }

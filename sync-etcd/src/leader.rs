@@ -23,8 +23,8 @@ use sync_kit::locked;
 use crate::{
     BACKEND,
     client::{ClientInner, validate_id},
+    contention::{Holding, contend, first_created},
     error::etcd_err,
-    lock::{Holding, contend, first_created},
 };
 
 const MAGIC: &[u8] = b"\0sync\0";

@@ -62,6 +62,7 @@
 
 mod client;
 mod config;
+mod contention;
 mod error;
 mod kv;
 mod leader;
