@@ -1,160 +1,26 @@
-//! The client handle: one etcd connection, one lease per handle with its keepalive task, the
-//! per-id local queues, and the error mapping.
+//! The client handle: one etcd connection, its current session (lease) and local queues, the
+//! handle factory, and the fault hooks.
 
-use std::{
-    collections::HashMap,
-    sync::{Arc, Mutex},
-    time::Duration,
-};
+use std::{sync::Arc, time::Duration};
 
 use async_trait::async_trait;
-use etcd_client::{ConnectOptions, LeaseKeepAliveStream, LeaseKeeper, WatchOptions};
-use sync_core::raw::LossTrigger;
+use etcd_client::{ConnectOptions, WatchOptions};
 use sync_core::{
-    Backend, Capabilities, Capability, Error, ErrorKind, Faults, Leader, Lock, LossSignal, Map,
-    Result, Task,
+    Backend, Capabilities, Capability, Error, ErrorKind, Faults, Leader, Lock, Map, Result, Task,
 };
 use sync_kit::checked;
-use tokio::{
-    sync::{OwnedMutexGuard, watch},
-    task::AbortHandle,
-    time::Instant,
+use tokio::sync::watch;
+
+use crate::{
+    BACKEND, Config, contention::LocalQueues, kv::Kv, leader::EtcdLeader, lock::EtcdLock,
+    map::EtcdMap, task::EtcdTask,
 };
-
-use crate::{BACKEND, Config, leader::EtcdLeader, lock::EtcdLock, map::EtcdMap, task::EtcdTask};
-
-/// Locks a std mutex, recovering the data if a panicking thread poisoned it.
-pub(crate) fn locked<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|p| p.into_inner())
-}
+// Re-exported for the modules that import them from here.
+pub(crate) use crate::{error::etcd_err, session::Session};
 
 /// Checks an id by sync-core's rules, naming this backend in the error.
 pub(crate) fn validate_id(what: &str, id: &str) -> Result<()> {
     sync_core::id::validate(what, id).map_err(|e| e.with_backend(BACKEND))
-}
-
-/// Maps an etcd client error to a `sync_core` error kind, with the client error as source.
-pub(crate) fn etcd_err(what: impl Into<String>, e: etcd_client::Error) -> Error {
-    let mut what = what.into();
-    let kind = match &e {
-        etcd_client::Error::TransportError(_) | etcd_client::Error::IoError(_) => {
-            ErrorKind::Unavailable
-        }
-        etcd_client::Error::GRpcStatus(status) => {
-            let message = status.message();
-            match i32::from(status.code()) {
-                // etcd refuses a request over its --max-request-bytes (1.5 MiB by default)
-                // with InvalidArgument, or, past that plus its gRPC overhead allowance, with
-                // ResourceExhausted: bad input, never worth retrying.
-                3 | 8
-                    if message.contains("request is too large")
-                        || message.contains("larger than max") =>
-                {
-                    what.push_str(
-                        ": the request exceeds etcd's --max-request-bytes (1.5 MiB by default)",
-                    );
-                    ErrorKind::InvalidArgument
-                }
-                // Cancelled, DeadlineExceeded, ResourceExhausted, Unavailable
-                1 | 4 | 8 | 14 => ErrorKind::Unavailable,
-                // Unknown, from the transport (a connection closed under the request).
-                2 if message.contains("transport error") => ErrorKind::Unavailable,
-                // PermissionDenied, Unauthenticated
-                7 | 16 => ErrorKind::Unauthorized,
-                // etcd answers a bad user or password with InvalidArgument.
-                _ if message.contains("authentication failed")
-                    || message.contains("permission denied")
-                    || message.contains("invalid auth token")
-                    || message.contains("user name is empty") =>
-                {
-                    ErrorKind::Unauthorized
-                }
-                _ => ErrorKind::Backend,
-            }
-        }
-        etcd_client::Error::InvalidArgs(_) | etcd_client::Error::InvalidUri(_) => {
-            ErrorKind::InvalidArgument
-        }
-        _ => ErrorKind::Backend,
-    };
-    Error::new(kind, what).with_backend(BACKEND).with_source(e)
-}
-
-/// Whether a request surely never reached etcd (the connection to the endpoint the channel
-/// picked could not be made), so it is safe to send again — on another endpoint.
-fn not_delivered(e: &etcd_client::Error) -> bool {
-    match e {
-        etcd_client::Error::GRpcStatus(status) => {
-            i32::from(status.code()) == 14 && status.message().contains("connect")
-        }
-        _ => false,
-    }
-}
-
-/// The KV API with retries of requests that never left (the balanced channel may pick an
-/// endpoint that is down); anything that may have reached etcd is returned as is.
-pub(crate) struct Kv {
-    kv: etcd_client::KvClient,
-    tries: usize,
-}
-
-macro_rules! retried {
-    ($tries:expr, $call:expr) => {{
-        let mut attempt = 0;
-        loop {
-            attempt += 1;
-            match $call {
-                Err(e) if not_delivered(&e) && attempt < $tries => {
-                    tracing::debug!(backend = BACKEND, attempt, error = %e, "request not delivered; retrying");
-                    tokio::time::sleep(Duration::from_millis(5 * attempt as u64)).await;
-                }
-                other => break other,
-            }
-        }
-    }};
-}
-
-type EtcdResult<T> = std::result::Result<T, etcd_client::Error>;
-
-impl Kv {
-    pub(crate) async fn get(
-        &mut self,
-        key: impl Into<Vec<u8>>,
-        opts: Option<etcd_client::GetOptions>,
-    ) -> EtcdResult<etcd_client::GetResponse> {
-        let key = key.into();
-        retried!(self.tries, self.kv.get(key.clone(), opts.clone()).await)
-    }
-
-    /// Takes the value by reference: each attempt needs its own copy anyway.
-    pub(crate) async fn put(
-        &mut self,
-        key: impl Into<Vec<u8>>,
-        value: &[u8],
-        opts: Option<etcd_client::PutOptions>,
-    ) -> EtcdResult<etcd_client::PutResponse> {
-        let key = key.into();
-        retried!(
-            self.tries,
-            self.kv.put(key.clone(), value.to_vec(), opts.clone()).await
-        )
-    }
-
-    pub(crate) async fn delete(
-        &mut self,
-        key: impl Into<Vec<u8>>,
-        opts: Option<etcd_client::DeleteOptions>,
-    ) -> EtcdResult<etcd_client::DeleteResponse> {
-        let key = key.into();
-        retried!(self.tries, self.kv.delete(key.clone(), opts.clone()).await)
-    }
-
-    pub(crate) async fn txn(
-        &mut self,
-        txn: etcd_client::Txn,
-    ) -> EtcdResult<etcd_client::TxnResponse> {
-        retried!(self.tries, self.kv.txn(txn.clone()).await)
-    }
 }
 
 /// A connection to etcd with one lease (the TTL's "session"), shared by every handle made
@@ -189,109 +55,19 @@ pub(crate) struct ClientInner {
     session: tokio::sync::Mutex<Option<Arc<Session>>>,
     /// Set once by `kill`: every background task of this client stops.
     killed: watch::Sender<bool>,
-    /// Per contender prefix: contenders of one id on this handle queue here, so only one of
-    /// them owns the key `<prefix><lease-hex>` at a time.
-    queues: Mutex<HashMap<String, LocalQueue>>,
-}
-
-/// One per-id local queue and how many contenders (waiting or holding) use it; the entry is
-/// removed when the last of them goes, however it goes (turn dropped, or a waiting future
-/// cancelled).
-struct LocalQueue {
-    mutex: Arc<tokio::sync::Mutex<()>>,
-    users: usize,
-}
-
-/// One lease and the signal that it is gone (or no longer certain).
-pub(crate) struct Session {
-    pub(crate) lease: i64,
-    pub(crate) ended: LossSignal,
-    trigger: Arc<LossTrigger>,
-    keepalive: AbortHandle,
-}
-
-impl Session {
-    /// Marks the lease as gone (etcd said so); the next call grants a new one.
-    pub(crate) fn end(&self, reason: &str) {
-        self.trigger.fire(reason);
-        self.keepalive.abort();
-    }
-
-    /// Ends the session if `e` says etcd no longer has its lease (a write with it failed before
-    /// the keepalive noticed), so the next call grants a new one. True if it did.
-    pub(crate) fn end_if_lease_gone(&self, e: &etcd_client::Error) -> bool {
-        let gone = matches!(e, etcd_client::Error::GRpcStatus(status)
-            if status.message().contains("lease not found"));
-        if gone {
-            self.end("lease not found");
-        }
-        gone
-    }
-
-    /// The lease id as etcd's concurrency package writes it in keys.
-    pub(crate) fn lease_hex(&self) -> String {
-        format!("{:x}", self.lease)
-    }
-}
-
-/// A place in a per-id local queue; dropping it lets the next local contender talk to etcd.
-pub(crate) struct LocalTurn {
-    // Declared first so it is dropped (the queue handed on) before the place is given up.
-    _guard: OwnedMutexGuard<()>,
-    _user: QueueUser,
-}
-
-/// A contender's use of a local queue, from before it waits until its turn ends; the last one
-/// out removes the queue from the map.
-struct QueueUser {
-    client: Arc<ClientInner>,
-    prefix: String,
-}
-
-impl Drop for QueueUser {
-    fn drop(&mut self) {
-        let mut queues = locked(&self.client.queues);
-        if let Some(queue) = queues.get_mut(&self.prefix) {
-            queue.users = queue.users.saturating_sub(1);
-            if queue.users == 0 {
-                queues.remove(&self.prefix);
-            }
-        }
-    }
+    /// The per-id local queues of contenders on this handle.
+    pub(crate) queues: LocalQueues,
 }
 
 impl ClientInner {
-    /// Waits for this handle's turn on `prefix` (None when `try_only` and it is taken).
-    /// Cancelling the wait gives the place up.
-    pub(crate) async fn local_turn(
-        self: &Arc<Self>,
-        prefix: &str,
-        try_only: bool,
-    ) -> Option<LocalTurn> {
-        let queue = {
-            let mut queues = locked(&self.queues);
-            let queue = queues
-                .entry(prefix.to_string())
-                .or_insert_with(|| LocalQueue {
-                    mutex: Arc::default(),
-                    users: 0,
-                });
-            queue.users += 1;
-            queue.mutex.clone()
-        };
-        // Registered above: from here on, dropping `user` (also by cancellation) counts out.
-        let user = QueueUser {
-            client: self.clone(),
-            prefix: prefix.to_string(),
-        };
-        let guard = if try_only {
-            queue.try_lock_owned().ok()?
-        } else {
-            queue.lock_owned().await
-        };
-        Some(LocalTurn {
-            _guard: guard,
-            _user: user,
+    /// A handle on `etcd` with no session yet.
+    pub(crate) fn new(etcd: etcd_client::Client, config: Config) -> Arc<ClientInner> {
+        Arc::new(ClientInner {
+            etcd,
+            config,
+            session: tokio::sync::Mutex::new(None),
+            killed: watch::channel(false).0,
+            queues: LocalQueues::default(),
         })
     }
 
@@ -303,52 +79,21 @@ impl ClientInner {
             return Ok(s.clone());
         }
         if let Some(old) = slot.take() {
-            old.keepalive.abort();
             // Its holders were told they lost; make sure the server agrees (it may not have
             // expired the lease yet when renewals merely failed for a while).
-            let mut lease_client = self.etcd.lease_client();
-            tokio::spawn(async move {
-                let _ = lease_client.revoke(old.lease).await;
-            });
+            old.stop_renewing();
+            old.revoke_in_background(&self.etcd);
         }
-        let ttl = self.config.ttl;
-        let granted_at = Instant::now();
-        let mut lease_client = self.etcd.lease_client();
-        let grant = retried!(
-            self.tries(),
-            lease_client.grant(ttl.as_secs() as i64, None).await
-        )
-        .map_err(|e| etcd_err("granting the lease", e))?;
-        let granted_ttl = Duration::from_secs(grant.ttl().max(1) as u64);
-        let lease = grant.id();
-        let (trigger, ended) = sync_core::raw::loss_signal();
-        let trigger = Arc::new(trigger);
-        let keepalive = tokio::spawn(keepalive(
-            self.etcd.clone(),
-            lease,
-            granted_ttl,
-            granted_at,
-            trigger.clone(),
-            self.killed.subscribe(),
-        ))
-        .abort_handle();
-        tracing::debug!(backend = BACKEND, lease = format!("{lease:x}"), ttl = ?granted_ttl, "lease granted");
-        let session = Arc::new(Session {
-            lease,
-            ended,
-            trigger,
-            keepalive,
-        });
+        let session =
+            Session::grant(&self.etcd, self.config.ttl, self.tries(), self.killed()).await?;
+        let session = Arc::new(session);
         *slot = Some(session.clone());
         Ok(session)
     }
 
     /// The KV API, retrying requests that could not be delivered to the endpoint picked.
     pub(crate) fn kv(&self) -> Kv {
-        Kv {
-            kv: self.etcd.kv_client(),
-            tries: self.tries(),
-        }
+        Kv::new(self.etcd.kv_client(), self.tries())
     }
 
     /// How often a request that was never delivered is sent: enough to try every endpoint.
@@ -410,118 +155,19 @@ impl ClientInner {
             format!("{}/", self.config.namespace)
         }
     }
-
-    /// The contender prefix of a lock id or election group: `<ns>/<escaped id>/`.
-    pub(crate) fn contender_prefix(&self, id: &str) -> String {
-        format!("{}{}/", self.ns_prefix(), sync_core::id::escape(id))
-    }
 }
 
 impl Drop for ClientInner {
     fn drop(&mut self) {
         let session = self.session.get_mut().take();
         if let Some(s) = session {
-            s.keepalive.abort();
+            s.stop_renewing();
             if !*self.killed.borrow() && !s.ended.is_lost() {
-                s.trigger.fire("client closed");
+                s.end("client closed");
                 // Free everything this client held at once rather than after a TTL.
-                if let Ok(rt) = tokio::runtime::Handle::try_current() {
-                    let mut lease = self.etcd.lease_client();
-                    rt.spawn(async move {
-                        let _ = lease.revoke(s.lease).await;
-                    });
-                }
+                s.revoke_in_background(&self.etcd);
             }
         }
-    }
-}
-
-/// Renews the lease every TTL/3 over one keepalive stream (reopened on error). Fires the
-/// session's signal when etcd answers TTL 0 (expired or revoked), or when renewals have failed
-/// until the safe deadline: the last confirmed expiry minus a safety margin.
-async fn keepalive(
-    etcd: etcd_client::Client,
-    lease: i64,
-    ttl: Duration,
-    granted_at: Instant,
-    trigger: Arc<LossTrigger>,
-    mut killed: watch::Receiver<bool>,
-) {
-    let margin = (ttl / 5).max(Duration::from_millis(300));
-    let lease_hex = format!("{lease:x}");
-    let work = async {
-        let mut safe_until = granted_at + ttl - margin;
-        let mut stream: Option<(LeaseKeeper, LeaseKeepAliveStream)> = None;
-        loop {
-            let now = Instant::now();
-            if now >= safe_until {
-                tracing::warn!(backend = BACKEND, lease = %lease_hex, "lease renewal failing past the safe deadline");
-                trigger.fire("lease renewal failing past the safe deadline");
-                return;
-            }
-            let sent = now;
-            let attempt = tokio::time::timeout_at(
-                safe_until.min(sent + ttl / 3),
-                renew(&etcd, lease, ttl, &mut stream),
-            )
-            .await;
-            let next = match attempt {
-                Ok(Ok(secs)) if secs <= 0 => {
-                    tracing::warn!(backend = BACKEND, lease = %lease_hex, "lease expired or revoked");
-                    trigger.fire("lease expired or revoked (keepalive answered TTL 0)");
-                    return;
-                }
-                Ok(Ok(secs)) => {
-                    safe_until = sent + Duration::from_secs(secs as u64) - margin;
-                    sent + ttl / 3
-                }
-                Ok(Err(e)) => {
-                    tracing::warn!(backend = BACKEND, lease = %lease_hex, error = %e, "lease renewal failed; retrying");
-                    stream = None;
-                    Instant::now() + Duration::from_millis(200)
-                }
-                Err(_) => {
-                    tracing::warn!(backend = BACKEND, lease = %lease_hex, "lease renewal timed out; retrying");
-                    stream = None;
-                    Instant::now()
-                }
-            };
-            tokio::time::sleep_until(next.min(safe_until)).await;
-        }
-    };
-    tokio::select! {
-        _ = work => {}
-        _ = killed.wait_for(|k| *k) => {
-            trigger.fire("client killed");
-        }
-    }
-}
-
-/// One renewal: the TTL etcd answered (0 = the lease is gone).
-async fn renew(
-    etcd: &etcd_client::Client,
-    lease: i64,
-    ttl: Duration,
-    stream: &mut Option<(LeaseKeeper, LeaseKeepAliveStream)>,
-) -> std::result::Result<i64, etcd_client::Error> {
-    if let Some((keeper, responses)) = stream.as_mut() {
-        keeper.keep_alive().await?;
-        return match responses.message().await? {
-            Some(resp) => Ok(resp.ttl()),
-            None => Err(etcd_client::Error::LeaseKeepAliveError(
-                "keepalive stream ended".into(),
-            )),
-        };
-    }
-    // Opening the stream sends the first renewal and reads its answer.
-    match etcd.lease_client().keep_alive(lease).await {
-        Ok(opened) => {
-            *stream = Some(opened);
-            // It renewed the lease to its granted TTL (the answer's TTL is not handed out).
-            Ok(ttl.as_secs().max(1) as i64)
-        }
-        Err(etcd_client::Error::LeaseKeepAliveError(m)) if m.contains("not found") => Ok(0),
-        Err(e) => Err(e),
     }
 }
 
@@ -552,14 +198,7 @@ impl Client {
         let etcd = etcd_client::Client::connect(config.endpoints.clone(), Some(options))
             .await
             .map_err(|e| etcd_err(format!("connecting to {:?}", config.endpoints), e))?;
-        let (killed, _) = watch::channel(false);
-        let inner = Arc::new(ClientInner {
-            etcd,
-            config,
-            session: tokio::sync::Mutex::new(None),
-            killed,
-            queues: Mutex::new(HashMap::new()),
-        });
+        let inner = ClientInner::new(etcd, config);
         inner.session().await?;
         Ok(Client { inner })
     }
@@ -612,7 +251,7 @@ impl Client {
     pub async fn kill(&self) {
         self.inner.killed.send_replace(true);
         if let Some(s) = self.inner.session.lock().await.as_ref() {
-            s.keepalive.abort();
+            s.stop_renewing();
         }
     }
 
@@ -729,70 +368,5 @@ impl Faults for Client {
 
     async fn revoke(&self) -> Result<()> {
         Client::revoke(self).await
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    /// A client that never talks to etcd (the channel connects lazily).
-    async fn offline_inner() -> Arc<ClientInner> {
-        let etcd = etcd_client::Client::connect(["http://127.0.0.1:1"], None)
-            .await
-            .expect("a lazy channel");
-        let (killed, _) = watch::channel(false);
-        Arc::new(ClientInner {
-            etcd,
-            config: Config::default(),
-            session: tokio::sync::Mutex::new(None),
-            killed,
-            queues: Mutex::new(HashMap::new()),
-        })
-    }
-
-    fn queue_count(inner: &ClientInner) -> usize {
-        locked(&inner.queues).len()
-    }
-
-    #[tokio::test]
-    async fn local_queue_is_removed_when_a_waiter_is_cancelled_after_the_holder_left() {
-        let inner = offline_inner().await;
-        let turn = inner.local_turn("ns/a/", false).await.expect("free");
-        let mut waiter = Box::pin(inner.local_turn("ns/a/", false));
-        assert!(futures::poll!(waiter.as_mut()).is_pending());
-        // The holder leaves while the waiter is queued, then the waiter is cancelled.
-        drop(turn);
-        drop(waiter);
-        assert_eq!(queue_count(&inner), 0, "the queue of a gone id leaked");
-    }
-
-    #[tokio::test]
-    async fn local_queue_is_removed_when_a_waiter_is_cancelled_before_the_holder_left() {
-        let inner = offline_inner().await;
-        let turn = inner.local_turn("ns/a/", false).await.expect("free");
-        let mut waiter = Box::pin(inner.local_turn("ns/a/", false));
-        assert!(futures::poll!(waiter.as_mut()).is_pending());
-        drop(waiter);
-        assert_eq!(queue_count(&inner), 1, "the holder still uses it");
-        drop(turn);
-        assert_eq!(queue_count(&inner), 0);
-    }
-
-    #[tokio::test]
-    async fn local_queue_hands_over_and_is_removed_after_the_last_turn() {
-        let inner = offline_inner().await;
-        let turn = inner.local_turn("ns/a/", false).await.expect("free");
-        assert!(inner.local_turn("ns/a/", true).await.is_none(), "taken");
-        let mut waiter = Box::pin(inner.local_turn("ns/a/", false));
-        assert!(futures::poll!(waiter.as_mut()).is_pending());
-        drop(turn);
-        let next = waiter.await.expect("handed over");
-        assert_eq!(queue_count(&inner), 1);
-        drop(next);
-        assert_eq!(queue_count(&inner), 0);
-        let other = inner.local_turn("ns/b/", true).await.expect("free");
-        drop(other);
-        assert_eq!(queue_count(&inner), 0);
     }
 }

@@ -18,10 +18,13 @@ use sync_core::{
 use tokio::sync::mpsc;
 use tracing::Instrument;
 
+use sync_kit::locked;
+
 use crate::{
     BACKEND,
-    client::{ClientInner, etcd_err, locked, validate_id},
-    lock::{Holding, contend, first_created},
+    client::{ClientInner, validate_id},
+    contention::{Holding, contend, first_created},
+    error::etcd_err,
 };
 
 const MAGIC: &[u8] = b"\0sync\0";

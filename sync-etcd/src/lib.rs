@@ -63,9 +63,13 @@
 
 mod client;
 mod config;
+mod contention;
+mod error;
+mod kv;
 mod leader;
 mod lock;
 mod map;
+mod session;
 mod task;
 
 pub use client::Client;

@@ -1,77 +1,60 @@
 //! Leader election on the in-process backend.
 
-use std::{
-    collections::HashMap,
-    sync::{Arc, Mutex, Weak},
-};
+use std::sync::{Arc, Mutex};
 
 use async_trait::async_trait;
-use sync_core::raw::{Leadership, LossTrigger, loss_signal};
+use sync_core::raw::Leadership;
 use sync_core::{
     ElectOptions, Elected, Error, ErrorKind, FollowStream, Leader, LeaderInfo, LossSignal, Result,
 };
-use tokio::sync::{Notify, watch};
+use tokio::sync::watch;
 use tracing::Instrument;
+
+use sync_kit::locked;
 
 use crate::{
     BACKEND,
-    client::{ClientInner, Shared, locked},
+    client::ClientInner,
+    server::Shared,
+    table::{SlotState, Table},
 };
 
-/// Every election group of a cluster, by namespaced key.
-#[derive(Default)]
-pub(crate) struct ElectionTable {
-    groups: Mutex<HashMap<String, Group>>,
-    resigned: Notify,
-}
+/// Every election group of a cluster, by namespaced key; the holder of a group is its leader
+/// and the token its term.
+pub(crate) type ElectionTable = Table<Group>;
 
-struct Group {
-    reign: Option<Reign>,
-    /// What followers see; groups are never removed, so followers' streams stay connected.
+/// What followers see; groups are never removed, so followers' streams stay connected.
+pub(crate) struct Group {
     published: watch::Sender<Option<LeaderInfo>>,
 }
 
 impl Default for Group {
     fn default() -> Self {
         Group {
-            reign: None,
             published: watch::channel(None).0,
         }
     }
 }
 
-struct Reign {
-    info: LeaderInfo,
-    session: u64,
-    registration: u64,
-    trigger: LossTrigger,
+impl Group {
+    fn publish(&self, info: Option<LeaderInfo>) {
+        self.published.send_replace(info);
+    }
 }
 
-impl ElectionTable {
-    /// Ends the reign `term` of `key` if it is still current, returning its session and
-    /// registration. With `lost`, the leader's signal fires under the table lock, so it hears of
-    /// the loss before anyone else can be elected.
-    fn end(&self, key: &str, term: u64, lost: Option<&str>) -> Option<(u64, u64)> {
-        let mut groups = locked(&self.groups);
-        let group = groups.get_mut(key)?;
-        if group.reign.as_ref().is_none_or(|r| r.info.term != term) {
-            return None;
-        }
-        let reign = group.reign.take()?;
-        if let Some(reason) = lost {
-            reign.trigger.fire(reason);
-        }
-        group.published.send_replace(None);
-        drop(groups);
-        self.resigned.notify_waiters();
-        Some((reign.session, reign.registration))
+impl SlotState for Group {
+    const KEEP_FREE: bool = true;
+
+    fn table(shared: &Shared) -> &Table<Self> {
+        &shared.elections
     }
 
-    fn current(&self, key: &str) -> Option<LeaderInfo> {
-        let groups = locked(&self.groups);
-        groups
-            .get(key)
-            .and_then(|g| g.reign.as_ref().map(|r| r.info.clone()))
+    fn freed(&mut self) {
+        self.publish(None);
+    }
+
+    fn log_lost(key: &str, term: u64, reason: &str) {
+        tracing::warn!(backend = BACKEND, key, term, reason, "leadership revoked");
     }
 }
 
@@ -88,6 +71,10 @@ impl Campaign {
         &self.client.shared
     }
 
+    fn elections(&self) -> &ElectionTable {
+        &self.client.shared.elections
+    }
+
     /// Err(Closed), naming the group, once the client was killed.
     fn check_open(&self) -> Result<()> {
         self.client.check_open().map_err(|e| e.with_id(&self.group))
@@ -101,69 +88,36 @@ impl Campaign {
         wait: Option<std::time::Duration>,
     ) -> Result<(u64, LossSignal)> {
         let deadline = wait.map(|w| tokio::time::Instant::now() + w);
-        loop {
-            let resigned = self.shared().elections.resigned.notified();
-            tokio::pin!(resigned);
-            resigned.as_mut().enable();
-            if let Some(won) = self.try_win(candidate, &value)? {
-                return Ok(won);
-            }
-            match deadline {
-                Some(d) => tokio::time::timeout_at(d, resigned).await.map_err(|_| {
-                    Error::new(
-                        ErrorKind::Timeout,
-                        format!("not elected within {:?}", wait.unwrap_or_default()),
-                    )
-                    .with_backend(BACKEND)
-                    .with_id(&self.group)
-                })?,
-                None => resigned.await,
-            }
-        }
+        let reign = |group: &mut Group, term| {
+            group.publish(Some(LeaderInfo::new(candidate, term, value.clone())));
+        };
+        let elections = self.elections();
+        let won = elections
+            .grant(&self.client, &self.key, deadline, reign)
+            .await?;
+        let (term, signal) = won.ok_or_else(|| {
+            Error::new(
+                ErrorKind::Timeout,
+                format!("not elected within {:?}", wait.unwrap_or_default()),
+            )
+            .with_backend(BACKEND)
+            .with_id(&self.group)
+        })?;
+        tracing::info!(backend = BACKEND, group = %self.group, candidate, term, "elected");
+        Ok((term, signal))
     }
 
-    fn try_win(&self, candidate: &str, value: &[u8]) -> Result<Option<(u64, LossSignal)>> {
-        let shared = self.shared();
-        loop {
-            let session = self.client.session()?;
-            let mut groups = locked(&shared.elections.groups);
-            let group = groups.entry(self.key.clone()).or_default();
-            if group.reign.is_some() {
-                return Ok(None);
-            }
-            let term = shared.next_revision();
-            let (trigger, signal) = loss_signal();
-            let on_end = {
-                let weak = Arc::downgrade(shared);
-                let key = self.key.clone();
-                Box::new(move |reason: &str| depose(&weak, &key, term, reason))
-            };
-            // The session may have been revoked since `session()` looked: this candidate never
-            // led, so it retries on a fresh session instead of reporting a loss.
-            let Ok(registration) = shared.on_session_end(session, on_end) else {
-                continue;
-            };
-            let info = LeaderInfo::new(candidate, term, value.to_vec());
-            group.published.send_replace(Some(info.clone()));
-            group.reign = Some(Reign {
-                info,
-                session,
-                registration,
-                trigger,
-            });
-            tracing::info!(backend = BACKEND, group = %self.group, candidate, term, "elected");
-            return Ok(Some((term, signal)));
-        }
+    /// The current leader.
+    fn current(&self) -> Option<LeaderInfo> {
+        let info = |g: &mut Group| g.published.borrow().clone();
+        self.elections().if_held(&self.key, None, info).flatten()
     }
-}
 
-/// Session-end callback: the leader hears of the loss before anyone else can be elected.
-fn depose(shared: &Weak<Shared>, key: &str, term: u64, reason: &str) {
-    let Some(shared) = shared.upgrade() else {
-        return;
-    };
-    if shared.elections.end(key, term, Some(reason)).is_some() {
-        tracing::warn!(backend = BACKEND, key, term, reason, "leadership revoked");
+    /// Whether `term` is the current reign.
+    fn reigns(&self, term: u64) -> bool {
+        self.elections()
+            .if_held(&self.key, Some(term), |_| ())
+            .is_some()
     }
 }
 
@@ -215,17 +169,14 @@ impl Leader for LocalLeader {
     #[tracing::instrument(level = "debug", skip(self), fields(backend = BACKEND, primitive = "leader", id = %self.campaign.group))]
     async fn leader(&self) -> Result<Option<LeaderInfo>> {
         self.campaign.check_open()?;
-        Ok(self.campaign.shared().elections.current(&self.campaign.key))
+        Ok(self.campaign.current())
     }
 
     #[tracing::instrument(level = "debug", skip(self), fields(backend = BACKEND, primitive = "leader", id = %self.campaign.group))]
     async fn follow(&self) -> Result<FollowStream> {
         self.campaign.check_open()?;
-        let rx = {
-            let mut groups = locked(&self.campaign.shared().elections.groups);
-            let group = groups.entry(self.campaign.key.clone()).or_default();
-            group.published.subscribe()
-        };
+        let subscribe = |g: &mut Group| g.published.subscribe();
+        let rx = (self.campaign.elections()).with_state(&self.campaign.key, subscribe);
         let first = rx.borrow().clone();
         let changes = futures::stream::unfold(rx, |mut rx| async move {
             rx.changed().await.ok()?;
@@ -262,14 +213,14 @@ impl LocalLeadership {
         // A killed client resigns nothing: its leadership ends when its session expires.
         self.campaign.check_open()?;
         let shared = self.campaign.shared();
-        match shared.elections.end(&self.campaign.key, self.term, None) {
-            Some((session, registration)) => {
-                shared.cancel_on_end(session, registration);
-                tracing::info!(backend = BACKEND, group = %self.campaign.group, term = self.term, "resigned");
-                Ok(())
-            }
-            None => Err(self.not_leading()),
+        if !shared
+            .elections
+            .release(shared, &self.campaign.key, self.term)
+        {
+            return Err(self.not_leading());
         }
+        tracing::info!(backend = BACKEND, group = %self.campaign.group, term = self.term, "resigned");
+        Ok(())
     }
 }
 
@@ -277,20 +228,15 @@ impl LocalLeadership {
 impl Leadership for LocalLeadership {
     async fn proclaim(&self, value: &[u8]) -> Result<()> {
         self.campaign.check_open()?;
-        let mut groups = locked(&self.campaign.shared().elections.groups);
-        let group = groups.get_mut(&self.campaign.key);
-        let Some(group) =
-            group.filter(|g| g.reign.as_ref().is_some_and(|r| r.info.term == self.term))
-        else {
-            return Err(self.not_leading());
-        };
         let info = LeaderInfo::new(self.candidate.clone(), self.term, value.to_vec());
-        group.published.send_replace(Some(info.clone()));
-        if let Some(reign) = group.reign.as_mut() {
-            reign.info = info;
-        }
-        *locked(&self.value) = value.to_vec();
-        Ok(())
+        // The value is kept under the table lock, so it is always the one last published.
+        let publish = |g: &mut Group| {
+            g.publish(Some(info));
+            *locked(&self.value) = value.to_vec();
+        };
+        let elections = self.campaign.elections();
+        let shown = elections.if_held(&self.campaign.key, Some(self.term), publish);
+        shown.ok_or_else(|| self.not_leading())
     }
 
     async fn resign(&mut self) -> Result<()> {
@@ -304,9 +250,8 @@ impl Leadership for LocalLeadership {
 
     async fn reelect(&mut self) -> Result<(u64, LossSignal)> {
         self.campaign.check_open()?;
-        let current = self.campaign.shared().elections.current(&self.campaign.key);
         // A fired signal means the reign is ending even if the table still shows it.
-        if current.as_ref().is_some_and(|c| c.term == self.term) && !self.revoked.is_lost() {
+        if self.campaign.reigns(self.term) && !self.revoked.is_lost() {
             return Ok((self.term, self.revoked.clone()));
         }
         let value = locked(&self.value).clone();

@@ -25,11 +25,14 @@ mod config;
 mod leader;
 mod lock;
 mod map;
+mod server;
+mod table;
 mod task;
 mod time;
 
-pub use client::{Client, Cluster};
+pub use client::Client;
 pub use config::{Config, MIN_TTL};
+pub use server::Cluster;
 pub use task::{Command, CommandPool, JOB_RETENTION};
 
 /// The backend name used in errors and traces.

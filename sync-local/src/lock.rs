@@ -2,49 +2,37 @@
 
 use std::{
     collections::HashMap,
-    sync::{Arc, Mutex, Weak},
+    sync::{Arc, Mutex},
 };
 
 use async_trait::async_trait;
-use sync_core::raw::{HeldLock, LossTrigger, loss_signal};
-use sync_core::{Error, ErrorKind, Lock, LockGuard, LockOptions, Result};
-use tokio::sync::Notify;
+use sync_core::raw::HeldLock;
+use sync_core::{Error, ErrorKind, Lock, LockGuard, LockOptions, LossSignal, Result};
 use tracing::Instrument;
+
+use sync_kit::locked;
 
 use crate::{
     BACKEND,
-    client::{ClientInner, Shared, locked},
+    client::ClientInner,
+    server::Shared,
+    table::{SlotState, Table},
 };
 
 /// Every held lock of a cluster, by namespaced key.
+pub(crate) type LockTable = Table<LockSlot>;
+
+/// A lock keeps nothing beside its holder; a free lock leaves the table.
 #[derive(Default)]
-pub(crate) struct LockTable {
-    held: Mutex<HashMap<String, Holder>>,
-    released: Notify,
-}
+pub(crate) struct LockSlot;
 
-struct Holder {
-    grant: u64,
-    session: u64,
-    registration: u64,
-    trigger: LossTrigger,
-}
+impl SlotState for LockSlot {
+    fn table(shared: &Shared) -> &Table<Self> {
+        &shared.locks
+    }
 
-impl LockTable {
-    /// Frees `key` if `grant` still holds it and returns its holder. With `lost`, the holder's
-    /// signal fires under the table lock, so it hears of the loss before anyone can be granted.
-    fn free(&self, key: &str, grant: u64, lost: Option<&str>) -> Option<Holder> {
-        let mut held = locked(&self.held);
-        if held.get(key).is_none_or(|h| h.grant != grant) {
-            return None;
-        }
-        let holder = held.remove(key)?;
-        if let Some(reason) = lost {
-            holder.trigger.fire(reason);
-        }
-        drop(held);
-        self.released.notify_waiters();
-        Some(holder)
+    fn log_lost(key: &str, token: u64, reason: &str) {
+        tracing::warn!(backend = BACKEND, key, token, reason, "lock lost");
     }
 }
 
@@ -67,39 +55,15 @@ impl LocalLock {
         Ok(self.client.key(&["lock", id]))
     }
 
-    /// Takes the lock if free. The loss callback is registered under the table lock, so a
-    /// session that ends at any point either never sees this grant or fires its signal.
+    /// Takes the lock if free.
     fn try_grant(&self, id: &str, key: &str) -> Result<Option<LockGuard>> {
-        let shared = &self.client.shared;
-        let (grant, signal) = loop {
-            let session = self.client.session()?;
-            let mut held = locked(&shared.locks.held);
-            if held.contains_key(key) {
-                return Ok(None);
-            }
-            let grant = shared.next_revision();
-            let (trigger, signal) = loss_signal();
-            let on_end = {
-                let weak = Arc::downgrade(shared);
-                let key = key.to_string();
-                Box::new(move |reason: &str| lose(&weak, &key, grant, reason))
-            };
-            // The session may have been revoked since `session()` looked: this contender never
-            // held anything, so it retries on a fresh session instead of reporting a loss.
-            let Ok(registration) = shared.on_session_end(session, on_end) else {
-                continue;
-            };
-            held.insert(
-                key.to_string(),
-                Holder {
-                    grant,
-                    session,
-                    registration,
-                    trigger,
-                },
-            );
-            break (grant, signal);
-        };
+        let locks = &self.client.shared.locks;
+        let granted = locks.try_grant(&self.client, key, |_, _| {})?;
+        Ok(granted.map(|(grant, signal)| self.guard(id, key, grant, signal)))
+    }
+
+    /// The guard of a new grant, remembered for the seed's `release(id)`.
+    fn guard(&self, id: &str, key: &str, grant: u64, signal: LossSignal) -> LockGuard {
         locked(&self.mine)
             .entry(key.to_string())
             .or_default()
@@ -113,38 +77,21 @@ impl LocalLock {
             lost: signal.clone(),
         };
         tracing::debug!(backend = BACKEND, id, token = grant, "lock acquired");
-        Ok(Some(LockGuard::new(id, grant, signal, Box::new(inner))))
-    }
-}
-
-/// Session-end callback: the holder hears of the loss before the lock is freed for others.
-fn lose(shared: &Weak<Shared>, key: &str, grant: u64, reason: &str) {
-    let Some(shared) = shared.upgrade() else {
-        return;
-    };
-    if shared.locks.free(key, grant, Some(reason)).is_some() {
-        tracing::warn!(backend = BACKEND, key, token = grant, reason, "lock lost");
+        LockGuard::new(id, grant, signal, Box::new(inner))
     }
 }
 
 /// Releases `grant` of `key`: NotHeld or LockLost if it no longer held.
 fn release_grant(shared: &Shared, id: &str, key: &str, grant: u64, lost: bool) -> Result<()> {
-    match shared.locks.free(key, grant, None) {
-        Some(holder) => {
-            shared.cancel_on_end(holder.session, holder.registration);
-            Ok(())
-        }
-        None if lost => Err(
-            Error::new(ErrorKind::LockLost, "the lock was lost before release")
-                .with_backend(BACKEND)
-                .with_id(id),
-        ),
-        None => Err(
-            Error::new(ErrorKind::NotHeld, "the lock is not held by this guard")
-                .with_backend(BACKEND)
-                .with_id(id),
-        ),
+    if shared.locks.release(shared, key, grant) {
+        return Ok(());
     }
+    let (kind, why) = if lost {
+        (ErrorKind::LockLost, "the lock was lost before release")
+    } else {
+        (ErrorKind::NotHeld, "the lock is not held by this guard")
+    };
+    Err(Error::new(kind, why).with_backend(BACKEND).with_id(id))
 }
 
 #[async_trait]
@@ -154,29 +101,20 @@ impl Lock for LocalLock {
         async {
             let key = self.key(id)?;
             let deadline = opts.wait.map(|w| tokio::time::Instant::now() + w);
-            loop {
-                // Subscribe before looking, so a release between the look and the wait wakes us.
-                let released = self.client.shared.locks.released.notified();
-                tokio::pin!(released);
-                released.as_mut().enable();
-                if let Some(guard) = self.try_grant(id, &key)? {
-                    return Ok(guard);
-                }
-                match deadline {
-                    Some(d) => tokio::time::timeout_at(d, released).await.map_err(|_| {
-                        Error::new(
-                            ErrorKind::Timeout,
-                            format!(
-                                "lock not granted within {:?}",
-                                opts.wait.unwrap_or_default()
-                            ),
-                        )
-                        .with_backend(BACKEND)
-                        .with_id(id)
-                    })?,
-                    None => released.await,
-                }
-            }
+            let locks = &self.client.shared.locks;
+            let granted = locks.grant(&self.client, &key, deadline, |_, _| {}).await?;
+            let (grant, signal) = granted.ok_or_else(|| {
+                Error::new(
+                    ErrorKind::Timeout,
+                    format!(
+                        "lock not granted within {:?}",
+                        opts.wait.unwrap_or_default()
+                    ),
+                )
+                .with_backend(BACKEND)
+                .with_id(id)
+            })?;
+            Ok(self.guard(id, &key, grant, signal))
         }
         .instrument(span)
         .await
@@ -219,7 +157,7 @@ struct LocalHeld {
     id: String,
     key: String,
     grant: u64,
-    lost: sync_core::LossSignal,
+    lost: LossSignal,
 }
 
 impl LocalHeld {

@@ -13,6 +13,7 @@ use std::{
 
 use async_trait::async_trait;
 use sync_core::{Backend, Capabilities, Capability, Error, ErrorKind, Result, Time, TimeInterval};
+use sync_kit::locked;
 use tokio::task::JoinHandle;
 use tracing::Instrument;
 
@@ -232,7 +233,7 @@ impl Client {
                 closed: AtomicBool::new(false),
             });
             let task = runtime.spawn(refresh(Arc::downgrade(&inner), inner.config.interval));
-            *lock(&inner.refresh) = Some(task);
+            *locked(&inner.refresh) = Some(task);
             Ok(Client { inner })
         }
         .instrument(span)
@@ -273,17 +274,13 @@ impl Client {
 
     /// What the last successful sync found, if any.
     pub fn last_sync(&self) -> Option<SyncReport> {
-        lock(&self.inner.state).report.clone()
+        locked(&self.inner.state).report.clone()
     }
 
     /// How many requests this client has sent to servers so far.
     pub fn queries(&self) -> u64 {
         self.inner.queries.load(Ordering::Relaxed)
     }
-}
-
-fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
 }
 
 async fn refresh(inner: Weak<Inner>, every: Duration) {
@@ -345,7 +342,7 @@ impl Inner {
     /// The cached span carried to `now`, whatever its error.
     fn carried(&self, now: Instant) -> Option<Span> {
         let (span, clocks) = {
-            let state = lock(&self.state);
+            let state = locked(&self.state);
             (state.span?, state.clocks)
         };
         // The wall clock is read after `now` (so that the gap below is never understated).
@@ -374,7 +371,7 @@ impl Inner {
         if let Some(span) = self.current(Instant::now()) {
             return interval_of(&span);
         }
-        let recent_failure = lock(&self.state)
+        let recent_failure = locked(&self.state)
             .failure
             .as_ref()
             .filter(|(at, _)| at.elapsed() < RETRY_HOLDOFF)
@@ -392,7 +389,7 @@ impl Inner {
         };
         // Hold further on-demand syncs off, as after a failed one: otherwise every call would
         // query the servers again.
-        lock(&self.state).failure = Some((now, Failure::TooWide(error)));
+        locked(&self.state).failure = Some((now, Failure::TooWide(error)));
         Err(self.too_wide(error))
     }
 
@@ -407,7 +404,7 @@ impl Inner {
     }
 
     fn stale_error(&self, e: SyncError) -> Error {
-        let had_sync = lock(&self.state).span.is_some();
+        let had_sync = locked(&self.state).span.is_some();
         let why = if had_sync {
             format!(
                 "the error since the last good sync exceeds the maximum acceptable error {:?}, \
@@ -427,7 +424,7 @@ impl Inner {
         // during the exchange, shows in `carry` as the wall clock running ahead.
         let clocks_wall = SystemTime::now();
         let start = Instant::now();
-        let kissed = lock(&self.state).kissed.clone();
+        let kissed = locked(&self.state).kissed.clone();
         let outcomes = futures::future::join_all(
             self.servers
                 .iter()
@@ -461,7 +458,7 @@ impl Inner {
                 });
             }
             let e = SyncError { failures };
-            lock(&self.state).failure = Some((Instant::now(), Failure::Servers(e.clone())));
+            locked(&self.state).failure = Some((Instant::now(), Failure::Servers(e.clone())));
             return Err(self.unavailable(e.to_string(), Some(e)));
         };
         let mut samples = Vec::new();
@@ -499,7 +496,7 @@ impl Inner {
             "NTP sync"
         );
         let now = Instant::now();
-        let mut state = lock(&self.state);
+        let mut state = locked(&self.state);
         state.span = Some(combined.span);
         state.clocks = Some((start, clocks_wall));
         state.report = Some(report.clone());
@@ -551,7 +548,7 @@ impl Inner {
     /// Remembers the kisses-of-death of this sync, and forgets those of servers that answered.
     fn note_kisses<T>(&self, outcomes: &[(&String, std::result::Result<T, ReplyError>)]) {
         let now = Instant::now();
-        let mut state = lock(&self.state);
+        let mut state = locked(&self.state);
         for (i, (_, outcome)) in outcomes.iter().enumerate() {
             let slot = &mut state.kissed[i];
             match outcome {
@@ -657,7 +654,7 @@ impl Backend for Client {
     /// Stops the background refresh; later calls fail with Closed.
     async fn close(&self) -> Result<()> {
         self.inner.closed.store(true, Ordering::SeqCst);
-        if let Some(task) = lock(&self.inner.refresh).take() {
+        if let Some(task) = locked(&self.inner.refresh).take() {
             task.abort();
         }
         Ok(())

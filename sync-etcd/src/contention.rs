@@ -1,0 +1,637 @@
+//! The contention Lock and Leader share: the layout and algorithm of etcd's
+//! `concurrency.Mutex` and `concurrency.Election`.
+//!
+//! A contender writes `<prefix><lease-hex>` (prefix `<ns>/<escaped id>/`) with the handle's
+//! lease in one transaction that also reads the prefix's oldest key; it owns the prefix (holds
+//! the lock, leads the group) when its key has the lowest create revision under the prefix.
+//! Otherwise it watches the deletion of the next-lower contender and re-checks (etcd's
+//! `waitDeletes`). The key's create revision is the fencing token (the term). Contenders of one
+//! id on one handle share that key name, so they take turns in a per-id local queue first.
+
+use std::{
+    collections::HashMap,
+    sync::{Arc, Mutex},
+    time::Duration,
+};
+
+use etcd_client::{
+    Compare, CompareOp, GetOptions, PutOptions, SortOrder, SortTarget, Txn, TxnOp, TxnOpResponse,
+    WatchFilterType, WatchOptions,
+};
+use sync_core::raw::LossTrigger;
+use sync_core::{Error, ErrorKind, LossSignal, Result};
+use sync_kit::locked;
+use tokio::{sync::OwnedMutexGuard, task::AbortHandle};
+
+use crate::{BACKEND, client::ClientInner, error::etcd_err, session::Session};
+
+/// Per contender prefix: contenders of one id on one handle queue here, so only one of them
+/// owns the key `<prefix><lease-hex>` at a time.
+#[derive(Default)]
+pub(crate) struct LocalQueues {
+    queues: Mutex<HashMap<String, LocalQueue>>,
+}
+
+/// One per-id local queue and how many contenders (waiting or holding) use it; the entry is
+/// removed when the last of them goes, however it goes (turn dropped, or a waiting future
+/// cancelled).
+struct LocalQueue {
+    mutex: Arc<tokio::sync::Mutex<()>>,
+    users: usize,
+}
+
+impl LocalQueues {
+    /// Counts one more user of `prefix`'s queue and returns it.
+    fn join(&self, prefix: &str) -> Arc<tokio::sync::Mutex<()>> {
+        let mut queues = locked(&self.queues);
+        let queue = queues
+            .entry(prefix.to_string())
+            .or_insert_with(|| LocalQueue {
+                mutex: Arc::default(),
+                users: 0,
+            });
+        queue.users += 1;
+        queue.mutex.clone()
+    }
+
+    /// Counts a user of `prefix`'s queue out; the last one removes it.
+    fn leave(&self, prefix: &str) {
+        let mut queues = locked(&self.queues);
+        if let Some(queue) = queues.get_mut(prefix) {
+            queue.users = queue.users.saturating_sub(1);
+            if queue.users == 0 {
+                queues.remove(prefix);
+            }
+        }
+    }
+
+    #[cfg(test)]
+    fn len(&self) -> usize {
+        locked(&self.queues).len()
+    }
+}
+
+/// A place in a per-id local queue; dropping it lets the next local contender talk to etcd.
+pub(crate) struct LocalTurn {
+    // Declared first so it is dropped (the queue handed on) before the place is given up.
+    _guard: OwnedMutexGuard<()>,
+    _user: QueueUser,
+}
+
+/// A contender's use of a local queue, from before it waits until its turn ends.
+struct QueueUser {
+    client: Arc<ClientInner>,
+    prefix: String,
+}
+
+impl Drop for QueueUser {
+    fn drop(&mut self) {
+        self.client.queues.leave(&self.prefix);
+    }
+}
+
+impl ClientInner {
+    /// The contender prefix of a lock id or election group: `<ns>/<escaped id>/`.
+    pub(crate) fn contender_prefix(&self, id: &str) -> String {
+        format!("{}{}/", self.ns_prefix(), sync_core::id::escape(id))
+    }
+
+    /// Waits for this handle's turn on `prefix` (None when `try_only` and it is taken).
+    /// Cancelling the wait gives the place up.
+    pub(crate) async fn local_turn(
+        self: &Arc<Self>,
+        prefix: &str,
+        try_only: bool,
+    ) -> Option<LocalTurn> {
+        let queue = self.queues.join(prefix);
+        // Joined above: from here on, dropping `user` (also by cancellation) counts out.
+        let user = QueueUser {
+            client: self.clone(),
+            prefix: prefix.to_string(),
+        };
+        let guard = if try_only {
+            queue.try_lock_owned().ok()?
+        } else {
+            queue.lock_owned().await
+        };
+        Some(LocalTurn {
+            _guard: guard,
+            _user: user,
+        })
+    }
+}
+
+/// The safety-net re-check while waiting on a watch (push is the normal path).
+const FALLBACK_POLL: Duration = Duration::from_secs(10);
+
+/// A contender that owns its prefix (lock or leadership), before monitoring starts.
+pub(crate) struct Contender {
+    client: Arc<ClientInner>,
+    key: String,
+    rev: i64,
+    session: Arc<Session>,
+    turn: LocalTurn,
+}
+
+/// Deletes a contender key in the background unless disarmed: what makes a dropped acquire
+/// future leave nothing behind. It first waits for the creating transaction (so the delete
+/// cannot overtake it) and keeps the local turn until the delete is done.
+struct Cleanup {
+    client: Arc<ClientInner>,
+    key: String,
+    txn: Option<
+        tokio::task::JoinHandle<std::result::Result<etcd_client::TxnResponse, etcd_client::Error>>,
+    >,
+    turn: Option<LocalTurn>,
+    armed: bool,
+}
+
+impl Cleanup {
+    fn disarm(mut self) -> LocalTurn {
+        self.armed = false;
+        self.turn.take().expect("turn is only taken here")
+    }
+}
+
+impl Drop for Cleanup {
+    fn drop(&mut self) {
+        if !self.armed || self.client.is_killed() {
+            return;
+        }
+        let (txn, turn, key) = (
+            self.txn.take(),
+            self.turn.take(),
+            std::mem::take(&mut self.key),
+        );
+        let mut kv = self.client.kv();
+        if let Ok(rt) = tokio::runtime::Handle::try_current() {
+            rt.spawn(async move {
+                if let Some(txn) = txn {
+                    let _ = txn.await;
+                }
+                if let Err(e) = kv.delete(key.clone(), None).await {
+                    tracing::warn!(backend = BACKEND, key, error = %e, "deleting a cancelled contender key failed; the lease will expire it");
+                }
+                drop(turn);
+            });
+        }
+    }
+}
+
+/// The oldest key under a prefix: its owner (lock holder or leader).
+pub(crate) fn first_created() -> GetOptions {
+    GetOptions::new()
+        .with_prefix()
+        .with_sort(SortTarget::Create, SortOrder::Ascend)
+        .with_limit(1)
+}
+
+/// Contends for `prefix` until it owns it; `wait` bounds the wait (`None` = forever; past it,
+/// Timeout naming `what`).
+pub(crate) async fn contend(
+    client: &Arc<ClientInner>,
+    what: &str,
+    id: &str,
+    prefix: &str,
+    value: Vec<u8>,
+    wait: Option<Duration>,
+) -> Result<Contender> {
+    let fut = contend_inner(client, id, prefix, value, false);
+    let owned = match wait {
+        Some(limit) => tokio::time::timeout(limit, fut).await.map_err(|_| {
+            Error::new(
+                ErrorKind::Timeout,
+                format!("{what} not granted within {limit:?}"),
+            )
+            .with_backend(BACKEND)
+            .with_id(id)
+        })?,
+        None => fut.await,
+    }?;
+    // Only a try (`try_only`) comes back without owning.
+    owned.ok_or_else(|| {
+        Error::new(ErrorKind::Backend, "no contender")
+            .with_backend(BACKEND)
+            .with_id(id)
+    })
+}
+
+/// Takes `prefix` if no one else owns it right now (None when held elsewhere).
+pub(crate) async fn try_contend(
+    client: &Arc<ClientInner>,
+    id: &str,
+    prefix: &str,
+    value: Vec<u8>,
+) -> Result<Option<Contender>> {
+    contend_inner(client, id, prefix, value, true).await
+}
+
+async fn contend_inner(
+    client: &Arc<ClientInner>,
+    id: &str,
+    prefix: &str,
+    value: Vec<u8>,
+    try_only: bool,
+) -> Result<Option<Contender>> {
+    let Some(turn) = client.local_turn(prefix, try_only).await else {
+        return Ok(None);
+    };
+    let (session, cleanup, resp) = create_key(client, id, prefix, value, turn).await?;
+    let key = cleanup.key.clone();
+    let (rev, owner) = positions(&resp, id)?;
+    if owner.is_some_and(|o| o != rev) {
+        if try_only {
+            // Foreground delete; on failure the armed cleanup retries in the background.
+            client
+                .kv()
+                .delete(key.clone(), None)
+                .await
+                .map_err(|e| etcd_err("deleting the contender key", e).with_id(id))?;
+            drop(cleanup.disarm());
+            return Ok(None);
+        }
+        wait_for_lower(client, id, prefix, &key, rev, &session).await?;
+    }
+    let turn = cleanup.disarm();
+    Ok(Some(Contender {
+        client: client.clone(),
+        key,
+        rev,
+        session,
+        turn,
+    }))
+}
+
+/// Writes this handle's contender key `<prefix><lease-hex>` unless it exists, reading the
+/// prefix's owner in the same transaction. Returns the armed cleanup of the key (holding
+/// `turn`) and etcd's answer.
+async fn create_key(
+    client: &Arc<ClientInner>,
+    id: &str,
+    prefix: &str,
+    value: Vec<u8>,
+    mut turn: LocalTurn,
+) -> Result<(Arc<Session>, Cleanup, etcd_client::TxnResponse)> {
+    let mut attempt = 0;
+    loop {
+        attempt += 1;
+        let session = client.session().await.map_err(|e| e.with_id(id))?;
+        let key = format!("{prefix}{}", session.lease_hex());
+        let txn = contender_txn(&key, prefix, value.clone(), session.lease);
+        let mut kv = client.kv();
+        let mut cleanup = Cleanup {
+            client: client.clone(),
+            key,
+            txn: Some(tokio::spawn(async move { kv.txn(txn).await })),
+            turn: Some(turn),
+            armed: true,
+        };
+        let joined = cleanup.txn.as_mut().expect("set above").await;
+        cleanup.txn = None;
+        match joined {
+            Ok(Ok(resp)) => return Ok((session, cleanup, resp)),
+            // The lease ended before the keepalive noticed: retry once on a new one.
+            Ok(Err(e)) if attempt < 2 && session.end_if_lease_gone(&e) => {
+                turn = cleanup.disarm();
+            }
+            Ok(Err(e)) => return Err(etcd_err("creating the contender key", e).with_id(id)),
+            Err(e) => {
+                return Err(Error::new(ErrorKind::Backend, "the contender task failed")
+                    .with_backend(BACKEND)
+                    .with_id(id)
+                    .with_source(e));
+            }
+        }
+    }
+}
+
+/// Creates `key` with `lease` if it does not exist, and reads the prefix's owner; if it
+/// exists (a retry after an unknown outcome), reads it instead.
+fn contender_txn(key: &str, prefix: &str, value: Vec<u8>, lease: i64) -> Txn {
+    Txn::new()
+        .when([Compare::create_revision(key, CompareOp::Equal, 0)])
+        .and_then([
+            TxnOp::put(key, value, Some(PutOptions::new().with_lease(lease))),
+            TxnOp::get(prefix, Some(first_created())),
+        ])
+        .or_else([
+            TxnOp::get(key, None),
+            TxnOp::get(prefix, Some(first_created())),
+        ])
+}
+
+/// From the answer of [`contender_txn`]: the contender key's create revision, and the owner's.
+fn positions(resp: &etcd_client::TxnResponse, id: &str) -> Result<(i64, Option<i64>)> {
+    let ops = resp.op_responses();
+    let first_rev = |op: Option<&TxnOpResponse>| match op {
+        Some(TxnOpResponse::Get(g)) => g.kvs().first().map(|kv| kv.create_revision()),
+        _ => None,
+    };
+    let rev = if resp.succeeded() {
+        resp.header().map(|h| h.revision()).unwrap_or_default()
+    } else {
+        first_rev(ops.first()).unwrap_or_default()
+    };
+    if rev <= 0 {
+        return Err(Error::new(
+            ErrorKind::Backend,
+            "etcd returned no revision for the contender key",
+        )
+        .with_backend(BACKEND)
+        .with_id(id));
+    }
+    Ok((rev, first_rev(ops.get(1))))
+}
+
+/// Waits until no contender older than `rev` is left under `prefix` (etcd's `waitDeletes`).
+/// Like etcd's Mutex it makes sure our own `key` survived the wait — read in the same request
+/// as the contenders, so the last look costs no extra round trip.
+async fn wait_for_lower(
+    client: &Arc<ClientInner>,
+    id: &str,
+    prefix: &str,
+    key: &str,
+    rev: i64,
+    session: &Session,
+) -> Result<()> {
+    let mut kv = client.kv();
+    let mut killed = client.killed();
+    loop {
+        let next_lower = GetOptions::new()
+            .with_prefix()
+            .with_max_create_revision(rev - 1)
+            .with_sort(SortTarget::Create, SortOrder::Descend)
+            .with_limit(1);
+        let txn =
+            Txn::new().and_then([TxnOp::get(prefix, Some(next_lower)), TxnOp::get(key, None)]);
+        let resp = kv
+            .txn(txn)
+            .await
+            .map_err(|e| etcd_err("reading the contenders", e).with_id(id))?;
+        let ops = resp.op_responses();
+        let first = |i: usize| match ops.get(i) {
+            Some(TxnOpResponse::Get(g)) => g.kvs().first(),
+            _ => None,
+        };
+        if first(1).map(|kv| kv.create_revision()) != Some(rev) {
+            return Err(
+                Error::new(ErrorKind::LockLost, "the lease ended while waiting")
+                    .with_backend(BACKEND)
+                    .with_id(id),
+            );
+        }
+        let Some(lower) = first(0) else {
+            return Ok(());
+        };
+        let lower = lower.key().to_vec();
+        let from = resp.header().map(|h| h.revision()).unwrap_or_default() + 1;
+        tokio::select! {
+            _ = wait_deleted(client, lower, from) => {}
+            reason = session.ended.wait() => {
+                return Err(Error::new(ErrorKind::LockLost, format!("the lease ended while waiting: {reason}"))
+                    .with_backend(BACKEND)
+                    .with_id(id));
+            }
+            _ = killed.wait_for(|k| *k) => {
+                return Err(Error::new(ErrorKind::Closed, "client was killed").with_backend(BACKEND).with_id(id));
+            }
+            _ = tokio::time::sleep(FALLBACK_POLL) => {
+                tracing::debug!(backend = BACKEND, id, "fallback re-check while waiting");
+            }
+        }
+    }
+}
+
+/// True once `key` is deleted at or after revision `from`; false when the watch failed or was
+/// cancelled, so the caller re-checks (see [`ClientInner::watch_once`]).
+async fn wait_deleted(client: &ClientInner, key: Vec<u8>, from: i64) -> bool {
+    // NoPut: every event the server sends is a delete.
+    let opts = WatchOptions::new()
+        .with_start_revision(from)
+        .with_filters([WatchFilterType::NoPut]);
+    client.watch_once(key, opts).await
+}
+
+/// An owned contender key being monitored: its loss signal fires when the lease ends (TTL 0,
+/// revoked, renewals failing past the safe deadline), when the key is deleted, or when the
+/// client is killed.
+pub(crate) struct Holding {
+    client: Arc<ClientInner>,
+    pub(crate) key: String,
+    pub(crate) rev: i64,
+    /// The session (lease) the key was written with.
+    pub(crate) session: Arc<Session>,
+    pub(crate) lost: LossSignal,
+    _trigger: Arc<LossTrigger>,
+    monitor: AbortHandle,
+    turn: Option<LocalTurn>,
+    armed: bool,
+}
+
+impl Holding {
+    pub(crate) fn start(c: Contender) -> Holding {
+        let (trigger, lost) = sync_core::raw::loss_signal();
+        let trigger = Arc::new(trigger);
+        let monitor = tokio::spawn(monitor(
+            c.client.clone(),
+            c.key.clone(),
+            c.rev,
+            c.session.clone(),
+            trigger.clone(),
+        ))
+        .abort_handle();
+        Holding {
+            client: c.client,
+            key: c.key,
+            rev: c.rev,
+            session: c.session,
+            lost,
+            _trigger: trigger,
+            monitor,
+            turn: Some(c.turn),
+            armed: true,
+        }
+    }
+
+    /// Deletes the key. `LockLost` if it was lost (or gone) before.
+    pub(crate) async fn release(mut self, id: &str) -> Result<()> {
+        self.monitor.abort();
+        let was_lost = self.lost.is_lost();
+        // Stays armed until the delete is known to be done: if this future is dropped
+        // mid-request, `Drop` finishes the release in the background instead of leaving the
+        // key (and so the lock) held by a live lease.
+        let result = self.client.kv().delete(self.key.clone(), None).await;
+        match result {
+            Ok(resp) => {
+                self.armed = false;
+                if was_lost || resp.deleted() == 0 {
+                    let reason = self
+                        .lost
+                        .reason()
+                        .unwrap_or_else(|| "the key was gone".into());
+                    return Err(Error::new(
+                        ErrorKind::LockLost,
+                        format!("lost before release: {reason}"),
+                    )
+                    .with_backend(BACKEND)
+                    .with_id(id));
+                }
+                Ok(())
+            }
+            // Still armed: dropping `self` keeps trying in the background, holding the local
+            // turn until the key is gone.
+            Err(e) => Err(etcd_err("deleting the key on release", e).with_id(id)),
+        }
+    }
+}
+
+/// Deletes a released key in the background, keeping the local turn until it is gone, so the
+/// next local contender (same lease, so the same key name) never finds it and adopts it with
+/// its old create revision (a reused fencing token). Retries until the delete succeeds or the
+/// lease the key was written with has ended (a later contender then uses a new lease, hence a
+/// new key, and the old lease is revoked).
+fn spawn_delete(
+    client: &ClientInner,
+    key: String,
+    turn: Option<LocalTurn>,
+    lease_ended: LossSignal,
+) {
+    if client.is_killed() {
+        // A dead process releases nothing: the lease expiry frees the key.
+        return;
+    }
+    let mut kv = client.kv();
+    if let Ok(rt) = tokio::runtime::Handle::try_current() {
+        rt.spawn(async move {
+            let mut attempt = 0u32;
+            loop {
+                match kv.delete(key.clone(), None).await {
+                    Ok(_) => break,
+                    Err(e) if lease_ended.is_lost() => {
+                        tracing::warn!(backend = BACKEND, key, error = %e, "background release failed; the key ends with its lease");
+                        break;
+                    }
+                    Err(e) => {
+                        attempt = attempt.saturating_add(1);
+                        tracing::warn!(backend = BACKEND, key, attempt, error = %e, "background release failed; retrying");
+                        let pause = Duration::from_millis(200) * attempt.min(25);
+                        tokio::select! {
+                            _ = tokio::time::sleep(pause) => {}
+                            _ = lease_ended.wait() => {}
+                        }
+                    }
+                }
+            }
+            drop(turn);
+        });
+    }
+}
+
+impl Drop for Holding {
+    fn drop(&mut self) {
+        self.monitor.abort();
+        if self.armed {
+            spawn_delete(
+                &self.client,
+                std::mem::take(&mut self.key),
+                self.turn.take(),
+                self.session.ended.clone(),
+            );
+        }
+    }
+}
+
+async fn monitor(
+    client: Arc<ClientInner>,
+    key: String,
+    rev: i64,
+    session: Arc<Session>,
+    trigger: Arc<LossTrigger>,
+) {
+    let mut killed = client.killed();
+    let watch_key = async {
+        let mut from = rev + 1;
+        loop {
+            if wait_deleted(&client, key.clone().into_bytes(), from).await {
+                return "the key was deleted".to_string();
+            }
+            // The watch failed or was cancelled (compaction): check the key directly.
+            match client.kv().get(key.clone(), None).await {
+                Ok(resp) => {
+                    if resp.kvs().first().map(|kv| kv.create_revision()) != Some(rev) {
+                        return "the key was deleted".to_string();
+                    }
+                    from = resp.header().map(|h| h.revision()).unwrap_or(from - 1) + 1;
+                }
+                Err(e) => {
+                    tracing::debug!(backend = BACKEND, key, error = %e, "checking the held key failed");
+                }
+            }
+        }
+    };
+    let reason = tokio::select! {
+        r = session.ended.wait() => r,
+        r = watch_key => r,
+        _ = killed.wait_for(|k| *k) => "client killed".to_string(),
+    };
+    tracing::warn!(backend = BACKEND, key, token = rev, reason, "lost");
+    trigger.fire(reason);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A client that never talks to etcd (the channel connects lazily).
+    async fn offline_inner() -> Arc<ClientInner> {
+        let etcd = etcd_client::Client::connect(["http://127.0.0.1:1"], None)
+            .await
+            .expect("a lazy channel");
+        ClientInner::new(etcd, crate::Config::default())
+    }
+
+    fn queue_count(inner: &ClientInner) -> usize {
+        inner.queues.len()
+    }
+
+    #[tokio::test]
+    async fn local_queue_is_removed_when_a_waiter_is_cancelled_after_the_holder_left() {
+        let inner = offline_inner().await;
+        let turn = inner.local_turn("ns/a/", false).await.expect("free");
+        let mut waiter = Box::pin(inner.local_turn("ns/a/", false));
+        assert!(futures::poll!(waiter.as_mut()).is_pending());
+        // The holder leaves while the waiter is queued, then the waiter is cancelled.
+        drop(turn);
+        drop(waiter);
+        assert_eq!(queue_count(&inner), 0, "the queue of a gone id leaked");
+    }
+
+    #[tokio::test]
+    async fn local_queue_is_removed_when_a_waiter_is_cancelled_before_the_holder_left() {
+        let inner = offline_inner().await;
+        let turn = inner.local_turn("ns/a/", false).await.expect("free");
+        let mut waiter = Box::pin(inner.local_turn("ns/a/", false));
+        assert!(futures::poll!(waiter.as_mut()).is_pending());
+        drop(waiter);
+        assert_eq!(queue_count(&inner), 1, "the holder still uses it");
+        drop(turn);
+        assert_eq!(queue_count(&inner), 0);
+    }
+
+    #[tokio::test]
+    async fn local_queue_hands_over_and_is_removed_after_the_last_turn() {
+        let inner = offline_inner().await;
+        let turn = inner.local_turn("ns/a/", false).await.expect("free");
+        assert!(inner.local_turn("ns/a/", true).await.is_none(), "taken");
+        let mut waiter = Box::pin(inner.local_turn("ns/a/", false));
+        assert!(futures::poll!(waiter.as_mut()).is_pending());
+        drop(turn);
+        let next = waiter.await.expect("handed over");
+        assert_eq!(queue_count(&inner), 1);
+        drop(next);
+        assert_eq!(queue_count(&inner), 0);
+        let other = inner.local_turn("ns/b/", true).await.expect("free");
+        drop(other);
+        assert_eq!(queue_count(&inner), 0);
+    }
+}

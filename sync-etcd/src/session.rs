@@ -1,0 +1,183 @@
+//! The lease behind a client's TTL (its "session"): granting it, and the keepalive that renews
+//! it and signals its loss.
+
+use std::{sync::Arc, time::Duration};
+
+use etcd_client::{LeaseKeepAliveStream, LeaseKeeper};
+use sync_core::raw::LossTrigger;
+use sync_core::{LossSignal, Result};
+use tokio::{sync::watch, task::AbortHandle, time::Instant};
+
+use crate::{BACKEND, error::etcd_err, kv::retried};
+
+/// One lease and the signal that it is gone (or no longer certain).
+pub(crate) struct Session {
+    pub(crate) lease: i64,
+    pub(crate) ended: LossSignal,
+    trigger: Arc<LossTrigger>,
+    keepalive: AbortHandle,
+}
+
+impl Session {
+    /// Grants a lease of `ttl` (an undelivered grant is sent up to `tries` times) and starts
+    /// renewing it until it ends or `killed` turns true.
+    pub(crate) async fn grant(
+        etcd: &etcd_client::Client,
+        ttl: Duration,
+        tries: usize,
+        killed: watch::Receiver<bool>,
+    ) -> Result<Session> {
+        let granted_at = Instant::now();
+        let mut lease_client = etcd.lease_client();
+        let grant = retried!(tries, lease_client.grant(ttl.as_secs() as i64, None).await)
+            .map_err(|e| etcd_err("granting the lease", e))?;
+        let granted_ttl = Duration::from_secs(grant.ttl().max(1) as u64);
+        let lease = grant.id();
+        let (trigger, ended) = sync_core::raw::loss_signal();
+        let trigger = Arc::new(trigger);
+        let keepalive = tokio::spawn(keepalive(
+            etcd.clone(),
+            lease,
+            granted_ttl,
+            granted_at,
+            trigger.clone(),
+            killed,
+        ))
+        .abort_handle();
+        tracing::debug!(backend = BACKEND, lease = format!("{lease:x}"), ttl = ?granted_ttl, "lease granted");
+        Ok(Session {
+            lease,
+            ended,
+            trigger,
+            keepalive,
+        })
+    }
+
+    /// Marks the lease as gone (etcd said so); the next call grants a new one.
+    pub(crate) fn end(&self, reason: &str) {
+        self.trigger.fire(reason);
+        self.keepalive.abort();
+    }
+
+    /// Stops renewing without telling the holders: a killed client just goes silent.
+    pub(crate) fn stop_renewing(&self) {
+        self.keepalive.abort();
+    }
+
+    /// Revokes the lease without waiting for the answer, so what it held frees at once rather
+    /// than after a TTL. Needs a tokio runtime; without one the lease simply expires.
+    pub(crate) fn revoke_in_background(&self, etcd: &etcd_client::Client) {
+        if let Ok(rt) = tokio::runtime::Handle::try_current() {
+            let mut lease_client = etcd.lease_client();
+            let lease = self.lease;
+            rt.spawn(async move {
+                let _ = lease_client.revoke(lease).await;
+            });
+        }
+    }
+
+    /// Ends the session if `e` says etcd no longer has its lease (a write with it failed before
+    /// the keepalive noticed), so the next call grants a new one. True if it did.
+    pub(crate) fn end_if_lease_gone(&self, e: &etcd_client::Error) -> bool {
+        let gone = matches!(e, etcd_client::Error::GRpcStatus(status)
+            if status.message().contains("lease not found"));
+        if gone {
+            self.end("lease not found");
+        }
+        gone
+    }
+
+    /// The lease id as etcd's concurrency package writes it in keys.
+    pub(crate) fn lease_hex(&self) -> String {
+        format!("{:x}", self.lease)
+    }
+}
+
+/// Renews the lease every TTL/3 over one keepalive stream (reopened on error). Fires the
+/// session's signal when etcd answers TTL 0 (expired or revoked), or when renewals have failed
+/// until the safe deadline: the last confirmed expiry minus a safety margin.
+async fn keepalive(
+    etcd: etcd_client::Client,
+    lease: i64,
+    ttl: Duration,
+    granted_at: Instant,
+    trigger: Arc<LossTrigger>,
+    mut killed: watch::Receiver<bool>,
+) {
+    let margin = (ttl / 5).max(Duration::from_millis(300));
+    let lease_hex = format!("{lease:x}");
+    let work = async {
+        let mut safe_until = granted_at + ttl - margin;
+        let mut stream: Option<(LeaseKeeper, LeaseKeepAliveStream)> = None;
+        loop {
+            let now = Instant::now();
+            if now >= safe_until {
+                tracing::warn!(backend = BACKEND, lease = %lease_hex, "lease renewal failing past the safe deadline");
+                trigger.fire("lease renewal failing past the safe deadline");
+                return;
+            }
+            let sent = now;
+            let attempt = tokio::time::timeout_at(
+                safe_until.min(sent + ttl / 3),
+                renew(&etcd, lease, ttl, &mut stream),
+            )
+            .await;
+            let next = match attempt {
+                Ok(Ok(secs)) if secs <= 0 => {
+                    tracing::warn!(backend = BACKEND, lease = %lease_hex, "lease expired or revoked");
+                    trigger.fire("lease expired or revoked (keepalive answered TTL 0)");
+                    return;
+                }
+                Ok(Ok(secs)) => {
+                    safe_until = sent + Duration::from_secs(secs as u64) - margin;
+                    sent + ttl / 3
+                }
+                Ok(Err(e)) => {
+                    tracing::warn!(backend = BACKEND, lease = %lease_hex, error = %e, "lease renewal failed; retrying");
+                    stream = None;
+                    Instant::now() + Duration::from_millis(200)
+                }
+                Err(_) => {
+                    tracing::warn!(backend = BACKEND, lease = %lease_hex, "lease renewal timed out; retrying");
+                    stream = None;
+                    Instant::now()
+                }
+            };
+            tokio::time::sleep_until(next.min(safe_until)).await;
+        }
+    };
+    tokio::select! {
+        _ = work => {}
+        _ = killed.wait_for(|k| *k) => {
+            trigger.fire("client killed");
+        }
+    }
+}
+
+/// One renewal: the TTL etcd answered (0 = the lease is gone).
+async fn renew(
+    etcd: &etcd_client::Client,
+    lease: i64,
+    ttl: Duration,
+    stream: &mut Option<(LeaseKeeper, LeaseKeepAliveStream)>,
+) -> std::result::Result<i64, etcd_client::Error> {
+    if let Some((keeper, responses)) = stream.as_mut() {
+        keeper.keep_alive().await?;
+        return match responses.message().await? {
+            Some(resp) => Ok(resp.ttl()),
+            None => Err(etcd_client::Error::LeaseKeepAliveError(
+                "keepalive stream ended".into(),
+            )),
+        };
+    }
+    // Opening the stream sends the first renewal and reads its answer.
+    match etcd.lease_client().keep_alive(lease).await {
+        Ok(opened) => {
+            *stream = Some(opened);
+            // It renewed the lease to its granted TTL (the answer's TTL is not handed out).
+            Ok(ttl.as_secs().max(1) as i64)
+        }
+        Err(etcd_client::Error::LeaseKeepAliveError(m)) if m.contains("not found") => Ok(0),
+        Err(e) => Err(e),
+    }
+}

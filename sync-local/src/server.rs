@@ -1,0 +1,142 @@
+//! The in-process "server": a cluster's shared state, its sessions, and the callbacks that run
+//! when a session ends.
+
+use std::{
+    collections::HashMap,
+    sync::{
+        Arc, Mutex, OnceLock,
+        atomic::{AtomicU64, Ordering},
+    },
+};
+
+use sync_core::{Error, ErrorKind, Result};
+use sync_kit::locked;
+
+use crate::{BACKEND, Client, Config};
+
+/// Called once when a session ends, with the reason.
+pub(crate) type OnEnd = Box<dyn FnOnce(&str) + Send>;
+
+/// An in-process "server": the state every client of it shares. Cheap to clone.
+///
+/// ```
+/// # #[tokio::main(flavor = "current_thread")] async fn main() -> sync_core::Result<()> {
+/// let cluster = sync_local::Cluster::new();
+/// let a = cluster.client(sync_local::Config::default())?;
+/// let b = cluster.client(sync_local::Config::default())?;
+/// let guard = a.lock().acquire("job", Default::default()).await?;
+/// assert!(b.lock().try_acquire("job").await?.is_none());
+/// # drop(guard); Ok(()) }
+/// ```
+#[derive(Clone, Default)]
+pub struct Cluster {
+    pub(crate) shared: Arc<Shared>,
+}
+
+impl std::fmt::Debug for Cluster {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Cluster").finish_non_exhaustive()
+    }
+}
+
+/// State shared by the clients of one cluster. Each primitive keeps its own table.
+#[derive(Default)]
+pub(crate) struct Shared {
+    revision: AtomicU64,
+    sessions: Mutex<Sessions>,
+    pub(crate) locks: crate::lock::LockTable,
+    pub(crate) elections: crate::leader::ElectionTable,
+    pub(crate) maps: crate::map::MapTable,
+    pub(crate) jobs: crate::task::JobTable,
+}
+
+#[derive(Default)]
+struct Sessions {
+    next_id: u64,
+    next_reg: u64,
+    live: HashMap<u64, HashMap<u64, OnEnd>>,
+}
+
+impl Shared {
+    /// A cluster-wide counter: fencing tokens, terms and versions all come from it, so each
+    /// strictly increases.
+    pub(crate) fn next_revision(&self) -> u64 {
+        self.revision.fetch_add(1, Ordering::SeqCst) + 1
+    }
+
+    /// Opens a new session with no callbacks yet.
+    pub(crate) fn open_session(&self) -> u64 {
+        let mut s = locked(&self.sessions);
+        s.next_id += 1;
+        let id = s.next_id;
+        s.live.insert(id, HashMap::new());
+        id
+    }
+
+    /// Registers `f` to run when `session` ends. Err(LockLost) if it already ended.
+    pub(crate) fn on_session_end(&self, session: u64, f: OnEnd) -> Result<u64> {
+        let mut s = locked(&self.sessions);
+        s.next_reg += 1;
+        let reg = s.next_reg;
+        match s.live.get_mut(&session) {
+            Some(callbacks) => {
+                callbacks.insert(reg, f);
+                Ok(reg)
+            }
+            None => Err(Error::new(ErrorKind::LockLost, "session has ended").with_backend(BACKEND)),
+        }
+    }
+
+    /// Forgets a registration (the resource was released normally).
+    pub(crate) fn cancel_on_end(&self, session: u64, reg: u64) {
+        if let Some(callbacks) = locked(&self.sessions).live.get_mut(&session) {
+            callbacks.remove(&reg);
+        }
+    }
+
+    pub(crate) fn session_alive(&self, session: u64) -> bool {
+        locked(&self.sessions).live.contains_key(&session)
+    }
+
+    /// Ends a session: its callbacks run outside the sessions lock, so they may take the
+    /// primitives' tables.
+    pub(crate) fn end_session(&self, session: u64, reason: &str) {
+        let callbacks = locked(&self.sessions).live.remove(&session);
+        if let Some(callbacks) = callbacks {
+            tracing::debug!(backend = BACKEND, session, reason, "session ended");
+            let mut callbacks: Vec<_> = callbacks.into_iter().collect();
+            callbacks.sort_by_key(|(reg, _)| *reg);
+            for (_, f) in callbacks {
+                f(reason);
+            }
+        }
+    }
+}
+
+static NAMED: OnceLock<Mutex<HashMap<String, Cluster>>> = OnceLock::new();
+
+impl Cluster {
+    /// A new, empty cluster.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Sets how long a finished job's status stays readable (default
+    /// [`JOB_RETENTION`](crate::JOB_RETENTION)); after that `status` answers NotFound.
+    pub fn with_job_retention(self, retention: std::time::Duration) -> Self {
+        self.shared.jobs.set_retention(retention);
+        self
+    }
+
+    /// The process-wide cluster called `name` (what `local://name` connects to).
+    pub fn named(name: &str) -> Cluster {
+        let all = NAMED.get_or_init(Default::default);
+        locked(all).entry(name.to_string()).or_default().clone()
+    }
+
+    /// A new client with its own session. Must be called inside a tokio runtime (the session's
+    /// keepalive runs on it).
+    pub fn client(&self, config: Config) -> Result<Client> {
+        Client::join(self.shared.clone(), config)
+    }
+}
