@@ -10,7 +10,7 @@
 //! where the backend has that primitive — and prints what happened, not backend-specific
 //! numbers, so two backends tell the same story.
 
-use std::{process::ExitCode, sync::Arc, time::Duration};
+use std::{io::Write, process::ExitCode, sync::Arc, time::Duration};
 
 use sync_core::{
     Backend, Capability, ElectOptions, ErrorKind, Job, JobContext, JobState, LockOptions,
@@ -23,7 +23,9 @@ async fn main() -> ExitCode {
         eprintln!("usage: swap <backend url>, e.g. local:// or etcd://127.0.0.1:2379/demo");
         return ExitCode::FAILURE;
     };
-    match story(&url).await {
+    // A closed stdout (`| head`) ends the story's output, not the program with a panic.
+    let say = |line: String| drop(writeln!(std::io::stdout(), "{line}"));
+    match story(&url, say).await {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("swap: {e}");
@@ -32,43 +34,40 @@ async fn main() -> ExitCode {
     }
 }
 
-async fn story(url: &str) -> sync_core::Result<()> {
+/// Runs the story on the backend `url` names, telling each step to `say`.
+pub async fn story(url: &str, mut say: impl FnMut(String)) -> sync_core::Result<()> {
     let backend = sync_any::connect(url).await?;
-    println!(
-        "connected: {}",
-        backend
-            .capabilities()
-            .iter()
-            .map(|c| format!("{c:?}"))
-            .collect::<Vec<_>>()
-            .join(" ")
-    );
+    let caps = backend.capabilities().iter().map(|c| format!("{c:?}"));
+    say(format!("connected: {}", caps.collect::<Vec<_>>().join(" ")));
     let run = uuid_like();
-    for cap in [
+    let steps = [
         Capability::Lock,
         Capability::Leader,
         Capability::Task,
         Capability::Map,
         Capability::Time,
-    ] {
+    ];
+    for cap in steps {
         if !backend.capabilities().contains(cap) {
-            println!("{cap:?}: not provided by this backend");
+            say(format!("{cap:?}: not provided by this backend"));
             continue;
         }
-        match cap {
+        let lines = match cap {
             Capability::Lock => lock(&backend, &run).await?,
             Capability::Leader => leader(&backend, &run).await?,
             Capability::Task => task(&backend, &run).await?,
             Capability::Map => map(&backend, &run).await?,
             _ => time(&backend).await?,
-        }
+        };
+        lines.into_iter().for_each(&mut say);
     }
     backend.close().await?;
-    println!("closed");
+    say("closed".to_string());
     Ok(())
 }
 
-async fn lock(backend: &Arc<dyn Backend>, run: &str) -> sync_core::Result<()> {
+async fn lock(backend: &Arc<dyn Backend>, run: &str) -> sync_core::Result<Vec<String>> {
+    let mut lines = Vec::new();
     let lock = backend.lock()?;
     let id = format!("orders-{run}");
     let first = lock.acquire(&id, LockOptions::new()).await?;
@@ -77,14 +76,16 @@ async fn lock(backend: &Arc<dyn Backend>, run: &str) -> sync_core::Result<()> {
     first.release().await?;
     let wait = LockOptions::new().with_wait(Duration::from_secs(5));
     let second = lock.acquire(&id, wait).await?;
-    println!(
+    lines.push(format!(
         "Lock: held; a second contender is refused: {busy}; the next grant's fencing token is higher: {}",
         second.fencing_token() > token
-    );
-    second.release().await
+    ));
+    second.release().await?;
+    Ok(lines)
 }
 
-async fn leader(backend: &Arc<dyn Backend>, run: &str) -> sync_core::Result<()> {
+async fn leader(backend: &Arc<dyn Backend>, run: &str) -> sync_core::Result<Vec<String>> {
+    let mut lines = Vec::new();
     let group = backend.leader(&format!("billing-{run}"))?;
     let elected = group.elect("node-1", ElectOptions::new()).await?;
     elected.proclaim(b"http://node-1:8080").await?;
@@ -92,16 +93,19 @@ async fn leader(backend: &Arc<dyn Backend>, run: &str) -> sync_core::Result<()> 
     let agrees = seen.is_some_and(|l| {
         l.candidate == "node-1" && l.term == elected.term() && l.value == b"http://node-1:8080"
     });
-    println!("Leader: node-1 elected; followers see it and its proclaimed address: {agrees}");
+    lines.push(format!(
+        "Leader: node-1 elected; followers see it and its proclaimed address: {agrees}"
+    ));
     elected.resign().await?;
-    println!(
+    lines.push(format!(
         "Leader: node-1 resigned; the group has no leader: {}",
         group.leader().await?.is_none()
-    );
-    Ok(())
+    ));
+    Ok(lines)
 }
 
-async fn task(backend: &Arc<dyn Backend>, run: &str) -> sync_core::Result<()> {
+async fn task(backend: &Arc<dyn Backend>, run: &str) -> sync_core::Result<Vec<String>> {
+    let mut lines = Vec::new();
     let task = backend.task()?;
     let name = format!("shout-{run}");
     let worker = task
@@ -112,40 +116,43 @@ async fn task(backend: &Arc<dyn Backend>, run: &str) -> sync_core::Result<()> {
         )
         .await?;
     let done = task.run(Job::new(&name, "hello")).await?;
-    println!(
+    lines.push(format!(
         "Task: job ran once and succeeded: {}; output {:?}",
         done.state == JobState::Succeeded && done.attempts == 1,
         String::from_utf8_lossy(done.output.as_deref().unwrap_or_default())
-    );
+    ));
     worker.stop().await;
-    Ok(())
+    Ok(lines)
 }
 
-async fn map(backend: &Arc<dyn Backend>, run: &str) -> sync_core::Result<()> {
+async fn map(backend: &Arc<dyn Backend>, run: &str) -> sync_core::Result<Vec<String>> {
+    let mut lines = Vec::new();
     let map = backend.map(&format!("config-{run}"))?;
     let v1 = map.write("mode", b"blue").await?;
     let v2 = map.compare_and_swap("mode", Some(v1), b"green").await?;
     let stale = map.compare_and_swap("mode", Some(v1), b"red").await;
     let now = map.read("mode").await?.map(|e| e.value);
-    println!(
+    lines.push(format!(
         "Map: blue -> green by compare-and-swap; a stale swap is a conflict: {}; value now {:?}; version grew: {}",
         stale.is_err_and(|e| e.kind() == ErrorKind::Conflict),
         now.map(|v| String::from_utf8_lossy(&v).into_owned()),
         v2 > v1
-    );
-    map.delete("mode").await.map(drop)
+    ));
+    map.delete("mode").await?;
+    Ok(lines)
 }
 
-async fn time(backend: &Arc<dyn Backend>) -> sync_core::Result<()> {
+async fn time(backend: &Arc<dyn Backend>) -> sync_core::Result<Vec<String>> {
+    let mut lines = Vec::new();
     let now = backend.time()?.now_interval().await?;
     let system = std::time::SystemTime::now();
-    println!(
+    lines.push(format!(
         "Time: an interval that is not inverted: {}; it is within a second of this host's clock: {}",
         now.earliest() <= now.latest(),
         now.earliest() <= system + Duration::from_secs(1)
             && system <= now.latest() + Duration::from_secs(1)
-    );
-    Ok(())
+    ));
+    Ok(lines)
 }
 
 /// A short per-run suffix, so runs against a shared server never meet.
