@@ -2,11 +2,19 @@
 //!
 //! The contract of the `sync` toolkit: object-safe async traits for distributed
 //! synchronization primitives — [`Lock`], [`Leader`], [`Task`], [`Time`], [`Map`] — their
-//! option builders, one [`Error`] type with semantic [kinds](ErrorKind) and the [id rules](id).
-//! It has no network code; pick a backend crate (`sync-local`, `sync-etcd`, `sync-consul`,
-//! `sync-redis`, `sync-ntp`) and use its handles as `Arc<dyn …>`. Code written against the
-//! traits lives in its own crates: the `Cron` driver in `sync-cron`, the serde `TypedMap` in
-//! `sync-kit`.
+//! option builders, one [`Error`] type with semantic [kinds](ErrorKind), the [id rules](id) and
+//! the [URL grammar](url) of backend configs.
+//!
+//! A connected backend client is a [`Backend`]: the factory of its primitives' handles, with
+//! its [capabilities](Capabilities), lease TTL and (for tests) [fault hooks](Faults). Every
+//! backend crate's `Client` implements it, and `sync-any` picks one by URL or config at run
+//! time, so code written against `Arc<dyn Backend>` runs on any of them. What only backend
+//! implementers need (the backend side of guards and workers, the loss trigger, shared checks)
+//! is under [`raw`].
+//!
+//! This crate has no network code and no runtime logic. Code written against the traits lives
+//! in its own crates: the `Cron` driver in `sync-cron`, the serde `TypedMap` and the shared
+//! backend machinery in `sync-kit`.
 #![deny(missing_docs)]
 
 mod backend;
