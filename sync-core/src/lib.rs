@@ -47,7 +47,9 @@ pub mod raw {
     pub use crate::leader::Leadership;
     pub use crate::lock::HeldLock;
     pub use crate::map::validate_value;
-    pub use crate::signal::{LossTrigger, loss_signal};
+    pub use crate::signal::{
+        LeaseClock, LeaseDeadline, LossTrigger, loss_signal, loss_signal_until,
+    };
     pub use crate::task::WorkerControl;
 
     use crate::{Error, Result};
