@@ -38,6 +38,7 @@ pub mod cron;
 pub mod leader;
 pub mod lock;
 pub mod map;
+pub mod pause;
 mod runner;
 pub mod task;
 pub mod time;
@@ -245,6 +246,14 @@ impl Ctx {
                 .map(Client)
                 .map_err(|e| Failure::located(format_args!("creating a client: {e}"), at))
         }
+    }
+
+    /// A new client in the case's namespace, connected by whoever awaits the future (on a
+    /// runtime of the case's choosing, e.g. a holder that the case pauses).
+    pub fn connect_later(
+        &self,
+    ) -> futures::future::BoxFuture<'static, sync_core::Result<Arc<dyn Backend>>> {
+        (self.harness.connect)(self.namespace.clone())
     }
 
     /// The backend's lease TTL.

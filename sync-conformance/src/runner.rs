@@ -75,6 +75,7 @@ pub fn cases() -> Vec<Case> {
         case!(lock::invalid_ids_rejected, [Lock]),
         case!(lock::release_not_held, [Lock]),
         case!(lock::release_after_revoke, [Lock, RevokeSession]),
+        case!(pause::paused_holder_sees_loss_first, [Lock, Leader]),
         case!(leader::single_leader, [Leader]),
         case!(leader::resign_hands_over, [Leader]),
         case!(leader::revoked_on_lease_revoke, [Leader, RevokeSession]),

@@ -6,7 +6,7 @@ use async_trait::async_trait;
 use futures::future::BoxFuture;
 use serde::{Deserialize, Serialize};
 
-use crate::{Error, Result};
+use crate::{Error, LossSignal, Result};
 
 /// The longest job payload accepted by default, in bytes.
 pub const MAX_PAYLOAD_LEN: usize = 512 * 1024;
@@ -25,6 +25,11 @@ pub struct Job {
     pub max_attempts: u32,
     /// Delay before the first retry; doubles with each further retry.
     pub backoff: Duration,
+    /// The idempotency key: submitting a job with a key that a job (still within its
+    /// retention) already has returns that job's id instead of queueing a second one. The key
+    /// becomes the job's id. `None`: every submit is a new job with a fresh id.
+    #[serde(default)]
+    pub key: Option<String>,
 }
 
 impl Job {
@@ -36,7 +41,16 @@ impl Job {
             labels: BTreeMap::new(),
             max_attempts: 3,
             backoff: Duration::from_millis(100),
+            key: None,
         }
+    }
+
+    /// Makes submission idempotent: a second submit with the same `key` yields the first job's
+    /// id, never a second job, even when the first submit's answer was lost. The key is the
+    /// job's id, so it follows the id rules.
+    pub fn with_key(mut self, key: impl Into<String>) -> Self {
+        self.key = Some(key.into());
+        self
     }
 
     /// Adds a label.
@@ -60,6 +74,9 @@ impl Job {
     /// Checks the job against the id rules and limits.
     pub fn validate(&self) -> Result<()> {
         crate::id::validate("job name", &self.name)?;
+        if let Some(key) = &self.key {
+            crate::id::validate("job key", key).map_err(|e| e.with_id(&self.name))?;
+        }
         if self.max_attempts == 0 {
             return Err(Error::invalid("max_attempts must be at least 1").with_id(&self.name));
         }
@@ -170,6 +187,12 @@ pub struct JobContext {
     pub labels: BTreeMap<String, String>,
     /// This attempt's number, from 1.
     pub attempt: u32,
+    /// The claim's fencing token: strictly increases with each claim of this job, so a
+    /// resource the handler writes to can refuse a stale attempt's writes.
+    pub token: u64,
+    /// Signals that the claim ended (the worker's lease was lost and the job may be handed to
+    /// another worker) while the handler still runs.
+    claim: Option<LossSignal>,
 }
 
 impl JobContext {
@@ -181,7 +204,35 @@ impl JobContext {
             payload: job.payload.clone(),
             labels: job.labels.clone(),
             attempt,
+            token: 0,
+            claim: None,
         }
+    }
+
+    /// Built by backends: the claim's fencing token and loss signal.
+    pub fn with_claim(mut self, token: u64, lost: LossSignal) -> Self {
+        self.token = token;
+        self.claim = Some(lost);
+        self
+    }
+
+    /// Whether this attempt's claim has ended: stop, or fence, side effects.
+    pub fn is_lost(&self) -> bool {
+        self.claim.as_ref().is_some_and(LossSignal::is_lost)
+    }
+
+    /// Resolves (with the reason) once this attempt's claim has ended; never, for a backend
+    /// that gave the attempt no loss signal.
+    pub async fn lost(&self) -> String {
+        match &self.claim {
+            Some(signal) => signal.wait().await,
+            None => std::future::pending().await,
+        }
+    }
+
+    /// A clone of the claim's loss signal, to watch from another task.
+    pub fn loss_signal(&self) -> Option<LossSignal> {
+        self.claim.clone()
     }
 }
 

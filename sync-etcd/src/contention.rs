@@ -430,7 +430,7 @@ pub(crate) struct Holding {
 
 impl Holding {
     pub(crate) fn start(c: Contender) -> Holding {
-        let (trigger, lost) = sync_core::raw::loss_signal();
+        let (trigger, lost) = sync_core::raw::loss_signal_until(c.session.deadline.clone());
         let trigger = Arc::new(trigger);
         let monitor = tokio::spawn(monitor(
             c.client.clone(),

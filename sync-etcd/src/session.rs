@@ -4,7 +4,7 @@
 use std::{sync::Arc, time::Duration};
 
 use etcd_client::{LeaseKeepAliveStream, LeaseKeeper};
-use sync_core::raw::LossTrigger;
+use sync_core::raw::{LeaseClock, LeaseDeadline, LossTrigger};
 use sync_core::{LossSignal, Result};
 use tokio::{sync::watch, task::AbortHandle, time::Instant};
 
@@ -14,6 +14,9 @@ use crate::{BACKEND, error::etcd_err, kv::retried};
 pub(crate) struct Session {
     pub(crate) lease: i64,
     pub(crate) ended: LossSignal,
+    /// The lease's safe deadline, moved forward by each confirmed renewal: what this lease
+    /// holds is lost once the monotonic clock passes it, or once the keepalive is gone.
+    pub(crate) deadline: LeaseDeadline,
     trigger: Arc<LossTrigger>,
     keepalive: AbortHandle,
 }
@@ -33,13 +36,17 @@ impl Session {
             .map_err(|e| etcd_err("granting the lease", e))?;
         let granted_ttl = Duration::from_secs(grant.ttl().max(1) as u64);
         let lease = grant.id();
-        let (trigger, ended) = sync_core::raw::loss_signal();
+        // Owned by the keepalive alone: if it dies, every signal bound to the lease is lost.
+        let clock = LeaseClock::new(granted_at + granted_ttl - safety_margin(granted_ttl));
+        let deadline = clock.deadline();
+        let (trigger, ended) = sync_core::raw::loss_signal_until(deadline.clone());
         let trigger = Arc::new(trigger);
         let keepalive = tokio::spawn(keepalive(
             etcd.clone(),
             lease,
             granted_ttl,
             granted_at,
+            clock,
             trigger.clone(),
             killed,
         ))
@@ -48,6 +55,7 @@ impl Session {
         Ok(Session {
             lease,
             ended,
+            deadline,
             trigger,
             keepalive,
         })
@@ -101,10 +109,11 @@ async fn keepalive(
     lease: i64,
     ttl: Duration,
     granted_at: Instant,
+    clock: LeaseClock,
     trigger: Arc<LossTrigger>,
     mut killed: watch::Receiver<bool>,
 ) {
-    let margin = (ttl / 5).max(Duration::from_millis(300));
+    let margin = safety_margin(ttl);
     let lease_hex = format!("{lease:x}");
     let work = async {
         let mut safe_until = granted_at + ttl - margin;
@@ -130,6 +139,7 @@ async fn keepalive(
                 }
                 Ok(Ok(secs)) => {
                     safe_until = sent + Duration::from_secs(secs as u64) - margin;
+                    clock.confirm(safe_until);
                     sent + ttl / 3
                 }
                 Ok(Err(e)) => {
@@ -152,6 +162,12 @@ async fn keepalive(
             trigger.fire("client killed");
         }
     }
+}
+
+/// How long before the lease's last confirmed expiry its holders give it up: etcd's and this
+/// host's clocks may drift apart, and the loss must reach the holder before another grant.
+fn safety_margin(ttl: Duration) -> Duration {
+    (ttl / 5).max(Duration::from_millis(300))
 }
 
 /// One renewal: the TTL etcd answered (0 = the lease is gone).

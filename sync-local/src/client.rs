@@ -6,6 +6,7 @@ use std::sync::{
 };
 
 use async_trait::async_trait;
+use sync_core::raw::LeaseClock;
 use sync_core::{
     Backend, Capabilities, Error, ErrorKind, Faults, Leader, Lock, Map, Result, Task, Time,
 };
@@ -72,11 +73,14 @@ impl ClientInner {
         if let Some(s) = slot.as_ref().filter(|s| self.shared.session_alive(s.id)) {
             return Ok(s.id);
         }
-        let id = self.shared.open_session();
+        // Owned by the keepalive alone: if it dies, every signal bound to the session is lost.
+        let clock = LeaseClock::new(after(self.config.ttl));
+        let id = self.shared.open_session(clock.deadline());
         let keepalive = spawn_keepalive(
             Arc::downgrade(&self.shared),
             id,
             self.config.ttl,
+            clock,
             self.killed.clone(),
         );
         *slot = Some(SessionHandle { id, keepalive });
@@ -116,12 +120,13 @@ fn spawn_keepalive(
     shared: Weak<Shared>,
     session: u64,
     ttl: std::time::Duration,
+    clock: LeaseClock,
     killed: Arc<AtomicBool>,
 ) -> AbortHandle {
     let task = tokio::spawn(async move {
-        let mut deadline = Instant::now() + ttl;
+        let mut deadline = after(ttl);
         loop {
-            let renew_at = Instant::now() + ttl / 3;
+            let renew_at = after(ttl / 3);
             let killed_now = killed.load(Ordering::SeqCst);
             tokio::time::sleep_until(if killed_now {
                 deadline
@@ -140,11 +145,19 @@ fn spawn_keepalive(
                 return;
             }
             if !killed.load(Ordering::SeqCst) {
-                deadline = Instant::now() + ttl;
+                deadline = after(ttl);
+                clock.confirm(deadline);
             }
         }
     });
     task.abort_handle()
+}
+
+/// `ttl` from now; a TTL too long for the clock (`Duration::MAX`) means never.
+fn after(ttl: std::time::Duration) -> Instant {
+    let now = Instant::now();
+    now.checked_add(ttl)
+        .unwrap_or_else(|| now + std::time::Duration::from_secs(100 * 365 * 24 * 3600))
 }
 
 impl Client {

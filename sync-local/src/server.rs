@@ -9,7 +9,7 @@ use std::{
     },
 };
 
-use sync_core::{Error, ErrorKind, Result};
+use sync_core::{Error, ErrorKind, Result, raw::LeaseDeadline};
 use sync_kit::locked;
 
 use crate::{BACKEND, Client, Config};
@@ -54,7 +54,13 @@ pub(crate) struct Shared {
 struct Sessions {
     next_id: u64,
     next_reg: u64,
-    live: HashMap<u64, HashMap<u64, OnEnd>>,
+    live: HashMap<u64, Live>,
+}
+
+/// A live session: what runs when it ends, and its safe deadline as its holders see it.
+struct Live {
+    callbacks: HashMap<u64, OnEnd>,
+    deadline: LeaseDeadline,
 }
 
 impl Shared {
@@ -65,12 +71,24 @@ impl Shared {
     }
 
     /// Opens a new session with no callbacks yet.
-    pub(crate) fn open_session(&self) -> u64 {
+    pub(crate) fn open_session(&self, deadline: LeaseDeadline) -> u64 {
         let mut s = locked(&self.sessions);
         s.next_id += 1;
         let id = s.next_id;
-        s.live.insert(id, HashMap::new());
+        let live = Live {
+            callbacks: HashMap::new(),
+            deadline,
+        };
+        s.live.insert(id, live);
         id
+    }
+
+    /// The safe deadline of `session`, for the loss signals of what it holds; None once ended.
+    pub(crate) fn session_deadline(&self, session: u64) -> Option<LeaseDeadline> {
+        locked(&self.sessions)
+            .live
+            .get(&session)
+            .map(|l| l.deadline.clone())
     }
 
     /// Registers `f` to run when `session` ends. Err(LockLost) if it already ended.
@@ -79,8 +97,8 @@ impl Shared {
         s.next_reg += 1;
         let reg = s.next_reg;
         match s.live.get_mut(&session) {
-            Some(callbacks) => {
-                callbacks.insert(reg, f);
+            Some(live) => {
+                live.callbacks.insert(reg, f);
                 Ok(reg)
             }
             None => Err(Error::new(ErrorKind::LockLost, "session has ended").with_backend(BACKEND)),
@@ -89,8 +107,8 @@ impl Shared {
 
     /// Forgets a registration (the resource was released normally).
     pub(crate) fn cancel_on_end(&self, session: u64, reg: u64) {
-        if let Some(callbacks) = locked(&self.sessions).live.get_mut(&session) {
-            callbacks.remove(&reg);
+        if let Some(live) = locked(&self.sessions).live.get_mut(&session) {
+            live.callbacks.remove(&reg);
         }
     }
 
@@ -102,7 +120,7 @@ impl Shared {
     /// primitives' tables.
     pub(crate) fn end_session(&self, session: u64, reason: &str) {
         let callbacks = locked(&self.sessions).live.remove(&session);
-        if let Some(callbacks) = callbacks {
+        if let Some(Live { callbacks, .. }) = callbacks {
             tracing::debug!(backend = BACKEND, session, reason, "session ended");
             let mut callbacks: Vec<_> = callbacks.into_iter().collect();
             callbacks.sort_by_key(|(reg, _)| *reg);

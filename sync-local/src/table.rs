@@ -7,7 +7,7 @@ use std::{
     sync::{Arc, Mutex, Weak},
 };
 
-use sync_core::raw::{LossTrigger, loss_signal};
+use sync_core::raw::{LossTrigger, loss_signal_until};
 use sync_core::{LossSignal, Result};
 use sync_kit::locked;
 use tokio::{sync::Notify, time::Instant};
@@ -96,8 +96,12 @@ impl<S: SlotState> Table<S> {
             if slots.get(key).is_some_and(|s| s.holder.is_some()) {
                 return Ok(None);
             }
+            // Bound to the session's safe deadline: a holder paused past it sees the loss.
+            let Some(deadline) = shared.session_deadline(session) else {
+                continue;
+            };
             let token = shared.next_revision();
-            let (trigger, signal) = loss_signal();
+            let (trigger, signal) = loss_signal_until(deadline);
             let on_end = {
                 let weak = Arc::downgrade(shared);
                 let key = key.to_string();
