@@ -145,7 +145,7 @@ struct Claimed {
 }
 
 enum Take {
-    Claimed(Claimed, JobContext),
+    Claimed(Claimed, Box<JobContext>),
     Empty,
     /// The session ended between looking it up and registering the claim; try again.
     SessionEnded,
@@ -196,7 +196,7 @@ fn take_next(shared: &Arc<Shared>, queue: &str, session: u64) -> Take {
             job_key,
             token,
         };
-        return Take::Claimed(claimed, ctx);
+        return Take::Claimed(claimed, Box::new(ctx));
     }
     Take::Empty
 }
@@ -468,7 +468,7 @@ impl JobQueue for LocalQueue {
             woken.as_mut().enable();
             let session = self.client.session()?;
             match take_next(&self.client.shared, &self.key, session) {
-                Take::Claimed(claim, ctx) => return Ok(sync_kit::task::Claimed::Job(claim, ctx)),
+                Take::Claimed(claim, ctx) => return Ok(sync_kit::task::Claimed::Job(claim, *ctx)),
                 Take::SessionEnded => continue,
                 Take::Empty => return Ok(sync_kit::task::Claimed::Empty(woken)),
             }
