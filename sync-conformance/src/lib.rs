@@ -36,6 +36,7 @@ use sync_core::{Backend, Faults, Leader, Lock, Map, Task, Time};
 
 pub mod cron;
 pub mod leader;
+pub mod limits;
 pub mod lock;
 pub mod map;
 pub mod pause;

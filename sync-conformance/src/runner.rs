@@ -76,6 +76,7 @@ pub fn cases() -> Vec<Case> {
         case!(lock::release_not_held, [Lock]),
         case!(lock::release_after_revoke, [Lock, RevokeSession]),
         case!(pause::paused_holder_sees_loss_first, [Lock, Leader]),
+        case!(limits::duration_max_waits_never_panic, [Lock, Leader, Task]),
         case!(leader::single_leader, [Leader]),
         case!(leader::resign_hands_over, [Leader]),
         case!(leader::revoked_on_lease_revoke, [Leader, RevokeSession]),

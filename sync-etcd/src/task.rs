@@ -429,7 +429,8 @@ async fn claim_one(
             break;
         }
     }
-    let wake = wake.map(|w| Instant::now() + Duration::from_millis(w.saturating_sub(now)));
+    // A corrupt entry (not_before far in the future) must not overflow the clock.
+    let wake = wake.map(|w| sync_kit::deadline(Duration::from_millis(w.saturating_sub(now))));
     Ok((None, first_rev, wake))
 }
 

@@ -37,3 +37,19 @@ pub fn panic_message(payload: &(dyn std::any::Any + Send)) -> &str {
 
 pub mod checked;
 pub mod task;
+
+/// The instant `after` from now; a wait too long for the clock (`Duration::MAX`) means never,
+/// instead of the panic of `Instant + Duration` overflowing.
+///
+/// ```
+/// # #[tokio::main(flavor = "current_thread")] async fn main() {
+/// use std::time::Duration;
+/// let never = sync_kit::deadline(Duration::MAX);
+/// assert!(never > tokio::time::Instant::now() + Duration::from_secs(3600 * 24 * 365));
+/// # }
+/// ```
+pub fn deadline(after: std::time::Duration) -> tokio::time::Instant {
+    let now = tokio::time::Instant::now();
+    now.checked_add(after)
+        .unwrap_or_else(|| now + std::time::Duration::from_secs(100 * 365 * 24 * 3600))
+}

@@ -155,9 +155,7 @@ fn spawn_keepalive(
 
 /// `ttl` from now; a TTL too long for the clock (`Duration::MAX`) means never.
 fn after(ttl: std::time::Duration) -> Instant {
-    let now = Instant::now();
-    now.checked_add(ttl)
-        .unwrap_or_else(|| now + std::time::Duration::from_secs(100 * 365 * 24 * 3600))
+    sync_kit::deadline(ttl)
 }
 
 impl Client {

@@ -87,7 +87,7 @@ impl Campaign {
         value: Vec<u8>,
         wait: Option<std::time::Duration>,
     ) -> Result<(u64, LossSignal)> {
-        let deadline = wait.map(|w| tokio::time::Instant::now() + w);
+        let deadline = wait.map(sync_kit::deadline);
         let reign = |group: &mut Group, term| {
             group.publish(Some(LeaderInfo::new(candidate, term, value.clone())));
         };

@@ -100,7 +100,7 @@ impl Lock for LocalLock {
         let span = tracing::debug_span!("acquire", backend = BACKEND, primitive = "lock", id);
         async {
             let key = self.key(id)?;
-            let deadline = opts.wait.map(|w| tokio::time::Instant::now() + w);
+            let deadline = opts.wait.map(sync_kit::deadline);
             let locks = &self.client.shared.locks;
             let granted = locks.grant(&self.client, &key, deadline, |_, _| {}).await?;
             let (grant, signal) = granted.ok_or_else(|| {

@@ -393,7 +393,7 @@ impl Task for LocalTask {
         async {
             self.client.session()?;
             // With a timeout: when it expires, and the timeout for the message.
-            let deadline = timeout.map(|t| (Instant::now() + t, t));
+            let deadline = timeout.map(|t| (sync_kit::deadline(t), t));
             let job_key = self.job_key(id);
             loop {
                 // Subscribe under the lock that guards the status, so no change is missed.
