@@ -206,7 +206,7 @@ impl Map for LocalMap {
 mod tests {
     use std::{sync::Arc, time::Duration};
 
-    use sync_core::{ErrorKind, MAX_VALUE_LEN, Map};
+    use sync_core::{Backend, ErrorKind, MAX_VALUE_LEN, Map};
 
     use crate::{Cluster, Config};
 

@@ -714,8 +714,8 @@ mod tests {
     use std::time::Duration;
 
     use sync_core::{
-        ErrorKind, Handler, HandlerError, Job, JobContext, JobId, JobState, MAX_PAYLOAD_LEN,
-        Worker, WorkerOptions,
+        Backend, ErrorKind, Handler, HandlerError, Job, JobContext, JobId, JobState,
+        MAX_PAYLOAD_LEN, Worker, WorkerOptions,
     };
     use tokio::sync::Semaphore;
 
@@ -750,7 +750,7 @@ mod tests {
     async fn finished_jobs_are_forgotten_after_retention() {
         let cluster = Cluster::new().with_job_retention(Duration::from_secs(60));
         let config = Config::default().with_ttl(Duration::from_secs(600));
-        let task = cluster.client(config).unwrap().task();
+        let task = cluster.client(config).unwrap().task().unwrap();
         let _w = task
             .work("echo", echo(), WorkerOptions::new())
             .await
@@ -773,7 +773,7 @@ mod tests {
     #[tokio::test(flavor = "multi_thread")]
     async fn run_submit_status_wait() {
         let cluster = Cluster::new();
-        let task = client(&cluster, "t").task();
+        let task = client(&cluster, "t").task().unwrap();
         let id = task.submit(Job::new("echo", "hi")).await.unwrap();
         let s = task.status(&id).await.unwrap();
         assert_eq!((s.state, s.attempts), (JobState::Queued, 0));
@@ -812,7 +812,7 @@ mod tests {
     #[tokio::test]
     async fn limits_are_named() {
         let cluster = Cluster::new();
-        let task = client(&cluster, "t").task();
+        let task = client(&cluster, "t").task().unwrap();
         let err = task
             .submit(Job::new("big", vec![0u8; MAX_PAYLOAD_LEN + 1]))
             .await
@@ -860,8 +860,8 @@ mod tests {
     #[tokio::test(flavor = "multi_thread")]
     async fn namespaces_never_collide() {
         let cluster = Cluster::new();
-        let a = client(&cluster, "a").task();
-        let b = client(&cluster, "b").task();
+        let a = client(&cluster, "a").task().unwrap();
+        let b = client(&cluster, "b").task().unwrap();
         let _wb = b.work("echo", echo(), WorkerOptions::new()).await.unwrap();
         let id = a.submit(Job::new("echo", "x")).await.unwrap();
         assert_eq!(b.status(&id).await.unwrap_err().kind(), ErrorKind::NotFound);
@@ -875,7 +875,7 @@ mod tests {
     #[tokio::test(flavor = "multi_thread")]
     async fn retries_with_backoff_then_fails() {
         let cluster = Cluster::new();
-        let task = client(&cluster, "t").task();
+        let task = client(&cluster, "t").task().unwrap();
         let calls = Arc::new(AtomicUsize::new(0));
         let c = calls.clone();
         let _w = task
@@ -923,7 +923,7 @@ mod tests {
     #[tokio::test(flavor = "multi_thread")]
     async fn panicking_handler_counts_as_failure() {
         let cluster = Cluster::new();
-        let task = client(&cluster, "t").task();
+        let task = client(&cluster, "t").task().unwrap();
         let _w = task
             .work(
                 "panics",
@@ -985,6 +985,7 @@ mod tests {
         let (gate, started) = (Arc::new(Semaphore::new(0)), Arc::new(Semaphore::new(0)));
         let worker = worker_client
             .task()
+            .unwrap()
             .work(
                 "gated",
                 gated(gate.clone(), started.clone()),
@@ -999,7 +1000,7 @@ mod tests {
     async fn stale_claim_result_is_ignored_after_revoke() {
         let cluster = Cluster::new();
         let (worker_client, w, gate, started) = gated_worker(&cluster, 2).await;
-        let submitter = client(&cluster, "t").task();
+        let submitter = client(&cluster, "t").task().unwrap();
         let id = submitter.submit(Job::new("gated", "")).await.unwrap();
         started.acquire().await.unwrap().forget();
         assert_eq!(
@@ -1029,7 +1030,7 @@ mod tests {
     async fn killed_worker_redelivers_to_another() {
         let cluster = Cluster::new();
         let (dying, _dead, gate, started) = gated_worker(&cluster, 1).await;
-        let other = client(&cluster, "t").task();
+        let other = client(&cluster, "t").task().unwrap();
         let id = other.submit(Job::new("gated", "")).await.unwrap();
         started.acquire().await.unwrap().forget();
         dying.kill();
@@ -1049,7 +1050,7 @@ mod tests {
                 .starts_with("worker lost: session expired")
         );
         assert_eq!(
-            dying.task().status(&id).await.unwrap_err().kind(),
+            dying.task().unwrap().status(&id).await.unwrap_err().kind(),
             ErrorKind::Closed
         );
     }
@@ -1058,7 +1059,7 @@ mod tests {
     async fn worker_loss_on_last_attempt_fails_the_job() {
         let cluster = Cluster::new();
         let (worker_client, _w, gate, started) = gated_worker(&cluster, 1).await;
-        let task = client(&cluster, "t").task();
+        let task = client(&cluster, "t").task().unwrap();
         let id = task
             .submit(Job::new("gated", "").with_max_attempts(1))
             .await
@@ -1077,7 +1078,7 @@ mod tests {
     #[tokio::test(flavor = "multi_thread")]
     async fn pool_is_bounded_and_stop_waits() {
         let cluster = Cluster::new();
-        let task = client(&cluster, "t").task();
+        let task = client(&cluster, "t").task().unwrap();
         let (running, peak, done) = (
             Arc::new(AtomicUsize::new(0)),
             Arc::new(AtomicUsize::new(0)),
