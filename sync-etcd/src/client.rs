@@ -18,11 +18,6 @@ use crate::{
 // Re-exported for the modules that import them from here.
 pub(crate) use crate::{error::etcd_err, session::Session};
 
-/// Checks an id by sync-core's rules, naming this backend in the error.
-pub(crate) fn validate_id(what: &str, id: &str) -> Result<()> {
-    sync_core::id::validate(what, id).map_err(|e| e.with_backend(BACKEND))
-}
-
 /// A connection to etcd with one lease (the TTL's "session"), shared by every handle made
 /// from it. Cheap to clone.
 ///

@@ -52,7 +52,7 @@ use tokio::{sync::watch, time::Instant};
 
 use crate::{
     BACKEND,
-    client::{ClientInner, Session, etcd_err, validate_id},
+    client::{ClientInner, Session, etcd_err},
 };
 
 /// The safety-net rescan of orphaned claims and the longest a worker sleeps without a watch
@@ -225,7 +225,6 @@ impl EtcdTask {
 impl Task for EtcdTask {
     #[tracing::instrument(level = "debug", skip(self, job), fields(backend = BACKEND, primitive = "task", id = %job.name))]
     async fn submit(&self, job: Job) -> Result<JobId> {
-        job.validate().map_err(|e| e.with_backend(BACKEND))?;
         self.shared.client.check_alive()?;
         let id = uuid::Uuid::new_v4().simple().to_string();
         let mut job = job;
@@ -301,7 +300,6 @@ impl Task for EtcdTask {
         handler: Arc<dyn Handler>,
         opts: WorkerOptions,
     ) -> Result<Worker> {
-        validate_id("job name", name)?;
         // Fails with Closed once killed, and makes sure a lease exists for the claims.
         self.shared.client.session().await?;
         let queue = Arc::new(EtcdQueue {

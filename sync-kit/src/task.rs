@@ -68,8 +68,10 @@ pub trait JobQueue: Send + Sync + 'static {
     }
 }
 
-/// Checks the options and starts a worker taking jobs named `name` from `queue` with a pool of
-/// `opts.concurrency`.
+/// Starts a worker taking jobs named `name` from `queue` with a pool of `opts.concurrency`.
+///
+/// `opts` come through [`checked::task`](crate::checked::task), which has validated them; only
+/// the pool's upper bound, which depends on this machinery, is checked here.
 pub fn spawn_worker<Q: JobQueue>(
     backend: &'static str,
     queue: Arc<Q>,
@@ -107,13 +109,8 @@ pub fn spawn_worker<Q: JobQueue>(
     })))
 }
 
-/// A pool of at least 1 and at most [`MAX_CONCURRENCY`].
+/// A pool of at most [`MAX_CONCURRENCY`].
 fn check_concurrency(n: usize) -> Result<()> {
-    if n == 0 {
-        return Err(Error::invalid(
-            "worker concurrency (pool) must be at least 1",
-        ));
-    }
     if n > MAX_CONCURRENCY {
         return Err(Error::invalid(format!(
             "worker concurrency (pool) is {n}; the maximum is {MAX_CONCURRENCY}"

@@ -350,7 +350,6 @@ impl Task for LocalTask {
         let span =
             tracing::debug_span!("submit", backend = BACKEND, primitive = "task", id = %job.name);
         span.in_scope(|| {
-            job.validate().map_err(|e| e.with_backend(BACKEND))?;
             self.client.session()?;
             let id = JobId(uuid::Uuid::new_v4().to_string());
             let job_key = self.job_key(&id);
@@ -435,7 +434,6 @@ impl Task for LocalTask {
         handler: Arc<dyn Handler>,
         opts: WorkerOptions,
     ) -> Result<Worker> {
-        sync_core::id::validate("job name", name).map_err(|e| e.with_backend(BACKEND))?;
         self.client.session()?;
         let queue = Arc::new(LocalQueue {
             client: self.client.clone(),
