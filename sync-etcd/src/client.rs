@@ -229,16 +229,10 @@ impl Client {
     #[tracing::instrument(level = "debug", skip(self), fields(backend = BACKEND, primitive = "client"))]
     pub async fn revoke(&self) -> Result<()> {
         let current = self.inner.session.lock().await.clone();
-        if let Some(s) = current {
-            s.end("lease revoked");
-            self.inner
-                .etcd
-                .lease_client()
-                .revoke(s.lease)
-                .await
-                .map_err(|e| etcd_err("revoking the lease", e))?;
+        match current {
+            Some(s) => s.revoke(&self.inner.etcd, "lease revoked").await,
+            None => Ok(()),
         }
-        Ok(())
     }
 }
 
@@ -302,8 +296,7 @@ impl Backend for Client {
     }
 
     fn task(&self) -> Result<Arc<dyn Task>> {
-        let raw = Arc::new(EtcdTask::new(self.inner.clone()));
-        Ok(checked::task(BACKEND, raw))
+        Ok(checked::task(BACKEND, EtcdTask::new(self.inner.clone())))
     }
 
     fn map(&self, name: &str) -> Result<Arc<dyn Map>> {
@@ -317,16 +310,10 @@ impl Backend for Client {
     async fn close(&self) -> Result<()> {
         self.inner.killed.send_replace(true);
         let session = self.inner.session.lock().await.take();
-        if let Some(s) = session {
-            s.end("client closed");
-            self.inner
-                .etcd
-                .lease_client()
-                .revoke(s.lease)
-                .await
-                .map_err(|e| etcd_err("revoking the lease", e))?;
+        match session {
+            Some(s) => s.revoke(&self.inner.etcd, "client closed").await,
+            None => Ok(()),
         }
-        Ok(())
     }
 
     fn faults(&self) -> Option<&dyn Faults> {

@@ -1,15 +1,17 @@
 //! The task worker machinery every backend shares: the claim loop with its bounded pool, panic
 //! capture, the output limit, what an attempt's outcome makes of a job (retry with backoff, or
-//! final), and a graceful stop. A backend implements [`JobQueue`] — claim one job, record an
-//! outcome — and [`spawn_worker`] does the rest.
+//! final), and a graceful stop. A backend implements [`JobStore`] — submit, status, wait, and
+//! a [`JobQueue`] per job name that claims one job and records an outcome — and
+//! [`checked::task`](crate::checked::task) makes the `Task` handle of it: workers start through
+//! [`start_worker`], waits are bounded by [`wait_for_job`].
 
 use std::{future::Future, sync::Arc, time::Duration};
 
 use async_trait::async_trait;
 use futures::future::BoxFuture;
 use sync_core::{
-    Error, ErrorKind, Handler, Job, JobContext, JobState, JobStatus, MAX_PAYLOAD_LEN, Result,
-    Worker, WorkerOptions, raw::WorkerControl,
+    Error, ErrorKind, Handler, Job, JobContext, JobId, JobState, JobStatus, MAX_PAYLOAD_LEN,
+    Result, Worker, WorkerOptions, raw::WorkerControl,
 };
 use tokio::{
     sync::{Semaphore, watch},
@@ -40,6 +42,39 @@ pub enum Claimed<C> {
     /// earliest delayed retry, or a safety-net poll). It must have been armed before the queue
     /// was looked at, so a job queued in between is not missed.
     Empty(BoxFuture<'static, ()>),
+}
+
+/// A backend's jobs: all of a `Task` handle but the worker machinery and the wait's timeout,
+/// which sync-kit adds once for every backend. Input comes validated (see
+/// [`checked`](crate::checked)).
+#[async_trait]
+pub trait JobStore: Send + Sync + 'static {
+    /// The queue the workers of one job name take from.
+    type Queue: JobQueue;
+
+    /// Stores and queues `job`; its new id.
+    async fn submit(&self, job: Job) -> Result<JobId>;
+
+    /// The job's current status; NotFound for a job this store does not have.
+    async fn status(&self, id: &JobId) -> Result<JobStatus>;
+
+    /// Waits, with no limit, until the job is final; its final status.
+    async fn wait(&self, id: &JobId) -> Result<JobStatus>;
+
+    /// The queue of the jobs named `name`, for a new worker; Closed once the client is gone.
+    async fn queue(&self, name: &str) -> Result<Self::Queue>;
+}
+
+/// Starts a worker on `store`'s queue of the jobs named `name`.
+pub async fn start_worker<S: JobStore>(
+    backend: &'static str,
+    store: &S,
+    name: &str,
+    handler: Arc<dyn Handler>,
+    opts: WorkerOptions,
+) -> Result<Worker> {
+    let queue = Arc::new(store.queue(name).await?);
+    spawn_worker(backend, queue, name, handler, opts)
 }
 
 /// A backend's job queue as a worker sees it.

@@ -233,8 +233,7 @@ impl Backend for Client {
     }
 
     fn task(&self) -> Result<Arc<dyn Task>> {
-        let raw = Arc::new(LocalTask::new(self.inner.clone()));
-        Ok(checked::task(BACKEND, raw))
+        Ok(checked::task(BACKEND, LocalTask::new(self.inner.clone())))
     }
 
     fn map(&self, name: &str) -> Result<Arc<dyn Map>> {

@@ -20,14 +20,11 @@ use std::{
 
 use async_trait::async_trait;
 use sync_core::{
-    Error, ErrorKind, Handler, HandlerError, Job, JobContext, JobId, JobState, JobStatus, Result,
-    Task, Worker, WorkerOptions,
+    Error, ErrorKind, HandlerError, Job, JobContext, JobId, JobState, JobStatus, Result,
 };
 use sync_kit::{
     panic_message,
-    task::{
-        JobQueue, MAX_CONCURRENCY, Next, Outcome, apply_outcome, apply_worker_loss, spawn_worker,
-    },
+    task::{JobQueue, JobStore, MAX_CONCURRENCY, Next, Outcome, apply_outcome, apply_worker_loss},
 };
 use tokio::{
     sync::{Notify, Semaphore, watch},
@@ -137,7 +134,7 @@ impl JobTable {
 }
 
 /// What a worker took from its queue (the handler's [`JobContext`] travels beside it).
-struct Claimed {
+pub(crate) struct Claimed {
     job_key: String,
     id: JobId,
     attempt: u32,
@@ -345,7 +342,9 @@ impl LocalTask {
 }
 
 #[async_trait]
-impl Task for LocalTask {
+impl JobStore for LocalTask {
+    type Queue = LocalQueue;
+
     async fn submit(&self, job: Job) -> Result<JobId> {
         let span =
             tracing::debug_span!("submit", backend = BACKEND, primitive = "task", id = %job.name);
@@ -387,12 +386,10 @@ impl Task for LocalTask {
         })
     }
 
-    async fn wait(&self, id: &JobId, timeout: Option<Duration>) -> Result<JobStatus> {
+    async fn wait(&self, id: &JobId) -> Result<JobStatus> {
         let span = tracing::debug_span!("wait", backend = BACKEND, primitive = "task", id = %id);
         async {
             self.client.session()?;
-            // With a timeout: when it expires, and the timeout for the message.
-            let deadline = timeout.map(|t| (Instant::now() + t, t));
             let job_key = self.job_key(id);
             loop {
                 // Subscribe under the lock that guards the status, so no change is missed.
@@ -407,44 +404,25 @@ impl Task for LocalTask {
                     }
                     entry.changed.subscribe()
                 };
-                let changed = match deadline {
-                    Some((at, t)) => tokio::time::timeout_at(at, changed.changed())
-                        .await
-                        .map_err(|_| {
-                            Error::new(
-                                ErrorKind::Timeout,
-                                format!("job did not finish within {t:?}"),
-                            )
-                            .with_backend(BACKEND)
-                            .with_id(id.0.clone())
-                        })?,
-                    None => changed.changed().await,
-                };
                 // The sender is dropped when the job is forgotten.
-                changed.map_err(|_| Self::not_found(id))?;
+                changed.changed().await.map_err(|_| Self::not_found(id))?;
             }
         }
         .instrument(span)
         .await
     }
 
-    async fn work(
-        &self,
-        name: &str,
-        handler: Arc<dyn Handler>,
-        opts: WorkerOptions,
-    ) -> Result<Worker> {
+    async fn queue(&self, name: &str) -> Result<LocalQueue> {
         self.client.session()?;
-        let queue = Arc::new(LocalQueue {
+        Ok(LocalQueue {
             client: self.client.clone(),
             key: self.client.key(&["task", name]),
-        });
-        spawn_worker(BACKEND, queue, name, handler, opts)
+        })
     }
 }
 
 /// One job name's queue, as a worker of this client sees it.
-struct LocalQueue {
+pub(crate) struct LocalQueue {
     client: Arc<ClientInner>,
     key: String,
 }

@@ -16,14 +16,15 @@ fn two_clients(cluster: &Cluster) -> (Client, Client) {
     )
 }
 
+/// `client` takes the free lock `id`.
+async fn take(client: &Client, id: &str) -> LockGuard {
+    let lock = client.lock().unwrap();
+    lock.acquire(id, LockOptions::new()).await.unwrap()
+}
+
 /// `client` holds lock "x" and leads group "g" as candidate "a".
 async fn holding(client: &Client) -> (LockGuard, Elected) {
-    let guard = client
-        .lock()
-        .unwrap()
-        .acquire("x", LockOptions::new())
-        .await
-        .unwrap();
+    let guard = take(client, "x").await;
     let elected = client
         .leader("g")
         .unwrap()
@@ -36,12 +37,7 @@ async fn holding(client: &Client) -> (LockGuard, Elected) {
 #[tokio::test]
 async fn revoke_fires_lost_before_the_next_grant() {
     let (a, b) = two_clients(&Cluster::new());
-    let guard = a
-        .lock()
-        .unwrap()
-        .acquire("x", LockOptions::new())
-        .await
-        .unwrap();
+    let guard = take(&a, "x").await;
     let lost = guard.loss_signal();
     let waiter = tokio::spawn({
         let lock = b.lock().unwrap();
@@ -96,12 +92,7 @@ async fn killed_client_fails_calls_and_frees_after_ttl() {
 async fn dropping_the_client_keeps_a_guard_alive() {
     let cluster = Cluster::new();
     let a = cluster.client(config()).unwrap();
-    let guard = a
-        .lock()
-        .unwrap()
-        .acquire("x", LockOptions::new())
-        .await
-        .unwrap();
+    let guard = take(&a, "x").await;
     drop(a);
     let b = cluster.client(config()).unwrap();
     let wait = b
