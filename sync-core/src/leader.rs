@@ -67,7 +67,7 @@ pub type FollowStream = BoxStream<'static, Result<Option<LeaderInfo>>>;
 /// ```
 /// # #[tokio::main(flavor = "current_thread")] async fn main() -> sync_core::Result<()> {
 /// use std::sync::Arc;
-/// use sync_core::{ElectOptions, Leader};
+/// use sync_core::{Backend, ElectOptions, Leader};
 ///
 /// let client = sync_local::Cluster::new().client(Default::default())?;
 /// let leader: Arc<dyn Leader> = client.leader("billing")?;

@@ -36,10 +36,10 @@ impl LockOptions {
 /// ```
 /// # #[tokio::main(flavor = "current_thread")] async fn main() -> sync_core::Result<()> {
 /// use std::{sync::Arc, time::Duration};
-/// use sync_core::{Lock, LockOptions};
+/// use sync_core::{Backend, Lock, LockOptions};
 ///
 /// let client = sync_local::Cluster::new().client(Default::default())?;
-/// let lock: Arc<dyn Lock> = client.lock();
+/// let lock: Arc<dyn Lock> = client.lock()?;
 ///
 /// let guard = lock.acquire("orders", LockOptions::new()).await?;
 /// assert!(lock.try_acquire("orders").await?.is_none(), "held elsewhere");

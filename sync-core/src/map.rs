@@ -57,7 +57,7 @@ impl Entry {
 /// ```
 /// # #[tokio::main(flavor = "current_thread")] async fn main() -> sync_core::Result<()> {
 /// use std::sync::Arc;
-/// use sync_core::{ErrorKind, Map};
+/// use sync_core::{Backend, ErrorKind, Map};
 ///
 /// let client = sync_local::Cluster::new().client(Default::default())?;
 /// let map: Arc<dyn Map> = client.map("config")?;

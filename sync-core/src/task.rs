@@ -340,10 +340,10 @@ impl fmt::Debug for Worker {
 /// ```
 /// # #[tokio::main(flavor = "current_thread")] async fn main() -> sync_core::Result<()> {
 /// use std::sync::Arc;
-/// use sync_core::{Job, JobContext, JobState, Task, WorkerOptions};
+/// use sync_core::{Backend, Job, JobContext, JobState, Task, WorkerOptions};
 ///
 /// let client = sync_local::Cluster::new().client(Default::default())?;
-/// let task: Arc<dyn Task> = client.task();
+/// let task: Arc<dyn Task> = client.task()?;
 ///
 /// let _worker = task
 ///     .work(

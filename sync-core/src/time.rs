@@ -72,10 +72,10 @@ impl TimeInterval {
 /// ```
 /// # #[tokio::main(flavor = "current_thread")] async fn main() -> sync_core::Result<()> {
 /// use std::{sync::Arc, time::SystemTime};
-/// use sync_core::Time;
+/// use sync_core::{Backend, Time};
 ///
 /// let client = sync_local::Cluster::new().client(Default::default())?;
-/// let time: Arc<dyn Time> = client.time();
+/// let time: Arc<dyn Time> = client.time()?;
 /// let start = SystemTime::now();
 /// let now = time.now_interval().await?;
 /// assert!(now.earliest() <= now.latest());

@@ -9,6 +9,7 @@
 //! then checks its scheme ([`BackendUrl::expect_scheme`]) and reads the query into its serde
 //! `Config` ([`BackendUrl::query_into`]), so query keys are exactly the `Config`'s field names
 //! and a duration reads the same (`2s`, `500ms`) in a URL, in JSON and in TOML.
+//! [`BackendUrl::parse_config`] takes these three steps in one call.
 //!
 //! ```
 //! use std::time::Duration;
@@ -22,11 +23,13 @@
 //!     ttl: Duration,
 //! }
 //!
-//! let url = BackendUrl::parse("etcd://u:p%40ss@h1:2379,[::1]:2379/tenant-a?ttl=5s")?;
-//! url.expect_scheme(&["etcd", "etcds"])?;
+//! let (url, mut config) = BackendUrl::parse_config::<Config>(
+//!     "etcd://u:p%40ss@h1:2379,[::1]:2379/tenant-a?ttl=5s",
+//!     &["etcd", "etcds"],
+//!     &["namespace"],
+//! )?;
 //! assert_eq!(url.hosts, ["h1:2379", "[::1]:2379"]);
 //! assert_eq!(url.password.as_deref(), Some("p@ss"));
-//! let mut config: Config = url.query_into(&["namespace"])?;
 //! config.namespace = url.namespace.clone().unwrap_or_default();
 //! assert_eq!((config.namespace.as_str(), config.ttl), ("tenant-a", Duration::from_secs(5)));
 //! # Ok::<(), sync_core::Error>(())
@@ -116,6 +119,39 @@ impl BackendUrl {
             namespace: path.map(parse_namespace).transpose()?,
             query: query.map(parse_query).transpose()?.unwrap_or_default(),
         })
+    }
+
+    /// The first steps of every backend's `Config::from_url` in one call: [`parse`](Self::parse)
+    /// `url`, [check its scheme](Self::expect_scheme) is one of `schemes`, and
+    /// [read its query](Self::query_into) into the backend's `Config` (`structural` as there).
+    /// The backend then takes what it needs from the returned URL (hosts, namespace,
+    /// credentials) and validates the result by its own rules.
+    ///
+    /// ```
+    /// use sync_core::url::BackendUrl;
+    ///
+    /// #[derive(Debug, Default, serde::Deserialize)]
+    /// #[serde(default, deny_unknown_fields)]
+    /// struct Config {
+    ///     servers: Vec<String>,
+    ///     retries: u32,
+    /// }
+    ///
+    /// let (url, config) = BackendUrl::parse_config::<Config>("ntp://a,b?retries=3", &["ntp"], &["servers"])?;
+    /// assert_eq!((url.hosts.len(), config.retries), (2, 3));
+    /// let err = BackendUrl::parse_config::<Config>("http://a", &["ntp"], &["servers"]).unwrap_err();
+    /// assert!(err.to_string().contains("expected ntp://"));
+    /// # Ok::<(), sync_core::Error>(())
+    /// ```
+    pub fn parse_config<T: DeserializeOwned>(
+        url: &str,
+        schemes: &[&str],
+        structural: &[&str],
+    ) -> Result<(BackendUrl, T)> {
+        let url = BackendUrl::parse(url)?;
+        url.expect_scheme(schemes)?;
+        let config = url.query_into(structural)?;
+        Ok((url, config))
     }
 
     /// Checks the scheme is one of `accepted`; the error names them.

@@ -62,14 +62,14 @@
 //! ```
 //! # #[tokio::main(flavor = "current_thread")] async fn main() -> sync_core::Result<()> {
 //! use std::{sync::Arc, time::Duration};
-//! use sync_core::{Job, JobContext, WorkerOptions};
+//! use sync_core::{Backend, Job, JobContext, WorkerOptions};
 //! use sync_cron::{Cron, Schedule};
 //! use tokio::sync::mpsc;
 //!
 //! let client = sync_local::Cluster::new().client(Default::default())?;
 //! let (tx, mut fired) = mpsc::unbounded_channel();
 //! let _worker = client
-//!     .task()
+//!     .task()?
 //!     .work(
 //!         "report",
 //!         Arc::new(move |job: JobContext| {
@@ -84,7 +84,7 @@
 //!     .await?;
 //!
 //! // Every process builds the same Cron; only the leader of "cron" fires.
-//! let cron = Cron::new(client.leader("cron")?, client.task(), client.map("cron")?, "node-1");
+//! let cron = Cron::new(client.leader("cron")?, client.task()?, client.map("cron")?, "node-1");
 //! cron.schedule("report", Schedule::every(Duration::from_millis(50)), Job::new("report", "")).await?;
 //!
 //! let first = fired.recv().await.expect("a firing");

@@ -7,7 +7,7 @@ use std::{
     time::{Duration, SystemTime, UNIX_EPOCH},
 };
 
-use sync_core::{ErrorKind, Job, JobContext, Map, Result, Worker, WorkerOptions};
+use sync_core::{Backend, ErrorKind, Job, JobContext, Map, Result, Worker, WorkerOptions};
 use sync_cron::{Cron, Schedule};
 use tokio::{sync::mpsc, time::timeout};
 
@@ -25,7 +25,7 @@ async fn setup(job: &str) -> Result<Setup> {
     let client = sync_local::Cluster::new().client(Default::default())?;
     let (tx, fired) = mpsc::unbounded_channel();
     let worker = client
-        .task()
+        .task()?
         .work(
             job,
             Arc::new(move |ctx: JobContext| {
@@ -41,7 +41,7 @@ async fn setup(job: &str) -> Result<Setup> {
     let map = client.map("cron")?;
     let cron = Cron::new(
         client.leader("cron")?,
-        client.task(),
+        client.task()?,
         Arc::clone(&map),
         "node-1",
     );
@@ -112,7 +112,7 @@ async fn one_shot_fires_once() -> Result<()> {
     s.cron.stop().await;
     let again = Cron::new(
         s.client.leader("cron")?,
-        s.client.task(),
+        s.client.task()?,
         Arc::clone(&s.map),
         "node-2",
     );
@@ -218,7 +218,7 @@ async fn schedule_rejects_bad_input() -> Result<()> {
     let client = sync_local::Cluster::new().client(Default::default())?;
     let cron = Cron::new(
         client.leader("cron")?,
-        client.task(),
+        client.task()?,
         client.map("cron")?,
         "node-1",
     );
@@ -339,7 +339,12 @@ async fn flapping_leadership_is_backed_off() -> Result<()> {
     let leader = Arc::new(FlappingLeader {
         elections: Default::default(),
     });
-    let cron = Cron::new(leader.clone(), client.task(), client.map("cron")?, "node-1");
+    let cron = Cron::new(
+        leader.clone(),
+        client.task()?,
+        client.map("cron")?,
+        "node-1",
+    );
     cron.schedule(
         "s",
         Schedule::every(Duration::from_millis(10)),
@@ -391,7 +396,7 @@ fn schedule_outside_a_runtime_is_unavailable() -> Result<()> {
         let client = sync_local::Cluster::new().client(Default::default())?;
         let cron = Cron::new(
             client.leader("cron")?,
-            client.task(),
+            client.task()?,
             client.map("cron")?,
             "node-1",
         );
@@ -454,7 +459,7 @@ async fn a_tick_costs_one_write_and_no_read() -> Result<()> {
     });
     let cron = Cron::new(
         s.client.leader("counted")?,
-        s.client.task(),
+        s.client.task()?,
         counting.clone(),
         "node-1",
     );

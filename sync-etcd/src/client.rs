@@ -18,20 +18,15 @@ use crate::{
 // Re-exported for the modules that import them from here.
 pub(crate) use crate::{error::etcd_err, session::Session};
 
-/// Checks an id by sync-core's rules, naming this backend in the error.
-pub(crate) fn validate_id(what: &str, id: &str) -> Result<()> {
-    sync_core::id::validate(what, id).map_err(|e| e.with_backend(BACKEND))
-}
-
 /// A connection to etcd with one lease (the TTL's "session"), shared by every handle made
 /// from it. Cheap to clone.
 ///
 /// ```no_run
 /// # async fn demo() -> sync_core::Result<()> {
-/// use sync_core::LockOptions;
+/// use sync_core::{Backend, LockOptions};
 ///
 /// let client = sync_etcd::Client::connect(sync_etcd::Config::from_url("etcd://127.0.0.1:2379/app")?).await?;
-/// let guard = client.lock().acquire("orders", LockOptions::new()).await?;
+/// let guard = client.lock()?.acquire("orders", LockOptions::new()).await?;
 /// println!("fencing token {}", guard.fencing_token());
 /// guard.release().await?;
 /// # Ok(()) }
@@ -213,32 +208,6 @@ impl Client {
         &self.inner.config
     }
 
-    /// A Lock handle on this client's lease.
-    pub fn lock(&self) -> Arc<dyn Lock> {
-        checked::lock(BACKEND, Arc::new(EtcdLock::new(self.inner.clone())))
-    }
-
-    /// A Leader handle bound to election `group`.
-    pub fn leader(&self, group: &str) -> Result<Arc<dyn Leader>> {
-        validate_id("election group", group)?;
-        let raw = Arc::new(EtcdLeader::new(self.inner.clone(), group));
-        Ok(checked::leader(BACKEND, raw))
-    }
-
-    /// A Map handle for the map called `name`.
-    pub fn map(&self, name: &str) -> Result<Arc<dyn Map>> {
-        validate_id("map name", name)?;
-        Ok(checked::map(
-            BACKEND,
-            Arc::new(EtcdMap::new(self.inner.clone(), name)),
-        ))
-    }
-
-    /// A Task handle: submit jobs and run workers.
-    pub fn task(&self) -> Arc<dyn Task> {
-        checked::task(BACKEND, Arc::new(EtcdTask::new(self.inner.clone())))
-    }
-
     /// The current lease id (hex, as it appears in contender keys).
     pub async fn lease_id(&self) -> Result<String> {
         Ok(self.inner.session().await?.lease_hex())
@@ -260,16 +229,10 @@ impl Client {
     #[tracing::instrument(level = "debug", skip(self), fields(backend = BACKEND, primitive = "client"))]
     pub async fn revoke(&self) -> Result<()> {
         let current = self.inner.session.lock().await.clone();
-        if let Some(s) = current {
-            s.end("lease revoked");
-            self.inner
-                .etcd
-                .lease_client()
-                .revoke(s.lease)
-                .await
-                .map_err(|e| etcd_err("revoking the lease", e))?;
+        match current {
+            Some(s) => s.revoke(&self.inner.etcd, "lease revoked").await,
+            None => Ok(()),
         }
-        Ok(())
     }
 }
 
@@ -322,19 +285,24 @@ impl Backend for Client {
     }
 
     fn lock(&self) -> Result<Arc<dyn Lock>> {
-        Ok(Client::lock(self))
+        let raw = Arc::new(EtcdLock::new(self.inner.clone()));
+        Ok(checked::lock(BACKEND, raw))
     }
 
     fn leader(&self, group: &str) -> Result<Arc<dyn Leader>> {
-        Client::leader(self, group)
+        checked::check_id(BACKEND, "election group", group)?;
+        let raw = Arc::new(EtcdLeader::new(self.inner.clone(), group));
+        Ok(checked::leader(BACKEND, raw))
     }
 
     fn task(&self) -> Result<Arc<dyn Task>> {
-        Ok(Client::task(self))
+        Ok(checked::task(BACKEND, EtcdTask::new(self.inner.clone())))
     }
 
     fn map(&self, name: &str) -> Result<Arc<dyn Map>> {
-        Client::map(self, name)
+        checked::check_id(BACKEND, "map name", name)?;
+        let raw = Arc::new(EtcdMap::new(self.inner.clone(), name));
+        Ok(checked::map(BACKEND, raw))
     }
 
     /// Stops every background task and revokes the lease, so everything this client held
@@ -342,16 +310,10 @@ impl Backend for Client {
     async fn close(&self) -> Result<()> {
         self.inner.killed.send_replace(true);
         let session = self.inner.session.lock().await.take();
-        if let Some(s) = session {
-            s.end("client closed");
-            self.inner
-                .etcd
-                .lease_client()
-                .revoke(s.lease)
-                .await
-                .map_err(|e| etcd_err("revoking the lease", e))?;
+        match session {
+            Some(s) => s.revoke(&self.inner.etcd, "client closed").await,
+            None => Ok(()),
         }
-        Ok(())
     }
 
     fn faults(&self) -> Option<&dyn Faults> {

@@ -115,10 +115,11 @@ impl Config {
     }
 
     fn parse_url(url: &str) -> Result<Config> {
-        let url = BackendUrl::parse(url)?;
-        url.expect_scheme(&["etcd", "etcds"])?;
-        let mut config: Config =
-            url.query_into(&["endpoints", "namespace", "user", "password", "tls"])?;
+        let (url, mut config) = BackendUrl::parse_config::<Config>(
+            url,
+            &["etcd", "etcds"],
+            &["endpoints", "namespace", "user", "password", "tls"],
+        )?;
         config.tls = url.scheme == "etcds";
         let http = if config.tls { "https" } else { "http" };
         config.endpoints = url

@@ -22,7 +22,7 @@ use sync_kit::locked;
 
 use crate::{
     BACKEND,
-    client::{ClientInner, validate_id},
+    client::ClientInner,
     contention::{Holding, contend, first_created},
     error::etcd_err,
 };
@@ -48,12 +48,6 @@ fn decode(raw: &[u8]) -> (String, Vec<u8>) {
         }
     }
     (String::from_utf8_lossy(raw).into_owned(), raw.to_vec())
-}
-
-/// A proclaimed value over [`sync_core::MAX_VALUE_LEN`] is refused (etcd refuses requests over
-/// 1.5 MiB).
-fn check_value(group: &str, value: &[u8]) -> Result<()> {
-    sync_core::raw::validate_value(value).map_err(|e| e.with_backend(BACKEND).with_id(group))
 }
 
 /// The current leader of `prefix` and the revision it was read at.
@@ -121,8 +115,6 @@ impl Leader for EtcdLeader {
 
     #[tracing::instrument(level = "debug", skip(self, opts), fields(backend = BACKEND, primitive = "leader", id = %self.group))]
     async fn elect(&self, candidate: &str, opts: ElectOptions) -> Result<Elected> {
-        validate_id("candidate id", candidate).map_err(|e| e.with_id(&self.group))?;
-        check_value(&self.group, &opts.value)?;
         self.client.check_alive()?;
         let holding = campaign(
             &self.client,
@@ -243,7 +235,6 @@ impl EtcdLeadership {
 impl Leadership for EtcdLeadership {
     async fn proclaim(&self, value: &[u8]) -> Result<()> {
         let span = tracing::debug_span!("proclaim", backend = BACKEND, primitive = "leader", id = %self.group);
-        check_value(&self.group, value)?;
         let Some(h) = self.holding.as_ref() else {
             return Err(self.lost_error("leadership was resigned"));
         };

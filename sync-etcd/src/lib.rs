@@ -51,10 +51,10 @@
 //!
 //! ```no_run
 //! # #[tokio::main] async fn main() -> sync_core::Result<()> {
-//! use sync_core::LockOptions;
+//! use sync_core::{Backend, LockOptions};
 //!
 //! let client = sync_etcd::Client::from_url("etcd://127.0.0.1:2379/app").await?;
-//! let guard = client.lock().acquire("orders", LockOptions::new()).await?;
+//! let guard = client.lock()?.acquire("orders", LockOptions::new()).await?;
 //! println!("fencing token {}", guard.fencing_token());
 //! guard.release().await?;
 //! # Ok(()) }

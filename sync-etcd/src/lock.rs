@@ -14,7 +14,7 @@ use tracing::Instrument;
 
 use crate::{
     BACKEND,
-    client::{ClientInner, validate_id},
+    client::ClientInner,
     contention::{Contender, Holding, contend, try_contend},
 };
 
@@ -39,7 +39,6 @@ impl EtcdLock {
     }
 
     fn prefix(&self, id: &str) -> Result<String> {
-        validate_id("lock id", id)?;
         self.client.check_alive()?;
         Ok(self.client.contender_prefix(id))
     }

@@ -11,7 +11,7 @@ use sync_core::{Entry, Error, ErrorKind, Map, Result, Version};
 
 use crate::{
     BACKEND,
-    client::{ClientInner, etcd_err, validate_id},
+    client::{ClientInner, etcd_err},
 };
 
 /// The most entries `entries()` asks etcd for per request.
@@ -45,13 +45,8 @@ impl EtcdMap {
     }
 
     fn key(&self, key: &str) -> Result<String> {
-        validate_id("map key", key)?;
         self.client.check_alive()?;
         Ok(format!("{}{}", self.prefix, sync_core::id::escape(key)))
-    }
-
-    fn check_value(key: &str, value: &[u8]) -> Result<()> {
-        sync_core::raw::validate_value(value).map_err(|e| e.with_backend(BACKEND).with_id(key))
     }
 
     fn conflict(key: &str, expected: Option<Version>) -> Error {
@@ -184,7 +179,6 @@ impl Map for EtcdMap {
     #[tracing::instrument(level = "debug", skip(self, value), fields(backend = BACKEND, primitive = "map", map = %self.name))]
     async fn write(&self, key: &str, value: &[u8]) -> Result<Version> {
         let k = self.key(key)?;
-        Self::check_value(key, value)?;
         let resp = self
             .client
             .kv()
@@ -214,7 +208,6 @@ impl Map for EtcdMap {
         value: &[u8],
     ) -> Result<Version> {
         let k = self.key(key)?;
-        Self::check_value(key, value)?;
         let cmp = match expected {
             None => Compare::create_revision(k.clone(), CompareOp::Equal, 0),
             Some(v) => {

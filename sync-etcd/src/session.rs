@@ -72,6 +72,17 @@ impl Session {
         self.keepalive.abort();
     }
 
+    /// Ends the session for `reason` (its holders learn of it before the request is sent),
+    /// then revokes the lease on the server, so what it held frees now.
+    pub(crate) async fn revoke(&self, etcd: &etcd_client::Client, reason: &str) -> Result<()> {
+        self.end(reason);
+        etcd.lease_client()
+            .revoke(self.lease)
+            .await
+            .map_err(|e| etcd_err("revoking the lease", e))?;
+        Ok(())
+    }
+
     /// Revokes the lease without waiting for the answer, so what it held frees at once rather
     /// than after a TTL. Needs a tokio runtime; without one the lease simply expires.
     pub(crate) fn revoke_in_background(&self, etcd: &etcd_client::Client) {

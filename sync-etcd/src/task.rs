@@ -42,17 +42,16 @@ use etcd_client::{
 use futures::future::BoxFuture;
 use serde::{Deserialize, Serialize};
 use sync_core::{
-    Error, ErrorKind, Handler, Job, JobContext, JobId, JobState, JobStatus, LossSignal, Result,
-    Task, Worker, WorkerOptions,
+    Error, ErrorKind, Job, JobContext, JobId, JobState, JobStatus, LossSignal, Result,
 };
 use sync_kit::task::{
-    Claimed, JobQueue, Next, Outcome, apply_outcome, apply_worker_loss, spawn_worker,
+    Claimed, JobQueue, JobStore, Next, Outcome, apply_outcome, apply_worker_loss,
 };
 use tokio::{sync::watch, time::Instant};
 
 use crate::{
     BACKEND,
-    client::{ClientInner, Session, etcd_err, validate_id},
+    client::{ClientInner, Session, etcd_err},
 };
 
 /// The safety-net rescan of orphaned claims and the longest a worker sleeps without a watch
@@ -222,10 +221,11 @@ impl EtcdTask {
 }
 
 #[async_trait]
-impl Task for EtcdTask {
+impl JobStore for EtcdTask {
+    type Queue = EtcdQueue;
+
     #[tracing::instrument(level = "debug", skip(self, job), fields(backend = BACKEND, primitive = "task", id = %job.name))]
     async fn submit(&self, job: Job) -> Result<JobId> {
-        job.validate().map_err(|e| e.with_backend(BACKEND))?;
         self.shared.client.check_alive()?;
         let id = uuid::Uuid::new_v4().simple().to_string();
         let mut job = job;
@@ -260,60 +260,40 @@ impl Task for EtcdTask {
     }
 
     #[tracing::instrument(level = "debug", skip(self), fields(backend = BACKEND, primitive = "task"))]
-    async fn wait(&self, id: &JobId, timeout: Option<Duration>) -> Result<JobStatus> {
+    async fn wait(&self, id: &JobId) -> Result<JobStatus> {
         self.shared.check_job_id(id)?;
-        let shared = self.shared.clone();
-        let fut = async move {
-            let key = shared.keys.record(&id.0);
-            let mut killed = shared.client.killed();
-            loop {
-                let Some((status, rev)) = shared.read_status(&id.0).await? else {
-                    return Err(Shared::not_found(&id.0));
-                };
-                if status.state.is_final() {
-                    return Ok(status);
-                }
-                let changed = WatchOptions::new().with_start_revision(rev + 1);
-                tokio::select! {
-                    _ = shared.client.watch_once(key.as_str(), changed) => {}
-                    _ = tokio::time::sleep(SAFETY_NET) => {}
-                    _ = killed.wait_for(|k| *k) => shared.client.check_alive()?,
-                }
+        let shared = &self.shared;
+        let key = shared.keys.record(&id.0);
+        let mut killed = shared.client.killed();
+        loop {
+            let Some((status, rev)) = shared.read_status(&id.0).await? else {
+                return Err(Shared::not_found(&id.0));
+            };
+            if status.state.is_final() {
+                return Ok(status);
             }
-        };
-        match timeout {
-            Some(limit) => tokio::time::timeout(limit, fut).await.map_err(|_| {
-                Error::new(
-                    ErrorKind::Timeout,
-                    format!("job not finished within {limit:?}"),
-                )
-                .with_backend(BACKEND)
-                .with_id(&id.0)
-            })?,
-            None => fut.await,
+            let changed = WatchOptions::new().with_start_revision(rev + 1);
+            tokio::select! {
+                _ = shared.client.watch_once(key.as_str(), changed) => {}
+                _ = tokio::time::sleep(SAFETY_NET) => {}
+                _ = killed.wait_for(|k| *k) => shared.client.check_alive()?,
+            }
         }
     }
 
-    #[tracing::instrument(level = "debug", skip(self, handler, opts), fields(backend = BACKEND, primitive = "task"))]
-    async fn work(
-        &self,
-        name: &str,
-        handler: Arc<dyn Handler>,
-        opts: WorkerOptions,
-    ) -> Result<Worker> {
-        validate_id("job name", name)?;
+    #[tracing::instrument(level = "debug", skip(self), fields(backend = BACKEND, primitive = "task"))]
+    async fn queue(&self, name: &str) -> Result<EtcdQueue> {
         // Fails with Closed once killed, and makes sure a lease exists for the claims.
         self.shared.client.session().await?;
-        let queue = Arc::new(EtcdQueue {
+        Ok(EtcdQueue {
             shared: self.shared.clone(),
             prefix: self.shared.keys.queue_prefix(name),
-        });
-        spawn_worker(BACKEND, queue, name, handler, opts)
+        })
     }
 }
 
 /// One job name's queue, as a worker of this client sees it.
-struct EtcdQueue {
+pub(crate) struct EtcdQueue {
     shared: Arc<Shared>,
     prefix: String,
 }
@@ -369,7 +349,7 @@ async fn stopped(stop: &mut watch::Receiver<bool>, killed: &mut watch::Receiver<
 }
 
 /// A claimed attempt.
-struct Claim {
+pub(crate) struct Claim {
     id: String,
     record: Record,
     /// The job's payload, read in the claim's transaction.

@@ -7,7 +7,7 @@ mod common;
 use std::{fmt::Debug, future::Future, process::Stdio, time::Duration};
 
 use common::{TestFn, TestResult};
-use sync_core::{ElectOptions, ErrorKind, LockOptions};
+use sync_core::{Backend, ElectOptions, ErrorKind, LockOptions};
 use tokio::{
     io::{AsyncBufReadExt, BufReader, Lines},
     process::{Child, ChildStdout, Command},
@@ -139,7 +139,7 @@ async fn etcdctl_lock_excludes_library(endpoint: String) -> TestResult {
         .await?
         .ok_or("etcdctl lock did not acquire")?;
     check_key(&key, &name)?;
-    let lock = client(&endpoint).await?.lock();
+    let lock = client(&endpoint).await?.lock().map_err(|e| e.to_string())?;
     if lock
         .try_acquire(&name)
         .await
@@ -158,7 +158,7 @@ async fn etcdctl_lock_excludes_library(endpoint: String) -> TestResult {
 /// The library holds NAME: `etcdctl lock NAME` does not get it until the guard is released.
 async fn library_lock_excludes_etcdctl(endpoint: String) -> TestResult {
     let name = unique("lock");
-    let lock = client(&endpoint).await?.lock();
+    let lock = client(&endpoint).await?.lock().map_err(|e| e.to_string())?;
     let guard = lock
         .acquire(&name, LockOptions::new())
         .await

@@ -17,8 +17,8 @@ use tokio::{sync::watch, time::Instant};
 
 use common::{TestFn, TestResult};
 use sync_core::{
-    ElectOptions, ErrorKind, HandlerError, Job, JobContext, JobState, LockOptions, MAX_PAYLOAD_LEN,
-    MAX_VALUE_LEN, WorkerOptions,
+    Backend, ElectOptions, ErrorKind, HandlerError, Job, JobContext, JobState, LockOptions,
+    MAX_PAYLOAD_LEN, MAX_VALUE_LEN, WorkerOptions,
 };
 
 fn unique(what: &str) -> String {
@@ -47,6 +47,7 @@ async fn key_layout(endpoint: String) -> TestResult {
     let client = common::connect(&endpoint, &ns).await?;
     let guard = client
         .lock()
+        .map_err(|e| e.to_string())?
         .acquire("a/b", LockOptions::new())
         .await
         .map_err(|e| e.to_string())?;
@@ -89,6 +90,7 @@ async fn lost_when_key_deleted(endpoint: String) -> TestResult {
     let client = common::connect(&endpoint, &ns).await?;
     let guard = client
         .lock()
+        .map_err(|e| e.to_string())?
         .acquire("victim", LockOptions::new())
         .await
         .map_err(|e| e.to_string())?;
@@ -130,7 +132,10 @@ async fn several_endpoints(endpoint: String) -> TestResult {
     for i in 0..5 {
         let guard = tokio::time::timeout(
             Duration::from_secs(10),
-            client.lock().acquire(&format!("m{i}"), LockOptions::new()),
+            client
+                .lock()
+                .map_err(|e| e.to_string())?
+                .acquire(&format!("m{i}"), LockOptions::new()),
         )
         .await
         .map_err(|_| "acquire hung".to_string())?
@@ -195,11 +200,12 @@ async fn lost_before_expiry_when_renewals_fail(endpoint: String) -> TestResult {
     let other = common::connect(&endpoint, &ns).await?;
     let guard = holder
         .lock()
+        .map_err(|e| e.to_string())?
         .acquire("p", LockOptions::new())
         .await
         .map_err(|e| e.to_string())?;
     let lost = guard.loss_signal();
-    let lo = other.lock();
+    let lo = other.lock().map_err(|e| e.to_string())?;
     let waiter = tokio::spawn(async move {
         let g = lo.acquire("p", LockOptions::new()).await;
         (g, lost.is_lost(), Instant::now())
@@ -261,7 +267,7 @@ async fn lost_before_expiry_when_renewals_fail(endpoint: String) -> TestResult {
 async fn task_full_size_payload_and_output(endpoint: String) -> TestResult {
     let ns = unique("payload");
     let client = common::connect(&endpoint, &ns).await?;
-    let task = client.task();
+    let task = client.task().map_err(|e| e.to_string())?;
     let handler = Arc::new(|ctx: JobContext| async move {
         let mut out = ctx.payload;
         out.reverse();
@@ -319,7 +325,7 @@ async fn task_full_size_payload_and_output(endpoint: String) -> TestResult {
 async fn task_output_over_the_limit_fails(endpoint: String) -> TestResult {
     let ns = unique("output");
     let client = common::connect(&endpoint, &ns).await?;
-    let task = client.task();
+    let task = client.task().map_err(|e| e.to_string())?;
     let handler = Arc::new(|ctx: JobContext| async move {
         let len = if ctx.attempt == 1 {
             MAX_PAYLOAD_LEN + 1
@@ -386,7 +392,7 @@ async fn task_delayed_retries_do_not_starve_newer_jobs(endpoint: String) -> Test
     const DELAYED: usize = 70;
     let ns = unique("starve");
     let client = common::connect(&endpoint, &ns).await?;
-    let task = client.task();
+    let task = client.task().map_err(|e| e.to_string())?;
     let handler = Arc::new(|ctx: JobContext| async move {
         if ctx.payload == b"retry" && ctx.attempt == 1 {
             return Err::<Vec<u8>, HandlerError>("the first attempt fails".into());

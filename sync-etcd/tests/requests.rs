@@ -9,7 +9,7 @@ mod common;
 use std::{collections::BTreeMap, time::Duration};
 
 use common::{TestFn, TestResult};
-use sync_core::LockOptions;
+use sync_core::{Backend, LockOptions};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 /// `grpc_server_started_total` per method for the KV, Lease (unary) and Watch services.
@@ -86,7 +86,7 @@ async fn uncontended_acquire_release_costs_two_requests(endpoint: String) -> Tes
     let client = sync_etcd::Client::connect(config)
         .await
         .map_err(|e| e.to_string())?;
-    let lock = client.lock();
+    let lock = client.lock().map_err(|e| e.to_string())?;
     // Warm up: connection and lease are in place before counting.
     lock.acquire("warm-up", LockOptions::new())
         .await

@@ -3,8 +3,9 @@
 //! `tracing` span (`backend`, `primitive`, `operation`, `id`); and the `metrics` facade records
 //! operation counts and latencies, errors by kind, lock wait and hold times, and losses.
 //!
-//! A backend crate builds its raw handles and returns them through [`lock`], [`leader`],
-//! [`task`], [`map`] and [`time`]; the raw handles may then assume valid input.
+//! A backend crate builds its raw handles (for tasks, its [`JobStore`]) and returns them
+//! through [`lock`], [`leader`], [`task`], [`map`] and [`time`]; the raw handles may then
+//! assume valid input.
 //!
 //! | metric | kind | labels |
 //! | --- | --- | --- |
@@ -33,6 +34,8 @@ use sync_core::{
     raw::{HeldLock, Leadership, validate_value},
 };
 use tracing::Instrument;
+
+use crate::task::{JobStore, start_worker, wait_for_job};
 
 /// Checks an id by sync-core's rules (`what` names it: "lock id", "map key"…), naming the
 /// backend in the error.
@@ -301,36 +304,36 @@ impl Leadership for CheckedLeadership {
     }
 }
 
-/// Wraps a backend's raw Task handle.
-pub fn task(backend: &'static str, inner: Arc<dyn Task>) -> Arc<dyn Task> {
-    Arc::new(CheckedTask { backend, inner })
+/// Makes a backend's job store its Task handle: workers run on sync-kit's
+/// [machinery](crate::task) and waits time out here, the same for every backend.
+pub fn task<S: JobStore>(backend: &'static str, store: S) -> Arc<dyn Task> {
+    Arc::new(CheckedTask { backend, store })
 }
 
-struct CheckedTask {
+struct CheckedTask<S> {
     backend: &'static str,
-    inner: Arc<dyn Task>,
+    store: S,
 }
 
 #[async_trait]
-impl Task for CheckedTask {
+impl<S: JobStore> Task for CheckedTask<S> {
     async fn submit(&self, job: Job) -> Result<JobId> {
         let name = job.name.clone();
         let check = job.validate().map_err(|e| e.with_backend(self.backend));
         op(self.backend, "task", "task.submit")
-            .checked(&name, check, self.inner.submit(job))
+            .checked(&name, check, self.store.submit(job))
             .await
     }
 
     async fn status(&self, id: &JobId) -> Result<JobStatus> {
         op(self.backend, "task", "task.status")
-            .run(&id.0, self.inner.status(id))
+            .run(&id.0, self.store.status(id))
             .await
     }
 
     async fn wait(&self, id: &JobId, timeout: Option<Duration>) -> Result<JobStatus> {
-        op(self.backend, "task", "task.wait")
-            .run(&id.0, self.inner.wait(id, timeout))
-            .await
+        let wait = wait_for_job(self.backend, &id.0, timeout, self.store.wait(id));
+        op(self.backend, "task", "task.wait").run(&id.0, wait).await
     }
 
     async fn work(
@@ -341,8 +344,9 @@ impl Task for CheckedTask {
     ) -> Result<Worker> {
         let check = check_id(self.backend, "job name", name)
             .and_then(|()| opts.validate().map_err(|e| e.with_backend(self.backend)));
+        let start = start_worker(self.backend, &self.store, name, handler, opts);
         op(self.backend, "task", "task.work")
-            .checked(name, check, self.inner.work(name, handler, opts))
+            .checked(name, check, start)
             .await
     }
 }

@@ -1,15 +1,17 @@
 //! The task worker machinery every backend shares: the claim loop with its bounded pool, panic
 //! capture, the output limit, what an attempt's outcome makes of a job (retry with backoff, or
-//! final), and a graceful stop. A backend implements [`JobQueue`] — claim one job, record an
-//! outcome — and [`spawn_worker`] does the rest.
+//! final), and a graceful stop. A backend implements [`JobStore`] — submit, status, wait, and
+//! a [`JobQueue`] per job name that claims one job and records an outcome — and
+//! [`checked::task`](crate::checked::task) makes the `Task` handle of it: workers start through
+//! [`start_worker`], waits are bounded by [`wait_for_job`].
 
 use std::{future::Future, sync::Arc, time::Duration};
 
 use async_trait::async_trait;
 use futures::future::BoxFuture;
 use sync_core::{
-    Error, ErrorKind, Handler, Job, JobContext, JobState, JobStatus, MAX_PAYLOAD_LEN, Result,
-    Worker, WorkerOptions, raw::WorkerControl,
+    Error, ErrorKind, Handler, Job, JobContext, JobId, JobState, JobStatus, MAX_PAYLOAD_LEN,
+    Result, Worker, WorkerOptions, raw::WorkerControl,
 };
 use tokio::{
     sync::{Semaphore, watch},
@@ -42,6 +44,39 @@ pub enum Claimed<C> {
     Empty(BoxFuture<'static, ()>),
 }
 
+/// A backend's jobs: all of a `Task` handle but the worker machinery and the wait's timeout,
+/// which sync-kit adds once for every backend. Input comes validated (see
+/// [`checked`](crate::checked)).
+#[async_trait]
+pub trait JobStore: Send + Sync + 'static {
+    /// The queue the workers of one job name take from.
+    type Queue: JobQueue;
+
+    /// Stores and queues `job`; its new id.
+    async fn submit(&self, job: Job) -> Result<JobId>;
+
+    /// The job's current status; NotFound for a job this store does not have.
+    async fn status(&self, id: &JobId) -> Result<JobStatus>;
+
+    /// Waits, with no limit, until the job is final; its final status.
+    async fn wait(&self, id: &JobId) -> Result<JobStatus>;
+
+    /// The queue of the jobs named `name`, for a new worker; Closed once the client is gone.
+    async fn queue(&self, name: &str) -> Result<Self::Queue>;
+}
+
+/// Starts a worker on `store`'s queue of the jobs named `name`.
+pub async fn start_worker<S: JobStore>(
+    backend: &'static str,
+    store: &S,
+    name: &str,
+    handler: Arc<dyn Handler>,
+    opts: WorkerOptions,
+) -> Result<Worker> {
+    let queue = Arc::new(store.queue(name).await?);
+    spawn_worker(backend, queue, name, handler, opts)
+}
+
 /// A backend's job queue as a worker sees it.
 #[async_trait]
 pub trait JobQueue: Send + Sync + 'static {
@@ -68,8 +103,10 @@ pub trait JobQueue: Send + Sync + 'static {
     }
 }
 
-/// Checks the options and starts a worker taking jobs named `name` from `queue` with a pool of
-/// `opts.concurrency`.
+/// Starts a worker taking jobs named `name` from `queue` with a pool of `opts.concurrency`.
+///
+/// `opts` come through [`checked::task`](crate::checked::task), which has validated them; only
+/// the pool's upper bound, which depends on this machinery, is checked here.
 pub fn spawn_worker<Q: JobQueue>(
     backend: &'static str,
     queue: Arc<Q>,
@@ -107,13 +144,8 @@ pub fn spawn_worker<Q: JobQueue>(
     })))
 }
 
-/// A pool of at least 1 and at most [`MAX_CONCURRENCY`].
+/// A pool of at most [`MAX_CONCURRENCY`].
 fn check_concurrency(n: usize) -> Result<()> {
-    if n == 0 {
-        return Err(Error::invalid(
-            "worker concurrency (pool) must be at least 1",
-        ));
-    }
     if n > MAX_CONCURRENCY {
         return Err(Error::invalid(format!(
             "worker concurrency (pool) is {n}; the maximum is {MAX_CONCURRENCY}"

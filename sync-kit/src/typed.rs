@@ -21,7 +21,7 @@ use sync_core::{Error, ErrorKind, Map, Result, Version};
 /// ```
 /// # #[tokio::main(flavor = "current_thread")] async fn main() -> sync_core::Result<()> {
 /// use serde::{Deserialize, Serialize};
-/// use sync_core::ErrorKind;
+/// use sync_core::{Backend, ErrorKind};
 /// use sync_kit::typed::TypedMap;
 ///
 /// #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]

@@ -3,7 +3,7 @@
 use std::{collections::BTreeMap, sync::Arc};
 
 use serde::{Deserialize, Serialize};
-use sync_core::{ErrorKind, Map, Result};
+use sync_core::{Backend, ErrorKind, Map, Result};
 use sync_kit::typed::TypedMap;
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]

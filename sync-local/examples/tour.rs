@@ -9,7 +9,7 @@ use std::{
 };
 
 use futures::StreamExt;
-use sync_core::{ElectOptions, Job, JobContext, LockOptions, Result, WorkerOptions};
+use sync_core::{Backend, ElectOptions, Job, JobContext, LockOptions, Result, WorkerOptions};
 use sync_cron::{Cron, Schedule};
 use sync_local::{Cluster, Config};
 
@@ -31,7 +31,7 @@ async fn main() -> Result<()> {
 
 async fn lock(alice: &sync_local::Client, bob: &sync_local::Client) -> Result<()> {
     println!("== Lock: two contenders for \"invoice-42\"");
-    let (a, b) = (alice.lock(), bob.lock());
+    let (a, b) = (alice.lock()?, bob.lock()?);
     let first = a.acquire("invoice-42", LockOptions::new()).await?;
     println!("  alice holds it, fencing token {}", first.fencing_token());
     let waiting = tokio::spawn(async move {
@@ -93,7 +93,7 @@ async fn task(alice: &sync_local::Client, bob: &sync_local::Client) -> Result<()
         }
     };
     let _worker = bob
-        .task()
+        .task()?
         .work(
             "ship",
             Arc::new(handler),
@@ -101,7 +101,7 @@ async fn task(alice: &sync_local::Client, bob: &sync_local::Client) -> Result<()
         )
         .await?;
     let job = Job::new("ship", "order-7").with_backoff(Duration::from_millis(50));
-    let status = alice.task().run(job).await?;
+    let status = alice.task()?.run(job).await?;
     println!(
         "  {:?} after {} attempts (first error: {}), output {:?}",
         status.state,
@@ -154,7 +154,7 @@ async fn cron(alice: &sync_local::Client) -> Result<()> {
             Ok(Vec::new())
         }
     };
-    let task = alice.task();
+    let task = alice.task()?;
     let _worker = task
         .work("report", Arc::new(handler), WorkerOptions::new())
         .await?;
@@ -180,7 +180,7 @@ async fn cron(alice: &sync_local::Client) -> Result<()> {
 
 async fn time(alice: &sync_local::Client) -> Result<()> {
     println!("== Time: an interval that contains true time");
-    let now = alice.time().now_interval().await?;
+    let now = alice.time()?.now_interval().await?;
     let since = |t: SystemTime| t.duration_since(SystemTime::UNIX_EPOCH).unwrap_or_default();
     println!(
         "  earliest {:?}, latest {:?} since the epoch (width {:?}, configurable)",

@@ -189,41 +189,9 @@ impl Client {
         &self.inner.config
     }
 
-    /// A Lock handle on this client's session.
-    pub fn lock(&self) -> Arc<dyn Lock> {
-        checked::lock(BACKEND, Arc::new(LocalLock::new(self.inner.clone())))
-    }
-
-    /// A Leader handle bound to election `group`.
-    pub fn leader(&self, group: &str) -> Result<Arc<dyn Leader>> {
-        sync_core::id::validate("election group", group).map_err(|e| e.with_backend(BACKEND))?;
-        let raw = Arc::new(LocalLeader::new(self.inner.clone(), group));
-        Ok(checked::leader(BACKEND, raw))
-    }
-
-    /// A Task handle: submit jobs and run workers.
-    pub fn task(&self) -> Arc<dyn Task> {
-        checked::task(BACKEND, Arc::new(LocalTask::new(self.inner.clone())))
-    }
-
     /// Seed parity: a pool that runs plain closure [`Command`](crate::Command)s, `pool` at once.
     pub fn commands(&self, pool: usize) -> Result<crate::CommandPool> {
         crate::CommandPool::new(self, pool)
-    }
-
-    /// A Map handle for the map called `name`.
-    pub fn map(&self, name: &str) -> Result<Arc<dyn Map>> {
-        sync_core::id::validate("map name", name).map_err(|e| e.with_backend(BACKEND))?;
-        Ok(checked::map(
-            BACKEND,
-            Arc::new(LocalMap::new(self.inner.clone(), name)),
-        ))
-    }
-
-    /// The Time primitive: the system clock with the configured uncertainty.
-    pub fn time(&self) -> Arc<dyn Time> {
-        let raw = Arc::new(LocalTime::new(self.inner.config.time_uncertainty));
-        checked::time(BACKEND, raw)
     }
 
     /// Fault injection: the client "dies". It stops renewing and releases nothing; its session
@@ -265,23 +233,30 @@ impl Backend for Client {
     }
 
     fn lock(&self) -> Result<Arc<dyn Lock>> {
-        Ok(Client::lock(self))
+        let raw = Arc::new(LocalLock::new(self.inner.clone()));
+        Ok(checked::lock(BACKEND, raw))
     }
 
     fn leader(&self, group: &str) -> Result<Arc<dyn Leader>> {
-        Client::leader(self, group)
+        checked::check_id(BACKEND, "election group", group)?;
+        let raw = Arc::new(LocalLeader::new(self.inner.clone(), group));
+        Ok(checked::leader(BACKEND, raw))
     }
 
     fn task(&self) -> Result<Arc<dyn Task>> {
-        Ok(Client::task(self))
+        Ok(checked::task(BACKEND, LocalTask::new(self.inner.clone())))
     }
 
     fn map(&self, name: &str) -> Result<Arc<dyn Map>> {
-        Client::map(self, name)
+        checked::check_id(BACKEND, "map name", name)?;
+        let raw = Arc::new(LocalMap::new(self.inner.clone(), name));
+        Ok(checked::map(BACKEND, raw))
     }
 
+    /// The system clock with the configured uncertainty.
     fn time(&self) -> Result<Arc<dyn Time>> {
-        Ok(Client::time(self))
+        let raw = Arc::new(LocalTime::new(self.inner.config.time_uncertainty));
+        Ok(checked::time(BACKEND, raw))
     }
 
     /// Ends the session now (everything it held frees at once); later calls fail with Closed.

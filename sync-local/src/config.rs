@@ -52,10 +52,9 @@ impl Config {
     }
 
     fn parse_url(url: &str) -> Result<Config> {
-        let url = BackendUrl::parse(url)?;
-        url.expect_scheme(&["local"])?;
+        let (url, mut config) =
+            BackendUrl::parse_config::<Config>(url, &["local"], &["cluster", "namespace"])?;
         url.reject_credentials()?;
-        let mut config: Config = url.query_into(&["cluster", "namespace"])?;
         config.cluster = match url.hosts.as_slice() {
             [] => String::new(),
             [cluster] => cluster.clone(),

@@ -147,8 +147,6 @@ impl Leader for LocalLeader {
     async fn elect(&self, candidate: &str, opts: ElectOptions) -> Result<Elected> {
         let span = tracing::debug_span!("elect", backend = BACKEND, primitive = "leader", id = %self.campaign.group, candidate);
         async {
-            sync_core::id::validate("candidate id", candidate)
-                .map_err(|e| e.with_backend(BACKEND))?;
             let (term, signal) = self
                 .campaign
                 .win(candidate, opts.value.clone(), opts.wait)

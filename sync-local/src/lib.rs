@@ -10,10 +10,10 @@
 //!
 //! ```
 //! # #[tokio::main(flavor = "current_thread")] async fn main() -> sync_core::Result<()> {
-//! use sync_core::LockOptions;
+//! use sync_core::{Backend, LockOptions};
 //!
 //! let client = sync_local::Client::connect(sync_local::Config::from_url("local://")?)?;
-//! let guard = client.lock().acquire("orders", LockOptions::new()).await?;
+//! let guard = client.lock()?.acquire("orders", LockOptions::new()).await?;
 //! println!("fencing token {}", guard.fencing_token());
 //! guard.release().await?;
 //! # Ok(()) }

@@ -50,9 +50,8 @@ impl LocalLock {
         }
     }
 
-    fn key(&self, id: &str) -> Result<String> {
-        sync_core::id::validate("lock id", id).map_err(|e| e.with_backend(BACKEND))?;
-        Ok(self.client.key(&["lock", id]))
+    fn key(&self, id: &str) -> String {
+        self.client.key(&["lock", id])
     }
 
     /// Takes the lock if free.
@@ -99,7 +98,7 @@ impl Lock for LocalLock {
     async fn acquire(&self, id: &str, opts: LockOptions) -> Result<LockGuard> {
         let span = tracing::debug_span!("acquire", backend = BACKEND, primitive = "lock", id);
         async {
-            let key = self.key(id)?;
+            let key = self.key(id);
             let deadline = opts.wait.map(sync_kit::deadline);
             let locks = &self.client.shared.locks;
             let granted = locks.grant(&self.client, &key, deadline, |_, _| {}).await?;
@@ -122,13 +121,13 @@ impl Lock for LocalLock {
 
     #[tracing::instrument(level = "debug", skip(self), fields(backend = BACKEND, primitive = "lock"))]
     async fn try_acquire(&self, id: &str) -> Result<Option<LockGuard>> {
-        let key = self.key(id)?;
+        let key = self.key(id);
         self.try_grant(id, &key)
     }
 
     #[tracing::instrument(level = "debug", skip(self), fields(backend = BACKEND, primitive = "lock"))]
     async fn release(&self, id: &str) -> Result<()> {
-        let key = self.key(id)?;
+        let key = self.key(id);
         self.client.check_open()?;
         let grant = {
             let mut mine = locked(&self.mine);

@@ -51,15 +51,6 @@ impl LocalMap {
         self.client.session().map(|_| ())
     }
 
-    fn check_key(&self, key: &str) -> Result<()> {
-        sync_core::id::validate("map key", key).map_err(|e| e.with_backend(BACKEND))?;
-        self.check_client()
-    }
-
-    fn check_value(key: &str, value: &[u8]) -> Result<()> {
-        sync_core::raw::validate_value(value).map_err(|e| e.with_backend(BACKEND).with_id(key))
-    }
-
     fn span(&self, op: &'static str, key: &str) -> tracing::Span {
         tracing::debug_span!(
             "map",
@@ -118,7 +109,7 @@ impl Map for LocalMap {
 
     async fn read(&self, key: &str) -> Result<Option<Entry>> {
         self.span("read", key).in_scope(|| {
-            self.check_key(key)?;
+            self.check_client()?;
             let maps = locked(&self.client.shared.maps.maps);
             Ok(maps
                 .get(&self.key)
@@ -129,15 +120,14 @@ impl Map for LocalMap {
 
     async fn write(&self, key: &str, value: &[u8]) -> Result<Version> {
         self.span("write", key).in_scope(|| {
-            self.check_key(key)?;
-            Self::check_value(key, value)?;
+            self.check_client()?;
             Ok(self.with_map(|map| self.put(map, key, value)))
         })
     }
 
     async fn delete(&self, key: &str) -> Result<bool> {
         self.span("delete", key).in_scope(|| {
-            self.check_key(key)?;
+            self.check_client()?;
             Ok(self.with_map(|map| map.remove(key).is_some()))
         })
     }
@@ -149,8 +139,7 @@ impl Map for LocalMap {
         value: &[u8],
     ) -> Result<Version> {
         self.span("compare_and_swap", key).in_scope(|| {
-            self.check_key(key)?;
-            Self::check_value(key, value)?;
+            self.check_client()?;
             let result = self.with_map(|map| {
                 let actual = map.get(key).map(|s| s.version);
                 if actual != expected {
@@ -167,7 +156,7 @@ impl Map for LocalMap {
 
     async fn compare_and_delete(&self, key: &str, expected: Version) -> Result<()> {
         self.span("compare_and_delete", key).in_scope(|| {
-            self.check_key(key)?;
+            self.check_client()?;
             self.with_map(|map| {
                 let actual = map.get(key).map(|s| s.version);
                 if actual != Some(expected) {
@@ -206,7 +195,7 @@ impl Map for LocalMap {
 mod tests {
     use std::{sync::Arc, time::Duration};
 
-    use sync_core::{ErrorKind, MAX_VALUE_LEN, Map};
+    use sync_core::{Backend, ErrorKind, MAX_VALUE_LEN, Map};
 
     use crate::{Cluster, Config};
 

@@ -21,11 +21,13 @@ pub(crate) type OnEnd = Box<dyn FnOnce(&str) + Send>;
 ///
 /// ```
 /// # #[tokio::main(flavor = "current_thread")] async fn main() -> sync_core::Result<()> {
+/// use sync_core::Backend;
+///
 /// let cluster = sync_local::Cluster::new();
 /// let a = cluster.client(sync_local::Config::default())?;
 /// let b = cluster.client(sync_local::Config::default())?;
-/// let guard = a.lock().acquire("job", Default::default()).await?;
-/// assert!(b.lock().try_acquire("job").await?.is_none());
+/// let guard = a.lock()?.acquire("job", Default::default()).await?;
+/// assert!(b.lock()?.try_acquire("job").await?.is_none());
 /// # drop(guard); Ok(()) }
 /// ```
 #[derive(Clone, Default)]

@@ -20,14 +20,11 @@ use std::{
 
 use async_trait::async_trait;
 use sync_core::{
-    Error, ErrorKind, Handler, HandlerError, Job, JobContext, JobId, JobState, JobStatus, Result,
-    Task, Worker, WorkerOptions,
+    Error, ErrorKind, HandlerError, Job, JobContext, JobId, JobState, JobStatus, Result,
 };
 use sync_kit::{
     panic_message,
-    task::{
-        JobQueue, MAX_CONCURRENCY, Next, Outcome, apply_outcome, apply_worker_loss, spawn_worker,
-    },
+    task::{JobQueue, JobStore, MAX_CONCURRENCY, Next, Outcome, apply_outcome, apply_worker_loss},
 };
 use tokio::{
     sync::{Notify, Semaphore, watch},
@@ -137,7 +134,7 @@ impl JobTable {
 }
 
 /// What a worker took from its queue (the handler's [`JobContext`] travels beside it).
-struct Claimed {
+pub(crate) struct Claimed {
     job_key: String,
     id: JobId,
     attempt: u32,
@@ -345,12 +342,13 @@ impl LocalTask {
 }
 
 #[async_trait]
-impl Task for LocalTask {
+impl JobStore for LocalTask {
+    type Queue = LocalQueue;
+
     async fn submit(&self, job: Job) -> Result<JobId> {
         let span =
             tracing::debug_span!("submit", backend = BACKEND, primitive = "task", id = %job.name);
         span.in_scope(|| {
-            job.validate().map_err(|e| e.with_backend(BACKEND))?;
             self.client.session()?;
             let id = JobId(uuid::Uuid::new_v4().to_string());
             let job_key = self.job_key(&id);
@@ -388,12 +386,10 @@ impl Task for LocalTask {
         })
     }
 
-    async fn wait(&self, id: &JobId, timeout: Option<Duration>) -> Result<JobStatus> {
+    async fn wait(&self, id: &JobId) -> Result<JobStatus> {
         let span = tracing::debug_span!("wait", backend = BACKEND, primitive = "task", id = %id);
         async {
             self.client.session()?;
-            // With a timeout: when it expires, and the timeout for the message.
-            let deadline = timeout.map(|t| (sync_kit::deadline(t), t));
             let job_key = self.job_key(id);
             loop {
                 // Subscribe under the lock that guards the status, so no change is missed.
@@ -408,45 +404,25 @@ impl Task for LocalTask {
                     }
                     entry.changed.subscribe()
                 };
-                let changed = match deadline {
-                    Some((at, t)) => tokio::time::timeout_at(at, changed.changed())
-                        .await
-                        .map_err(|_| {
-                            Error::new(
-                                ErrorKind::Timeout,
-                                format!("job did not finish within {t:?}"),
-                            )
-                            .with_backend(BACKEND)
-                            .with_id(id.0.clone())
-                        })?,
-                    None => changed.changed().await,
-                };
                 // The sender is dropped when the job is forgotten.
-                changed.map_err(|_| Self::not_found(id))?;
+                changed.changed().await.map_err(|_| Self::not_found(id))?;
             }
         }
         .instrument(span)
         .await
     }
 
-    async fn work(
-        &self,
-        name: &str,
-        handler: Arc<dyn Handler>,
-        opts: WorkerOptions,
-    ) -> Result<Worker> {
-        sync_core::id::validate("job name", name).map_err(|e| e.with_backend(BACKEND))?;
+    async fn queue(&self, name: &str) -> Result<LocalQueue> {
         self.client.session()?;
-        let queue = Arc::new(LocalQueue {
+        Ok(LocalQueue {
             client: self.client.clone(),
             key: self.client.key(&["task", name]),
-        });
-        spawn_worker(BACKEND, queue, name, handler, opts)
+        })
     }
 }
 
 /// One job name's queue, as a worker of this client sees it.
-struct LocalQueue {
+pub(crate) struct LocalQueue {
     client: Arc<ClientInner>,
     key: String,
 }
@@ -714,8 +690,8 @@ mod tests {
     use std::time::Duration;
 
     use sync_core::{
-        ErrorKind, Handler, HandlerError, Job, JobContext, JobId, JobState, MAX_PAYLOAD_LEN,
-        Worker, WorkerOptions,
+        Backend, ErrorKind, Handler, HandlerError, Job, JobContext, JobId, JobState,
+        MAX_PAYLOAD_LEN, Worker, WorkerOptions,
     };
     use tokio::sync::Semaphore;
 
@@ -750,7 +726,7 @@ mod tests {
     async fn finished_jobs_are_forgotten_after_retention() {
         let cluster = Cluster::new().with_job_retention(Duration::from_secs(60));
         let config = Config::default().with_ttl(Duration::from_secs(600));
-        let task = cluster.client(config).unwrap().task();
+        let task = cluster.client(config).unwrap().task().unwrap();
         let _w = task
             .work("echo", echo(), WorkerOptions::new())
             .await
@@ -773,7 +749,7 @@ mod tests {
     #[tokio::test(flavor = "multi_thread")]
     async fn run_submit_status_wait() {
         let cluster = Cluster::new();
-        let task = client(&cluster, "t").task();
+        let task = client(&cluster, "t").task().unwrap();
         let id = task.submit(Job::new("echo", "hi")).await.unwrap();
         let s = task.status(&id).await.unwrap();
         assert_eq!((s.state, s.attempts), (JobState::Queued, 0));
@@ -812,7 +788,7 @@ mod tests {
     #[tokio::test]
     async fn limits_are_named() {
         let cluster = Cluster::new();
-        let task = client(&cluster, "t").task();
+        let task = client(&cluster, "t").task().unwrap();
         let err = task
             .submit(Job::new("big", vec![0u8; MAX_PAYLOAD_LEN + 1]))
             .await
@@ -860,8 +836,8 @@ mod tests {
     #[tokio::test(flavor = "multi_thread")]
     async fn namespaces_never_collide() {
         let cluster = Cluster::new();
-        let a = client(&cluster, "a").task();
-        let b = client(&cluster, "b").task();
+        let a = client(&cluster, "a").task().unwrap();
+        let b = client(&cluster, "b").task().unwrap();
         let _wb = b.work("echo", echo(), WorkerOptions::new()).await.unwrap();
         let id = a.submit(Job::new("echo", "x")).await.unwrap();
         assert_eq!(b.status(&id).await.unwrap_err().kind(), ErrorKind::NotFound);
@@ -875,7 +851,7 @@ mod tests {
     #[tokio::test(flavor = "multi_thread")]
     async fn retries_with_backoff_then_fails() {
         let cluster = Cluster::new();
-        let task = client(&cluster, "t").task();
+        let task = client(&cluster, "t").task().unwrap();
         let calls = Arc::new(AtomicUsize::new(0));
         let c = calls.clone();
         let _w = task
@@ -923,7 +899,7 @@ mod tests {
     #[tokio::test(flavor = "multi_thread")]
     async fn panicking_handler_counts_as_failure() {
         let cluster = Cluster::new();
-        let task = client(&cluster, "t").task();
+        let task = client(&cluster, "t").task().unwrap();
         let _w = task
             .work(
                 "panics",
@@ -985,6 +961,7 @@ mod tests {
         let (gate, started) = (Arc::new(Semaphore::new(0)), Arc::new(Semaphore::new(0)));
         let worker = worker_client
             .task()
+            .unwrap()
             .work(
                 "gated",
                 gated(gate.clone(), started.clone()),
@@ -999,7 +976,7 @@ mod tests {
     async fn stale_claim_result_is_ignored_after_revoke() {
         let cluster = Cluster::new();
         let (worker_client, w, gate, started) = gated_worker(&cluster, 2).await;
-        let submitter = client(&cluster, "t").task();
+        let submitter = client(&cluster, "t").task().unwrap();
         let id = submitter.submit(Job::new("gated", "")).await.unwrap();
         started.acquire().await.unwrap().forget();
         assert_eq!(
@@ -1029,7 +1006,7 @@ mod tests {
     async fn killed_worker_redelivers_to_another() {
         let cluster = Cluster::new();
         let (dying, _dead, gate, started) = gated_worker(&cluster, 1).await;
-        let other = client(&cluster, "t").task();
+        let other = client(&cluster, "t").task().unwrap();
         let id = other.submit(Job::new("gated", "")).await.unwrap();
         started.acquire().await.unwrap().forget();
         dying.kill();
@@ -1049,7 +1026,7 @@ mod tests {
                 .starts_with("worker lost: session expired")
         );
         assert_eq!(
-            dying.task().status(&id).await.unwrap_err().kind(),
+            dying.task().unwrap().status(&id).await.unwrap_err().kind(),
             ErrorKind::Closed
         );
     }
@@ -1058,7 +1035,7 @@ mod tests {
     async fn worker_loss_on_last_attempt_fails_the_job() {
         let cluster = Cluster::new();
         let (worker_client, _w, gate, started) = gated_worker(&cluster, 1).await;
-        let task = client(&cluster, "t").task();
+        let task = client(&cluster, "t").task().unwrap();
         let id = task
             .submit(Job::new("gated", "").with_max_attempts(1))
             .await
@@ -1077,7 +1054,7 @@ mod tests {
     #[tokio::test(flavor = "multi_thread")]
     async fn pool_is_bounded_and_stop_waits() {
         let cluster = Cluster::new();
-        let task = client(&cluster, "t").task();
+        let task = client(&cluster, "t").task().unwrap();
         let (running, peak, done) = (
             Arc::new(AtomicUsize::new(0)),
             Arc::new(AtomicUsize::new(0)),

@@ -2,7 +2,7 @@
 
 use std::time::Duration;
 
-use sync_core::{ElectOptions, Elected, ErrorKind, LockGuard, LockOptions};
+use sync_core::{Backend, ElectOptions, Elected, ErrorKind, LockGuard, LockOptions};
 use sync_local::{Client, Cluster, Config};
 
 fn config() -> Config {
@@ -16,13 +16,15 @@ fn two_clients(cluster: &Cluster) -> (Client, Client) {
     )
 }
 
+/// `client` takes the free lock `id`.
+async fn take(client: &Client, id: &str) -> LockGuard {
+    let lock = client.lock().unwrap();
+    lock.acquire(id, LockOptions::new()).await.unwrap()
+}
+
 /// `client` holds lock "x" and leads group "g" as candidate "a".
 async fn holding(client: &Client) -> (LockGuard, Elected) {
-    let guard = client
-        .lock()
-        .acquire("x", LockOptions::new())
-        .await
-        .unwrap();
+    let guard = take(client, "x").await;
     let elected = client
         .leader("g")
         .unwrap()
@@ -35,10 +37,10 @@ async fn holding(client: &Client) -> (LockGuard, Elected) {
 #[tokio::test]
 async fn revoke_fires_lost_before_the_next_grant() {
     let (a, b) = two_clients(&Cluster::new());
-    let guard = a.lock().acquire("x", LockOptions::new()).await.unwrap();
+    let guard = take(&a, "x").await;
     let lost = guard.loss_signal();
     let waiter = tokio::spawn({
-        let lock = b.lock();
+        let lock = b.lock().unwrap();
         async move {
             let g = lock.acquire("x", LockOptions::new()).await.unwrap();
             // The old holder must already know.
@@ -61,7 +63,7 @@ async fn revoke_fires_lost_before_the_next_grant() {
         ErrorKind::LockLost
     );
     // The revoked client opens a new session on its next call.
-    assert!(a.lock().try_acquire("y").await.unwrap().is_some());
+    assert!(a.lock().unwrap().try_acquire("y").await.unwrap().is_some());
 }
 
 #[tokio::test]
@@ -69,11 +71,12 @@ async fn killed_client_fails_calls_and_frees_after_ttl() {
     let (a, b) = two_clients(&Cluster::new());
     let (guard, elected) = holding(&a).await;
     a.kill();
-    let err = a.lock().try_acquire("z").await.unwrap_err();
+    let err = a.lock().unwrap().try_acquire("z").await.unwrap_err();
     assert_eq!(err.kind(), ErrorKind::Closed);
     let started = tokio::time::Instant::now();
     let next = b
         .lock()
+        .unwrap()
         .acquire("x", LockOptions::new().with_wait(Duration::from_secs(2)))
         .await
         .unwrap();
@@ -89,11 +92,12 @@ async fn killed_client_fails_calls_and_frees_after_ttl() {
 async fn dropping_the_client_keeps_a_guard_alive() {
     let cluster = Cluster::new();
     let a = cluster.client(config()).unwrap();
-    let guard = a.lock().acquire("x", LockOptions::new()).await.unwrap();
+    let guard = take(&a, "x").await;
     drop(a);
     let b = cluster.client(config()).unwrap();
     let wait = b
         .lock()
+        .unwrap()
         .acquire(
             "x",
             LockOptions::new().with_wait(Duration::from_millis(600)),
@@ -128,6 +132,7 @@ async fn killed_client_dropped_frees_after_ttl_not_before_and_not_never() {
     drop(a);
     let next = b
         .lock()
+        .unwrap()
         .acquire("x", LockOptions::new().with_wait(Duration::from_secs(2)))
         .await
         .expect("the dead client's session expires and frees the lock");
@@ -148,7 +153,7 @@ async fn killed_client_dropped_frees_after_ttl_not_before_and_not_never() {
 #[tokio::test]
 async fn killed_client_calls_fail_closed_and_free_nothing() {
     let (a, b) = two_clients(&Cluster::new());
-    let lock = a.lock();
+    let lock = a.lock().unwrap();
     let guard = lock.acquire("x", LockOptions::new()).await.unwrap();
     let _second = lock.acquire("y", LockOptions::new()).await.unwrap();
     let leader = a.leader("g").unwrap();
@@ -168,7 +173,7 @@ async fn killed_client_calls_fail_closed_and_free_nothing() {
         elected.resign().await.unwrap_err().kind(),
         ErrorKind::Closed
     );
-    let lb = b.lock();
+    let lb = b.lock().unwrap();
     assert!(lb.try_acquire("x").await.unwrap().is_none(), "x was freed");
     assert!(lb.try_acquire("y").await.unwrap().is_none(), "y was freed");
     assert_eq!(
@@ -196,6 +201,7 @@ async fn dropped_killed_worker_client_still_redelivers() {
     let (gate, started) = (Arc::new(Semaphore::new(0)), Arc::new(Semaphore::new(0)));
     let worker = dying
         .task()
+        .unwrap()
         .work(
             "gated",
             Arc::new({
@@ -216,7 +222,7 @@ async fn dropped_killed_worker_client_still_redelivers() {
         .await
         .unwrap();
     let other = cluster.client(config()).unwrap();
-    let task = other.task();
+    let task = other.task().unwrap();
     let id = task.submit(Job::new("gated", "")).await.unwrap();
     started.acquire().await.unwrap().forget();
     dying.kill();
@@ -253,7 +259,7 @@ async fn revoke_racing_acquire_is_not_a_loss() {
             }
         }
     });
-    let (lock, leader) = (a.lock(), a.leader("g").unwrap());
+    let (lock, leader) = (a.lock().unwrap(), a.leader("g").unwrap());
     let mut result = Ok(());
     for _ in 0..20_000 {
         match lock.try_acquire("k").await {

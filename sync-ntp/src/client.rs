@@ -163,15 +163,15 @@ impl Drop for Inner {
 }
 
 /// A handle on synchronized time from one or more NTP servers. Cheap to clone; the background
-/// refresh stops when the last clone (and every [`time`](Client::time) handle) is dropped.
+/// refresh stops when the last clone (and every [`time`](Backend::time) handle) is dropped.
 ///
 /// ```no_run
 /// # #[tokio::main(flavor = "current_thread")] async fn main() -> sync_core::Result<()> {
 /// use std::{sync::Arc, time::SystemTime};
-/// use sync_core::Time;
+/// use sync_core::{Backend, Time};
 ///
 /// let client = sync_ntp::Client::connect(sync_ntp::Config::from_url("ntp://127.0.0.1:11123")?).await?;
-/// let time: Arc<dyn Time> = client.time();
+/// let time: Arc<dyn Time> = client.time()?;
 /// let now = time.now_interval().await?; // syncs on demand, then no network until the refresh
 /// assert!(now.earliest() <= now.latest());
 /// # Ok(()) }
@@ -248,11 +248,6 @@ impl Client {
     /// The configuration in use.
     pub fn config(&self) -> &Config {
         &self.inner.config
-    }
-
-    /// The Time handle.
-    pub fn time(&self) -> Arc<dyn Time> {
-        sync_kit::checked::time(BACKEND, Arc::new(NtpTime::new(self.inner.clone())))
     }
 
     /// Syncs now with every server (regardless of the cache) and reports what was found.
@@ -647,8 +642,10 @@ impl Backend for Client {
         None
     }
 
+    /// The cached, drift-widened interval of the last sync (see the crate docs).
     fn time(&self) -> Result<Arc<dyn Time>> {
-        Ok(Client::time(self))
+        let raw = Arc::new(NtpTime::new(self.inner.clone()));
+        Ok(sync_kit::checked::time(BACKEND, raw))
     }
 
     /// Stops the background refresh; later calls fail with Closed.

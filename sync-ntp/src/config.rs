@@ -96,15 +96,13 @@ impl Config {
     }
 
     fn parse_url(url: &str) -> Result<Config> {
-        let url = BackendUrl::parse(url)?;
-        url.expect_scheme(&["ntp"])?;
+        let (url, mut config) = BackendUrl::parse_config::<Config>(url, &["ntp"], &["servers"])?;
         url.reject_credentials()?;
         if url.namespace.as_deref().is_some_and(|ns| !ns.is_empty()) {
             return Err(Error::invalid(
                 "ntp urls have no path: NTP has no namespace",
             ));
         }
-        let mut config: Config = url.query_into(&["servers"])?;
         config.servers = url
             .require_hosts()?
             .iter()

@@ -37,13 +37,13 @@
 //! ```
 //! # #[tokio::main(flavor = "current_thread")] async fn main() -> sync_core::Result<()> {
 //! use std::time::Duration;
-//! use sync_core::ErrorKind;
+//! use sync_core::{Backend, ErrorKind};
 //!
 //! // A server that never answers: Unavailable within the timeout, never local time.
 //! let silent = tokio::net::UdpSocket::bind("127.0.0.1:0").await.unwrap();
 //! let url = format!("ntp://{}?timeout=200ms", silent.local_addr().unwrap());
 //! let client = sync_ntp::Client::from_url(&url).await?;
-//! let err = client.time().now_interval().await.unwrap_err();
+//! let err = client.time()?.now_interval().await.unwrap_err();
 //! assert_eq!(err.kind(), ErrorKind::Unavailable);
 //! assert!(err.to_string().contains("no reply within 200ms"));
 //! # Ok(()) }

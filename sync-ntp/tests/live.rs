@@ -9,6 +9,7 @@ use std::{
 };
 
 use libtest_mimic::{Arguments, Failed, Trial};
+use sync_core::Backend;
 use sync_ntp::{Client, Config};
 
 /// The config of the `SYNC_TEST_NTP` URL (`ntp://host:port`).
@@ -33,7 +34,7 @@ async fn interval_contains_system_time_within_the_stated_bound(
     let config = config(&endpoint)?;
     let drift_ppm = config.drift_ppm;
     let client = Client::connect(config).await?;
-    let time = client.time();
+    let time = client.time()?;
     let synced = Instant::now();
     time.now_interval().await?; // sync on demand
     let report = client
@@ -90,7 +91,7 @@ async fn ten_thousand_now_calls_make_only_the_syncs_queries(
     endpoint: String,
 ) -> Result<(), Failed> {
     let client = Client::connect(config(&endpoint)?).await?;
-    let time = client.time();
+    let time = client.time()?;
     time.now().await?;
     let after_sync = client.queries();
     let start = Instant::now();

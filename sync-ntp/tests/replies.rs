@@ -10,7 +10,7 @@ use std::{
 };
 
 use common::{Reply, Responder};
-use sync_core::{Error, ErrorKind, Time};
+use sync_core::{Backend, Error, ErrorKind, Time};
 use sync_ntp::{Client, Config, ReplyError, SyncError};
 
 fn config(servers: &[&Responder]) -> Config {
@@ -30,7 +30,7 @@ fn failures(e: &Error) -> Vec<ReplyError> {
 async fn rejected(reply: Reply) -> (Error, ReplyError) {
     let responder = Responder::start(reply).await;
     let client = Client::connect(config(&[&responder])).await.unwrap();
-    let err = client.time().now_interval().await.unwrap_err();
+    let err = client.time().unwrap().now_interval().await.unwrap_err();
     let fs = failures(&err);
     assert_eq!(fs.len(), 1, "{err}");
     assert_eq!(responder.queries(), 1);
@@ -115,7 +115,7 @@ async fn a_stray_datagram_before_the_reply_does_not_fail_the_query() {
     let responder = Responder::start(Reply::StrayThenGood).await;
     let client = Client::connect(config(&[&responder])).await.unwrap();
     let before = SystemTime::now();
-    let iv = client.time().now_interval().await.unwrap();
+    let iv = client.time().unwrap().now_interval().await.unwrap();
     let after = SystemTime::now();
     assert!(iv.earliest() <= after && iv.latest() >= before, "{iv:?}");
     let report = client.last_sync().unwrap();
@@ -150,7 +150,7 @@ async fn silent_server_is_unavailable_within_the_timeout() {
     let responder = Responder::start(Reply::Silent).await;
     let client = Client::connect(config(&[&responder])).await.unwrap();
     let start = Instant::now();
-    let err = client.time().now().await.unwrap_err();
+    let err = client.time().unwrap().now().await.unwrap_err();
     let took = start.elapsed();
     assert_eq!(
         failures(&err),
@@ -174,7 +174,7 @@ async fn nothing_listening_is_unavailable_within_the_timeout() {
     .await
     .unwrap();
     let start = Instant::now();
-    let err = client.time().now_interval().await.unwrap_err();
+    let err = client.time().unwrap().now_interval().await.unwrap_err();
     assert!(start.elapsed() < Duration::from_millis(600));
     match failures(&err).as_slice() {
         [ReplyError::Unreachable { .. } | ReplyError::Timeout { .. }] => {}
@@ -186,7 +186,7 @@ async fn nothing_listening_is_unavailable_within_the_timeout() {
 async fn one_sync_then_ten_thousand_calls_make_no_more_queries() {
     let responder = Responder::start(Reply::good()).await;
     let client = Client::connect(config(&[&responder])).await.unwrap();
-    let time = client.time();
+    let time = client.time().unwrap();
     let first = time.now_interval().await.unwrap();
     assert_eq!(responder.queries(), 1);
     let start = Instant::now();
@@ -211,7 +211,7 @@ async fn one_sync_then_ten_thousand_calls_make_no_more_queries() {
 async fn concurrent_first_calls_share_one_sync() {
     let responder = Responder::start(Reply::good()).await;
     let client = Client::connect(config(&[&responder])).await.unwrap();
-    let time = client.time();
+    let time = client.time().unwrap();
     let calls: Vec<_> = (0..50)
         .map(|_| {
             let time = time.clone();
@@ -235,7 +235,7 @@ async fn interval_contains_the_server_time_and_widens_with_drift() {
     let client = Client::connect(config(&[&responder]).with_drift_ppm(500.0))
         .await
         .unwrap();
-    let time = client.time();
+    let time = client.time().unwrap();
     let ahead = Duration::from_secs(5);
     let before = SystemTime::now() + ahead;
     let iv = time.now_interval().await.unwrap();
@@ -330,7 +330,7 @@ async fn two_disagreeing_servers_are_unavailable() {
     })
     .await;
     let client = Client::connect(config(&[&a, &b])).await.unwrap();
-    let err = client.time().now_interval().await.unwrap_err();
+    let err = client.time().unwrap().now_interval().await.unwrap_err();
     assert_eq!(
         failures(&err),
         [ReplyError::Falseticker, ReplyError::Falseticker]
@@ -343,7 +343,7 @@ async fn refresh_runs_in_the_background_and_stops_on_drop() {
     let client = Client::connect(config(&[&responder]).with_interval(Duration::from_secs(1)))
         .await
         .unwrap();
-    let time: Arc<dyn Time> = client.time();
+    let time: Arc<dyn Time> = client.time().unwrap();
     time.now().await.unwrap();
     assert_eq!(responder.queries(), 1);
     let start = Instant::now();
@@ -382,7 +382,7 @@ async fn stale_cache_with_failing_servers_is_unavailable_not_local_time() {
     )
     .await
     .unwrap();
-    let time = client.time();
+    let time = client.time().unwrap();
     time.now_interval().await.unwrap();
     let error = client.last_sync().unwrap().error;
     responder.set(Reply::Silent);
@@ -478,7 +478,7 @@ async fn a_sync_already_too_wide_is_held_off_not_repeated_per_call() {
     let client = Client::connect(config(&[&responder]).with_max_error(max_error))
         .await
         .unwrap();
-    let time = client.time();
+    let time = client.time().unwrap();
     let err = time.now_interval().await.unwrap_err();
     assert_eq!(err.kind(), ErrorKind::Unavailable);
     assert!(
