@@ -290,9 +290,9 @@ impl Backend for Client {
     }
 
     fn leader(&self, group: &str) -> Result<Arc<dyn Leader>> {
-        checked::check_id(BACKEND, "election group", group)?;
-        let raw = Arc::new(EtcdLeader::new(self.inner.clone(), group));
-        Ok(checked::leader(BACKEND, raw))
+        checked::leader_for(BACKEND, group, || {
+            EtcdLeader::new(self.inner.clone(), group)
+        })
     }
 
     fn task(&self) -> Result<Arc<dyn Task>> {
@@ -300,9 +300,7 @@ impl Backend for Client {
     }
 
     fn map(&self, name: &str) -> Result<Arc<dyn Map>> {
-        checked::check_id(BACKEND, "map name", name)?;
-        let raw = Arc::new(EtcdMap::new(self.inner.clone(), name));
-        Ok(checked::map(BACKEND, raw))
+        checked::map_for(BACKEND, name, || EtcdMap::new(self.inner.clone(), name))
     }
 
     /// Stops every background task and revokes the lease, so everything this client held

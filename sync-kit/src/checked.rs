@@ -218,6 +218,16 @@ pub fn leader(backend: &'static str, inner: Arc<dyn Leader>) -> Arc<dyn Leader> 
     Arc::new(CheckedLeader { backend, inner })
 }
 
+/// Checks the election `group`, then makes the backend's raw handle with `make` and wraps it.
+pub fn leader_for<L: Leader + 'static>(
+    backend: &'static str,
+    group: &str,
+    make: impl FnOnce() -> L,
+) -> Result<Arc<dyn Leader>> {
+    check_id(backend, "election group", group)?;
+    Ok(leader(backend, Arc::new(make())))
+}
+
 struct CheckedLeader {
     backend: &'static str,
     inner: Arc<dyn Leader>,
@@ -354,6 +364,16 @@ impl<S: JobStore> Task for CheckedTask<S> {
 /// Wraps a backend's raw Map handle (the map name was checked when the handle was made).
 pub fn map(backend: &'static str, inner: Arc<dyn Map>) -> Arc<dyn Map> {
     Arc::new(CheckedMap { backend, inner })
+}
+
+/// Checks the map `name`, then makes the backend's raw handle with `make` and wraps it.
+pub fn map_for<M: Map + 'static>(
+    backend: &'static str,
+    name: &str,
+    make: impl FnOnce() -> M,
+) -> Result<Arc<dyn Map>> {
+    check_id(backend, "map name", name)?;
+    Ok(map(backend, Arc::new(make())))
 }
 
 struct CheckedMap {

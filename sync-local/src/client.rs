@@ -238,9 +238,9 @@ impl Backend for Client {
     }
 
     fn leader(&self, group: &str) -> Result<Arc<dyn Leader>> {
-        checked::check_id(BACKEND, "election group", group)?;
-        let raw = Arc::new(LocalLeader::new(self.inner.clone(), group));
-        Ok(checked::leader(BACKEND, raw))
+        checked::leader_for(BACKEND, group, || {
+            LocalLeader::new(self.inner.clone(), group)
+        })
     }
 
     fn task(&self) -> Result<Arc<dyn Task>> {
@@ -248,9 +248,7 @@ impl Backend for Client {
     }
 
     fn map(&self, name: &str) -> Result<Arc<dyn Map>> {
-        checked::check_id(BACKEND, "map name", name)?;
-        let raw = Arc::new(LocalMap::new(self.inner.clone(), name));
-        Ok(checked::map(BACKEND, raw))
+        checked::map_for(BACKEND, name, || LocalMap::new(self.inner.clone(), name))
     }
 
     /// The system clock with the configured uncertainty.
