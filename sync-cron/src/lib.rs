@@ -105,7 +105,7 @@ use std::{
     collections::{BTreeMap, HashMap},
     fmt,
     sync::{
-        Arc, Mutex, MutexGuard,
+        Arc, Mutex,
         atomic::{AtomicU64, Ordering},
     },
     time::{Duration, SystemTime},
@@ -113,6 +113,7 @@ use std::{
 
 use serde::{Deserialize, Serialize};
 use sync_core::{ElectOptions, Elected, Error, ErrorKind, Job, Leader, Map, Result, Task, Version};
+use sync_kit::locked;
 use tokio::{sync::watch, task::JoinHandle};
 use tracing::{Instrument, debug, error, info, info_span, warn};
 
@@ -176,7 +177,7 @@ pub struct Cron {
 
 impl fmt::Debug for Cron {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        let names: Vec<String> = lock(&self.inner.schedules).keys().cloned().collect();
+        let names: Vec<String> = locked(&self.inner.schedules).keys().cloned().collect();
         f.debug_struct("Cron")
             .field("group", &self.inner.leader.group())
             .field("map", &self.inner.map.name())
@@ -184,10 +185,6 @@ impl fmt::Debug for Cron {
             .field("schedules", &names)
             .finish()
     }
-}
-
-fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
 }
 
 impl Cron {
@@ -236,7 +233,7 @@ impl Cron {
             .with_source(e)
             .with_id(name)
         })?;
-        if lock(&self.inner.schedules).contains_key(name) {
+        if locked(&self.inner.schedules).contains_key(name) {
             return Err(duplicate(name));
         }
 
@@ -272,7 +269,7 @@ impl Cron {
             baseline_ms,
         });
         {
-            let mut schedules = lock(&self.inner.schedules);
+            let mut schedules = locked(&self.inner.schedules);
             if schedules.contains_key(name) {
                 return Err(duplicate(name));
             }
@@ -288,7 +285,7 @@ impl Cron {
     /// record stays in the map (other processes may still run the schedule).
     pub async fn unschedule(&self, name: &str) -> Result<bool> {
         sync_core::id::validate("schedule name", name)?;
-        let removed = lock(&self.inner.schedules).remove(name).is_some();
+        let removed = locked(&self.inner.schedules).remove(name).is_some();
         if removed {
             info!(schedule = name, "cron schedule removed");
             self.inner.changes.send_modify(|n| *n += 1);
@@ -301,7 +298,7 @@ impl Cron {
     /// [`ErrorKind::Closed`].
     pub async fn stop(&self) {
         self.inner.stop.send_replace(true);
-        let handle = lock(&self.driver).take();
+        let handle = locked(&self.driver).take();
         if let Some(mut handle) = handle {
             if tokio::time::timeout(Duration::from_secs(10), &mut handle)
                 .await
@@ -321,7 +318,7 @@ impl Cron {
     }
 
     fn ensure_driver(&self, runtime: &tokio::runtime::Handle) {
-        let mut driver = lock(&self.driver);
+        let mut driver = locked(&self.driver);
         if driver.is_none() && !*self.inner.stop.borrow() {
             let span = info_span!(
                 "cron",
@@ -335,7 +332,7 @@ impl Cron {
 
 impl Drop for Cron {
     fn drop(&mut self) {
-        if let Some(handle) = lock(&self.driver).take() {
+        if let Some(handle) = locked(&self.driver).take() {
             // Dropping the driver's future drops its `Elected`, which resigns in the
             // background.
             handle.abort();
@@ -474,7 +471,8 @@ impl Inner {
                 return Outcome::Revoked(reason);
             }
             changes.borrow_and_update();
-            let schedules: Vec<Arc<Registered>> = lock(&self.schedules).values().cloned().collect();
+            let schedules: Vec<Arc<Registered>> =
+                locked(&self.schedules).values().cloned().collect();
             last.retain(|name, (id, _)| schedules.iter().any(|s| &s.name == name && s.id == *id));
 
             let mut failed = false;
