@@ -90,6 +90,8 @@ pub fn cases() -> Vec<Case> {
         case!(task::redelivery_after_worker_death, [Task, KillClient]),
         case!(task::status_reports_attempts_and_error, [Task]),
         case!(task::output_over_limit_fails, [Task]),
+        case!(task::idempotent_submit, [Task]),
+        case!(task::handler_sees_claim_loss, [Task, RevokeSession]),
         case!(map::crud, [Map]),
         case!(map::compare_and_swap_conflict, [Map]),
         case!(map::concurrent_update_exact, [Map]),

@@ -427,3 +427,112 @@ pub async fn output_over_limit_fails(ctx: &Ctx) -> CaseResult {
     );
     Ok(())
 }
+
+/// A job submitted twice with one idempotency key is one job: the second submit (even with
+/// another payload, even after the first finished) returns the first job's id, and the handler
+/// runs once. This is what makes a submit whose answer was lost safe to send again.
+pub async fn idempotent_submit(ctx: &Ctx) -> CaseResult {
+    let client = ctx.client().await?;
+    let task = client.task()?;
+    let calls = Arc::new(AtomicUsize::new(0));
+    let counted = calls.clone();
+    let _worker = task
+        .work(
+            "once",
+            handler(move |job: JobContext| {
+                counted.fetch_add(1, Ordering::SeqCst);
+                async move { Ok(job.payload) }
+            }),
+            WorkerOptions::new(),
+        )
+        .await?;
+    let first = task
+        .submit(Job::new("once", "a").with_key("order-42"))
+        .await?;
+    let again = task
+        .submit(Job::new("once", "b").with_key("order-42"))
+        .await?;
+    ensure!(first == again, "one key, two jobs: {first} and {again}");
+    let done = within(finish(ctx), "the keyed job", task.wait(&first, None)).await??;
+    ensure!(
+        done.state == JobState::Succeeded && done.output.as_deref() == Some(&b"a"[..]),
+        "the keyed job ran with the first submit's payload: {done:?}"
+    );
+    let late = task
+        .submit(Job::new("once", "c").with_key("order-42"))
+        .await?;
+    ensure!(
+        late == first,
+        "a submit after the job finished made job {late}"
+    );
+    let other = task
+        .submit(Job::new("once", "d").with_key("order-43"))
+        .await?;
+    ensure!(other != first, "two keys, one job");
+    within(finish(ctx), "the second key's job", task.wait(&other, None)).await??;
+    ensure!(
+        calls.load(Ordering::SeqCst) == 2,
+        "two keys must run the handler twice, not {} times",
+        calls.load(Ordering::SeqCst)
+    );
+    Ok(())
+}
+
+/// A handler whose claim ends while it runs (its worker's lease is revoked) is told through
+/// `JobContext::lost()`; the job is handed on, and the next attempt's fencing token is higher,
+/// so a resource can refuse the stale attempt's writes.
+pub async fn handler_sees_claim_loss(ctx: &Ctx) -> CaseResult {
+    let (worker_client, submitter) = (ctx.client().await?, ctx.client().await?);
+    let (seen_tx, mut seen) = mpsc::unbounded_channel::<(u32, u64, Option<String>)>();
+    let limit = ctx.expiry();
+    let _worker = worker_client
+        .task()?
+        .work(
+            "fenced",
+            handler(move |job: JobContext| {
+                let seen = seen_tx.clone();
+                async move {
+                    if job.attempt > 1 {
+                        let _ = seen.send((job.attempt, job.token, None));
+                        return Ok(Vec::new());
+                    }
+                    let _ = seen.send((job.attempt, job.token, None));
+                    let reason = tokio::time::timeout(limit, job.lost()).await.ok();
+                    let _ = seen.send((job.attempt, job.token, reason));
+                    Err("stopped: the claim was lost".into())
+                }
+            }),
+            WorkerOptions::new(),
+        )
+        .await?;
+    let task = submitter.task()?;
+    let id = task
+        .submit(Job::new("fenced", "").with_max_attempts(3))
+        .await?;
+    let Some((1, first_token, None)) =
+        within(limit, "the first attempt starting", seen.recv()).await?
+    else {
+        fail!("the first attempt did not start as attempt 1");
+    };
+    worker_client.revoke().await?;
+    let Some((1, _, reason)) =
+        within(limit, "the first attempt hearing of its loss", seen.recv()).await?
+    else {
+        fail!("the first attempt did not report back");
+    };
+    ensure!(
+        reason.is_some_and(|r| !r.is_empty()),
+        "JobContext::lost() did not resolve after the worker's lease was revoked"
+    );
+    let Some((2, second_token, None)) = within(limit, "the second attempt", seen.recv()).await?
+    else {
+        fail!("the job was not handed to a second attempt");
+    };
+    ensure!(
+        second_token > first_token,
+        "the second attempt's fencing token {second_token} is not above the first's {first_token}"
+    );
+    let done = within(finish(ctx), "the job finishing", task.wait(&id, None)).await??;
+    ensure!(done.state == JobState::Succeeded, "the job: {done:?}");
+    Ok(())
+}

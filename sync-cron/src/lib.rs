@@ -23,7 +23,9 @@
 //!    the tick from it;
 //! 3. only once the swap succeeded, submit the schedule's job with the labels
 //!    `cron.schedule` (the name), `cron.term` (the leader's term) and `cron.tick` (the tick in
-//!    milliseconds since the Unix epoch).
+//!    milliseconds since the Unix epoch), and the idempotency key `cron.<tick>.<name>`: a
+//!    submit whose answer was lost is sent again, and can never make a second job, so each
+//!    fired tick is exactly one job.
 //!
 //! When leadership is revoked the driver stops firing at once and campaigns again; on
 //! [`stop`](Cron::stop) (or drop) it resigns. Backend errors are logged (`tracing` warn) and
@@ -608,9 +610,11 @@ impl Inner {
             .clone()
             .with_label("cron.schedule", name)
             .with_label("cron.term", term.to_string())
-            .with_label("cron.tick", tick_ms.to_string());
+            .with_label("cron.tick", tick_ms.to_string())
+            .with_key(tick_key(name, tick_ms));
         // The tick is recorded as ours now: try hard to submit it, even if leadership is
-        // revoked meanwhile (nobody else will fire it).
+        // revoked meanwhile (nobody else will fire it). The tick's key makes a resend after a
+        // lost answer, or a second leader's submit of the same tick, the same one job.
         const ATTEMPTS: u32 = 5;
         for attempt in 1..=ATTEMPTS {
             match self.task.submit(job.clone()).await {
@@ -631,6 +635,20 @@ impl Inner {
         }
         Ok(fired)
     }
+}
+
+/// The idempotency key of one tick of a schedule: `cron.<tick ms>.<name>`, or with a hash of
+/// the name where the name is too long for a job key.
+fn tick_key(name: &str, tick_ms: u64) -> String {
+    let key = format!("cron.{tick_ms}.{name}");
+    if key.len() <= sync_core::id::MAX_ID_LEN {
+        return key;
+    }
+    // FNV-1a: stable across processes and versions, unlike std's hasher.
+    let hash = name.bytes().fold(0xcbf2_9ce4_8422_2325_u64, |h, b| {
+        (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3)
+    });
+    format!("cron.{tick_ms}.#{hash:016x}")
 }
 
 /// What a schedule whose last fired tick is `last_ms` needs at `now`: nothing more, a wait,
@@ -658,6 +676,16 @@ mod tests {
     }
 
     const T0: u64 = 1_700_000_000; // 2023-11-14T22:13:20Z
+
+    #[test]
+    fn tick_keys_are_ids_even_for_long_names() {
+        let short = tick_key("report", 42);
+        assert_eq!(short, "cron.42.report");
+        let long = "n".repeat(sync_core::id::MAX_ID_LEN);
+        let key = tick_key(&long, 42);
+        assert!(sync_core::id::validate("job key", &key).is_ok(), "{key}");
+        assert_ne!(key, tick_key(&"m".repeat(sync_core::id::MAX_ID_LEN), 42));
+    }
 
     #[test]
     fn step_resumes_after_the_recorded_tick() {

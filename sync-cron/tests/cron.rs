@@ -477,3 +477,77 @@ async fn a_tick_costs_one_write_and_no_read() -> Result<()> {
     assert_eq!(reads, 1, "{reads} reads for 5 ticks");
     Ok(())
 }
+
+/// A Task whose submits all reach the backend, but whose first answer of each tick is lost:
+/// the fault Cron must ride out without firing a tick twice.
+struct LostAnswers {
+    inner: Arc<dyn sync_core::Task>,
+    seen: std::sync::Mutex<std::collections::HashSet<String>>,
+}
+
+#[async_trait::async_trait]
+impl sync_core::Task for LostAnswers {
+    async fn submit(&self, job: Job) -> Result<sync_core::JobId> {
+        let tick = job.labels.get("cron.tick").cloned().unwrap_or_default();
+        let id = self.inner.submit(job).await?;
+        if self.seen.lock().unwrap().insert(tick) {
+            return Err(sync_core::Error::new(
+                ErrorKind::Unavailable,
+                "the submit committed but its answer was lost",
+            ));
+        }
+        Ok(id)
+    }
+    async fn status(&self, id: &sync_core::JobId) -> Result<sync_core::JobStatus> {
+        self.inner.status(id).await
+    }
+    async fn wait(
+        &self,
+        id: &sync_core::JobId,
+        limit: Option<Duration>,
+    ) -> Result<sync_core::JobStatus> {
+        self.inner.wait(id, limit).await
+    }
+    async fn work(
+        &self,
+        name: &str,
+        handler: Arc<dyn sync_core::Handler>,
+        opts: WorkerOptions,
+    ) -> Result<Worker> {
+        self.inner.work(name, handler, opts).await
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_submit_whose_answer_was_lost_is_still_one_job_per_tick() -> Result<()> {
+    let mut s = setup("lossy").await?;
+    let lossy = Arc::new(LostAnswers {
+        inner: s.client.task()?,
+        seen: Default::default(),
+    });
+    let cron = Cron::new(
+        s.client.leader("lossy")?,
+        lossy,
+        Arc::clone(&s.map),
+        "node-1",
+    );
+    cron.schedule(
+        "beat",
+        Schedule::every(Duration::from_millis(300)),
+        Job::new("lossy", ""),
+    )
+    .await?;
+    let mut ticks = Vec::new();
+    for _ in 0..3 {
+        ticks.push(num(&next(&mut s.fired).await, "cron.tick"));
+    }
+    cron.stop().await;
+    // A window in which a duplicate of the last tick's job must NOT arrive.
+    while let Ok(Some(labels)) = timeout(Duration::from_millis(300), s.fired.recv()).await {
+        ticks.push(num(&labels, "cron.tick"));
+    }
+    let mut unique = ticks.clone();
+    unique.dedup();
+    assert_eq!(ticks, unique, "a tick ran as two jobs: {ticks:?}");
+    Ok(())
+}

@@ -227,7 +227,11 @@ impl JobStore for EtcdTask {
     #[tracing::instrument(level = "debug", skip(self, job), fields(backend = BACKEND, primitive = "task", id = %job.name))]
     async fn submit(&self, job: Job) -> Result<JobId> {
         self.shared.client.check_alive()?;
-        let id = uuid::Uuid::new_v4().simple().to_string();
+        // A keyed job's id is its key: a second submit of the key finds the first job.
+        let id = job
+            .key
+            .clone()
+            .unwrap_or_else(|| uuid::Uuid::new_v4().simple().to_string());
         let mut job = job;
         let payload = std::mem::take(&mut job.payload);
         let record = Record {
@@ -235,18 +239,31 @@ impl JobStore for EtcdTask {
             job,
         };
         let keys = &self.shared.keys;
-        let txn = Txn::new().and_then([
-            TxnOp::put(keys.record(&id), self.shared.encode(&record)?, None),
-            TxnOp::put(keys.payload(&id), payload, None),
-            TxnOp::put(keys.queue(&record.job.name, &id), "0", None),
-        ]);
-        self.shared
+        // Only if no job has this id yet: so a resend after a lost answer, or a second submit
+        // of the same key, never queues the job twice.
+        let txn = Txn::new()
+            .when([Compare::create_revision(
+                keys.record(&id),
+                CompareOp::Equal,
+                0,
+            )])
+            .and_then([
+                TxnOp::put(keys.record(&id), self.shared.encode(&record)?, None),
+                TxnOp::put(keys.payload(&id), payload, None),
+                TxnOp::put(keys.queue(&record.job.name, &id), "0", None),
+            ]);
+        let resp = self
+            .shared
             .client
             .kv()
             .txn(txn)
             .await
             .map_err(|e| etcd_err("submitting the job", e).with_id(&record.job.name))?;
-        tracing::debug!(backend = BACKEND, job = %id, name = %record.job.name, "job submitted");
+        if resp.succeeded() {
+            tracing::debug!(backend = BACKEND, job = %id, name = %record.job.name, "job submitted");
+        } else {
+            tracing::debug!(backend = BACKEND, job = %id, "job key already submitted");
+        }
         Ok(JobId(id))
     }
 
@@ -305,11 +322,14 @@ impl JobQueue for EtcdQueue {
     async fn claim(&self, _name: &str) -> Result<Claimed<Claim>> {
         let (claim, rev, wake) = claim_one(&self.shared, &self.prefix).await?;
         if let Some(mut claim) = claim {
+            // The claim's revision fences the attempt; its lease's end is the claim's end.
+            let token = u64::try_from(claim.rev).unwrap_or_default();
             let mut ctx = JobContext::new(
                 JobId(claim.id.clone()),
                 &claim.record.job,
                 claim.record.status.attempts,
-            );
+            )
+            .with_claim(token, claim.lease_ended.clone());
             ctx.payload = std::mem::take(&mut claim.payload);
             return Ok(Claimed::Job(claim, ctx));
         }

@@ -19,6 +19,7 @@ use std::{
 };
 
 use async_trait::async_trait;
+use sync_core::raw::{LossTrigger, loss_signal_until};
 use sync_core::{
     Error, ErrorKind, HandlerError, Job, JobContext, JobId, JobState, JobStatus, Result,
 };
@@ -83,6 +84,8 @@ struct Claim {
     token: u64,
     session: u64,
     registration: u64,
+    /// Tells the handler its claim ended; dropped (so the signal is lost) with the claim.
+    lost: LossTrigger,
 }
 
 impl Jobs {
@@ -162,6 +165,10 @@ fn take_next(shared: &Arc<Shared>, queue: &str, session: u64) -> Take {
         if entry.status.state != JobState::Queued || entry.claim.is_some() {
             continue;
         }
+        // Bound to the session's deadline too: a paused worker's handler sees the loss.
+        let Some(deadline) = shared.session_deadline(session) else {
+            return Take::SessionEnded;
+        };
         let token = shared.next_revision();
         let on_end = {
             let weak = Arc::downgrade(shared);
@@ -179,14 +186,17 @@ fn take_next(shared: &Arc<Shared>, queue: &str, session: u64) -> Take {
         };
         entry.status.state = JobState::Running;
         entry.status.attempts = entry.status.attempts.saturating_add(1);
+        let (lost, signal) = loss_signal_until(deadline);
         entry.claim = Some(Claim {
             token,
             session,
             registration,
+            lost,
         });
         entry.changed.send_replace(());
         // The payload is copied once, straight into the handler's context.
-        let ctx = JobContext::new(entry.status.id.clone(), &entry.job, entry.status.attempts);
+        let ctx = JobContext::new(entry.status.id.clone(), &entry.job, entry.status.attempts)
+            .with_claim(token, signal);
         let claimed = Claimed {
             id: ctx.id.clone(),
             attempt: ctx.attempt,
@@ -211,7 +221,9 @@ fn worker_lost(shared: &Weak<Shared>, job_key: &str, token: u64, reason: &str) {
     if entry.claim.as_ref().is_none_or(|c| c.token != token) {
         return;
     }
-    entry.claim = None;
+    if let Some(claim) = entry.claim.take() {
+        claim.lost.fire(format!("worker lost: {reason}"));
+    }
     let requeue = apply_worker_loss(&entry.job, &mut entry.status, reason);
     entry.changed.send_replace(());
     tracing::warn!(backend = BACKEND, primitive = "task", job = %entry.status.id, attempts = entry.status.attempts, reason, redelivered = requeue, "a worker died holding the job");
@@ -350,12 +362,17 @@ impl JobStore for LocalTask {
             tracing::debug_span!("submit", backend = BACKEND, primitive = "task", id = %job.name);
         span.in_scope(|| {
             self.client.session()?;
-            let id = JobId(uuid::Uuid::new_v4().to_string());
+            // A keyed job's id is its key: a second submit of the key finds the first job.
+            let id = JobId(job.key.clone().unwrap_or_else(|| uuid::Uuid::new_v4().to_string()));
             let job_key = self.job_key(&id);
             let queue = self.client.key(&["task", &job.name]);
-            let status = JobStatus::queued(id.clone(), &job);
             let mut state = locked(&self.client.shared.jobs.state);
             state.forget_expired(Instant::now());
+            if state.jobs.contains_key(&job_key) {
+                tracing::debug!(backend = BACKEND, primitive = "task", job = %id, "job key already submitted");
+                return Ok(id);
+            }
+            let status = JobStatus::queued(id.clone(), &job);
             state.jobs.insert(
                 job_key.clone(),
                 JobEntry {
