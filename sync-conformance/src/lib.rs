@@ -214,6 +214,10 @@ pub(crate) fn ensure_increasing(what: &str, values: &[u64]) -> CaseResult {
     }
 }
 
+/// The job retention every harness configures (how long a finished job stays readable), so
+/// that `task::finished_jobs_disappear_after_retention` can see jobs go.
+pub const JOB_RETENTION: Duration = Duration::from_secs(3);
+
 /// Extra time added to TTL-scaled bounds: scheduling, network round trips, a watch firing.
 pub const SLACK: Duration = Duration::from_secs(2);
 

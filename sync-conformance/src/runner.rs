@@ -92,6 +92,7 @@ pub fn cases() -> Vec<Case> {
         case!(task::output_over_limit_fails, [Task]),
         case!(task::idempotent_submit, [Task]),
         case!(task::handler_sees_claim_loss, [Task, RevokeSession]),
+        case!(task::finished_jobs_disappear_after_retention, [Task]),
         case!(map::crud, [Map]),
         case!(map::compare_and_swap_conflict, [Map]),
         case!(map::concurrent_update_exact, [Map]),

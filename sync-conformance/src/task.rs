@@ -15,7 +15,9 @@ use sync_core::{
 };
 use tokio::sync::{mpsc, watch};
 
-use crate::{CaseResult, Ctx, ensure, expect_kind, fail, stays_pending, within};
+use crate::{
+    CaseResult, Ctx, Failure, ensure, eventually, expect_kind, fail, stays_pending, within,
+};
 
 /// Retries in these cases wait this long, so they stay fast.
 const BACKOFF: Duration = Duration::from_millis(10);
@@ -535,4 +537,45 @@ pub async fn handler_sees_claim_loss(ctx: &Ctx) -> CaseResult {
     let done = within(finish(ctx), "the job finishing", task.wait(&id, None)).await??;
     ensure!(done.state == JobState::Succeeded, "the job: {done:?}");
     Ok(())
+}
+
+/// A finished job stays readable for the retention and is gone (NotFound) soon after: nothing
+/// grows without bound. Harnesses configure [`JOB_RETENTION`](crate::JOB_RETENTION).
+pub async fn finished_jobs_disappear_after_retention(ctx: &Ctx) -> CaseResult {
+    let client = ctx.client().await?;
+    let task = client.task()?;
+    let _worker = task
+        .work(
+            "kept",
+            handler(|job: JobContext| async move { Ok(job.payload) }),
+            WorkerOptions::new(),
+        )
+        .await?;
+    let done = within(
+        finish(ctx),
+        "a job to finish",
+        task.run(Job::new("kept", "x")),
+    )
+    .await??;
+    ensure!(done.state == JobState::Succeeded, "the job: {done:?}");
+    // A window in which the finished job must NOT be gone yet.
+    tokio::time::sleep(crate::JOB_RETENTION / 2).await;
+    let kept = task.status(&done.id).await?;
+    ensure!(
+        kept.output.as_deref() == Some(&b"x"[..]),
+        "half-way through the retention the job lost its output: {kept:?}"
+    );
+    let limit = crate::JOB_RETENTION * 2 + ctx.prompt();
+    eventually(limit, "the finished job being removed", || {
+        let task = task.clone();
+        let id = done.id.clone();
+        async move {
+            match task.status(&id).await {
+                Err(e) if e.kind() == ErrorKind::NotFound => Ok(true),
+                Err(e) => Err(Failure::new(format_args!("status: {e}"))),
+                Ok(_) => Ok(false),
+            }
+        }
+    })
+    .await
 }

@@ -46,6 +46,10 @@ pub struct Config {
     /// How long connecting may take.
     #[serde(with = "humantime_serde")]
     pub connect_timeout: Duration,
+    /// How long a finished job (its record and output) stays readable before etcd deletes it:
+    /// at least this long, at most an eighth longer. At least [`MIN_TTL`].
+    #[serde(with = "humantime_serde")]
+    pub job_retention: Duration,
     /// Connect with TLS (the `etcds://` scheme); needs the `tls` cargo feature.
     pub tls: bool,
     /// With TLS: PEM file of the CA that signed the server certificates (system roots are not
@@ -86,6 +90,7 @@ impl Default for Config {
             user: None,
             password: None,
             connect_timeout: Duration::from_secs(5),
+            job_retention: Duration::from_secs(3600),
             tls: false,
             ca_file: None,
             cert_file: None,
@@ -193,6 +198,12 @@ impl Config {
         self
     }
 
+    /// Sets how long finished jobs stay readable.
+    pub fn with_job_retention(mut self, retention: Duration) -> Self {
+        self.job_retention = retention;
+        self
+    }
+
     /// Checks endpoints, namespace and TTL.
     pub fn validate(&self) -> Result<()> {
         if self.endpoints.is_empty() {
@@ -211,6 +222,14 @@ impl Config {
             return Err(Error::invalid(format!(
                 "ttl is {:?}; etcd leases are whole seconds (at least {MIN_TTL:?})",
                 self.ttl
+            ))
+            .with_backend(BACKEND));
+        }
+        if self.job_retention < MIN_TTL || self.job_retention > MAX_TTL {
+            return Err(Error::invalid(format!(
+                "job_retention is {:?}; it must be at least {MIN_TTL:?} and at most {MAX_TTL:?} \
+                 (it is an etcd lease)",
+                self.job_retention
             ))
             .with_backend(BACKEND));
         }

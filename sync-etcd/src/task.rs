@@ -133,9 +133,43 @@ impl Keys {
 struct Shared {
     client: Arc<ClientInner>,
     keys: Keys,
+    /// The lease finished jobs are written with, and when it was granted: one lease per
+    /// eighth of the retention, so a finished job lives between one and 9/8 retentions.
+    retention: tokio::sync::Mutex<Option<(i64, Instant)>>,
 }
 
 impl Shared {
+    /// The lease to write a finished job with: granted once per eighth of the retention, with
+    /// a TTL of 9/8 of it, so every job written under it is kept at least the retention.
+    async fn retention_lease(&self) -> Result<i64> {
+        let retention = self.client.config.job_retention;
+        let mut slot = self.retention.lock().await;
+        if let Some((lease, granted)) = *slot {
+            if granted.elapsed() < retention / 8 {
+                return Ok(lease);
+            }
+        }
+        // Whole seconds, rounded up: a job is never dropped before its retention.
+        let keep = retention + retention / 8;
+        let ttl = keep.as_secs() + u64::from(keep.subsec_nanos() > 0);
+        let granted = Instant::now();
+        let lease = self
+            .client
+            .etcd
+            .lease_client()
+            .grant(i64::try_from(ttl).unwrap_or(i64::MAX), None)
+            .await
+            .map_err(|e| etcd_err("granting the job retention lease", e))?
+            .id();
+        *slot = Some((lease, granted));
+        Ok(lease)
+    }
+
+    /// Drops the cached retention lease (etcd no longer has it).
+    async fn forget_retention_lease(&self) {
+        *self.retention.lock().await = None;
+    }
+
     fn encode(&self, record: &Record) -> Result<Vec<u8>> {
         serde_json::to_vec(record).map_err(|e| {
             Error::new(ErrorKind::Backend, "encoding the job record")
@@ -215,6 +249,7 @@ impl EtcdTask {
             shared: Arc::new(Shared {
                 client,
                 keys: Keys { root },
+                retention: tokio::sync::Mutex::new(None),
             }),
         }
     }
@@ -520,11 +555,29 @@ async fn record_outcome(shared: &Shared, claim: Claim, mut outcome: Outcome) {
     let attempt = record.status.attempts;
     let mut downgraded = false;
     let mut transient_failures = 0u32;
+    let mut lease_refreshes = 0u32;
     loop {
         if shared.client.is_killed() {
             return;
         }
-        let txn = match finish_txn(shared, &id, rev, &mut record, attempt, outcome.clone()) {
+        let lease = match shared.retention_lease().await {
+            Ok(lease) => lease,
+            Err(e) => {
+                tracing::warn!(backend = BACKEND, job = %id, error = %e, "granting the retention lease failed; retrying");
+                transient_failures = transient_failures.saturating_add(1);
+                tokio::time::sleep(Duration::from_millis(200) * transient_failures.min(25)).await;
+                continue;
+            }
+        };
+        let txn = match finish_txn(
+            shared,
+            &id,
+            rev,
+            &mut record,
+            attempt,
+            outcome.clone(),
+            lease,
+        ) {
             Ok(txn) => txn,
             Err(e) => {
                 tracing::warn!(backend = BACKEND, job = %id, error = %e, "encoding the outcome failed; releasing the claim");
@@ -537,6 +590,13 @@ async fn record_outcome(shared: &Shared, claim: Claim, mut outcome: Outcome) {
             Ok(_) => {
                 tracing::warn!(backend = BACKEND, job = %id, "the claim was lost before the attempt finished; its outcome is dropped");
                 return;
+            }
+            // The retention lease expired under us (a long pause): a definite refusal, so the
+            // write is simply made again with a fresh lease.
+            Err(e) if lease_gone(&e) && lease_refreshes < 3 => {
+                lease_refreshes += 1;
+                shared.forget_retention_lease().await;
+                continue;
             }
             Err(e) => etcd_err("recording the outcome", e).with_id(&id),
         };
@@ -580,6 +640,7 @@ fn finish_txn(
     record: &mut Record,
     attempt: u32,
     outcome: Outcome,
+    retention_lease: i64,
 ) -> Result<Txn> {
     let keys = &shared.keys;
     let mut requeue_at = None;
@@ -592,13 +653,17 @@ fn finish_txn(
         Next::Failed => {}
     }
     let value = shared.encode(record)?;
+    // A final record and its output go when the retention lease expires.
+    let kept = requeue_at
+        .is_none()
+        .then(|| PutOptions::new().with_lease(retention_lease));
     let mut ops = vec![
-        TxnOp::put(keys.record(id), value, None),
+        TxnOp::put(keys.record(id), value, kept.clone()),
         TxnOp::delete(keys.claim(id), None::<DeleteOptions>),
         TxnOp::delete(keys.inflight_of(id), None::<DeleteOptions>),
     ];
     if let Some(output) = output {
-        ops.push(TxnOp::put(keys.output(id), output, None));
+        ops.push(TxnOp::put(keys.output(id), output, kept));
     }
     match requeue_at {
         Some(at) => ops.push(TxnOp::put(
@@ -610,6 +675,11 @@ fn finish_txn(
         None => ops.push(TxnOp::delete(keys.payload(id), None::<DeleteOptions>)),
     }
     Ok(Txn::new().when([keys.record_at(id, rev)]).and_then(ops))
+}
+
+/// Whether etcd refused a write because its lease is gone.
+fn lease_gone(e: &etcd_client::Error) -> bool {
+    matches!(e, etcd_client::Error::GRpcStatus(status) if status.message().contains("lease not found"))
 }
 
 /// Deletes the claim of `id` so the reapers redeliver the job — only while the record is still
@@ -711,8 +781,14 @@ async fn requeue_orphan(shared: &Shared, id: &str) -> Result<()> {
     let attempts = record.status.attempts;
     let reason = format!("its lease ended during attempt {attempts}");
     let out_of_attempts = !apply_worker_loss(&record.job, &mut record.status, &reason);
+    // A job that failed for good is kept for the retention, like any finished job (a lease
+    // gone meanwhile fails this txn; the next reaper pass tries again with a fresh one).
+    let kept = match out_of_attempts {
+        true => Some(PutOptions::new().with_lease(shared.retention_lease().await?)),
+        false => None,
+    };
     let mut ops = vec![
-        TxnOp::put(keys.record(id), shared.encode(&record)?, None),
+        TxnOp::put(keys.record(id), shared.encode(&record)?, kept),
         TxnOp::delete(keys.inflight_of(id), None::<DeleteOptions>),
     ];
     if out_of_attempts {
@@ -726,10 +802,15 @@ async fn requeue_orphan(shared: &Shared, id: &str) -> Result<()> {
             Compare::create_revision(keys.claim(id), CompareOp::Equal, 0),
         ])
         .and_then(ops);
-    let resp = kv()
-        .txn(txn)
-        .await
-        .map_err(|e| etcd_err("requeueing the job", e).with_id(id))?;
+    let resp = kv().txn(txn).await.map_err(|e| {
+        if lease_gone(&e) {
+            // Not awaited here: the next pass grants a fresh lease.
+            if let Ok(mut slot) = shared.retention.try_lock() {
+                *slot = None;
+            }
+        }
+        etcd_err("requeueing the job", e).with_id(id)
+    })?;
     if resp.succeeded() {
         tracing::warn!(backend = BACKEND, job = %id, attempts, redelivered = !out_of_attempts, "a worker died holding the job");
     }

@@ -11,7 +11,8 @@ fn main() -> std::process::ExitCode {
             // The shortest lease etcd grants keeps the expiry and failover cases quick.
             let config = Config::from_url(&url)?
                 .with_namespace(namespace)
-                .with_ttl(MIN_TTL);
+                .with_ttl(MIN_TTL)
+                .with_job_retention(sync_conformance::JOB_RETENTION);
             Client::connect(config).await
         },
     )

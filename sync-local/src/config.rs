@@ -24,6 +24,9 @@ pub struct Config {
     /// The uncertainty the Time primitive states around the system clock.
     #[serde(with = "humantime_serde")]
     pub time_uncertainty: Duration,
+    /// How long a finished job's status stays readable; after that `status` answers NotFound.
+    #[serde(with = "humantime_serde")]
+    pub job_retention: Duration,
 }
 
 impl Default for Config {
@@ -33,6 +36,7 @@ impl Default for Config {
             namespace: "sync".to_string(),
             ttl: Duration::from_secs(10),
             time_uncertainty: Duration::ZERO,
+            job_retention: crate::JOB_RETENTION,
         }
     }
 }
@@ -89,6 +93,12 @@ impl Config {
         self
     }
 
+    /// Sets how long finished jobs stay readable (default [`JOB_RETENTION`](crate::JOB_RETENTION)).
+    pub fn with_job_retention(mut self, retention: Duration) -> Self {
+        self.job_retention = retention;
+        self
+    }
+
     /// Sets the uncertainty of the Time primitive.
     pub fn with_time_uncertainty(mut self, uncertainty: Duration) -> Self {
         self.time_uncertainty = uncertainty;
@@ -99,7 +109,12 @@ impl Config {
     pub fn validate(&self) -> Result<()> {
         sync_core::id::validate_namespace(&self.namespace)
             .map_err(|e| e.with_backend(crate::BACKEND))?;
-        sync_core::raw::validate_ttl(crate::BACKEND, self.ttl, MIN_TTL)
+        sync_core::raw::validate_ttl(crate::BACKEND, self.ttl, MIN_TTL)?;
+        if self.job_retention.is_zero() {
+            return Err(Error::invalid("job_retention is 0s; it must be above zero")
+                .with_backend(crate::BACKEND));
+        }
+        Ok(())
     }
 }
 

@@ -141,13 +141,6 @@ impl Cluster {
         Self::default()
     }
 
-    /// Sets how long a finished job's status stays readable (default
-    /// [`JOB_RETENTION`](crate::JOB_RETENTION)); after that `status` answers NotFound.
-    pub fn with_job_retention(self, retention: std::time::Duration) -> Self {
-        self.shared.jobs.set_retention(retention);
-        self
-    }
-
     /// The process-wide cluster called `name` (what `local://name` connects to).
     pub fn named(name: &str) -> Cluster {
         let all = NAMED.get_or_init(Default::default);

@@ -9,7 +9,7 @@
 //! The seed's plain closure commands run on a [`CommandPool`].
 
 use std::{
-    collections::{HashMap, VecDeque},
+    collections::{BTreeSet, HashMap, VecDeque},
     fmt,
     sync::{
         Arc, Mutex, Weak,
@@ -51,10 +51,8 @@ struct Jobs {
     jobs: HashMap<String, JobEntry>,
     /// By namespaced queue key (`<ns>/task/<name>`).
     queues: HashMap<String, Queue>,
-    /// Finished job keys and when they may be forgotten, oldest first.
-    finished: VecDeque<(Instant, String)>,
-    /// How long finished jobs stay visible to `status`; `None` is [`JOB_RETENTION`].
-    retention: Option<Duration>,
+    /// Finished job keys by when they may be forgotten, soonest first.
+    finished: BTreeSet<(Instant, String)>,
 }
 
 /// How long a finished job's status is kept by default.
@@ -78,6 +76,8 @@ struct JobEntry {
     retry: Option<u64>,
     /// Bumped on every status change; `wait` subscribes.
     changed: watch::Sender<()>,
+    /// How long the job stays visible once finished (its submitter's config).
+    retention: Duration,
 }
 
 struct Claim {
@@ -93,14 +93,17 @@ impl Jobs {
     /// long-running cluster does not keep every job it ever ran.
     fn retire(&mut self, job_key: &str) {
         let now = Instant::now();
-        let keep = self.retention.unwrap_or(JOB_RETENTION);
-        self.finished.push_back((now + keep, job_key.to_string()));
+        let Some(keep) = self.jobs.get(job_key).map(|e| e.retention) else {
+            return;
+        };
+        self.finished
+            .insert((sync_kit::deadline(keep).max(now), job_key.to_string()));
         self.forget_expired(now);
     }
 
     fn forget_expired(&mut self, now: Instant) {
-        while self.finished.front().is_some_and(|(at, _)| *at <= now) {
-            let Some((_, key)) = self.finished.pop_front() else {
+        while self.finished.first().is_some_and(|(at, _)| *at <= now) {
+            let Some((_, key)) = self.finished.pop_first() else {
                 break;
             };
             if self
@@ -122,10 +125,6 @@ impl Jobs {
 }
 
 impl JobTable {
-    pub(crate) fn set_retention(&self, retention: Duration) {
-        locked(&self.state).retention = Some(retention);
-    }
-
     fn queue_wake(&self, queue: &str) -> Arc<Notify> {
         locked(&self.state)
             .queues
@@ -382,6 +381,7 @@ impl JobStore for LocalTask {
                     claim: None,
                     retry: None,
                     changed: watch::channel(()).0,
+                    retention: self.client.config.job_retention,
                 },
             );
             state.make_ready(&queue, &job_key);
@@ -394,7 +394,8 @@ impl JobStore for LocalTask {
         let span = tracing::debug_span!("status", backend = BACKEND, primitive = "task", id = %id);
         span.in_scope(|| {
             self.client.session()?;
-            let state = locked(&self.client.shared.jobs.state);
+            let mut state = locked(&self.client.shared.jobs.state);
+            state.forget_expired(Instant::now());
             state
                 .jobs
                 .get(&self.job_key(id))
@@ -741,8 +742,10 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn finished_jobs_are_forgotten_after_retention() {
-        let cluster = Cluster::new().with_job_retention(Duration::from_secs(60));
-        let config = Config::default().with_ttl(Duration::from_secs(600));
+        let cluster = Cluster::new();
+        let config = Config::default()
+            .with_ttl(Duration::from_secs(600))
+            .with_job_retention(Duration::from_secs(60));
         let task = cluster.client(config).unwrap().task().unwrap();
         let _w = task
             .work("echo", echo(), WorkerOptions::new())

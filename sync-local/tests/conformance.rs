@@ -12,7 +12,8 @@ fn main() -> std::process::ExitCode {
         let config = Config::default()
             .with_cluster(&namespace)
             .with_namespace(namespace)
-            .with_ttl(Duration::from_secs(1));
+            .with_ttl(Duration::from_secs(1))
+            .with_job_retention(sync_conformance::JOB_RETENTION);
         Client::connect(config)
     })
 }
