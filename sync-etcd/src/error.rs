@@ -51,13 +51,74 @@ pub(crate) fn etcd_err(what: impl Into<String>, e: etcd_client::Error) -> Error 
     Error::new(kind, what).with_backend(BACKEND).with_source(e)
 }
 
-/// Whether a request surely never reached etcd (the connection to the endpoint the channel
-/// picked could not be made), so it is safe to send again — on another endpoint.
+/// Whether a request surely never reached etcd, so it is safe to send again — on another
+/// endpoint: only a failure to connect proves that. A status etcd itself sent (say "request
+/// timed out, possibly due to connection lost", which may well have committed) has no source;
+/// only a local transport failure does, and its chain must show the connect that failed.
 pub(crate) fn not_delivered(e: &etcd_client::Error) -> bool {
-    match e {
-        etcd_client::Error::GRpcStatus(status) => {
-            i32::from(status.code()) == 14 && status.message().contains("connect")
+    let etcd_client::Error::GRpcStatus(status) = e else {
+        return false;
+    };
+    if i32::from(status.code()) != UNAVAILABLE {
+        return false;
+    }
+    let mut next = std::error::Error::source(status);
+    while let Some(err) = next {
+        if is_connect_failure(err) {
+            return true;
         }
-        _ => false,
+        next = err.source();
+    }
+    false
+}
+
+/// A connect that failed: refused, unreachable, or the transport saying it never connected.
+fn is_connect_failure(err: &(dyn std::error::Error + 'static)) -> bool {
+    use std::io::ErrorKind::{
+        AddrNotAvailable, ConnectionRefused, HostUnreachable, NetworkUnreachable,
+    };
+    if let Some(io) = err.downcast_ref::<std::io::Error>() {
+        return matches!(
+            io.kind(),
+            ConnectionRefused | AddrNotAvailable | HostUnreachable | NetworkUnreachable
+        );
+    }
+    let text = err.to_string();
+    text.starts_with("tcp connect error") || text.starts_with("error trying to connect")
+}
+
+/// gRPC's Unavailable, by number: etcd-client does not re-export tonic's `Code`.
+const UNAVAILABLE: i32 = 14;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_status_etcd_sent_is_never_proven_undelivered() {
+        // etcd's own answer when a proposal's fate is unknown: it may have committed.
+        let lost = tonic::Status::unavailable(
+            "etcdserver: request timed out, possibly due to connection lost",
+        );
+        assert!(!not_delivered(&etcd_client::Error::GRpcStatus(lost)));
+        let connect_word = tonic::Status::unavailable("error trying to connect: it says so");
+        assert!(
+            !not_delivered(&etcd_client::Error::GRpcStatus(connect_word)),
+            "no source, no proof"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_refused_connect_is_proven_undelivered() {
+        // Nothing listens on port 1 of loopback: the connect itself fails.
+        let etcd = etcd_client::Client::connect(["http://127.0.0.1:1"], None)
+            .await
+            .expect("a lazy channel");
+        let err = etcd
+            .kv_client()
+            .get("k", None)
+            .await
+            .expect_err("nothing listens");
+        assert!(not_delivered(&err), "{err:?}");
     }
 }
