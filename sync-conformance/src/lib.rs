@@ -35,11 +35,13 @@ use std::{
 use sync_core::{Backend, Faults, Leader, Lock, Map, Task, Time};
 
 pub mod cron;
+pub mod fault;
 pub mod leader;
 pub mod limits;
 pub mod lock;
 pub mod map;
 pub mod pause;
+pub mod proxy;
 mod runner;
 pub mod task;
 pub mod time;
@@ -246,7 +248,7 @@ impl Ctx {
     pub fn client(&self) -> impl Future<Output = Result<Client, Failure>> + Send + '_ {
         let at = std::panic::Location::caller();
         async move {
-            (self.harness.connect)(self.namespace.clone())
+            (self.harness.connect)(self.harness.url.clone(), self.namespace.clone())
                 .await
                 .map(Client)
                 .map_err(|e| Failure::located(format_args!("creating a client: {e}"), at))
@@ -258,7 +260,30 @@ impl Ctx {
     pub fn connect_later(
         &self,
     ) -> futures::future::BoxFuture<'static, sync_core::Result<Arc<dyn Backend>>> {
-        (self.harness.connect)(self.namespace.clone())
+        (self.harness.connect)(self.harness.url.clone(), self.namespace.clone())
+    }
+
+    /// A new client in the case's namespace that reaches the server through a fault proxy of
+    /// its own. Only for network backends (cases that need it are `[unsupported]` without a
+    /// URL).
+    #[track_caller]
+    pub fn proxied_client(
+        &self,
+    ) -> impl Future<Output = Result<(Client, proxy::FaultProxy), Failure>> + Send + '_ {
+        let at = std::panic::Location::caller();
+        async move {
+            let fail = |what: String| Failure::located(what, at);
+            let server = proxy::first_host(&self.harness.url)
+                .ok_or_else(|| fail(format!("no server address in {:?}", self.harness.url)))?;
+            let proxy = proxy::FaultProxy::start(server)
+                .await
+                .map_err(|e| fail(format!("starting the fault proxy: {e}")))?;
+            let url = proxy::through(&self.harness.url, proxy.addr());
+            let client = (self.harness.connect)(url, self.namespace.clone())
+                .await
+                .map_err(|e| fail(format!("creating a client through the proxy: {e}")))?;
+            Ok((Client(client), proxy))
+        }
     }
 
     /// The backend's lease TTL.

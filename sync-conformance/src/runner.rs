@@ -9,13 +9,15 @@ use sync_core::{Backend, Capabilities, Capability};
 
 use crate::{CaseResult, Ctx};
 
-/// Connects a new client of the backend under test in a namespace.
+/// Connects a new client of the backend under test: `(url, namespace)`.
 pub(crate) type Connect =
-    dyn Fn(String) -> BoxFuture<'static, sync_core::Result<Arc<dyn Backend>>> + Send + Sync;
+    dyn Fn(String, String) -> BoxFuture<'static, sync_core::Result<Arc<dyn Backend>>> + Send + Sync;
 
 /// How the cases reach the backend under test, and what a probe client said of it.
 pub(crate) struct Harness {
     pub(crate) connect: Box<Connect>,
+    /// The backend URL from the environment (empty for the local backend).
+    pub(crate) url: String,
     pub(crate) capabilities: Capabilities,
     /// The lease TTL; time bounds in cases scale with it.
     pub(crate) ttl: Duration,
@@ -33,6 +35,9 @@ pub struct Case {
     pub name: &'static str,
     /// What the backend must support for the case to be meaningful.
     pub needs: &'static [Capability],
+    /// Whether the case puts a fault proxy between a client and the server (network backends
+    /// only: it needs a backend URL with a host).
+    pub network: bool,
     /// The case itself.
     pub run: for<'a> fn(&'a Ctx) -> BoxFuture<'a, CaseResult>,
 }
@@ -49,10 +54,17 @@ impl std::fmt::Debug for Case {
 
 macro_rules! case {
     ($module:ident :: $name:ident, [$($cap:ident),* $(,)?]) => {
+        case!(@ $module::$name, [$($cap),*], false)
+    };
+    (network $module:ident :: $name:ident, [$($cap:ident),* $(,)?]) => {
+        case!(@ $module::$name, [$($cap),*], true)
+    };
+    (@ $module:ident :: $name:ident, [$($cap:ident),*], $network:expr) => {
         Case {
             primitive: stringify!($module),
             name: stringify!($name),
             needs: &[$(Capability::$cap),*],
+            network: $network,
             run: |ctx| Box::pin(crate::$module::$name(ctx)),
         }
     };
@@ -77,6 +89,7 @@ pub fn cases() -> Vec<Case> {
         case!(lock::release_after_revoke, [Lock, RevokeSession]),
         case!(pause::paused_holder_sees_loss_first, [Lock, Leader]),
         case!(limits::duration_max_waits_never_panic, [Lock, Leader, Task]),
+        case!(network fault::frozen_holder_loses_before_another_grant, [Lock]),
         case!(leader::single_leader, [Leader]),
         case!(leader::resign_hands_over, [Leader]),
         case!(leader::revoked_on_lease_revoke, [Leader, RevokeSession]),
@@ -183,13 +196,14 @@ where
             }
         },
     };
-    let connect: Box<Connect> = Box::new(move |namespace| {
-        let client = connect(url.clone(), namespace);
+    let connect: Box<Connect> = Box::new(move |url, namespace| {
+        let client = connect(url, namespace);
         async move { Ok(Arc::new(client.await?) as Arc<dyn Backend>) }.boxed()
     });
-    match probe(&connect) {
+    match probe(&connect, &url) {
         Ok((capabilities, ttl)) => Gate::Ready(Arc::new(Harness {
             connect,
+            url,
             capabilities,
             ttl: ttl.unwrap_or(NO_LEASE_TTL),
         })),
@@ -198,7 +212,7 @@ where
 }
 
 /// Connects one client to learn the backend's capabilities and TTL, then closes it.
-fn probe(connect: &Connect) -> sync_core::Result<(Capabilities, Option<Duration>)> {
+fn probe(connect: &Connect, url: &str) -> sync_core::Result<(Capabilities, Option<Duration>)> {
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
@@ -207,7 +221,7 @@ fn probe(connect: &Connect) -> sync_core::Result<(Capabilities, Option<Duration>
                 .with_source(e)
         })?;
     rt.block_on(async {
-        let client = connect("conformance-probe".to_string()).await?;
+        let client = connect(url.to_string(), "conformance-probe".to_string()).await?;
         let found = (client.capabilities(), client.ttl());
         client.close().await?;
         Ok(found)
@@ -232,9 +246,13 @@ fn trial(backend: &'static str, gate: &Gate, case: Case) -> Trial {
                 .copied()
                 .filter(|c| !harness.capabilities.contains(*c))
                 .collect();
-            if !missing.is_empty() {
+            let no_server = case.network && crate::proxy::first_host(&harness.url).is_none();
+            if !missing.is_empty() || no_server {
                 // Forced with --include-ignored, an unsupported case fails: never a silent pass.
-                let why = format!("unsupported: the {backend} harness lacks {missing:?}");
+                let why = match no_server {
+                    true => format!("unsupported: the {backend} backend has no server to proxy"),
+                    false => format!("unsupported: the {backend} harness lacks {missing:?}"),
+                };
                 return Trial::test(name, move || Err(why.into()))
                     .with_kind("unsupported")
                     .with_ignored_flag(true);
