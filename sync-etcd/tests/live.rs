@@ -577,8 +577,34 @@ async fn map_entries_beyond_the_grpc_message_limit(endpoint: String) -> TestResu
     Ok(())
 }
 
+/// Credentials sent to an etcd without authentication are a configuration mistake, named as
+/// such: InvalidArgument saying that authentication is not enabled, not a generic Backend error.
+async fn credentials_to_an_etcd_without_auth(endpoint: String) -> TestResult {
+    let authority = common::authority(&endpoint);
+    let url = format!("etcd://someone:pw@{authority}/{}", unique("noauth"));
+    let config = sync_etcd::Config::from_url(&url).map_err(|e| e.to_string())?;
+    let err = match sync_etcd::Client::connect(config).await {
+        Ok(_) => return Err("connecting with credentials to an etcd without auth worked".into()),
+        Err(e) => e,
+    };
+    let text = err.to_string();
+    if err.kind() != ErrorKind::InvalidArgument || !text.contains("authentication is not enabled") {
+        return Err(format!(
+            "credentials to an etcd without auth: {:?}: {text}",
+            err.kind()
+        ));
+    }
+    if text.contains("pw@") || text.contains(":pw") {
+        return Err(format!("the error echoes the password: {text}"));
+    }
+    Ok(())
+}
+
 fn main() -> std::process::ExitCode {
-    let tests: [(&'static str, TestFn); 9] = [
+    let tests: [(&'static str, TestFn); 10] = [
+        ("live::credentials_to_an_etcd_without_auth", |e| {
+            Box::pin(credentials_to_an_etcd_without_auth(e))
+        }),
         ("live::lost_before_expiry_when_renewals_fail", |e| {
             Box::pin(lost_before_expiry_when_renewals_fail(e))
         }),
