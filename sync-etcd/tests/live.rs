@@ -577,6 +577,79 @@ async fn map_entries_beyond_the_grpc_message_limit(endpoint: String) -> TestResu
     Ok(())
 }
 
+/// A reaper that looked at a job while it was queued must not delete the in-flight marker a
+/// worker writes when it claims the job a moment later: without it, that worker's death would
+/// leave the job Running forever. The reaper's request is held back by a proxy until the claim
+/// is made, then let through.
+async fn reaper_spares_a_newer_claims_marker(endpoint: String) -> TestResult {
+    let ns = unique("reaper");
+    let proxy = common::proxy::Proxy::start(&common::authority(&endpoint)).await?;
+    let direct = common::connect(&endpoint, &ns).await?;
+    let task = direct.task().map_err(|e| e.to_string())?;
+    let id = task
+        .submit(Job::new("held", "x"))
+        .await
+        .map_err(|e| e.to_string())?;
+    // A marker with no claim while the job is Queued: the reaper's look finds it stale.
+    let marker = format!("{ns}/:task/inflight/{id}");
+    etcdctl(&endpoint, &["put", &marker, ""]).await?;
+    proxy.hold_next(marker.as_bytes());
+    let reaping = common::connect(&proxy.endpoint, &ns).await?;
+    let idle = Arc::new(|_: JobContext| async { Ok::<_, HandlerError>(Vec::new()) });
+    let reaper = reaping
+        .task()
+        .map_err(|e| e.to_string())?
+        .work("idle", idle, WorkerOptions::new())
+        .await
+        .map_err(|e| e.to_string())?;
+    tokio::time::timeout(Duration::from_secs(10), proxy.held())
+        .await
+        .map_err(|_| "the reaper sent nothing about the stale marker within 10s".to_string())?;
+    // A worker claims the job while the reaper's request is held.
+    let (started_tx, mut started) = tokio::sync::mpsc::unbounded_channel();
+    let blocking = Arc::new(move |_: JobContext| {
+        let started_tx = started_tx.clone();
+        async move {
+            let _ = started_tx.send(());
+            futures::future::pending::<()>().await;
+            Ok::<_, HandlerError>(Vec::new())
+        }
+    });
+    let _holder = task
+        .work("held", blocking, WorkerOptions::new())
+        .await
+        .map_err(|e| e.to_string())?;
+    tokio::time::timeout(Duration::from_secs(10), started.recv())
+        .await
+        .map_err(|_| "the job was not claimed within 10s".to_string())?;
+    proxy.release();
+    // Must not happen within: the reaper's request removing the new claim's marker.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let left = etcdctl(&endpoint, &["get", "--keys-only", &marker]).await?;
+    if left.trim().is_empty() {
+        return Err("the reaper deleted the in-flight marker of a newer claim".into());
+    }
+    // The claiming worker dies: the job is redelivered and done by another.
+    direct.kill().await;
+    let other = common::connect(&endpoint, &ns).await?;
+    let other_task = other.task().map_err(|e| e.to_string())?;
+    let done = Arc::new(|_: JobContext| async { Ok::<_, HandlerError>(b"done".to_vec()) });
+    let _worker = other_task
+        .work("held", done, WorkerOptions::new())
+        .await
+        .map_err(|e| e.to_string())?;
+    let status = other_task
+        .wait(&id, Some(Duration::from_secs(20)))
+        .await
+        .map_err(|e| format!("the job of a dead worker was not redelivered: {e}"))?;
+    if status.state != JobState::Succeeded {
+        return Err(format!("the redelivered job: {status:?}"));
+    }
+    reaper.stop().await;
+    etcdctl(&endpoint, &["del", "--prefix", &format!("{ns}/")]).await?;
+    Ok(())
+}
+
 /// Credentials sent to an etcd without authentication are a configuration mistake, named as
 /// such: InvalidArgument saying that authentication is not enabled, not a generic Backend error.
 async fn credentials_to_an_etcd_without_auth(endpoint: String) -> TestResult {
@@ -601,7 +674,10 @@ async fn credentials_to_an_etcd_without_auth(endpoint: String) -> TestResult {
 }
 
 fn main() -> std::process::ExitCode {
-    let tests: [(&'static str, TestFn); 10] = [
+    let tests: [(&'static str, TestFn); 11] = [
+        ("live::reaper_spares_a_newer_claims_marker", |e| {
+            Box::pin(reaper_spares_a_newer_claims_marker(e))
+        }),
         ("live::credentials_to_an_etcd_without_auth", |e| {
             Box::pin(credentials_to_an_etcd_without_auth(e))
         }),
