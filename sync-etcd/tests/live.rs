@@ -650,6 +650,100 @@ async fn reaper_spares_a_newer_claims_marker(endpoint: String) -> TestResult {
     Ok(())
 }
 
+/// The keys under `prefix`, once there are `n` of them (within 10 s).
+async fn await_keys(endpoint: &str, prefix: &str, n: usize) -> Result<Vec<String>, String> {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let out = etcdctl(endpoint, &["get", "--prefix", "--keys-only", prefix]).await?;
+        let keys: Vec<String> = out
+            .lines()
+            .filter(|l| !l.is_empty())
+            .map(String::from)
+            .collect();
+        if keys.len() == n {
+            return Ok(keys);
+        }
+        if Instant::now() > deadline {
+            return Err(format!(
+                "{n} keys under {prefix} expected within 10s: {keys:?}"
+            ));
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// A waiting acquire cancelled while etcd cannot be reached leaves its contender key behind
+/// only until etcd is back: the cleanup is retried, so the key (on a lease that stays renewed)
+/// does not block every later contender.
+async fn cancelled_acquire_cleans_up_after_an_outage(endpoint: String) -> TestResult {
+    let ns = unique("cancel-outage");
+    let prefix = format!("{ns}/c/");
+    let proxy = common::proxy::Proxy::start(&common::authority(&endpoint)).await?;
+    let holder = common::connect(&endpoint, &ns).await?;
+    // A TTL that outlasts the outage: its lease stays renewed throughout.
+    let config = common::config(&proxy.endpoint, &ns).with_ttl(Duration::from_secs(5));
+    let waiter = sync_etcd::Client::connect(config)
+        .await
+        .map_err(|e| e.to_string())?;
+    let held = holder
+        .lock()
+        .map_err(|e| e.to_string())?
+        .acquire("c", LockOptions::new())
+        .await
+        .map_err(|e| e.to_string())?;
+    let lock = waiter.lock().map_err(|e| e.to_string())?;
+    let acquire = tokio::spawn(async move { lock.acquire("c", LockOptions::new()).await });
+    await_keys(&endpoint, &prefix, 2).await?;
+    proxy.set(common::proxy::Mode::Cut);
+    acquire.abort();
+    let _ = acquire.await;
+    // The injected outage: the cancelled acquire's delete fails throughout.
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    proxy.set(common::proxy::Mode::Forward);
+    held.release().await.map_err(|e| e.to_string())?;
+    let third = common::connect(&endpoint, &ns).await?;
+    let granted = third
+        .lock()
+        .map_err(|e| e.to_string())?
+        .acquire("c", LockOptions::new().with_wait(Duration::from_secs(5)))
+        .await
+        .map_err(|e| {
+            format!("the cancelled acquire's key still blocks the lock 5s after the outage: {e}")
+        })?;
+    granted.release().await.map_err(|e| e.to_string())?;
+    await_keys(&endpoint, &prefix, 0).await?;
+    Ok(())
+}
+
+/// `elect` that adopts an existing contender key of its own lease (left over with another
+/// value) proclaims its own candidate and value: followers never see the stale one.
+async fn elect_adopting_a_key_proclaims_its_value(endpoint: String) -> TestResult {
+    let ns = unique("adopt");
+    let client = common::connect(&endpoint, &ns).await?;
+    let lease = client.lease_id().await.map_err(|e| e.to_string())?;
+    let key = format!("{ns}/g/{lease}");
+    etcdctl(
+        &endpoint,
+        &["put", &format!("--lease={lease}"), &key, "stale"],
+    )
+    .await?;
+    let leader = client.leader("g").map_err(|e| e.to_string())?;
+    let elected = leader
+        .elect("me", ElectOptions::new().with_value("fresh"))
+        .await
+        .map_err(|e| e.to_string())?;
+    let seen = leader.leader().await.map_err(|e| e.to_string())?;
+    match &seen {
+        Some(info) if info.candidate == "me" && info.value == b"fresh" => {}
+        other => return Err(format!("the adopted key shows {other:?}, not me/fresh")),
+    }
+    if seen.map(|i| i.term) != Some(elected.term()) {
+        return Err("the leader's term is not the elected term".into());
+    }
+    elected.resign().await.map_err(|e| e.to_string())?;
+    Ok(())
+}
+
 /// Credentials sent to an etcd without authentication are a configuration mistake, named as
 /// such: InvalidArgument saying that authentication is not enabled, not a generic Backend error.
 async fn credentials_to_an_etcd_without_auth(endpoint: String) -> TestResult {
@@ -674,7 +768,13 @@ async fn credentials_to_an_etcd_without_auth(endpoint: String) -> TestResult {
 }
 
 fn main() -> std::process::ExitCode {
-    let tests: [(&'static str, TestFn); 11] = [
+    let tests: [(&'static str, TestFn); 13] = [
+        ("live::cancelled_acquire_cleans_up_after_an_outage", |e| {
+            Box::pin(cancelled_acquire_cleans_up_after_an_outage(e))
+        }),
+        ("live::elect_adopting_a_key_proclaims_its_value", |e| {
+            Box::pin(elect_adopting_a_key_proclaims_its_value(e))
+        }),
         ("live::reaper_spares_a_newer_claims_marker", |e| {
             Box::pin(reaper_spares_a_newer_claims_marker(e))
         }),
