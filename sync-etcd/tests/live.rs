@@ -744,6 +744,49 @@ async fn elect_adopting_a_key_proclaims_its_value(endpoint: String) -> TestResul
     Ok(())
 }
 
+/// A holder whose renewals went unanswered past the safe deadline (while etcd, receiving them,
+/// kept the lease alive) and whose release then failed in an outage: once etcd is reachable
+/// again the old lease is revoked, so the lock frees at once rather than a TTL later.
+async fn lost_lease_is_revoked_after_an_outage(endpoint: String) -> TestResult {
+    use common::proxy::{Mode, Proxy};
+    let ns = unique("revoke-outage");
+    let proxy = Proxy::start(&common::authority(&endpoint)).await?;
+    // Long enough that waiting for the lease's own expiry cannot pass for the fix.
+    let ttl = Duration::from_secs(10);
+    let config = common::config(&proxy.endpoint, &ns).with_ttl(ttl);
+    let holder = sync_etcd::Client::connect(config)
+        .await
+        .map_err(|e| e.to_string())?;
+    let lock = holder.lock().map_err(|e| e.to_string())?;
+    let guard = lock
+        .acquire("r", LockOptions::new())
+        .await
+        .map_err(|e| e.to_string())?;
+    // Renewals still reach etcd, their answers never come back.
+    proxy.set(Mode::DropAnswers);
+    tokio::time::timeout(ttl, guard.lost())
+        .await
+        .map_err(|_| "lost() did not fire within one TTL of unanswered renewals".to_string())?;
+    // The outage: the release and the revoke of the old lease (on the next call) both fail.
+    proxy.set(Mode::Cut);
+    if guard.release().await.is_ok() {
+        return Err("release succeeded through a cut connection".into());
+    }
+    let _ = lock.try_acquire("next").await;
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    proxy.set(Mode::Forward);
+    let restored = Instant::now();
+    let other = common::connect(&endpoint, &ns).await?;
+    let granted = other
+        .lock()
+        .map_err(|e| e.to_string())?
+        .acquire("r", LockOptions::new().with_wait(Duration::from_secs(4)))
+        .await
+        .map_err(|e| format!("the released lock stayed blocked after the outage: {e}"))?;
+    eprintln!("granted {:?} after the outage ended", restored.elapsed());
+    granted.release().await.map_err(|e| e.to_string())
+}
+
 /// Credentials sent to an etcd without authentication are a configuration mistake, named as
 /// such: InvalidArgument saying that authentication is not enabled, not a generic Backend error.
 async fn credentials_to_an_etcd_without_auth(endpoint: String) -> TestResult {
@@ -768,7 +811,10 @@ async fn credentials_to_an_etcd_without_auth(endpoint: String) -> TestResult {
 }
 
 fn main() -> std::process::ExitCode {
-    let tests: [(&'static str, TestFn); 13] = [
+    let tests: [(&'static str, TestFn); 14] = [
+        ("live::lost_lease_is_revoked_after_an_outage", |e| {
+            Box::pin(lost_lease_is_revoked_after_an_outage(e))
+        }),
         ("live::cancelled_acquire_cleans_up_after_an_outage", |e| {
             Box::pin(cancelled_acquire_cleans_up_after_an_outage(e))
         }),
