@@ -330,7 +330,14 @@ fn parse_hosts(hosts: &str) -> Result<Vec<String>> {
 }
 
 /// Checks one `host[:port]` entry: not empty, an IPv6 literal in brackets, a port 1 to 65535.
-fn check_host(entry: &str) -> Result<()> {
+/// For backends whose config also takes endpoints outside a URL, so both follow one rule.
+///
+/// ```
+/// assert!(sync_core::url::check_host("h:2379").is_ok());
+/// let err = sync_core::url::check_host("h:99999").unwrap_err();
+/// assert!(err.to_string().contains("the port must be 1 to 65535"));
+/// ```
+pub fn check_host(entry: &str) -> Result<()> {
     let bad = |why: &str| Err(Error::invalid(format!("host {entry:?}: {why}")));
     if entry.is_empty() {
         return Err(Error::invalid(
@@ -497,6 +504,11 @@ mod tests {
         rejects("etcd://h:x", "the port must be 1 to 65535");
         rejects("etcd://[::1]:0", "the port must be 1 to 65535");
         rejects("etcd://:2379", "no host");
+        rejects("etcd://h:99999", "the port must be 1 to 65535");
+        rejects("etcd://h:abc", "the port must be 1 to 65535");
+        rejects("etcd://h:-1", "the port must be 1 to 65535");
+        rejects("etcd://h:1,h:65536", "the port must be 1 to 65535");
+        rejects("etcd://:0", "no host");
         rejects("etcd://::1", "IPv6 address must be in brackets");
         rejects("etcd://fe80::1:2379", "IPv6 address must be in brackets");
         rejects("etcd://[::1", "without ']'");

@@ -77,7 +77,7 @@ impl ClientInner {
             // Its holders were told they lost; make sure the server agrees (it may not have
             // expired the lease yet when renewals merely failed for a while).
             old.stop_renewing();
-            old.revoke_in_background(&self.etcd);
+            old.revoke_in_background(&self.etcd, self.killed());
         }
         let session =
             Session::grant(&self.etcd, self.config.ttl, self.tries(), self.killed()).await?;
@@ -160,7 +160,7 @@ impl Drop for ClientInner {
             if !*self.killed.borrow() && !s.ended.is_lost() {
                 s.end("client closed");
                 // Free everything this client held at once rather than after a TTL.
-                s.revoke_in_background(&self.etcd);
+                s.revoke_in_background(&self.etcd, self.killed());
             }
         }
     }

@@ -209,6 +209,7 @@ impl Config {
         if self.endpoints.is_empty() {
             return Err(Error::invalid("at least one endpoint is needed").with_backend(BACKEND));
         }
+        self.endpoints.iter().try_for_each(|e| check_endpoint(e))?;
         sync_core::id::validate_namespace(&self.namespace).map_err(|e| e.with_backend(BACKEND))?;
         sync_core::raw::validate_ttl(BACKEND, self.ttl, MIN_TTL)?;
         if self.ttl > MAX_TTL {
@@ -275,6 +276,22 @@ impl Config {
         }
         Ok(())
     }
+}
+
+/// One endpoint, `[http[s]://]host[:port][/]`: the same host and port rules as a URL's, so a
+/// bad port is named here rather than dialled as port 80.
+fn check_endpoint(endpoint: &str) -> Result<()> {
+    let authority = ["http://", "https://"]
+        .iter()
+        .find_map(|scheme| endpoint.strip_prefix(scheme))
+        .unwrap_or(endpoint);
+    let authority = authority.strip_suffix('/').unwrap_or(authority);
+    let bad =
+        |why: &str| Error::invalid(format!("endpoint {endpoint:?}: {why}")).with_backend(BACKEND);
+    if authority.contains('/') {
+        return Err(bad("has a path; expected [http[s]://]host[:port]"));
+    }
+    sync_core::url::check_host(authority).map_err(|e| bad(e.message()))
 }
 
 #[cfg(test)]
@@ -381,7 +398,11 @@ mod tests {
         };
         assert!(msg("consul://a").contains("expected etcd:// or etcds://"));
         assert!(msg("etcd://").contains("the host list is empty"));
-        assert!(msg("etcd://a:0").contains("1 to 65535"));
+        for port in ["0", "99999", "65536", "abc", "-1"] {
+            let m = msg(&format!("etcd://a:{port}"));
+            assert!(m.contains("1 to 65535") && m.contains(port), "{m}");
+        }
+        assert!(msg("etcd://:0").contains("no host"));
         assert!(msg("etcd://a?ttl=5").contains("ttl=\"5\""));
         assert!(msg("etcd://a?ttl=2500ms").contains("whole seconds"));
         assert!(msg("etcd://a?bogus=1").contains("unknown field `bogus`"));
@@ -392,6 +413,40 @@ mod tests {
         }
         let m = msg("etcd://u:s3cret@a:0");
         assert!(!m.contains("s3cret"), "{m}");
+    }
+
+    #[test]
+    fn bad_endpoints_set_directly_name_the_problem() {
+        let msg = |endpoint: &str| {
+            let err = Config::default()
+                .with_endpoints([endpoint])
+                .validate()
+                .unwrap_err();
+            assert_eq!(
+                err.kind(),
+                sync_core::ErrorKind::InvalidArgument,
+                "{endpoint}: {err}"
+            );
+            err.to_string()
+        };
+        for port in ["0", "99999", "65536", "abc", "-1"] {
+            let m = msg(&format!("http://a:{port}"));
+            assert!(m.contains("1 to 65535") && m.contains(port), "{m}");
+        }
+        assert!(msg("http://:2379").contains("no host"));
+        assert!(msg("http://a:1/x").contains("has a path"));
+        for good in [
+            "http://a:1",
+            "https://a",
+            "http://[::1]:2379",
+            "http://a:1/",
+            "a:2379",
+        ] {
+            Config::default()
+                .with_endpoints([good])
+                .validate()
+                .unwrap_or_else(|e| panic!("{good}: {e}"));
+        }
     }
 
     #[test]

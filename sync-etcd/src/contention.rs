@@ -23,7 +23,7 @@ use sync_core::{Error, ErrorKind, LossSignal, Result};
 use sync_kit::locked;
 use tokio::{sync::OwnedMutexGuard, task::AbortHandle};
 
-use crate::{BACKEND, client::ClientInner, error::etcd_err, session::Session};
+use crate::{BACKEND, client::ClientInner, error::etcd_err, kv::Kv, session::Session};
 
 /// Per contender prefix: contenders of one id on one handle queue here, so only one of them
 /// owns the key `<prefix><lease-hex>` at a time.
@@ -135,10 +135,14 @@ pub(crate) struct Contender {
 
 /// Deletes a contender key in the background unless disarmed: what makes a dropped acquire
 /// future leave nothing behind. It first waits for the creating transaction (so the delete
-/// cannot overtake it) and keeps the local turn until the delete is done.
+/// cannot overtake it) and keeps the local turn until the delete is done. A failing delete is
+/// retried until the key is gone or its lease ended: a key left on a lease that is still
+/// renewed would block every other contender for as long as this process lives.
 struct Cleanup {
     client: Arc<ClientInner>,
     key: String,
+    /// The end of the lease the key is written with.
+    lease_ended: LossSignal,
     txn: Option<
         tokio::task::JoinHandle<std::result::Result<etcd_client::TxnResponse, etcd_client::Error>>,
     >,
@@ -163,15 +167,13 @@ impl Drop for Cleanup {
             self.turn.take(),
             std::mem::take(&mut self.key),
         );
-        let mut kv = self.client.kv();
+        let (kv, lease_ended) = (self.client.kv(), self.lease_ended.clone());
         if let Ok(rt) = tokio::runtime::Handle::try_current() {
             rt.spawn(async move {
                 if let Some(txn) = txn {
                     let _ = txn.await;
                 }
-                if let Err(e) = kv.delete(key.clone(), None).await {
-                    tracing::warn!(backend = BACKEND, key, error = %e, "deleting a cancelled contender key failed; the lease will expire it");
-                }
+                delete_until_gone(kv, &key, &lease_ended, "a cancelled contender key").await;
                 drop(turn);
             });
         }
@@ -282,6 +284,7 @@ async fn create_key(
         let mut cleanup = Cleanup {
             client: client.clone(),
             key,
+            lease_ended: session.ended.clone(),
             txn: Some(tokio::spawn(async move { kv.txn(txn).await })),
             turn: Some(turn),
             armed: true,
@@ -305,16 +308,17 @@ async fn create_key(
     }
 }
 
-/// Creates `key` with `lease` if it does not exist, and reads the prefix's owner; if it
-/// exists (a retry after an unknown outcome), reads it instead.
+/// Creates `key` with `lease` if it does not exist, and reads the prefix's owner. If it exists
+/// (a retry after an unknown outcome, or a key of this lease left over), adopts it: writes
+/// this contender's value (its create revision, the token, stays) and reads it back, so a
+/// leader never shows the value of an earlier campaign.
 fn contender_txn(key: &str, prefix: &str, value: Vec<u8>, lease: i64) -> Txn {
+    let put = TxnOp::put(key, value, Some(PutOptions::new().with_lease(lease)));
     Txn::new()
         .when([Compare::create_revision(key, CompareOp::Equal, 0)])
-        .and_then([
-            TxnOp::put(key, value, Some(PutOptions::new().with_lease(lease))),
-            TxnOp::get(prefix, Some(first_created())),
-        ])
+        .and_then([put.clone(), TxnOp::get(prefix, Some(first_created()))])
         .or_else([
+            put,
             TxnOp::get(key, None),
             TxnOp::get(prefix, Some(first_created())),
         ])
@@ -327,10 +331,11 @@ fn positions(resp: &etcd_client::TxnResponse, id: &str) -> Result<(i64, Option<i
         Some(TxnOpResponse::Get(g)) => g.kvs().first().map(|kv| kv.create_revision()),
         _ => None,
     };
-    let rev = if resp.succeeded() {
-        resp.header().map(|h| h.revision()).unwrap_or_default()
+    let (rev, owner) = if resp.succeeded() {
+        let rev = resp.header().map(|h| h.revision()).unwrap_or_default();
+        (rev, ops.get(1))
     } else {
-        first_rev(ops.first()).unwrap_or_default()
+        (first_rev(ops.get(1)).unwrap_or_default(), ops.get(2))
     };
     if rev <= 0 {
         return Err(Error::new(
@@ -340,7 +345,7 @@ fn positions(resp: &etcd_client::TxnResponse, id: &str) -> Result<(i64, Option<i
         .with_backend(BACKEND)
         .with_id(id));
     }
-    Ok((rev, first_rev(ops.get(1))))
+    Ok((rev, first_rev(owner)))
 }
 
 /// Waits until no contender older than `rev` is left under `prefix` (etcd's `waitDeletes`).
@@ -500,30 +505,37 @@ fn spawn_delete(
         // A dead process releases nothing: the lease expiry frees the key.
         return;
     }
-    let mut kv = client.kv();
+    let kv = client.kv();
     if let Ok(rt) = tokio::runtime::Handle::try_current() {
         rt.spawn(async move {
-            let mut attempt = 0u32;
-            loop {
-                match kv.delete(key.clone(), None).await {
-                    Ok(_) => break,
-                    Err(e) if lease_ended.is_lost() => {
-                        tracing::warn!(backend = BACKEND, key, error = %e, "background release failed; the key ends with its lease");
-                        break;
-                    }
-                    Err(e) => {
-                        attempt = attempt.saturating_add(1);
-                        tracing::warn!(backend = BACKEND, key, attempt, error = %e, "background release failed; retrying");
-                        let pause = Duration::from_millis(200) * attempt.min(25);
-                        tokio::select! {
-                            _ = tokio::time::sleep(pause) => {}
-                            _ = lease_ended.wait() => {}
-                        }
-                    }
-                }
-            }
+            delete_until_gone(kv, &key, &lease_ended, "a released key").await;
             drop(turn);
         });
+    }
+}
+
+/// Deletes `key` (`what`, for the log), retrying with backoff until the delete succeeds or
+/// the lease the key was written with has ended (the key then goes with the lease, which the
+/// client revokes).
+async fn delete_until_gone(mut kv: Kv, key: &str, lease_ended: &LossSignal, what: &str) {
+    let mut attempt = 0u32;
+    loop {
+        match kv.delete(key, None).await {
+            Ok(_) => return,
+            Err(e) if lease_ended.is_lost() => {
+                tracing::warn!(backend = BACKEND, key, error = %e, "deleting {what} failed; it ends with its lease");
+                return;
+            }
+            Err(e) => {
+                attempt = attempt.saturating_add(1);
+                tracing::warn!(backend = BACKEND, key, attempt, error = %e, "deleting {what} failed; retrying");
+                let pause = Duration::from_millis(200) * attempt.min(25);
+                tokio::select! {
+                    _ = tokio::time::sleep(pause) => {}
+                    _ = lease_ended.wait() => {}
+                }
+            }
+        }
     }
 }
 

@@ -26,6 +26,15 @@ pub(crate) fn etcd_err(what: impl Into<String>, e: etcd_client::Error) -> Error 
                     );
                     ErrorKind::InvalidArgument
                 }
+                // FailedPrecondition: credentials given to an etcd that has no auth. A setup
+                // mistake to name, not a server fault (and never worth retrying).
+                9 if message.contains("authentication is not enabled") => {
+                    what.push_str(
+                        ": a user and password were given, but authentication is not enabled \
+                         on this etcd; remove them from the config",
+                    );
+                    ErrorKind::InvalidArgument
+                }
                 // Cancelled, DeadlineExceeded, ResourceExhausted, Unavailable
                 1 | 4 | 8 | 14 => ErrorKind::Unavailable,
                 // Unknown, from the transport (a connection closed under the request).

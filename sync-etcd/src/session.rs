@@ -13,6 +13,8 @@ use crate::{BACKEND, error::etcd_err, kv::retried};
 /// One lease and the signal that it is gone (or no longer certain).
 pub(crate) struct Session {
     pub(crate) lease: i64,
+    /// The TTL etcd granted.
+    ttl: Duration,
     pub(crate) ended: LossSignal,
     /// The lease's safe deadline, moved forward by each confirmed renewal: what this lease
     /// holds is lost once the monotonic clock passes it, or once the keepalive is gone.
@@ -54,6 +56,7 @@ impl Session {
         tracing::debug!(backend = BACKEND, lease = format!("{lease:x}"), ttl = ?granted_ttl, "lease granted");
         Ok(Session {
             lease,
+            ttl: granted_ttl,
             ended,
             deadline,
             trigger,
@@ -83,23 +86,28 @@ impl Session {
         Ok(())
     }
 
-    /// Revokes the lease without waiting for the answer, so what it held frees at once rather
-    /// than after a TTL. Needs a tokio runtime; without one the lease simply expires.
-    pub(crate) fn revoke_in_background(&self, etcd: &etcd_client::Client) {
+    /// Revokes the lease in the background, so what it held frees at once rather than after a
+    /// TTL, retrying until etcd answers (see [`revoke_until_answered`]). Call it only once
+    /// renewals have stopped. Needs a tokio runtime; without one the lease simply expires.
+    pub(crate) fn revoke_in_background(
+        &self,
+        etcd: &etcd_client::Client,
+        killed: watch::Receiver<bool>,
+    ) {
         if let Ok(rt) = tokio::runtime::Handle::try_current() {
-            let mut lease_client = etcd.lease_client();
-            let lease = self.lease;
-            rt.spawn(async move {
-                let _ = lease_client.revoke(lease).await;
-            });
+            rt.spawn(revoke_until_answered(
+                etcd.lease_client(),
+                self.lease,
+                self.ttl,
+                killed,
+            ));
         }
     }
 
     /// Ends the session if `e` says etcd no longer has its lease (a write with it failed before
     /// the keepalive noticed), so the next call grants a new one. True if it did.
     pub(crate) fn end_if_lease_gone(&self, e: &etcd_client::Error) -> bool {
-        let gone = matches!(e, etcd_client::Error::GRpcStatus(status)
-            if status.message().contains("lease not found"));
+        let gone = lease_not_found(e);
         if gone {
             self.end("lease not found");
         }
@@ -109,6 +117,44 @@ impl Session {
     /// The lease id as etcd's concurrency package writes it in keys.
     pub(crate) fn lease_hex(&self) -> String {
         format!("{:x}", self.lease)
+    }
+}
+
+/// Whether etcd answered that the lease does not exist (expired or revoked).
+fn lease_not_found(e: &etcd_client::Error) -> bool {
+    matches!(e, etcd_client::Error::GRpcStatus(status)
+        if status.message().contains("lease not found"))
+}
+
+/// Revokes `lease`, retrying with backoff until etcd answers (revoked, or not found). A
+/// lease whose renewals failed may still live on the server: renewals that got no answer may
+/// have reached it, and an etcd restart or leader change extends every lease by its TTL, so
+/// no clock tells from here that it is gone. Stops when the client is killed (a dead process
+/// revokes nothing); once the client is dropped, one `ttl` after it started (renewals had
+/// stopped by then), the lease is expired unless etcd restarted.
+async fn revoke_until_answered(
+    mut leases: etcd_client::LeaseClient,
+    lease: i64,
+    ttl: Duration,
+    killed: watch::Receiver<bool>,
+) {
+    let lease_hex = format!("{lease:x}");
+    let expired_by = Instant::now() + ttl;
+    let mut attempt = 0u32;
+    loop {
+        let e = match leases.revoke(lease).await {
+            Ok(_) => return,
+            Err(e) if lease_not_found(&e) => return,
+            Err(e) => e,
+        };
+        let client_gone = killed.has_changed().is_err();
+        if *killed.borrow() || (client_gone && Instant::now() >= expired_by) {
+            tracing::warn!(backend = BACKEND, lease = %lease_hex, error = %e, "revoking the old lease failed; giving up");
+            return;
+        }
+        attempt = attempt.saturating_add(1);
+        tracing::warn!(backend = BACKEND, lease = %lease_hex, attempt, error = %e, "revoking the old lease failed; retrying");
+        tokio::time::sleep(Duration::from_millis(200) * attempt.min(25)).await;
     }
 }
 

@@ -767,16 +767,32 @@ async fn reap_orphans(shared: &Shared) -> Result<i64> {
     Ok(rev)
 }
 
+/// Deletes the in-flight marker of `id` only while its record is still at `rev`: a worker may
+/// have claimed the job since it was read, and its marker is what lets a reaper redeliver the
+/// job should that worker die.
+async fn drop_stale_marker(shared: &Shared, id: &str, rev: i64) -> Result<()> {
+    let keys = &shared.keys;
+    let txn = Txn::new()
+        .when([keys.record_at(id, rev)])
+        .and_then([TxnOp::delete(keys.inflight_of(id), None::<DeleteOptions>)]);
+    shared
+        .client
+        .kv()
+        .txn(txn)
+        .await
+        .map_err(|e| etcd_err("deleting a stale in-flight marker", e).with_id(id))?;
+    Ok(())
+}
+
 async fn requeue_orphan(shared: &Shared, id: &str) -> Result<()> {
     let keys = &shared.keys;
     let kv = || shared.client.kv();
     let Some((mut record, mod_rev)) = shared.read(id).await? else {
-        let _ = kv().delete(keys.inflight_of(id), None).await;
-        return Ok(());
+        // Mod revision 0: the record is still absent.
+        return drop_stale_marker(shared, id, 0).await;
     };
     if record.status.state != JobState::Running {
-        let _ = kv().delete(keys.inflight_of(id), None).await;
-        return Ok(());
+        return drop_stale_marker(shared, id, mod_rev).await;
     }
     let attempts = record.status.attempts;
     let reason = format!("its lease ended during attempt {attempts}");

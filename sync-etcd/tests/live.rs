@@ -577,8 +577,256 @@ async fn map_entries_beyond_the_grpc_message_limit(endpoint: String) -> TestResu
     Ok(())
 }
 
+/// A reaper that looked at a job while it was queued must not delete the in-flight marker a
+/// worker writes when it claims the job a moment later: without it, that worker's death would
+/// leave the job Running forever. The reaper's request is held back by a proxy until the claim
+/// is made, then let through.
+async fn reaper_spares_a_newer_claims_marker(endpoint: String) -> TestResult {
+    let ns = unique("reaper");
+    let proxy = common::proxy::Proxy::start(&common::authority(&endpoint)).await?;
+    let direct = common::connect(&endpoint, &ns).await?;
+    let task = direct.task().map_err(|e| e.to_string())?;
+    let id = task
+        .submit(Job::new("held", "x"))
+        .await
+        .map_err(|e| e.to_string())?;
+    // A marker with no claim while the job is Queued: the reaper's look finds it stale.
+    let marker = format!("{ns}/:task/inflight/{id}");
+    etcdctl(&endpoint, &["put", &marker, ""]).await?;
+    proxy.hold_next(marker.as_bytes());
+    let reaping = common::connect(&proxy.endpoint, &ns).await?;
+    let idle = Arc::new(|_: JobContext| async { Ok::<_, HandlerError>(Vec::new()) });
+    let reaper = reaping
+        .task()
+        .map_err(|e| e.to_string())?
+        .work("idle", idle, WorkerOptions::new())
+        .await
+        .map_err(|e| e.to_string())?;
+    tokio::time::timeout(Duration::from_secs(10), proxy.held())
+        .await
+        .map_err(|_| "the reaper sent nothing about the stale marker within 10s".to_string())?;
+    // A worker claims the job while the reaper's request is held.
+    let (started_tx, mut started) = tokio::sync::mpsc::unbounded_channel();
+    let blocking = Arc::new(move |_: JobContext| {
+        let started_tx = started_tx.clone();
+        async move {
+            let _ = started_tx.send(());
+            futures::future::pending::<()>().await;
+            Ok::<_, HandlerError>(Vec::new())
+        }
+    });
+    let _holder = task
+        .work("held", blocking, WorkerOptions::new())
+        .await
+        .map_err(|e| e.to_string())?;
+    tokio::time::timeout(Duration::from_secs(10), started.recv())
+        .await
+        .map_err(|_| "the job was not claimed within 10s".to_string())?;
+    proxy.release();
+    // Must not happen within: the reaper's request removing the new claim's marker.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let left = etcdctl(&endpoint, &["get", "--keys-only", &marker]).await?;
+    if left.trim().is_empty() {
+        return Err("the reaper deleted the in-flight marker of a newer claim".into());
+    }
+    // The claiming worker dies: the job is redelivered and done by another.
+    direct.kill().await;
+    let other = common::connect(&endpoint, &ns).await?;
+    let other_task = other.task().map_err(|e| e.to_string())?;
+    let done = Arc::new(|_: JobContext| async { Ok::<_, HandlerError>(b"done".to_vec()) });
+    let _worker = other_task
+        .work("held", done, WorkerOptions::new())
+        .await
+        .map_err(|e| e.to_string())?;
+    let status = other_task
+        .wait(&id, Some(Duration::from_secs(20)))
+        .await
+        .map_err(|e| format!("the job of a dead worker was not redelivered: {e}"))?;
+    if status.state != JobState::Succeeded {
+        return Err(format!("the redelivered job: {status:?}"));
+    }
+    reaper.stop().await;
+    etcdctl(&endpoint, &["del", "--prefix", &format!("{ns}/")]).await?;
+    Ok(())
+}
+
+/// The keys under `prefix`, once there are `n` of them (within 10 s).
+async fn await_keys(endpoint: &str, prefix: &str, n: usize) -> Result<Vec<String>, String> {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let out = etcdctl(endpoint, &["get", "--prefix", "--keys-only", prefix]).await?;
+        let keys: Vec<String> = out
+            .lines()
+            .filter(|l| !l.is_empty())
+            .map(String::from)
+            .collect();
+        if keys.len() == n {
+            return Ok(keys);
+        }
+        if Instant::now() > deadline {
+            return Err(format!(
+                "{n} keys under {prefix} expected within 10s: {keys:?}"
+            ));
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// A waiting acquire cancelled while etcd cannot be reached leaves its contender key behind
+/// only until etcd is back: the cleanup is retried, so the key (on a lease that stays renewed)
+/// does not block every later contender.
+async fn cancelled_acquire_cleans_up_after_an_outage(endpoint: String) -> TestResult {
+    let ns = unique("cancel-outage");
+    let prefix = format!("{ns}/c/");
+    let proxy = common::proxy::Proxy::start(&common::authority(&endpoint)).await?;
+    let holder = common::connect(&endpoint, &ns).await?;
+    // A TTL that outlasts the outage: its lease stays renewed throughout.
+    let config = common::config(&proxy.endpoint, &ns).with_ttl(Duration::from_secs(5));
+    let waiter = sync_etcd::Client::connect(config)
+        .await
+        .map_err(|e| e.to_string())?;
+    let held = holder
+        .lock()
+        .map_err(|e| e.to_string())?
+        .acquire("c", LockOptions::new())
+        .await
+        .map_err(|e| e.to_string())?;
+    let lock = waiter.lock().map_err(|e| e.to_string())?;
+    let acquire = tokio::spawn(async move { lock.acquire("c", LockOptions::new()).await });
+    await_keys(&endpoint, &prefix, 2).await?;
+    proxy.set(common::proxy::Mode::Cut);
+    acquire.abort();
+    let _ = acquire.await;
+    // The injected outage: the cancelled acquire's delete fails throughout.
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    proxy.set(common::proxy::Mode::Forward);
+    held.release().await.map_err(|e| e.to_string())?;
+    let third = common::connect(&endpoint, &ns).await?;
+    let granted = third
+        .lock()
+        .map_err(|e| e.to_string())?
+        .acquire("c", LockOptions::new().with_wait(Duration::from_secs(5)))
+        .await
+        .map_err(|e| {
+            format!("the cancelled acquire's key still blocks the lock 5s after the outage: {e}")
+        })?;
+    granted.release().await.map_err(|e| e.to_string())?;
+    await_keys(&endpoint, &prefix, 0).await?;
+    Ok(())
+}
+
+/// `elect` that adopts an existing contender key of its own lease (left over with another
+/// value) proclaims its own candidate and value: followers never see the stale one.
+async fn elect_adopting_a_key_proclaims_its_value(endpoint: String) -> TestResult {
+    let ns = unique("adopt");
+    let client = common::connect(&endpoint, &ns).await?;
+    let lease = client.lease_id().await.map_err(|e| e.to_string())?;
+    let key = format!("{ns}/g/{lease}");
+    etcdctl(
+        &endpoint,
+        &["put", &format!("--lease={lease}"), &key, "stale"],
+    )
+    .await?;
+    let leader = client.leader("g").map_err(|e| e.to_string())?;
+    let elected = leader
+        .elect("me", ElectOptions::new().with_value("fresh"))
+        .await
+        .map_err(|e| e.to_string())?;
+    let seen = leader.leader().await.map_err(|e| e.to_string())?;
+    match &seen {
+        Some(info) if info.candidate == "me" && info.value == b"fresh" => {}
+        other => return Err(format!("the adopted key shows {other:?}, not me/fresh")),
+    }
+    if seen.map(|i| i.term) != Some(elected.term()) {
+        return Err("the leader's term is not the elected term".into());
+    }
+    elected.resign().await.map_err(|e| e.to_string())?;
+    Ok(())
+}
+
+/// A holder whose renewals went unanswered past the safe deadline (while etcd, receiving them,
+/// kept the lease alive) and whose release then failed in an outage: once etcd is reachable
+/// again the old lease is revoked, so the lock frees at once rather than a TTL later.
+async fn lost_lease_is_revoked_after_an_outage(endpoint: String) -> TestResult {
+    use common::proxy::{Mode, Proxy};
+    let ns = unique("revoke-outage");
+    let proxy = Proxy::start(&common::authority(&endpoint)).await?;
+    // Long enough that waiting for the lease's own expiry cannot pass for the fix.
+    let ttl = Duration::from_secs(10);
+    let config = common::config(&proxy.endpoint, &ns).with_ttl(ttl);
+    let holder = sync_etcd::Client::connect(config)
+        .await
+        .map_err(|e| e.to_string())?;
+    let lock = holder.lock().map_err(|e| e.to_string())?;
+    let guard = lock
+        .acquire("r", LockOptions::new())
+        .await
+        .map_err(|e| e.to_string())?;
+    // Renewals still reach etcd, their answers never come back.
+    proxy.set(Mode::DropAnswers);
+    tokio::time::timeout(ttl, guard.lost())
+        .await
+        .map_err(|_| "lost() did not fire within one TTL of unanswered renewals".to_string())?;
+    // The outage: the release and the revoke of the old lease (on the next call) both fail.
+    proxy.set(Mode::Cut);
+    if guard.release().await.is_ok() {
+        return Err("release succeeded through a cut connection".into());
+    }
+    let _ = lock.try_acquire("next").await;
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    proxy.set(Mode::Forward);
+    let restored = Instant::now();
+    let other = common::connect(&endpoint, &ns).await?;
+    let granted = other
+        .lock()
+        .map_err(|e| e.to_string())?
+        .acquire("r", LockOptions::new().with_wait(Duration::from_secs(4)))
+        .await
+        .map_err(|e| format!("the released lock stayed blocked after the outage: {e}"))?;
+    eprintln!("granted {:?} after the outage ended", restored.elapsed());
+    granted.release().await.map_err(|e| e.to_string())
+}
+
+/// Credentials sent to an etcd without authentication are a configuration mistake, named as
+/// such: InvalidArgument saying that authentication is not enabled, not a generic Backend error.
+async fn credentials_to_an_etcd_without_auth(endpoint: String) -> TestResult {
+    let authority = common::authority(&endpoint);
+    let url = format!("etcd://someone:pw@{authority}/{}", unique("noauth"));
+    let config = sync_etcd::Config::from_url(&url).map_err(|e| e.to_string())?;
+    let err = match sync_etcd::Client::connect(config).await {
+        Ok(_) => return Err("connecting with credentials to an etcd without auth worked".into()),
+        Err(e) => e,
+    };
+    let text = err.to_string();
+    if err.kind() != ErrorKind::InvalidArgument || !text.contains("authentication is not enabled") {
+        return Err(format!(
+            "credentials to an etcd without auth: {:?}: {text}",
+            err.kind()
+        ));
+    }
+    if text.contains("pw@") || text.contains(":pw") {
+        return Err(format!("the error echoes the password: {text}"));
+    }
+    Ok(())
+}
+
 fn main() -> std::process::ExitCode {
-    let tests: [(&'static str, TestFn); 9] = [
+    let tests: [(&'static str, TestFn); 14] = [
+        ("live::lost_lease_is_revoked_after_an_outage", |e| {
+            Box::pin(lost_lease_is_revoked_after_an_outage(e))
+        }),
+        ("live::cancelled_acquire_cleans_up_after_an_outage", |e| {
+            Box::pin(cancelled_acquire_cleans_up_after_an_outage(e))
+        }),
+        ("live::elect_adopting_a_key_proclaims_its_value", |e| {
+            Box::pin(elect_adopting_a_key_proclaims_its_value(e))
+        }),
+        ("live::reaper_spares_a_newer_claims_marker", |e| {
+            Box::pin(reaper_spares_a_newer_claims_marker(e))
+        }),
+        ("live::credentials_to_an_etcd_without_auth", |e| {
+            Box::pin(credentials_to_an_etcd_without_auth(e))
+        }),
         ("live::lost_before_expiry_when_renewals_fail", |e| {
             Box::pin(lost_before_expiry_when_renewals_fail(e))
         }),
