@@ -1,6 +1,8 @@
 //! Cases that inject a network fault for real, through the suite's fault proxy
 //! ([`crate::proxy`]): network backends only.
 
+use std::time::Duration;
+
 use sync_core::LockOptions;
 
 use crate::{CaseResult, Context, Ctx, ensure, proxy::Fault, within};
@@ -41,5 +43,42 @@ pub async fn frozen_holder_loses_before_another_grant(ctx: &Ctx) -> CaseResult {
     next.release().await?;
     // Thaw, so the holder's client can wind down rather than wait on a frozen socket.
     proxy.set(Fault::Reset);
+    Ok(())
+}
+
+/// The longest a call through a frozen endpoint may take to fail: harnesses configure a request
+/// timeout well below it.
+pub const FROZEN_CALL_BOUND: Duration = Duration::from_secs(15);
+
+/// An endpoint that accepts and never answers (frozen) fails calls in bounded time — an error,
+/// not a hang — and a call made after it thaws succeeds.
+pub async fn frozen_endpoint_fails_calls_in_bounded_time(ctx: &Ctx) -> CaseResult {
+    let (client, proxy) = ctx.proxied_client().await?;
+    let map = client.map("frozen")?;
+    map.write("k", b"before").await?;
+    proxy.set(Fault::Freeze);
+    let read = within(
+        FROZEN_CALL_BOUND,
+        "a read through a frozen endpoint",
+        map.read("k"),
+    )
+    .await?;
+    ensure!(
+        read.is_err(),
+        "a read through a frozen endpoint answered: {read:?}"
+    );
+    let write = within(
+        FROZEN_CALL_BOUND,
+        "a write through a frozen endpoint",
+        map.write("k", b"frozen"),
+    )
+    .await?;
+    ensure!(
+        write.is_err(),
+        "a write through a frozen endpoint answered: {write:?}"
+    );
+    proxy.set(Fault::Pass);
+    let after = within(FROZEN_CALL_BOUND, "a read after the thaw", map.read("k")).await??;
+    ensure!(after.is_some(), "the key is gone after the thaw");
     Ok(())
 }

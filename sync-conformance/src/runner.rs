@@ -90,6 +90,7 @@ pub fn cases() -> Vec<Case> {
         case!(pause::paused_holder_sees_loss_first, [Lock, Leader]),
         case!(limits::duration_max_waits_never_panic, [Lock, Leader, Task]),
         case!(network fault::frozen_holder_loses_before_another_grant, [Lock]),
+        case!(network fault::frozen_endpoint_fails_calls_in_bounded_time, [Map]),
         case!(leader::single_leader, [Leader]),
         case!(leader::resign_hands_over, [Leader]),
         case!(leader::revoked_on_lease_revoke, [Leader, RevokeSession]),

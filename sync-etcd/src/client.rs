@@ -88,7 +88,11 @@ impl ClientInner {
 
     /// The KV API, retrying requests that could not be delivered to the endpoint picked.
     pub(crate) fn kv(&self) -> Kv {
-        Kv::new(self.etcd.kv_client(), self.tries())
+        Kv::new(
+            self.etcd.kv_client(),
+            self.tries(),
+            self.config.request_timeout,
+        )
     }
 
     /// How often a request that was never delivered is sent: enough to try every endpoint.

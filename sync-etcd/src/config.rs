@@ -46,6 +46,10 @@ pub struct Config {
     /// How long connecting may take.
     #[serde(with = "humantime_serde")]
     pub connect_timeout: Duration,
+    /// How long one request may wait for its answer: an endpoint that accepts and never
+    /// answers fails the call (Unavailable) instead of hanging it.
+    #[serde(with = "humantime_serde")]
+    pub request_timeout: Duration,
     /// How long a finished job (its record and output) stays readable before etcd deletes it:
     /// at least this long, at most an eighth longer. At least [`MIN_TTL`].
     #[serde(with = "humantime_serde")]
@@ -90,6 +94,7 @@ impl Default for Config {
             user: None,
             password: None,
             connect_timeout: Duration::from_secs(5),
+            request_timeout: Duration::from_secs(5),
             job_retention: Duration::from_secs(3600),
             tls: false,
             ca_file: None,
@@ -198,6 +203,12 @@ impl Config {
         self
     }
 
+    /// Sets how long one request may wait for its answer.
+    pub fn with_request_timeout(mut self, timeout: Duration) -> Self {
+        self.request_timeout = timeout;
+        self
+    }
+
     /// Sets how long finished jobs stay readable.
     pub fn with_job_retention(mut self, retention: Duration) -> Self {
         self.job_retention = retention;
@@ -233,6 +244,9 @@ impl Config {
                 self.job_retention
             ))
             .with_backend(BACKEND));
+        }
+        if self.request_timeout.is_zero() {
+            return Err(Error::invalid("request_timeout must be above zero").with_backend(BACKEND));
         }
         if self.connect_timeout.is_zero() {
             return Err(Error::invalid("connect_timeout must be above zero").with_backend(BACKEND));

@@ -34,7 +34,8 @@ impl Session {
     ) -> Result<Session> {
         let granted_at = Instant::now();
         let mut lease_client = etcd.lease_client();
-        let grant = retried!(tries, lease_client.grant(ttl.as_secs() as i64, None).await)
+        // A grant unanswered for a whole TTL is of no use (a lease granted unseen expires).
+        let grant = retried!(tries, ttl, lease_client.grant(ttl.as_secs() as i64, None))
             .map_err(|e| etcd_err("granting the lease", e))?;
         let granted_ttl = Duration::from_secs(grant.ttl().max(1) as u64);
         let lease = grant.id();

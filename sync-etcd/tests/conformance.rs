@@ -12,7 +12,8 @@ fn main() -> std::process::ExitCode {
             let config = Config::from_url(&url)?
                 .with_namespace(namespace)
                 .with_ttl(MIN_TTL)
-                .with_job_retention(sync_conformance::JOB_RETENTION);
+                .with_job_retention(sync_conformance::JOB_RETENTION)
+                .with_request_timeout(std::time::Duration::from_secs(3));
             Client::connect(config).await
         },
     )
