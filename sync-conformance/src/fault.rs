@@ -5,7 +5,7 @@ use std::time::Duration;
 
 use sync_core::LockOptions;
 
-use crate::{CaseResult, Context, Ctx, ensure, proxy::Fault, within};
+use crate::{CaseResult, Context, Ctx, ensure, proxy::Fault, stays_pending, within};
 
 /// A holder whose endpoint freezes (connections open, nothing forwarded) cannot renew; it must
 /// learn of the loss — from its own safe deadline, as nothing reaches it — before another
@@ -80,5 +80,43 @@ pub async fn frozen_endpoint_fails_calls_in_bounded_time(ctx: &Ctx) -> CaseResul
     proxy.set(Fault::Pass);
     let after = within(FROZEN_CALL_BOUND, "a read after the thaw", map.read("k")).await??;
     ensure!(after.is_some(), "the key is gone after the thaw");
+    Ok(())
+}
+
+/// A waiter with no wait limit rides out its endpoint being unreachable (every connection cut
+/// and refused for a while) instead of failing: once the endpoint is back and the holder
+/// releases, the waiter is granted the lock, and the guard it gets is not already lost.
+pub async fn waiter_rides_out_an_outage(ctx: &Ctx) -> CaseResult {
+    let holder = ctx.client().await?;
+    let (waiting, proxy) = ctx.proxied_client().await?;
+    let guard = holder.lock()?.acquire("outage", LockOptions::new()).await?;
+    let lock = waiting.lock()?;
+    let mut waiter = Box::pin(async move { lock.acquire("outage", LockOptions::new()).await });
+    stays_pending(
+        ctx.prompt() / 4,
+        "the waiter, while the lock is held",
+        &mut waiter,
+    )
+    .await?;
+
+    proxy.set(Fault::Reset);
+    // The outage: shorter than the lease, long enough for every retry inside it to fail.
+    let outage = (ctx.ttl() / 2).max(Duration::from_millis(500));
+    stays_pending(outage, "the waiter, during the outage", &mut waiter).await?;
+    proxy.set(Fault::Pass);
+
+    guard.release().await?;
+    let granted = within(
+        ctx.expiry() + ctx.prompt(),
+        "the waiter after the outage",
+        waiter,
+    )
+    .await?
+    .context("the waiter's acquire across the outage")?;
+    ensure!(
+        !granted.is_lost(),
+        "the waiter was handed a guard that is already lost"
+    );
+    granted.release().await?;
     Ok(())
 }

@@ -28,9 +28,9 @@ use std::{
 use async_trait::async_trait;
 use futures::StreamExt;
 use sync_core::{
-    ElectOptions, Elected, Entry, Error, FollowStream, Handler, Job, JobId, JobStatus, Leader,
-    LeaderInfo, Lock, LockGuard, LockOptions, LossSignal, Map, Result, Task, Time, TimeInterval,
-    Version, Worker, WorkerOptions,
+    ElectOptions, Elected, Entry, Error, ErrorKind, FollowStream, Handler, Job, JobId, JobStatus,
+    Leader, LeaderInfo, Lock, LockGuard, LockOptions, LossSignal, Map, Result, Task, Time,
+    TimeInterval, Version, Worker, WorkerOptions,
     raw::{HeldLock, Leadership, validate_value},
 };
 use tracing::Instrument;
@@ -125,6 +125,44 @@ fn count_loss(backend: &'static str, primitive: &'static str, signal: &LossSigna
     }
 }
 
+/// Waits for a grant (a lock, a leadership) through transient failures: while the backend is
+/// unreachable, or the session a wait stood on was lost (nothing was granted yet), `attempt`
+/// runs again after a backoff until the caller's `wait` ends; a grant already lost when it
+/// arrives is given back (dropped) and waited for again, so a caller never gets a stale one.
+async fn until_granted<T, Fut>(
+    wait: Option<Duration>,
+    lost: impl Fn(&T) -> bool,
+    mut attempt: impl FnMut(Option<Duration>) -> Fut,
+) -> Result<T>
+where
+    Fut: Future<Output = Result<T>>,
+{
+    let deadline = wait.map(crate::deadline);
+    let mut pause = Duration::from_millis(50);
+    loop {
+        let left = deadline.map(|d| d.saturating_duration_since(tokio::time::Instant::now()));
+        let why = match attempt(left).await {
+            Ok(granted) if !lost(&granted) => return Ok(granted),
+            Ok(_) => "the grant was lost as it arrived".to_string(),
+            Err(e) if matches!(e.kind(), ErrorKind::Unavailable | ErrorKind::LockLost) => {
+                e.to_string()
+            }
+            Err(e) => return Err(e),
+        };
+        let left = deadline.map(|d| d.saturating_duration_since(tokio::time::Instant::now()));
+        if left.is_some_and(|l| l.is_zero()) {
+            let waited = wait.unwrap_or_default();
+            return Err(Error::new(
+                ErrorKind::Timeout,
+                format!("not granted within {waited:?}; last: {why}"),
+            ));
+        }
+        tracing::warn!(reason = %why, retry_in = ?pause, "waiting for a grant through a transient failure");
+        tokio::time::sleep(left.map_or(pause, |l| l.min(pause))).await;
+        pause = (pause * 2).min(Duration::from_secs(1));
+    }
+}
+
 /// Wraps a backend's raw Lock handle.
 pub fn lock(backend: &'static str, inner: Arc<dyn Lock>) -> Arc<dyn Lock> {
     Arc::new(CheckedLock { backend, inner })
@@ -161,8 +199,13 @@ impl CheckedLock {
 impl Lock for CheckedLock {
     async fn acquire(&self, id: &str, opts: LockOptions) -> Result<LockGuard> {
         let start = Instant::now();
+        let granted = until_granted(opts.wait, LockGuard::is_lost, |wait| {
+            let mut opts = opts.clone();
+            opts.wait = wait;
+            self.inner.acquire(id, opts)
+        });
         let guard = op(self.backend, "lock", "lock.acquire")
-            .checked(id, self.check(id), self.inner.acquire(id, opts))
+            .checked(id, self.check(id), granted)
             .await?;
         Ok(self.held(guard, start.elapsed()))
     }
@@ -242,8 +285,13 @@ impl Leader for CheckedLeader {
     async fn elect(&self, candidate: &str, opts: ElectOptions) -> Result<Elected> {
         let check = check_id(self.backend, "candidate id", candidate)
             .and_then(|()| validate_value(&opts.value).map_err(|e| e.with_backend(self.backend)));
+        let campaign = until_granted(opts.wait, Elected::is_revoked, |wait| {
+            let mut opts = opts.clone();
+            opts.wait = wait;
+            self.inner.elect(candidate, opts)
+        });
         let elected = op(self.backend, "leader", "leader.elect")
-            .checked(self.group(), check, self.inner.elect(candidate, opts))
+            .checked(self.group(), check, campaign)
             .await?;
         let (backend, group) = (self.backend, self.group().to_string());
         let revoked = elected.revocation_signal();
