@@ -3,7 +3,9 @@
 //! traffic, freezing (connections stay open, nothing is forwarded: a stalled endpoint or a
 //! paused network), resetting (every connection is cut and new ones are refused at once), and
 //! dropping responses (requests reach the server, answers never come back: the ambiguous
-//! commit).
+//! commit). Independently of the fault, it can hold back one request, the next chunk a client
+//! sends that contains a given byte pattern, until the case releases it: a request delayed in
+//! flight, at a moment the case chooses.
 
 use std::{io, net::SocketAddr, sync::Arc};
 
@@ -28,11 +30,21 @@ pub enum Fault {
     DropResponses,
 }
 
+/// Holding back one request: armed with a byte pattern, then holding the chunk that completed
+/// it, then idle again once released.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Hold {
+    Idle,
+    Armed(Vec<u8>),
+    Holding,
+}
+
 /// A running proxy; dropping it stops it and cuts its connections.
 #[derive(Debug)]
 pub struct FaultProxy {
     addr: SocketAddr,
     fault: Arc<watch::Sender<Fault>>,
+    hold: Arc<watch::Sender<Hold>>,
     accept: AbortHandle,
 }
 
@@ -42,10 +54,13 @@ impl FaultProxy {
         let listener = TcpListener::bind(("127.0.0.1", 0)).await?;
         let addr = listener.local_addr()?;
         let fault = Arc::new(watch::channel(Fault::Pass).0);
-        let accept = tokio::spawn(accept_loop(listener, upstream, fault.clone())).abort_handle();
+        let hold = Arc::new(watch::channel(Hold::Idle).0);
+        let accept = tokio::spawn(accept_loop(listener, upstream, fault.clone(), hold.clone()))
+            .abort_handle();
         Ok(FaultProxy {
             addr,
             fault,
+            hold,
             accept,
         })
     }
@@ -58,6 +73,28 @@ impl FaultProxy {
     /// Switches every connection, present and future, to `fault`.
     pub fn set(&self, fault: Fault) {
         self.fault.send_replace(fault);
+    }
+
+    /// Arms a hold: the next chunk any client sends (on any connection, present or future)
+    /// whose bytes contain `pattern` is not forwarded until [`FaultProxy::release`]; nor is
+    /// anything after it on that connection. The pattern is found even when it spans two
+    /// reads; the chunk held is the one that completes it. An empty pattern holds the next
+    /// chunk sent. Arming again replaces a pattern not yet seen; answers are never held.
+    pub fn hold_next(&self, pattern: impl Into<Vec<u8>>) {
+        self.hold.send_replace(Hold::Armed(pattern.into()));
+    }
+
+    /// Waits until the armed hold holds its chunk (at once if it already does). Never returns
+    /// if nothing matching is sent: bound it with a timeout.
+    pub async fn held(&self) {
+        let mut hold = self.hold.subscribe();
+        let _ = hold.wait_for(|h| *h == Hold::Holding).await;
+    }
+
+    /// Forwards the held chunk (under whatever fault is set by then) and disarms: a hold armed
+    /// but not yet holding is cancelled.
+    pub fn release(&self) {
+        self.hold.send_replace(Hold::Idle);
     }
 }
 
@@ -73,6 +110,7 @@ async fn accept_loop(
     listener: TcpListener,
     upstream: SocketAddr,
     fault: Arc<watch::Sender<Fault>>,
+    hold: Arc<watch::Sender<Hold>>,
 ) {
     while let Ok((client, _)) = listener.accept().await {
         if *fault.borrow() == Fault::Reset {
@@ -80,35 +118,43 @@ async fn accept_loop(
             continue;
         }
         let fault = fault.subscribe();
+        let hold = HoldPoint::new(hold.clone());
         tokio::spawn(async move {
             if let Ok(server) = TcpStream::connect(upstream).await {
                 let _ = client.set_nodelay(true);
                 let _ = server.set_nodelay(true);
-                relay(client, server, fault).await;
+                relay(client, server, fault, hold).await;
             }
         });
     }
 }
 
 /// Pumps both directions until either side closes or the proxy resets.
-async fn relay(client: TcpStream, server: TcpStream, fault: watch::Receiver<Fault>) {
+async fn relay(
+    client: TcpStream,
+    server: TcpStream,
+    fault: watch::Receiver<Fault>,
+    hold: HoldPoint,
+) {
     let (client_read, client_write) = client.into_split();
     let (server_read, server_write) = server.into_split();
-    let requests = pump(client_read, server_write, fault.clone(), false);
-    let answers = pump(server_read, client_write, fault, true);
+    let requests = pump(client_read, server_write, fault.clone(), Some(hold));
+    let answers = pump(server_read, client_write, fault, None);
     tokio::select! {
         _ = requests => {}
         _ = answers => {}
     }
 }
 
-/// Copies `from` to `to` as the fault allows; `answers` is the server-to-client direction.
+/// Copies `from` to `to` as the fault (and, for requests, the hold) allows. `hold` is given
+/// for the client-to-server direction only: without it this pumps answers.
 async fn pump(
     mut from: impl AsyncReadExt + Unpin,
     mut to: impl AsyncWriteExt + Unpin,
     mut fault: watch::Receiver<Fault>,
-    answers: bool,
+    mut hold: Option<HoldPoint>,
 ) -> io::Result<()> {
+    let answers = hold.is_none();
     let mut buf = vec![0u8; 16 * 1024];
     loop {
         // While frozen nothing is read, so nothing moves and the sender's buffers fill.
@@ -125,6 +171,9 @@ async fn pump(
         };
         if n == 0 {
             return Ok(());
+        }
+        if let Some(hold) = &mut hold {
+            hold.pass(&buf[..n]).await;
         }
         match *fault.borrow() {
             Fault::Reset => return Ok(()),
@@ -144,6 +193,59 @@ async fn pump(
             }
         }
         to.write_all(&buf[..n]).await?;
+    }
+}
+
+/// One connection's view of the proxy's hold, on its request direction.
+struct HoldPoint {
+    hold: Arc<watch::Sender<Hold>>,
+    /// The end of what this connection sent before, so a pattern split across reads is found.
+    tail: Vec<u8>,
+}
+
+impl HoldPoint {
+    fn new(hold: Arc<watch::Sender<Hold>>) -> HoldPoint {
+        HoldPoint {
+            hold,
+            tail: Vec::new(),
+        }
+    }
+
+    /// Returns at once unless a hold is armed and `chunk` completes its pattern; then marks
+    /// the hold as holding and returns when it is released.
+    async fn pass(&mut self, chunk: &[u8]) {
+        let armed = match &*self.hold.borrow() {
+            Hold::Armed(pattern) => pattern.clone(),
+            _ => {
+                self.tail.clear();
+                return;
+            }
+        };
+        if self.completes(&armed, chunk) && self.take_hold() {
+            let mut hold = self.hold.subscribe();
+            let _ = hold.wait_for(|h| *h != Hold::Holding).await;
+        }
+    }
+
+    /// Whether `pattern` occurs in the kept tail followed by `chunk`; keeps the new tail.
+    fn completes(&mut self, pattern: &[u8], chunk: &[u8]) -> bool {
+        self.tail.extend_from_slice(chunk);
+        let found = pattern.is_empty() || self.tail.windows(pattern.len()).any(|w| w == pattern);
+        let keep = self.tail.len().min(pattern.len().saturating_sub(1));
+        self.tail.drain(..self.tail.len() - keep);
+        found
+    }
+
+    /// Turns the armed hold into holding; false if another connection (or a release) got
+    /// there first.
+    fn take_hold(&self) -> bool {
+        self.hold.send_if_modified(|h| {
+            let armed = matches!(h, Hold::Armed(_));
+            if armed {
+                *h = Hold::Holding;
+            }
+            armed
+        })
     }
 }
 

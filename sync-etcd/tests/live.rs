@@ -13,9 +13,10 @@ use std::{
     time::Duration,
 };
 
-use tokio::{sync::watch, time::Instant};
+use tokio::time::Instant;
 
 use common::{TestFn, TestResult};
+use sync_conformance::proxy::Fault;
 use sync_core::{
     Backend, ElectOptions, ErrorKind, HandlerError, Job, JobContext, JobState, LockOptions,
     MAX_PAYLOAD_LEN, MAX_VALUE_LEN, WorkerOptions,
@@ -145,57 +146,12 @@ async fn several_endpoints(endpoint: String) -> TestResult {
     Ok(())
 }
 
-/// A TCP proxy to etcd that can stall: while paused (`send_replace(true)`) it forwards nothing
-/// (the connections stay open), like a network partition.
-async fn stalling_proxy(endpoint: &str) -> Result<(String, watch::Sender<bool>), String> {
-    let upstream = common::authority(endpoint);
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
-        .await
-        .map_err(|e| e.to_string())?;
-    let addr = listener.local_addr().map_err(|e| e.to_string())?;
-    let (paused, p) = watch::channel(false);
-    tokio::spawn(async move {
-        while let Ok((inbound, _)) = listener.accept().await {
-            let Ok(outbound) = tokio::net::TcpStream::connect(&upstream).await else {
-                continue;
-            };
-            let (ri, wi) = inbound.into_split();
-            let (ro, wo) = outbound.into_split();
-            tokio::spawn(pump(ri, wo, p.clone()));
-            tokio::spawn(pump(ro, wi, p.clone()));
-        }
-    });
-    Ok((format!("http://{addr}"), paused))
-}
-
-async fn pump(
-    mut from: tokio::net::tcp::OwnedReadHalf,
-    mut to: tokio::net::tcp::OwnedWriteHalf,
-    mut paused: watch::Receiver<bool>,
-) {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let mut buf = vec![0u8; 16 * 1024];
-    loop {
-        let n = match from.read(&mut buf).await {
-            Ok(0) | Err(_) => return,
-            Ok(n) => n,
-        };
-        // Held back while paused; the proxy's owner gone ends the pump.
-        if paused.wait_for(|p| !*p).await.is_err() {
-            return;
-        }
-        if to.write_all(&buf[..n]).await.is_err() {
-            return;
-        }
-    }
-}
-
 /// Renewals failing (a partition: the holder's connection stalls) fire `lost()` before the
 /// lease can expire on the server, so the holder knows before another client is granted the
 /// lock; afterwards release is LockLost.
 async fn lost_before_expiry_when_renewals_fail(endpoint: String) -> TestResult {
     let ns = unique("partition");
-    let (proxied, paused) = stalling_proxy(&endpoint).await?;
+    let (proxy, proxied) = common::proxy(&endpoint).await?;
     let holder = common::connect(&proxied, &ns).await?;
     let other = common::connect(&endpoint, &ns).await?;
     let guard = holder
@@ -229,7 +185,8 @@ async fn lost_before_expiry_when_renewals_fail(endpoint: String) -> TestResult {
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     let stalled = Instant::now();
-    paused.send_replace(true);
+    // Connections stay open, nothing is forwarded either way: a partition.
+    proxy.set(Fault::Freeze);
     let reason = tokio::time::timeout(sync_etcd::MIN_TTL, guard.lost())
         .await
         .map_err(|_| "lost() did not fire within one TTL of renewals stalling".to_string())?;
@@ -253,7 +210,7 @@ async fn lost_before_expiry_when_renewals_fail(endpoint: String) -> TestResult {
     if !reason.contains("safe deadline") {
         return Err(format!("lost() reason: {reason}"));
     }
-    paused.send_replace(false);
+    proxy.set(Fault::Pass);
     match tokio::time::timeout(Duration::from_secs(10), guard.release()).await {
         Ok(Err(e)) if e.kind() == ErrorKind::LockLost => {}
         other => return Err(format!("release after the loss: {other:?}")),
@@ -583,7 +540,7 @@ async fn map_entries_beyond_the_grpc_message_limit(endpoint: String) -> TestResu
 /// is made, then let through.
 async fn reaper_spares_a_newer_claims_marker(endpoint: String) -> TestResult {
     let ns = unique("reaper");
-    let proxy = common::proxy::Proxy::start(&common::authority(&endpoint)).await?;
+    let (proxy, proxied) = common::proxy(&endpoint).await?;
     let direct = common::connect(&endpoint, &ns).await?;
     let task = direct.task().map_err(|e| e.to_string())?;
     let id = task
@@ -594,7 +551,7 @@ async fn reaper_spares_a_newer_claims_marker(endpoint: String) -> TestResult {
     let marker = format!("{ns}/:task/inflight/{id}");
     etcdctl(&endpoint, &["put", &marker, ""]).await?;
     proxy.hold_next(marker.as_bytes());
-    let reaping = common::connect(&proxy.endpoint, &ns).await?;
+    let reaping = common::connect(&proxied, &ns).await?;
     let idle = Arc::new(|_: JobContext| async { Ok::<_, HandlerError>(Vec::new()) });
     let reaper = reaping
         .task()
@@ -678,10 +635,10 @@ async fn await_keys(endpoint: &str, prefix: &str, n: usize) -> Result<Vec<String
 async fn cancelled_acquire_cleans_up_after_an_outage(endpoint: String) -> TestResult {
     let ns = unique("cancel-outage");
     let prefix = format!("{ns}/c/");
-    let proxy = common::proxy::Proxy::start(&common::authority(&endpoint)).await?;
+    let (proxy, proxied) = common::proxy(&endpoint).await?;
     let holder = common::connect(&endpoint, &ns).await?;
     // A TTL that outlasts the outage: its lease stays renewed throughout.
-    let config = common::config(&proxy.endpoint, &ns).with_ttl(Duration::from_secs(5));
+    let config = common::config(&proxied, &ns).with_ttl(Duration::from_secs(5));
     let waiter = sync_etcd::Client::connect(config)
         .await
         .map_err(|e| e.to_string())?;
@@ -694,12 +651,12 @@ async fn cancelled_acquire_cleans_up_after_an_outage(endpoint: String) -> TestRe
     let lock = waiter.lock().map_err(|e| e.to_string())?;
     let acquire = tokio::spawn(async move { lock.acquire("c", LockOptions::new()).await });
     await_keys(&endpoint, &prefix, 2).await?;
-    proxy.set(common::proxy::Mode::Cut);
+    proxy.set(Fault::Reset);
     acquire.abort();
     let _ = acquire.await;
     // The injected outage: the cancelled acquire's delete fails throughout.
     tokio::time::sleep(Duration::from_secs(1)).await;
-    proxy.set(common::proxy::Mode::Forward);
+    proxy.set(Fault::Pass);
     held.release().await.map_err(|e| e.to_string())?;
     let third = common::connect(&endpoint, &ns).await?;
     let granted = third
@@ -748,12 +705,11 @@ async fn elect_adopting_a_key_proclaims_its_value(endpoint: String) -> TestResul
 /// kept the lease alive) and whose release then failed in an outage: once etcd is reachable
 /// again the old lease is revoked, so the lock frees at once rather than a TTL later.
 async fn lost_lease_is_revoked_after_an_outage(endpoint: String) -> TestResult {
-    use common::proxy::{Mode, Proxy};
     let ns = unique("revoke-outage");
-    let proxy = Proxy::start(&common::authority(&endpoint)).await?;
+    let (proxy, proxied) = common::proxy(&endpoint).await?;
     // Long enough that waiting for the lease's own expiry cannot pass for the fix.
     let ttl = Duration::from_secs(10);
-    let config = common::config(&proxy.endpoint, &ns).with_ttl(ttl);
+    let config = common::config(&proxied, &ns).with_ttl(ttl);
     let holder = sync_etcd::Client::connect(config)
         .await
         .map_err(|e| e.to_string())?;
@@ -763,18 +719,18 @@ async fn lost_lease_is_revoked_after_an_outage(endpoint: String) -> TestResult {
         .await
         .map_err(|e| e.to_string())?;
     // Renewals still reach etcd, their answers never come back.
-    proxy.set(Mode::DropAnswers);
+    proxy.set(Fault::DropResponses);
     tokio::time::timeout(ttl, guard.lost())
         .await
         .map_err(|_| "lost() did not fire within one TTL of unanswered renewals".to_string())?;
     // The outage: the release and the revoke of the old lease (on the next call) both fail.
-    proxy.set(Mode::Cut);
+    proxy.set(Fault::Reset);
     if guard.release().await.is_ok() {
         return Err("release succeeded through a cut connection".into());
     }
     let _ = lock.try_acquire("next").await;
     tokio::time::sleep(Duration::from_secs(1)).await;
-    proxy.set(Mode::Forward);
+    proxy.set(Fault::Pass);
     let restored = Instant::now();
     let other = common::connect(&endpoint, &ns).await?;
     let granted = other

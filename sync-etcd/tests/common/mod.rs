@@ -2,11 +2,10 @@
 
 #![allow(dead_code)]
 
-pub mod proxy;
-
 use std::{future::Future, pin::Pin, process::ExitCode};
 
 use libtest_mimic::{Arguments, Trial};
+use sync_conformance::proxy::FaultProxy;
 
 pub type TestResult = Result<(), String>;
 pub type TestFn = fn(String) -> Pin<Box<dyn Future<Output = TestResult> + Send>>;
@@ -25,6 +24,21 @@ pub fn authority(endpoint: &str) -> String {
         .trim_start_matches("http://")
         .trim_end_matches('/')
         .to_string()
+}
+
+/// A fault proxy in front of `endpoint`, and the endpoint (`http://127.0.0.1:<port>`) that
+/// reaches etcd through it.
+pub async fn proxy(endpoint: &str) -> Result<(FaultProxy, String), String> {
+    let upstream = tokio::net::lookup_host(authority(endpoint))
+        .await
+        .map_err(|e| format!("resolving {endpoint}: {e}"))?
+        .next()
+        .ok_or_else(|| format!("no address for {endpoint}"))?;
+    let proxy = FaultProxy::start(upstream)
+        .await
+        .map_err(|e| format!("starting the fault proxy: {e}"))?;
+    let proxied = format!("http://{}", proxy.addr());
+    Ok((proxy, proxied))
 }
 
 /// A name no other run uses: `sync-<suite>-<what>-<uuid>`.
