@@ -410,6 +410,35 @@ async fn task_delayed_retries_do_not_starve_newer_jobs(endpoint: String) -> Test
     Ok(())
 }
 
+/// A corrupt queue entry whose start time is `u64::MAX` ms (far beyond any clock) must not
+/// panic the worker's claim loop: later jobs still run.
+async fn task_corrupt_far_future_queue_entry(endpoint: String) -> TestResult {
+    let ns = unique("corrupt");
+    let client = common::connect(&endpoint, &ns).await?;
+    let task = client.task().map_err(|e| e.to_string())?;
+    let queue_key = format!("{ns}/:task/queue/corrupt/not-a-job");
+    etcdctl(&endpoint, &["put", &queue_key, &u64::MAX.to_string()]).await?;
+    let handler = Arc::new(|ctx: JobContext| async move { Ok::<_, HandlerError>(ctx.payload) });
+    let worker = task
+        .work("corrupt", handler, WorkerOptions::new())
+        .await
+        .map_err(|e| e.to_string())?;
+    let id = task
+        .submit(Job::new("corrupt", "fine"))
+        .await
+        .map_err(|e| e.to_string())?;
+    let status = task
+        .wait(&id, Some(Duration::from_secs(10)))
+        .await
+        .map_err(|e| format!("a job behind a corrupt queue entry did not finish: {e}"))?;
+    if status.state != JobState::Succeeded {
+        return Err(format!("the job behind a corrupt entry: {status:?}"));
+    }
+    worker.stop().await;
+    etcdctl(&endpoint, &["del", "--prefix", &format!("{ns}/")]).await?;
+    Ok(())
+}
+
 /// `entries()` over several pages (600 entries, 256 a page): every entry, sorted by key, with
 /// its version — and one consistent snapshot even while keys are written at both ends of the
 /// range during the listing.
@@ -767,7 +796,7 @@ async fn credentials_to_an_etcd_without_auth(endpoint: String) -> TestResult {
 }
 
 fn main() -> std::process::ExitCode {
-    let tests: [(&'static str, TestFn); 14] = [
+    let tests: [(&'static str, TestFn); 15] = [
         ("live::lost_lease_is_revoked_after_an_outage", |e| {
             Box::pin(lost_lease_is_revoked_after_an_outage(e))
         }),
@@ -798,6 +827,9 @@ fn main() -> std::process::ExitCode {
         }),
         ("live::task_output_over_the_limit_fails", |e| {
             Box::pin(task_output_over_the_limit_fails(e))
+        }),
+        ("live::task_corrupt_far_future_queue_entry", |e| {
+            Box::pin(task_corrupt_far_future_queue_entry(e))
         }),
         ("live::task_delayed_retries_do_not_starve_newer_jobs", |e| {
             Box::pin(task_delayed_retries_do_not_starve_newer_jobs(e))
