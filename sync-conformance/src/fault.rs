@@ -5,7 +5,10 @@ use std::time::Duration;
 
 use sync_core::LockOptions;
 
-use crate::{CaseResult, Context, Ctx, ensure, proxy::Fault, stays_pending, within};
+use crate::{
+    CaseResult, Context, Ctx, ensure, lock::loss_precedes_grant, proxy::Fault, stays_pending,
+    within,
+};
 
 /// A holder whose endpoint freezes (connections open, nothing forwarded) cannot renew; it must
 /// learn of the loss — from its own safe deadline, as nothing reaches it — before another
@@ -14,34 +17,13 @@ pub async fn frozen_holder_loses_before_another_grant(ctx: &Ctx) -> CaseResult {
     let (holder, proxy) = ctx.proxied_client().await?;
     let other = ctx.client().await?;
     let guard = holder.lock()?.acquire("frozen", LockOptions::new()).await?;
-    let lost = guard.loss_signal();
-    let contender = other.lock()?;
-    let waiter = tokio::spawn(async move {
-        let granted = contender.acquire("frozen", LockOptions::new()).await;
-        // Sampled the instant the grant is seen: the frozen holder must already know.
-        (granted, lost.is_lost())
-    });
-
-    proxy.set(Fault::Freeze);
-    let reason = within(ctx.expiry(), "lost() of the frozen holder", guard.lost()).await?;
-    let (next, holder_knew) = within(
-        ctx.expiry() + ctx.prompt(),
-        "the other client's grant after the freeze",
-        waiter,
-    )
-    .await??;
-    let next = next.context("the other client's acquire")?;
-    ensure!(
-        holder_knew,
-        "the other client was granted the lock before the frozen holder knew it lost it"
-    );
-    ensure!(
-        next.fencing_token() > guard.fencing_token(),
-        "the fencing token did not increase after the loss"
-    );
-    ensure!(!reason.is_empty(), "lost() gave an empty reason");
-    next.release().await?;
-    // Thaw, so the holder's client can wind down rather than wait on a frozen socket.
+    let freeze = async {
+        proxy.set(Fault::Freeze);
+        Ok(())
+    };
+    let notice = ctx.expiry();
+    loss_precedes_grant(ctx, &guard, other.lock()?, "a freeze", notice, freeze).await?;
+    // Cut, so the holder's client winds down rather than wait on a frozen socket.
     proxy.set(Fault::Reset);
     Ok(())
 }

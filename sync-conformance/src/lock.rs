@@ -8,7 +8,9 @@ use std::{
     time::{Duration, Instant},
 };
 
-use sync_core::{ErrorKind, Lock, LockOptions, id::MAX_ID_LEN};
+use std::future::Future;
+
+use sync_core::{ErrorKind, Lock, LockGuard, LockOptions, id::MAX_ID_LEN};
 
 use crate::{
     CaseResult, Context, Ctx, Failure, ensure, ensure_increasing, expect_kind, stays_pending,
@@ -207,34 +209,55 @@ pub async fn fencing_tokens_increase(ctx: &Ctx) -> CaseResult {
 pub async fn lost_on_lease_revoke(ctx: &Ctx) -> CaseResult {
     let (a, b) = (ctx.client().await?, ctx.client().await?);
     let guard = a.lock()?.acquire("revoked", LockOptions::new()).await?;
-    let lost = guard.loss_signal();
     ensure!(!guard.is_lost(), "a fresh guard reports lost");
+    let contender = b.lock()?;
+    let revoke = async { a.revoke().await.context("revoking the holder's lease") };
+    loss_precedes_grant(ctx, &guard, contender, "revoke", ctx.prompt(), revoke).await?;
+    Ok(())
+}
 
-    let lb = b.lock()?;
+/// Causes a loss of `guard` with `cause` while another handle waits for the same lock: the
+/// holder's `lost()` must fire within `notice`, and the other grant must come after the
+/// holder knew, with a higher fencing token. The other grant is released.
+pub(crate) async fn loss_precedes_grant(
+    ctx: &Ctx,
+    guard: &LockGuard,
+    contender: Arc<dyn Lock>,
+    what: &str,
+    notice: Duration,
+    cause: impl Future<Output = CaseResult>,
+) -> CaseResult {
+    let lost = guard.loss_signal();
+    let id = guard.id().to_string();
     let waiter = tokio::spawn(async move {
-        let g = lb.acquire("revoked", LockOptions::new()).await;
+        let granted = contender.acquire(&id, LockOptions::new()).await;
         // Sampled the instant the grant is seen: the holder must already know.
-        (g, lost.is_lost())
+        (granted, lost.is_lost())
     });
-
-    a.revoke().await?;
-    let reason = within(ctx.prompt(), "guard.lost() after revoke", guard.lost()).await?;
+    cause.await?;
+    let reason = within(
+        notice,
+        format!("the holder's lost() after {what}"),
+        guard.lost(),
+    )
+    .await?;
     let (next, holder_knew) = within(
-        ctx.expiry(),
-        "another client acquiring after revoke",
+        ctx.expiry() + ctx.prompt(),
+        format!("another client's grant after {what}"),
         waiter,
     )
     .await??;
     let next = next.context("the other client's acquire")?;
     ensure!(
         holder_knew,
-        "the other client was granted the lock before the holder's lost() fired"
+        "the other client was granted the lock before the holder's lost() fired ({what})"
     );
     ensure!(
         next.fencing_token() > guard.fencing_token(),
-        "fencing token did not increase after the loss"
+        "fencing token did not increase after the loss ({what})"
     );
-    ensure!(!reason.is_empty(), "lost() gave an empty reason");
+    ensure!(!reason.is_empty(), "lost() gave an empty reason ({what})");
+    next.release().await?;
     Ok(())
 }
 
