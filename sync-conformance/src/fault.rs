@@ -6,7 +6,7 @@ use std::time::Duration;
 use sync_core::LockOptions;
 
 use crate::{
-    CaseResult, Context, Ctx, ensure, lock::loss_precedes_grant, proxy::Fault, stays_pending,
+    CaseResult, Context, Ctx, ensure, fail, lock::loss_precedes_grant, proxy::Fault, stays_pending,
     within,
 };
 
@@ -100,5 +100,54 @@ pub async fn waiter_rides_out_an_outage(ctx: &Ctx) -> CaseResult {
         "the waiter was handed a guard that is already lost"
     );
     granted.release().await?;
+    Ok(())
+}
+
+/// A compare-and-swap whose answer is lost (it reached the server and applied; the answer was
+/// dropped) is resolved before the caller is answered: it reports success with the version it
+/// wrote, the value changed once, and the old version is stale.
+pub async fn ambiguous_swap_is_resolved(ctx: &Ctx) -> CaseResult {
+    let (client, proxy) = ctx.proxied_client().await?;
+    let map = client.map("ambiguous")?;
+    let key = format!("counter-{}", uuid::Uuid::new_v4().simple());
+    let v1 = map.write(&key, b"0").await?;
+
+    // Hold the swap's request, then let it through with its answer thrown away.
+    proxy.hold_next(key.as_bytes());
+    let swapping = {
+        let (map, key) = (map.clone(), key.clone());
+        tokio::spawn(async move { map.compare_and_swap(&key, Some(v1), b"1").await })
+    };
+    within(ctx.prompt(), "the swap reaching the proxy", proxy.held()).await?;
+    proxy.set(Fault::DropResponses);
+    proxy.release();
+    // The fault's duration: long enough for the swap to apply and its answer to be dropped.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    proxy.set(Fault::Pass);
+
+    let swapped = within(
+        FROZEN_CALL_BOUND,
+        "the swap whose answer was lost",
+        swapping,
+    )
+    .await?
+    .context("the swap must not panic")?;
+    let v2 = swapped.context("a swap whose answer was lost (it applied)")?;
+    let Some(now) = map.read(&key).await? else {
+        fail!("the key is gone after the swap");
+    };
+    ensure!(
+        now.value == b"1" && now.version == v2,
+        "the swap applied as {:?} at {}, but reported version {v2}",
+        String::from_utf8_lossy(&now.value),
+        now.version
+    );
+    let stale = map.compare_and_swap(&key, Some(v1), b"2").await;
+    ensure!(
+        stale
+            .as_ref()
+            .is_err_and(|e| e.kind() == sync_core::ErrorKind::Conflict),
+        "the old version must be stale after the swap: {stale:?}"
+    );
     Ok(())
 }

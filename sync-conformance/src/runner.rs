@@ -92,6 +92,7 @@ pub fn cases() -> Vec<Case> {
         case!(network fault::frozen_holder_loses_before_another_grant, [Lock]),
         case!(network fault::frozen_endpoint_fails_calls_in_bounded_time, [Map]),
         case!(network fault::waiter_rides_out_an_outage, [Lock]),
+        case!(network fault::ambiguous_swap_is_resolved, [Map]),
         case!(leader::single_leader, [Leader]),
         case!(leader::resign_hands_over, [Leader]),
         case!(leader::revoked_on_lease_revoke, [Leader, RevokeSession]),

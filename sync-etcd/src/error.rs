@@ -96,6 +96,13 @@ fn is_connect_failure(err: &(dyn std::error::Error + 'static)) -> bool {
     text.starts_with("tcp connect error") || text.starts_with("error trying to connect")
 }
 
+/// Whether etcd answered that a lease does not exist (expired or revoked): a definite refusal
+/// of the write that named it.
+pub(crate) fn lease_not_found(e: &etcd_client::Error) -> bool {
+    matches!(e, etcd_client::Error::GRpcStatus(status)
+        if status.message().contains("lease not found"))
+}
+
 /// gRPC's Unavailable, by number: etcd-client does not re-export tonic's `Code`.
 const UNAVAILABLE: i32 = 14;
 

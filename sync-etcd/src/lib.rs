@@ -67,6 +67,7 @@ mod contention;
 mod error;
 mod kv;
 mod leader;
+mod lease;
 mod lock;
 mod map;
 mod session;

@@ -3,15 +3,16 @@
 //! revision 0). `entries()` reads the map in pages, every page at the first page's revision:
 //! one consistent, sorted snapshot however large the map is.
 
-use std::sync::Arc;
+use std::{sync::Arc, time::Duration};
 
 use async_trait::async_trait;
-use etcd_client::{Compare, CompareOp, DeleteOptions, GetOptions, Txn, TxnOp};
+use etcd_client::{Compare, CompareOp, DeleteOptions, GetOptions, PutOptions, Txn, TxnOp};
 use sync_core::{Entry, Error, ErrorKind, Map, Result, Version};
 
 use crate::{
     BACKEND,
     client::{ClientInner, etcd_err},
+    lease::RollingLease,
 };
 
 /// The most entries `entries()` asks etcd for per request.
@@ -28,7 +29,12 @@ pub(crate) struct EtcdMap {
     client: Arc<ClientInner>,
     name: String,
     prefix: String,
+    /// What write-markers are written with: they only need to outlive a resolution.
+    markers: RollingLease,
 }
+
+/// How long a write-marker lives at least: far longer than resolving a lost answer takes.
+const MARKER_LIFE: Duration = Duration::from_secs(60);
 
 impl EtcdMap {
     pub(crate) fn new(client: Arc<ClientInner>, name: &str) -> Self {
@@ -41,6 +47,7 @@ impl EtcdMap {
             client,
             name: name.to_string(),
             prefix,
+            markers: RollingLease::new(MARKER_LIFE, MARKER_LIFE / 2, "the write-marker lease"),
         }
     }
 
@@ -150,6 +157,33 @@ impl EtcdMap {
         Ok(out)
     }
 
+    /// The write-marker of one swap of `key`: outside the map's range, so listings never see
+    /// it; gone with its rolling lease a minute or so later.
+    fn marker(&self, key: &str, nonce: &str) -> String {
+        format!(
+            "{}:mapw/{}/{}/{nonce}",
+            self.client.ns_prefix(),
+            sync_core::id::escape(&self.name),
+            sync_core::id::escape(key)
+        )
+    }
+
+    /// The version a swap with `nonce` wrote, if it was applied (its marker holds the nonce:
+    /// the marker was written in the same txn, at the same revision).
+    async fn applied(&self, marker: &str, nonce: &str) -> Result<Option<Version>> {
+        let resp = self
+            .client
+            .kv()
+            .get(marker, None)
+            .await
+            .map_err(|e| etcd_err("resolving a compare-and-swap", e).with_id(&self.name))?;
+        Ok(resp
+            .kvs()
+            .first()
+            .filter(|kv| kv.value() == nonce.as_bytes())
+            .map(|kv| kv.mod_revision() as Version))
+    }
+
     fn revision(resp_header: Option<&etcd_client::ResponseHeader>) -> Version {
         resp_header.map(|h| h.revision()).unwrap_or_default() as Version
     }
@@ -200,6 +234,10 @@ impl Map for EtcdMap {
         Ok(resp.deleted() > 0)
     }
 
+    /// A compare-and-swap applies at most once, and its caller learns whether it did even when
+    /// the answer is lost: the txn also writes a write-marker (this write's nonce, on the
+    /// client's lease) that a resolution reads back. Resending the same swap is safe: only one
+    /// of two sends can find the key at `expected`.
     #[tracing::instrument(level = "debug", skip(self, value), fields(backend = BACKEND, primitive = "map", map = %self.name))]
     async fn compare_and_swap(
         &self,
@@ -214,19 +252,44 @@ impl Map for EtcdMap {
                 Compare::mod_revision(k.clone(), CompareOp::Equal, Self::mod_revision(key, v)?)
             }
         };
-        let txn = Txn::new()
-            .when([cmp])
-            .and_then([TxnOp::put(k, value.to_vec(), None)]);
-        let resp = self
-            .client
-            .kv()
-            .txn(txn)
-            .await
-            .map_err(|e| etcd_err("compare-and-swap", e).with_id(key))?;
-        if !resp.succeeded() {
-            return Err(Self::conflict(key, expected));
+        let nonce = uuid::Uuid::new_v4().simple().to_string();
+        let marker = self.marker(key, &nonce);
+        let lease = self.markers.get(&self.client.etcd).await?;
+        let txn = Txn::new().when([cmp]).and_then([
+            TxnOp::put(k, value.to_vec(), None),
+            TxnOp::put(
+                marker.clone(),
+                nonce.as_str(),
+                Some(PutOptions::new().with_lease(lease)),
+            ),
+        ]);
+        let mut sends = 0;
+        loop {
+            sends += 1;
+            match self.client.kv().txn(txn.clone()).await {
+                Ok(resp) if resp.succeeded() => return Ok(Self::revision(resp.header())),
+                // Not at `expected`: unless an earlier send of ours moved it, a conflict.
+                Ok(_) => {
+                    return match self.applied(&marker, &nonce).await? {
+                        Some(version) => Ok(version),
+                        None => Err(Self::conflict(key, expected)),
+                    };
+                }
+                Err(e) if sends < AMBIGUOUS_SENDS && is_ambiguous(&e) => {
+                    tracing::warn!(backend = BACKEND, map = %self.name, error = %e, "compare-and-swap answer lost; resolving it");
+                    if let Some(version) = self.applied(&marker, &nonce).await? {
+                        return Ok(version);
+                    }
+                }
+                Err(e) => {
+                    if crate::error::lease_not_found(&e) {
+                        // The marker lease expired under a long pause: the next call grants one.
+                        self.markers.forget().await;
+                    }
+                    return Err(etcd_err("compare-and-swap", e).with_id(key));
+                }
+            }
         }
-        Ok(Self::revision(resp.header()))
     }
 
     #[tracing::instrument(level = "debug", skip(self), fields(backend = BACKEND, primitive = "map", map = %self.name))]
@@ -252,6 +315,21 @@ impl Map for EtcdMap {
     #[tracing::instrument(level = "debug", skip(self), fields(backend = BACKEND, primitive = "map", map = %self.name))]
     async fn entries(&self) -> Result<Vec<Entry>> {
         self.list().await
+    }
+}
+
+/// How often a compare-and-swap whose answer was lost is sent in all.
+const AMBIGUOUS_SENDS: u32 = 3;
+
+/// A failure after which the request may or may not have been applied: the transport failed
+/// or no answer came in time (as opposed to etcd refusing it).
+fn is_ambiguous(e: &etcd_client::Error) -> bool {
+    match e {
+        etcd_client::Error::IoError(_) | etcd_client::Error::TransportError(_) => true,
+        etcd_client::Error::GRpcStatus(s) => {
+            matches!(i32::from(s.code()), 1 | 2 | 4 | 14) && !crate::error::not_delivered(e)
+        }
+        _ => false,
     }
 }
 

@@ -108,7 +108,7 @@ impl Session {
     /// Ends the session if `e` says etcd no longer has its lease (a write with it failed before
     /// the keepalive noticed), so the next call grants a new one. True if it did.
     pub(crate) fn end_if_lease_gone(&self, e: &etcd_client::Error) -> bool {
-        let gone = lease_not_found(e);
+        let gone = crate::error::lease_not_found(e);
         if gone {
             self.end("lease not found");
         }
@@ -119,12 +119,6 @@ impl Session {
     pub(crate) fn lease_hex(&self) -> String {
         format!("{:x}", self.lease)
     }
-}
-
-/// Whether etcd answered that the lease does not exist (expired or revoked).
-fn lease_not_found(e: &etcd_client::Error) -> bool {
-    matches!(e, etcd_client::Error::GRpcStatus(status)
-        if status.message().contains("lease not found"))
 }
 
 /// Revokes `lease`, retrying with backoff until etcd answers (revoked, or not found). A
@@ -145,7 +139,7 @@ async fn revoke_until_answered(
     loop {
         let e = match leases.revoke(lease).await {
             Ok(_) => return,
-            Err(e) if lease_not_found(&e) => return,
+            Err(e) if crate::error::lease_not_found(&e) => return,
             Err(e) => e,
         };
         let client_gone = killed.has_changed().is_err();

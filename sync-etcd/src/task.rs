@@ -52,6 +52,7 @@ use tokio::{sync::watch, time::Instant};
 use crate::{
     BACKEND,
     client::{ClientInner, Session, etcd_err},
+    lease::RollingLease,
 };
 
 /// The safety-net rescan of orphaned claims and the longest a worker sleeps without a watch
@@ -133,41 +134,20 @@ impl Keys {
 struct Shared {
     client: Arc<ClientInner>,
     keys: Keys,
-    /// The lease finished jobs are written with, and when it was granted: one lease per
-    /// eighth of the retention, so a finished job lives between one and 9/8 retentions.
-    retention: tokio::sync::Mutex<Option<(i64, Instant)>>,
+    /// The lease finished jobs are written with: one per eighth of the retention, so a
+    /// finished job lives between one and 9/8 retentions.
+    retention: RollingLease,
 }
 
 impl Shared {
-    /// The lease to write a finished job with: granted once per eighth of the retention, with
-    /// a TTL of 9/8 of it, so every job written under it is kept at least the retention.
+    /// The lease to write a finished job with.
     async fn retention_lease(&self) -> Result<i64> {
-        let retention = self.client.config.job_retention;
-        let mut slot = self.retention.lock().await;
-        if let Some((lease, granted)) = *slot {
-            if granted.elapsed() < retention / 8 {
-                return Ok(lease);
-            }
-        }
-        // Whole seconds, rounded up: a job is never dropped before its retention.
-        let keep = retention + retention / 8;
-        let ttl = keep.as_secs() + u64::from(keep.subsec_nanos() > 0);
-        let granted = Instant::now();
-        let lease = self
-            .client
-            .etcd
-            .lease_client()
-            .grant(i64::try_from(ttl).unwrap_or(i64::MAX), None)
-            .await
-            .map_err(|e| etcd_err("granting the job retention lease", e))?
-            .id();
-        *slot = Some((lease, granted));
-        Ok(lease)
+        self.retention.get(&self.client.etcd).await
     }
 
     /// Drops the cached retention lease (etcd no longer has it).
     async fn forget_retention_lease(&self) {
-        *self.retention.lock().await = None;
+        self.retention.forget().await;
     }
 
     fn encode(&self, record: &Record) -> Result<Vec<u8>> {
@@ -245,11 +225,12 @@ pub(crate) struct EtcdTask {
 impl EtcdTask {
     pub(crate) fn new(client: Arc<ClientInner>) -> Self {
         let root = format!("{}:task/", client.ns_prefix());
+        let keep = client.config.job_retention;
         EtcdTask {
             shared: Arc::new(Shared {
                 client,
                 keys: Keys { root },
-                retention: tokio::sync::Mutex::new(None),
+                retention: RollingLease::new(keep, keep / 8, "the job retention lease"),
             }),
         }
     }
@@ -593,7 +574,7 @@ async fn record_outcome(shared: &Shared, claim: Claim, mut outcome: Outcome) {
             }
             // The retention lease expired under us (a long pause): a definite refusal, so the
             // write is simply made again with a fresh lease.
-            Err(e) if lease_gone(&e) && lease_refreshes < 3 => {
+            Err(e) if crate::error::lease_not_found(&e) && lease_refreshes < 3 => {
                 lease_refreshes += 1;
                 shared.forget_retention_lease().await;
                 continue;
@@ -675,11 +656,6 @@ fn finish_txn(
         None => ops.push(TxnOp::delete(keys.payload(id), None::<DeleteOptions>)),
     }
     Ok(Txn::new().when([keys.record_at(id, rev)]).and_then(ops))
-}
-
-/// Whether etcd refused a write because its lease is gone.
-fn lease_gone(e: &etcd_client::Error) -> bool {
-    matches!(e, etcd_client::Error::GRpcStatus(status) if status.message().contains("lease not found"))
 }
 
 /// Deletes the claim of `id` so the reapers redeliver the job — only while the record is still
@@ -819,11 +795,9 @@ async fn requeue_orphan(shared: &Shared, id: &str) -> Result<()> {
         ])
         .and_then(ops);
     let resp = kv().txn(txn).await.map_err(|e| {
-        if lease_gone(&e) {
+        if crate::error::lease_not_found(&e) {
             // Not awaited here: the next pass grants a fresh lease.
-            if let Ok(mut slot) = shared.retention.try_lock() {
-                *slot = None;
-            }
+            shared.retention.try_forget();
         }
         etcd_err("requeueing the job", e).with_id(id)
     })?;
