@@ -109,6 +109,7 @@ pub fn cases() -> Vec<Case> {
         case!(task::idempotent_submit, [Task]),
         case!(task::handler_sees_claim_loss, [Task, RevokeSession]),
         case!(task::finished_jobs_disappear_after_retention, [Task]),
+        case!(network task::ambiguous_claim_neither_loses_nor_strands_the_job, [Task]),
         case!(map::crud, [Map]),
         case!(map::compare_and_swap_conflict, [Map]),
         case!(map::concurrent_update_exact, [Map]),

@@ -579,3 +579,70 @@ pub async fn finished_jobs_disappear_after_retention(ctx: &Ctx) -> CaseResult {
     })
     .await
 }
+
+/// A claim whose answer is lost (the request reaches the server and commits; the worker never
+/// hears back) neither loses nor strands the job: the worker must find out that the claim is
+/// its own and run the job, or give the claim up so the job is handed on — never leave it
+/// Running under a claim nobody works on. The job Succeeds within a few request timeouts plus
+/// the lease expiry, and its handler runs exactly once.
+///
+/// The worker's claim request is held at the fault proxy by the claim key it names
+/// (`claims/<id>`, as etcd's worker writes it), then sent on while every answer is dropped.
+pub async fn ambiguous_claim_neither_loses_nor_strands_the_job(ctx: &Ctx) -> CaseResult {
+    const ID: &str = "ambiguous-claim";
+    let (worker_client, proxy) = ctx.proxied_client().await?;
+    let submitter = ctx.client().await?;
+    let task = submitter.task()?;
+    let calls = Arc::new(AtomicUsize::new(0));
+    let counted = calls.clone();
+    let _worker = worker_client
+        .task()?
+        .work(
+            "ambiguous",
+            handler(move |job: JobContext| {
+                counted.fetch_add(1, Ordering::SeqCst);
+                async move { Ok(job.payload) }
+            }),
+            WorkerOptions::new(),
+        )
+        .await?;
+
+    proxy.hold_next(format!("claims/{ID}"));
+    let id = task
+        .submit(
+            Job::new("ambiguous", "x")
+                .with_key(ID)
+                .with_backoff(BACKOFF),
+        )
+        .await?;
+    within(ctx.prompt(), "the worker's claim request", proxy.held()).await?;
+    // The claim reaches the server; its answer (and every other one, briefly) is lost.
+    proxy.set(crate::proxy::Fault::DropResponses);
+    proxy.release();
+    let claimed = eventually(ctx.prompt(), "the claim committing", || {
+        let task = task.clone();
+        let id = id.clone();
+        async move { Ok(task.status(&id).await?.state == JobState::Running) }
+    })
+    .await;
+    proxy.set(crate::proxy::Fault::Pass);
+    claimed?;
+
+    let limit = crate::fault::FROZEN_CALL_BOUND + ctx.expiry() + ctx.prompt();
+    let done = within(
+        limit,
+        "the job whose claim answer was lost finishing (stranded?)",
+        task.wait(&id, None),
+    )
+    .await??;
+    ensure!(
+        done.state == JobState::Succeeded && done.output.as_deref() == Some(&b"x"[..]),
+        "the job whose claim answer was lost ended {done:?}"
+    );
+    let runs = calls.load(Ordering::SeqCst);
+    ensure!(
+        runs == 1,
+        "the handler ran {runs} times for one job whose claim answer was lost"
+    );
+    Ok(())
+}

@@ -19,7 +19,9 @@
 //! Submitting writes the record, the payload and the queue entry in one transaction. A worker
 //! claims a job in one transaction guarded by the record's mod revision: record → Running
 //! (attempts + 1), queue entry deleted, claim (with its lease) and in-flight marker written,
-//! payload read. Finishing is one transaction guarded by the same mod revision: record →
+//! payload read. A claim whose answer is lost (it may have committed) is settled before the
+//! worker answers: fenced if it has not committed, taken up if it did on this worker's lease.
+//! Finishing is one transaction guarded by the same mod revision: record →
 //! Succeeded (output written) / Failed / Queued (retry, queue entry re-written), claim and
 //! marker deleted (and the payload, once the job ended). An output over [`MAX_PAYLOAD_LEN`](sync_core::MAX_PAYLOAD_LEN)
 //! fails the attempt. Workers page through the whole queue, oldest first, until they find a
@@ -483,6 +485,7 @@ async fn try_claim(
         }
         return Ok(None);
     }
+    let queued = record.clone();
     record.status.state = JobState::Running;
     record.status.attempts = record.status.attempts.saturating_add(1);
     let keys = &shared.keys;
@@ -502,11 +505,20 @@ async fn try_claim(
             TxnOp::put(keys.inflight_of(&id), "", None),
             TxnOp::get(keys.payload(&id), None),
         ]);
-    let done = client.kv().txn(txn).await.map_err(|e| {
-        // A lease gone before the keepalive noticed: the next claim uses a new one.
-        session.end_if_lease_gone(&e);
-        etcd_err("claiming the job", e).with_id(&id)
-    })?;
+    let done = match client.kv().txn(txn).await {
+        Ok(done) => done,
+        // A lease gone before the keepalive noticed (the next claim uses a new one), or a
+        // request that never left: surely not claimed.
+        Err(e) if session.end_if_lease_gone(&e) || crate::error::not_delivered(&e) => {
+            return Err(etcd_err("claiming the job", e).with_id(&id));
+        }
+        // The claim may have committed: find out before answering.
+        Err(e) => {
+            tracing::warn!(backend = BACKEND, job = %id, error = %e, "the claim's answer was lost; resolving it");
+            let attempt = record.status.attempts;
+            return resolve_claim(shared, session, &id, mod_rev, &queued, attempt).await;
+        }
+    };
     if !done.succeeded() {
         return Ok(None);
     }
@@ -522,6 +534,99 @@ async fn try_claim(
         rev,
         lease_ended: session.ended.clone(),
     }))
+}
+
+/// Settles a claim of `id` whose answer was lost: it may have committed, or may still be in
+/// flight. One txn either fences it — the record still at `mod_rev` with no claim is rewritten
+/// unchanged (`queued`), so the claim fails its guard should it arrive later — or reads the
+/// record, the claim and the payload. The claim is ours if its key is on this session's lease
+/// and the record is Running at `attempt`: it is returned as if answered. Retried with
+/// backoff while the lease lives (what it holds ends with it); an error no retry cures gives
+/// up whatever may be ours.
+async fn resolve_claim(
+    shared: &Shared,
+    session: &Session,
+    id: &str,
+    mod_rev: i64,
+    queued: &Record,
+    attempt: u32,
+) -> Result<Option<Claim>> {
+    let keys = &shared.keys;
+    let fence = Txn::new()
+        .when([
+            keys.record_at(id, mod_rev),
+            Compare::create_revision(keys.claim(id), CompareOp::Equal, 0),
+        ])
+        .and_then([TxnOp::put(keys.record(id), shared.encode(queued)?, None)])
+        .or_else([
+            TxnOp::get(keys.record(id), None),
+            TxnOp::get(keys.claim(id), None),
+            TxnOp::get(keys.payload(id), None),
+        ]);
+    let mut failures = 0u32;
+    let resp = loop {
+        let err = match shared.client.kv().txn(fence.clone()).await {
+            Ok(resp) => break resp,
+            Err(e) => etcd_err("resolving a claim whose answer was lost", e).with_id(id),
+        };
+        shared.client.check_alive()?;
+        if err.kind() != ErrorKind::Unavailable {
+            release_if_ours(shared, session, id).await;
+            return Err(err);
+        }
+        if session.ended.is_lost() {
+            return Err(err);
+        }
+        failures = failures.saturating_add(1);
+        tokio::time::sleep(Duration::from_millis(200) * failures.min(25)).await;
+    };
+    if resp.succeeded() {
+        // Fenced: the claim did not commit, and never will.
+        return Ok(None);
+    }
+    let mut ops = resp.op_responses();
+    let first = |op: Option<&TxnOpResponse>| match op {
+        Some(TxnOpResponse::Get(g)) => g.kvs().first().map(|kv| (kv.lease(), kv.mod_revision())),
+        _ => None,
+    };
+    let Some((_, rev)) = first(ops.first()) else {
+        return Ok(None);
+    };
+    if first(ops.get(1)).map(|(lease, _)| lease) != Some(session.lease) {
+        return Ok(None);
+    }
+    let record = match take_first_value(&mut ops, 0).map(|v| Shared::decode(id, &v)) {
+        Some(Ok(r)) if r.status.state == JobState::Running && r.status.attempts == attempt => r,
+        // Our claim, but not over this attempt: impossible, and never left standing.
+        _ => {
+            release_if_ours(shared, session, id).await;
+            return Ok(None);
+        }
+    };
+    tracing::info!(backend = BACKEND, job = %id, attempt, "the claim whose answer was lost is ours");
+    Ok(Some(Claim {
+        id: id.to_string(),
+        record,
+        payload: take_first_value(&mut ops, 2).unwrap_or_default(),
+        rev,
+        lease_ended: session.ended.clone(),
+    }))
+}
+
+/// Deletes the claim of `id` if it is on this session's lease, so the reapers redeliver the
+/// job (best effort: if it fails, the claim still ends with the lease).
+async fn release_if_ours(shared: &Shared, session: &Session, id: &str) {
+    let claim = shared.keys.claim(id);
+    let txn = Txn::new()
+        .when([Compare::lease(
+            claim.as_str(),
+            CompareOp::Equal,
+            session.lease,
+        )])
+        .and_then([TxnOp::delete(claim, None::<DeleteOptions>)]);
+    if let Err(e) = shared.client.kv().txn(txn).await {
+        tracing::warn!(backend = BACKEND, job = %id, error = %e, "releasing a claim whose answer was lost failed; it ends with the lease");
+    }
 }
 
 /// Records an attempt's outcome, unless the claim was lost meanwhile.
