@@ -180,7 +180,11 @@ impl Client {
             .with_connect_timeout(config.connect_timeout)
             .with_keep_alive(Duration::from_secs(10), Duration::from_secs(5));
         if let Some(user) = &config.user {
-            options = options.with_user(user.clone(), config.password.clone().unwrap_or_default());
+            // etcd's auth tokens expire (its --auth-token-ttl, 5 min by default): without a
+            // refresh every call after that is Unauthorized, release included.
+            options = options
+                .with_user(user.clone(), config.password.clone().unwrap_or_default())
+                .with_auto_token_refresh(true);
         }
         #[cfg(feature = "tls")]
         if config.tls {

@@ -320,10 +320,36 @@ impl JobStore for EtcdTask {
     async fn queue(&self, name: &str) -> Result<EtcdQueue> {
         // Fails with Closed once killed, and makes sure a lease exists for the claims.
         self.shared.client.session().await?;
+        self.check_claim_rights(name).await?;
         Ok(EtcdQueue {
             shared: self.shared.clone(),
             prefix: self.shared.keys.queue_prefix(name),
         })
+    }
+}
+
+impl EtcdTask {
+    /// Fails now, rather than in every later claim, when this client may not claim jobs: a
+    /// txn touching what a claim touches, whose guard can never hold, so it writes nothing;
+    /// etcd checks the rights of every key a txn names whether or not it applies.
+    async fn check_claim_rights(&self, name: &str) -> Result<()> {
+        let keys = &self.shared.keys;
+        let probe = "rights-probe";
+        let txn = Txn::new()
+            .when([Compare::version(keys.record(probe), CompareOp::Less, 0)])
+            .and_then([
+                TxnOp::put(keys.record(probe), "", None),
+                TxnOp::delete(keys.queue(name, probe), None::<DeleteOptions>),
+                TxnOp::put(keys.claim(probe), "", None),
+                TxnOp::put(keys.inflight_of(probe), "", None),
+            ]);
+        self.shared
+            .client
+            .kv()
+            .txn(txn)
+            .await
+            .map_err(|e| etcd_err("checking the rights to claim jobs", e).with_id(name))?;
+        Ok(())
     }
 }
 
