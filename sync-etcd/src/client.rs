@@ -176,7 +176,10 @@ impl Client {
     pub async fn connect(config: Config) -> Result<Client> {
         config.validate()?;
         // HTTP/2 pings find a dead connection; etcd refuses pings more often than every 5 s.
+        // Requests (watches included) to a member cut off from the quorum fail at once
+        // instead of sitting silently on it.
         let mut options = ConnectOptions::new()
+            .with_require_leader(true)
             .with_connect_timeout(config.connect_timeout)
             .with_keep_alive(Duration::from_secs(10), Duration::from_secs(5));
         if let Some(user) = &config.user {

@@ -122,7 +122,7 @@ impl ClientInner {
 }
 
 /// The safety-net re-check while waiting on a watch (push is the normal path).
-const FALLBACK_POLL: Duration = Duration::from_secs(10);
+pub(crate) const FALLBACK_POLL: Duration = Duration::from_secs(10);
 
 /// A contender that owns its prefix (lock or leadership), before monitoring starts.
 pub(crate) struct Contender {
