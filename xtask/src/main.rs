@@ -22,6 +22,7 @@ macro_rules! bail {
     ($($arg:tt)*) => { return Err(format!($($arg)*).into()) };
 }
 
+mod drill;
 mod install;
 mod probe;
 mod services;
@@ -41,7 +42,10 @@ usage:
   cargo xtask services up|down|status|env|smoke [BACKEND...]
       up: install what is missing, start on 127.0.0.1, wait until ready (twice is harmless)
       down: stop what `up` started; status: pid, port, health; env: SYNC_TEST_* lines to eval;
-      smoke: one real write and read through each service.";
+      smoke: one real write and read through each service.
+  cargo xtask drill [etcd] [--seconds N | --minutes N]
+      a multi-process lock drill on the running etcd (SYNC_TEST_ETCD): workers under kill -9
+      and SIGSTOP chaos writing fencing tokens; prints a summary, fails on any violation.";
 
 /// Ctrl-C, SIGTERM and SIGHUP only count here; whatever is running notices, stops its child
 /// and tears down what it started. A second Ctrl-C gives up on the teardown.
@@ -82,6 +86,7 @@ fn run(args: &[String]) -> Result<ExitCode> {
     match args.first().map(String::as_str) {
         Some("test") => test::run(&args[1..]),
         Some("services") => services::cli(&args[1..]),
+        Some("drill") => drill::run(&args[1..]),
         None | Some("help" | "-h" | "--help") => {
             println!("{USAGE}");
             Ok(ExitCode::SUCCESS)

@@ -120,6 +120,9 @@ pub(crate) fn run(args: &[String]) -> Result<ExitCode> {
     Ok(code)
 }
 
+/// How long the drill inside `cargo xtask test` runs (`cargo xtask drill` runs longer).
+const DRILL_LENGTH: Duration = Duration::from_secs(20);
+
 fn smoke_and_test(
     managed: &[Service],
     scope: &[String],
@@ -173,6 +176,24 @@ fn smoke_and_test(
             continue;
         }
         say!("{what} passed in {took}");
+    }
+    // A short lock drill on the live etcd: processes killed and stopped for real.
+    if let Some((_, url)) = envs.iter().find(|(var, _)| *var == Service::Etcd.env_var()) {
+        let started = Instant::now();
+        say!("drill: a short multi-process lock drill on etcd");
+        match crate::drill::drill(url, DRILL_LENGTH) {
+            Ok(code) if code == ExitCode::SUCCESS => {
+                say!("drill passed in {}", fmt_duration(started.elapsed()));
+            }
+            Ok(code) => {
+                say!("drill FAILED after {}", fmt_duration(started.elapsed()));
+                failed.get_or_insert(code);
+            }
+            Err(e) => {
+                say!("drill FAILED: {e}");
+                failed.get_or_insert(ExitCode::FAILURE);
+            }
+        }
     }
     Ok(failed.unwrap_or(ExitCode::SUCCESS))
 }

@@ -1,0 +1,361 @@
+//! `cargo xtask drill [etcd] [--seconds N]`: a multi-process lock drill on a live backend.
+//!
+//! Several worker processes (sync-any's `drill_worker` example) take one lock over and over
+//! and, holding it, write their fencing token to a shared resource; meanwhile the drill kills
+//! workers with SIGKILL (and starts new ones) and stops others with SIGSTOP for longer than
+//! the lease TTL. At the end it orders every worker's lines by their timestamps and replays the
+//! writes against a fenced resource (it refuses a token below the highest written):
+//!
+//! - a stale write by a worker that was never stopped during its hold means two live holders
+//!   overlapped: a violation;
+//! - a stale write by a worker stopped during its hold is what fencing is for: counted;
+//! - a worker's own tokens must strictly increase, and no two grants may share a token.
+//!
+//! It prints a summary table and fails on any violation.
+
+use std::{
+    collections::{BTreeMap, HashMap, HashSet},
+    io::{BufRead, BufReader},
+    process::{Child, Command, ExitCode, Stdio},
+    sync::mpsc,
+    thread,
+    time::{Duration, Instant, SystemTime, UNIX_EPOCH},
+};
+
+use nix::{sys::signal, unistd::Pid};
+
+use crate::{Result, fmt_duration, project_root, services::Service};
+
+/// Worker processes running at once.
+const WORKERS: usize = 4;
+/// The lease TTL the workers use (etcd's shortest).
+const TTL: Duration = Duration::from_secs(2);
+/// How long a stopped worker stays stopped: past its TTL, so its lease expires meanwhile.
+const STOP_FOR: Duration = Duration::from_millis(3000);
+
+/// `cargo xtask drill` with its arguments.
+pub(crate) fn run(args: &[String]) -> Result<ExitCode> {
+    let mut seconds = 60u64;
+    let mut rest = args.iter();
+    while let Some(arg) = rest.next() {
+        match arg.as_str() {
+            "etcd" => {}
+            "--seconds" => {
+                seconds = rest
+                    .next()
+                    .and_then(|v| v.parse().ok())
+                    .ok_or("--seconds takes a whole number")?;
+            }
+            "--minutes" => {
+                let minutes: u64 = rest
+                    .next()
+                    .and_then(|v| v.parse().ok())
+                    .ok_or("--minutes takes a whole number")?;
+                seconds = minutes * 60;
+            }
+            other => bail!("drill: unknown argument `{other}` (etcd, --seconds N, --minutes N)"),
+        }
+    }
+    let url = std::env::var(Service::Etcd.env_var())
+        .ok()
+        .filter(|v| !v.is_empty())
+        .ok_or("drill: SYNC_TEST_ETCD is not set (`cargo xtask services up etcd`, then `eval \"$(cargo xtask services env)\"`)")?;
+    drill(&url, Duration::from_secs(seconds))
+}
+
+/// Runs the drill against `url` for `length` and judges it.
+pub(crate) fn drill(url: &str, length: Duration) -> Result<ExitCode> {
+    let worker = build_worker()?;
+    let namespace = format!("drill-{}", now_us());
+    let url = format!(
+        "{}/{namespace}?ttl={}s",
+        url.trim_end_matches('/'),
+        TTL.as_secs()
+    );
+    say!(
+        "drill: {WORKERS} workers on {url} for {}",
+        fmt_duration(length)
+    );
+    let (lines, events) = mpsc::channel::<(usize, String)>();
+    let spawn = |n: usize| spawn_worker(&worker, &url, length, n, lines.clone());
+    let mut workers: Vec<Child> = (0..WORKERS).map(spawn).collect::<Result<_>>()?;
+    // The worker id (the order it was started in) running in each slot.
+    let mut ids: Vec<usize> = (0..WORKERS).collect();
+    let mut next = WORKERS;
+    let mut stops: HashMap<usize, Vec<(u128, u128)>> = HashMap::new();
+    let (mut kills, mut pauses) = (0, 0);
+    let mut seen: Vec<(usize, String)> = Vec::new();
+    let mut dice = Dice::seeded();
+    let until = Instant::now() + length;
+    while Instant::now() < until && !crate::interrupted() {
+        thread::sleep(Duration::from_millis(700 + dice.below(1300)));
+        seen.extend(events.try_iter());
+        // Stops aim at the holder of the moment, kills at anyone.
+        let holder = holding(&seen).and_then(|w| ids.iter().position(|id| *id == w));
+        let stop = dice.below(2) == 0;
+        let slot = match (stop, holder) {
+            (true, Some(slot)) => slot,
+            _ => dice.below(WORKERS as u64) as usize,
+        };
+        let pid = Pid::from_raw(workers[slot].id() as i32);
+        if stop {
+            let from = now_us();
+            let _ = signal::kill(pid, signal::Signal::SIGSTOP);
+            thread::sleep(STOP_FOR);
+            let _ = signal::kill(pid, signal::Signal::SIGCONT);
+            stops.entry(ids[slot]).or_default().push((from, now_us()));
+            pauses += 1;
+        } else {
+            let _ = signal::kill(pid, signal::Signal::SIGKILL);
+            let _ = workers[slot].wait();
+            workers[slot] = spawn(next)?;
+            ids[slot] = next;
+            next += 1;
+            kills += 1;
+        }
+    }
+    for w in &mut workers {
+        let _ = w.kill();
+        let _ = w.wait();
+    }
+    drop(lines);
+    seen.extend(events);
+    let verdict = judge(seen, &stops);
+    verdict.print(kills, pauses);
+    Ok(if verdict.violations.is_empty() {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
+    })
+}
+
+fn build_worker() -> Result<std::path::PathBuf> {
+    let cargo = std::env::var_os("CARGO").unwrap_or("cargo".into());
+    let status = Command::new(cargo)
+        .current_dir(project_root())
+        .args([
+            "build",
+            "-q",
+            "-p",
+            "sync-any",
+            "--features",
+            "etcd",
+            "--example",
+            "drill_worker",
+        ])
+        .status()?;
+    if !status.success() {
+        bail!("drill: building the drill worker failed ({status})");
+    }
+    Ok(crate::target_dir().join("debug/examples/drill_worker"))
+}
+
+fn spawn_worker(
+    bin: &std::path::Path,
+    url: &str,
+    length: Duration,
+    id: usize,
+    lines: mpsc::Sender<(usize, String)>,
+) -> Result<Child> {
+    let mut child = Command::new(bin)
+        .args([url, "drill-lock", &(length.as_secs() + 5).to_string()])
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()?;
+    let out = child.stdout.take().ok_or("drill: no worker stdout")?;
+    thread::spawn(move || {
+        for line in BufReader::new(out).lines().map_while(|l| l.ok()) {
+            if lines.send((id, line)).is_err() {
+                return;
+            }
+        }
+    });
+    Ok(child)
+}
+
+/// The worker whose latest GRANT (by arrival) has no WRITE or LOST yet: the holder now.
+fn holding(lines: &[(usize, String)]) -> Option<usize> {
+    let (worker, line) = lines.iter().rev().find(|(_, l)| !l.is_empty())?;
+    line.starts_with("GRANT").then_some(*worker)
+}
+
+/// What the lines say.
+#[derive(Default)]
+struct Verdict {
+    grants: usize,
+    writes: usize,
+    lost_seen: usize,
+    /// Holds during which their worker was stopped past the TTL, and of those, how many the
+    /// worker then reported lost instead of writing.
+    paused_holds: usize,
+    paused_saw_loss: usize,
+    violations: Vec<String>,
+}
+
+impl Verdict {
+    fn print(&self, kills: usize, pauses: usize) {
+        let rows = [
+            ("grants", self.grants.to_string()),
+            ("writes", self.writes.to_string()),
+            (
+                "holders that saw their loss before writing",
+                self.lost_seen.to_string(),
+            ),
+            (
+                "holders stopped past the TTL / saw their loss",
+                format!("{} / {}", self.paused_holds, self.paused_saw_loss),
+            ),
+            ("workers killed (-9)", kills.to_string()),
+            ("workers stopped past the TTL", pauses.to_string()),
+            ("violations", self.violations.len().to_string()),
+        ];
+        say!("drill summary:");
+        for (what, n) in rows {
+            eprintln!("  {what:<48} {n:>8}");
+        }
+        for v in &self.violations {
+            say!("VIOLATION: {v}");
+        }
+    }
+}
+
+/// Whether `worker` was stopped past the TTL between its latest grant and `at`.
+fn was_paused(
+    stops: &HashMap<usize, Vec<(u128, u128)>>,
+    worker: usize,
+    granted_at: &HashMap<usize, u128>,
+    at: u128,
+) -> bool {
+    let since = granted_at.get(&worker).copied().unwrap_or(0);
+    stops
+        .get(&worker)
+        .is_some_and(|s| s.iter().any(|(from, to)| *from < at && *to > since))
+}
+
+/// Replays every worker's lines in timestamp order against a fenced resource.
+fn judge(lines: Vec<(usize, String)>, stops: &HashMap<usize, Vec<(u128, u128)>>) -> Verdict {
+    let mut verdict = Verdict::default();
+    // (timestamp, worker, kind, token), in time order.
+    let mut events: BTreeMap<(u128, usize, u64), (String, u64)> = BTreeMap::new();
+    for (seq, (worker, line)) in lines.into_iter().enumerate() {
+        let mut parts = line.split_whitespace();
+        let (Some(kind), Some(token), Some(at)) = (parts.next(), parts.next(), parts.next()) else {
+            continue;
+        };
+        let (Ok(token), Ok(at)) = (token.parse::<u64>(), at.parse::<u128>()) else {
+            continue;
+        };
+        events.insert((at, worker, seq as u64), (kind.to_string(), token));
+    }
+    let mut granted_at: HashMap<usize, u128> = HashMap::new();
+    let mut last_token: HashMap<usize, u64> = HashMap::new();
+    let mut tokens_granted: HashSet<u64> = HashSet::new();
+    let mut highest_write = 0u64;
+    for ((at, worker, _), (kind, token)) in events {
+        match kind.as_str() {
+            "GRANT" => {
+                verdict.grants += 1;
+                if !tokens_granted.insert(token) {
+                    verdict
+                        .violations
+                        .push(format!("token {token} was granted twice"));
+                }
+                if last_token.get(&worker).is_some_and(|t| *t >= token) {
+                    verdict
+                        .violations
+                        .push(format!("worker {worker}'s tokens went back to {token}"));
+                }
+                last_token.insert(worker, token);
+                granted_at.insert(worker, at);
+            }
+            "LOST" | "WRITE" if was_paused(stops, worker, &granted_at, at) => {
+                verdict.paused_holds += 1;
+                if kind == "LOST" {
+                    verdict.paused_saw_loss += 1;
+                    verdict.lost_seen += 1;
+                    continue;
+                }
+                verdict.writes += 1;
+                verdict.violations.push(format!(
+                    "worker {worker} was stopped past the TTL holding token {token} and wrote without seeing its loss"
+                ));
+            }
+            "LOST" => verdict.lost_seen += 1,
+            "WRITE" => {
+                verdict.writes += 1;
+                if token >= highest_write {
+                    highest_write = token;
+                    continue;
+                }
+                verdict.violations.push(format!(
+                    "worker {worker} wrote token {token} after token {highest_write} was written, without having been stopped: two live holders"
+                ));
+            }
+            _ => {}
+        }
+    }
+    verdict
+}
+
+fn now_us() -> u128 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_micros())
+        .unwrap_or_default()
+}
+
+/// A small xorshift generator: the drill's chaos needs no cryptographic randomness, and xtask
+/// keeps its dependencies few.
+struct Dice(u64);
+
+impl Dice {
+    fn seeded() -> Dice {
+        Dice(now_us() as u64 | 1)
+    }
+
+    fn below(&mut self, n: u64) -> u64 {
+        self.0 ^= self.0 << 13;
+        self.0 ^= self.0 >> 7;
+        self.0 ^= self.0 << 17;
+        self.0 % n.max(1)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn line(worker: usize, text: &str) -> (usize, String) {
+        (worker, text.to_string())
+    }
+
+    #[test]
+    fn overlapping_live_holders_and_unnoticed_pauses_are_violations() {
+        let lines = vec![
+            line(0, "GRANT 10 100"),
+            line(1, "GRANT 20 300"),
+            line(1, "WRITE 20 310"),
+            line(0, "WRITE 10 400"),
+        ];
+        let live = judge(lines.clone(), &HashMap::new());
+        assert_eq!(live.violations.len(), 1, "{:?}", live.violations);
+        // Stopped past the TTL while holding, and then writing: the pause went unnoticed.
+        let stopped = HashMap::from([(0, vec![(150, 350)])]);
+        let unnoticed = judge(lines.clone(), &stopped);
+        assert_eq!(unnoticed.violations.len(), 1, "{:?}", unnoticed.violations);
+        assert_eq!((unnoticed.paused_holds, unnoticed.paused_saw_loss), (1, 0));
+        // The same pause, noticed: the worker reports LOST instead of writing.
+        let mut noticed = lines;
+        noticed[3] = line(0, "LOST 10 400");
+        let fine = judge(noticed, &stopped);
+        assert!(fine.violations.is_empty(), "{:?}", fine.violations);
+        assert_eq!((fine.paused_holds, fine.paused_saw_loss), (1, 1));
+    }
+
+    #[test]
+    fn a_token_granted_twice_is_a_violation() {
+        let lines = vec![line(0, "GRANT 10 100"), line(1, "GRANT 10 200")];
+        assert_eq!(judge(lines, &HashMap::new()).violations.len(), 1);
+    }
+}
