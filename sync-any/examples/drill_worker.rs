@@ -52,7 +52,7 @@ async fn work(url: &str, id: &str, run_for: Duration) -> sync_core::Result<()> {
         let token = guard.fencing_token();
         let _ = writeln!(out, "GRANT {token} {}", now_us());
         // The critical section: some work, then the write — unless the guard says it lost.
-        tokio::time::sleep(Duration::from_millis(20 + u64::from(token % 7) * 10)).await;
+        tokio::time::sleep(Duration::from_millis(20 + (token % 7) * 10)).await;
         let line = match guard.is_lost() {
             true => format!("LOST {token} {}", now_us()),
             false => format!("WRITE {token} {}", now_us()),
