@@ -96,6 +96,18 @@ fn is_connect_failure(err: &(dyn std::error::Error + 'static)) -> bool {
     text.starts_with("tcp connect error") || text.starts_with("error trying to connect")
 }
 
+/// Whether a request may have been applied although the caller saw an error: the transport
+/// failed, or no answer came in time — and it was not proven undelivered. Such a write is
+/// resolved (read back, or resent where resending is idempotent), never just retried blindly.
+pub(crate) fn answer_lost(e: &etcd_client::Error) -> bool {
+    let maybe_sent = match e {
+        etcd_client::Error::IoError(_) | etcd_client::Error::TransportError(_) => true,
+        etcd_client::Error::GRpcStatus(s) => matches!(i32::from(s.code()), 1 | 2 | 4 | 14),
+        _ => false,
+    };
+    maybe_sent && !not_delivered(e)
+}
+
 /// Whether etcd answered that a lease does not exist (expired or revoked): a definite refusal
 /// of the write that named it.
 pub(crate) fn lease_not_found(e: &etcd_client::Error) -> bool {

@@ -29,8 +29,9 @@ impl RollingLease {
         }
     }
 
-    /// The lease to write with now, granting a new one when the window has passed.
-    pub(crate) async fn get(&self, etcd: &etcd_client::Client) -> Result<i64> {
+    /// The lease to write with now, granting a new one when the window has passed (a grant
+    /// gets at most `timeout`, like every request).
+    pub(crate) async fn get(&self, etcd: &etcd_client::Client, timeout: Duration) -> Result<i64> {
         let mut slot = self.current.lock().await;
         if let Some((lease, granted)) = *slot {
             if granted.elapsed() < self.window {
@@ -41,9 +42,9 @@ impl RollingLease {
         let life = self.keep + self.window;
         let ttl = life.as_secs() + u64::from(life.subsec_nanos() > 0);
         let granted = Instant::now();
-        let lease = etcd
-            .lease_client()
-            .grant(i64::try_from(ttl).unwrap_or(i64::MAX), None)
+        let mut leases = etcd.lease_client();
+        let grant = leases.grant(i64::try_from(ttl).unwrap_or(i64::MAX), None);
+        let lease = crate::kv::answered_within(timeout, grant)
             .await
             .map_err(|e| etcd_err(format!("granting {}", self.what), e))?
             .id();

@@ -168,6 +168,10 @@ impl EtcdMap {
         )
     }
 
+    fn timeout(&self) -> std::time::Duration {
+        self.client.config.request_timeout
+    }
+
     /// The version a swap with `nonce` wrote, if it was applied (its marker holds the nonce:
     /// the marker was written in the same txn, at the same revision).
     async fn applied(&self, marker: &str, nonce: &str) -> Result<Option<Version>> {
@@ -254,31 +258,43 @@ impl Map for EtcdMap {
         };
         let nonce = uuid::Uuid::new_v4().simple().to_string();
         let marker = self.marker(key, &nonce);
-        let lease = self.markers.get(&self.client.etcd).await?;
-        let txn = Txn::new().when([cmp]).and_then([
+        let lease = self.markers.get(&self.client.etcd, self.timeout()).await?;
+        let ops = [
             TxnOp::put(k, value.to_vec(), None),
             TxnOp::put(
                 marker.clone(),
                 nonce.as_str(),
                 Some(PutOptions::new().with_lease(lease)),
             ),
-        ]);
+        ];
+        let first = Txn::new().when([cmp.clone()]).and_then(ops.clone());
+        // A resend applies only if no earlier send did: the marker exists exactly when one
+        // applied (it outlives a delete of the key, so a create is not made twice either).
+        let unmarked = Compare::version(marker.clone(), CompareOp::Equal, 0);
+        let resend = Txn::new().when([cmp, unmarked]).and_then(ops);
         let mut sends = 0;
         loop {
             sends += 1;
+            let txn = if sends == 1 { &first } else { &resend };
             match self.client.kv().txn(txn.clone()).await {
                 Ok(resp) if resp.succeeded() => return Ok(Self::revision(resp.header())),
-                // Not at `expected`: unless an earlier send of ours moved it, a conflict.
+                Ok(_) if sends == 1 => return Err(Self::conflict(key, expected)),
+                // A resend found the key moved: by an earlier send of ours, or by another.
                 Ok(_) => {
                     return match self.applied(&marker, &nonce).await? {
                         Some(version) => Ok(version),
                         None => Err(Self::conflict(key, expected)),
                     };
                 }
-                Err(e) if sends < AMBIGUOUS_SENDS && is_ambiguous(&e) => {
+                Err(e) if crate::error::answer_lost(&e) => {
                     tracing::warn!(backend = BACKEND, map = %self.name, error = %e, "compare-and-swap answer lost; resolving it");
                     if let Some(version) = self.applied(&marker, &nonce).await? {
                         return Ok(version);
+                    }
+                    if sends >= AMBIGUOUS_SENDS {
+                        return Err(
+                            etcd_err("compare-and-swap (not applied so far)", e).with_id(key)
+                        );
                     }
                 }
                 Err(e) => {
@@ -320,18 +336,6 @@ impl Map for EtcdMap {
 
 /// How often a compare-and-swap whose answer was lost is sent in all.
 const AMBIGUOUS_SENDS: u32 = 3;
-
-/// A failure after which the request may or may not have been applied: the transport failed
-/// or no answer came in time (as opposed to etcd refusing it).
-fn is_ambiguous(e: &etcd_client::Error) -> bool {
-    match e {
-        etcd_client::Error::IoError(_) | etcd_client::Error::TransportError(_) => true,
-        etcd_client::Error::GRpcStatus(s) => {
-            matches!(i32::from(s.code()), 1 | 2 | 4 | 14) && !crate::error::not_delivered(e)
-        }
-        _ => false,
-    }
-}
 
 /// gRPC refused to decode a response over its message size limit.
 fn is_too_large(e: &etcd_client::Error) -> bool {

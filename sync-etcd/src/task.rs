@@ -66,6 +66,9 @@ const SAFETY_NET: Duration = Duration::from_secs(5);
 /// finished jobs costs one rescan rather than one each.
 const REAP_DEBOUNCE: Duration = Duration::from_millis(250);
 
+/// The error message of a job record that is not valid JSON.
+const UNREADABLE_RECORD: &str = "the job record is not valid JSON";
+
 /// How many queue entries a worker reads per request while scanning its queue.
 const SCAN_LIMIT: i64 = 64;
 
@@ -144,7 +147,9 @@ struct Shared {
 impl Shared {
     /// The lease to write a finished job with.
     async fn retention_lease(&self) -> Result<i64> {
-        self.retention.get(&self.client.etcd).await
+        self.retention
+            .get(&self.client.etcd, self.client.config.request_timeout)
+            .await
     }
 
     /// Drops the cached retention lease (etcd no longer has it).
@@ -162,7 +167,7 @@ impl Shared {
 
     fn decode(id: &str, value: &[u8]) -> Result<Record> {
         serde_json::from_slice(value).map_err(|e| {
-            Error::new(ErrorKind::Backend, "the job record is not valid JSON")
+            Error::new(ErrorKind::Backend, UNREADABLE_RECORD)
                 .with_backend(BACKEND)
                 .with_id(id)
                 .with_source(e)
@@ -271,10 +276,7 @@ impl JobStore for EtcdTask {
                 TxnOp::put(keys.queue(&record.job.name, &id), "0", None),
             ]);
         let resp = self
-            .shared
-            .client
-            .kv()
-            .txn(txn)
+            .send_submit(txn)
             .await
             .map_err(|e| etcd_err("submitting the job", e).with_id(&record.job.name))?;
         if resp.succeeded() {
@@ -329,6 +331,24 @@ impl JobStore for EtcdTask {
 }
 
 impl EtcdTask {
+    /// Sends a submit txn, again when its answer was lost: it is guarded by the record's
+    /// create revision, so however many sends apply, the job is queued once.
+    async fn send_submit(
+        &self,
+        txn: Txn,
+    ) -> std::result::Result<etcd_client::TxnResponse, etcd_client::Error> {
+        let mut sends = 0;
+        loop {
+            sends += 1;
+            match self.shared.client.kv().txn(txn.clone()).await {
+                Err(e) if sends < 3 && crate::error::answer_lost(&e) => {
+                    tracing::warn!(backend = BACKEND, error = %e, "submit answer lost; sending it again");
+                }
+                other => return other,
+            }
+        }
+    }
+
     /// Fails now, rather than in every later claim, when this client may not claim jobs: a
     /// txn touching what a claim touches, whose guard can never hold, so it writes nothing;
     /// etcd checks the rights of every key a txn names whether or not it applies.
@@ -496,7 +516,15 @@ async fn try_claim(
     let Some(id) = sync_core::id::unescape(escaped) else {
         return Ok(None);
     };
-    let Some((mut record, mod_rev)) = shared.read(&id).await? else {
+    let record = match shared.read(&id).await {
+        // One unreadable record must not block every job queued behind it.
+        Err(e) if e.message() == UNREADABLE_RECORD => {
+            tracing::warn!(backend = BACKEND, job = %id, error = %e, "skipping a job whose record cannot be read");
+            return Ok(None);
+        }
+        other => other?,
+    };
+    let Some((mut record, mod_rev)) = record else {
         // An entry without a record: drop it.
         let _ = client.kv().delete(kv.key().to_vec(), None).await;
         return Ok(None);
@@ -674,11 +702,18 @@ async fn record_outcome(shared: &Shared, claim: Claim, mut outcome: Outcome) {
         }
         let lease = match shared.retention_lease().await {
             Ok(lease) => lease,
-            Err(e) => {
+            // As for the outcome's own write: keep trying while the claim's lease may live;
+            // once it ended the claim went with it and the job is redelivered.
+            Err(e) if e.kind() == ErrorKind::Unavailable && !lease_ended.is_lost() => {
                 tracing::warn!(backend = BACKEND, job = %id, error = %e, "granting the retention lease failed; retrying");
                 transient_failures = transient_failures.saturating_add(1);
                 tokio::time::sleep(Duration::from_millis(200) * transient_failures.min(25)).await;
                 continue;
+            }
+            Err(e) => {
+                tracing::warn!(backend = BACKEND, job = %id, error = %e, "no retention lease for the outcome; releasing the claim");
+                release_claim(shared, &id, rev).await;
+                return;
             }
         };
         let txn = match finish_txn(

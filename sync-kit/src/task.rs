@@ -234,7 +234,8 @@ impl<Q: JobQueue> ClaimLoop<Q> {
 /// Runs one attempt of a handler in a task of its own, so that its panic is the attempt's
 /// failure and not the worker's, and checks its output against [`MAX_PAYLOAD_LEN`].
 pub async fn run_handler(handler: Arc<dyn Handler>, ctx: JobContext) -> Outcome {
-    match tokio::spawn(async move { handler.call(ctx).await }).await {
+    let mut task = AbortOnDrop(tokio::spawn(async move { handler.call(ctx).await }));
+    match (&mut task.0).await {
         Ok(Ok(output)) if output.len() > MAX_PAYLOAD_LEN => Err(format!(
             "the handler's output is {} bytes; the maximum is {MAX_PAYLOAD_LEN}",
             output.len()
@@ -246,6 +247,16 @@ pub async fn run_handler(handler: Arc<dyn Handler>, ctx: JobContext) -> Outcome 
             crate::panic_message(e.into_panic().as_ref())
         )),
         Err(_) => Err("handler was cancelled".to_string()),
+    }
+}
+
+/// Aborts the handler's task when its attempt is dropped (the worker's client closed or was
+/// killed): a dead worker's handler must not run on.
+struct AbortOnDrop<T>(tokio::task::JoinHandle<T>);
+
+impl<T> Drop for AbortOnDrop<T> {
+    fn drop(&mut self) {
+        self.0.abort();
     }
 }
 

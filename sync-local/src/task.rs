@@ -166,6 +166,8 @@ fn take_next(shared: &Arc<Shared>, queue: &str, session: u64) -> Take {
         }
         // Bound to the session's deadline too: a paused worker's handler sees the loss.
         let Some(deadline) = shared.session_deadline(session) else {
+            // Put back: the job was never claimed, and is nowhere else.
+            q.ready.push_front(job_key);
             return Take::SessionEnded;
         };
         let token = shared.next_revision();
