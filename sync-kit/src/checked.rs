@@ -138,7 +138,8 @@ where
     Fut: Future<Output = Result<T>>,
 {
     let deadline = wait.map(crate::deadline);
-    let mut pause = Duration::from_millis(50);
+    // The first retry is at once (a grant lost as it arrived is usually a race just lost).
+    let mut pause = Duration::ZERO;
     loop {
         let left = deadline.map(|d| d.saturating_duration_since(tokio::time::Instant::now()));
         let why = match attempt(left).await {
@@ -159,7 +160,7 @@ where
         }
         tracing::warn!(reason = %why, retry_in = ?pause, "waiting for a grant through a transient failure");
         tokio::time::sleep(left.map_or(pause, |l| l.min(pause))).await;
-        pause = (pause * 2).min(Duration::from_secs(1));
+        pause = (pause * 2).clamp(Duration::from_millis(50), Duration::from_secs(1));
     }
 }
 
