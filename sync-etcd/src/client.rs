@@ -241,7 +241,14 @@ impl Client {
     pub async fn revoke(&self) -> Result<()> {
         let current = self.inner.session.lock().await.clone();
         match current {
-            Some(s) => s.revoke(&self.inner.etcd, "lease revoked").await,
+            Some(s) => {
+                s.revoke(
+                    &self.inner.etcd,
+                    "lease revoked",
+                    self.inner.config.request_timeout,
+                )
+                .await
+            }
             None => Ok(()),
         }
     }
@@ -320,7 +327,14 @@ impl Backend for Client {
         self.inner.killed.send_replace(true);
         let session = self.inner.session.lock().await.take();
         match session {
-            Some(s) => s.revoke(&self.inner.etcd, "client closed").await,
+            Some(s) => {
+                s.revoke(
+                    &self.inner.etcd,
+                    "client closed",
+                    self.inner.config.request_timeout,
+                )
+                .await
+            }
             None => Ok(()),
         }
     }

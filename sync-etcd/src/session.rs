@@ -78,10 +78,15 @@ impl Session {
 
     /// Ends the session for `reason` (its holders learn of it before the request is sent),
     /// then revokes the lease on the server, so what it held frees now.
-    pub(crate) async fn revoke(&self, etcd: &etcd_client::Client, reason: &str) -> Result<()> {
+    pub(crate) async fn revoke(
+        &self,
+        etcd: &etcd_client::Client,
+        reason: &str,
+        timeout: Duration,
+    ) -> Result<()> {
         self.end(reason);
-        etcd.lease_client()
-            .revoke(self.lease)
+        let mut leases = etcd.lease_client();
+        crate::kv::answered_within(timeout, leases.revoke(self.lease))
             .await
             .map_err(|e| etcd_err("revoking the lease", e))?;
         Ok(())
