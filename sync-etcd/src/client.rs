@@ -190,9 +190,11 @@ impl Client {
                 .with_auto_token_refresh(true);
         }
         #[cfg(feature = "tls")]
+        let mut probe = None;
+        #[cfg(feature = "tls")]
         if config.tls {
             let tls = config.clone();
-            let built = tokio::task::spawn_blocking(move || tls_options(&tls))
+            let (built, checked) = tokio::task::spawn_blocking(move || crate::tls::check(&tls))
                 .await
                 .map_err(|e| {
                     Error::new(ErrorKind::Backend, "the task reading the TLS files failed")
@@ -200,13 +202,20 @@ impl Client {
                         .with_source(e)
                 })??;
             options = options.with_tls(built);
+            probe = Some(checked);
         }
         let etcd = etcd_client::Client::connect(config.endpoints.clone(), Some(options))
             .await
             .map_err(|e| etcd_err(format!("connecting to {:?}", config.endpoints), e))?;
         let inner = ClientInner::new(etcd, config);
-        inner.session().await?;
-        Ok(Client { inner })
+        match inner.session().await {
+            Ok(_) => Ok(Client { inner }),
+            #[cfg(feature = "tls")]
+            Err(e) if e.kind() == ErrorKind::Unavailable && probe.is_some() => {
+                Err(diagnosed(e, probe).await)
+            }
+            Err(e) => Err(e),
+        }
     }
 
     /// Parses `url` (see [`Config::from_url`]) and connects.
@@ -254,35 +263,17 @@ impl Client {
     }
 }
 
+/// A failed first call over TLS, told apart from an outage by a handshake of its own: a
+/// certificate refused by either side is not worth retrying (see `tls::Probe`).
 #[cfg(feature = "tls")]
-fn tls_options(tls: &Config) -> Result<etcd_client::TlsOptions> {
-    let read = |path: &str| {
-        std::fs::read(path).map_err(|e| {
-            Error::invalid(format!("reading TLS file {path:?}"))
-                .with_backend(BACKEND)
-                .with_source(e)
-        })
-    };
-    let mut options = etcd_client::TlsOptions::new();
-    if let Some(ca) = &tls.ca_file {
-        options = options.ca_certificate(etcd_client::Certificate::from_pem(read(ca)?));
+async fn diagnosed(e: Error, probe: Option<crate::tls::Probe>) -> Error {
+    let Some(probe) = probe else { return e };
+    match tokio::task::spawn_blocking(move || probe.diagnose()).await {
+        Ok(Some((kind, why))) => Error::new(kind, format!("{}: {why}", e.message()))
+            .with_backend(BACKEND)
+            .with_source(e),
+        _ => e,
     }
-    match (&tls.cert_file, &tls.key_file) {
-        (Some(cert), Some(key)) => {
-            options = options.identity(etcd_client::Identity::from_pem(read(cert)?, read(key)?));
-        }
-        (None, None) => {}
-        _ => {
-            return Err(
-                Error::invalid("TLS needs both cert_file and key_file, or neither")
-                    .with_backend(BACKEND),
-            );
-        }
-    }
-    if let Some(domain) = &tls.tls_domain {
-        options = options.domain_name(domain.clone());
-    }
-    Ok(options)
 }
 
 /// Time is not an etcd primitive.

@@ -56,8 +56,10 @@ pub struct Config {
     pub job_retention: Duration,
     /// Connect with TLS (the `etcds://` scheme); needs the `tls` cargo feature.
     pub tls: bool,
-    /// With TLS: PEM file of the CA that signed the server certificates (system roots are not
-    /// used).
+    /// With TLS, required: PEM file of the CA that signed the server certificates. System and
+    /// webpki roots are not used (etcd is served with a private CA), so TLS without it is
+    /// refused by [`Config::validate`]. [`Client::connect`](crate::Client::connect) reads and
+    /// checks it (and `cert_file`, `key_file`) before dialling.
     pub ca_file: Option<String>,
     /// With TLS: PEM file of the client certificate (mutual TLS, with `key_file`).
     pub cert_file: Option<String>,
@@ -288,6 +290,23 @@ impl Config {
             )
             .with_backend(BACKEND));
         }
+        if self.ca_file.is_none() {
+            return Err(Error::invalid(
+                "tls needs ca_file, the PEM file of the CA that signed etcd's server \
+                 certificate: system and webpki roots are not used",
+            )
+            .with_backend(BACKEND));
+        }
+        if self.cert_file.is_some() != self.key_file.is_some() {
+            let (given, path, missing) = match (&self.cert_file, &self.key_file) {
+                (Some(path), _) => ("cert_file", path.as_str(), "key_file"),
+                (_, path) => ("key_file", path.as_deref().unwrap_or_default(), "cert_file"),
+            };
+            return Err(Error::invalid(format!(
+                "{given} {path:?} is given without {missing}: mutual TLS needs both"
+            ))
+            .with_backend(BACKEND));
+        }
         Ok(())
     }
 }
@@ -472,5 +491,28 @@ mod tests {
         assert!(err.to_string().contains("ca_file needs TLS"), "{err}");
         let err = Config::default().with_tls(true).validate().unwrap_err();
         assert!(err.to_string().contains("plain http"), "{err}");
+    }
+
+    /// TLS without a CA could never connect (no roots are loaded): it is refused up front, as
+    /// is half a client identity.
+    #[cfg(feature = "tls")]
+    #[test]
+    fn tls_needs_a_ca_and_both_halves_of_an_identity() {
+        let err = Config::from_url("etcds://h:2379").unwrap_err();
+        assert_eq!(err.kind(), sync_core::ErrorKind::InvalidArgument, "{err}");
+        assert!(err.to_string().contains("tls needs ca_file"), "{err}");
+        let err = Config::from_url("etcds://h:2379?ca_file=ca.pem&cert_file=c.pem").unwrap_err();
+        assert!(
+            err.to_string()
+                .contains(r#"cert_file "c.pem" is given without key_file"#),
+            "{err}"
+        );
+        let err = Config::from_url("etcds://h:2379?ca_file=ca.pem&key_file=k.pem").unwrap_err();
+        assert!(
+            err.to_string()
+                .contains(r#"key_file "k.pem" is given without cert_file"#),
+            "{err}"
+        );
+        Config::from_url("etcds://h:2379?ca_file=ca.pem&cert_file=c.pem&key_file=k.pem").unwrap();
     }
 }

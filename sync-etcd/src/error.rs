@@ -7,6 +7,13 @@ use crate::BACKEND;
 /// Maps an etcd client error to a `sync_core` error kind, with the client error as source.
 pub(crate) fn etcd_err(what: impl Into<String>, e: etcd_client::Error) -> Error {
     let mut what = what.into();
+    // A certificate refused, by either side, is a setup mistake: never Unavailable.
+    #[cfg(feature = "tls")]
+    if let Some((kind, why)) = crate::tls::rejection(&e) {
+        return Error::new(kind, format!("{what}: {why}"))
+            .with_backend(BACKEND)
+            .with_source(e);
+    }
     let kind = match &e {
         etcd_client::Error::TransportError(_) | etcd_client::Error::IoError(_) => {
             ErrorKind::Unavailable

@@ -38,9 +38,15 @@
 //! request that could not be delivered to the endpoint picked (connection refused) is sent
 //! again, so one node down does not fail calls. User/password authentication is config; TLS
 //! (`etcds://…?ca_file=…&cert_file=…&key_file=…&tls_domain=…`) needs the `tls` cargo feature.
+//! With TLS, `ca_file` is required (system and webpki roots are not used: etcd is served with
+//! a private CA); [`Client::connect`] reads and checks the PEM files before dialling and names
+//! the file and the problem (missing, empty, not PEM, a key where a certificate belongs, a
+//! client certificate without its key or with another key).
 //! Client errors map to [`ErrorKind`](sync_core::ErrorKind)s: `Unavailable` for connect and
-//! transport failures, `Unauthorized` for rejected credentials or permissions, `Backend`
-//! otherwise — with the client error as the source.
+//! transport failures, `Unauthorized` for rejected credentials or permissions or a client
+//! certificate the server refuses, `InvalidArgument` for a server certificate refused here (or
+//! an endpoint that does not speak TLS), `Backend` otherwise — with the client error as the
+//! source.
 //!
 //! ## Task
 //!
@@ -72,6 +78,8 @@ mod lock;
 mod map;
 mod session;
 mod task;
+#[cfg(feature = "tls")]
+mod tls;
 
 pub use client::Client;
 pub use config::{Config, MAX_TTL, MIN_TTL};

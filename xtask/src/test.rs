@@ -70,6 +70,9 @@ pub(crate) fn run(args: &[String]) -> Result<ExitCode> {
         }
         scope
     };
+    // sync-etcd's `tls` feature is off in the workspace runs: its TLS tests (private etcds
+    // serving certificates they make) run in a step of their own whenever etcd is tested.
+    let etcd_tls = wanted.contains(&Service::Etcd) && workspace_has("sync-etcd");
     // etcd-client's build script runs protoc, also against a user's own etcd: installed by
     // `services::up`, in the same apt-get run as the services' own packages.
     let build_tools: &[install::Tool] = if wanted.contains(&Service::Etcd) {
@@ -92,7 +95,7 @@ pub(crate) fn run(args: &[String]) -> Result<ExitCode> {
     // From here on, every way out goes through the teardown below.
     // A panic (an eprintln! to a closed stderr, say) must not skip it either.
     let outcome = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-        smoke_and_test(&managed, &scope, &cargo_args)
+        smoke_and_test(&managed, &scope, etcd_tls, &cargo_args)
     }))
     .unwrap_or_else(|_| Err("xtask panicked while testing".into()));
 
@@ -126,6 +129,7 @@ const DRILL_LENGTH: Duration = Duration::from_secs(20);
 fn smoke_and_test(
     managed: &[Service],
     scope: &[String],
+    etcd_tls: bool,
     cargo_args: &[String],
 ) -> Result<ExitCode> {
     if !managed.is_empty() {
@@ -143,11 +147,22 @@ fn smoke_and_test(
         .collect();
     // --all-targets skips doc tests and --doc runs only them, hence two runs; the second reuses
     // the first's build.
-    let steps: [(&str, &[&str]); 2] = [
-        ("tests", &["--all-targets", "--no-fail-fast"]),
-        ("doc tests", &["--doc", "--no-fail-fast"]),
+    let scope: Vec<&str> = scope.iter().map(String::as_str).collect();
+    let mut steps: Vec<(&str, Vec<&str>)> = vec![
+        (
+            "tests",
+            [&scope[..], &["--all-targets", "--no-fail-fast"]].concat(),
+        ),
+        (
+            "doc tests",
+            [&scope[..], &["--doc", "--no-fail-fast"]].concat(),
+        ),
     ];
-    // Both steps run even when the first fails (CI reports every failure); the first failure's
+    // etcd over TLS and mutual TLS, and the conformance suite over mutual TLS.
+    if etcd_tls {
+        steps.push(("etcd TLS tests", ETCD_TLS_TESTS.to_vec()));
+    }
+    // Every step runs even when one fails (CI reports every failure); the first failure's
     // status is xtask's.
     let mut failed: Option<ExitCode> = None;
     for (what, flags) in steps {
@@ -155,7 +170,6 @@ fn smoke_and_test(
         command
             .current_dir(project_root())
             .arg("test")
-            .args(scope)
             .args(flags)
             .args(cargo_args)
             .envs(envs.iter().map(|(k, v)| (k, v)));
@@ -197,6 +211,20 @@ fn smoke_and_test(
     }
     Ok(failed.unwrap_or(ExitCode::SUCCESS))
 }
+
+/// The cargo test arguments of the etcd TLS step: only the targets that need the feature (the
+/// rest of sync-etcd ran in the workspace step).
+const ETCD_TLS_TESTS: [&str; 9] = [
+    "-p",
+    "sync-etcd",
+    "--features",
+    "tls",
+    "--test",
+    "tls",
+    "--test",
+    "conformance_tls",
+    "--no-fail-fast",
+];
 
 /// A child's status as ours: its exit code, or 128 + the signal that ended it.
 fn exit_code(status: ExitStatus) -> ExitCode {
@@ -247,6 +275,23 @@ fn workspace_has(krate: &str) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The TLS step names test targets that sync-etcd has, behind its `tls` feature.
+    #[test]
+    fn the_etcd_tls_step_names_real_targets() {
+        let manifest = std::fs::read_to_string(project_root().join("sync-etcd/Cargo.toml"))
+            .expect("sync-etcd's manifest");
+        assert!(manifest.contains("\ntls = ["), "no `tls` feature");
+        for target in ETCD_TLS_TESTS
+            .windows(2)
+            .filter(|w| w[0] == "--test")
+            .map(|w| w[1])
+        {
+            let entry =
+                format!("name = \"{target}\"\nharness = false\nrequired-features = [\"tls\"]");
+            assert!(manifest.contains(&entry), "no TLS test target {target}");
+        }
+    }
 
     #[test]
     fn the_childs_status_is_ours() {

@@ -2,6 +2,8 @@
 
 #![allow(dead_code)]
 
+pub mod tls;
+
 use std::{future::Future, pin::Pin, process::ExitCode};
 
 use libtest_mimic::{Arguments, Trial};
