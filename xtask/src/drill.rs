@@ -63,9 +63,25 @@ pub(crate) fn run(args: &[String]) -> Result<ExitCode> {
     drill(&url, Duration::from_secs(seconds))
 }
 
-/// Runs the drill against `url` for `length` and judges it.
+/// Runs the lock drill and then the leader drill against `url`, `length` each.
 pub(crate) fn drill(url: &str, length: Duration) -> Result<ExitCode> {
     let worker = build_worker()?;
+    let mut code = ExitCode::SUCCESS;
+    for what in ["lock", "leader"] {
+        if drill_one(&worker, what, url, length)? != ExitCode::SUCCESS {
+            code = ExitCode::FAILURE;
+        }
+    }
+    Ok(code)
+}
+
+/// One drill: `what` (lock or leader) under chaos for `length`, judged.
+fn drill_one(
+    worker: &std::path::Path,
+    what: &'static str,
+    url: &str,
+    length: Duration,
+) -> Result<ExitCode> {
     let namespace = format!("drill-{}", now_us());
     let url = format!(
         "{}/{namespace}?ttl={}s",
@@ -73,11 +89,11 @@ pub(crate) fn drill(url: &str, length: Duration) -> Result<ExitCode> {
         TTL.as_secs()
     );
     say!(
-        "drill: {WORKERS} workers on {url} for {}",
+        "drill {what}: {WORKERS} workers on {url} for {}",
         fmt_duration(length)
     );
     let (lines, events) = mpsc::channel::<(usize, String)>();
-    let spawn = |n: usize| spawn_worker(&worker, &url, length, n, lines.clone());
+    let spawn = |n: usize| spawn_worker(worker, what, &url, length, n, lines.clone());
     let mut workers: Vec<Child> = (0..WORKERS).map(spawn).collect::<Result<_>>()?;
     // The worker id (the order it was started in) running in each slot.
     let mut ids: Vec<usize> = (0..WORKERS).collect();
@@ -121,7 +137,7 @@ pub(crate) fn drill(url: &str, length: Duration) -> Result<ExitCode> {
     drop(lines);
     seen.extend(events);
     let verdict = judge(seen, &stops);
-    verdict.print(kills, pauses);
+    verdict.print(what, kills, pauses);
     Ok(if verdict.violations.is_empty() {
         ExitCode::SUCCESS
     } else {
@@ -152,13 +168,14 @@ fn build_worker() -> Result<std::path::PathBuf> {
 
 fn spawn_worker(
     bin: &std::path::Path,
+    what: &str,
     url: &str,
     length: Duration,
     id: usize,
     lines: mpsc::Sender<(usize, String)>,
 ) -> Result<Child> {
     let mut child = Command::new(bin)
-        .args([url, "drill-lock", &(length.as_secs() + 5).to_string()])
+        .args([url, what, "drill", &(length.as_secs() + 5).to_string()])
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::null())
@@ -194,7 +211,7 @@ struct Verdict {
 }
 
 impl Verdict {
-    fn print(&self, kills: usize, pauses: usize) {
+    fn print(&self, what: &str, kills: usize, pauses: usize) {
         let rows = [
             ("grants", self.grants.to_string()),
             ("writes", self.writes.to_string()),
@@ -210,7 +227,7 @@ impl Verdict {
             ("workers stopped past the TTL", pauses.to_string()),
             ("violations", self.violations.len().to_string()),
         ];
-        say!("drill summary:");
+        say!("drill {what} summary:");
         for (what, n) in rows {
             eprintln!("  {what:<48} {n:>8}");
         }

@@ -123,8 +123,9 @@ pub(crate) fn run(args: &[String]) -> Result<ExitCode> {
     Ok(code)
 }
 
-/// How long the drill inside `cargo xtask test` runs (`cargo xtask drill` runs longer).
-const DRILL_LENGTH: Duration = Duration::from_secs(20);
+/// How long each drill (lock, leader) inside `cargo xtask test` runs (`cargo xtask drill` runs
+/// longer).
+const DRILL_LENGTH: Duration = Duration::from_secs(12);
 
 fn smoke_and_test(
     managed: &[Service],
