@@ -798,61 +798,25 @@ async fn credentials_to_an_etcd_without_auth(endpoint: String) -> TestResult {
 /// A private etcd with authentication on and auth tokens that expire after 2 s: started for
 /// one test on free loopback ports, with its data in a temporary directory; killed on drop.
 struct AuthEtcd {
-    child: tokio::process::Child,
+    _etcd: common::private::PrivateEtcd,
     client_url: String,
-    _dir: TempDir,
-}
-
-/// A directory removed on drop.
-struct TempDir(std::path::PathBuf);
-
-impl Drop for TempDir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
 }
 
 impl AuthEtcd {
     const TOKEN_TTL: Duration = Duration::from_secs(2);
 
     async fn start() -> Result<AuthEtcd, String> {
-        let free = || {
-            std::net::TcpListener::bind("127.0.0.1:0")
-                .and_then(|l| l.local_addr())
-                .map(|a| a.port())
-                .map_err(|e| e.to_string())
-        };
-        let (client_port, peer_port) = (free()?, free()?);
-        let dir = std::env::temp_dir().join(unique("auth-etcd"));
-        let client_url = format!("http://127.0.0.1:{client_port}");
-        let peer_url = format!("http://127.0.0.1:{peer_port}");
-        let child = tokio::process::Command::new("etcd")
-            .args(["--name", "auth", "--data-dir"])
-            .arg(&dir)
-            .args([
-                "--listen-client-urls",
-                &client_url,
-                "--advertise-client-urls",
-                &client_url,
-            ])
-            .args([
-                "--listen-peer-urls",
-                &peer_url,
-                "--initial-advertise-peer-urls",
-                &peer_url,
-            ])
-            .args(["--initial-cluster", &format!("auth={peer_url}")])
-            .args(["--auth-token", "simple", "--auth-token-ttl"])
-            .arg(Self::TOKEN_TTL.as_secs().to_string())
-            .stdout(std::process::Stdio::null())
-            .stderr(std::process::Stdio::null())
-            .kill_on_drop(true)
-            .spawn()
-            .map_err(|e| format!("starting a private etcd (is `etcd` on PATH?): {e}"))?;
+        let flags = [
+            "--auth-token".to_string(),
+            "simple".to_string(),
+            "--auth-token-ttl".to_string(),
+            Self::TOKEN_TTL.as_secs().to_string(),
+        ];
+        let etcd = common::private::PrivateEtcd::start("auth", "http", &flags)?;
+        let client_url = format!("http://{}", etcd.authority);
         let etcd = AuthEtcd {
-            child,
+            _etcd: etcd,
             client_url,
-            _dir: TempDir(dir),
         };
         let deadline = Instant::now() + Duration::from_secs(15);
         while etcdctl(&etcd.client_url, &["endpoint", "health"])
@@ -880,7 +844,7 @@ impl AuthEtcd {
 /// A lock held across twice the auth token's TTL, with no calls of its own meanwhile, releases
 /// cleanly: the client refreshes an expired token instead of failing every call Unauthorized.
 async fn lock_outlives_the_auth_token(_endpoint: String) -> TestResult {
-    let mut etcd = AuthEtcd::start().await?;
+    let etcd = AuthEtcd::start().await?;
     let authority = etcd.client_url.trim_start_matches("http://").to_string();
     let url = format!("etcd://root:secret@{authority}/{}", unique("auth"));
     let config = sync_etcd::Config::from_url(&url)
@@ -898,14 +862,14 @@ async fn lock_outlives_the_auth_token(_endpoint: String) -> TestResult {
     // The fault: the token expires while nothing but the lease keepalive talks to etcd.
     tokio::time::sleep(AuthEtcd::TOKEN_TTL * 2 + Duration::from_millis(500)).await;
     let released = guard.release().await;
-    let _ = etcd.child.kill().await;
+    drop(etcd);
     released.map_err(|e| format!("releasing after the token expired: {e}"))
 }
 
 /// A worker on a client without the rights to claim jobs fails at `work()`, like every other
 /// call, instead of starting and failing every claim in the background.
 async fn work_without_rights_fails(_endpoint: String) -> TestResult {
-    let mut etcd = AuthEtcd::start().await?;
+    let etcd = AuthEtcd::start().await?;
     let authority = etcd.client_url.trim_start_matches("http://").to_string();
     let url = format!("etcd://nobody:nothing@{authority}/{}", unique("rights"));
     let config = sync_etcd::Config::from_url(&url).map_err(|e| e.to_string())?;
@@ -915,7 +879,7 @@ async fn work_without_rights_fails(_endpoint: String) -> TestResult {
     let handler = Arc::new(|ctx: JobContext| async move { Ok::<_, HandlerError>(ctx.payload) });
     let task = client.task().map_err(|e| e.to_string())?;
     let worked = task.work("anything", handler, WorkerOptions::new()).await;
-    let _ = etcd.child.kill().await;
+    drop(etcd);
     match worked {
         Ok(_) => Err("work() started a worker on a client that may claim nothing".into()),
         Err(e) if e.kind() == ErrorKind::Unauthorized => Ok(()),

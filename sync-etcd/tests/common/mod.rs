@@ -2,6 +2,7 @@
 
 #![allow(dead_code)]
 
+pub mod private;
 pub mod tls;
 
 use std::{future::Future, pin::Pin, process::ExitCode};

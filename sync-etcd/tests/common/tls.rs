@@ -3,7 +3,7 @@
 
 use std::{
     path::PathBuf,
-    process::{Child, Command, Stdio},
+    process::{Command, Stdio},
     time::{Duration, Instant},
 };
 
@@ -101,61 +101,32 @@ impl Pki {
 /// A private etcd serving TLS with `server.pem`: with `mutual`, it also requires a client
 /// certificate signed by `ca.pem` (`--client-cert-auth --trusted-ca-file`).
 pub struct TlsEtcd {
-    child: Child,
+    etcd: super::private::PrivateEtcd,
     /// `127.0.0.1:<port>` of its client URL.
     pub authority: String,
-    dir: PathBuf,
-}
-
-impl Drop for TlsEtcd {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-        let _ = std::fs::remove_dir_all(&self.dir);
-    }
 }
 
 impl TlsEtcd {
     /// Starts it and waits (blocking, up to 15 s) until `etcdctl endpoint health` over TLS
     /// says it is healthy.
     pub fn start(pki: &Pki, mutual: bool) -> Result<TlsEtcd, String> {
-        let free = || {
-            std::net::TcpListener::bind("127.0.0.1:0")
-                .and_then(|l| l.local_addr())
-                .map(|a| a.port())
-                .map_err(|e| e.to_string())
-        };
-        let (client_port, peer_port) = (free()?, free()?);
-        let dir = std::env::temp_dir().join(super::unique("tls", "etcd"));
-        let authority = format!("127.0.0.1:{client_port}");
-        let client_url = format!("https://{authority}");
-        let peer_url = format!("http://127.0.0.1:{peer_port}");
-        let mut command = Command::new("etcd");
-        command
-            .args(["--name", "tls", "--data-dir"])
-            .arg(&dir)
-            .args(["--listen-client-urls", &client_url])
-            .args(["--advertise-client-urls", &client_url])
-            .args(["--listen-peer-urls", &peer_url])
-            .args(["--initial-advertise-peer-urls", &peer_url])
-            .args(["--initial-cluster", &format!("tls={peer_url}")])
-            .args(["--cert-file", &pki.path("server.pem")])
-            .args(["--key-file", &pki.path("server-key.pem")]);
+        let mut flags = vec![
+            "--cert-file".to_string(),
+            pki.path("server.pem"),
+            "--key-file".to_string(),
+            pki.path("server-key.pem"),
+        ];
         if mutual {
-            command
-                .arg("--client-cert-auth")
-                .args(["--trusted-ca-file", &pki.path("ca.pem")]);
+            flags.extend([
+                "--client-cert-auth".to_string(),
+                "--trusted-ca-file".to_string(),
+                pki.path("ca.pem"),
+            ]);
         }
-        let child = command
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .map_err(|e| format!("starting a private etcd (is `etcd` on PATH?): {e}"))?;
-        let etcd = TlsEtcd {
-            child,
-            authority,
-            dir,
-        };
+        let etcd = super::private::PrivateEtcd::start("tls", "https", &flags)?;
+        let authority = etcd.authority.clone();
+        let client_url = format!("https://{authority}");
+        let etcd = TlsEtcd { etcd, authority };
         let deadline = Instant::now() + Duration::from_secs(15);
         loop {
             let mut etcdctl = Command::new("etcdctl");
