@@ -56,11 +56,22 @@ pub(crate) fn run(args: &[String]) -> Result<ExitCode> {
             other => bail!("drill: unknown argument `{other}` (etcd, --seconds N, --minutes N)"),
         }
     }
-    let url = std::env::var(Service::Etcd.env_var())
+    // The user's own etcd when SYNC_TEST_ETCD names one; otherwise ours, started and stopped
+    // here like `cargo xtask test` does.
+    if let Some(url) = std::env::var(Service::Etcd.env_var())
         .ok()
         .filter(|v| !v.is_empty())
-        .ok_or("drill: SYNC_TEST_ETCD is not set (`cargo xtask services up etcd`, then `eval \"$(cargo xtask services env)\"`)")?;
-    drill(&url, Duration::from_secs(seconds))
+    {
+        return drill(&url, Duration::from_secs(seconds));
+    }
+    let started = crate::services::up(&[Service::Etcd], &[])?;
+    let outcome =
+        std::panic::catch_unwind(|| drill(&Service::Etcd.endpoint(), Duration::from_secs(seconds)))
+            .unwrap_or_else(|_| Err("xtask panicked while drilling".into()));
+    if let Err(e) = crate::services::down(&started) {
+        say!("warning: teardown: {e}");
+    }
+    outcome
 }
 
 /// Runs the lock drill and then the leader drill against `url`, `length` each.

@@ -44,8 +44,9 @@ usage:
       down: stop what `up` started; status: pid, port, health; env: SYNC_TEST_* lines to eval;
       smoke: one real write and read through each service.
   cargo xtask drill [etcd] [--seconds N | --minutes N]
-      a multi-process lock drill on the running etcd (SYNC_TEST_ETCD): workers under kill -9
-      and SIGSTOP chaos writing fencing tokens; prints a summary, fails on any violation.";
+      multi-process lock and leader drills on etcd (SYNC_TEST_ETCD's, or one started and
+      stopped here): workers under kill -9 and SIGSTOP chaos writing fencing tokens; prints a
+      summary per drill, fails on any violation.";
 
 /// Ctrl-C, SIGTERM and SIGHUP only count here; whatever is running notices, stops its child
 /// and tears down what it started. A second Ctrl-C gives up on the teardown.
