@@ -12,8 +12,15 @@ use sync_kit::checked;
 use tokio::sync::watch;
 
 use crate::{
-    BACKEND, Config, contention::LocalQueues, kv::Kv, leader::EtcdLeader, lock::EtcdLock,
-    map::EtcdMap, task::EtcdTask,
+    BACKEND, Config,
+    contention::LocalQueues,
+    endpoints::Endpoints,
+    error::{not_delivered, timed_out},
+    kv::{Kv, Sender, answered_within},
+    leader::EtcdLeader,
+    lock::EtcdLock,
+    map::EtcdMap,
+    task::EtcdTask,
 };
 // Re-exported for the modules that import them from here.
 pub(crate) use crate::{error::etcd_err, session::Session};
@@ -45,7 +52,7 @@ impl std::fmt::Debug for Client {
 }
 
 pub(crate) struct ClientInner {
-    pub(crate) etcd: etcd_client::Client,
+    endpoints: Arc<Endpoints>,
     pub(crate) config: Config,
     session: tokio::sync::Mutex<Option<Arc<Session>>>,
     /// Set once by `kill`: every background task of this client stops.
@@ -55,10 +62,10 @@ pub(crate) struct ClientInner {
 }
 
 impl ClientInner {
-    /// A handle on `etcd` with no session yet.
-    pub(crate) fn new(etcd: etcd_client::Client, config: Config) -> Arc<ClientInner> {
+    /// A handle on `endpoints` with no session yet.
+    pub(crate) fn new(endpoints: Endpoints, config: Config) -> Arc<ClientInner> {
         Arc::new(ClientInner {
-            etcd,
+            endpoints: Arc::new(endpoints),
             config,
             session: tokio::sync::Mutex::new(None),
             killed: watch::channel(false).0,
@@ -77,22 +84,26 @@ impl ClientInner {
             // Its holders were told they lost; make sure the server agrees (it may not have
             // expired the lease yet when renewals merely failed for a while).
             old.stop_renewing();
-            old.revoke_in_background(&self.etcd, self.killed());
+            old.revoke_in_background(&self.sender(), self.killed());
         }
-        let session =
-            Session::grant(&self.etcd, self.config.ttl, self.tries(), self.killed()).await?;
+        let session = Session::grant(&self.sender(), self.config.ttl, self.killed()).await?;
         let session = Arc::new(session);
         *slot = Some(session.clone());
         Ok(session)
     }
 
-    /// The KV API, retrying requests that could not be delivered to the endpoint picked.
+    /// The KV API, on the current endpoint (see [`Sender`]).
     pub(crate) fn kv(&self) -> Kv {
-        Kv::new(
-            self.etcd.kv_client(),
-            self.tries(),
-            self.config.request_timeout,
-        )
+        Kv::new(self.sender())
+    }
+
+    /// How requests are sent: to the current endpoint, within the request timeout.
+    pub(crate) fn sender(&self) -> Sender {
+        Sender {
+            endpoints: self.endpoints.clone(),
+            tries: self.tries(),
+            timeout: self.config.request_timeout,
+        }
     }
 
     /// How often a request that was never delivered is sent: enough to try every endpoint.
@@ -102,28 +113,48 @@ impl ClientInner {
 
     /// Waits for the first event of a watch on `key`: true when one arrived, false when the
     /// watch was cancelled (compaction) or failed (then after a short pause, so a failing
-    /// server is not spun on). On false the caller re-checks by reading.
+    /// server is not spun on), and false after [`ClientInner::recheck_every`] without an event:
+    /// a stalled member sends no events and no error either. On false the caller re-checks by
+    /// reading, which finds a stalled endpoint out and moves on from it.
     pub(crate) async fn watch_once(&self, key: impl Into<Vec<u8>>, opts: WatchOptions) -> bool {
         const PAUSE: Duration = Duration::from_millis(200);
-        let mut stream = match self.etcd.watch_client().watch(key, Some(opts)).await {
-            Ok(stream) => stream,
-            Err(e) => {
-                tracing::debug!(backend = BACKEND, error = %e, "watch failed; re-checking");
-                tokio::time::sleep(PAUSE).await;
-                return false;
-            }
-        };
-        loop {
-            match stream.message().await {
-                Ok(Some(resp)) if !resp.events().is_empty() => return true,
-                Ok(Some(resp)) if resp.canceled() => return false,
-                Ok(Some(_)) => {}
-                Ok(None) | Err(_) => {
-                    tokio::time::sleep(PAUSE).await;
-                    return false;
+        let key = key.into();
+        let watched = async {
+            let (index, client) = self.endpoints.pick().await?;
+            let opened = answered_within(
+                self.config.request_timeout,
+                client.watch_client().watch(key, Some(opts)),
+            )
+            .await
+            .inspect_err(|e| {
+                if not_delivered(e) || timed_out(e) {
+                    self.endpoints.pass_over(index);
+                }
+            })?;
+            let mut stream = opened;
+            loop {
+                match stream.message().await? {
+                    Some(resp) if !resp.events().is_empty() => return Ok(true),
+                    Some(resp) if resp.canceled() => return Ok(false),
+                    Some(_) => {}
+                    None => return Err(etcd_client::Error::WatchError("watch ended".into())),
                 }
             }
+        };
+        match tokio::time::timeout(self.recheck_every(), watched).await {
+            Ok(Ok(seen)) => seen,
+            Ok(Err(e)) => {
+                tracing::debug!(backend = BACKEND, error = %e, "watch failed; re-checking");
+                tokio::time::sleep(PAUSE).await;
+                false
+            }
+            Err(_) => false,
         }
+    }
+
+    /// How long a watch is trusted without an event before its caller reads again.
+    pub(crate) fn recheck_every(&self) -> Duration {
+        (2 * self.config.request_timeout).max(self.config.ttl)
     }
 
     /// A receiver that turns true when the client is killed.
@@ -164,7 +195,7 @@ impl Drop for ClientInner {
             if !*self.killed.borrow() && !s.ended.is_lost() {
                 s.end("client closed");
                 // Free everything this client held at once rather than after a TTL.
-                s.revoke_in_background(&self.etcd, self.killed());
+                s.revoke_in_background(&self.sender(), self.killed());
             }
         }
     }
@@ -204,11 +235,17 @@ impl Client {
             options = options.with_tls(built);
             probe = Some(checked);
         }
-        let etcd = etcd_client::Client::connect(config.endpoints.clone(), Some(options))
-            .await
-            .map_err(|e| etcd_err(format!("connecting to {:?}", config.endpoints), e))?;
-        let inner = ClientInner::new(etcd, config);
-        match inner.session().await {
+        let endpoints = Endpoints::new(config.endpoints.clone(), options, config.connect_timeout);
+        let inner = ClientInner::new(endpoints, config);
+        let connected =
+            async {
+                // With auth this authenticates: bad credentials are named here.
+                inner.endpoints.pick().await.map_err(|e| {
+                    etcd_err(format!("connecting to {:?}", inner.config.endpoints), e)
+                })?;
+                inner.session().await
+            };
+        match connected.await {
             Ok(_) => Ok(Client { inner }),
             #[cfg(feature = "tls")]
             Err(e) if e.kind() == ErrorKind::Unavailable && probe.is_some() => {
@@ -250,14 +287,7 @@ impl Client {
     pub async fn revoke(&self) -> Result<()> {
         let current = self.inner.session.lock().await.clone();
         match current {
-            Some(s) => {
-                s.revoke(
-                    &self.inner.etcd,
-                    "lease revoked",
-                    self.inner.config.request_timeout,
-                )
-                .await
-            }
+            Some(s) => s.revoke(&self.inner.sender(), "lease revoked").await,
             None => Ok(()),
         }
     }
@@ -318,14 +348,7 @@ impl Backend for Client {
         self.inner.killed.send_replace(true);
         let session = self.inner.session.lock().await.take();
         match session {
-            Some(s) => {
-                s.revoke(
-                    &self.inner.etcd,
-                    "client closed",
-                    self.inner.config.request_timeout,
-                )
-                .await
-            }
+            Some(s) => s.revoke(&self.inner.sender(), "client closed").await,
             None => Ok(()),
         }
     }

@@ -23,7 +23,13 @@ use sync_core::{Error, ErrorKind, LossSignal, Result};
 use sync_kit::locked;
 use tokio::{sync::OwnedMutexGuard, task::AbortHandle};
 
-use crate::{BACKEND, client::ClientInner, error::etcd_err, kv::Kv, session::Session};
+use crate::{
+    BACKEND,
+    client::ClientInner,
+    error::{answer_lost, etcd_err},
+    kv::Kv,
+    session::Session,
+};
 
 /// Per contender prefix: contenders of one id on one handle queue here, so only one of them
 /// owns the key `<prefix><lease-hex>` at a time.
@@ -462,14 +468,31 @@ impl Holding {
     pub(crate) async fn release(mut self, id: &str) -> Result<()> {
         self.monitor.abort();
         let was_lost = self.lost.is_lost();
+        // Only this holding's key: a delete applied late (sent to a member that stalled and
+        // then woke up) cannot free a later holding of the same client, whose key has the same
+        // name but another create revision. That also makes sending it again harmless.
+        let delete = Txn::new()
+            .when([Compare::create_revision(
+                self.key.clone(),
+                CompareOp::Equal,
+                self.rev,
+            )])
+            .and_then([TxnOp::delete(self.key.clone(), None)]);
         // Stays armed until the delete is known to be done: if this future is dropped
         // mid-request, `Drop` finishes the release in the background instead of leaving the
         // key (and so the lock) held by a live lease.
-        let result = self.client.kv().delete(self.key.clone(), None).await;
+        let mut kv = self.client.kv();
+        let mut result = kv.txn(delete.clone()).await;
+        // Unanswered: send it again (on the next endpoint). Finding the key gone then is no
+        // sign of loss: the first one may have deleted it.
+        let resent = matches!(&result, Err(e) if answer_lost(e));
+        if resent {
+            result = kv.txn(delete).await;
+        }
         match result {
             Ok(resp) => {
                 self.armed = false;
-                if was_lost || resp.deleted() == 0 {
+                if was_lost || (!resp.succeeded() && !resent) {
                     let reason = self
                         .lost
                         .reason()
@@ -596,10 +619,12 @@ mod tests {
 
     /// A client that never talks to etcd (the channel connects lazily).
     async fn offline_inner() -> Arc<ClientInner> {
-        let etcd = etcd_client::Client::connect(["http://127.0.0.1:1"], None)
-            .await
-            .expect("a lazy channel");
-        ClientInner::new(etcd, crate::Config::default())
+        let endpoints = crate::endpoints::Endpoints::new(
+            vec!["http://127.0.0.1:1".to_string()],
+            etcd_client::ConnectOptions::new(),
+            Duration::from_secs(1),
+        );
+        ClientInner::new(endpoints, crate::Config::default())
     }
 
     fn queue_count(inner: &ClientInner) -> usize {

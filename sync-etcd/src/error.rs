@@ -103,6 +103,14 @@ fn is_connect_failure(err: &(dyn std::error::Error + 'static)) -> bool {
     text.starts_with("tcp connect error") || text.starts_with("error trying to connect")
 }
 
+/// Whether no answer came within the request timeout (see [`answered_within`]): the request
+/// may or may not have reached etcd.
+///
+/// [`answered_within`]: crate::kv::answered_within
+pub(crate) fn timed_out(e: &etcd_client::Error) -> bool {
+    matches!(e, etcd_client::Error::IoError(io) if io.kind() == std::io::ErrorKind::TimedOut)
+}
+
 /// Whether a request may have been applied although the caller saw an error: the transport
 /// failed, or no answer came in time — and it was not proven undelivered. Such a write is
 /// resolved (read back, or resent where resending is idempotent), never just retried blindly.

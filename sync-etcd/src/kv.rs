@@ -1,34 +1,85 @@
-//! The KV API with retries of requests that never left (the balanced channel may pick an
-//! endpoint that is down); anything that may have reached etcd is returned as is.
+//! Sending requests: each to the current endpoint, within the request timeout, resent when it
+//! surely never left (or, for a read, when it went unanswered); anything that may have reached
+//! etcd is returned as is for the caller to resolve.
+
+use std::{future::Future, sync::Arc, time::Duration};
+
+use crate::{
+    BACKEND,
+    endpoints::Endpoints,
+    error::{not_delivered, timed_out},
+};
 
 /// What the etcd client answers.
-type EtcdResult<T> = std::result::Result<T, etcd_client::Error>;
+pub(crate) type EtcdResult<T> = std::result::Result<T, etcd_client::Error>;
 
-/// Awaits `$call` (a request future, made afresh each attempt) up to `$tries` times while its
-/// error says it was never delivered, pausing a little longer after each attempt; each attempt
-/// gets at most `$timeout` (an endpoint that accepts and never answers fails the call).
-macro_rules! retried {
-    ($tries:expr, $timeout:expr, $call:expr) => {{
+/// Whether a request may be sent again after it went unanswered (it may have been applied).
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Resend {
+    /// Only when it surely never left: a write whose effect must not happen twice.
+    IfUndelivered,
+    /// Also after the request timeout: reads, and writes whose repetition changes nothing.
+    IfUnanswered,
+}
+
+/// How requests are sent: where, how often, and how long each attempt may wait.
+#[derive(Clone)]
+pub(crate) struct Sender {
+    pub(crate) endpoints: Arc<Endpoints>,
+    /// How often a request is sent in all, at most.
+    pub(crate) tries: usize,
+    pub(crate) timeout: Duration,
+}
+
+impl Sender {
+    /// Sends `call` (a request made afresh for each attempt, on the client it is given) to the
+    /// current endpoint. An attempt that was not delivered, or not answered within the timeout,
+    /// moves the client on to the next endpoint; it is sent again there if it surely never
+    /// left, or, with [`Resend::IfUnanswered`], after one timeout (a second would make the call
+    /// take more than twice the request timeout).
+    pub(crate) async fn send<T, F, Fut>(&self, resend: Resend, mut call: F) -> EtcdResult<T>
+    where
+        F: FnMut(etcd_client::Client) -> Fut,
+        Fut: Future<Output = EtcdResult<T>>,
+    {
         let mut attempt = 0;
+        let mut unanswered = 0;
         loop {
             attempt += 1;
-            match $crate::kv::answered_within($timeout, $call).await {
-                Err(e) if $crate::error::not_delivered(&e) && attempt < $tries => {
-                    tracing::debug!(backend = $crate::BACKEND, attempt, error = %e, "request not delivered; retrying");
-                    tokio::time::sleep(std::time::Duration::from_millis(5 * attempt as u64)).await;
-                }
-                other => break other,
+            let picked = self.endpoints.pick().await;
+            let failed = match picked {
+                Ok((index, client)) => match answered_within(self.timeout, call(client)).await {
+                    Err(e) if not_delivered(&e) || timed_out(&e) => {
+                        self.endpoints.pass_over(index);
+                        e
+                    }
+                    other => return other,
+                },
+                Err(e) => e,
+            };
+            if timed_out(&failed) {
+                unanswered += 1;
             }
+            let again = match resend {
+                _ if attempt >= self.tries => false,
+                _ if not_delivered(&failed) => true,
+                Resend::IfUnanswered => unanswered == 1 && timed_out(&failed),
+                Resend::IfUndelivered => false,
+            };
+            if !again {
+                return Err(failed);
+            }
+            tracing::debug!(backend = BACKEND, attempt, error = %failed, "request not delivered or not answered; sending it again");
+            tokio::time::sleep(Duration::from_millis(5 * attempt as u64)).await;
         }
-    }};
+    }
 }
-pub(crate) use retried;
 
 /// `request`, failed with a timeout (Unavailable, never resent: it may have been applied)
 /// when no answer comes within `limit`.
 pub(crate) async fn answered_within<T>(
-    limit: std::time::Duration,
-    request: impl std::future::Future<Output = EtcdResult<T>>,
+    limit: Duration,
+    request: impl Future<Output = EtcdResult<T>>,
 ) -> EtcdResult<T> {
     tokio::time::timeout(limit, request)
         .await
@@ -42,18 +93,15 @@ pub(crate) async fn answered_within<T>(
         })
 }
 
-/// The KV client with [`retried!`] around every call.
+/// The KV API through a [`Sender`]: reads are resent after a timeout, writes only when
+/// undelivered.
 pub(crate) struct Kv {
-    kv: etcd_client::KvClient,
-    tries: usize,
-    timeout: std::time::Duration,
+    sender: Sender,
 }
 
 impl Kv {
-    /// `tries`: how often an undelivered request is sent in all; `timeout`: how long one
-    /// attempt may wait for its answer.
-    pub(crate) fn new(kv: etcd_client::KvClient, tries: usize, timeout: std::time::Duration) -> Kv {
-        Kv { kv, tries, timeout }
+    pub(crate) fn new(sender: Sender) -> Kv {
+        Kv { sender }
     }
 
     pub(crate) async fn get(
@@ -62,11 +110,12 @@ impl Kv {
         opts: Option<etcd_client::GetOptions>,
     ) -> EtcdResult<etcd_client::GetResponse> {
         let key = key.into();
-        retried!(
-            self.tries,
-            self.timeout,
-            self.kv.get(key.clone(), opts.clone())
-        )
+        self.sender
+            .send(Resend::IfUnanswered, |c| {
+                let (key, opts) = (key.clone(), opts.clone());
+                async move { c.kv_client().get(key, opts).await }
+            })
+            .await
     }
 
     /// Takes the value by reference: each attempt needs its own copy anyway.
@@ -77,11 +126,12 @@ impl Kv {
         opts: Option<etcd_client::PutOptions>,
     ) -> EtcdResult<etcd_client::PutResponse> {
         let key = key.into();
-        retried!(
-            self.tries,
-            self.timeout,
-            self.kv.put(key.clone(), value.to_vec(), opts.clone())
-        )
+        self.sender
+            .send(Resend::IfUndelivered, |c| {
+                let (key, value, opts) = (key.clone(), value.to_vec(), opts.clone());
+                async move { c.kv_client().put(key, value, opts).await }
+            })
+            .await
     }
 
     pub(crate) async fn delete(
@@ -90,17 +140,23 @@ impl Kv {
         opts: Option<etcd_client::DeleteOptions>,
     ) -> EtcdResult<etcd_client::DeleteResponse> {
         let key = key.into();
-        retried!(
-            self.tries,
-            self.timeout,
-            self.kv.delete(key.clone(), opts.clone())
-        )
+        self.sender
+            .send(Resend::IfUndelivered, |c| {
+                let (key, opts) = (key.clone(), opts.clone());
+                async move { c.kv_client().delete(key, opts).await }
+            })
+            .await
     }
 
     pub(crate) async fn txn(
         &mut self,
         txn: etcd_client::Txn,
     ) -> EtcdResult<etcd_client::TxnResponse> {
-        retried!(self.tries, self.timeout, self.kv.txn(txn.clone()))
+        self.sender
+            .send(Resend::IfUndelivered, |c| {
+                let txn = txn.clone();
+                async move { c.kv_client().txn(txn).await }
+            })
+            .await
     }
 }

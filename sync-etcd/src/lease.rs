@@ -7,7 +7,10 @@ use std::time::Duration;
 use sync_core::Result;
 use tokio::{sync::Mutex, time::Instant};
 
-use crate::error::etcd_err;
+use crate::{
+    error::etcd_err,
+    kv::{Resend, Sender},
+};
 
 /// A lease of `keep` + `window`, granted afresh every `window`: a key written under it lives
 /// at least `keep` and at most `keep + window`.
@@ -29,9 +32,9 @@ impl RollingLease {
         }
     }
 
-    /// The lease to write with now, granting a new one when the window has passed (a grant
-    /// gets at most `timeout`, like every request).
-    pub(crate) async fn get(&self, etcd: &etcd_client::Client, timeout: Duration) -> Result<i64> {
+    /// The lease to write with now, granting a new one through `sender` when the window has
+    /// passed (an unanswered grant is sent again: a lease granted unseen just expires).
+    pub(crate) async fn get(&self, sender: &Sender) -> Result<i64> {
         let mut slot = self.current.lock().await;
         if let Some((lease, granted)) = *slot {
             if granted.elapsed() < self.window {
@@ -42,9 +45,11 @@ impl RollingLease {
         let life = self.keep + self.window;
         let ttl = life.as_secs() + u64::from(life.subsec_nanos() > 0);
         let granted = Instant::now();
-        let mut leases = etcd.lease_client();
-        let grant = leases.grant(i64::try_from(ttl).unwrap_or(i64::MAX), None);
-        let lease = crate::kv::answered_within(timeout, grant)
+        let secs = i64::try_from(ttl).unwrap_or(i64::MAX);
+        let lease = sender
+            .send(Resend::IfUnanswered, |c| async move {
+                c.lease_client().grant(secs, None).await
+            })
             .await
             .map_err(|e| etcd_err(format!("granting {}", self.what), e))?
             .id();

@@ -70,6 +70,7 @@
 mod client;
 mod config;
 mod contention;
+mod endpoints;
 mod error;
 mod kv;
 mod leader;

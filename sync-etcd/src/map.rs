@@ -168,10 +168,6 @@ impl EtcdMap {
         )
     }
 
-    fn timeout(&self) -> std::time::Duration {
-        self.client.config.request_timeout
-    }
-
     /// The version a swap with `nonce` wrote, if it was applied (its marker holds the nonce:
     /// the marker was written in the same txn, at the same revision).
     async fn applied(&self, marker: &str, nonce: &str) -> Result<Option<Version>> {
@@ -258,7 +254,7 @@ impl Map for EtcdMap {
         };
         let nonce = uuid::Uuid::new_v4().simple().to_string();
         let marker = self.marker(key, &nonce);
-        let lease = self.markers.get(&self.client.etcd, self.timeout()).await?;
+        let lease = self.markers.get(&self.client.sender()).await?;
         let ops = [
             TxnOp::put(k, value.to_vec(), None),
             TxnOp::put(

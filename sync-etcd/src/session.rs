@@ -8,7 +8,12 @@ use sync_core::raw::{LeaseClock, LeaseDeadline, LossTrigger};
 use sync_core::{LossSignal, Result};
 use tokio::{sync::watch, task::AbortHandle, time::Instant};
 
-use crate::{BACKEND, error::etcd_err, kv::retried};
+use crate::{
+    BACKEND,
+    endpoints::Endpoints,
+    error::{etcd_err, lease_not_found, not_delivered, timed_out},
+    kv::{Resend, Sender},
+};
 
 /// One lease and the signal that it is gone (or no longer certain).
 pub(crate) struct Session {
@@ -24,18 +29,26 @@ pub(crate) struct Session {
 }
 
 impl Session {
-    /// Grants a lease of `ttl` (an undelivered grant is sent up to `tries` times) and starts
-    /// renewing it until it ends or `killed` turns true.
+    /// Grants a lease of `ttl` through `sender` and starts renewing it until it ends or
+    /// `killed` turns true.
     pub(crate) async fn grant(
-        etcd: &etcd_client::Client,
+        sender: &Sender,
         ttl: Duration,
-        tries: usize,
         killed: watch::Receiver<bool>,
     ) -> Result<Session> {
         let granted_at = Instant::now();
-        let mut lease_client = etcd.lease_client();
-        // A grant unanswered for a whole TTL is of no use (a lease granted unseen expires).
-        let grant = retried!(tries, ttl, lease_client.grant(ttl.as_secs() as i64, None))
+        // A grant unanswered for a whole TTL is of no use; one granted unseen just expires, so
+        // an unanswered grant may be sent again.
+        let sender = Sender {
+            timeout: sender.timeout.min(ttl),
+            ..sender.clone()
+        };
+        let secs = ttl.as_secs() as i64;
+        let grant = sender
+            .send(Resend::IfUnanswered, |c| async move {
+                c.lease_client().grant(secs, None).await
+            })
+            .await
             .map_err(|e| etcd_err("granting the lease", e))?;
         let granted_ttl = Duration::from_secs(grant.ttl().max(1) as u64);
         let lease = grant.id();
@@ -45,7 +58,7 @@ impl Session {
         let (trigger, ended) = sync_core::raw::loss_signal_until(deadline.clone());
         let trigger = Arc::new(trigger);
         let keepalive = tokio::spawn(keepalive(
-            etcd.clone(),
+            sender.endpoints.clone(),
             lease,
             granted_ttl,
             granted_at,
@@ -78,31 +91,28 @@ impl Session {
 
     /// Ends the session for `reason` (its holders learn of it before the request is sent),
     /// then revokes the lease on the server, so what it held frees now.
-    pub(crate) async fn revoke(
-        &self,
-        etcd: &etcd_client::Client,
-        reason: &str,
-        timeout: Duration,
-    ) -> Result<()> {
+    pub(crate) async fn revoke(&self, sender: &Sender, reason: &str) -> Result<()> {
         self.end(reason);
-        let mut leases = etcd.lease_client();
-        crate::kv::answered_within(timeout, leases.revoke(self.lease))
-            .await
-            .map_err(|e| etcd_err("revoking the lease", e))?;
-        Ok(())
+        let lease = self.lease;
+        // Revoking twice changes nothing: the second answer is "not found".
+        let revoked = sender
+            .send(Resend::IfUnanswered, |c| async move {
+                c.lease_client().revoke(lease).await
+            })
+            .await;
+        match revoked {
+            Err(e) if !lease_not_found(&e) => Err(etcd_err("revoking the lease", e)),
+            _ => Ok(()),
+        }
     }
 
     /// Revokes the lease in the background, so what it held frees at once rather than after a
     /// TTL, retrying until etcd answers (see [`revoke_until_answered`]). Call it only once
     /// renewals have stopped. Needs a tokio runtime; without one the lease simply expires.
-    pub(crate) fn revoke_in_background(
-        &self,
-        etcd: &etcd_client::Client,
-        killed: watch::Receiver<bool>,
-    ) {
+    pub(crate) fn revoke_in_background(&self, sender: &Sender, killed: watch::Receiver<bool>) {
         if let Ok(rt) = tokio::runtime::Handle::try_current() {
             rt.spawn(revoke_until_answered(
-                etcd.lease_client(),
+                sender.clone(),
                 self.lease,
                 self.ttl,
                 killed,
@@ -133,7 +143,7 @@ impl Session {
 /// revokes nothing); once the client is dropped, one `ttl` after it started (renewals had
 /// stopped by then), the lease is expired unless etcd restarted.
 async fn revoke_until_answered(
-    mut leases: etcd_client::LeaseClient,
+    sender: Sender,
     lease: i64,
     ttl: Duration,
     killed: watch::Receiver<bool>,
@@ -142,9 +152,14 @@ async fn revoke_until_answered(
     let expired_by = Instant::now() + ttl;
     let mut attempt = 0u32;
     loop {
-        let e = match leases.revoke(lease).await {
+        let revoked = sender
+            .send(Resend::IfUnanswered, |c| async move {
+                c.lease_client().revoke(lease).await
+            })
+            .await;
+        let e = match revoked {
             Ok(_) => return,
-            Err(e) if crate::error::lease_not_found(&e) => return,
+            Err(e) if lease_not_found(&e) => return,
             Err(e) => e,
         };
         let client_gone = killed.has_changed().is_err();
@@ -158,11 +173,12 @@ async fn revoke_until_answered(
     }
 }
 
-/// Renews the lease every TTL/3 over one keepalive stream (reopened on error). Fires the
-/// session's signal when etcd answers TTL 0 (expired or revoked), or when renewals have failed
-/// until the safe deadline: the last confirmed expiry minus a safety margin.
+/// Renews the lease every TTL/3 over one keepalive stream (reopened on error, on the next
+/// endpoint when its own failed or went silent). Fires the session's signal when etcd answers
+/// TTL 0 (expired or revoked), or when renewals have failed until the safe deadline: the last
+/// confirmed expiry minus a safety margin.
 async fn keepalive(
-    etcd: etcd_client::Client,
+    endpoints: Arc<Endpoints>,
     lease: i64,
     ttl: Duration,
     granted_at: Instant,
@@ -174,7 +190,13 @@ async fn keepalive(
     let lease_hex = format!("{lease:x}");
     let work = async {
         let mut safe_until = granted_at + ttl - margin;
-        let mut stream: Option<(LeaseKeeper, LeaseKeepAliveStream)> = None;
+        let mut renewer = Renewer {
+            endpoints,
+            lease,
+            ttl,
+            on: None,
+            stream: None,
+        };
         loop {
             let now = Instant::now();
             if now >= safe_until {
@@ -183,11 +205,8 @@ async fn keepalive(
                 return;
             }
             let sent = now;
-            let attempt = tokio::time::timeout_at(
-                safe_until.min(sent + ttl / 3),
-                renew(&etcd, lease, ttl, &mut stream),
-            )
-            .await;
+            let attempt =
+                tokio::time::timeout_at(safe_until.min(sent + ttl / 3), renewer.renew()).await;
             let next = match attempt {
                 Ok(Ok(secs)) if secs <= 0 => {
                     tracing::warn!(backend = BACKEND, lease = %lease_hex, "lease expired or revoked");
@@ -201,12 +220,12 @@ async fn keepalive(
                 }
                 Ok(Err(e)) => {
                     tracing::warn!(backend = BACKEND, lease = %lease_hex, error = %e, "lease renewal failed; retrying");
-                    stream = None;
+                    renewer.failed(not_delivered(&e) || timed_out(&e));
                     Instant::now() + Duration::from_millis(200)
                 }
                 Err(_) => {
-                    tracing::warn!(backend = BACKEND, lease = %lease_hex, "lease renewal timed out; retrying");
-                    stream = None;
+                    tracing::warn!(backend = BACKEND, lease = %lease_hex, "lease renewal timed out; retrying on the next endpoint");
+                    renewer.failed(true);
                     Instant::now()
                 }
             };
@@ -221,36 +240,54 @@ async fn keepalive(
     }
 }
 
+/// One lease's keepalive stream and the endpoint it is (being) opened on.
+struct Renewer {
+    endpoints: Arc<Endpoints>,
+    lease: i64,
+    ttl: Duration,
+    /// The endpoint of the stream, or of the attempt to open one.
+    on: Option<usize>,
+    stream: Option<(LeaseKeeper, LeaseKeepAliveStream)>,
+}
+
+impl Renewer {
+    /// One renewal: the TTL etcd answered (0 = the lease is gone).
+    async fn renew(&mut self) -> std::result::Result<i64, etcd_client::Error> {
+        if let Some((keeper, responses)) = self.stream.as_mut() {
+            keeper.keep_alive().await?;
+            return match responses.message().await? {
+                Some(resp) => Ok(resp.ttl()),
+                None => Err(etcd_client::Error::LeaseKeepAliveError(
+                    "keepalive stream ended".into(),
+                )),
+            };
+        }
+        let (index, client) = self.endpoints.pick().await?;
+        self.on = Some(index);
+        // Opening the stream sends the first renewal and reads its answer.
+        match client.lease_client().keep_alive(self.lease).await {
+            Ok(opened) => {
+                self.stream = Some(opened);
+                // It renewed the lease to its granted TTL (the answer's TTL is not handed out).
+                Ok(self.ttl.as_secs().max(1) as i64)
+            }
+            Err(etcd_client::Error::LeaseKeepAliveError(m)) if m.contains("not found") => Ok(0),
+            Err(e) => Err(e),
+        }
+    }
+
+    /// Drops the stream after a failed or silent renewal; `endpoint_at_fault` moves the client
+    /// on from the stream's endpoint, so the next stream opens on a live one.
+    fn failed(&mut self, endpoint_at_fault: bool) {
+        self.stream = None;
+        if let (true, Some(index)) = (endpoint_at_fault, self.on.take()) {
+            self.endpoints.pass_over(index);
+        }
+    }
+}
+
 /// How long before the lease's last confirmed expiry its holders give it up: etcd's and this
 /// host's clocks may drift apart, and the loss must reach the holder before another grant.
 fn safety_margin(ttl: Duration) -> Duration {
     (ttl / 5).max(Duration::from_millis(300))
-}
-
-/// One renewal: the TTL etcd answered (0 = the lease is gone).
-async fn renew(
-    etcd: &etcd_client::Client,
-    lease: i64,
-    ttl: Duration,
-    stream: &mut Option<(LeaseKeeper, LeaseKeepAliveStream)>,
-) -> std::result::Result<i64, etcd_client::Error> {
-    if let Some((keeper, responses)) = stream.as_mut() {
-        keeper.keep_alive().await?;
-        return match responses.message().await? {
-            Some(resp) => Ok(resp.ttl()),
-            None => Err(etcd_client::Error::LeaseKeepAliveError(
-                "keepalive stream ended".into(),
-            )),
-        };
-    }
-    // Opening the stream sends the first renewal and reads its answer.
-    match etcd.lease_client().keep_alive(lease).await {
-        Ok(opened) => {
-            *stream = Some(opened);
-            // It renewed the lease to its granted TTL (the answer's TTL is not handed out).
-            Ok(ttl.as_secs().max(1) as i64)
-        }
-        Err(etcd_client::Error::LeaseKeepAliveError(m)) if m.contains("not found") => Ok(0),
-        Err(e) => Err(e),
-    }
 }

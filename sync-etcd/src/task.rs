@@ -147,9 +147,7 @@ struct Shared {
 impl Shared {
     /// The lease to write a finished job with.
     async fn retention_lease(&self) -> Result<i64> {
-        self.retention
-            .get(&self.client.etcd, self.client.config.request_timeout)
-            .await
+        self.retention.get(&self.client.sender()).await
     }
 
     /// Drops the cached retention lease (etcd no longer has it).

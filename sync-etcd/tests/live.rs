@@ -146,6 +146,70 @@ async fn several_endpoints(endpoint: String) -> TestResult {
     Ok(())
 }
 
+/// An endpoint that accepts and never answers (a stopped member) is passed over: after it
+/// freezes, reads still succeed (one waits out the request timeout, then goes to the next
+/// endpoint), the held lock's lease is renewed through the live endpoint, and locking works.
+/// Only a write whose answer the frozen endpoint swallowed may fail, once, saying so.
+async fn a_frozen_endpoint_is_passed_over(endpoint: String) -> TestResult {
+    let (proxy, proxied) = common::proxy(&endpoint).await?;
+    let config = common::config(&proxied, &unique("frozen"))
+        .with_endpoints([proxied.as_str(), endpoint.as_str()])
+        .with_request_timeout(Duration::from_secs(1));
+    let client = sync_etcd::Client::connect(config)
+        .await
+        .map_err(|e| e.to_string())?;
+    let (lock, map) = (
+        client.lock().map_err(|e| e.to_string())?,
+        client.map("m").map_err(|e| e.to_string())?,
+    );
+    let held = lock
+        .acquire("held", LockOptions::new())
+        .await
+        .map_err(|e| e.to_string())?;
+    map.write("k", b"v").await.map_err(|e| e.to_string())?;
+    proxy.set(Fault::Freeze);
+    let mut ambiguous = Vec::new();
+    // Past two TTLs of freeze: a lease renewed only through the frozen endpoint would be lost.
+    let until = Instant::now() + 2 * sync_etcd::MIN_TTL + Duration::from_millis(500);
+    let mut rounds = 0;
+    while Instant::now() < until {
+        rounds += 1;
+        map.read("k")
+            .await
+            .map_err(|e| format!("round {rounds}: a read with one endpoint frozen: {e}"))?;
+        if let Err(e) = map.write("k", b"w").await {
+            ambiguous.push(format!("write: {e}"));
+        }
+        let wait = LockOptions::new().with_wait(Duration::from_secs(5));
+        match lock.acquire("other", wait).await {
+            Ok(guard) => {
+                if let Err(e) = guard.release().await {
+                    ambiguous.push(format!("release: {e}"));
+                }
+            }
+            Err(e) => ambiguous.push(format!("acquire: {e}")),
+        }
+    }
+    if held.is_lost() {
+        return Err(format!(
+            "the held lock was lost while one of two endpoints was frozen: {:?}",
+            held.loss_signal().reason()
+        ));
+    }
+    if ambiguous.len() > 1
+        || ambiguous
+            .iter()
+            .any(|e| !e.contains("may have been applied"))
+    {
+        return Err(format!(
+            "calls failed with one endpoint frozen ({rounds} rounds): {ambiguous:?}"
+        ));
+    }
+    held.release().await.map_err(|e| e.to_string())?;
+    drop(proxy);
+    Ok(())
+}
+
 /// Renewals failing (a partition: the holder's connection stalls) fire `lost()` before the
 /// lease can expire on the server, so the holder knows before another client is granted the
 /// lock; afterwards release is LockLost.
@@ -888,7 +952,10 @@ async fn work_without_rights_fails(_endpoint: String) -> TestResult {
 }
 
 fn main() -> std::process::ExitCode {
-    let tests: [(&'static str, TestFn); 17] = [
+    let tests: [(&'static str, TestFn); 18] = [
+        ("live::a_frozen_endpoint_is_passed_over", |e| {
+            Box::pin(a_frozen_endpoint_is_passed_over(e))
+        }),
         ("live::work_without_rights_fails", |e| {
             Box::pin(work_without_rights_fails(e))
         }),
