@@ -26,8 +26,7 @@ use tokio::{sync::OwnedMutexGuard, task::AbortHandle};
 use crate::{
     BACKEND,
     client::ClientInner,
-    error::{answer_lost, etcd_err},
-    kv::Kv,
+    error::{answer_lost, etcd_err, refused_for_good},
     session::Session,
 };
 
@@ -147,8 +146,8 @@ pub(crate) struct Contender {
 struct Cleanup {
     client: Arc<ClientInner>,
     key: String,
-    /// The end of the lease the key is written with.
-    lease_ended: LossSignal,
+    /// The session (lease) the key is written with.
+    session: Arc<Session>,
     txn: Option<
         tokio::task::JoinHandle<std::result::Result<etcd_client::TxnResponse, etcd_client::Error>>,
     >,
@@ -173,13 +172,13 @@ impl Drop for Cleanup {
             self.turn.take(),
             std::mem::take(&mut self.key),
         );
-        let (kv, lease_ended) = (self.client.kv(), self.lease_ended.clone());
+        let (client, session) = (self.client.clone(), self.session.clone());
         if let Ok(rt) = tokio::runtime::Handle::try_current() {
             rt.spawn(async move {
                 if let Some(txn) = txn {
                     let _ = txn.await;
                 }
-                delete_until_gone(kv, &key, &lease_ended, "a cancelled contender key").await;
+                delete_until_gone(&client, &key, &session, "a cancelled contender key").await;
                 drop(turn);
             });
         }
@@ -290,7 +289,7 @@ async fn create_key(
         let mut cleanup = Cleanup {
             client: client.clone(),
             key,
-            lease_ended: session.ended.clone(),
+            session: session.clone(),
             txn: Some(tokio::spawn(async move { kv.txn(txn).await })),
             turn: Some(turn),
             armed: true,
@@ -433,7 +432,7 @@ pub(crate) struct Holding {
     /// The session (lease) the key was written with.
     pub(crate) session: Arc<Session>,
     pub(crate) lost: LossSignal,
-    _trigger: Arc<LossTrigger>,
+    trigger: Arc<LossTrigger>,
     monitor: AbortHandle,
     turn: Option<LocalTurn>,
     armed: bool,
@@ -457,7 +456,7 @@ impl Holding {
             rev: c.rev,
             session: c.session,
             lost,
-            _trigger: trigger,
+            trigger,
             monitor,
             turn: Some(c.turn),
             armed: true,
@@ -506,6 +505,16 @@ impl Holding {
                 }
                 Ok(())
             }
+            // Refused for good: the key would stay, on a lease this process keeps renewing.
+            // The lease ends instead; this guard and every other on it are lost.
+            Err(e) if refused_for_good(&e) => {
+                self.armed = false;
+                let err = etcd_err("deleting the key on release", e).with_id(id);
+                let reason = format!("the lock could not be released: {err}");
+                self.trigger.fire(&reason);
+                give_up_lease(&self.client, &self.session, &reason);
+                Err(err)
+            }
             // Still armed: dropping `self` keeps trying in the background, holding the local
             // turn until the key is gone.
             Err(e) => Err(etcd_err("deleting the key on release", e).with_id(id)),
@@ -519,19 +528,19 @@ impl Holding {
 /// lease the key was written with has ended (a later contender then uses a new lease, hence a
 /// new key, and the old lease is revoked).
 fn spawn_delete(
-    client: &ClientInner,
+    client: &Arc<ClientInner>,
     key: String,
     turn: Option<LocalTurn>,
-    lease_ended: LossSignal,
+    session: Arc<Session>,
 ) {
     if client.is_killed() {
         // A dead process releases nothing: the lease expiry frees the key.
         return;
     }
-    let kv = client.kv();
+    let client = client.clone();
     if let Ok(rt) = tokio::runtime::Handle::try_current() {
         rt.spawn(async move {
-            delete_until_gone(kv, &key, &lease_ended, "a released key").await;
+            delete_until_gone(&client, &key, &session, "a released key").await;
             drop(turn);
         });
     }
@@ -539,14 +548,25 @@ fn spawn_delete(
 
 /// Deletes `key` (`what`, for the log), retrying with backoff until the delete succeeds or
 /// the lease the key was written with has ended (the key then goes with the lease, which the
-/// client revokes).
-async fn delete_until_gone(mut kv: Kv, key: &str, lease_ended: &LossSignal, what: &str) {
+/// client revokes). A delete etcd refuses for good (the user lost its rights) ends the lease
+/// instead: see [`give_up_lease`].
+async fn delete_until_gone(client: &ClientInner, key: &str, session: &Session, what: &str) {
+    let mut kv = client.kv();
+    let lease_ended = &session.ended;
     let mut attempt = 0u32;
     loop {
         match kv.delete(key, None).await {
             Ok(_) => return,
             Err(e) if lease_ended.is_lost() => {
                 tracing::warn!(backend = BACKEND, key, error = %e, "deleting {what} failed; it ends with its lease");
+                return;
+            }
+            Err(e) if refused_for_good(&e) => {
+                give_up_lease(
+                    client,
+                    session,
+                    &format!("deleting {what} was refused: {e}"),
+                );
                 return;
             }
             Err(e) => {
@@ -562,6 +582,16 @@ async fn delete_until_gone(mut kv: Kv, key: &str, lease_ended: &LossSignal, what
     }
 }
 
+/// Ends `session` because a key on it cannot be deleted: every holder on the lease is told it
+/// lost (a key that cannot be released would otherwise block everyone for as long as this
+/// process renews its lease), renewals stop, and the lease is revoked, or, if etcd refuses
+/// that too, expires within a TTL.
+fn give_up_lease(client: &ClientInner, session: &Session, reason: &str) {
+    tracing::warn!(backend = BACKEND, lease = %session.lease_hex(), reason, "a key cannot be deleted; ending its lease");
+    session.end(reason);
+    session.revoke_in_background(&client.sender(), client.killed());
+}
+
 impl Drop for Holding {
     fn drop(&mut self) {
         self.monitor.abort();
@@ -570,7 +600,7 @@ impl Drop for Holding {
                 &self.client,
                 std::mem::take(&mut self.key),
                 self.turn.take(),
-                self.session.ended.clone(),
+                self.session.clone(),
             );
         }
     }

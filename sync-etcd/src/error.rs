@@ -123,6 +123,14 @@ pub(crate) fn answer_lost(e: &etcd_client::Error) -> bool {
     maybe_sent && !not_delivered(e)
 }
 
+/// Whether etcd refused a request for want of rights: no retry changes that (an expired
+/// token is refreshed by the client and never gets here).
+pub(crate) fn refused_for_good(e: &etcd_client::Error) -> bool {
+    matches!(e, etcd_client::Error::GRpcStatus(status)
+        if matches!(i32::from(status.code()), 7 | 16)
+            || status.message().contains("permission denied"))
+}
+
 /// Whether etcd answered that a lease does not exist (expired or revoked): a definite refusal
 /// of the write that named it.
 pub(crate) fn lease_not_found(e: &etcd_client::Error) -> bool {

@@ -11,7 +11,7 @@ use tokio::{sync::watch, task::AbortHandle, time::Instant};
 use crate::{
     BACKEND,
     endpoints::Endpoints,
-    error::{etcd_err, lease_not_found, not_delivered, timed_out},
+    error::{etcd_err, lease_not_found, not_delivered, refused_for_good, timed_out},
     kv::{Resend, Sender},
 };
 
@@ -160,6 +160,11 @@ async fn revoke_until_answered(
         let e = match revoked {
             Ok(_) => return,
             Err(e) if lease_not_found(&e) => return,
+            // No rights to revoke it (to delete its keys): with renewals stopped it expires.
+            Err(e) if refused_for_good(&e) => {
+                tracing::warn!(backend = BACKEND, lease = %lease_hex, error = %e, "revoking the lease was refused; it expires within its TTL");
+                return;
+            }
             Err(e) => e,
         };
         let client_gone = killed.has_changed().is_err();

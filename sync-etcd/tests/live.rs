@@ -930,6 +930,75 @@ async fn lock_outlives_the_auth_token(_endpoint: String) -> TestResult {
     released.map_err(|e| format!("releasing after the token expired: {e}"))
 }
 
+/// A lock whose release etcd refuses for good (the user lost its rights while holding) is
+/// reported lost and its lease ends, so the key does not block everyone for as long as the
+/// process lives; the release itself says why.
+async fn unreleasable_lock_is_lost_and_its_lease_ends(_endpoint: String) -> TestResult {
+    let etcd = AuthEtcd::start().await?;
+    let ns = unique("unreleasable");
+    let root = |args: &[&str]| {
+        let mut all = vec!["--user=root:secret"];
+        all.extend_from_slice(args);
+        let url = etcd.client_url.clone();
+        let all: Vec<String> = all.iter().map(|a| a.to_string()).collect();
+        async move {
+            let all: Vec<&str> = all.iter().map(String::as_str).collect();
+            etcdctl(&url, &all).await
+        }
+    };
+    let prefix = format!("{ns}/");
+    root(&["user", "add", "holder", "--new-user-password=pw"]).await?;
+    root(&["role", "add", "rw"]).await?;
+    root(&[
+        "role",
+        "grant-permission",
+        "rw",
+        "--prefix=true",
+        "readwrite",
+        &prefix,
+    ])
+    .await?;
+    root(&["user", "grant-role", "holder", "rw"]).await?;
+    let authority = etcd.client_url.trim_start_matches("http://").to_string();
+    let config = sync_etcd::Config::from_url(&format!("etcd://holder:pw@{authority}/{ns}"))
+        .map_err(|e| e.to_string())?
+        .with_ttl(sync_etcd::MIN_TTL);
+    let client = sync_etcd::Client::connect(config)
+        .await
+        .map_err(|e| format!("connecting as the holder: {e}"))?;
+    let guard = client
+        .lock()
+        .map_err(|e| e.to_string())?
+        .acquire("l", LockOptions::new())
+        .await
+        .map_err(|e| format!("acquiring: {e}"))?;
+    let lost = guard.loss_signal();
+    // The fault: the holder loses its rights while holding.
+    root(&["user", "revoke-role", "holder", "rw"]).await?;
+    match guard.release().await {
+        Err(e) if e.kind() == ErrorKind::Unauthorized => {}
+        other => return Err(format!("release without rights: {other:?}")),
+    }
+    if !lost.is_lost() {
+        return Err("the guard whose release was refused was not reported lost".into());
+    }
+    // The key goes with the lease: within a TTL (revoked, or expired once renewals stopped).
+    let deadline = Instant::now() + 3 * sync_etcd::MIN_TTL;
+    loop {
+        let left = root(&["get", "--prefix", "--keys-only", &prefix]).await?;
+        if left.trim().is_empty() {
+            break;
+        }
+        if Instant::now() > deadline {
+            return Err(format!("the unreleasable key is still there: {left}"));
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    drop(client);
+    drop(etcd);
+    Ok(())
+}
+
 /// A worker on a client without the rights to claim jobs fails at `work()`, like every other
 /// call, instead of starting and failing every claim in the background.
 async fn work_without_rights_fails(_endpoint: String) -> TestResult {
@@ -952,7 +1021,10 @@ async fn work_without_rights_fails(_endpoint: String) -> TestResult {
 }
 
 fn main() -> std::process::ExitCode {
-    let tests: [(&'static str, TestFn); 18] = [
+    let tests: [(&'static str, TestFn); 19] = [
+        ("live::unreleasable_lock_is_lost_and_its_lease_ends", |e| {
+            Box::pin(unreleasable_lock_is_lost_and_its_lease_ends(e))
+        }),
         ("live::a_frozen_endpoint_is_passed_over", |e| {
             Box::pin(a_frozen_endpoint_is_passed_over(e))
         }),
