@@ -94,9 +94,19 @@ impl Endpoints {
         }
     }
 
+    /// How many endpoints there are.
+    pub(crate) fn len(&self) -> usize {
+        self.clients.len()
+    }
+
+    /// Makes endpoint `index` the current one: it just answered when others did not.
+    pub(crate) fn prefer(&self, index: usize) {
+        self.current.store(index, Ordering::Release);
+    }
+
     /// Endpoint `index`'s client. Without auth etcd-client dials lazily and this is immediate;
     /// with auth it authenticates, which gets at most the connect timeout.
-    async fn connect(&self, index: usize) -> EtcdResult<etcd_client::Client> {
+    pub(crate) async fn connect(&self, index: usize) -> EtcdResult<etcd_client::Client> {
         let client = self.clients[index]
             .get_or_try_init(|| {
                 let dial =

@@ -57,10 +57,17 @@ impl Session {
         let deadline = clock.deadline();
         let (trigger, ended) = sync_core::raw::loss_signal_until(deadline.clone());
         let trigger = Arc::new(trigger);
-        let keepalive = tokio::spawn(keepalive(
-            sender.endpoints.clone(),
+        let renewer = Renewer {
+            endpoints: sender.endpoints.clone(),
             lease,
-            granted_ttl,
+            ttl: granted_ttl,
+            patience: (granted_ttl / 3).min(sender.timeout),
+            on: None,
+            hedge: false,
+            stream: None,
+        };
+        let keepalive = tokio::spawn(keepalive(
+            renewer,
             granted_at,
             clock,
             trigger.clone(),
@@ -178,30 +185,22 @@ async fn revoke_until_answered(
     }
 }
 
-/// Renews the lease every TTL/3 over one keepalive stream (reopened on error, on the next
-/// endpoint when its own failed or went silent). Fires the session's signal when etcd answers
+/// Renews the lease every TTL/3 over one keepalive stream (reopened on error; on every
+/// endpoint at once when its own failed or went silent). Fires the session's signal when etcd answers
 /// TTL 0 (expired or revoked), or when renewals have failed until the safe deadline: the last
 /// confirmed expiry minus a safety margin.
 async fn keepalive(
-    endpoints: Arc<Endpoints>,
-    lease: i64,
-    ttl: Duration,
+    mut renewer: Renewer,
     granted_at: Instant,
     clock: LeaseClock,
     trigger: Arc<LossTrigger>,
     mut killed: watch::Receiver<bool>,
 ) {
+    let (ttl, patience) = (renewer.ttl, renewer.patience);
     let margin = safety_margin(ttl);
-    let lease_hex = format!("{lease:x}");
+    let lease_hex = format!("{:x}", renewer.lease);
     let work = async {
         let mut safe_until = granted_at + ttl - margin;
-        let mut renewer = Renewer {
-            endpoints,
-            lease,
-            ttl,
-            on: None,
-            stream: None,
-        };
         loop {
             let now = Instant::now();
             if now >= safe_until {
@@ -211,7 +210,7 @@ async fn keepalive(
             }
             let sent = now;
             let attempt =
-                tokio::time::timeout_at(safe_until.min(sent + ttl / 3), renewer.renew()).await;
+                tokio::time::timeout_at(safe_until.min(sent + patience), renewer.renew()).await;
             let next = match attempt {
                 Ok(Ok(secs)) if secs <= 0 => {
                     tracing::warn!(backend = BACKEND, lease = %lease_hex, "lease expired or revoked");
@@ -250,8 +249,12 @@ struct Renewer {
     endpoints: Arc<Endpoints>,
     lease: i64,
     ttl: Duration,
+    /// How long a renewal may go unanswered before it is tried elsewhere.
+    patience: Duration,
     /// The endpoint of the stream, or of the attempt to open one.
     on: Option<usize>,
+    /// Whether the next stream is opened on every endpoint at once (after a failure).
+    hedge: bool,
     stream: Option<(LeaseKeeper, LeaseKeepAliveStream)>,
 }
 
@@ -267,12 +270,18 @@ impl Renewer {
                 )),
             };
         }
-        let (index, client) = self.endpoints.pick().await?;
-        self.on = Some(index);
+        let opened = if self.hedge {
+            self.open_on_every_endpoint().await
+        } else {
+            let (index, client) = self.endpoints.pick().await?;
+            self.on = Some(index);
+            client.lease_client().keep_alive(self.lease).await
+        };
         // Opening the stream sends the first renewal and reads its answer.
-        match client.lease_client().keep_alive(self.lease).await {
+        match opened {
             Ok(opened) => {
                 self.stream = Some(opened);
+                self.hedge = false;
                 // It renewed the lease to its granted TTL (the answer's TTL is not handed out).
                 Ok(self.ttl.as_secs().max(1) as i64)
             }
@@ -281,10 +290,53 @@ impl Renewer {
         }
     }
 
+    /// Opens a keepalive stream on every endpoint at once and keeps the first that renews
+    /// (renewing twice is harmless); that endpoint becomes the client's current one. After a
+    /// renewal went unanswered no single endpoint is to be trusted: the next in line may be
+    /// the stalled member, or wait on it as its leader, and the lease cannot wait out one
+    /// request timeout per endpoint.
+    async fn open_on_every_endpoint(
+        &mut self,
+    ) -> std::result::Result<(LeaseKeeper, LeaseKeepAliveStream), etcd_client::Error> {
+        let mut opening = tokio::task::JoinSet::new();
+        for index in 0..self.endpoints.len() {
+            let (endpoints, lease) = (self.endpoints.clone(), self.lease);
+            opening.spawn(async move {
+                let opened = match endpoints.connect(index).await {
+                    Ok(client) => client.lease_client().keep_alive(lease).await,
+                    Err(e) => Err(e),
+                };
+                (index, opened)
+            });
+        }
+        let mut last = None;
+        while let Some(joined) = opening.join_next().await {
+            let Ok((index, opened)) = joined else {
+                continue;
+            };
+            match opened {
+                Ok(stream) => {
+                    self.on = Some(index);
+                    self.endpoints.prefer(index);
+                    return Ok(stream);
+                }
+                // A definite "gone" from any member settles it.
+                Err(etcd_client::Error::LeaseKeepAliveError(m)) if m.contains("not found") => {
+                    return Err(etcd_client::Error::LeaseKeepAliveError(m));
+                }
+                Err(e) => last = Some(e),
+            }
+        }
+        Err(last.unwrap_or_else(|| {
+            etcd_client::Error::LeaseKeepAliveError("no endpoint could be reached".into())
+        }))
+    }
+
     /// Drops the stream after a failed or silent renewal; `endpoint_at_fault` moves the client
     /// on from the stream's endpoint, so the next stream opens on a live one.
     fn failed(&mut self, endpoint_at_fault: bool) {
         self.stream = None;
+        self.hedge = true;
         if let (true, Some(index)) = (endpoint_at_fault, self.on.take()) {
             self.endpoints.pass_over(index);
         }

@@ -43,10 +43,12 @@ usage:
       up: install what is missing, start on 127.0.0.1, wait until ready (twice is harmless)
       down: stop what `up` started; status: pid, port, health; env: SYNC_TEST_* lines to eval;
       smoke: one real write and read through each service.
-  cargo xtask drill [etcd] [--seconds N | --minutes N]
+  cargo xtask drill [etcd] [cluster] [--seconds N | --minutes N]
       multi-process lock and leader drills on etcd (SYNC_TEST_ETCD's, or one started and
-      stopped here): workers under kill -9 and SIGSTOP chaos writing fencing tokens; prints a
-      summary per drill, fails on any violation.";
+      stopped here): workers under kill -9 and SIGSTOP chaos writing fencing tokens. Then, on
+      a three-node cluster of its own: the lock drill while the leader is killed, while the
+      whole cluster restarts, and a caller timing every call while one member at a time is
+      frozen. `cluster` runs only those. A summary per drill; fails on any violation.";
 
 /// Ctrl-C, SIGTERM and SIGHUP only count here; whatever is running notices, stops its child
 /// and tears down what it started. A second Ctrl-C gives up on the teardown.

@@ -192,25 +192,44 @@ fn smoke_and_test(
         }
         say!("{what} passed in {took}");
     }
-    // A short lock drill on the live etcd: processes killed and stopped for real.
+    // Short drills on the live etcd and on a three-node cluster of their own: processes and
+    // members killed and stopped for real.
     if let Some((_, url)) = envs.iter().find(|(var, _)| *var == Service::Etcd.env_var()) {
-        let started = Instant::now();
-        say!("drill: a short multi-process lock drill on etcd");
-        match crate::drill::drill(url, DRILL_LENGTH) {
-            Ok(code) if code == ExitCode::SUCCESS => {
-                say!("drill passed in {}", fmt_duration(started.elapsed()));
-            }
-            Ok(code) => {
-                say!("drill FAILED after {}", fmt_duration(started.elapsed()));
+        let drills: [(&str, &dyn Fn() -> Result<ExitCode>); 2] = [
+            ("multi-process drills on etcd", &|| {
+                crate::drill::drill(url, DRILL_LENGTH)
+            }),
+            ("drills on a three-node etcd cluster", &|| {
+                crate::drill::drill_cluster(DRILL_LENGTH)
+            }),
+        ];
+        for (what, drill) in drills {
+            if let Some(code) = run_drill(what, drill) {
                 failed.get_or_insert(code);
-            }
-            Err(e) => {
-                say!("drill FAILED: {e}");
-                failed.get_or_insert(ExitCode::FAILURE);
             }
         }
     }
     Ok(failed.unwrap_or(ExitCode::SUCCESS))
+}
+
+/// Runs one drill, saying how it went; its failure status, if it failed.
+fn run_drill(what: &str, drill: &dyn Fn() -> Result<ExitCode>) -> Option<ExitCode> {
+    let started = Instant::now();
+    say!("drill: {what}");
+    match drill() {
+        Ok(code) if code == ExitCode::SUCCESS => {
+            say!("drill passed in {}", fmt_duration(started.elapsed()));
+            None
+        }
+        Ok(code) => {
+            say!("drill FAILED after {}", fmt_duration(started.elapsed()));
+            Some(code)
+        }
+        Err(e) => {
+            say!("drill FAILED: {e}");
+            Some(ExitCode::FAILURE)
+        }
+    }
 }
 
 /// The cargo test arguments of the etcd TLS step: only the targets that need the feature (the

@@ -24,6 +24,8 @@ use std::{
 
 use nix::{sys::signal, unistd::Pid};
 
+mod cluster;
+
 use crate::{Result, fmt_duration, project_root, services::Service};
 
 /// Worker processes running at once.
@@ -36,10 +38,12 @@ const STOP_FOR: Duration = Duration::from_millis(3000);
 /// `cargo xtask drill` with its arguments.
 pub(crate) fn run(args: &[String]) -> Result<ExitCode> {
     let mut seconds = 60u64;
+    let mut only_cluster = false;
     let mut rest = args.iter();
     while let Some(arg) = rest.next() {
         match arg.as_str() {
             "etcd" => {}
+            "cluster" => only_cluster = true,
             "--seconds" => {
                 seconds = rest
                     .next()
@@ -53,21 +57,36 @@ pub(crate) fn run(args: &[String]) -> Result<ExitCode> {
                     .ok_or("--minutes takes a whole number")?;
                 seconds = minutes * 60;
             }
-            other => bail!("drill: unknown argument `{other}` (etcd, --seconds N, --minutes N)"),
+            other => {
+                bail!("drill: unknown argument `{other}` (etcd, cluster, --seconds N, --minutes N)")
+            }
         }
     }
-    // The user's own etcd when SYNC_TEST_ETCD names one; otherwise ours, started and stopped
-    // here like `cargo xtask test` does.
+    let length = Duration::from_secs(seconds);
+    if only_cluster {
+        return drill_cluster(length);
+    }
+    let single = drill_single(length)?;
+    let cluster = drill_cluster(length)?;
+    Ok(if single == ExitCode::SUCCESS {
+        cluster
+    } else {
+        single
+    })
+}
+
+/// The drills on one etcd: the user's own when SYNC_TEST_ETCD names one; otherwise ours,
+/// started and stopped here like `cargo xtask test` does.
+fn drill_single(length: Duration) -> Result<ExitCode> {
     if let Some(url) = std::env::var(Service::Etcd.env_var())
         .ok()
         .filter(|v| !v.is_empty())
     {
-        return drill(&url, Duration::from_secs(seconds));
+        return drill(&url, length);
     }
     let started = crate::services::up(&[Service::Etcd], &[])?;
-    let outcome =
-        std::panic::catch_unwind(|| drill(&Service::Etcd.endpoint(), Duration::from_secs(seconds)))
-            .unwrap_or_else(|_| Err("xtask panicked while drilling".into()));
+    let outcome = std::panic::catch_unwind(|| drill(&Service::Etcd.endpoint(), length))
+        .unwrap_or_else(|_| Err("xtask panicked while drilling".into()));
     if let Err(e) = crate::services::down(&started) {
         say!("warning: teardown: {e}");
     }
@@ -86,74 +105,161 @@ pub(crate) fn drill(url: &str, length: Duration) -> Result<ExitCode> {
     Ok(code)
 }
 
-/// One drill: `what` (lock or leader) under chaos for `length`, judged.
+/// Runs the drills on a three-node cluster of their own (see [`cluster`]), `length` each.
+pub(crate) fn drill_cluster(length: Duration) -> Result<ExitCode> {
+    let worker = build_worker()?;
+    let examples = worker
+        .parent()
+        .ok_or("drill: the worker has no directory")?;
+    cluster::drill(examples, length)
+}
+
+/// One drill: `what` (lock or leader) under worker chaos for `length`, judged.
 fn drill_one(
     worker: &std::path::Path,
     what: &'static str,
     url: &str,
     length: Duration,
 ) -> Result<ExitCode> {
-    let namespace = format!("drill-{}", now_us());
-    let url = format!(
-        "{}/{namespace}?ttl={}s",
-        url.trim_end_matches('/'),
-        TTL.as_secs()
-    );
-    say!(
-        "drill {what}: {WORKERS} workers on {url} for {}",
-        fmt_duration(length)
-    );
-    let (lines, events) = mpsc::channel::<(usize, String)>();
-    let spawn = |n: usize| spawn_worker(worker, what, &url, length, n, lines.clone());
-    let mut workers: Vec<Child> = (0..WORKERS).map(spawn).collect::<Result<_>>()?;
-    // The worker id (the order it was started in) running in each slot.
-    let mut ids: Vec<usize> = (0..WORKERS).collect();
-    let mut next = WORKERS;
-    let mut stops: HashMap<usize, Vec<(u128, u128)>> = HashMap::new();
-    let (mut kills, mut pauses) = (0, 0);
-    let mut seen: Vec<(usize, String)> = Vec::new();
-    let mut dice = Dice::seeded();
+    let mut run = Run::start(worker, what, url, length)?;
     let until = Instant::now() + length;
     while Instant::now() < until && !crate::interrupted() {
-        thread::sleep(Duration::from_millis(700 + dice.below(1300)));
-        seen.extend(events.try_iter());
-        // Stops aim at the holder of the moment, kills at anyone.
-        let holder = holding(&seen).and_then(|w| ids.iter().position(|id| *id == w));
-        let stop = dice.below(2) == 0;
+        thread::sleep(Duration::from_millis(700 + run.dice.below(1300)));
+        run.strike_a_worker()?;
+    }
+    Ok(run.finish(what, &[]))
+}
+
+/// A drill in progress: the worker processes, what they printed so far, and the chaos done.
+pub(crate) struct Run {
+    bin: std::path::PathBuf,
+    what: &'static str,
+    url: String,
+    length: Duration,
+    lines: mpsc::Sender<(usize, String)>,
+    events: mpsc::Receiver<(usize, String)>,
+    workers: Vec<Child>,
+    /// The worker id (the order it was started in) running in each slot.
+    ids: Vec<usize>,
+    next: usize,
+    stops: HashMap<usize, Vec<(u128, u128)>>,
+    kills: usize,
+    pauses: usize,
+    seen: Vec<(usize, String)>,
+    pub(crate) dice: Dice,
+}
+
+impl Run {
+    /// Starts [`WORKERS`] workers doing `what` on `url` (given a fresh namespace and the
+    /// drill's TTL) for `length`.
+    pub(crate) fn start(
+        bin: &std::path::Path,
+        what: &'static str,
+        url: &str,
+        length: Duration,
+    ) -> Result<Run> {
+        let namespace = format!("drill-{}", now_us());
+        let (base, query) = url.split_once('?').unwrap_or((url, ""));
+        let mut url = format!(
+            "{}/{namespace}?ttl={}s",
+            base.trim_end_matches('/'),
+            TTL.as_secs()
+        );
+        if !query.is_empty() {
+            url = format!("{url}&{query}");
+        }
+        say!(
+            "drill {what}: {WORKERS} workers on {url} for {}",
+            fmt_duration(length)
+        );
+        let (lines, events) = mpsc::channel::<(usize, String)>();
+        let mut run = Run {
+            bin: bin.to_path_buf(),
+            what,
+            url,
+            length,
+            lines,
+            events,
+            workers: Vec::new(),
+            ids: (0..WORKERS).collect(),
+            next: WORKERS,
+            stops: HashMap::new(),
+            kills: 0,
+            pauses: 0,
+            seen: Vec::new(),
+            dice: Dice::seeded(),
+        };
+        for n in 0..WORKERS {
+            let child = run.spawn(n)?;
+            run.workers.push(child);
+        }
+        Ok(run)
+    }
+
+    fn spawn(&self, id: usize) -> Result<Child> {
+        spawn_worker(
+            &self.bin,
+            self.what,
+            &self.url,
+            self.length,
+            id,
+            self.lines.clone(),
+        )
+    }
+
+    /// Takes in what the workers printed since the last call.
+    pub(crate) fn collect(&mut self) {
+        self.seen.extend(self.events.try_iter());
+    }
+
+    /// Stops the holder of the moment past the TTL, or kills (-9) a worker and starts another.
+    fn strike_a_worker(&mut self) -> Result<()> {
+        self.collect();
+        let holder = holding(&self.seen).and_then(|w| self.ids.iter().position(|id| *id == w));
+        let stop = self.dice.below(2) == 0;
         let slot = match (stop, holder) {
             (true, Some(slot)) => slot,
-            _ => dice.below(WORKERS as u64) as usize,
+            _ => self.dice.below(WORKERS as u64) as usize,
         };
-        let pid = Pid::from_raw(workers[slot].id() as i32);
+        let pid = Pid::from_raw(self.workers[slot].id() as i32);
         if stop {
             let from = now_us();
             let _ = signal::kill(pid, signal::Signal::SIGSTOP);
             thread::sleep(STOP_FOR);
             let _ = signal::kill(pid, signal::Signal::SIGCONT);
-            stops.entry(ids[slot]).or_default().push((from, now_us()));
-            pauses += 1;
+            self.stops
+                .entry(self.ids[slot])
+                .or_default()
+                .push((from, now_us()));
+            self.pauses += 1;
         } else {
             let _ = signal::kill(pid, signal::Signal::SIGKILL);
-            let _ = workers[slot].wait();
-            workers[slot] = spawn(next)?;
-            ids[slot] = next;
-            next += 1;
-            kills += 1;
+            let _ = self.workers[slot].wait();
+            self.workers[slot] = self.spawn(self.next)?;
+            self.ids[slot] = self.next;
+            self.next += 1;
+            self.kills += 1;
+        }
+        Ok(())
+    }
+
+    /// Stops the workers, judges everything they printed and prints the summary, with `extra`
+    /// rows (the chaos done to the backend). SUCCESS when there was no violation.
+    pub(crate) fn finish(mut self, label: &str, extra: &[(&str, String)]) -> ExitCode {
+        for w in &mut self.workers {
+            let _ = w.kill();
+            let _ = w.wait();
+        }
+        drop(self.lines);
+        self.seen.extend(self.events);
+        let verdict = judge(self.seen, &self.stops);
+        verdict.print(label, self.kills, self.pauses, extra);
+        if verdict.violations.is_empty() {
+            ExitCode::SUCCESS
+        } else {
+            ExitCode::FAILURE
         }
     }
-    for w in &mut workers {
-        let _ = w.kill();
-        let _ = w.wait();
-    }
-    drop(lines);
-    seen.extend(events);
-    let verdict = judge(seen, &stops);
-    verdict.print(what, kills, pauses);
-    Ok(if verdict.violations.is_empty() {
-        ExitCode::SUCCESS
-    } else {
-        ExitCode::FAILURE
-    })
 }
 
 fn build_worker() -> Result<std::path::PathBuf> {
@@ -169,10 +275,12 @@ fn build_worker() -> Result<std::path::PathBuf> {
             "etcd",
             "--example",
             "drill_worker",
+            "--example",
+            "drill_calls",
         ])
         .status()?;
     if !status.success() {
-        bail!("drill: building the drill worker failed ({status})");
+        bail!("drill: building the drill workers failed ({status})");
     }
     Ok(crate::target_dir().join("debug/examples/drill_worker"))
 }
@@ -218,11 +326,14 @@ struct Verdict {
     /// worker then reported lost instead of writing.
     paused_holds: usize,
     paused_saw_loss: usize,
+    /// The longest time between two grants (µs): how long the lock or leadership stood
+    /// vacant at worst (a killed holder's lease running out, a failover).
+    longest_vacancy_us: u128,
     violations: Vec<String>,
 }
 
 impl Verdict {
-    fn print(&self, what: &str, kills: usize, pauses: usize) {
+    fn print(&self, what: &str, kills: usize, pauses: usize, extra: &[(&str, String)]) {
         let rows = [
             ("grants", self.grants.to_string()),
             ("writes", self.writes.to_string()),
@@ -236,9 +347,18 @@ impl Verdict {
             ),
             ("workers killed (-9)", kills.to_string()),
             ("workers stopped past the TTL", pauses.to_string()),
-            ("violations", self.violations.len().to_string()),
+            (
+                "longest time between two grants (TTL 2 s)",
+                format!("{:.2} s", self.longest_vacancy_us as f64 / 1e6),
+            ),
         ];
         say!("drill {what} summary:");
+        let violations = ("violations", self.violations.len().to_string());
+        let rows = rows
+            .iter()
+            .map(|(k, v)| (*k, v.clone()))
+            .chain(extra.iter().cloned())
+            .chain([violations]);
         for (what, n) in rows {
             eprintln!("  {what:<48} {n:>8}");
         }
@@ -280,10 +400,15 @@ fn judge(lines: Vec<(usize, String)>, stops: &HashMap<usize, Vec<(u128, u128)>>)
     let mut last_token: HashMap<usize, u64> = HashMap::new();
     let mut tokens_granted: HashSet<u64> = HashSet::new();
     let mut highest_write = 0u64;
+    let mut last_grant: Option<u128> = None;
     for ((at, worker, _), (kind, token)) in events {
         match kind.as_str() {
             "GRANT" => {
                 verdict.grants += 1;
+                if let Some(last) = last_grant {
+                    verdict.longest_vacancy_us = verdict.longest_vacancy_us.max(at - last);
+                }
+                last_grant = Some(at);
                 if !tokens_granted.insert(token) {
                     verdict
                         .violations
@@ -326,7 +451,7 @@ fn judge(lines: Vec<(usize, String)>, stops: &HashMap<usize, Vec<(u128, u128)>>)
     verdict
 }
 
-fn now_us() -> u128 {
+pub(crate) fn now_us() -> u128 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map(|d| d.as_micros())
@@ -335,14 +460,14 @@ fn now_us() -> u128 {
 
 /// A small xorshift generator: the drill's chaos needs no cryptographic randomness, and xtask
 /// keeps its dependencies few.
-struct Dice(u64);
+pub(crate) struct Dice(u64);
 
 impl Dice {
     fn seeded() -> Dice {
         Dice(now_us() as u64 | 1)
     }
 
-    fn below(&mut self, n: u64) -> u64 {
+    pub(crate) fn below(&mut self, n: u64) -> u64 {
         self.0 ^= self.0 << 13;
         self.0 ^= self.0 >> 7;
         self.0 ^= self.0 << 17;
