@@ -83,7 +83,10 @@ pub trait Map: Send + Sync {
     /// The value and version of `key`, if present.
     async fn read(&self, key: &str) -> Result<Option<Entry>>;
 
-    /// Writes unconditionally; returns the new version.
+    /// Writes unconditionally; returns the new version. When the backend cannot tell whether
+    /// the write was applied (its answer was lost), this fails `Unavailable` and says so:
+    /// writing again is the caller's choice. Use [`Map::update`] or `compare_and_swap` for a
+    /// write that must apply exactly once.
     async fn write(&self, key: &str, value: &[u8]) -> Result<Version>;
 
     /// Deletes `key`; false if it was absent.
