@@ -166,6 +166,9 @@ fn smoke_and_test(
     // Every step runs even when one fails (CI reports every failure); the first failure's
     // status is xtask's.
     let mut failed: Option<ExitCode> = None;
+    if let Some(code) = check_alone() {
+        failed.get_or_insert(code);
+    }
     for (what, flags) in steps {
         let mut command = Command::new(std::env::var_os("CARGO").unwrap_or("cargo".into()));
         command
@@ -210,6 +213,52 @@ fn smoke_and_test(
         }
     }
     Ok(failed.unwrap_or(ExitCode::SUCCESS))
+}
+
+/// The crates users depend on one at a time: in the workspace their dependencies' features
+/// are unified, so a feature one of them forgot to ask for goes unnoticed there.
+const ALONE: [&str; 7] = [
+    "sync-core",
+    "sync-kit",
+    "sync-local",
+    "sync-etcd",
+    "sync-ntp",
+    "sync-cron",
+    "sync-any",
+];
+
+/// `cargo check -p <crate>` for each of [`ALONE`]; the failure status, if one failed.
+fn check_alone() -> Option<ExitCode> {
+    let started = Instant::now();
+    say!(
+        "each crate on its own: cargo check -p <crate> for {}",
+        ALONE.join(", ")
+    );
+    let mut failed = None;
+    for krate in ALONE {
+        let status = Command::new(std::env::var_os("CARGO").unwrap_or("cargo".into()))
+            .current_dir(project_root())
+            .args(["check", "-q", "-p", krate])
+            .status();
+        match status {
+            Ok(s) if s.success() => {}
+            Ok(s) => {
+                say!("{krate} does not build on its own ({s})");
+                failed.get_or_insert(exit_code(s));
+            }
+            Err(e) => {
+                say!("cargo check -p {krate}: {e}");
+                failed.get_or_insert(ExitCode::FAILURE);
+            }
+        }
+    }
+    if failed.is_none() {
+        say!(
+            "each crate built on its own in {}",
+            fmt_duration(started.elapsed())
+        );
+    }
+    failed
 }
 
 /// Runs one drill, saying how it went; its failure status, if it failed.
