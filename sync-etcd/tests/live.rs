@@ -210,6 +210,58 @@ async fn a_frozen_endpoint_is_passed_over(endpoint: String) -> TestResult {
     Ok(())
 }
 
+/// A follower whose watch sits on an endpoint that stopped answering (no events, no error)
+/// still sees a new leader: the watch is trusted only so long (here two seconds), then the
+/// follower reads again, which passes over the frozen endpoint. Well within the ten-second
+/// fallback poll.
+async fn follow_moves_off_a_frozen_endpoint(endpoint: String) -> TestResult {
+    use futures::StreamExt;
+
+    let ns = unique("follow-frozen");
+    let (proxy, proxied) = common::proxy(&endpoint).await?;
+    let config = common::config(&proxied, &ns)
+        .with_endpoints([proxied.as_str(), endpoint.as_str()])
+        .with_request_timeout(Duration::from_secs(1));
+    let follower = sync_etcd::Client::connect(config)
+        .await
+        .map_err(|e| e.to_string())?;
+    let candidate = common::connect(&endpoint, &ns).await?;
+    let mut follow = follower
+        .leader("g")
+        .map_err(|e| e.to_string())?
+        .follow()
+        .await
+        .map_err(|e| e.to_string())?;
+    match follow.next().await {
+        Some(Ok(None)) => {}
+        other => return Err(format!("first report of an empty group: {other:?}")),
+    }
+    proxy.set(Fault::Freeze);
+    let elected = candidate
+        .leader("g")
+        .map_err(|e| e.to_string())?
+        .elect("b", ElectOptions::new())
+        .await
+        .map_err(|e| e.to_string())?;
+    let seen = tokio::time::timeout(Duration::from_secs(8), async {
+        while let Some(report) = follow.next().await {
+            if let Ok(Some(info)) = report {
+                return Some(info);
+            }
+        }
+        None
+    })
+    .await
+    .map_err(|_| "the new leader was not reported within 8 s of a frozen endpoint".to_string())?;
+    match seen {
+        Some(info) if info.candidate == "b" => {}
+        other => return Err(format!("the follower reported {other:?}")),
+    }
+    elected.resign().await.map_err(|e| e.to_string())?;
+    drop(proxy);
+    Ok(())
+}
+
 /// Renewals failing (a partition: the holder's connection stalls) fire `lost()` before the
 /// lease can expire on the server, so the holder knows before another client is granted the
 /// lock; afterwards release is LockLost.
@@ -1021,7 +1073,10 @@ async fn work_without_rights_fails(_endpoint: String) -> TestResult {
 }
 
 fn main() -> std::process::ExitCode {
-    let tests: [(&'static str, TestFn); 19] = [
+    let tests: [(&'static str, TestFn); 20] = [
+        ("live::follow_moves_off_a_frozen_endpoint", |e| {
+            Box::pin(follow_moves_off_a_frozen_endpoint(e))
+        }),
         ("live::unreleasable_lock_is_lost_and_its_lease_ends", |e| {
             Box::pin(unreleasable_lock_is_lost_and_its_lease_ends(e))
         }),
