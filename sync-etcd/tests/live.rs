@@ -262,6 +262,56 @@ async fn follow_moves_off_a_frozen_endpoint(endpoint: String) -> TestResult {
     Ok(())
 }
 
+/// A follower connected to a member that loses its quorum (the other two stopped) is told,
+/// instead of waiting silently for events that cannot come: its watch asks for a leader
+/// (etcd cancels it without one) and its re-reads fail fast on a member without one.
+async fn follow_reports_a_member_cut_off_from_the_quorum(_endpoint: String) -> TestResult {
+    use futures::StreamExt;
+
+    let cluster = common::private::PrivateCluster::start()?;
+    let deadline = Instant::now() + Duration::from_secs(20);
+    for member in &cluster.endpoints {
+        while etcdctl(member, &["endpoint", "health"]).await.is_err() {
+            if Instant::now() > deadline {
+                return Err("the private cluster did not become healthy within 20 s".into());
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+    let config = common::config(&cluster.endpoints[0], &unique("quorum"))
+        .with_request_timeout(Duration::from_secs(1));
+    let client = sync_etcd::Client::connect(config)
+        .await
+        .map_err(|e| e.to_string())?;
+    let mut follow = client
+        .leader("g")
+        .map_err(|e| e.to_string())?
+        .follow()
+        .await
+        .map_err(|e| e.to_string())?;
+    match follow.next().await {
+        Some(Ok(None)) => {}
+        other => return Err(format!("first report of an empty group: {other:?}")),
+    }
+    cluster.signal(1, true)?;
+    cluster.signal(2, true)?;
+    let told = tokio::time::timeout(Duration::from_secs(15), follow.next()).await;
+    cluster.signal(1, false)?;
+    cluster.signal(2, false)?;
+    match told {
+        // etcd's own word, not a timeout of ours: the request asked for a leader.
+        Ok(Some(Err(e)))
+            if e.kind() == ErrorKind::Unavailable && format!("{e:?}").contains("no leader") =>
+        {
+            Ok(())
+        }
+        Ok(other) => Err(format!(
+            "the follower of a member without quorum got {other:?}"
+        )),
+        Err(_) => Err("the follower of a member without quorum heard nothing for 15 s".into()),
+    }
+}
+
 /// Renewals failing (a partition: the holder's connection stalls) fire `lost()` before the
 /// lease can expire on the server, so the holder knows before another client is granted the
 /// lock; afterwards release is LockLost.
@@ -1073,7 +1123,11 @@ async fn work_without_rights_fails(_endpoint: String) -> TestResult {
 }
 
 fn main() -> std::process::ExitCode {
-    let tests: [(&'static str, TestFn); 20] = [
+    let tests: [(&'static str, TestFn); 21] = [
+        (
+            "live::follow_reports_a_member_cut_off_from_the_quorum",
+            |e| Box::pin(follow_reports_a_member_cut_off_from_the_quorum(e)),
+        ),
         ("live::follow_moves_off_a_frozen_endpoint", |e| {
             Box::pin(follow_moves_off_a_frozen_endpoint(e))
         }),
