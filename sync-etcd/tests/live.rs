@@ -210,6 +210,22 @@ async fn a_frozen_endpoint_is_passed_over(endpoint: String) -> TestResult {
     Ok(())
 }
 
+/// Follows group `g` on `client`, which must first report it leaderless.
+async fn follow_empty_group(client: &sync_etcd::Client) -> Result<sync_core::FollowStream, String> {
+    use futures::StreamExt;
+
+    let mut follow = client
+        .leader("g")
+        .map_err(|e| e.to_string())?
+        .follow()
+        .await
+        .map_err(|e| e.to_string())?;
+    match follow.next().await {
+        Some(Ok(None)) => Ok(follow),
+        other => Err(format!("first report of an empty group: {other:?}")),
+    }
+}
+
 /// A follower whose watch sits on an endpoint that stopped answering (no events, no error)
 /// still sees a new leader: the watch is trusted only so long (here two seconds), then the
 /// follower reads again, which passes over the frozen endpoint. Well within the ten-second
@@ -226,16 +242,7 @@ async fn follow_moves_off_a_frozen_endpoint(endpoint: String) -> TestResult {
         .await
         .map_err(|e| e.to_string())?;
     let candidate = common::connect(&endpoint, &ns).await?;
-    let mut follow = follower
-        .leader("g")
-        .map_err(|e| e.to_string())?
-        .follow()
-        .await
-        .map_err(|e| e.to_string())?;
-    match follow.next().await {
-        Some(Ok(None)) => {}
-        other => return Err(format!("first report of an empty group: {other:?}")),
-    }
+    let mut follow = follow_empty_group(&follower).await?;
     proxy.set(Fault::Freeze);
     let elected = candidate
         .leader("g")
@@ -283,16 +290,7 @@ async fn follow_reports_a_member_cut_off_from_the_quorum(_endpoint: String) -> T
     let client = sync_etcd::Client::connect(config)
         .await
         .map_err(|e| e.to_string())?;
-    let mut follow = client
-        .leader("g")
-        .map_err(|e| e.to_string())?
-        .follow()
-        .await
-        .map_err(|e| e.to_string())?;
-    match follow.next().await {
-        Some(Ok(None)) => {}
-        other => return Err(format!("first report of an empty group: {other:?}")),
-    }
+    let mut follow = follow_empty_group(&client).await?;
     cluster.signal(1, true)?;
     cluster.signal(2, true)?;
     let told = tokio::time::timeout(Duration::from_secs(15), follow.next()).await;
@@ -1005,20 +1003,30 @@ impl AuthEtcd {
         }
         Ok(etcd)
     }
+
+    /// A client of this etcd as `credentials` (`user:password`) in `namespace`, with the
+    /// shortest lease.
+    async fn client(
+        &self,
+        credentials: &str,
+        namespace: &str,
+    ) -> Result<sync_etcd::Client, String> {
+        let authority = self.client_url.trim_start_matches("http://");
+        let url = format!("etcd://{credentials}@{authority}/{namespace}");
+        let config = sync_etcd::Config::from_url(&url)
+            .map_err(|e| e.to_string())?
+            .with_ttl(sync_etcd::MIN_TTL);
+        sync_etcd::Client::connect(config)
+            .await
+            .map_err(|e| format!("connecting as {credentials}: {e}"))
+    }
 }
 
 /// A lock held across twice the auth token's TTL, with no calls of its own meanwhile, releases
 /// cleanly: the client refreshes an expired token instead of failing every call Unauthorized.
 async fn lock_outlives_the_auth_token(_endpoint: String) -> TestResult {
     let etcd = AuthEtcd::start().await?;
-    let authority = etcd.client_url.trim_start_matches("http://").to_string();
-    let url = format!("etcd://root:secret@{authority}/{}", unique("auth"));
-    let config = sync_etcd::Config::from_url(&url)
-        .map_err(|e| e.to_string())?
-        .with_ttl(sync_etcd::MIN_TTL);
-    let client = sync_etcd::Client::connect(config)
-        .await
-        .map_err(|e| format!("connecting with credentials: {e}"))?;
+    let client = etcd.client("root:secret", &unique("auth")).await?;
     let guard = client
         .lock()
         .map_err(|e| e.to_string())?
@@ -1061,13 +1069,7 @@ async fn unreleasable_lock_is_lost_and_its_lease_ends(_endpoint: String) -> Test
     ])
     .await?;
     root(&["user", "grant-role", "holder", "rw"]).await?;
-    let authority = etcd.client_url.trim_start_matches("http://").to_string();
-    let config = sync_etcd::Config::from_url(&format!("etcd://holder:pw@{authority}/{ns}"))
-        .map_err(|e| e.to_string())?
-        .with_ttl(sync_etcd::MIN_TTL);
-    let client = sync_etcd::Client::connect(config)
-        .await
-        .map_err(|e| format!("connecting as the holder: {e}"))?;
+    let client = etcd.client("holder:pw", &ns).await?;
     let guard = client
         .lock()
         .map_err(|e| e.to_string())?
@@ -1105,12 +1107,7 @@ async fn unreleasable_lock_is_lost_and_its_lease_ends(_endpoint: String) -> Test
 /// call, instead of starting and failing every claim in the background.
 async fn work_without_rights_fails(_endpoint: String) -> TestResult {
     let etcd = AuthEtcd::start().await?;
-    let authority = etcd.client_url.trim_start_matches("http://").to_string();
-    let url = format!("etcd://nobody:nothing@{authority}/{}", unique("rights"));
-    let config = sync_etcd::Config::from_url(&url).map_err(|e| e.to_string())?;
-    let client = sync_etcd::Client::connect(config)
-        .await
-        .map_err(|e| format!("connecting as a user without rights: {e}"))?;
+    let client = etcd.client("nobody:nothing", &unique("rights")).await?;
     let handler = Arc::new(|ctx: JobContext| async move { Ok::<_, HandlerError>(ctx.payload) });
     let task = client.task().map_err(|e| e.to_string())?;
     let worked = task.work("anything", handler, WorkerOptions::new()).await;
