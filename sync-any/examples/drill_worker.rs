@@ -19,9 +19,9 @@
 //! The task drill uses three more modes, where `<id>` is the job name (the queue):
 //!
 //! ```text
-//! drill_worker <url> task <name> <seconds>                          a worker, pool of 2
-//! drill_worker <url> task-submit <name> <seconds> <start_us> <count> the submitter
-//! drill_worker <url> task-check <name> <seconds>                     the final check
+//! drill_worker <url> task <name> <seconds>                                 a worker, pool of 2
+//! drill_worker <url> task-submit <name> <seconds> <start_us> <count> <from> the submitter
+//! drill_worker <url> task-check <name> <seconds>                            the final check
 //! ```
 //!
 //! A `task` worker runs the jobs named `<name>` for `<seconds>`; each attempt prints
@@ -32,11 +32,14 @@
 //! LOST <job> <token> <us>    the claim's loss signal fired first: it fails the attempt instead
 //! ```
 //!
-//! `task-submit` submits `<count>` jobs, job n with the idempotency key `<name>-n`, due at
-//! `<start_us> + n * <seconds> / <count>`: a steady pace over `<seconds>`. A submitter killed
-//! and started again with the same arguments submits every job already due again at once, with
-//! the same keys, and then keeps the pace. Each job `n` is also submitted a second time when job
-//! `n + 3` is. Every submit prints `SUBMIT <key> <job id> <us>`.
+//! (The time of DONE and LOST is read just before the loss signal is checked.)
+//!
+//! `task-submit` submits jobs `<from>..<count>`, job n with the idempotency key `<name>-n`, due
+//! at `<start_us> + n * <seconds> / <count>`: a steady pace over `<seconds>`. A submitter that
+//! was killed is started again from the first job whose SUBMIT line the drill has not seen: it
+//! submits the jobs from there that are already due at once, with the same keys (some were
+//! submitted already), and then keeps the pace. Each job `n` is also submitted a second time
+//! when job `n + 3` is. Every submit prints `SUBMIT <key> <job id> <us>`.
 //!
 //! `task-check` reads job ids from stdin, one a line, waits for each with `wait(id, timeout)`
 //! (all of them within `<seconds>`), and prints `STATUS <job id> <state> <attempts> <output>
@@ -61,7 +64,7 @@ async fn main() -> ExitCode {
     let args: Vec<String> = std::env::args().skip(1).collect();
     let [url, what, id, seconds, rest @ ..] = args.as_slice() else {
         eprintln!(
-            "usage: drill_worker <backend url> <lock|leader|task|task-submit|task-check> <id> <seconds> [<start_us> <count>]"
+            "usage: drill_worker <backend url> <lock|leader|task|task-submit|task-check> <id> <seconds> [<start_us> <count> <from>]"
         );
         return ExitCode::FAILURE;
     };
@@ -74,12 +77,18 @@ async fn main() -> ExitCode {
         ("lock", []) => lock(url, id, run_for).await,
         ("leader", []) => lead(url, id, run_for).await,
         ("task", []) => work(url, id, run_for).await,
-        ("task-submit", [start_us, count]) => {
-            let (Ok(start_us), Ok(count)) = (start_us.parse::<u128>(), count.parse::<u64>()) else {
-                eprintln!("drill_worker: task-submit takes a start (us) and a job count");
+        ("task-submit", [start_us, count, from]) => {
+            let (Ok(start_us), Ok(count), Ok(from)) = (
+                start_us.parse::<u128>(),
+                count.parse::<u64>(),
+                from.parse::<u64>(),
+            ) else {
+                eprintln!(
+                    "drill_worker: task-submit takes a start (us), a job count and the first job"
+                );
                 return ExitCode::FAILURE;
             };
-            submit(url, id, run_for, start_us, count).await
+            submit(url, id, run_for, start_us, from..count).await
         }
         ("task-check", []) => check(url, run_for).await,
         (other, _) => {
@@ -143,11 +152,13 @@ async fn work(url: &str, name: &str, run_for: Duration) -> sync_core::Result<()>
         say(format!("START {job} {token} {}", now_us()));
         // Long enough that kills and stops often land in the middle of an attempt.
         tokio::time::sleep(Duration::from_millis(100 + (token % 11) * 50)).await;
+        // Read before the check: a DONE stamped after a pause past the TTL is a loss missed.
+        let at = now_us();
         if ctx.is_lost() {
-            say(format!("LOST {job} {token} {}", now_us()));
+            say(format!("LOST {job} {token} {at}"));
             return Err("the claim was lost before the attempt finished".into());
         }
-        say(format!("DONE {job} {token} {}", now_us()));
+        say(format!("DONE {job} {token} {at}"));
         Ok(token.to_string().into_bytes())
     });
     let worker = task
@@ -158,13 +169,14 @@ async fn work(url: &str, name: &str, run_for: Duration) -> sync_core::Result<()>
     backend.close().await
 }
 
-/// The submitter: `count` keyed jobs at a steady pace over `span`, from `start_us` on.
+/// The submitter: the jobs `jobs` of `jobs.end` keyed jobs due at a steady pace over `span`
+/// from `start_us` on.
 async fn submit(
     url: &str,
     name: &str,
     span: Duration,
     start_us: u128,
-    count: u64,
+    jobs: std::ops::Range<u64>,
 ) -> sync_core::Result<()> {
     let backend = sync_any::connect(url).await?;
     let task = backend.task()?;
@@ -190,7 +202,8 @@ async fn submit(
         Ok(())
     };
     let span_us = span.as_micros();
-    for n in 0..count {
+    let count = jobs.end;
+    for n in jobs {
         let due = start_us + span_us * u128::from(n) / u128::from(count.max(1));
         let now = now_us();
         if due > now {

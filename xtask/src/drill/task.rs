@@ -5,8 +5,9 @@
 //! idempotency keys at a steady pace over the first three quarters of the drill, and submits
 //! each one a second time a little later. Meanwhile the drill kills workers with SIGKILL (and
 //! starts new ones), stops busy ones with SIGSTOP for longer than the lease TTL, and now and
-//! then kills the submitter too: its replacement submits every job already due again, with the
-//! same keys. When the chaos ends, the workers left drain the queue while a fresh client
+//! then kills the submitter too: its replacement resumes from the first job whose submit was
+//! not confirmed, submitting every job from there that is already due again, with the same
+//! keys. When the chaos ends, the workers left drain the queue while a fresh client
 //! (`drill_worker … task-check`) waits for every submitted job, within a bounded time, and
 //! prints its status.
 //!
@@ -53,6 +54,9 @@ const WORKERS: usize = 4;
 const QUEUE: &str = "drill";
 /// One job submitted this often while the submitter runs.
 const PACE: Duration = Duration::from_millis(150);
+/// How far the drill's record of a stop may be off the process's actual stop, in µs: the
+/// stop's start is read before SIGSTOP is sent and its end after SIGCONT.
+const SLACK_US: u128 = 100_000;
 
 /// What the drill did to which process: worker id → when it was killed, and when it was
 /// stopped (from, to), in microseconds since the epoch.
@@ -96,10 +100,20 @@ pub(super) fn drill(worker: &Path, url: &str, length: Duration) -> Result<ExitCo
     };
     let start_us = (now_us() + 500_000).to_string();
     let (span_s, count_s) = (span.as_secs().to_string(), count.to_string());
-    let spawn_submitter = |n: usize| {
+    // A submitter resumes from the first job whose submit it has not confirmed (printed).
+    let spawn_submitter = |n: usize, from: u64| {
+        let from = from.to_string();
         spawn(
             worker,
-            &[&url, "task-submit", QUEUE, &span_s, &start_us, &count_s],
+            &[
+                &url,
+                "task-submit",
+                QUEUE,
+                &span_s,
+                &start_us,
+                &count_s,
+                &from,
+            ],
             None,
             n,
             lines.clone(),
@@ -107,7 +121,7 @@ pub(super) fn drill(worker: &Path, url: &str, length: Duration) -> Result<ExitCo
     };
     let mut workers: Vec<Child> = (0..WORKERS).map(spawn_worker).collect::<Result<_>>()?;
     let mut ids: Vec<usize> = (0..WORKERS).collect();
-    let mut submitter = Some(spawn_submitter(WORKERS)?);
+    let mut submitter = Some(spawn_submitter(WORKERS, 0)?);
     let mut next = WORKERS + 1;
     let mut chaos = Chaos::default();
     let mut seen: Vec<(usize, String)> = Vec::new();
@@ -121,7 +135,8 @@ pub(super) fn drill(worker: &Path, url: &str, length: Duration) -> Result<ExitCo
                 if s.try_wait()?.is_none() {
                     let _ = signal::kill(Pid::from_raw(s.id() as i32), signal::Signal::SIGKILL);
                     let _ = s.wait();
-                    submitter = Some(spawn_submitter(next)?);
+                    seen.extend(events.try_iter());
+                    submitter = Some(spawn_submitter(next, first_unconfirmed(&seen))?);
                     next += 1;
                     chaos.submitter_kills += 1;
                     continue;
@@ -174,8 +189,15 @@ pub(super) fn drill(worker: &Path, url: &str, length: Duration) -> Result<ExitCo
                 bail!("drill task: the submitter failed ({status})");
             }
         }
+        // It printed a SUBMIT line for every job: wait until they have all come through.
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while first_unconfirmed(&seen) < count && Instant::now() < deadline {
+            if let Ok(line) = events.recv_timeout(Duration::from_millis(100)) {
+                seen.push(line);
+            }
+            seen.extend(events.try_iter());
+        }
         // The drain: a fresh client waits for every job submitted.
-        seen.extend(events.try_iter());
         let submitted: BTreeSet<&str> = seen
             .iter()
             .filter_map(|(_, l)| l.strip_prefix("SUBMIT "))
@@ -224,7 +246,7 @@ pub(super) fn drill(worker: &Path, url: &str, length: Duration) -> Result<ExitCo
 }
 
 /// Starts `bin` with `args`, feeding it `stdin` (then closing it) and sending each line it
-/// prints, tagged `id`, to `lines`.
+/// prints, tagged `id`, to `lines`. A worker's stderr is dropped; the others' shows.
 fn spawn(
     bin: &Path,
     args: &[&str],
@@ -232,6 +254,9 @@ fn spawn(
     id: usize,
     lines: mpsc::Sender<(usize, String)>,
 ) -> Result<Child> {
+    // The workers' errors are the chaos's doing; the submitter's and the check's are worth
+    // seeing.
+    let quiet = args.get(1) == Some(&"task");
     let mut child = Command::new(bin)
         .args(args)
         .stdin(if stdin.is_some() {
@@ -240,7 +265,11 @@ fn spawn(
             Stdio::null()
         })
         .stdout(Stdio::piped())
-        .stderr(Stdio::null())
+        .stderr(if quiet {
+            Stdio::null()
+        } else {
+            Stdio::inherit()
+        })
         .spawn()?;
     if let (Some(text), Some(mut pipe)) = (stdin, child.stdin.take()) {
         thread::spawn(move || {
@@ -256,6 +285,23 @@ fn spawn(
         }
     });
     Ok(child)
+}
+
+/// The lowest job number whose submit no SUBMIT line confirmed yet: where a restarted
+/// submitter resumes (a line still in a pipe only makes it start earlier, never later).
+fn first_unconfirmed(lines: &[(usize, String)]) -> u64 {
+    let confirmed: BTreeSet<u64> = lines
+        .iter()
+        .filter_map(|(_, l)| l.strip_prefix("SUBMIT "))
+        .filter_map(|l| {
+            l.split_whitespace()
+                .next()?
+                .strip_prefix(QUEUE)?
+                .strip_prefix('-')
+        })
+        .filter_map(|n| n.parse().ok())
+        .collect();
+    (0..).find(|n| !confirmed.contains(n)).unwrap_or(0)
 }
 
 /// Whether `worker` has an attempt under way: more STARTs than DONEs and LOSTs.
@@ -464,12 +510,17 @@ fn judge(lines: Vec<(usize, String)>, chaos: &Chaos) -> Verdict {
                 continue;
             }
             // The claim with the higher token started first: only a stop of the lower one's
-            // worker, between its claim and its START line, explains that.
+            // worker, between its claim and its START line, explains that — a stop begun
+            // before the other START and ended just before its own (`to` is read after the
+            // SIGCONT, so it may come a little after).
+            let delayed_by_stop = |(from, to): &(u128, u128)| {
+                *from < b.start && *to <= a.start + SLACK_US && *to + 2_000_000 >= a.start
+            };
             if b.start < a.start
                 && !chaos
                     .stops
                     .get(&a.worker)
-                    .is_some_and(|s| s.iter().any(|(f, t)| *f < b.start && *t <= a.start))
+                    .is_some_and(|s| s.iter().any(delayed_by_stop))
             {
                 v.fencing += 1;
                 v.violations.push(format!(
@@ -494,9 +545,15 @@ fn judge(lines: Vec<(usize, String)>, chaos: &Chaos) -> Verdict {
                 ),
             });
         }
+        // DONE's time is read before the loss check: a stop that began (plus the slack for the
+        // signal to land) before it and ended after START lasted past the TTL before the check.
         for a in runs.iter().filter(|a| a.done()) {
             let done = a.end.map_or(a.start, |(_, at)| at);
-            if stopped_within(a.worker, a.start, done) {
+            let paused = chaos.stops.get(&a.worker).is_some_and(|s| {
+                s.iter()
+                    .any(|(from, to)| *to >= a.start && from + SLACK_US <= done)
+            });
+            if paused {
                 v.fencing += 1;
                 v.violations.push(format!(
                     "job {job}: worker {} was stopped past the TTL during its attempt (token {}) and finished it without seeing its loss",
@@ -597,16 +654,18 @@ mod tests {
 
     #[test]
     fn a_stopped_worker_must_see_its_loss() {
+        // Worker 0 is stopped for 3 s (times in µs) in the middle of its attempt; worker 1 runs
+        // the job again meanwhile; worker 0 then reports its loss, or misses it.
         let body = |end: &str| {
             vec![
-                line(0, "START j-0 10 100"),
-                line(1, "START j-0 20 2600"),
-                line(1, "DONE j-0 20 2700"),
-                line(0, &format!("{end} j-0 10 3200")),
+                line(0, "START j-0 10 1000000"),
+                line(1, "START j-0 20 3600000"),
+                line(1, "DONE j-0 20 3700000"),
+                line(0, &format!("{end} j-0 10 4200000")),
             ]
         };
         let chaos = Chaos {
-            stops: HashMap::from([(0, vec![(150, 3150)])]),
+            stops: HashMap::from([(0, vec![(1100000, 4100000)])]),
             ..Chaos::default()
         };
         let noticed = judge(one_job(body("LOST"), "Succeeded 2 20"), &chaos);
@@ -615,6 +674,22 @@ mod tests {
         let unnoticed = judge(one_job(body("DONE"), "Succeeded 2 20"), &chaos);
         assert_eq!(unnoticed.fencing, 1, "{:?}", unnoticed.violations);
         assert_eq!(unnoticed.violations.len(), 1, "{:?}", unnoticed.violations);
+        // A stop that landed only after the DONE's time was read is no pause of the attempt.
+        let late = Chaos {
+            stops: HashMap::from([(0, vec![(4199990, 7200000)])]),
+            ..Chaos::default()
+        };
+        let fine = judge(
+            one_job(
+                vec![
+                    line(0, "START j-0 10 1000000"),
+                    line(0, "DONE j-0 10 4200000"),
+                ],
+                "Succeeded 1 10",
+            ),
+            &late,
+        );
+        assert!(fine.violations.is_empty(), "{:?}", fine.violations);
     }
 
     #[test]
@@ -676,6 +751,18 @@ mod tests {
         // No status at all: the check never answered for it.
         let v = judge(vec![line(9, "SUBMIT j-0 j-0 50")], &Chaos::default());
         assert_eq!(v.lost, 1);
+    }
+
+    #[test]
+    fn a_restarted_submitter_resumes_at_the_first_unconfirmed_job() {
+        let lines = vec![
+            line(4, "SUBMIT drill-0 drill-0 1"),
+            line(4, "SUBMIT drill-1 drill-1 2"),
+            line(4, "SUBMIT drill-3 drill-3 3"),
+            line(0, "START drill-0 7 4"),
+        ];
+        assert_eq!(first_unconfirmed(&lines), 2);
+        assert_eq!(first_unconfirmed(&[]), 0);
     }
 
     #[test]
