@@ -44,11 +44,15 @@ usage:
       down: stop what `up` started; status: pid, port, health; env: SYNC_TEST_* lines to eval;
       smoke: one real write and read through each service.
   cargo xtask drill [etcd] [cluster] [--seconds N | --minutes N]
-      multi-process lock and leader drills on etcd (SYNC_TEST_ETCD's, or one started and
-      stopped here): workers under kill -9 and SIGSTOP chaos writing fencing tokens. Then, on
-      a three-node cluster of its own: the lock drill while the leader is killed, while the
-      whole cluster restarts, and a caller timing every call while one member at a time is
-      frozen. `cluster` runs only those. A summary per drill; fails on any violation.";
+      multi-process lock, leader and task drills on etcd (SYNC_TEST_ETCD's, or one started
+      and stopped here), N seconds each (default 60): workers under kill -9 and SIGSTOP chaos
+      writing fencing tokens; in the task drill they run keyed jobs submitted at a steady pace
+      (the submitter is killed too), then drain the queue (at most 20-60 s more) and every
+      job's status is checked: none lost, duplicated or stuck, re-runs only after a lost claim
+      and with a higher token. Then, on a three-node cluster of its own: the lock drill while
+      the leader is killed, while the whole cluster restarts, and a caller timing every call
+      while one member at a time is frozen. `cluster` runs only those. A summary per drill;
+      fails on any violation.";
 
 /// Ctrl-C, SIGTERM and SIGHUP only count here; whatever is running notices, stops its child
 /// and tears down what it started. A second Ctrl-C gives up on the teardown.

@@ -123,7 +123,7 @@ pub(crate) fn run(args: &[String]) -> Result<ExitCode> {
     Ok(code)
 }
 
-/// How long each drill (lock, leader) inside `cargo xtask test` runs (`cargo xtask drill` runs
+/// How long each drill (lock, leader, task and the cluster drills) inside `cargo xtask test` runs (`cargo xtask drill` runs
 /// longer).
 const DRILL_LENGTH: Duration = Duration::from_secs(12);
 

@@ -1,4 +1,5 @@
-//! `cargo xtask drill [etcd] [--seconds N]`: a multi-process lock drill on a live backend.
+//! `cargo xtask drill [etcd] [cluster] [--seconds N]`: multi-process lock, leader and task
+//! drills on a live etcd, then the drills on a three-node cluster of their own ([`cluster`]).
 //!
 //! Several worker processes (sync-any's `drill_worker` example) take one lock over and over
 //! and, holding it, write their fencing token to a shared resource; meanwhile the drill kills
@@ -11,7 +12,11 @@
 //! - a stale write by a worker stopped during its hold is what fencing is for: counted;
 //! - a worker's own tokens must strictly increase, and no two grants may share a token.
 //!
-//! It prints a summary table and fails on any violation.
+//! It prints a summary table and fails on any violation. The leader drill does the same with
+//! an election, the term as the token. Then the task drill ([`task`]) runs a shared job queue
+//! under the same chaos, submitting keyed jobs at a steady pace, and judges what became of
+//! every job: none lost, duplicated or stuck, every re-run after a lost claim with a higher
+//! token.
 
 use std::{
     collections::{BTreeMap, HashMap, HashSet},
@@ -27,6 +32,8 @@ use nix::{sys::signal, unistd::Pid};
 mod cluster;
 
 use crate::{Result, fmt_duration, project_root, services::Service};
+
+mod task;
 
 /// Worker processes running at once.
 const WORKERS: usize = 4;
@@ -93,7 +100,8 @@ fn drill_single(length: Duration) -> Result<ExitCode> {
     outcome
 }
 
-/// Runs the lock drill and then the leader drill against `url`, `length` each.
+/// Runs the lock drill, the leader drill and the task drill against `url`, `length` each (the
+/// task drill then drains its queue for up to 20–60 s more).
 pub(crate) fn drill(url: &str, length: Duration) -> Result<ExitCode> {
     let worker = build_worker()?;
     let mut code = ExitCode::SUCCESS;
@@ -101,6 +109,9 @@ pub(crate) fn drill(url: &str, length: Duration) -> Result<ExitCode> {
         if drill_one(&worker, what, url, length)? != ExitCode::SUCCESS {
             code = ExitCode::FAILURE;
         }
+    }
+    if task::drill(&worker, url, length)? != ExitCode::SUCCESS {
+        code = ExitCode::FAILURE;
     }
     Ok(code)
 }
