@@ -1,7 +1,8 @@
-//! The client: queries every server, combines the good replies, caches the result on the
-//! monotonic clock and refreshes it in the background.
+//! The client: resolves every server name to its addresses and queries each address, combines
+//! the good replies, caches the result on the carry clock and refreshes it in the background.
 
 use std::{
+    collections::HashMap,
     fmt,
     net::SocketAddr,
     sync::{
@@ -12,6 +13,7 @@ use std::{
 };
 
 use async_trait::async_trait;
+use futures::future::BoxFuture;
 use sync_core::{Backend, Capabilities, Capability, Error, ErrorKind, Result, Time, TimeInterval};
 use sync_kit::locked;
 use tokio::task::JoinHandle;
@@ -19,8 +21,10 @@ use tracing::Instrument;
 
 use crate::{
     BACKEND, PRIMITIVE,
+    clock::{self, Tick},
     combine::{Span, select},
-    config::{Config, normalize_server},
+    config::{Config, MAX_ADDRESSES_PER_SERVER, normalize_server},
+    leap::{self, Leap, PendingLeap},
     query::{ReplyError, Sample, query},
     time::NtpTime,
 };
@@ -28,6 +32,10 @@ use crate::{
 /// After a sync in which every server failed, further on-demand syncs wait this long, so that
 /// callers of an unreachable pool get their error at once instead of each querying again.
 const RETRY_HOLDOFF: Duration = Duration::from_secs(1);
+
+/// The most addresses whose kiss-of-death is remembered (a pool's names rotate through many);
+/// beyond it the longest-remembered are forgotten first.
+const MAX_KISSED: usize = 256;
 
 /// How a server that sent a kiss-of-death is treated (RFC 4330 §8, RFC 5905 §7.4): after DENY
 /// or RSTR it is never queried again; after RATE it is left alone for a back-off that doubles
@@ -38,15 +46,17 @@ struct Kissed {
     /// Not queried before this instant; `None`: never again.
     until: Option<Instant>,
     backoff: Duration,
+    /// When this kiss was received.
+    since: Instant,
 }
 
-/// One server's good reply in a [`SyncReport`].
+/// One good reply in a [`SyncReport`]: one address of a configured server.
 #[derive(Debug, Clone, PartialEq)]
 #[non_exhaustive]
 pub struct ServerSample {
     /// The server as configured (`host:port`).
     pub server: String,
-    /// The address queried.
+    /// The address queried (one of those the server's name resolved to).
     pub address: SocketAddr,
     /// Server clock minus local clock, in seconds: ((T2−T1)+(T3−T4))/2.
     pub offset_secs: f64,
@@ -62,21 +72,32 @@ pub struct ServerSample {
     pub stratum: u8,
     /// The server's reference id (a 4-letter code for stratum 1, else its source's address).
     pub reference_id: String,
+    /// The reply's leap indicator: 0, or 1 / 2 for a second inserted / deleted at the end of
+    /// the UTC day (3, unsynchronized, is rejected).
+    pub leap_indicator: u8,
 }
 
-/// One server's failure in a [`SyncReport`] or [`SyncError`].
+/// One failure in a [`SyncReport`] or [`SyncError`]: a server whose name did not resolve, or
+/// one of its addresses whose reply was not used.
 #[derive(Debug, Clone, PartialEq, Eq)]
 #[non_exhaustive]
 pub struct ServerFailure {
     /// The server as configured (`host:port`).
     pub server: String,
+    /// The address queried; `None` when the name did not resolve.
+    pub address: Option<SocketAddr>,
     /// Why its reply was not used.
     pub error: ReplyError,
 }
 
 impl fmt::Display for ServerFailure {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{}: {}", self.server, self.error)
+        match self.address {
+            Some(address) if address.to_string() != self.server => {
+                write!(f, "{} ({address}): {}", self.server, self.error)
+            }
+            _ => write!(f, "{}: {}", self.server, self.error),
+        }
     }
 }
 
@@ -92,6 +113,9 @@ pub struct SyncReport {
     pub interval: TimeInterval,
     /// Half the combined interval's width as of the sync.
     pub error: Duration,
+    /// The leap second the agreeing replies announced, if any: across it the interval is
+    /// widened by the second (see the crate docs).
+    pub leap: Option<PendingLeap>,
 }
 
 /// Every server failed (or they disagreed); the source of the Unavailable error calls return.
@@ -128,20 +152,29 @@ enum Failure {
 struct State {
     /// The combined span of the last good sync.
     span: Option<Span>,
-    /// The local monotonic and wall clocks read together as the sync that gave `span` began
-    /// (wall first): time the monotonic clock missed since (a suspend) shows as the wall clock
+    /// The leap second its replies announced.
+    leap: Option<Leap>,
+    /// The carry clock and the wall clock read together as the sync that gave `span` began
+    /// (wall first): time the carry clock missed since (a suspend) shows as the wall clock
     /// running ahead of it.
-    clocks: Option<(Instant, SystemTime)>,
+    clocks: Option<(Tick, SystemTime)>,
     report: Option<SyncReport>,
     /// The last sync's failure and when it happened, while no later sync succeeded.
     failure: Option<(Instant, Failure)>,
-    /// Per server (by index, one slot each from the start), the kiss-of-death it last sent,
-    /// while it applies.
-    kissed: Vec<Option<Kissed>>,
+    /// Per address, the kiss-of-death it last sent, while it applies (and, for RATE, the
+    /// back-off to double at the next).
+    kissed: HashMap<SocketAddr, Kissed>,
 }
 
 pub(crate) struct Inner {
     config: Config,
+    /// The drift allowance in force: the configured oscillator tolerance plus what the host may
+    /// slew the carry clock ([`clock::SLEW_PPM`], zero where it is not slewed).
+    ppm: f64,
+    /// The carry clock ([`Tick::now`]; a test may shift it).
+    clock: fn() -> Tick,
+    /// The resolver ([`lookup`]; a test may give a name several addresses).
+    resolver: Resolver,
     servers: Vec<String>,
     /// The servers joined with commas: the id in errors and spans.
     pub(crate) id: String,
@@ -192,8 +225,18 @@ impl fmt::Debug for Client {
 
 impl Client {
     /// Validates `config` and starts the background refresh (every `config.interval`). Does not
-    /// query yet: the first call that needs time syncs on demand. Needs a tokio runtime.
+    /// query yet: the first call that needs time syncs on demand. Needs a tokio runtime, and
+    /// the carry clock (Unsupported if the kernel will not give `CLOCK_MONOTONIC_RAW`).
     pub async fn connect(config: Config) -> Result<Client> {
+        Client::connect_with(config, Tick::now, lookup).await
+    }
+
+    /// [`Client::connect`] carrying time on `clock` and resolving names with `resolver`.
+    async fn connect_with(
+        config: Config,
+        clock: fn() -> Tick,
+        resolver: Resolver,
+    ) -> Result<Client> {
         let span = tracing::info_span!(
             "ntp.connect",
             backend = BACKEND,
@@ -210,6 +253,17 @@ impl Client {
                 .with_backend(BACKEND)
                 .with_source(e)
             })?;
+            clock::probe().map_err(|e| {
+                Error::new(
+                    ErrorKind::Unsupported,
+                    format!(
+                        "sync-ntp carries time on {}, which cannot be read here",
+                        clock::NAME
+                    ),
+                )
+                .with_backend(BACKEND)
+                .with_source(e)
+            })?;
             let servers = config
                 .servers
                 .iter()
@@ -217,12 +271,16 @@ impl Client {
                 .collect::<Result<Vec<_>>>()?;
             let state = State {
                 span: None,
+                leap: None,
                 clocks: None,
                 report: None,
                 failure: None,
-                kissed: vec![None; servers.len()],
+                kissed: HashMap::new(),
             };
             let inner = Arc::new(Inner {
+                ppm: config.drift_ppm + clock::SLEW_PPM,
+                clock,
+                resolver,
                 config,
                 id: servers.join(","),
                 servers,
@@ -250,7 +308,8 @@ impl Client {
         &self.inner.config
     }
 
-    /// Syncs now with every server (regardless of the cache) and reports what was found.
+    /// Syncs now with every server's addresses (regardless of the cache) and reports what was
+    /// found.
     /// Unavailable, with a [`SyncError`] as source, if no usable majority answered.
     pub async fn sync(&self) -> Result<SyncReport> {
         let span = tracing::info_span!(
@@ -319,7 +378,7 @@ fn to_system_time(ns: i128) -> Result<SystemTime> {
     .ok_or_else(out)
 }
 
-fn interval_of(span: &Span) -> Result<TimeInterval> {
+pub(crate) fn interval_of(span: &Span) -> Result<TimeInterval> {
     TimeInterval::new(to_system_time(span.lo)?, to_system_time(span.hi)?)
 }
 
@@ -335,18 +394,18 @@ impl Inner {
     }
 
     /// The cached span carried to `now`, whatever its error.
-    fn carried(&self, now: Instant) -> Option<Span> {
-        let (span, clocks) = {
+    fn carried(&self, now: Tick) -> Option<Span> {
+        let (span, leap, clocks) = {
             let state = locked(&self.state);
-            (state.span?, state.clocks)
+            (state.span?, state.leap, state.clocks)
         };
         // The wall clock is read after `now` (so that the gap below is never understated).
         let wall = SystemTime::now();
-        Some(carry(&span, self.config.drift_ppm, clocks, now, wall))
+        Some(carry(&span, leap.as_ref(), self.ppm, clocks, now, wall))
     }
 
     /// The cached span carried to `now`, if its error is still acceptable.
-    fn current(&self, now: Instant) -> Option<Span> {
+    fn current(&self, now: Tick) -> Option<Span> {
         self.carried(now)
             .filter(|span| span.half_width() <= self.config.max_error)
     }
@@ -358,12 +417,12 @@ impl Inner {
                 .with_backend(BACKEND)
                 .with_id(self.id.clone()));
         }
-        if let Some(span) = self.current(Instant::now()) {
+        if let Some(span) = self.current((self.clock)()) {
             return interval_of(&span);
         }
         let _one = self.syncing.lock().await;
         // Another caller may have synced while this one waited.
-        if let Some(span) = self.current(Instant::now()) {
+        if let Some(span) = self.current((self.clock)()) {
             return interval_of(&span);
         }
         let recent_failure = locked(&self.state)
@@ -377,14 +436,13 @@ impl Inner {
             None => {}
         }
         self.sync_now().await?;
-        let now = Instant::now();
-        let error = match self.carried(now) {
+        let error = match self.carried((self.clock)()) {
             Some(span) if span.half_width() <= self.config.max_error => return interval_of(&span),
             span => span.map_or(Duration::MAX, |s| s.half_width()),
         };
         // Hold further on-demand syncs off, as after a failed one: otherwise every call would
         // query the servers again.
-        locked(&self.state).failure = Some((now, Failure::TooWide(error)));
+        locked(&self.state).failure = Some((Instant::now(), Failure::TooWide(error)));
         Err(self.too_wide(error))
     }
 
@@ -412,63 +470,58 @@ impl Inner {
         self.unavailable(why, Some(e))
     }
 
-    /// Queries every server and installs the combined result. The caller holds `syncing`.
+    /// Resolves every server, queries each of their addresses and installs the combined
+    /// result. The caller holds `syncing`.
     async fn sync_now(&self) -> Result<SyncReport> {
         let max_error = self.config.max_error;
         // The local clocks as the sync begins (wall first): a suspend from here on, even one
         // during the exchange, shows in `carry` as the wall clock running ahead.
         let clocks_wall = SystemTime::now();
+        let clocks_tick = (self.clock)();
         let start = Instant::now();
+        let resolved =
+            futures::future::join_all(self.servers.iter().map(|s| self.resolve(s))).await;
+        let (sources, mut failures) = expand(&self.servers, resolved);
         let kissed = locked(&self.state).kissed.clone();
         let outcomes = futures::future::join_all(
-            self.servers
+            sources
                 .iter()
-                .zip(kissed)
-                .map(|(server, kissed)| self.query_server(server, kissed, start)),
+                .map(|source| self.query_source(source, kissed.get(&source.address), start)),
         )
         .await;
-        self.note_kisses(&outcomes);
+        self.note_kisses(&sources, &outcomes);
 
-        let mut good: Vec<(&String, SocketAddr, Sample)> = Vec::new();
-        let mut failures = Vec::new();
-        for (server, outcome) in outcomes {
+        let mut good: Vec<(&Source, Sample)> = Vec::new();
+        for (source, outcome) in sources.iter().zip(outcomes) {
             match outcome {
-                Ok((addr, sample)) => good.push((server, addr, sample)),
+                Ok(sample) => good.push((source, sample)),
                 Err(error) => {
-                    tracing::warn!(server = %server, %error, "NTP reply rejected");
-                    failures.push(ServerFailure {
-                        server: server.clone(),
-                        error,
-                    });
+                    let (server, address) = (source.server, source.address);
+                    tracing::warn!(%server, %address, %error, "NTP reply rejected");
+                    failures.push(source.failure(error));
                 }
             }
         }
-        let spans: Vec<Span> = good.iter().map(|(_, _, s)| s.span).collect();
-        let combined = select(&spans, self.config.drift_ppm);
-        let Some(combined) = combined else {
-            for (server, _, _) in &good {
-                failures.push(ServerFailure {
-                    server: (*server).clone(),
-                    error: ReplyError::Falseticker,
-                });
+        let spans: Vec<Span> = good.iter().map(|(_, s)| s.span).collect();
+        let Some(combined) = select(&spans, self.ppm) else {
+            for (source, _) in &good {
+                failures.push(source.failure(ReplyError::Falseticker));
             }
             let e = SyncError { failures };
             locked(&self.state).failure = Some((Instant::now(), Failure::Servers(e.clone())));
             return Err(self.unavailable(e.to_string(), Some(e)));
         };
         let mut samples = Vec::new();
-        for ((server, addr, s), agrees) in good.into_iter().zip(&combined.agree) {
+        for ((source, s), agrees) in good.into_iter().zip(&combined.agree) {
             if !agrees {
-                tracing::warn!(server = %server, "NTP server is a falseticker; ignored");
-                failures.push(ServerFailure {
-                    server: server.clone(),
-                    error: ReplyError::Falseticker,
-                });
+                let (server, address) = (source.server, source.address);
+                tracing::warn!(%server, %address, "NTP server is a falseticker; ignored");
+                failures.push(source.failure(ReplyError::Falseticker));
                 continue;
             }
             samples.push(ServerSample {
-                server: server.clone(),
-                address: addr,
+                server: source.server.to_string(),
+                address: source.address,
                 offset_secs: s.offset,
                 round_trip: s.round_trip,
                 root_delay: s.root_delay,
@@ -476,100 +529,207 @@ impl Inner {
                 error: s.span.half_width(),
                 stratum: s.stratum,
                 reference_id: s.reference_id,
+                leap_indicator: s.leap,
             });
         }
+        let leap = leap::pending(&combined.span, samples.iter().map(|s| s.leap_indicator));
+        let as_of_sync = leap.map_or(combined.span, |l| l.apply(combined.span));
         let report = SyncReport {
             samples,
             failures,
-            interval: interval_of(&combined.span)?,
-            error: combined.span.half_width(),
+            interval: interval_of(&as_of_sync)?,
+            error: as_of_sync.half_width(),
+            leap: leap.and_then(|l| l.public()),
         };
+        if let Some(leap) = &report.leap {
+            tracing::info!(?leap, "NTP servers announce a leap second");
+        }
         tracing::debug!(
             error = ?report.error,
             servers = report.samples.len(),
             rejected = report.failures.len(),
             "NTP sync"
         );
-        let now = Instant::now();
+        let clocks = Some((clocks_tick, clocks_wall));
+        let now = (self.clock)();
+        let error = carry(
+            &combined.span,
+            leap.as_ref(),
+            self.ppm,
+            clocks,
+            now,
+            SystemTime::now(),
+        )
+        .half_width();
         let mut state = locked(&self.state);
         state.span = Some(combined.span);
-        state.clocks = Some((start, clocks_wall));
+        state.leap = leap;
+        state.clocks = clocks;
         state.report = Some(report.clone());
-        let error = combined.span.at(now, self.config.drift_ppm).half_width();
-        state.failure = (error > max_error).then_some((now, Failure::TooWide(error)));
+        state.failure = (error > max_error).then_some((Instant::now(), Failure::TooWide(error)));
         Ok(report)
     }
 
-    /// One server's part of a sync: skipped while a kiss-of-death applies, else resolved and
-    /// queried, each within the timeout.
-    async fn query_server<'a>(
-        &self,
-        server: &'a String,
-        kissed: Option<Kissed>,
-        start: Instant,
-    ) -> (
-        &'a String,
-        std::result::Result<(SocketAddr, Sample), ReplyError>,
-    ) {
+    /// The addresses `server` resolves to, within the timeout: the resolver (a blocking
+    /// getaddrinfo) must not hold the sync, and every caller waiting on it, any longer.
+    async fn resolve(&self, server: &str) -> std::result::Result<Vec<SocketAddr>, ReplyError> {
         let timeout = self.config.timeout;
-        if let Some(k) = kissed.filter(|k| k.until.is_none_or(|until| start < until)) {
-            tracing::debug!(server = %server, code = %k.code, "not queried: it sent a kiss-of-death");
-            return (server, Err(ReplyError::KissOfDeath { code: k.code }));
+        let unreachable = |reason: String| Err(ReplyError::Unreachable { reason });
+        match tokio::time::timeout(timeout, (self.resolver)(server.to_string())).await {
+            Ok(Ok(addrs)) => Ok(addrs),
+            Ok(Err(e)) => unreachable(format!("could not resolve: {e}")),
+            Err(_) => unreachable(format!("could not resolve within {timeout:?}")),
         }
-        // The resolver (a blocking getaddrinfo) is bounded by the timeout too: a slow DNS server
-        // must not hold the sync, and every caller waiting on it, any longer.
-        let lookup = tokio::time::timeout(timeout, tokio::net::lookup_host(server.as_str()));
-        let unreachable = |reason: String| (server, Err(ReplyError::Unreachable { reason }));
-        let addr = match lookup.await {
-            Ok(Ok(mut addrs)) => addrs.next(),
-            Ok(Err(e)) => return unreachable(format!("could not resolve: {e}")),
-            Err(_) => return unreachable(format!("could not resolve within {timeout:?}")),
-        };
-        let Some(addr) = addr else {
-            return unreachable("the name resolved to no address".into());
-        };
-        let result = query(
-            addr,
-            timeout,
+    }
+
+    /// One address's part of a sync: skipped while a kiss-of-death applies, else queried.
+    async fn query_source(
+        &self,
+        source: &Source<'_>,
+        kissed: Option<&Kissed>,
+        start: Instant,
+    ) -> std::result::Result<Sample, ReplyError> {
+        if let Some(k) = kissed.filter(|k| k.until.is_none_or(|until| start < until)) {
+            let (server, address, code) = (source.server, source.address, &k.code);
+            tracing::debug!(%server, %address, %code, "not queried: it sent a kiss-of-death");
+            return Err(ReplyError::KissOfDeath {
+                code: k.code.clone(),
+            });
+        }
+        query(
+            source.address,
+            self.config.timeout,
             self.config.max_error,
-            self.config.drift_ppm,
+            self.ppm,
+            self.clock,
             &self.queries,
         )
         .await
-        .map(|s| (addr, s));
-        (server, result)
     }
 
-    /// Remembers the kisses-of-death of this sync, and forgets those of servers that answered.
-    fn note_kisses<T>(&self, outcomes: &[(&String, std::result::Result<T, ReplyError>)]) {
+    /// Remembers the kisses-of-death of this sync, and forgets those of addresses that
+    /// answered.
+    fn note_kisses<T>(
+        &self,
+        sources: &[Source<'_>],
+        outcomes: &[std::result::Result<T, ReplyError>],
+    ) {
         let now = Instant::now();
         let mut state = locked(&self.state);
-        for (i, (_, outcome)) in outcomes.iter().enumerate() {
-            let slot = &mut state.kissed[i];
+        for (source, outcome) in sources.iter().zip(outcomes) {
+            let address = source.address;
             match outcome {
                 Err(ReplyError::KissOfDeath { code }) => {
-                    let until_set = slot
-                        .as_ref()
+                    let until_set = state
+                        .kissed
+                        .get(&address)
                         .is_some_and(|k| k.until.is_none_or(|u| now < u));
                     if until_set {
                         // Skipped this time: the remembered kiss still applies.
                         continue;
                     }
-                    *slot = kiss(slot.take(), code, now, self.config.interval);
-                    if let Some(k) = slot {
+                    let previous = state.kissed.remove(&address);
+                    if let Some(k) = kiss(previous, code, now, self.config.interval) {
                         tracing::warn!(
-                            server = %self.servers[i],
+                            server = %source.server,
+                            %address,
                             code = %k.code,
                             until = ?k.until.map(|u| u - now),
                             "NTP server sent a kiss-of-death; not querying it for now"
                         );
+                        state.kissed.insert(address, k);
                     }
                 }
-                Ok(_) => *slot = None,
+                Ok(_) => {
+                    state.kissed.remove(&address);
+                }
                 Err(_) => {}
             }
         }
+        while state.kissed.len() > MAX_KISSED {
+            let oldest = state.kissed.iter().min_by_key(|(_, k)| k.since);
+            let Some(oldest) = oldest.map(|(a, _)| *a) else {
+                break;
+            };
+            state.kissed.remove(&oldest);
+        }
     }
+}
+
+/// How many of a name's resolved addresses are looked at: more than enough to find
+/// [`MAX_ADDRESSES_PER_SERVER`] not already given by another name.
+const MAX_RESOLVED: usize = 64;
+
+/// Resolves `host:port` to its addresses.
+type Resolver = fn(String) -> BoxFuture<'static, std::io::Result<Vec<SocketAddr>>>;
+
+/// The system resolver (getaddrinfo, on tokio's blocking pool).
+fn lookup(server: String) -> BoxFuture<'static, std::io::Result<Vec<SocketAddr>>> {
+    Box::pin(async move {
+        let addrs = tokio::net::lookup_host(server).await?;
+        Ok(addrs.take(MAX_RESOLVED).collect())
+    })
+}
+
+/// One address to query: a source, with one vote in the combination.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct Source<'a> {
+    /// The server as configured, whose name gave the address.
+    server: &'a str,
+    address: SocketAddr,
+}
+
+impl Source<'_> {
+    fn failure(&self, error: ReplyError) -> ServerFailure {
+        ServerFailure {
+            server: self.server.to_string(),
+            address: Some(self.address),
+            error,
+        }
+    }
+}
+
+/// The sources of a sync, from each server's resolution (`resolved`, in the order of
+/// `servers`): up to [`MAX_ADDRESSES_PER_SERVER`] addresses per name, so that one name (a pool)
+/// can give a majority, each address once however many names give it (the first name owns it:
+/// an address votes once). A name that did not resolve, or resolved to no address, is a
+/// failure; one whose addresses all belong to earlier names gives no source.
+fn expand(
+    servers: &[String],
+    resolved: Vec<std::result::Result<Vec<SocketAddr>, ReplyError>>,
+) -> (Vec<Source<'_>>, Vec<ServerFailure>) {
+    let mut sources: Vec<Source<'_>> = Vec::new();
+    let mut failures = Vec::new();
+    for (server, addresses) in servers.iter().zip(resolved) {
+        let addresses = match addresses {
+            Ok(a) if a.is_empty() => Err(ReplyError::Unreachable {
+                reason: "the name resolved to no address".into(),
+            }),
+            other => other,
+        };
+        match addresses {
+            Ok(addresses) => {
+                let mut taken = 0;
+                for address in addresses {
+                    if taken == MAX_ADDRESSES_PER_SERVER {
+                        break;
+                    }
+                    if sources.iter().any(|s| s.address == address) {
+                        tracing::debug!(%server, %address, "already queried for another name");
+                        continue;
+                    }
+                    sources.push(Source { server, address });
+                    taken += 1;
+                }
+            }
+            Err(error) => failures.push(ServerFailure {
+                server: server.clone(),
+                address: None,
+                error,
+            }),
+        }
+    }
+    (sources, failures)
 }
 
 /// The state after a kiss-of-death `code` at `now`: DENY and RSTR forever, RATE for a doubling
@@ -580,6 +740,7 @@ fn kiss(previous: Option<Kissed>, code: &str, now: Instant, interval: Duration) 
             code: code.to_string(),
             until: None,
             backoff: Duration::ZERO,
+            since: now,
         }),
         "RATE" => {
             let backoff = previous
@@ -589,42 +750,49 @@ fn kiss(previous: Option<Kissed>, code: &str, now: Instant, interval: Duration) 
                 code: code.to_string(),
                 until: Some(now + backoff),
                 backoff,
+                since: now,
             })
         }
         _ => None,
     }
 }
 
-/// Below this, the wall clock running ahead of the monotonic clock is the time between reading
-/// the two (they advance alike on Linux, slewed together), not a suspend.
+/// Up to this much more than the drift allowance, the wall clock running ahead of the carry
+/// clock is the time between reading the two, not a suspend.
 const MISSED_TIME_FLOOR: Duration = Duration::from_millis(1);
 
-/// `span` carried to the monotonic instant `now` with the drift allowance, and its upper end
-/// moved by however much more the wall clock advanced than the monotonic clock since `clocks`
-/// (monotonic, wall) were read, when that is over [`MISSED_TIME_FLOOR`]: the monotonic clock
-/// stops while the machine is suspended, true time does not. (A wall clock stepped forward only
-/// widens the interval, to be safe; once that exceeds the maximum error the next call syncs
+/// `span` carried to the carry-clock tick `now` with the drift allowance, its upper end moved by
+/// however much more the wall clock advanced than the carry clock since `clocks` (carry, wall)
+/// were read when that exceeds the allowance (which covers the carry clock's own rate error) by
+/// [`MISSED_TIME_FLOOR`] — the carry clock stops while the machine is suspended, true time does
+/// not — and widened across a pending `leap` second. (A wall clock stepped or slewed forward
+/// only widens the interval, to be safe; once that exceeds the maximum error the next call syncs
 /// again.)
 fn carry(
     span: &Span,
+    leap: Option<&Leap>,
     ppm: f64,
-    clocks: Option<(Instant, SystemTime)>,
-    now: Instant,
+    clocks: Option<(Tick, SystemTime)>,
+    now: Tick,
     wall: SystemTime,
 ) -> Span {
     let mut carried = span.at(now, ppm);
-    if let Some((mono_at, wall_at)) = clocks {
-        let mono = now.saturating_duration_since(mono_at).as_nanos() as i128;
+    if let Some((tick_at, wall_at)) = clocks {
+        let elapsed = now.saturating_duration_since(tick_at);
         let walled = match wall.duration_since(wall_at) {
             Ok(d) => d.as_nanos() as i128,
             Err(_) => 0,
         };
-        let missed = walled - mono;
-        if missed > MISSED_TIME_FLOOR.as_nanos() as i128 {
+        let missed = walled - elapsed.as_nanos() as i128;
+        let allowed = crate::combine::drift_ns(elapsed, ppm) + MISSED_TIME_FLOOR.as_nanos() as i128;
+        if missed > allowed {
             carried.hi += missed;
         }
     }
-    carried
+    match leap {
+        Some(leap) => leap.apply(carried),
+        None => carried,
+    }
 }
 
 #[async_trait]
@@ -660,39 +828,255 @@ impl Backend for Client {
 
 #[cfg(test)]
 mod tests {
+    use std::sync::atomic::AtomicU64;
+
+    use tokio::net::UdpSocket;
+
     use super::*;
+    use crate::query::tests::to_ntp;
+
+    /// A server on loopback answering every request as a stratum-2 server `ahead` of our wall
+    /// clock, with a 10 ms root dispersion; it counts the requests.
+    async fn responder(ahead: Duration) -> (SocketAddr, Arc<AtomicU64>) {
+        let socket = UdpSocket::bind("127.0.0.1:0").await.unwrap();
+        let addr = socket.local_addr().unwrap();
+        let queries = Arc::new(AtomicU64::new(0));
+        let counted = queries.clone();
+        tokio::spawn(async move {
+            let mut buf = [0u8; 512];
+            while let Ok((n, from)) = socket.recv_from(&mut buf).await {
+                counted.fetch_add(1, Ordering::SeqCst);
+                let mut p = [0u8; 48];
+                p[0] = 4 << 3 | 4;
+                p[1] = 2;
+                p[8..12].copy_from_slice(&655u32.to_be_bytes());
+                if n >= 48 {
+                    p[24..32].copy_from_slice(&buf[40..48]);
+                }
+                let now = to_ntp(SystemTime::now() + ahead);
+                p[32..40].copy_from_slice(&now.to_be_bytes());
+                p[40..48].copy_from_slice(&now.to_be_bytes());
+                let _ = socket.send_to(&p, from).await;
+            }
+        });
+        (addr, queries)
+    }
+
+    fn ns(t: SystemTime) -> i128 {
+        t.duration_since(UNIX_EPOCH).unwrap().as_nanos() as i128
+    }
+
+    /// How far the shifted carry clock is ahead of the real one, in ns.
+    static SHIFT: AtomicU64 = AtomicU64::new(0);
+
+    fn shifted() -> Tick {
+        Tick::now().plus(Duration::from_nanos(SHIFT.load(Ordering::SeqCst)))
+    }
+
+    /// The interval is carried on the carry clock, with the oscillator tolerance as the
+    /// allowance: carry-clock time (here shifted by 100 s, which neither `Instant` nor the wall
+    /// clock sees) moves it by exactly that, less or more the default 200 ppm (plus, where the
+    /// carry clock may be slewed, the slew) on each side. Past the maximum error, the next call
+    /// syncs again.
+    #[tokio::test]
+    async fn the_interval_is_carried_on_the_carry_clock_with_the_oscillator_tolerance() {
+        let (addr, queries) = responder(Duration::ZERO).await;
+        let config = Config::new([addr.to_string()])
+            .with_timeout(Duration::from_millis(300))
+            .with_max_error(crate::config::MAX_MAX_ERROR);
+        assert_eq!(config.drift_ppm, crate::config::DEFAULT_DRIFT_PPM);
+        let client = Client::connect_with(config, shifted, lookup).await.unwrap();
+        let ppm = client.inner.ppm;
+        assert_eq!(ppm, 200.0 + clock::SLEW_PPM);
+        let time = client.time().unwrap();
+        let started = Instant::now();
+        let first = time.now_interval().await.unwrap();
+        let shift = Duration::from_secs(100);
+        SHIFT.store(shift.as_nanos() as u64, Ordering::SeqCst);
+        let carried = time.now_interval().await.unwrap();
+        // Real time between the two readings of the carry clock: at most this.
+        let real = started.elapsed().as_nanos() as i128;
+        assert_eq!(queries.load(Ordering::SeqCst), 1);
+
+        // 20 ms on Linux: 200 ppm of 100 s.
+        let drift = (shift.as_nanos() as f64 * ppm / 1e6) as i128;
+        let moved = ns(carried.earliest()) - ns(first.earliest());
+        let expected = shift.as_nanos() as i128 - drift;
+        assert!(
+            (expected - 2..=expected + real).contains(&moved),
+            "moved {moved} ns, expected {expected} (+ up to {real} of real time)"
+        );
+        let grown = ns(carried.latest())
+            - ns(carried.earliest())
+            - (ns(first.latest()) - ns(first.earliest()));
+        let real_drift = (real as f64 * 2.0 * ppm / 1e6) as i128;
+        assert!(
+            (2 * drift - 2..=2 * drift + real_drift + 2).contains(&grown),
+            "grew {grown} ns, expected {} (+ up to {real_drift} over the real time)",
+            2 * drift
+        );
+
+        // 200 ppm of 1 000 000 s is 200 s, over the 60 s maximum error: the next call syncs
+        // again and the interval is narrow once more.
+        SHIFT.store(1_000_000_000_000_000, Ordering::SeqCst);
+        let resynced = time.now_interval().await.unwrap();
+        assert_eq!(queries.load(Ordering::SeqCst), 2);
+        assert!(
+            resynced.width() < Duration::from_millis(100),
+            "{resynced:?}"
+        );
+    }
+
+    /// The addresses the fake pool name resolves to.
+    static POOL: Mutex<Vec<SocketAddr>> = Mutex::new(Vec::new());
+
+    fn pool(name: String) -> BoxFuture<'static, std::io::Result<Vec<SocketAddr>>> {
+        assert_eq!(name, "pool.test:123");
+        let addrs = POOL.lock().unwrap().clone();
+        Box::pin(async move { Ok(addrs) })
+    }
+
+    /// One name resolving to five addresses: the first four are queried, each a source with its
+    /// own vote, so the name alone outvotes its liar; the fifth is not queried.
+    #[tokio::test]
+    async fn one_name_gives_a_source_per_address_up_to_the_bound() {
+        let mut servers = Vec::new();
+        for ahead in [0, 0, 60, 0, 0] {
+            servers.push(responder(Duration::from_secs(ahead)).await);
+        }
+        *POOL.lock().unwrap() = servers.iter().map(|(a, _)| *a).collect();
+        let config = Config::new(["pool.test"]).with_timeout(Duration::from_millis(300));
+        let client = Client::connect_with(config, Tick::now, pool).await.unwrap();
+        let before = SystemTime::now();
+        let report = client.sync().await.unwrap();
+        let after = SystemTime::now();
+        let used: Vec<_> = report.samples.iter().map(|s| s.address).collect();
+        assert_eq!(
+            used,
+            [servers[0].0, servers[1].0, servers[3].0],
+            "{report:?}"
+        );
+        assert!(report.samples.iter().all(|s| s.server == "pool.test:123"));
+        assert_eq!(
+            report.failures,
+            [ServerFailure {
+                server: "pool.test:123".into(),
+                address: Some(servers[2].0),
+                error: ReplyError::Falseticker,
+            }]
+        );
+        assert!(
+            report.failures[0]
+                .to_string()
+                .starts_with(&format!("pool.test:123 ({}): falseticker", servers[2].0)),
+            "{}",
+            report.failures[0]
+        );
+        let queried: Vec<_> = servers
+            .iter()
+            .map(|(_, q)| q.load(Ordering::SeqCst))
+            .collect();
+        assert_eq!(queried, [1, 1, 1, 1, 0]);
+        assert_eq!(client.queries(), 4);
+        assert!(report.interval.earliest() <= after && report.interval.latest() >= before);
+    }
 
     #[test]
-    fn time_the_monotonic_clock_missed_widens_the_upper_end() {
-        let t = Instant::now();
+    fn expansion_is_bounded_per_name_and_gives_each_address_once() {
+        let a = |last: u8| SocketAddr::from(([192, 0, 2, last], 123));
+        let servers: Vec<String> = ["a:123", "b:123", "c:123", "d:123", "e:123"]
+            .map(String::from)
+            .into();
+        let unreachable = ReplyError::Unreachable {
+            reason: "could not resolve: no such host".into(),
+        };
+        let resolved = vec![
+            // A repeat within the name, then more than the bound.
+            Ok(vec![a(1), a(1), a(2), a(3), a(4), a(5), a(6)]),
+            // One address a's name already gave: only the new one counts.
+            Ok(vec![a(2), a(7)]),
+            Err(unreachable.clone()),
+            Ok(vec![]),
+            // Only addresses already given: no source, and no failure either.
+            Ok(vec![a(7), a(1)]),
+        ];
+        let (sources, failures) = expand(&servers, resolved);
+        let got: Vec<_> = sources.iter().map(|s| (s.server, s.address)).collect();
+        assert_eq!(
+            got,
+            [
+                ("a:123", a(1)),
+                ("a:123", a(2)),
+                ("a:123", a(3)),
+                ("a:123", a(4)),
+                ("b:123", a(7)),
+            ]
+        );
+        assert_eq!(MAX_ADDRESSES_PER_SERVER, 4);
+        let failed: Vec<_> = failures
+            .iter()
+            .map(|f| (f.server.as_str(), f.address, f.error.to_string()))
+            .collect();
+        assert_eq!(
+            failed,
+            [
+                ("c:123", None, unreachable.to_string()),
+                (
+                    "d:123",
+                    None,
+                    "unreachable: the name resolved to no address".into()
+                ),
+            ]
+        );
+    }
+
+    #[test]
+    fn time_the_carry_clock_missed_widens_the_upper_end() {
+        let t = Tick::now();
         let wall = UNIX_EPOCH + Duration::from_secs(1_700_000_000);
         let span = Span {
             at: t,
             lo: 1_000,
             hi: 3_000,
         };
-        let later = t + Duration::from_secs(10);
+        let later = t.plus(Duration::from_secs(10));
         let clocks = Some((t, wall));
-        // Both clocks advanced alike: only the drift allowance (1 ppm of 10 s = 10 µs).
-        let same = carry(&span, 1.0, clocks, later, wall + Duration::from_secs(10));
-        assert_eq!(same, span.at(later, 1.0));
-        // The machine slept an hour: the monotonic clock saw 10 s, the wall clock an hour more.
-        let slept = carry(&span, 1.0, clocks, later, wall + Duration::from_secs(3_610));
-        assert_eq!(slept.lo, same.lo);
-        assert_eq!(slept.hi, same.hi + 3_600_000_000_000);
-        // Reading the two clocks a few microseconds apart is not a suspend.
-        let read = carry(
+        // Both clocks advanced alike: only the drift allowance (100 ppm of 10 s = 1 ms).
+        let same = carry(
             &span,
-            1.0,
+            None,
+            100.0,
             clocks,
             later,
-            wall + Duration::from_micros(10_000_050),
+            wall + Duration::from_secs(10),
         );
-        assert_eq!(read, same);
+        assert_eq!(same, span.at(later, 100.0));
+        // The wall clock ran ahead by less than the allowance (the carry clock's oscillator is
+        // slow, within its tolerance) plus the floor: nothing more.
+        let slow = wall + Duration::from_micros(10_001_900);
+        assert_eq!(carry(&span, None, 100.0, clocks, later, slow), same);
+        // The machine slept an hour: the carry clock saw 10 s, the wall clock an hour more.
+        let slept = carry(
+            &span,
+            None,
+            100.0,
+            clocks,
+            later,
+            wall + Duration::from_secs(3_610),
+        );
+        assert_eq!(slept.lo, same.lo);
+        assert_eq!(slept.hi, same.hi + 3_600_000_000_000);
         // A wall clock stepped back changes nothing; no clock pair, nothing to compare.
-        let back = carry(&span, 1.0, clocks, later, wall - Duration::from_secs(5));
+        let back = carry(
+            &span,
+            None,
+            100.0,
+            clocks,
+            later,
+            wall - Duration::from_secs(5),
+        );
         assert_eq!(back, same);
-        assert_eq!(carry(&span, 1.0, None, later, wall), same);
+        assert_eq!(carry(&span, None, 100.0, None, later, wall), same);
     }
 
     #[test]
@@ -711,6 +1095,7 @@ mod tests {
                 code: "RATE".into(),
                 until: None,
                 backoff: crate::config::MAX_INTERVAL,
+                since: now,
             }),
             "RATE",
             now,

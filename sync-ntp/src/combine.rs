@@ -1,14 +1,16 @@
 //! Combining several servers' intervals (the hull of what a strict majority contains) and
-//! carrying the result forward on the monotonic clock with a growing drift allowance.
+//! carrying the result forward on the carry clock ([`Tick`]) with a growing drift allowance.
 //!
 //! Times are integer nanoseconds since the Unix epoch (`i128`), so nothing rounds away a bound.
 
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-/// One server's statement: at monotonic instant `at`, true time lies in `[lo, hi]` (Unix ns).
+use crate::clock::Tick;
+
+/// One server's statement: at carry-clock tick `at`, true time lies in `[lo, hi]` (Unix ns).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) struct Span {
-    pub at: Instant,
+    pub at: Tick,
     pub lo: i128,
     pub hi: i128,
 }
@@ -24,14 +26,14 @@ pub(crate) fn drift_ns(elapsed: Duration, ppm: f64) -> i128 {
 }
 
 impl Span {
-    /// The same statement carried to `to`: both ends move by the monotonic time between the
-    /// two instants, and the span widens by the drift allowance over it on each side. (`to` may
+    /// The same statement carried to `to`: both ends move by the carry-clock time between the
+    /// two ticks, and the span widens by the drift allowance over it on each side. (`to` may
     /// be slightly earlier than `at` when a sync lands between a caller reading the clock and
     /// reading the cache.)
-    pub fn at(&self, to: Instant, ppm: f64) -> Span {
+    pub fn at(&self, to: Tick, ppm: f64) -> Span {
         let (elapsed, sign) = match to.checked_duration_since(self.at) {
             Some(d) => (d, 1),
-            None => (self.at.duration_since(to), -1),
+            None => (self.at.saturating_duration_since(to), -1),
         };
         let e = sign * elapsed.as_nanos() as i128;
         let d = drift_ns(elapsed, ppm);
@@ -97,13 +99,13 @@ pub(crate) fn select(spans: &[Span], ppm: f64) -> Option<Combined> {
 mod tests {
     use super::*;
 
-    fn span(at: Instant, lo: i128, hi: i128) -> Span {
+    fn span(at: Tick, lo: i128, hi: i128) -> Span {
         Span { at, lo, hi }
     }
 
     #[test]
     fn intersection_of_agreeing_servers() {
-        let t = Instant::now();
+        let t = Tick::now();
         // Points at least two of the three contain: a single falseticker cannot mislead it.
         let c = select(&[span(t, 0, 10), span(t, 5, 20), span(t, 8, 12)], 0.0).unwrap();
         assert_eq!((c.span.lo, c.span.hi), (5, 12));
@@ -114,7 +116,7 @@ mod tests {
 
     #[test]
     fn falseticker_is_outvoted() {
-        let t = Instant::now();
+        let t = Tick::now();
         let c = select(&[span(t, 0, 10), span(t, 5, 20), span(t, 100, 110)], 0.0).unwrap();
         assert_eq!((c.span.lo, c.span.hi), (5, 10));
         assert_eq!(c.agree, [true, true, false]);
@@ -122,7 +124,7 @@ mod tests {
 
     #[test]
     fn no_majority_is_none() {
-        let t = Instant::now();
+        let t = Tick::now();
         assert!(select(&[span(t, 0, 10), span(t, 20, 30)], 0.0).is_none());
         assert!(select(&[], 0.0).is_none());
         let one = select(&[span(t, 3, 9)], 0.0).unwrap();
@@ -131,14 +133,14 @@ mod tests {
 
     #[test]
     fn touching_intervals_agree() {
-        let t = Instant::now();
+        let t = Tick::now();
         let c = select(&[span(t, 0, 10), span(t, 10, 20)], 0.0).unwrap();
         assert_eq!((c.span.lo, c.span.hi), (10, 10));
     }
 
     #[test]
     fn a_colluding_minority_cannot_exclude_true_time() {
-        let t = Instant::now();
+        let t = Tick::now();
         // True time 5.5: three honest spans, two falsetickers that overlap the wide honest ones.
         let spans = [
             span(t, 0, 10),
@@ -154,15 +156,15 @@ mod tests {
 
     #[test]
     fn tied_regions_give_their_hull() {
-        let t = Instant::now();
+        let t = Tick::now();
         let c = select(&[span(t, 0, 10), span(t, 0, 1), span(t, 9, 10)], 0.0).unwrap();
         assert_eq!((c.span.lo, c.span.hi), (0, 10));
     }
 
     #[test]
     fn carried_forward_with_drift() {
-        let t = Instant::now();
-        let later = t + Duration::from_secs(10);
+        let t = Tick::now();
+        let later = t.plus(Duration::from_secs(10));
         // 100 ppm over 10 s = 1 ms each side.
         let s = span(t, 0, 2).at(later, 100.0);
         assert_eq!(s.lo, 10_000_000_000 - 1_000_000);

@@ -10,8 +10,11 @@ use crate::BACKEND;
 
 /// The port a server without one is queried on.
 pub const DEFAULT_PORT: u16 = 123;
-/// The most servers one client queries.
+/// The most servers one client is configured with.
 pub const MAX_SERVERS: usize = 16;
+/// The most addresses of one server's name queried as separate sources: a name that resolves
+/// to several (a pool) can give a majority on its own, within bounds.
+pub const MAX_ADDRESSES_PER_SERVER: usize = 4;
 /// The shortest sync interval accepted (be gentle with servers).
 pub const MIN_INTERVAL: Duration = Duration::from_secs(1);
 /// The longest sync interval accepted (NTP's longest poll, 2^17 s).
@@ -26,6 +29,11 @@ pub const MIN_MAX_ERROR: Duration = Duration::from_micros(1);
 pub const MAX_MAX_ERROR: Duration = Duration::from_secs(60);
 /// The largest drift allowance accepted, in parts per million (NTP's frequency tolerance).
 pub const MAX_DRIFT_PPM: f64 = 500.0;
+/// The default drift allowance: how far an undisciplined quartz oscillator (with the kernel's
+/// boot-time calibration of it) may run off true time, in parts per million. 200 is the
+/// worst-case local drift that Google's TrueTime assumes; commodity oscillators are usually
+/// within ±50.
+pub const DEFAULT_DRIFT_PPM: f64 = 200.0;
 
 /// How a [`Client`](crate::Client) synchronizes.
 ///
@@ -40,7 +48,9 @@ pub const MAX_DRIFT_PPM: f64 = 500.0;
 #[serde(default, deny_unknown_fields)]
 #[non_exhaustive]
 pub struct Config {
-    /// The servers, each `host:port` (the port defaults to 123). All are queried on every sync.
+    /// The servers, each `host:port` (the port defaults to 123). All are queried on every sync;
+    /// a name that resolves to several addresses gives up to [`MAX_ADDRESSES_PER_SERVER`]
+    /// sources, each with its own vote.
     pub servers: Vec<String>,
     /// How often the background refresh syncs.
     #[serde(with = "humantime_serde")]
@@ -53,8 +63,10 @@ pub struct Config {
     /// it, calls fail with Unavailable instead of answering.
     #[serde(with = "humantime_serde")]
     pub max_error: Duration,
-    /// How fast the local monotonic clock may drift from true time, in parts per million; the
-    /// error grows by this much of the time elapsed since the last sync.
+    /// How fast the carry clock (`CLOCK_MONOTONIC_RAW` on Linux, which the host's NTP daemon
+    /// does not slew) may drift from true time, in parts per million: its oscillator's
+    /// tolerance. The error grows by this much of the time elapsed since the last sync. Default
+    /// [`DEFAULT_DRIFT_PPM`].
     pub drift_ppm: f64,
 }
 
@@ -65,7 +77,7 @@ impl Default for Config {
             interval: Duration::from_secs(64),
             timeout: Duration::from_secs(1),
             max_error: Duration::from_secs(1),
-            drift_ppm: 15.0,
+            drift_ppm: DEFAULT_DRIFT_PPM,
         }
     }
 }

@@ -1,4 +1,5 @@
-//! One SNTP exchange (RFC 4330 / RFC 5905 client mode) with one server.
+//! One SNTP exchange (RFC 4330 / RFC 5905 client mode) with one server: the crate's whole wire
+//! code, kept small and property-tested over random reply bytes (`query::property`).
 //!
 //! The exchange is written here rather than taken from an SNTP crate because the error bound
 //! needs the reply's root delay and root dispersion, which `rsntp` does not expose.
@@ -6,11 +7,11 @@
 //! One UDP socket per query, connected to the server so that only its datagrams are accepted.
 //! The request's transmit timestamp is a random 64-bit nonce rather than the send time (as
 //! RFC 9109 recommends and chrony does), so a reply's origin timestamp proves it answers this
-//! request; the real send time T1 is kept locally, on the wall clock and on the monotonic
-//! clock. A datagram whose origin timestamp is not the nonce is discarded and the wait goes on
-//! until the timeout, so a stray or spoofed packet cannot fail the query.
+//! request; the real send time T1 is kept locally, on the wall clock and on the carry clock
+//! ([`Tick`]). A datagram whose origin timestamp is not the nonce is discarded and the wait
+//! goes on until the timeout, so a stray or spoofed packet cannot fail the query.
 //!
-//! T4 − T1 is measured on the monotonic clock (immune to local clock steps during the
+//! T4 − T1 is measured on the carry clock (immune to local clock steps and slewing during the
 //! exchange); the server's T2 and T3 are converted from NTP timestamps to Unix time and
 //! subtracted from T1 as exact integer nanoseconds before anything becomes an `f64`.
 
@@ -18,12 +19,12 @@ use std::{
     fmt,
     net::{Ipv4Addr, Ipv6Addr, SocketAddr},
     sync::atomic::{AtomicU64, Ordering},
-    time::{Duration, Instant, SystemTime, UNIX_EPOCH},
+    time::{Duration, SystemTime, UNIX_EPOCH},
 };
 
 use tokio::net::UdpSocket;
 
-use crate::combine::Span;
+use crate::{clock::Tick, combine::Span};
 
 /// Why one server's reply was not used.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -116,6 +117,8 @@ pub(crate) struct Sample {
     pub root_dispersion: Duration,
     pub stratum: u8,
     pub reference_id: String,
+    /// The leap indicator: 0, or 1 / 2 for a second inserted / deleted at the end of the day.
+    pub leap: u8,
 }
 
 fn unreachable(e: impl fmt::Display) -> ReplyError {
@@ -217,7 +220,7 @@ fn request(nonce: u64) -> [u8; PACKET_LEN] {
 /// Whether `reply` is addressed to the request carrying `nonce`. A reply too short to say, or
 /// in the wrong mode or version, is an error (checked in that order); one that echoes another
 /// origin is `false`. Either way the query discards it and keeps waiting.
-fn addressed(reply: &[u8], nonce: u64) -> Result<bool, ReplyError> {
+pub(crate) fn addressed(reply: &[u8], nonce: u64) -> Result<bool, ReplyError> {
     if reply.len() < PACKET_LEN {
         return Err(malformed(format!(
             "{} bytes, shorter than the {PACKET_LEN} of an NTP packet",
@@ -236,18 +239,18 @@ fn addressed(reply: &[u8], nonce: u64) -> Result<bool, ReplyError> {
 }
 
 /// The local side of one exchange.
-struct Sent {
+pub(crate) struct Sent {
     /// T1 on the wall clock.
-    t1: SystemTime,
-    /// T4 − T1, on the monotonic clock.
-    elapsed: Duration,
-    /// The monotonic instant of T4.
-    received: Instant,
+    pub t1: SystemTime,
+    /// T4 − T1, on the carry clock.
+    pub elapsed: Duration,
+    /// The carry-clock tick of T4.
+    pub received: Tick,
 }
 
 /// Checks a reply that echoes our nonce and turns it into a sample. `drift_ppm` bounds how far
-/// the monotonic clock that measured T4 − T1 may be off over the exchange.
-fn sample(
+/// the carry clock that measured T4 − T1 may be off over the exchange.
+pub(crate) fn sample(
     reply: &[u8],
     sent: &Sent,
     server: SocketAddr,
@@ -301,7 +304,7 @@ fn sample(
     // True time at T4 lies in [T3, T2 + (T4 − T1)], each end moved out by the server's root
     // distance: T1 cancels out, so the local wall clock does not matter. Exact nanoseconds:
     // T2 and T3 are each within ½ ns of the timestamps sent, hence the 1 ns outwards; the
-    // root delay is halved rounding up; the upper end allows for the monotonic clock having
+    // root delay is halved rounding up; the upper end allows for the carry clock having
     // measured T4 − T1 short by the drift. With a negative round trip (clamped to zero above)
     // the bounds cross, and the interval is the midpoint ± the root distance instead.
     let (t2, t3) = (diff_ns(t2, UNIX_EPOCH), diff_ns(t3, UNIX_EPOCH));
@@ -322,10 +325,12 @@ fn sample(
         root_dispersion,
         stratum,
         reference_id: reference_id(refid, stratum, server),
+        leap,
     })
 }
 
-/// Queries `addr` once; `queries` counts the requests actually sent to the server.
+/// Queries `addr` once, timing the exchange on `clock` (the carry clock; a test may shift it);
+/// `queries` counts the requests actually sent to the server.
 ///
 /// A datagram that is not a well-formed answer to this request (too short, wrong mode or
 /// version, or echoing another origin) is discarded and the wait goes on: only a reply that
@@ -336,6 +341,7 @@ pub(crate) async fn query(
     timeout: Duration,
     max_error: Duration,
     drift_ppm: f64,
+    clock: fn() -> Tick,
     queries: &AtomicU64,
 ) -> Result<Sample, ReplyError> {
     let socket = if addr.is_ipv4() {
@@ -350,7 +356,7 @@ pub(crate) async fn query(
     let nonce = rand::random::<u64>().max(1);
     let deadline = tokio::time::Instant::now() + timeout;
     let t1 = SystemTime::now();
-    let sent_at = Instant::now();
+    let sent_at = clock();
     socket.send(&request(nonce)).await.map_err(unreachable)?;
     queries.fetch_add(1, Ordering::Relaxed);
 
@@ -360,7 +366,7 @@ pub(crate) async fn query(
         let mut buf = [0u8; 1024];
         loop {
             let n = socket.recv(&mut buf).await.map_err(unreachable)?;
-            let received = Instant::now();
+            let received = clock();
             let reply = &buf[..n];
             match addressed(reply, nonce) {
                 Ok(true) => {}
@@ -379,7 +385,7 @@ pub(crate) async fn query(
             }
             let sent = Sent {
                 t1,
-                elapsed: received.duration_since(sent_at),
+                elapsed: received.saturating_duration_since(sent_at),
                 received,
             };
             return sample(reply, &sent, addr, max_error, drift_ppm);
@@ -393,18 +399,23 @@ pub(crate) async fn query(
 }
 
 #[cfg(test)]
-mod tests {
+mod property;
+
+#[cfg(test)]
+pub(crate) mod tests {
+    use std::time::Instant;
+
     use super::*;
 
     /// A wall-clock time as an NTP timestamp (the inverse of `from_ntp`, truncating).
-    fn to_ntp(t: SystemTime) -> u64 {
+    pub(crate) fn to_ntp(t: SystemTime) -> u64 {
         let ns = diff_ns(t, UNIX_EPOCH) + i128::from(NTP_UNIX_OFFSET) * 1_000_000_000;
         let (secs, nanos) = (ns.div_euclid(1_000_000_000), ns.rem_euclid(1_000_000_000));
         let frac = ((nanos as u64) << 32) / 1_000_000_000;
         ((secs as u64 & 0xffff_ffff) << 32) | frac
     }
 
-    fn unix(secs: u64, nanos: u32) -> SystemTime {
+    pub(crate) fn unix(secs: u64, nanos: u32) -> SystemTime {
         UNIX_EPOCH + Duration::new(secs, nanos)
     }
 
@@ -468,7 +479,12 @@ mod tests {
         assert_eq!(timestamp(&p, 40), 0x0123_4567_89AB_CDEF);
     }
 
-    fn reply(nonce: u64, server_minus_local: Duration, t1: SystemTime) -> [u8; PACKET_LEN] {
+    /// A good stratum-2 reply to `nonce`, the server `server_minus_local` ahead of T1's clock.
+    pub(crate) fn reply(
+        nonce: u64,
+        server_minus_local: Duration,
+        t1: SystemTime,
+    ) -> [u8; PACKET_LEN] {
         let mut p = [0u8; PACKET_LEN];
         p[0] = 4 << 3 | 4;
         p[1] = 2;
@@ -485,7 +501,7 @@ mod tests {
     #[test]
     fn offset_and_round_trip_from_the_four_timestamps() {
         let t1 = unix(1_704_067_200, 0);
-        let received = Instant::now();
+        let received = Tick::now();
         // T4 = T1 + 22 ms: 10 ms out, 2 ms at the server, 10 ms back.
         let sent = Sent {
             t1,
@@ -529,7 +545,7 @@ mod tests {
         let sent = Sent {
             t1,
             elapsed: Duration::from_millis(22),
-            received: Instant::now(),
+            received: Tick::now(),
         };
         let server = SocketAddr::from(([192, 0, 2, 1], 123));
         let s = sample(&p, &sent, server, Duration::from_secs(1), 0.0).unwrap();
@@ -553,12 +569,12 @@ mod tests {
         let sent = Sent {
             t1,
             elapsed: Duration::from_millis(22),
-            received: Instant::now(),
+            received: Tick::now(),
         };
         let server = SocketAddr::from(([192, 0, 2, 1], 123));
         let p = reply(7, Duration::ZERO, t1);
         let s = sample(&p, &sent, server, Duration::from_secs(1), 500.0).unwrap();
-        // 500 ppm of the 22 ms measured on the monotonic clock: the round trip may have been
+        // 500 ppm of the 22 ms measured on the carry clock: the round trip may have been
         // 11 µs longer, so the upper end (T2 + 22 ms + root distance) moves out by that much.
         let t2 = diff_ns(from_ntp(timestamp(&p, 32)), UNIX_EPOCH);
         assert!(s.span.hi >= t2 + 22_000_000 + 11_000, "{s:?}");
@@ -599,16 +615,31 @@ mod tests {
 
         // A short datagram and a mode-3 one before the real answer: the answer is used.
         let (addr, task) = server(junk.clone(), true).await;
-        let s = query(addr, timeout, Duration::from_secs(1), 15.0, &counter).await;
+        let s = query(
+            addr,
+            timeout,
+            Duration::from_secs(1),
+            15.0,
+            Tick::now,
+            &counter,
+        )
+        .await;
         assert!(s.is_ok(), "{s:?}");
         task.await.unwrap();
 
         // The same without an answer: the first malformed datagram's reason, at the timeout.
         let (addr, task) = server(junk, false).await;
         let start = Instant::now();
-        let e = query(addr, timeout, Duration::from_secs(1), 15.0, &counter)
-            .await
-            .unwrap_err();
+        let e = query(
+            addr,
+            timeout,
+            Duration::from_secs(1),
+            15.0,
+            Tick::now,
+            &counter,
+        )
+        .await
+        .unwrap_err();
         assert!(start.elapsed() >= timeout);
         assert!(
             matches!(&e, ReplyError::Malformed { reason } if reason.contains("20 bytes")),
@@ -638,7 +669,7 @@ mod tests {
         let sent = Sent {
             t1,
             elapsed: Duration::from_millis(22),
-            received: Instant::now(),
+            received: Tick::now(),
         };
         let server = SocketAddr::from(([192, 0, 2, 1], 123));
         let check = |p: &[u8]| sample(p, &sent, server, Duration::from_secs(1), 0.0);

@@ -8,8 +8,9 @@ use tracing::Instrument;
 
 use crate::{BACKEND, PRIMITIVE, client::Inner};
 
-/// Synchronized time: the cached combined interval carried forward on the monotonic clock,
-/// widened by the drift allowance since the last sync. No network round trip between syncs.
+/// Synchronized time: the cached combined interval carried forward on the carry clock
+/// (`CLOCK_MONOTONIC_RAW` on Linux), widened by the drift allowance since the last sync and
+/// across a pending leap second. No network round trip between syncs.
 /// `now`, `after` and `before` are the trait's defaults over `now_interval`.
 pub(crate) struct NtpTime {
     inner: Arc<Inner>,

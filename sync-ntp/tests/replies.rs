@@ -5,12 +5,13 @@ mod common;
 
 use std::{
     error::Error as _,
+    net::SocketAddr,
     sync::Arc,
-    time::{Duration, Instant, SystemTime},
+    time::{Duration, Instant, SystemTime, UNIX_EPOCH},
 };
 
 use common::{Reply, Responder};
-use sync_core::{Backend, Error, ErrorKind, Time};
+use sync_core::{Backend, Error, ErrorKind, Time, TimeInterval};
 use sync_ntp::{Client, Config, ReplyError, SyncError};
 
 fn config(servers: &[&Responder]) -> Config {
@@ -499,4 +500,222 @@ async fn a_sync_already_too_wide_is_held_off_not_repeated_per_call() {
     tokio::time::sleep(Duration::from_millis(1_100)).await;
     assert!(time.now().await.is_err());
     assert_eq!(responder.queries(), 2);
+}
+
+/// `localhost` through the system resolver: each address it resolves to (127.0.0.1, and ::1
+/// where the hosts file lists it too) is queried as a source of its own.
+#[tokio::test]
+async fn a_name_is_queried_at_each_of_its_addresses() {
+    let v4 = Responder::start(Reply::good()).await;
+    let port = v4.addr.port();
+    let server = format!("localhost:{port}");
+    let mut resolved: Vec<SocketAddr> = tokio::net::lookup_host(&server).await.unwrap().collect();
+    resolved.dedup();
+    let v6 = if resolved.contains(&SocketAddr::from(([0u16, 0, 0, 0, 0, 0, 0, 1], port))) {
+        Some(Responder::start_on(&format!("[::1]:{port}"), Reply::good()).await)
+    } else {
+        eprintln!("localhost does not resolve to ::1 here: only 127.0.0.1 is queried");
+        None
+    };
+    let client =
+        Client::connect(Config::new([server.clone()]).with_timeout(Duration::from_millis(300)))
+            .await
+            .unwrap();
+    let report = client.sync().await.unwrap();
+    let mut used: Vec<_> = report.samples.iter().map(|s| s.address).collect();
+    used.sort();
+    resolved.sort();
+    assert_eq!(used, resolved, "{report:?}");
+    assert!(
+        report.samples.iter().all(|s| s.server == server),
+        "{report:?}"
+    );
+    assert_eq!(v4.queries(), 1);
+    if let Some(v6) = v6 {
+        assert_eq!(v6.queries(), 1);
+        assert_eq!(report.samples.len(), 2, "{report:?}");
+    }
+}
+
+/// 2017-01-01T00:00:00Z: the last leap second so far was inserted just before it.
+const MIDNIGHT: u64 = 1_483_228_800;
+const SECOND: i128 = 1_000_000_000;
+const MS: i128 = 1_000_000;
+
+fn unix_ns(t: SystemTime) -> i128 {
+    t.duration_since(UNIX_EPOCH).unwrap().as_nanos() as i128
+}
+
+/// A crafted server around a leap second, and true Unix time by its clock.
+struct LeapServer {
+    responder: Responder,
+    indicator: u8,
+    offset_ms: i64,
+}
+
+impl LeapServer {
+    /// A server announcing leap `indicator` whose clock is 600 ms before the leap now.
+    async fn start(indicator: u8) -> LeapServer {
+        let jump_ms = MIDNIGHT as i64 * 1_000 - if indicator == 2 { 1_000 } else { 0 };
+        let now_ms = (unix_ns(SystemTime::now()) / MS) as i64;
+        let offset_ms = jump_ms - 600 - now_ms;
+        let responder = Responder::start(Reply::Leap {
+            indicator,
+            offset_ms,
+            midnight: MIDNIGHT,
+        })
+        .await;
+        LeapServer {
+            responder,
+            indicator,
+            offset_ms,
+        }
+    }
+
+    /// The server's clock now, counting every second (ns).
+    fn counted(&self) -> i128 {
+        unix_ns(SystemTime::now()) + i128::from(self.offset_ms) * MS
+    }
+
+    /// Where true Unix time jumps: at midnight back a second (insert), at 23:59:59 a second
+    /// ahead (delete).
+    fn jump(&self) -> i128 {
+        i128::from(MIDNIGHT) * SECOND - if self.indicator == 2 { SECOND } else { 0 }
+    }
+
+    /// True Unix time at counted time `c`.
+    fn unix(&self, c: i128) -> i128 {
+        match (c >= self.jump(), self.indicator) {
+            (true, 1) => c - SECOND,
+            (true, _) => c + SECOND,
+            (false, _) => c,
+        }
+    }
+}
+
+/// One call of `now_interval`, with the server's counted clock read around it.
+struct Call {
+    before: i128,
+    after: i128,
+    result: sync_core::Result<TimeInterval>,
+}
+
+/// Calls `now_interval` every 10 ms until `done` says so (a bounded wait: 10 s), checking that
+/// every interval answered contains true Unix time (calls whose clock readings straddle the
+/// jump are not checked: true time is either side) and that every error is Unavailable.
+async fn calls_across_the_leap(
+    server: &LeapServer,
+    time: &dyn Time,
+    done: impl Fn(&Call) -> bool,
+) -> Vec<Call> {
+    let mut calls = Vec::new();
+    let polling = async {
+        loop {
+            let before = server.counted();
+            let result = time.now_interval().await;
+            let after = server.counted();
+            let call = Call {
+                before,
+                after,
+                result,
+            };
+            let straddles = call.before < server.jump() && call.after >= server.jump();
+            match &call.result {
+                Ok(iv) if !straddles => {
+                    let (earliest, latest) = (unix_ns(iv.earliest()), unix_ns(iv.latest()));
+                    let (from, to) = (server.unix(call.before), server.unix(call.after));
+                    assert!(
+                        earliest <= to && latest >= from,
+                        "leap {}: the interval [{earliest}, {latest}] misses true time \
+                         [{from}, {to}] ({} ms from the jump)",
+                        server.indicator,
+                        (call.before - server.jump()) / MS
+                    );
+                }
+                Ok(_) => {}
+                Err(e) => assert_eq!(e.kind(), ErrorKind::Unavailable, "{e}"),
+            }
+            let finished = done(&call);
+            calls.push(call);
+            if finished {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    };
+    tokio::time::timeout(Duration::from_secs(10), polling)
+        .await
+        .expect("the server's clock did not pass the leap within 10 s");
+    calls
+}
+
+/// A leap second carried across with the default maximum error: the interval is widened by the
+/// second once it reaches the leap, and contains true Unix time all along, without a resync.
+async fn carried_across_the_leap(indicator: u8) {
+    let server = LeapServer::start(indicator).await;
+    let client = Client::connect(config(&[&server.responder])).await.unwrap();
+    let time = client.time().unwrap();
+    time.now_interval().await.unwrap();
+    let report = client.last_sync().unwrap();
+    let leap = report.leap.expect("no leap recorded");
+    assert_eq!(leap.midnight, UNIX_EPOCH + Duration::from_secs(MIDNIGHT));
+    assert_eq!((leap.insert, leap.delete), (indicator == 1, indicator == 2));
+    assert_eq!(report.samples[0].leap_indicator, indicator);
+
+    let jump = server.jump();
+    let calls =
+        calls_across_the_leap(&server, time.as_ref(), |c| c.before >= jump + 300 * MS).await;
+    let width = |c: &Call| c.result.as_ref().unwrap().width();
+    // Narrow until the interval reaches the leap, a second wider after it.
+    let early: Vec<_> = calls.iter().filter(|c| c.after < jump - 100 * MS).collect();
+    let late: Vec<_> = calls.iter().filter(|c| c.before >= jump).collect();
+    assert!(!early.is_empty() && !late.is_empty());
+    for c in early {
+        assert!(width(c) < Duration::from_millis(100), "{:?}", width(c));
+    }
+    for c in late {
+        let w = width(c);
+        assert!(
+            w >= Duration::from_secs(1) && w < Duration::from_millis(1_100),
+            "{w:?}"
+        );
+    }
+    assert_eq!(server.responder.queries(), 1, "carried, not resynced");
+}
+
+#[tokio::test]
+async fn an_inserted_leap_second_at_midnight_utc_is_allowed_for() {
+    carried_across_the_leap(1).await;
+}
+
+#[tokio::test]
+async fn a_deleted_leap_second_at_midnight_utc_is_allowed_for() {
+    carried_across_the_leap(2).await;
+}
+
+/// With a maximum error under half a second the widened interval is refused: calls fail
+/// Unavailable (never a wrong interval) until a resync past the leap, whose reply is in
+/// post-leap time, narrows it again.
+#[tokio::test]
+async fn a_leap_wider_than_the_maximum_error_forces_a_resync() {
+    let case = |indicator| async move {
+        let server = LeapServer::start(indicator).await;
+        let client = Client::connect(
+            config(&[&server.responder]).with_max_error(Duration::from_millis(100)),
+        )
+        .await
+        .unwrap();
+        let time = client.time().unwrap();
+        let jump = server.jump();
+        let calls = calls_across_the_leap(&server, time.as_ref(), |c| {
+            c.before >= jump && c.result.is_ok()
+        })
+        .await;
+        let last = calls.last().unwrap().result.as_ref().unwrap();
+        assert!(last.width() < Duration::from_millis(100), "{last:?}");
+        assert!(server.responder.queries() >= 2, "no resync");
+        let report = client.last_sync().unwrap();
+        assert_eq!(report.leap, None, "{report:?}");
+    };
+    tokio::join!(case(1), case(2));
 }

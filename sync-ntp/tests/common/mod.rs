@@ -44,6 +44,15 @@ pub enum Reply {
     /// round trip comes out negative and counts as zero), with this raw 16.16 root dispersion:
     /// the root distance is exactly the dispersion.
     SlowServer { dispersion_raw: u32 },
+    /// A good reply (20 ms root dispersion) from a server whose clock, counting every second,
+    /// is `offset_ms` ahead of ours, announcing a leap second at the Unix time `midnight`:
+    /// `indicator` 1 inserts a second before it, 2 deletes 23:59:59. The server applies it:
+    /// once its clock passes the leap it answers in post-leap time, with indicator 0.
+    Leap {
+        indicator: u8,
+        offset_ms: i64,
+        midnight: u64,
+    },
 }
 
 impl Reply {
@@ -102,6 +111,24 @@ pub fn craft(reply: &Reply, query: &[u8]) -> Option<Vec<u8>> {
         Reply::Kiss(code) => {
             stratum = 0;
             refid.copy_from_slice(&code.as_bytes()[..4]);
+        }
+        Reply::Leap {
+            indicator,
+            offset_ms: o,
+            midnight,
+        } => {
+            dispersion = ((20_000u64 << 16) / 1_000_000) as u32;
+            let counted_ms = SystemTime::now()
+                .duration_since(UNIX_EPOCH)
+                .unwrap()
+                .as_millis() as i64
+                + o;
+            let midnight_ms = *midnight as i64 * 1_000;
+            (offset_ms, li) = match indicator {
+                1 if counted_ms >= midnight_ms => (o - 1_000, 0),
+                2 if counted_ms >= midnight_ms - 1_000 => (o + 1_000, 0),
+                _ => (*o, *indicator),
+            };
         }
         Reply::Stratum16 => stratum = 16,
         Reply::Leap3 => li = 3,
