@@ -188,6 +188,8 @@ async fn connect(namespaced: &str, query: &str) -> Arc<dyn Backend> {
 struct Log {
     rx: mpsc::UnboundedReceiver<std::result::Result<Seen, String>>,
     seen: Vec<Seen>,
+    /// The term of a leader whose clock lies: its early firings are expected.
+    liar: Option<u64>,
 }
 
 impl Log {
@@ -202,7 +204,13 @@ impl Log {
                 return s.clone();
             }
             match timeout(PATIENCE, self.rx.recv()).await {
-                Ok(Some(Ok(seen))) => self.seen.push(seen),
+                Ok(Some(Ok(seen))) => {
+                    assert!(
+                        !seen.early() || Some(seen.firing.term) == self.liar,
+                        "{what}: a tick ran before true time reached it: {seen:?}"
+                    );
+                    self.seen.push(seen);
+                }
                 Ok(Some(Err(e))) => panic!("{what}: a fired job's labels are malformed: {e}"),
                 Ok(None) => panic!("{what}: the worker went away"),
                 Err(_) => panic!(
@@ -317,6 +325,7 @@ async fn pair(site: &Site, truth: &Arc<Truth>, skewed_clock: Arc<Clock>) -> Pair
         log: Log {
             rx,
             seen: Vec::new(),
+            liar: None,
         },
         skewed_client,
         skewed,
@@ -402,6 +411,7 @@ async fn clock_that_lied_leaves_no_hole_after_failover(site: &Site) {
     let start = truth.now();
     let lie = Duration::from_secs(1);
     let mut p = pair(site, &truth, Clock::new(&truth, lie, Duration::ZERO)).await;
+    p.log.liar = Some(p.skewed_term);
 
     // The liar registered 1 s ahead, and at true tick 1 believes it is past tick 6.
     truth.set(tick(start, 1));
@@ -479,6 +489,7 @@ async fn a_failing_time_source_fires_nothing_until_it_answers() {
     let mut log = Log {
         rx,
         seen: Vec::new(),
+        liar: None,
     };
     let clock = Clock::new(&truth, Duration::ZERO, Duration::ZERO);
     let map = client.map(GROUP).unwrap();
