@@ -4,43 +4,79 @@
 //! a [`Task`] queue.
 //!
 //! A [`Cron`] is written once against the traits: a [`Leader`] decides who fires, a [`Task`]
-//! runs what is fired, and a [`Map`] records the last fired tick of every schedule so that a
-//! tick runs once under normal operation, also across failovers.
+//! runs what is fired, a [`Map`] records the last fired tick of every schedule so that a
+//! tick runs once under normal operation, also across failovers, and a [`Time`] source says
+//! when a tick is due (see [Time](#time)).
 //!
 //! # How it fires
 //!
 //! Every process that runs the same schedules builds a `Cron` over the same election group
 //! and the same map, and registers the same schedules by name. Each `Cron` runs one background
 //! driver (spawned on the first [`schedule`](Cron::schedule)) that campaigns in the group;
-//! while elected it sleeps until the earliest next tick of its schedules and fires it:
+//! while elected it reads its time source, sleeps until the earliest next tick of its
+//! schedules is due, and fires it:
 //!
 //! 1. on gaining leadership, read the schedule's record in the map (key = the schedule
 //!    name, value = JSON `{"tick_ms": u64, "term": u64}`: the last fired tick in milliseconds
 //!    since the Unix epoch and the term of the leader that fired it); ticks at or before it
 //!    have fired;
-//! 2. compare-and-swap the record to `{tick, term}` against the version last seen (one map
+//! 2. once the time source's `now_interval().earliest()` has reached the tick,
+//!    compare-and-swap the record to `{tick, term}` against the version last seen (one map
 //!    write per tick); on a conflict another writer won: read the record again and reconsider
 //!    the tick from it;
 //! 3. only once the swap succeeded, submit the schedule's job with the labels
-//!    `cron.schedule` (the name), `cron.term` (the leader's term) and `cron.tick` (the tick in
-//!    milliseconds since the Unix epoch), and the idempotency key `cron.<tick>.<name>`: a
-//!    submit whose answer was lost is sent again, and can never make a second job, so each
-//!    fired tick is exactly one job.
+//!    `cron.schedule` (the name), `cron.term` (the leader's term), `cron.tick` (the tick in
+//!    milliseconds since the Unix epoch), `cron.earliest` and `cron.latest` (the interval it
+//!    fired at; [`Firing::from_labels`] reads them all back), and the idempotency key
+//!    `cron.<tick>.<name>`: a submit whose answer was lost is sent again, and can never make
+//!    a second job, so each fired tick is exactly one job.
 //!
 //! When leadership is revoked the driver stops firing at once and campaigns again; on
-//! [`stop`](Cron::stop) (or drop) it resigns. Backend errors are logged (`tracing` warn) and
-//! retried after a short backoff; they never end the driver.
+//! [`stop`](Cron::stop) (or drop) it resigns. Backend and time-source errors are logged
+//! (`tracing` warn) and retried after a short backoff; they never end the driver, and a time
+//! source that fails makes it fire nothing until the source answers again (never on the
+//! unchecked host clock instead).
+//!
+//! # Time
+//!
+//! A tick `t` fires only once the time source says it has certainly come:
+//! `now_interval().earliest() >= t`. So a cron whose time source is honest (its interval
+//! contains true time) never fires a tick early, and never records a tick that true time has
+//! not reached, which would hold a later leader back; the cost is that a tick fires as late
+//! as the interval's earliest time trails true time (at most the interval's width). The time source is set with [`Cron::builder`] and
+//! [`CronBuilder::with_time`]; any backend's [`Time`] handle works:
+//!
+//! - **Default: the host clock** ([`SystemClock::default`]), taken at its word, with no
+//!   stated uncertainty. It fires on time exactly as far as the host's clock is right: a
+//!   host whose clock runs Δ ahead fires Δ early, and nothing in the cron can tell.
+//! - **[`SystemClock::new`]`(uncertainty)`**: the host clock with the bound you know it keeps
+//!   (say, what your NTP daemon guarantees); ticks fire that much later, and early only if
+//!   the clock strays beyond it.
+//! - **`sync-ntp`'s `Client::time()`**: an interval measured from NTP servers (round trip,
+//!   root delay and dispersion, drift), independent of the host's clock setting.
+//!
+//! Each job carries the interval it fired at (`cron.earliest`, `cron.latest`; see
+//! [`Firing`]), so a handler can see how sure the leader was of the time.
+//!
+//! A leader whose clock lied (ran ahead of its own interval) may have recorded a tick after
+//! the latest time another leader's source allows. The next leader does not wait for that
+//! tick: it resumes from its registration baseline, fires the latest tick due by its own
+//! time source, then each next one. A tick the clock-ahead leader already submitted is
+//! submitted again under the same idempotency key, so it stays one job (within the Task's
+//! retention of finished jobs, 1 h by default).
 //!
 //! # Which ticks fire
 //!
 //! - **Nothing before registration.** The first [`schedule`](Cron::schedule) of a name
-//!   anywhere writes a registration record (`term` 0, `tick_ms` = the registration time) if
-//!   the map has none, so ticks at or before the moment a schedule was first registered never
-//!   fire. For [`Schedule::every`] (which starts now) the first tick is therefore
-//!   `start + interval`; for [`Schedule::every_from`] with a past start it is the first
-//!   `start + k·interval` after registration. A later registration of the same name (another
-//!   process, or after [`unschedule`](Cron::unschedule), which keeps the record) resumes from
-//!   the record.
+//!   anywhere writes a registration record (`term` 0, `tick_ms` = the registration time, as
+//!   the time source's earliest time) if the map has none, so ticks certainly before the
+//!   moment a schedule was first registered never fire. For [`Schedule::every`] (which starts
+//!   at the host clock's now) on an exact clock the first tick is therefore
+//!   `start + interval`; with a stated uncertainty the tick at `start` itself may fire too,
+//!   as it is not certainly before the registration. For [`Schedule::every_from`] with a past
+//!   start it is the first `start + k·interval` after registration. A later registration of
+//!   the same name (another process, or after [`unschedule`](Cron::unschedule), which keeps
+//!   the record) resumes from the record.
 //! - **One-shots run even when late.** A [`Schedule::once`] whose time is at or before its
 //!   first registration fires promptly, once (like `at(1)` with a past time), instead of
 //!   being dropped; after it fired, the record says so and it never fires again, in any
@@ -48,7 +84,8 @@
 //! - **Missed ticks coalesce.** After a failover (or any gap without a leader) the new leader
 //!   resumes at the next tick after the recorded one. If several ticks were missed it fires
 //!   only the latest of them, then continues on schedule — like a cron job's missed-start
-//!   policy. A tick at or before the recorded one never fires.
+//!   policy. A tick at or before the recorded one never fires — unless the recorded tick is
+//!   after the latest time the leader's source allows (see [Time](#time)).
 //! - **A stale leader steps down.** Terms only grow, so a record written under a higher term
 //!   than this leader's means a newer leader exists and this one missed its revocation: it
 //!   fires nothing, drops its leadership and campaigns again.
@@ -65,7 +102,7 @@
 //! # #[tokio::main(flavor = "current_thread")] async fn main() -> sync_core::Result<()> {
 //! use std::{sync::Arc, time::Duration};
 //! use sync_core::{Backend, Job, JobContext, WorkerOptions};
-//! use sync_cron::{Cron, Schedule};
+//! use sync_cron::{Cron, Firing, Schedule};
 //! use tokio::sync::mpsc;
 //!
 //! let client = sync_local::Cluster::new().client(Default::default())?;
@@ -89,11 +126,12 @@
 //! let cron = Cron::new(client.leader("cron")?, client.task()?, client.map("cron")?, "node-1");
 //! cron.schedule("report", Schedule::every(Duration::from_millis(50)), Job::new("report", "")).await?;
 //!
-//! let first = fired.recv().await.expect("a firing");
-//! let second = fired.recv().await.expect("a firing");
-//! assert_eq!(first["cron.schedule"], "report");
-//! let tick = |labels: &std::collections::BTreeMap<String, String>| labels["cron.tick"].parse::<u64>().unwrap();
-//! assert!(tick(&second) > tick(&first));
+//! let first = Firing::from_labels(&fired.recv().await.expect("a firing"))?;
+//! let second = Firing::from_labels(&fired.recv().await.expect("a firing"))?;
+//! assert_eq!(first.schedule, "report");
+//! assert!(second.tick > first.tick);
+//! // Fired only once the time source's earliest time had reached the tick.
+//! assert!(first.interval.earliest() >= first.tick);
 //!
 //! assert!(cron.unschedule("report").await?);
 //! cron.stop().await;
@@ -101,6 +139,7 @@
 //! ```
 #![deny(missing_docs)]
 
+mod firing;
 mod schedule;
 
 use std::{
@@ -114,13 +153,20 @@ use std::{
 };
 
 use serde::{Deserialize, Serialize};
-use sync_core::{ElectOptions, Elected, Error, ErrorKind, Job, Leader, Map, Result, Task, Version};
+use sync_core::{
+    ElectOptions, Elected, Error, ErrorKind, Job, Leader, Map, Result, Task, Time, TimeInterval,
+    Version,
+};
 use sync_kit::locked;
 use tokio::{sync::watch, task::JoinHandle};
 use tracing::{Instrument, debug, error, info, info_span, warn};
 
+pub use crate::firing::Firing;
 pub use crate::schedule::{CronExpr, MIN_INTERVAL, Schedule};
-use crate::schedule::{end_of_ms, to_ms};
+use crate::schedule::{end_of_ms, from_ms, to_ms};
+/// The default time source of a [`Cron`] (re-exported from `sync-kit`): the host's clock with
+/// a stated uncertainty.
+pub use sync_kit::clock::SystemClock;
 
 /// The map value of a schedule: the last fired tick and the term that fired it (term 0: the
 /// registration record, nothing fired yet).
@@ -161,6 +207,8 @@ struct Inner {
     leader: Arc<dyn Leader>,
     task: Arc<dyn Task>,
     map: Arc<dyn Map>,
+    /// What a tick is judged due by: fired only once `earliest` has reached it.
+    time: Arc<dyn Time>,
     candidate: String,
     schedules: Mutex<BTreeMap<String, Arc<Registered>>>,
     next_id: AtomicU64,
@@ -189,22 +237,67 @@ impl fmt::Debug for Cron {
     }
 }
 
-impl Cron {
-    /// A cron driven by `leader` (campaigning as `candidate`), submitting to `task`, and
-    /// recording fired ticks in `map`. Nothing runs until the first
-    /// [`schedule`](Cron::schedule).
-    pub fn new(
-        leader: Arc<dyn Leader>,
-        task: Arc<dyn Task>,
-        map: Arc<dyn Map>,
-        candidate: impl Into<String>,
-    ) -> Cron {
+/// Builds a [`Cron`]: the handles it needs, and the [`Time`] source it fires on.
+///
+/// Without [`with_time`](CronBuilder::with_time) the cron fires on the host's clock taken at
+/// its word ([`SystemClock::default`]); see [the crate docs](crate#time) for what each choice
+/// promises.
+///
+/// ```
+/// # #[tokio::main(flavor = "current_thread")] async fn main() -> sync_core::Result<()> {
+/// use std::{sync::Arc, time::Duration};
+/// use sync_core::Backend;
+/// use sync_cron::{Cron, SystemClock};
+///
+/// let client = sync_local::Cluster::new().client(Default::default())?;
+/// // Any backend's Time plugs in, e.g. sync-ntp's `Client::time()`; here the host clock,
+/// // stated to be within 20 ms of true time.
+/// let clock = Arc::new(SystemClock::new(Duration::from_millis(20))?);
+/// let cron = Cron::builder(client.leader("cron")?, client.task()?, client.map("cron")?, "node-1")
+///     .with_time(clock)
+///     .build();
+/// # drop(cron);
+/// # Ok(()) }
+/// ```
+pub struct CronBuilder {
+    leader: Arc<dyn Leader>,
+    task: Arc<dyn Task>,
+    map: Arc<dyn Map>,
+    candidate: String,
+    time: Option<Arc<dyn Time>>,
+}
+
+impl fmt::Debug for CronBuilder {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("CronBuilder")
+            .field("group", &self.leader.group())
+            .field("map", &self.map.name())
+            .field("candidate", &self.candidate)
+            .field("custom_time", &self.time.is_some())
+            .finish()
+    }
+}
+
+impl CronBuilder {
+    /// Fires on `time`: a tick fires only once `time.now_interval()`'s earliest time has
+    /// reached it. Any backend's [`Time`] handle works (`sync-ntp`'s measures its error).
+    pub fn with_time(mut self, time: Arc<dyn Time>) -> Self {
+        self.time = Some(time);
+        self
+    }
+
+    /// The cron. Nothing runs until its first [`schedule`](Cron::schedule).
+    pub fn build(self) -> Cron {
+        let time = self
+            .time
+            .unwrap_or_else(|| Arc::new(SystemClock::default()));
         Cron {
             inner: Arc::new(Inner {
-                leader,
-                task,
-                map,
-                candidate: candidate.into(),
+                leader: self.leader,
+                task: self.task,
+                map: self.map,
+                time,
+                candidate: self.candidate,
                 schedules: Mutex::new(BTreeMap::new()),
                 next_id: AtomicU64::new(1),
                 changes: watch::Sender::new(0),
@@ -213,15 +306,48 @@ impl Cron {
             driver: Mutex::new(None),
         }
     }
+}
+
+impl Cron {
+    /// A cron driven by `leader` (campaigning as `candidate`), submitting to `task`,
+    /// recording fired ticks in `map`, and firing on the host's clock
+    /// ([`SystemClock::default`]). Nothing runs until the first
+    /// [`schedule`](Cron::schedule). [`Cron::builder`] takes another time source.
+    pub fn new(
+        leader: Arc<dyn Leader>,
+        task: Arc<dyn Task>,
+        map: Arc<dyn Map>,
+        candidate: impl Into<String>,
+    ) -> Cron {
+        Cron::builder(leader, task, map, candidate).build()
+    }
+
+    /// A builder for a cron over these handles; see [`CronBuilder`].
+    pub fn builder(
+        leader: Arc<dyn Leader>,
+        task: Arc<dyn Task>,
+        map: Arc<dyn Map>,
+        candidate: impl Into<String>,
+    ) -> CronBuilder {
+        CronBuilder {
+            leader,
+            task,
+            map,
+            candidate: candidate.into(),
+            time: None,
+        }
+    }
 
     /// Registers `schedule` under `name`: while this cron leads, each tick submits `job`
-    /// (labelled `cron.schedule`, `cron.term`, `cron.tick`).
+    /// (labelled `cron.schedule`, `cron.term`, `cron.tick`, `cron.earliest` and
+    /// `cron.latest`: see [`Firing`]).
     ///
     /// Errors: an invalid name or job, or an interval under [`MIN_INTERVAL`], is
     /// [`ErrorKind::InvalidArgument`]; a name already registered on this cron is
     /// [`ErrorKind::Conflict`]; after [`stop`](Cron::stop), [`ErrorKind::Closed`]; polled
-    /// outside a tokio runtime (which the driver runs on), [`ErrorKind::Unavailable`]; a map
-    /// failure while writing the registration record is returned as is.
+    /// outside a tokio runtime (which the driver runs on), [`ErrorKind::Unavailable`]; a
+    /// failure of the time source (read for the registration time) or of the map (while
+    /// writing the registration record) is returned as is, and nothing is registered.
     pub async fn schedule(&self, name: &str, schedule: Schedule, job: Job) -> Result<()> {
         sync_core::id::validate("schedule name", name)?;
         schedule.validate().map_err(|e| e.with_id(name))?;
@@ -239,9 +365,16 @@ impl Cron {
             return Err(duplicate(name));
         }
 
-        // Ticks at or before the first registration anywhere never fire; a one-shot that is
-        // already due stays due.
-        let now_ms = to_ms(SystemTime::now());
+        // Ticks certainly before the first registration anywhere never fire; a one-shot that
+        // is already due stays due. The earliest time, not the host clock: a record ahead of
+        // true time would hold back every later leader until true time caught up with it.
+        let now = self
+            .inner
+            .time
+            .now_interval()
+            .await
+            .map_err(|e| e.with_id(name))?;
+        let now_ms = to_ms(now.earliest());
         let baseline_ms = match &schedule {
             Schedule::Once { at } => now_ms.min(to_ms(*at).saturating_sub(1)),
             _ => now_ms,
@@ -477,13 +610,35 @@ impl Inner {
                 locked(&self.schedules).values().cloned().collect();
             last.retain(|name, (id, _)| schedules.iter().any(|s| &s.name == name && s.id == *id));
 
+            // One reading of the time source per pass: every tick of the pass is judged on
+            // it. The reading only ages while the pass runs, which can delay a firing but
+            // never hasten it.
+            let read_at = tokio::time::Instant::now();
+            let now = match self.time.now_interval().await {
+                Ok(now) => now,
+                Err(e) => {
+                    // Never fall back to the host clock: that is the unchecked clock a time
+                    // source is there to replace.
+                    failures = failures.saturating_add(1);
+                    let wait = backoff(failures);
+                    warn!(term, error = %e, retry_in = ?wait, "cron time source failed; firing nothing until it answers");
+                    tokio::select! {
+                        biased;
+                        () = self.stopped() => return Outcome::Stopped,
+                        reason = elected.revoked() => return Outcome::Revoked(reason),
+                        () = tokio::time::sleep(wait) => {}
+                    }
+                    continue;
+                }
+            };
+
             let mut failed = false;
             let mut fired = false;
             let mut wake: Option<SystemTime> = None;
             for reg in &schedules {
                 let known = match last.get(&reg.name) {
                     Some(&(_, known)) => Ok(known),
-                    None => self.load(reg, term).await,
+                    None => self.load(reg, term, &now).await,
                 };
                 let known = match known {
                     Ok(known) => known,
@@ -491,20 +646,22 @@ impl Inner {
                         return Outcome::Revoked(e.to_string());
                     }
                     Err(e) => {
-                        warn!(schedule = %reg.name, error = %e, "cannot read cron record");
+                        warn!(schedule = %reg.name, error = %e, "cannot load cron record");
                         failed = true;
                         continue;
                     }
                 };
                 last.insert(reg.name.clone(), (reg.id, known));
-                match step(&reg.schedule, known.tick_ms, SystemTime::now()) {
+                // Due only once the earliest possible true time has reached the tick, so the
+                // tick fired (and recorded) is never after true time, nor after `latest`.
+                match step(&reg.schedule, known.tick_ms, now.earliest()) {
                     Step::Ended => {}
                     Step::Wait(at) => wake = Some(wake.map_or(at, |w| w.min(at))),
                     Step::Fire(tick) => {
                         if let Some(reason) = elected.revocation_signal().reason() {
                             return Outcome::Revoked(reason);
                         }
-                        match self.fire(reg, tick, term, known).await {
+                        match self.fire(reg, tick, term, known, &now).await {
                             Ok(now_known) => {
                                 last.insert(reg.name.clone(), (reg.id, now_known));
                                 fired = true;
@@ -530,9 +687,12 @@ impl Inner {
                 continue;
             } else {
                 failures = 0;
+                // The time source's distance to the tick, less what this pass took; slept on
+                // the monotonic clock, then checked against the time source again.
                 wake.map_or(MAX_NAP, |w| {
-                    w.duration_since(SystemTime::now())
+                    w.duration_since(now.earliest())
                         .unwrap_or_default()
+                        .saturating_sub(read_at.elapsed())
                         .min(MAX_NAP)
                 })
             };
@@ -549,7 +709,13 @@ impl Inner {
     /// Reads a schedule's record: its tick (the registration baseline if the map has none) and
     /// version. A record written under a higher term than `term` is NotHeld: terms only grow, so
     /// a newer leader exists and this one missed its revocation.
-    async fn load(&self, reg: &Registered, term: u64) -> Result<Known> {
+    ///
+    /// A recorded tick after the latest time `now` allows was fired (or registered) on a clock
+    /// that ran ahead of true time. Waiting for it would leave every tick until then unfired,
+    /// so it is not trusted: the schedule resumes from this cron's registration baseline, and
+    /// fires the latest tick due now, then each next one. A tick the clock-ahead leader already
+    /// submitted is submitted again under the same idempotency key, so it stays one job.
+    async fn load(&self, reg: &Registered, term: u64, now: &TimeInterval) -> Result<Known> {
         let name = reg.name.as_str();
         let entry = self.map.read(name).await?;
         let version = entry.as_ref().map(|e| e.version);
@@ -564,8 +730,34 @@ impl Inner {
             )
             .with_id(name));
         }
+        let Some(record) = record else {
+            return Ok(Known {
+                tick_ms: reg.baseline_ms,
+                version,
+            });
+        };
+        let recorded = from_ms(record.tick_ms);
+        if recorded.is_none_or(|t| t > now.latest()) {
+            // `now` was read before the record: read the time again, after it, before calling
+            // the record one from the future.
+            let fresh = self.time.now_interval().await?;
+            if recorded.is_none_or(|t| t > fresh.latest()) {
+                warn!(
+                    schedule = name,
+                    recorded_tick = record.tick_ms,
+                    recorded_term = record.term,
+                    latest = to_ms(fresh.latest()),
+                    "cron record is after the latest trusted time (a clock ahead of true time \
+                     wrote it); not waiting for it: resuming from now"
+                );
+                return Ok(Known {
+                    tick_ms: reg.baseline_ms,
+                    version,
+                });
+            }
+        }
         Ok(Known {
-            tick_ms: record.map_or(reg.baseline_ms, |r| r.tick_ms),
+            tick_ms: record.tick_ms,
             version,
         })
     }
@@ -573,13 +765,15 @@ impl Inner {
     /// Records `tick` with compare-and-swap against the version last seen and, if that
     /// succeeded, submits the job: one map write per tick while nobody else writes the record.
     /// On a conflict the record is read again and the tick reconsidered from it. Returns what
-    /// is now known of the record.
+    /// is now known of the record. `now` is the reading `tick` was found due at; the job
+    /// carries it.
     async fn fire(
         &self,
         reg: &Registered,
         tick: SystemTime,
         term: u64,
         known: Known,
+        now: &TimeInterval,
     ) -> Result<Known> {
         let name = reg.name.as_str();
         let tick_ms = to_ms(tick);
@@ -596,7 +790,7 @@ impl Inner {
                     tick = tick_ms,
                     "cron record changed under us; reading it again"
                 );
-                return self.load(reg, term).await;
+                return self.load(reg, term, now).await;
             }
             Err(e) => return Err(e),
         };
@@ -605,13 +799,11 @@ impl Inner {
             version: Some(version),
         };
 
-        let job = reg
-            .job
-            .clone()
-            .with_label("cron.schedule", name)
-            .with_label("cron.term", term.to_string())
-            .with_label("cron.tick", tick_ms.to_string())
-            .with_key(tick_key(name, tick_ms));
+        let mut job = reg.job.clone().with_key(tick_key(name, tick_ms));
+        for (label, value) in firing::labels(name, term, tick_ms, now) {
+            job = job.with_label(label, value);
+        }
+        let (earliest, latest) = (to_ms(now.earliest()), to_ms(now.latest()));
         // The tick is recorded as ours now: try hard to submit it, even if leadership is
         // revoked meanwhile (nobody else will fire it). The tick's key makes a resend after a
         // lost answer, or a second leader's submit of the same tick, the same one job.
@@ -619,7 +811,7 @@ impl Inner {
         for attempt in 1..=ATTEMPTS {
             match self.task.submit(job.clone()).await {
                 Ok(id) => {
-                    info!(schedule = name, term, tick = tick_ms, job = %id, "cron fired");
+                    info!(schedule = name, term, tick = tick_ms, earliest, latest, job = %id, "cron fired");
                     return Ok(fired);
                 }
                 Err(e) if attempt < ATTEMPTS && e.kind() != ErrorKind::InvalidArgument => {

@@ -88,8 +88,10 @@ impl Schedule {
         Schedule::Once { at }
     }
 
-    /// Every `interval`, starting now: ticks at `now + k·interval`. Since nothing before
-    /// registration fires, the first tick fired is `now + interval`.
+    /// Every `interval`, starting now by the host's clock: ticks at `now + k·interval`. Since
+    /// nothing before registration fires, the first tick fired is `now + interval` (on a
+    /// Cron whose time source states an uncertainty, possibly `now` itself: see the
+    /// [crate docs](crate#which-ticks-fire)).
     pub fn every(interval: Duration) -> Schedule {
         Schedule::every_from(SystemTime::now(), interval)
     }
@@ -214,6 +216,12 @@ fn to_utc(t: SystemTime) -> Option<DateTime<Utc>> {
 pub(crate) fn to_ms(t: SystemTime) -> u64 {
     t.duration_since(UNIX_EPOCH)
         .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
+}
+
+/// Millisecond `ms` since the Unix epoch as a time; `None` where the platform cannot
+/// represent it (a corrupt record).
+pub(crate) fn from_ms(ms: u64) -> Option<SystemTime> {
+    UNIX_EPOCH.checked_add(Duration::from_millis(ms))
 }
 
 /// The last instant of millisecond `ms`: a tick strictly after it has a later millisecond.
