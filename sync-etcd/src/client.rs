@@ -113,12 +113,20 @@ impl ClientInner {
 
     /// Waits for the first event of a watch on `key`: true when one arrived, false when the
     /// watch was cancelled (compaction) or failed (then after a short pause, so a failing
-    /// server is not spun on), and false after [`ClientInner::recheck_every`] without an event:
-    /// a stalled member sends no events and no error either. On false the caller re-checks by
-    /// reading, which finds a stalled endpoint out and moves on from it.
-    pub(crate) async fn watch_once(&self, key: impl Into<Vec<u8>>, opts: WatchOptions) -> bool {
+    /// server is not spun on). Also false when the client moved to another endpoint (a stalled
+    /// member sends no events and no error either; the lease keepalive finds it out within a
+    /// third of the TTL), and after `trust` without an event. On false the caller re-checks by
+    /// reading.
+    pub(crate) async fn watch_once(
+        &self,
+        key: impl Into<Vec<u8>>,
+        opts: WatchOptions,
+        trust: Duration,
+    ) -> bool {
         const PAUSE: Duration = Duration::from_millis(200);
         let key = key.into();
+        let mut moves = self.endpoints.moves();
+        moves.mark_unchanged();
         let watched = async {
             let (index, client) = self.endpoints.pick().await?;
             let opened = answered_within(
@@ -141,18 +149,22 @@ impl ClientInner {
                 }
             }
         };
-        match tokio::time::timeout(self.recheck_every(), watched).await {
-            Ok(Ok(seen)) => seen,
-            Ok(Err(e)) => {
-                tracing::debug!(backend = BACKEND, error = %e, "watch failed; re-checking");
-                tokio::time::sleep(PAUSE).await;
-                false
-            }
-            Err(_) => false,
+        let watched = tokio::time::timeout(trust, watched);
+        tokio::select! {
+            outcome = watched => match outcome {
+                Ok(Ok(seen)) => seen,
+                Ok(Err(e)) => {
+                    tracing::debug!(backend = BACKEND, error = %e, "watch failed; re-checking");
+                    tokio::time::sleep(PAUSE).await;
+                    false
+                }
+                Err(_) => false,
+            },
+            _ = moves.changed() => false,
         }
     }
 
-    /// How long a watch is trusted without an event before its caller reads again.
+    /// How long a waiter trusts a watch without an event before it reads again.
     pub(crate) fn recheck_every(&self) -> Duration {
         (2 * self.config.request_timeout).max(self.config.ttl)
     }

@@ -126,6 +126,11 @@ impl ClientInner {
     }
 }
 
+/// How long a held key's monitor trusts its watch without an event: a silent endpoint is
+/// found out by the keepalive (and the watch then re-opened elsewhere), so this is only the
+/// last resort, kept long because every held lock has a monitor.
+const MONITOR_TRUST: Duration = Duration::from_secs(300);
+
 /// The safety-net re-check while waiting on a watch (push is the normal path).
 pub(crate) const FALLBACK_POLL: Duration = Duration::from_secs(10);
 
@@ -396,7 +401,7 @@ async fn wait_for_lower(
         let lower = lower.key().to_vec();
         let from = resp.header().map(|h| h.revision()).unwrap_or_default() + 1;
         tokio::select! {
-            _ = wait_deleted(client, lower, from) => {}
+            _ = wait_deleted(client, lower, from, client.recheck_every()) => {}
             reason = session.ended.wait() => {
                 return Err(Error::new(ErrorKind::LockLost, format!("the lease ended while waiting: {reason}"))
                     .with_backend(BACKEND)
@@ -414,12 +419,12 @@ async fn wait_for_lower(
 
 /// True once `key` is deleted at or after revision `from`; false when the watch failed or was
 /// cancelled, so the caller re-checks (see [`ClientInner::watch_once`]).
-async fn wait_deleted(client: &ClientInner, key: Vec<u8>, from: i64) -> bool {
+async fn wait_deleted(client: &ClientInner, key: Vec<u8>, from: i64, trust: Duration) -> bool {
     // NoPut: every event the server sends is a delete.
     let opts = WatchOptions::new()
         .with_start_revision(from)
         .with_filters([WatchFilterType::NoPut]);
-    client.watch_once(key, opts).await
+    client.watch_once(key, opts, trust).await
 }
 
 /// An owned contender key being monitored: its loss signal fires when the lease ends (TTL 0,
@@ -617,7 +622,7 @@ async fn monitor(
     let watch_key = async {
         let mut from = rev + 1;
         loop {
-            if wait_deleted(&client, key.clone().into_bytes(), from).await {
+            if wait_deleted(&client, key.clone().into_bytes(), from, MONITOR_TRUST).await {
                 return "the key was deleted".to_string();
             }
             // The watch failed or was cancelled (compaction): check the key directly.

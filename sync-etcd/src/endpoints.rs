@@ -27,6 +27,9 @@ pub(crate) struct Endpoints {
     connect_timeout: Duration,
     clients: Vec<OnceCell<etcd_client::Client>>,
     current: AtomicUsize,
+    /// Counts the moves from one endpoint to another: a watch open on the old one may sit
+    /// there silently, so watchers re-open theirs when it changes.
+    moves: tokio::sync::watch::Sender<u64>,
 }
 
 impl Endpoints {
@@ -43,6 +46,7 @@ impl Endpoints {
             connect_timeout,
             clients,
             current: AtomicUsize::new(0),
+            moves: tokio::sync::watch::channel(0).0,
         }
     }
 
@@ -59,12 +63,7 @@ impl Endpoints {
             match self.connect(index).await {
                 Ok(client) => {
                     if step > 0 {
-                        let _ = self.current.compare_exchange(
-                            start,
-                            index,
-                            Ordering::AcqRel,
-                            Ordering::Acquire,
-                        );
+                        self.move_to(start, index);
                     }
                     return Ok((index, client));
                 }
@@ -79,12 +78,7 @@ impl Endpoints {
     /// Only if it is still the current one: concurrent failures move on once, not once each.
     pub(crate) fn pass_over(&self, index: usize) {
         let next = (index + 1) % self.clients.len();
-        if next != index
-            && self
-                .current
-                .compare_exchange(index, next, Ordering::AcqRel, Ordering::Acquire)
-                .is_ok()
-        {
+        if self.move_to(index, next) {
             tracing::warn!(
                 backend = BACKEND,
                 from = %self.urls[index],
@@ -101,7 +95,28 @@ impl Endpoints {
 
     /// Makes endpoint `index` the current one: it just answered when others did not.
     pub(crate) fn prefer(&self, index: usize) {
-        self.current.store(index, Ordering::Release);
+        let now = self.current.swap(index, Ordering::AcqRel);
+        if now != index {
+            self.moves.send_modify(|n| *n += 1);
+        }
+    }
+
+    /// Changes whenever the client moves to another endpoint.
+    pub(crate) fn moves(&self) -> tokio::sync::watch::Receiver<u64> {
+        self.moves.subscribe()
+    }
+
+    /// Moves from endpoint `from` to `to` if `from` is still the current one; whether it did.
+    fn move_to(&self, from: usize, to: usize) -> bool {
+        let moved = from != to
+            && self
+                .current
+                .compare_exchange(from, to, Ordering::AcqRel, Ordering::Acquire)
+                .is_ok();
+        if moved {
+            self.moves.send_modify(|n| *n += 1);
+        }
+        moved
     }
 
     /// Endpoint `index`'s client. Without auth etcd-client dials lazily and this is immediate;

@@ -188,7 +188,7 @@ async fn follow_task(
             .with_prefix()
             .with_start_revision(rev + 1);
         tokio::select! {
-            _ = client.watch_once(prefix.as_str(), changed) => {}
+            _ = client.watch_once(prefix.as_str(), changed, client.recheck_every()) => {}
             // A watch can sit silently on a member cut off from the quorum: re-read anyway.
             _ = tokio::time::sleep(crate::contention::FALLBACK_POLL) => {}
             _ = tx.closed() => return,

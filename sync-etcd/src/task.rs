@@ -309,7 +309,7 @@ impl JobStore for EtcdTask {
             }
             let changed = WatchOptions::new().with_start_revision(rev + 1);
             tokio::select! {
-                _ = shared.client.watch_once(key.as_str(), changed) => {}
+                _ = shared.client.watch_once(key.as_str(), changed, SAFETY_NET) => {}
                 _ = tokio::time::sleep(SAFETY_NET) => {}
                 _ = killed.wait_for(|k| *k) => shared.client.check_alive()?,
             }
@@ -404,7 +404,7 @@ impl JobQueue for EtcdQueue {
                 .with_prefix()
                 .with_start_revision(rev + 1);
             tokio::select! {
-                _ = shared.client.watch_once(prefix.as_str(), changed), if rev > 0 => {}
+                _ = shared.client.watch_once(prefix.as_str(), changed, SAFETY_NET), if rev > 0 => {}
                 _ = tokio::time::sleep_until(wake) => {}
             }
         })))
@@ -852,7 +852,10 @@ async fn reaper(shared: Arc<Shared>, mut stop: watch::Receiver<bool>) {
                 .with_prefix()
                 .with_start_revision(rev + 1)
                 .with_filters([WatchFilterType::NoPut]);
-            shared.client.watch_once(shared.keys.claims(), opts).await;
+            shared
+                .client
+                .watch_once(shared.keys.claims(), opts, SAFETY_NET)
+                .await;
             tokio::time::sleep(REAP_DEBOUNCE).await;
         };
         tokio::select! {
