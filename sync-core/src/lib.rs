@@ -32,7 +32,7 @@ pub use backend::{Backend, Capabilities, Capability, Faults};
 pub use error::{Error, ErrorKind, Result};
 pub use leader::{ElectOptions, Elected, FollowStream, Leader, LeaderInfo};
 pub use lock::{Lock, LockGuard, LockOptions};
-pub use map::{Entry, MAX_VALUE_LEN, Map, Version};
+pub use map::{Entry, ITERATE_IN_FLIGHT, MAX_VALUE_LEN, Map, Version};
 pub use signal::LossSignal;
 pub use task::{
     Handler, HandlerError, Job, JobContext, JobId, JobState, JobStatus, MAX_PAYLOAD_LEN, Task,

@@ -141,31 +141,62 @@ impl dyn Map + '_ {
     /// Visits every entry; where `f` returns a new value it is written back with
     /// compare-and-swap, and on conflict `f` runs again on the fresh value. Holds no lock.
     /// Returns how many entries were changed.
+    ///
+    /// `f` runs on one entry at a time, in key order (a retry after a conflict comes later);
+    /// up to [`ITERATE_IN_FLIGHT`] writes are in flight at once, so a large map is not
+    /// rewritten one round trip after another. On an error other than a conflict the
+    /// iteration stops with it; writes already sent may have been applied.
     pub async fn iterate<F>(&self, mut f: F) -> Result<usize>
     where
         F: FnMut(&str, &[u8]) -> Option<Vec<u8>> + Send,
     {
+        use futures::stream::{FuturesUnordered, StreamExt};
+
         let mut changed = 0;
-        for entry in self.entries().await? {
-            let mut current = Some(entry);
-            let mut backoff = Backoff::default();
-            while let Some(e) = current.take() {
-                let Some(next) = f(&e.key, &e.value) else {
-                    break;
-                };
-                match self.compare_and_swap(&e.key, Some(e.version), &next).await {
-                    Ok(_) => changed += 1,
-                    Err(err) if err.kind() == ErrorKind::Conflict => {
-                        backoff.wait().await;
-                        current = self.read(&e.key).await?;
-                    }
-                    Err(err) => return Err(err),
+        let mut entries = self.entries().await?.into_iter();
+        let mut writes = FuturesUnordered::new();
+        loop {
+            while writes.len() < ITERATE_IN_FLIGHT {
+                let Some(entry) = entries.next() else { break };
+                if let Some(next) = f(&entry.key, &entry.value) {
+                    writes.push(self.swap_back(entry, next, Backoff::default()));
                 }
             }
+            let Some((entry, written, mut backoff)) = writes.next().await else {
+                return Ok(changed);
+            };
+            match written {
+                Ok(_) => changed += 1,
+                Err(err) if err.kind() == ErrorKind::Conflict => {
+                    backoff.wait().await;
+                    let fresh = self.read(&entry.key).await?;
+                    let retry = fresh.and_then(|e| f(&e.key, &e.value).map(|next| (e, next)));
+                    if let Some((fresh, next)) = retry {
+                        writes.push(self.swap_back(fresh, next, backoff));
+                    }
+                }
+                Err(err) => return Err(err),
+            }
         }
-        Ok(changed)
+    }
+
+    /// One write of [`iterate`](Self::iterate): `next` over `entry` if it is still at its
+    /// version, with what is needed to retry it.
+    async fn swap_back(
+        &self,
+        entry: Entry,
+        next: Vec<u8>,
+        backoff: Backoff,
+    ) -> (Entry, Result<Version>, Backoff) {
+        let written = self
+            .compare_and_swap(&entry.key, Some(entry.version), &next)
+            .await;
+        (entry, written, backoff)
     }
 }
+
+/// How many compare-and-swap writes `iterate` (on `dyn Map`) keeps in flight at once.
+pub const ITERATE_IN_FLIGHT: usize = 16;
 
 /// Jittered exponential backoff between compare-and-swap retries.
 #[derive(Debug, Default)]

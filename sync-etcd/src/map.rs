@@ -15,8 +15,12 @@ use crate::{
     lease::RollingLease,
 };
 
-/// The most entries `entries()` asks etcd for per request.
-const PAGE_LIMIT: i64 = 256;
+/// How many entries `entries()` asks etcd for in its first request; later pages are sized from
+/// the entry sizes seen so far (see [`PAGE_BYTES`]), up to [`MAX_PAGE`].
+const FIRST_PAGE: i64 = 256;
+
+/// The most entries `entries()` asks etcd for per request, however small they are.
+const MAX_PAGE: i64 = 8192;
 
 /// The response size `entries()` aims a page at (gRPC refuses to decode more than 4 MiB); the
 /// next page's entry count is chosen from the sizes seen so far.
@@ -75,8 +79,9 @@ impl EtcdMap {
         }
     }
 
-    /// Every entry, sorted by key: one range request per page of at most [`PAGE_LIMIT`] entries
-    /// (fewer for large values), continuing after the last key seen. Every page after the first
+    /// Every entry, sorted by key: one range request per page ([`FIRST_PAGE`] entries, then as
+    /// many as fit [`PAGE_BYTES`] at the sizes seen so far), continuing after the last key
+    /// seen. Every page after the first
     /// is read at the first page's revision, so the result is one consistent snapshot of the
     /// map at that revision, like a single range request. If etcd compacts that revision
     /// before the last page is read, the listing starts over (a few times, then fails).
@@ -107,7 +112,7 @@ impl EtcdMap {
         }
         let mut from = self.prefix.as_bytes().to_vec();
         let mut revision = 0;
-        let mut limit = PAGE_LIMIT;
+        let mut limit = FIRST_PAGE;
         let mut out = Vec::new();
         loop {
             let mut opts = GetOptions::new()
@@ -152,7 +157,7 @@ impl EtcdMap {
             from = last.key().to_vec();
             from.push(0);
             let average = (bytes / kvs.len()).max(1);
-            limit = ((PAGE_BYTES / average) as i64).clamp(1, PAGE_LIMIT);
+            limit = ((PAGE_BYTES / average) as i64).clamp(1, MAX_PAGE);
         }
         Ok(out)
     }

@@ -603,7 +603,7 @@ async fn task_corrupt_far_future_queue_entry(endpoint: String) -> TestResult {
     Ok(())
 }
 
-/// `entries()` over several pages (600 entries, 256 a page): every entry, sorted by key, with
+/// `entries()` over several pages (600 entries, a first page of 256): every entry, sorted by key, with
 /// its version — and one consistent snapshot even while keys are written at both ends of the
 /// range during the listing.
 async fn map_entries_over_several_pages(endpoint: String) -> TestResult {
