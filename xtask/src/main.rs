@@ -22,6 +22,7 @@ macro_rules! bail {
     ($($arg:tt)*) => { return Err(format!($($arg)*).into()) };
 }
 
+mod bench;
 mod drill;
 mod install;
 mod probe;
@@ -52,7 +53,15 @@ usage:
       and with a higher token. Then, on a three-node cluster of its own: the lock drill while
       the leader is killed, while the whole cluster restarts, and a caller timing every call
       while one member at a time is frozen. `cluster` runs only those. A summary per drill;
-      fails on any violation.";
+      fails on any violation.
+  cargo xtask bench [BACKEND...] [--quick]
+      side-by-side benchmarks (sync-bench): each scenario runs the library, a raw client doing
+      the minimal requests and the peer a user would otherwise pick, interleaved in rounds,
+      against the live services (started and stopped here unless SYNC_TEST_* is set). BACKEND:
+      etcd local ntp (consul redis: listed as not run until their crates exist); default all.
+      Prints a Markdown table; writes report.json, report.md and report.svg to
+      <target>/bench/ (CARGO_TARGET_DIR honoured). --quick: a few seconds per scenario, dev
+      build (`cargo xtask test` runs it after the tests); otherwise a release build.";
 
 /// Ctrl-C, SIGTERM and SIGHUP only count here; whatever is running notices, stops its child
 /// and tears down what it started. A second Ctrl-C gives up on the teardown.
@@ -94,6 +103,7 @@ fn run(args: &[String]) -> Result<ExitCode> {
         Some("test") => test::run(&args[1..]),
         Some("services") => services::cli(&args[1..]),
         Some("drill") => drill::run(&args[1..]),
+        Some("bench") => bench::run(&args[1..]),
         None | Some("help" | "-h" | "--help") => {
             println!("{USAGE}");
             Ok(ExitCode::SUCCESS)

@@ -1,5 +1,6 @@
 //! The live backends: etcd, Consul (dev mode), Redis and chronyd as an NTP server, each on
-//! 127.0.0.1 on a non-default port, with pid file, data and log under `target/services/<name>/`.
+//! 127.0.0.1 on a non-default port, with pid file, data and log under the workspace's
+//! `target/services/<name>/` (also when CARGO_TARGET_DIR points elsewhere).
 
 use std::{
     fmt, fs,
@@ -14,7 +15,7 @@ use std::{
 
 use nix::{sys::signal, unistd::Pid};
 
-use crate::{Result, fmt_duration, install, interrupted, probe, target_dir};
+use crate::{Result, fmt_duration, install, interrupted, probe, project_root};
 
 const HOST: &str = "127.0.0.1";
 
@@ -132,7 +133,7 @@ impl Service {
     }
 
     fn dir(self) -> PathBuf {
-        target_dir().join("services").join(self.name())
+        services_root().join(self.name())
     }
 
     fn pid_file(self) -> PathBuf {
@@ -142,6 +143,15 @@ impl Service {
     fn log_file(self) -> PathBuf {
         self.dir().join(format!("{}.log", self.name()))
     }
+}
+
+/// Where every service's pid file, data and log live: the workspace's own `target/services`,
+/// whatever CARGO_TARGET_DIR says. The pid files are how one xtask finds the services another
+/// one started, and CARGO_TARGET_DIR differs between shells, IDEs and CI steps: under it, an
+/// xtask with another setting (or none) would find no pid file and call its own etcd "a
+/// process xtask did not start".
+fn services_root() -> PathBuf {
+    project_root().join("target").join("services")
 }
 
 /// Services named on the command line, or all of them.
@@ -751,6 +761,27 @@ fn smoke_one(service: Service) -> Result<String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// With CARGO_TARGET_DIR set (run this test with it set, as `cargo xtask test` may) the
+    /// services' files stay where every other xtask looks for them.
+    #[test]
+    fn service_files_ignore_cargo_target_dir() {
+        let root = project_root().join("target/services");
+        for service in Service::ALL {
+            assert_eq!(service.dir(), root.join(service.name()));
+            assert_eq!(service.pid_file(), root.join(service.name()).join("pid"));
+            assert!(service.log_file().starts_with(&root));
+        }
+        if let Some(dir) = std::env::var_os("CARGO_TARGET_DIR") {
+            let elsewhere = crate::target_dir();
+            if elsewhere != project_root().join("target") {
+                assert!(
+                    !Service::Etcd.dir().starts_with(&elsewhere),
+                    "services follow CARGO_TARGET_DIR={dir:?}"
+                );
+            }
+        }
+    }
 
     #[test]
     fn pid_files() {

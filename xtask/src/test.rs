@@ -95,7 +95,7 @@ pub(crate) fn run(args: &[String]) -> Result<ExitCode> {
     // From here on, every way out goes through the teardown below.
     // A panic (an eprintln! to a closed stderr, say) must not skip it either.
     let outcome = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-        smoke_and_test(&managed, &scope, etcd_tls, &cargo_args)
+        smoke_and_test(&managed, &scope, etcd_tls, &cargo_args, &names)
     }))
     .unwrap_or_else(|_| Err("xtask panicked while testing".into()));
 
@@ -132,6 +132,7 @@ fn smoke_and_test(
     scope: &[String],
     etcd_tls: bool,
     cargo_args: &[String],
+    tested: &[&str],
 ) -> Result<ExitCode> {
     if !managed.is_empty() {
         let started = Instant::now();
@@ -210,6 +211,25 @@ fn smoke_and_test(
             if let Some(code) = run_drill(what, drill) {
                 failed.get_or_insert(code);
             }
+        }
+    }
+    // The benchmark harness, quick, so that it cannot rot: it must run, and asserts nothing
+    // about speed.
+    let started = Instant::now();
+    say!("quick benchmarks (cargo xtask bench --quick)");
+    match crate::bench::bench(&crate::bench::quick_backends(tested), true, &envs) {
+        Ok(code) if code == ExitCode::SUCCESS => {
+            say!(
+                "quick benchmarks ran in {}",
+                fmt_duration(started.elapsed())
+            );
+        }
+        Ok(code) => {
+            failed.get_or_insert(code);
+        }
+        Err(e) => {
+            say!("quick benchmarks FAILED: {e}");
+            failed.get_or_insert(ExitCode::FAILURE);
         }
     }
     Ok(failed.unwrap_or(ExitCode::SUCCESS))
@@ -296,7 +316,7 @@ const ETCD_TLS_TESTS: [&str; 9] = [
 ];
 
 /// A child's status as ours: its exit code, or 128 + the signal that ended it.
-fn exit_code(status: ExitStatus) -> ExitCode {
+pub(crate) fn exit_code(status: ExitStatus) -> ExitCode {
     let code = status
         .code()
         .or_else(|| status.signal().map(|s| 128 + s))
@@ -307,7 +327,7 @@ fn exit_code(status: ExitStatus) -> ExitCode {
 /// Runs a child in its own process group, streaming its output. An interrupt of xtask is
 /// passed on to the whole group as SIGINT (SIGKILL if it lingers), so that the child is gone
 /// before the teardown stops the services it is using.
-fn run_child(mut command: Command) -> Result<ExitStatus> {
+pub(crate) fn run_child(mut command: Command) -> Result<ExitStatus> {
     command.stdin(Stdio::null()).process_group(0);
     let mut child = command.spawn()?;
     let group = Pid::from_raw(i32::try_from(child.id())?);
