@@ -324,6 +324,7 @@ impl JobStore for EtcdTask {
         Ok(EtcdQueue {
             shared: self.shared.clone(),
             prefix: self.shared.keys.queue_prefix(name),
+            ahead: Default::default(),
         })
     }
 }
@@ -375,6 +376,10 @@ impl EtcdTask {
 pub(crate) struct EtcdQueue {
     shared: Arc<Shared>,
     prefix: String,
+    /// Startable jobs from the last scan, records read, not yet tried: the next claims try
+    /// them first, one request each, before the queue is read again. A stale one (claimed by
+    /// another worker, or changed) fails its claim's guard and is dropped.
+    ahead: std::sync::Mutex<std::collections::VecDeque<Candidate>>,
 }
 
 #[async_trait]
@@ -382,17 +387,14 @@ impl JobQueue for EtcdQueue {
     type Claim = Claim;
 
     async fn claim(&self, _name: &str) -> Result<Claimed<Claim>> {
-        let (claim, rev, wake) = claim_one(&self.shared, &self.prefix).await?;
-        if let Some(mut claim) = claim {
-            // The claim's revision fences the attempt; its lease's end is the claim's end.
-            let token = u64::try_from(claim.rev).unwrap_or_default();
-            let mut ctx = JobContext::new(
-                JobId(claim.id.clone()),
-                &claim.record.job,
-                claim.record.status.attempts,
-            )
-            .with_claim(token, claim.lease_ended.clone());
-            ctx.payload = std::mem::take(&mut claim.payload);
+        let session = self.shared.client.session().await?;
+        while let Some(candidate) = self.next_ahead() {
+            if let Some(claim) = claim_candidate(&self.shared, &session, candidate).await? {
+                return Ok(Claimed::Job(claim.0, claim.1));
+            }
+        }
+        let (claim, rev, wake) = claim_one(&self.shared, &self.prefix, &self.ahead).await?;
+        if let Some((claim, ctx)) = claim {
             return Ok(Claimed::Job(claim, ctx));
         }
         // Watching from the revision the queue was read at misses no entry written since.
@@ -423,6 +425,26 @@ impl JobQueue for EtcdQueue {
     }
 }
 
+impl EtcdQueue {
+    fn next_ahead(&self) -> Option<Candidate> {
+        sync_kit::locked(&self.ahead).pop_front()
+    }
+}
+
+/// A claimed job with the context its handler gets: the claim's revision fences the attempt,
+/// and its lease's end is the claim's end.
+fn with_context(mut claim: Claim) -> (Claim, JobContext) {
+    let token = u64::try_from(claim.rev).unwrap_or_default();
+    let mut ctx = JobContext::new(
+        JobId(claim.id.clone()),
+        &claim.record.job,
+        claim.record.status.attempts,
+    )
+    .with_claim(token, claim.lease_ended.clone());
+    ctx.payload = std::mem::take(&mut claim.payload);
+    (claim, ctx)
+}
+
 async fn stopped(stop: &mut watch::Receiver<bool>, killed: &mut watch::Receiver<bool>) {
     tokio::select! {
         _ = stop.wait_for(|s| *s) => {}
@@ -442,14 +464,28 @@ pub(crate) struct Claim {
     lease_ended: LossSignal,
 }
 
-/// Claims the oldest startable job of the queue, paging through it (oldest first) until one
-/// is claimed or the queue is exhausted. Returns the claim (if any), the revision the queue was
-/// first read at (watching for changes from there misses nothing), and when the earliest
-/// delayed retry seen becomes startable.
+/// A startable queue entry with its job's record, read in one batch with its neighbours.
+pub(crate) struct Candidate {
+    /// The queue entry's key.
+    entry: Vec<u8>,
+    id: String,
+    record: Record,
+    /// The record's mod revision when read: the claim is guarded by it.
+    mod_rev: i64,
+}
+
+/// Claims a startable job of the queue, paging through it (oldest first) until one is
+/// claimed or the queue is exhausted. Each page's startable entries have their records read
+/// in one request; they are tried from a random place in the page (so workers spread over
+/// the queue rather than race for its head), and those not tried are left in `ahead` for the
+/// next claims. Returns the claim (if any), the revision the queue was first read at
+/// (watching for changes from there misses nothing), and when the earliest delayed retry seen
+/// becomes startable.
 async fn claim_one(
     shared: &Shared,
     queue_prefix: &str,
-) -> Result<(Option<Claim>, i64, Option<Instant>)> {
+    ahead: &std::sync::Mutex<std::collections::VecDeque<Candidate>>,
+) -> Result<(Option<(Claim, JobContext)>, i64, Option<Instant>)> {
     let client = &shared.client;
     let session = client.session().await?;
     let now = now_ms();
@@ -473,6 +509,7 @@ async fn claim_one(
         if first_rev == 0 {
             first_rev = resp.header().map(|h| h.revision()).unwrap_or_default();
         }
+        let mut startable = Vec::new();
         for kv in resp.kvs() {
             after_create_rev = after_create_rev.max(kv.create_revision());
             let not_before: u64 = std::str::from_utf8(kv.value())
@@ -483,7 +520,17 @@ async fn claim_one(
                 wake = Some(wake.map_or(not_before, |w| w.min(not_before)));
                 continue;
             }
-            if let Some(claim) = try_claim(shared, &session, queue_prefix, kv).await? {
+            startable.push(kv);
+        }
+        let mut candidates = candidates(shared, queue_prefix, &startable).await?;
+        if !candidates.is_empty() {
+            let start = (uuid::Uuid::new_v4().as_u128() % candidates.len() as u128) as usize;
+            candidates.rotate_left(start);
+        }
+        let mut candidates = candidates.into_iter();
+        while let Some(candidate) = candidates.next() {
+            if let Some(claim) = claim_candidate(shared, &session, candidate).await? {
+                sync_kit::locked(ahead).extend(candidates);
                 return Ok((Some(claim), first_rev, None));
             }
         }
@@ -496,47 +543,87 @@ async fn claim_one(
     Ok((None, first_rev, wake))
 }
 
-/// Tries to claim the job of one startable queue entry (None if it is not claimable: gone,
-/// already running or ended, or claimed by another worker first).
-async fn try_claim(
+/// The claimable jobs of `entries` (startable queue entries), their records read in one
+/// request. An entry without a record is dropped; one whose job already ended is dropped,
+/// guarded by the record; one whose record cannot be read is skipped (it must not block every
+/// job queued behind it).
+async fn candidates(
     shared: &Shared,
-    session: &Session,
     queue_prefix: &str,
-    kv: &etcd_client::KeyValue,
-) -> Result<Option<Claim>> {
-    let client = &shared.client;
-    let Some(escaped) = std::str::from_utf8(kv.key())
-        .ok()
-        .and_then(|k| k.strip_prefix(queue_prefix))
-    else {
-        return Ok(None);
-    };
-    let Some(id) = sync_core::id::unescape(escaped) else {
-        return Ok(None);
-    };
-    let record = match shared.read(&id).await {
-        // One unreadable record must not block every job queued behind it.
-        Err(e) if e.message() == UNREADABLE_RECORD => {
-            tracing::warn!(backend = BACKEND, job = %id, error = %e, "skipping a job whose record cannot be read");
-            return Ok(None);
-        }
-        other => other?,
-    };
-    let Some((mut record, mod_rev)) = record else {
-        // An entry without a record: drop it.
-        let _ = client.kv().delete(kv.key().to_vec(), None).await;
-        return Ok(None);
-    };
-    if record.status.state != JobState::Queued {
-        if record.status.state.is_final() {
+    entries: &[&etcd_client::KeyValue],
+) -> Result<Vec<Candidate>> {
+    let ids: Vec<(&etcd_client::KeyValue, String)> = entries
+        .iter()
+        .filter_map(|kv| {
+            let escaped = std::str::from_utf8(kv.key())
+                .ok()?
+                .strip_prefix(queue_prefix)?;
+            Some((*kv, sync_core::id::unescape(escaped)?))
+        })
+        .collect();
+    if ids.is_empty() {
+        return Ok(Vec::new());
+    }
+    let reads = ids
+        .iter()
+        .map(|(_, id)| TxnOp::get(shared.keys.record(id), None))
+        .collect::<Vec<_>>();
+    let resp = shared
+        .client
+        .kv()
+        .txn(Txn::new().and_then(reads))
+        .await
+        .map_err(|e| etcd_err("reading the queued jobs", e))?;
+    let mut out = Vec::new();
+    for ((kv, id), op) in ids.into_iter().zip(resp.op_responses()) {
+        let TxnOpResponse::Get(got) = op else {
+            continue;
+        };
+        let Some(record_kv) = got.kvs().first() else {
+            // An entry without a record: drop it.
+            let _ = shared.client.kv().delete(kv.key().to_vec(), None).await;
+            continue;
+        };
+        let mod_rev = record_kv.mod_revision();
+        let record = match Shared::decode(&id, record_kv.value()) {
+            Ok(record) => record,
+            Err(e) => {
+                tracing::warn!(backend = BACKEND, job = %id, error = %e, "skipping a job whose record cannot be read");
+                continue;
+            }
+        };
+        if record.status.state == JobState::Queued {
+            out.push(Candidate {
+                entry: kv.key().to_vec(),
+                id,
+                record,
+                mod_rev,
+            });
+        } else if record.status.state.is_final() {
             // A stale entry (the job already ended): drop it, guarded by the record.
             let stale = Txn::new()
                 .when([shared.keys.record_at(&id, mod_rev)])
                 .and_then([TxnOp::delete(kv.key().to_vec(), None::<DeleteOptions>)]);
-            let _ = client.kv().txn(stale).await;
+            let _ = shared.client.kv().txn(stale).await;
         }
-        return Ok(None);
     }
+    Ok(out)
+}
+
+/// Tries to claim `candidate` (None if it is no longer claimable: claimed by another worker
+/// first, or changed since it was read).
+async fn claim_candidate(
+    shared: &Shared,
+    session: &Session,
+    candidate: Candidate,
+) -> Result<Option<(Claim, JobContext)>> {
+    let client = &shared.client;
+    let Candidate {
+        entry,
+        id,
+        mut record,
+        mod_rev,
+    } = candidate;
     let queued = record.clone();
     record.status.state = JobState::Running;
     record.status.attempts = record.status.attempts.saturating_add(1);
@@ -548,7 +635,7 @@ async fn try_claim(
         ])
         .and_then([
             TxnOp::put(keys.record(&id), shared.encode(&record)?, None),
-            TxnOp::delete(kv.key().to_vec(), None::<DeleteOptions>),
+            TxnOp::delete(entry, None::<DeleteOptions>),
             TxnOp::put(
                 keys.claim(&id),
                 session.lease_hex(),
@@ -568,7 +655,8 @@ async fn try_claim(
         Err(e) => {
             tracing::warn!(backend = BACKEND, job = %id, error = %e, "the claim's answer was lost; resolving it");
             let attempt = record.status.attempts;
-            return resolve_claim(shared, session, &id, mod_rev, &queued, attempt).await;
+            let resolved = resolve_claim(shared, session, &id, mod_rev, &queued, attempt).await?;
+            return Ok(resolved.map(with_context));
         }
     };
     if !done.succeeded() {
@@ -579,13 +667,13 @@ async fn try_claim(
     // job ends.
     let payload = take_first_value(&mut done.op_responses(), 4).unwrap_or_default();
     tracing::debug!(backend = BACKEND, job = %id, attempt = record.status.attempts, "job claimed");
-    Ok(Some(Claim {
+    Ok(Some(with_context(Claim {
         id,
         record,
         payload,
         rev,
         lease_ended: session.ended.clone(),
-    }))
+    })))
 }
 
 /// Settles a claim of `id` whose answer was lost: it may have committed, or may still be in
