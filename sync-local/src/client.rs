@@ -1,7 +1,7 @@
 //! The client handle: a participant in a [`Cluster`](crate::Cluster) with its own session.
 
 use std::sync::{
-    Arc, Mutex, Weak,
+    Arc, RwLock, Weak,
     atomic::{AtomicBool, Ordering},
 };
 
@@ -18,7 +18,7 @@ use crate::{
     time::LocalTime,
 };
 // Re-exported for the modules that import them from here.
-pub(crate) use crate::server::Shared;
+pub(crate) use crate::server::{Session, Shared};
 pub(crate) use sync_kit::locked;
 
 /// A connection to a [`Cluster`] with one session (the lease that TTL refers to), shared by
@@ -41,11 +41,12 @@ pub(crate) struct ClientInner {
     pub(crate) shared: Arc<Shared>,
     pub(crate) config: Config,
     killed: Arc<AtomicBool>,
-    session: Mutex<Option<SessionHandle>>,
+    /// Read on every grant, written only when a session opens or ends.
+    session: RwLock<Option<SessionHandle>>,
 }
 
 struct SessionHandle {
-    id: u64,
+    state: Arc<Session>,
     keepalive: AbortHandle,
 }
 
@@ -68,23 +69,43 @@ impl ClientInner {
 
     /// The live session, opening a new one if the last was revoked. Fails once killed.
     pub(crate) fn session(&self) -> Result<u64> {
+        self.session_state().map(|s| s.id)
+    }
+
+    /// The live session (see [`session`](ClientInner::session)), for a grant bound to it.
+    pub(crate) fn session_state(&self) -> Result<Arc<Session>> {
         self.check_open()?;
-        let mut slot = locked(&self.session);
-        if let Some(s) = slot.as_ref().filter(|s| self.shared.session_alive(s.id)) {
-            return Ok(s.id);
+        {
+            let slot = self.session.read().unwrap_or_else(|p| p.into_inner());
+            if let Some(s) = slot.as_ref().filter(|s| s.state.alive()) {
+                return Ok(s.state.clone());
+            }
+        }
+        let mut slot = self.session.write().unwrap_or_else(|p| p.into_inner());
+        if let Some(s) = slot.as_ref().filter(|s| s.state.alive()) {
+            return Ok(s.state.clone());
         }
         // Owned by the keepalive alone: if it dies, every signal bound to the session is lost.
         let clock = LeaseClock::new(after(self.config.ttl));
-        let id = self.shared.open_session(clock.deadline());
+        let state = self.shared.open_session(clock.deadline());
         let keepalive = spawn_keepalive(
             Arc::downgrade(&self.shared),
-            id,
+            state.id,
             self.config.ttl,
             clock,
             self.killed.clone(),
         );
-        *slot = Some(SessionHandle { id, keepalive });
-        Ok(id)
+        *slot = Some(SessionHandle {
+            state: state.clone(),
+            keepalive,
+        });
+        Ok(state)
+    }
+
+    /// The id of the current session, live or not, if one was opened.
+    fn session_id(&self) -> Option<u64> {
+        let slot = self.session.read().unwrap_or_else(|p| p.into_inner());
+        slot.as_ref().map(|s| s.state.id)
     }
 
     /// Namespaced key for `parts`, each escaped.
@@ -109,7 +130,7 @@ impl Drop for ClientInner {
                 return;
             }
             s.keepalive.abort();
-            self.shared.end_session(s.id, "client closed");
+            self.shared.end_session(s.state.id, "client closed");
         }
     }
 }
@@ -173,7 +194,7 @@ impl Client {
             shared,
             config,
             killed: Arc::new(AtomicBool::new(false)),
-            session: Mutex::new(None),
+            session: RwLock::new(None),
         });
         inner.session()?;
         Ok(Client { inner })
@@ -203,7 +224,7 @@ impl Client {
     /// Fault injection: the session is revoked now, as a server-side lease revoke would do.
     /// Holders' `lost()` fire and their locks free at once; the next call opens a new session.
     pub fn revoke(&self) {
-        let current = locked(&self.inner.session).as_ref().map(|s| s.id);
+        let current = self.inner.session_id();
         if let Some(id) = current {
             self.inner.shared.end_session(id, "session revoked");
         }
@@ -259,11 +280,13 @@ impl Backend for Client {
 
     /// Ends the session now (everything it held frees at once); later calls fail with Closed.
     async fn close(&self) -> Result<()> {
-        let session = locked(&self.inner.session).take();
+        let session = (self.inner.session.write())
+            .unwrap_or_else(|p| p.into_inner())
+            .take();
         self.inner.killed.store(true, Ordering::SeqCst);
         if let Some(s) = session {
             s.keepalive.abort();
-            self.inner.shared.end_session(s.id, "client closed");
+            self.inner.shared.end_session(s.state.id, "client closed");
         }
         Ok(())
     }

@@ -16,7 +16,7 @@ use crate::{
     BACKEND,
     client::ClientInner,
     server::Shared,
-    table::{SlotState, Table},
+    table::{Asker, SlotState, Table},
 };
 
 /// Every election group of a cluster, by namespaced key; the holder of a group is its leader
@@ -63,14 +63,10 @@ impl SlotState for Group {
 struct Campaign {
     client: Arc<ClientInner>,
     group: String,
-    key: String,
+    key: Arc<str>,
 }
 
 impl Campaign {
-    fn shared(&self) -> &Arc<Shared> {
-        &self.client.shared
-    }
-
     fn elections(&self) -> &ElectionTable {
         &self.client.shared.elections
     }
@@ -92,9 +88,11 @@ impl Campaign {
             group.publish(Some(LeaderInfo::new(candidate, term, value.clone())));
         };
         let elections = self.elections();
-        let won = elections
-            .grant(&self.client, &self.key, deadline, reign)
-            .await?;
+        let asker = Asker {
+            client: &self.client,
+            owner: 0,
+        };
+        let won = elections.grant(asker, &self.key, deadline, reign).await?;
         let (term, signal) = won.ok_or_else(|| {
             Error::new(
                 ErrorKind::Timeout,
@@ -127,7 +125,7 @@ pub(crate) struct LocalLeader {
 
 impl LocalLeader {
     pub(crate) fn new(client: Arc<ClientInner>, group: &str) -> Self {
-        let key = client.key(&["leader", group]);
+        let key = Arc::from(client.key(&["leader", group]));
         LocalLeader {
             campaign: Campaign {
                 client,
@@ -210,11 +208,7 @@ impl LocalLeadership {
     fn step_down(&self) -> Result<()> {
         // A killed client resigns nothing: its leadership ends when its session expires.
         self.campaign.check_open()?;
-        let shared = self.campaign.shared();
-        if !shared
-            .elections
-            .release(shared, &self.campaign.key, self.term)
-        {
+        if !(self.campaign.elections()).release(&self.campaign.key, self.term) {
             return Err(self.not_leading());
         }
         tracing::info!(backend = BACKEND, group = %self.campaign.group, term = self.term, "resigned");

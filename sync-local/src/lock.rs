@@ -1,22 +1,22 @@
 //! Lock on the in-process backend.
 
 use std::{
-    collections::HashMap,
-    sync::{Arc, Mutex},
+    cell::RefCell,
+    sync::{
+        Arc,
+        atomic::{AtomicU64, Ordering},
+    },
 };
 
 use async_trait::async_trait;
 use sync_core::raw::HeldLock;
 use sync_core::{Error, ErrorKind, Lock, LockGuard, LockOptions, LossSignal, Result};
-use tracing::Instrument;
-
-use sync_kit::locked;
 
 use crate::{
     BACKEND,
     client::ClientInner,
     server::Shared,
-    table::{SlotState, Table},
+    table::{Asker, SlotState, Table},
 };
 
 /// Every held lock of a cluster, by namespaced key.
@@ -38,40 +38,52 @@ impl SlotState for LockSlot {
 
 pub(crate) struct LocalLock {
     client: Arc<ClientInner>,
-    /// Grants taken through this handle, oldest first, for the seed's `release(id)`.
-    mine: Arc<Mutex<HashMap<String, Vec<u64>>>>,
+    /// The namespaced key of every id up to the id itself (`<ns>/lock/`).
+    prefix: String,
+    /// This handle, as the table records it for the seed's `release(id)`.
+    owner: u64,
 }
+
+/// Handle numbers (0 means no handle).
+static HANDLES: AtomicU64 = AtomicU64::new(1);
 
 impl LocalLock {
     pub(crate) fn new(client: Arc<ClientInner>) -> Self {
+        // Ends with the separator the id follows.
+        let prefix = client.key(&["lock", ""]);
         LocalLock {
             client,
-            mine: Default::default(),
+            prefix,
+            owner: HANDLES.fetch_add(1, Ordering::Relaxed),
         }
     }
 
-    fn key(&self, id: &str) -> String {
-        self.client.key(&["lock", id])
+    /// The namespaced key of `id`, made in one allocation.
+    fn key(&self, id: &str) -> Arc<str> {
+        thread_local! {
+            static SCRATCH: RefCell<String> = const { RefCell::new(String::new()) };
+        }
+        SCRATCH.with_borrow_mut(|key| {
+            key.clear();
+            key.push_str(&self.prefix);
+            key.push_str(&sync_core::id::escape(id));
+            Arc::from(key.as_str())
+        })
     }
 
-    /// Takes the lock if free.
-    fn try_grant(&self, id: &str, key: &str) -> Result<Option<LockGuard>> {
-        let locks = &self.client.shared.locks;
-        let granted = locks.try_grant(&self.client, key, |_, _| {})?;
-        Ok(granted.map(|(grant, signal)| self.guard(id, key, grant, signal)))
+    fn asker(&self) -> Asker<'_> {
+        Asker {
+            client: &self.client,
+            owner: self.owner,
+        }
     }
 
-    /// The guard of a new grant, remembered for the seed's `release(id)`.
-    fn guard(&self, id: &str, key: &str, grant: u64, signal: LossSignal) -> LockGuard {
-        locked(&self.mine)
-            .entry(key.to_string())
-            .or_default()
-            .push(grant);
+    /// The guard of a new grant.
+    fn guard(&self, id: &str, key: Arc<str>, grant: u64, signal: LossSignal) -> LockGuard {
         let inner = LocalHeld {
             client: self.client.clone(),
-            mine: self.mine.clone(),
-            id: id.to_string(),
-            key: key.to_string(),
+            key,
+            id_at: self.prefix.len(),
             grant,
             lost: signal.clone(),
         };
@@ -80,119 +92,101 @@ impl LocalLock {
     }
 }
 
-/// Releases `grant` of `key`: NotHeld or LockLost if it no longer held.
-fn release_grant(shared: &Shared, id: &str, key: &str, grant: u64, lost: bool) -> Result<()> {
-    if shared.locks.release(shared, key, grant) {
-        return Ok(());
-    }
+fn not_held(id: &str, lost: bool) -> Error {
     let (kind, why) = if lost {
         (ErrorKind::LockLost, "the lock was lost before release")
     } else {
         (ErrorKind::NotHeld, "the lock is not held by this guard")
     };
-    Err(Error::new(kind, why).with_backend(BACKEND).with_id(id))
+    Error::new(kind, why).with_backend(BACKEND).with_id(id)
 }
 
+// The checked layer (sync-kit) opens each operation's span, with backend, primitive and id.
 #[async_trait]
 impl Lock for LocalLock {
     async fn acquire(&self, id: &str, opts: LockOptions) -> Result<LockGuard> {
-        let span = tracing::debug_span!("acquire", backend = BACKEND, primitive = "lock", id);
-        async {
-            let key = self.key(id);
-            let deadline = opts.wait.map(sync_kit::deadline);
-            let locks = &self.client.shared.locks;
-            let granted = locks.grant(&self.client, &key, deadline, |_, _| {}).await?;
-            let (grant, signal) = granted.ok_or_else(|| {
-                Error::new(
-                    ErrorKind::Timeout,
-                    format!(
-                        "lock not granted within {:?}",
-                        opts.wait.unwrap_or_default()
-                    ),
-                )
-                .with_backend(BACKEND)
-                .with_id(id)
-            })?;
-            Ok(self.guard(id, &key, grant, signal))
-        }
-        .instrument(span)
-        .await
+        let key = self.key(id);
+        let deadline = opts.wait.map(sync_kit::deadline);
+        let locks = &self.client.shared.locks;
+        let granted = locks.grant(self.asker(), &key, deadline, |_, _| {}).await?;
+        let (grant, signal) = granted.ok_or_else(|| {
+            Error::new(
+                ErrorKind::Timeout,
+                format!(
+                    "lock not granted within {:?}",
+                    opts.wait.unwrap_or_default()
+                ),
+            )
+            .with_backend(BACKEND)
+            .with_id(id)
+        })?;
+        Ok(self.guard(id, key, grant, signal))
     }
 
-    #[tracing::instrument(level = "debug", skip(self), fields(backend = BACKEND, primitive = "lock"))]
     async fn try_acquire(&self, id: &str) -> Result<Option<LockGuard>> {
         let key = self.key(id);
-        self.try_grant(id, &key)
+        let locks = &self.client.shared.locks;
+        let granted = locks.try_grant(self.asker(), &key, |_, _| {})?;
+        Ok(granted.map(|(grant, signal)| self.guard(id, key, grant, signal)))
     }
 
-    #[tracing::instrument(level = "debug", skip(self), fields(backend = BACKEND, primitive = "lock"))]
     async fn release(&self, id: &str) -> Result<()> {
-        let key = self.key(id);
         self.client.check_open()?;
-        let grant = {
-            let mut mine = locked(&self.mine);
-            let grants = mine.get_mut(&key);
-            let grant = grants.and_then(|g| (!g.is_empty()).then(|| g.remove(0)));
-            if mine.get(&key).is_some_and(Vec::is_empty) {
-                mine.remove(&key);
-            }
-            grant
-        };
-        let Some(grant) = grant else {
-            return Err(
-                Error::new(ErrorKind::NotHeld, "this handle holds no such lock")
-                    .with_backend(BACKEND)
-                    .with_id(id),
-            );
-        };
-        release_grant(&self.client.shared, id, &key, grant, false)
+        // A lock is exclusive, so this handle holds at most one live grant of `id`.
+        if self
+            .client
+            .shared
+            .locks
+            .release_owned(&self.key(id), self.owner)
+        {
+            return Ok(());
+        }
+        Err(
+            Error::new(ErrorKind::NotHeld, "this handle holds no such lock")
+                .with_backend(BACKEND)
+                .with_id(id),
+        )
     }
 }
 
 struct LocalHeld {
     /// Keeps the session (and its renewal) alive while the guard lives.
     client: Arc<ClientInner>,
-    mine: Arc<Mutex<HashMap<String, Vec<u64>>>>,
-    id: String,
-    key: String,
+    key: Arc<str>,
+    /// Where the escaped id starts in `key` (the id is needed only for errors).
+    id_at: usize,
     grant: u64,
     lost: LossSignal,
 }
 
 impl LocalHeld {
-    fn forget(&self) {
-        let mut mine = locked(&self.mine);
-        if let Some(grants) = mine.get_mut(&self.key) {
-            grants.retain(|g| *g != self.grant);
-            if grants.is_empty() {
-                mine.remove(&self.key);
-            }
-        }
+    fn id(&self) -> String {
+        let escaped = self.key.get(self.id_at..).unwrap_or_default();
+        sync_core::id::unescape(escaped).unwrap_or_else(|| escaped.to_string())
+    }
+
+    fn release_grant(&self) -> bool {
+        self.client.shared.locks.release(&self.key, self.grant)
     }
 }
 
 #[async_trait]
 impl HeldLock for LocalHeld {
     async fn release(&mut self) -> Result<()> {
-        self.forget();
         // A killed client releases nothing: its lock frees when its session expires.
-        self.client.check_open().map_err(|e| e.with_id(&self.id))?;
-        release_grant(
-            &self.client.shared,
-            &self.id,
-            &self.key,
-            self.grant,
-            self.lost.is_lost(),
-        )
+        self.client.check_open().map_err(|e| e.with_id(self.id()))?;
+        if self.release_grant() {
+            return Ok(());
+        }
+        Err(not_held(&self.id(), self.lost.is_lost()))
     }
 
     fn release_in_background(self: Box<Self>) {
         // Freeing in-process state never blocks, so it happens right here.
-        self.forget();
         if self.client.is_killed() {
             // A dead process drops nothing: the lock frees when its session expires.
             return;
         }
-        let _ = release_grant(&self.client.shared, &self.id, &self.key, self.grant, true);
+        self.release_grant();
     }
 }

@@ -5,7 +5,7 @@ use std::{
     collections::HashMap,
     sync::{
         Arc, Mutex, OnceLock,
-        atomic::{AtomicU64, Ordering},
+        atomic::{AtomicBool, AtomicU64, Ordering},
     },
 };
 
@@ -59,10 +59,27 @@ struct Sessions {
     live: HashMap<u64, Live>,
 }
 
-/// A live session: what runs when it ends, and its safe deadline as its holders see it.
+/// A live session: what runs when it ends, and what its clients see of it.
 struct Live {
     callbacks: HashMap<u64, OnEnd>,
-    deadline: LeaseDeadline,
+    state: Arc<Session>,
+}
+
+/// What a client keeps of its session, so that a grant needs no look-up in the session table.
+pub(crate) struct Session {
+    pub(crate) id: u64,
+    /// Cleared when the session ends, before its callbacks run.
+    alive: AtomicBool,
+    /// The safe deadline, for the loss signals of what the session holds.
+    pub(crate) deadline: LeaseDeadline,
+}
+
+impl Session {
+    /// Whether the session has not ended yet. Read under a table's lock, true means the
+    /// session's end callbacks (which take that lock) have not run yet for that table.
+    pub(crate) fn alive(&self) -> bool {
+        self.alive.load(Ordering::SeqCst)
+    }
 }
 
 impl Shared {
@@ -73,16 +90,20 @@ impl Shared {
     }
 
     /// Opens a new session with no callbacks yet.
-    pub(crate) fn open_session(&self, deadline: LeaseDeadline) -> u64 {
+    pub(crate) fn open_session(&self, deadline: LeaseDeadline) -> Arc<Session> {
         let mut s = locked(&self.sessions);
         s.next_id += 1;
-        let id = s.next_id;
+        let state = Arc::new(Session {
+            id: s.next_id,
+            alive: AtomicBool::new(true),
+            deadline,
+        });
         let live = Live {
             callbacks: HashMap::new(),
-            deadline,
+            state: state.clone(),
         };
-        s.live.insert(id, live);
-        id
+        s.live.insert(state.id, live);
+        state
     }
 
     /// The safe deadline of `session`, for the loss signals of what it holds; None once ended.
@@ -90,7 +111,7 @@ impl Shared {
         locked(&self.sessions)
             .live
             .get(&session)
-            .map(|l| l.deadline.clone())
+            .map(|l| l.state.deadline.clone())
     }
 
     /// Registers `f` to run when `session` ends. Err(LockLost) if it already ended.
@@ -121,7 +142,14 @@ impl Shared {
     /// Ends a session: its callbacks run outside the sessions lock, so they may take the
     /// primitives' tables.
     pub(crate) fn end_session(&self, session: u64, reason: &str) {
-        let callbacks = locked(&self.sessions).live.remove(&session);
+        let callbacks = {
+            let mut s = locked(&self.sessions);
+            let live = s.live.remove(&session);
+            if let Some(live) = &live {
+                live.state.alive.store(false, Ordering::SeqCst);
+            }
+            live
+        };
         if let Some(Live { callbacks, .. }) = callbacks {
             tracing::debug!(backend = BACKEND, session, reason, "session ended");
             let mut callbacks: Vec<_> = callbacks.into_iter().collect();

@@ -62,7 +62,8 @@ pub const JOB_RETENTION: Duration = Duration::from_secs(3600);
 struct Queue {
     /// Job keys ready to be claimed, oldest first.
     ready: VecDeque<String>,
-    /// Wakes the queue's idle workers when a job becomes ready.
+    /// Wakes one idle worker of the queue per job that becomes ready (a woken worker always
+    /// claims, holding a free slot of its pool, or passes the wake-up on).
     wake: Arc<Notify>,
 }
 
@@ -116,11 +117,11 @@ impl Jobs {
         }
     }
 
-    /// Puts `job_key` at the back of its queue and wakes the queue's workers.
+    /// Puts `job_key` at the back of its queue and wakes one of the queue's idle workers.
     fn make_ready(&mut self, queue: &str, job_key: &str) {
         let q = self.queues.entry(queue.to_string()).or_default();
         q.ready.push_back(job_key.to_string());
-        q.wake.notify_waiters();
+        q.wake.notify_one();
     }
 }
 
@@ -462,7 +463,14 @@ impl JobQueue for LocalQueue {
                     .notified_owned(),
             );
             woken.as_mut().enable();
-            let session = self.client.session()?;
+            let session = match self.client.session() {
+                Ok(session) => session,
+                Err(e) => {
+                    // A dead worker claims nothing: a wake-up it was given goes to another.
+                    self.client.shared.jobs.queue_wake(&self.key).notify_one();
+                    return Err(e);
+                }
+            };
             match take_next(&self.client.shared, &self.key, session) {
                 Take::Claimed(claim, ctx) => return Ok(sync_kit::task::Claimed::Job(claim, *ctx)),
                 Take::SessionEnded => continue,
@@ -719,6 +727,35 @@ mod tests {
     use crate::{Client, Cluster, Config};
 
     const LONG: Option<Duration> = Some(Duration::from_secs(10));
+
+    #[tokio::test]
+    async fn a_ready_job_wakes_one_idle_worker() {
+        let cluster = Cluster::new();
+        let jobs = &cluster.shared.jobs;
+        // Three idle workers listening, as `LocalQueue::claim` leaves them.
+        let mut idle: Vec<_> = (0..3)
+            .map(|_| Box::pin(jobs.queue_wake("q").notified_owned()))
+            .collect();
+        for w in &mut idle {
+            w.as_mut().enable();
+        }
+        let woken = |idle: &mut Vec<_>| {
+            let mut n = 0;
+            idle.retain_mut(
+                |w: &mut std::pin::Pin<Box<tokio::sync::futures::OwnedNotified>>| {
+                    let ready = futures::FutureExt::now_or_never(w.as_mut()).is_some();
+                    n += usize::from(ready);
+                    !ready
+                },
+            );
+            n
+        };
+        super::locked(&jobs.state).make_ready("q", "job-1");
+        assert_eq!(woken(&mut idle), 1, "one job, one worker woken");
+        super::locked(&jobs.state).make_ready("q", "job-2");
+        super::locked(&jobs.state).make_ready("q", "job-3");
+        assert_eq!(woken(&mut idle), 2);
+    }
 
     fn client(cluster: &Cluster, ns: &str) -> Client {
         cluster
