@@ -25,7 +25,7 @@ use tokio::{sync::OwnedMutexGuard, task::AbortHandle};
 
 use crate::{
     BACKEND,
-    client::ClientInner,
+    client::{ClientInner, Watched},
     error::{answer_lost, etcd_err, refused_for_good},
     session::Session,
 };
@@ -130,6 +130,11 @@ impl ClientInner {
 /// found out by the keepalive (and the watch then re-opened elsewhere), so this is only the
 /// last resort, kept long because every held lock has a monitor.
 const MONITOR_TRUST: Duration = Duration::from_secs(300);
+
+/// How long a held key's monitor waits before it opens the client's watch stream (when nothing
+/// else has): longer than an uncontended hold, and short against the 2 s a deleted key's
+/// holder is promised to hear of it in.
+const MONITOR_GRACE: Duration = Duration::from_millis(500);
 
 /// The safety-net re-check while waiting on a watch (push is the normal path).
 pub(crate) const FALLBACK_POLL: Duration = Duration::from_secs(10);
@@ -420,11 +425,15 @@ async fn wait_for_lower(
 /// True once `key` is deleted at or after revision `from`; false when the watch failed or was
 /// cancelled, so the caller re-checks (see [`ClientInner::watch_once`]).
 async fn wait_deleted(client: &ClientInner, key: Vec<u8>, from: i64, trust: Duration) -> bool {
-    // NoPut: every event the server sends is a delete.
-    let opts = WatchOptions::new()
+    client.watch_once(key, deleted_from(from), trust).await
+}
+
+/// A watch for deletes from revision `from` on. NoPut: every event the server sends is a
+/// delete.
+fn deleted_from(from: i64) -> WatchOptions {
+    WatchOptions::new()
         .with_start_revision(from)
-        .with_filters([WatchFilterType::NoPut]);
-    client.watch_once(key, opts, trust).await
+        .with_filters([WatchFilterType::NoPut])
 }
 
 /// An owned contender key being monitored: its loss signal fires when the lease ends (TTL 0,
@@ -620,13 +629,25 @@ async fn monitor(
 ) {
     let mut killed = client.killed();
     let watch_key = async {
+        // A short hold (an uncontended acquire + release) opens no watch stream: the watch
+        // is added only once the stream is open anyway, or after a grace. Watching from the
+        // key's own revision, it still sees a delete made meanwhile.
+        if !client.watches.is_open() {
+            tokio::time::sleep(MONITOR_GRACE).await;
+        }
         let mut from = rev + 1;
         loop {
-            if wait_deleted(&client, key.clone().into_bytes(), from, MONITOR_TRUST).await {
-                return "the key was deleted".to_string();
+            let opts = deleted_from(from);
+            match client.watch_first(key.clone(), opts, MONITOR_TRUST).await {
+                Watched::Event => return "the key was deleted".to_string(),
+                // Watching again from the same revision misses nothing, and costs thousands
+                // of held keys no read each when the shared stream fails or moves.
+                Watched::Interrupted => continue,
+                Watched::Cancelled => {}
             }
-            // The watch failed or was cancelled (compaction): check the key directly.
-            match client.kv().get(key.clone(), None).await {
+            // Compacted past `from`: check the key directly. Boxed: a request's future is
+            // large, and every held key's monitor would carry its room while it waits.
+            match Box::pin(client.kv().get(key.clone(), None)).await {
                 Ok(resp) => {
                     if resp.kvs().first().map(|kv| kv.create_revision()) != Some(rev) {
                         return "the key was deleted".to_string();
@@ -635,6 +656,7 @@ async fn monitor(
                 }
                 Err(e) => {
                     tracing::debug!(backend = BACKEND, key, error = %e, "checking the held key failed");
+                    tokio::time::sleep(Duration::from_millis(200)).await;
                 }
             }
         }
