@@ -146,7 +146,7 @@ impl ClientInner {
     ) -> Watched {
         let watch = self.watches.once(key.into(), opts);
         match tokio::time::timeout(trust, watch.wait()).await {
-            Ok(Delivery::Events) => Watched::Event,
+            Ok(Delivery::Events(_)) => Watched::Event,
             Ok(Delivery::Ended(why)) => self.ended(why).await,
             Err(_) => Watched::Interrupted,
         }

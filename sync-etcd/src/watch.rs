@@ -34,8 +34,8 @@ use crate::{
 /// What a watch is told.
 #[derive(Debug)]
 pub(crate) enum Delivery {
-    /// A response with events.
-    Events,
+    /// A response with events (in revision order; a stream watch goes on).
+    Events(Box<WatchResponse>),
     /// The watch ended; nothing more comes.
     Ended(Ended),
 }
@@ -51,10 +51,11 @@ pub(crate) enum Ended {
     Moved,
 }
 
-/// Where a watch's responses go: a one-shot channel, small, which counts with thousands of
-/// held keys.
+/// Where a watch's responses go: a one-shot watch needs a much smaller channel, which counts
+/// with thousands of held keys.
 enum Sink {
     Once(oneshot::Sender<Delivery>),
+    Stream(mpsc::UnboundedSender<Delivery>),
 }
 
 impl Sink {
@@ -65,6 +66,7 @@ impl Sink {
                 let _ = tx.send(d);
                 None
             }
+            Sink::Stream(tx) => tx.send(d).ok().map(|()| Sink::Stream(tx)),
         }
     }
 }
@@ -131,6 +133,16 @@ impl Watches {
         }
     }
 
+    /// Watches `key` with `opts`, every response with events, until dropped or ended.
+    pub(crate) fn stream(&self, key: Vec<u8>, opts: WatchOptions) -> Watching {
+        let (tx, rx) = mpsc::unbounded_channel();
+        let registration = self.add(key, opts, Sink::Stream(tx));
+        Watching {
+            rx,
+            _registration: registration,
+        }
+    }
+
     fn add(&self, key: Vec<u8>, opts: WatchOptions, sink: Sink) -> Registration {
         if let Some(hub) = locked(&self.hub).take() {
             tokio::spawn(hub.run());
@@ -172,6 +184,22 @@ impl Once {
     pub(crate) async fn wait(self) -> Delivery {
         let Once { rx, _registration } = self;
         rx.await.unwrap_or(Delivery::Ended(Ended::Failed))
+    }
+}
+
+/// A watch for every response with events.
+pub(crate) struct Watching {
+    rx: mpsc::UnboundedReceiver<Delivery>,
+    _registration: Registration,
+}
+
+impl Watching {
+    /// The next response with events, or why the watch ended (then again on every call).
+    pub(crate) async fn next(&mut self) -> Delivery {
+        self.rx
+            .recv()
+            .await
+            .unwrap_or(Delivery::Ended(Ended::Failed))
     }
 }
 
@@ -343,7 +371,7 @@ fn route(resp: WatchResponse, watches: &mut HashMap<i64, Sink>, conn: &Conn) {
     let Some(sink) = watches.remove(&id) else {
         return;
     };
-    match sink.deliver(Delivery::Events) {
+    match sink.deliver(Delivery::Events(Box::new(resp))) {
         Some(sink) => {
             watches.insert(id, sink);
         }

@@ -157,6 +157,46 @@ async fn lost_when_key_deleted_while_the_watch_stream_is_down(endpoint: String) 
     Ok(())
 }
 
+/// A queue deeper than the waiters that count every older key down (64): the deep ones
+/// watch a far older key and read again, and still every one is granted, one at a time.
+async fn deep_queue_is_granted_one_at_a_time(endpoint: String) -> TestResult {
+    const WAITERS: usize = 70;
+    let ns = unique("deep");
+    let holder = common::connect(&endpoint, &ns).await?;
+    let held = holder
+        .lock()
+        .map_err(|e| e.to_string())?
+        .acquire("one", LockOptions::new())
+        .await
+        .map_err(|e| e.to_string())?;
+    let inside = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let mut waiters = Vec::new();
+    for _ in 0..WAITERS {
+        let client = common::connect(&endpoint, &ns).await?;
+        let lock = client.lock().map_err(|e| e.to_string())?;
+        let inside = inside.clone();
+        waiters.push(tokio::spawn(async move {
+            let wait = LockOptions::new().with_wait(Duration::from_secs(30));
+            let guard = lock.acquire("one", wait).await.map_err(|e| e.to_string())?;
+            if inside.fetch_add(1, std::sync::atomic::Ordering::SeqCst) != 0 {
+                return Err("two holders at once".to_string());
+            }
+            tokio::task::yield_now().await;
+            inside.fetch_sub(1, std::sync::atomic::Ordering::SeqCst);
+            guard.release().await.map_err(|e| e.to_string())?;
+            drop(client);
+            Ok(())
+        }));
+    }
+    // Every waiter's key is in place (so the queue is deep) before the holder lets go.
+    await_keys(&endpoint, &format!("{ns}/one/"), WAITERS + 1).await?;
+    held.release().await.map_err(|e| e.to_string())?;
+    for waiter in waiters {
+        waiter.await.map_err(|e| e.to_string())??;
+    }
+    Ok(())
+}
+
 /// With several endpoints, one of them dead, the client still works.
 async fn several_endpoints(endpoint: String) -> TestResult {
     let authority = common::authority(endpoint.as_str());
@@ -1155,7 +1195,7 @@ async fn work_without_rights_fails(_endpoint: String) -> TestResult {
 }
 
 fn main() -> std::process::ExitCode {
-    let tests: [(&'static str, TestFn); 22] = [
+    let tests: [(&'static str, TestFn); 23] = [
         (
             "live::follow_reports_a_member_cut_off_from_the_quorum",
             |e| Box::pin(follow_reports_a_member_cut_off_from_the_quorum(e)),
@@ -1196,6 +1236,9 @@ fn main() -> std::process::ExitCode {
         ("live::key_layout", |e| Box::pin(key_layout(e))),
         ("live::lost_when_key_deleted", |e| {
             Box::pin(lost_when_key_deleted(e))
+        }),
+        ("live::deep_queue_is_granted_one_at_a_time", |e| {
+            Box::pin(deep_queue_is_granted_one_at_a_time(e))
         }),
         (
             "live::lost_when_key_deleted_while_the_watch_stream_is_down",

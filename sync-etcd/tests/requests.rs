@@ -274,14 +274,85 @@ async fn held_locks_share_one_watch_stream(endpoint: String) -> TestResult {
     Ok(())
 }
 
+/// How many clients contend in [`contended_grants_cost_two_requests`], and how often each.
+const CONTENDERS: usize = 8;
+const ROUNDS: usize = 25;
+
+/// Clients queued on one id are granted it on the delete event of the last older contender,
+/// with no read: every grant costs its two Txns (create the key and count the older
+/// contenders; delete it on release), as an uncontended one does, and each client one watch
+/// stream at most.
+async fn contended_grants_cost_two_requests(endpoint: String) -> TestResult {
+    let namespace = format!("contended-{}", uuid::Uuid::new_v4().simple());
+    let mut locks = Vec::new();
+    let mut clients = Vec::new();
+    for _ in 0..CONTENDERS {
+        let config = sync_etcd::Config::default()
+            .with_endpoints([endpoint.as_str()])
+            .with_namespace(namespace.clone())
+            .with_ttl(Duration::from_secs(10));
+        let client = sync_etcd::Client::connect(config)
+            .await
+            .map_err(|e| e.to_string())?;
+        locks.push(client.lock().map_err(|e| e.to_string())?);
+        clients.push(client);
+    }
+    let before = counters(&endpoint).await?;
+    let holders = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let runs = locks.into_iter().map(|lock| {
+        let holders = holders.clone();
+        async move {
+            for _ in 0..ROUNDS {
+                let guard = lock
+                    .acquire("one", LockOptions::new())
+                    .await
+                    .map_err(|e| e.to_string())?;
+                if holders.fetch_add(1, std::sync::atomic::Ordering::SeqCst) != 0 {
+                    return Err("two holders at once".to_string());
+                }
+                tokio::task::yield_now().await;
+                holders.fetch_sub(1, std::sync::atomic::Ordering::SeqCst);
+                guard.release().await.map_err(|e| e.to_string())?;
+            }
+            Ok::<(), String>(())
+        }
+    });
+    for run in futures::future::join_all(runs).await {
+        run?;
+    }
+    let d = delta(&before, &counters(&endpoint).await?);
+    let grants = (CONTENDERS * ROUNDS) as f64;
+    let unary: u64 = UNARY.iter().map(|m| d.get(*m).copied().unwrap_or(0)).sum();
+    let streams = d.get("Watch").copied().unwrap_or(0);
+    println!(
+        "{CONTENDERS} clients x {ROUNDS} grants of one id: {:.2} requests per grant ({d:?}), \
+         {streams} watch streams",
+        unary as f64 / grants
+    );
+    if unary as f64 > 2.0 * grants {
+        return Err(format!(
+            "{grants} contended grants cost {unary} requests ({d:?}); expected two per grant"
+        ));
+    }
+    if streams > CONTENDERS as u64 {
+        return Err(format!(
+            "{CONTENDERS} contending clients opened {streams} watch streams; expected one each at most"
+        ));
+    }
+    Ok(())
+}
+
 fn main() -> std::process::ExitCode {
-    let tests: [(&'static str, TestFn); 2] = [
+    let tests: [(&'static str, TestFn); 3] = [
         (
             "requests::uncontended_acquire_release_costs_two_requests",
             |e| Box::pin(uncontended_acquire_release_costs_two_requests(e)),
         ),
         ("requests::held_locks_share_one_watch_stream", |e| {
             Box::pin(held_locks_share_one_watch_stream(e))
+        }),
+        ("requests::contended_grants_cost_two_requests", |e| {
+            Box::pin(contended_grants_cost_two_requests(e))
         }),
     ];
     // One at a time: each counts what etcd serves while it runs.
