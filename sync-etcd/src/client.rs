@@ -15,12 +15,12 @@ use crate::{
     BACKEND, Config,
     contention::LocalQueues,
     endpoints::Endpoints,
-    error::{not_delivered, timed_out},
-    kv::{Kv, Sender, answered_within},
+    kv::{Kv, Sender},
     leader::EtcdLeader,
     lock::EtcdLock,
     map::EtcdMap,
     task::EtcdTask,
+    watch::{Delivery, Ended, Watches},
 };
 // Re-exported for the modules that import them from here.
 pub(crate) use crate::{error::etcd_err, session::Session};
@@ -59,17 +59,27 @@ pub(crate) struct ClientInner {
     killed: watch::Sender<bool>,
     /// The per-id local queues of contenders on this handle.
     pub(crate) queues: LocalQueues,
+    /// The one watch stream every watch of this client shares.
+    pub(crate) watches: Watches,
 }
 
 impl ClientInner {
     /// A handle on `endpoints` with no session yet.
     pub(crate) fn new(endpoints: Endpoints, config: Config) -> Arc<ClientInner> {
+        let endpoints = Arc::new(endpoints);
+        let killed = watch::channel(false).0;
+        let watches = Watches::new(
+            endpoints.clone(),
+            config.request_timeout,
+            killed.subscribe(),
+        );
         Arc::new(ClientInner {
-            endpoints: Arc::new(endpoints),
+            endpoints,
             config,
             session: tokio::sync::Mutex::new(None),
-            killed: watch::channel(false).0,
+            killed,
             queues: LocalQueues::default(),
+            watches,
         })
     }
 
@@ -123,44 +133,35 @@ impl ClientInner {
         opts: WatchOptions,
         trust: Duration,
     ) -> bool {
-        const PAUSE: Duration = Duration::from_millis(200);
-        let key = key.into();
-        let mut moves = self.endpoints.moves();
-        moves.mark_unchanged();
-        let watched = async {
-            let (index, client) = self.endpoints.pick().await?;
-            let opened = answered_within(
-                self.config.request_timeout,
-                client.watch_client().watch(key, Some(opts)),
-            )
-            .await
-            .inspect_err(|e| {
-                if not_delivered(e) || timed_out(e) {
-                    self.endpoints.pass_over(index);
-                }
-            })?;
-            let mut stream = opened;
-            loop {
-                match stream.message().await? {
-                    Some(resp) if !resp.events().is_empty() => return Ok(true),
-                    Some(resp) if resp.canceled() => return Ok(false),
-                    Some(_) => {}
-                    None => return Err(etcd_client::Error::WatchError("watch ended".into())),
-                }
+        matches!(self.watch_first(key, opts, trust).await, Watched::Event)
+    }
+
+    /// The first response with events of a watch on `key` (on the client's shared stream),
+    /// or why there was none within `trust`: see [`Watched`].
+    pub(crate) async fn watch_first(
+        &self,
+        key: impl Into<Vec<u8>>,
+        opts: WatchOptions,
+        trust: Duration,
+    ) -> Watched {
+        let watch = self.watches.once(key.into(), opts);
+        match tokio::time::timeout(trust, watch.wait()).await {
+            Ok(Delivery::Events(_)) => Watched::Event,
+            Ok(Delivery::Ended(why)) => self.ended(why).await,
+            Err(_) => Watched::Interrupted,
+        }
+    }
+
+    /// What an ended watch means to its owner; after a failure, only once a short pause has
+    /// passed, so a failing server is not spun on.
+    pub(crate) async fn ended(&self, why: Ended) -> Watched {
+        match why {
+            Ended::Cancelled => Watched::Cancelled,
+            Ended::Moved => Watched::Interrupted,
+            Ended::Failed => {
+                tokio::time::sleep(Duration::from_millis(200)).await;
+                Watched::Interrupted
             }
-        };
-        let watched = tokio::time::timeout(trust, watched);
-        tokio::select! {
-            outcome = watched => match outcome {
-                Ok(Ok(seen)) => seen,
-                Ok(Err(e)) => {
-                    tracing::debug!(backend = BACKEND, error = %e, "watch failed; re-checking");
-                    tokio::time::sleep(PAUSE).await;
-                    false
-                }
-                Err(_) => false,
-            },
-            _ = moves.changed() => false,
         }
     }
 
@@ -197,6 +198,19 @@ impl ClientInner {
             format!("{}/", self.config.namespace)
         }
     }
+}
+
+/// How a watch for one event ended.
+pub(crate) enum Watched {
+    /// An event came.
+    Event,
+    /// etcd cancelled the watch (its start revision was compacted): re-read before watching
+    /// again.
+    Cancelled,
+    /// Nothing was seen: the stream failed, the client moved, or the trust ran out. A watch
+    /// from the same revision misses nothing (unless that was compacted meanwhile: then it is
+    /// cancelled).
+    Interrupted,
 }
 
 impl Drop for ClientInner {

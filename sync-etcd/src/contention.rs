@@ -2,14 +2,15 @@
 //! `concurrency.Mutex` and `concurrency.Election`.
 //!
 //! A contender writes `<prefix><lease-hex>` (prefix `<ns>/<escaped id>/`) with the handle's
-//! lease in one transaction that also reads the prefix's oldest key; it owns the prefix (holds
-//! the lock, leads the group) when its key has the lowest create revision under the prefix.
-//! Otherwise it watches the deletion of the next-lower contender and re-checks (etcd's
-//! `waitDeletes`). The key's create revision is the fencing token (the term). Contenders of one
+//! lease in one transaction that also reads the older contenders' keys; it owns the prefix
+//! (holds the lock, leads the group) when its key has the lowest create revision under the
+//! prefix. Otherwise it waits for the older ones' deletes (etcd's `waitDeletes`): with a few
+//! older, it watches the prefix and is granted on the last one's delete event, with no read;
+//! with many, it watches a far older one and reads again after its delete. The key's create revision is the fencing token (the term). Contenders of one
 //! id on one handle share that key name, so they take turns in a per-id local queue first.
 
 use std::{
-    collections::HashMap,
+    collections::{HashMap, HashSet},
     sync::{Arc, Mutex},
     time::Duration,
 };
@@ -25,9 +26,10 @@ use tokio::{sync::OwnedMutexGuard, task::AbortHandle};
 
 use crate::{
     BACKEND,
-    client::ClientInner,
+    client::{ClientInner, Watched},
     error::{answer_lost, etcd_err, refused_for_good},
     session::Session,
+    watch::Delivery,
 };
 
 /// Per contender prefix: contenders of one id on one handle queue here, so only one of them
@@ -130,6 +132,11 @@ impl ClientInner {
 /// found out by the keepalive (and the watch then re-opened elsewhere), so this is only the
 /// last resort, kept long because every held lock has a monitor.
 const MONITOR_TRUST: Duration = Duration::from_secs(300);
+
+/// How long a held key's monitor waits before it opens the client's watch stream (when nothing
+/// else has): longer than an uncontended hold, and short against the 2 s a deleted key's
+/// holder is promised to hear of it in.
+const MONITOR_GRACE: Duration = Duration::from_millis(500);
 
 /// The safety-net re-check while waiting on a watch (push is the normal path).
 pub(crate) const FALLBACK_POLL: Duration = Duration::from_secs(10);
@@ -250,8 +257,8 @@ async fn contend_inner(
     };
     let (session, cleanup, resp) = create_key(client, id, prefix, value, turn).await?;
     let key = cleanup.key.clone();
-    let (rev, owner) = positions(&resp, id)?;
-    if owner.is_some_and(|o| o != rev) {
+    let (rev, standing) = positions(&resp, id)?;
+    if !matches!(standing, Standing::Owner) {
         if try_only {
             // Foreground delete; on failure the armed cleanup retries in the background.
             client
@@ -262,7 +269,11 @@ async fn contend_inner(
             drop(cleanup.disarm());
             return Ok(None);
         }
-        wait_for_lower(client, id, prefix, &key, rev, &session).await?;
+        let known = match standing {
+            Standing::Below(below) => Some(below),
+            _ => None,
+        };
+        wait_for_lower(client, id, prefix, &key, rev, &session, known).await?;
     }
     let turn = cleanup.disarm();
     Ok(Some(Contender {
@@ -318,34 +329,103 @@ async fn create_key(
     }
 }
 
-/// Creates `key` with `lease` if it does not exist, and reads the prefix's owner. If it exists
-/// (a retry after an unknown outcome, or a key of this lease left over), adopts it: writes
-/// this contender's value (its create revision, the token, stays) and reads it back, so a
-/// leader never shows the value of an earlier campaign.
+/// Creates `key` with `lease` if it does not exist, and reads how many contenders are older
+/// and the newest of them (see [`Below`]): the new key is the newest under the prefix, so
+/// every other key is older. If it exists (a retry after an
+/// unknown outcome, or a key of this lease left over), adopts it: writes this contender's
+/// value (its create revision, the token, stays) and reads it back, so a leader never shows
+/// the value of an earlier campaign, and reads the prefix's owner.
 fn contender_txn(key: &str, prefix: &str, value: Vec<u8>, lease: i64) -> Txn {
     let put = TxnOp::put(key, value, Some(PutOptions::new().with_lease(lease)));
+    let newest = GetOptions::new()
+        .with_prefix()
+        .with_sort(SortTarget::Create, SortOrder::Descend)
+        .with_limit(WATCH_ALL_BELOW as i64 + 2)
+        .with_keys_only();
     Txn::new()
         .when([Compare::create_revision(key, CompareOp::Equal, 0)])
-        .and_then([put.clone(), TxnOp::get(prefix, Some(first_created()))])
+        .and_then([put.clone(), TxnOp::get(prefix, Some(newest))])
         .or_else([
             put,
             TxnOp::get(key, None),
-            TxnOp::get(prefix, Some(first_created())),
+            TxnOp::get(prefix, Some(first_created().with_keys_only())),
         ])
 }
 
-/// From the answer of [`contender_txn`]: the contender key's create revision, and the owner's.
-fn positions(resp: &etcd_client::TxnResponse, id: &str) -> Result<(i64, Option<i64>)> {
+/// Where a new contender stands.
+enum Standing {
+    /// Its key is the oldest: it owns the prefix.
+    Owner,
+    /// Other contenders are older.
+    Below(Below),
+    /// Not known without a read (an adopted key that is not the oldest).
+    Unknown,
+}
+
+/// What a waiting contender knows of the contenders older than it, at revision `at`.
+struct Below {
+    /// Their keys, when at most [`WATCH_ALL_BELOW`]; None: more.
+    older: Option<HashSet<Vec<u8>>>,
+    /// With more: the `WATCH_ALL_BELOW`-th older one (newest first).
+    far: Vec<u8>,
+    at: i64,
+}
+
+/// Up to this many older contenders, a waiter watches the whole prefix for deletes and
+/// strikes the older keys off: the last one's delete grants it the lock with no read. With
+/// more, each delete would wake too many waiters: it watches the `WATCH_ALL_BELOW`-th older
+/// key and reads again after its delete, still far from the head of the queue, so neither
+/// that read nor the catching up of its new watch (etcd serves a watch that starts behind
+/// every 100 ms) is on a grant's path. (The previous values of deleted keys would also tell
+/// their age, but etcd reads each one from its store for every watcher.)
+const WATCH_ALL_BELOW: usize = 64;
+
+impl Below {
+    /// From a read of the contenders older than this one (newest first, at most
+    /// `WATCH_ALL_BELOW + 1`) at revision `at`; None when there are none.
+    fn read(kvs: &[etcd_client::KeyValue], at: i64) -> Option<Below> {
+        let far = kvs.get(WATCH_ALL_BELOW - 1).or(kvs.last())?.key().to_vec();
+        let older = (kvs.len() <= WATCH_ALL_BELOW)
+            .then(|| kvs.iter().map(|kv| kv.key().to_vec()).collect());
+        Some(Below { older, far, at })
+    }
+}
+
+/// From the answer of [`contender_txn`]: the contender key's create revision, and where it
+/// stands.
+fn positions(resp: &etcd_client::TxnResponse, id: &str) -> Result<(i64, Standing)> {
     let ops = resp.op_responses();
-    let first_rev = |op: Option<&TxnOpResponse>| match op {
-        Some(TxnOpResponse::Get(g)) => g.kvs().first().map(|kv| kv.create_revision()),
+    let get = |i: usize| match ops.get(i) {
+        Some(TxnOpResponse::Get(g)) => Some(g),
         _ => None,
     };
-    let (rev, owner) = if resp.succeeded() {
+    let first_rev = |i: usize| get(i)?.kvs().first().map(|kv| kv.create_revision());
+    let (rev, standing) = if resp.succeeded() {
         let rev = resp.header().map(|h| h.revision()).unwrap_or_default();
-        (rev, ops.get(1))
+        // This key and every older one: `count` is the whole prefix.
+        let standing = match get(1) {
+            Some(g) if g.count() <= 1 => Standing::Owner,
+            Some(g) => {
+                let older = usize::try_from(g.count() - 1).unwrap_or(usize::MAX);
+                // This key first, then the newest older ones: all of them if few.
+                match Below::read(g.kvs().get(1..).unwrap_or_default(), rev) {
+                    Some(below) if below.older.as_ref().is_none_or(|keys| keys.len() == older) => {
+                        Standing::Below(below)
+                    }
+                    _ => Standing::Unknown,
+                }
+            }
+            None => Standing::Unknown,
+        };
+        (rev, standing)
     } else {
-        (first_rev(ops.get(1)).unwrap_or_default(), ops.get(2))
+        let rev = first_rev(1).unwrap_or_default();
+        let standing = if first_rev(2).is_some_and(|o| o == rev) {
+            Standing::Owner
+        } else {
+            Standing::Unknown
+        };
+        (rev, standing)
     };
     if rev <= 0 {
         return Err(Error::new(
@@ -355,12 +435,13 @@ fn positions(resp: &etcd_client::TxnResponse, id: &str) -> Result<(i64, Option<i
         .with_backend(BACKEND)
         .with_id(id));
     }
-    Ok((rev, first_rev(owner)))
+    Ok((rev, standing))
 }
 
-/// Waits until no contender older than `rev` is left under `prefix` (etcd's `waitDeletes`).
-/// Like etcd's Mutex it makes sure our own `key` survived the wait — read in the same request
-/// as the contenders, so the last look costs no extra round trip.
+/// Waits until no contender older than `rev` is left under `prefix` (etcd's `waitDeletes`),
+/// starting from what `known` tells (else from a read). Like etcd's Mutex it makes sure our
+/// own `key` survived the wait: read in the same request as the contenders, or seen deleted
+/// in the prefix watch.
 async fn wait_for_lower(
     client: &Arc<ClientInner>,
     id: &str,
@@ -368,50 +449,118 @@ async fn wait_for_lower(
     key: &str,
     rev: i64,
     session: &Session,
+    mut known: Option<Below>,
 ) -> Result<()> {
-    let mut kv = client.kv();
     let mut killed = client.killed();
+    let lost = |why: &str| {
+        Error::new(ErrorKind::LockLost, why.to_string())
+            .with_backend(BACKEND)
+            .with_id(id)
+    };
     loop {
-        let next_lower = GetOptions::new()
-            .with_prefix()
-            .with_max_create_revision(rev - 1)
-            .with_sort(SortTarget::Create, SortOrder::Descend)
-            .with_limit(1);
-        let txn =
-            Txn::new().and_then([TxnOp::get(prefix, Some(next_lower)), TxnOp::get(key, None)]);
-        let resp = kv
-            .txn(txn)
-            .await
-            .map_err(|e| etcd_err("reading the contenders", e).with_id(id))?;
-        let ops = resp.op_responses();
-        let first = |i: usize| match ops.get(i) {
-            Some(TxnOpResponse::Get(g)) => g.kvs().first(),
-            _ => None,
+        let below = match known.take() {
+            Some(below) => below,
+            None => match read_below(client, id, prefix, key, rev).await? {
+                Some(below) => below,
+                None => return Ok(()),
+            },
         };
-        if first(1).map(|kv| kv.create_revision()) != Some(rev) {
-            return Err(
-                Error::new(ErrorKind::LockLost, "the lease ended while waiting")
-                    .with_backend(BACKEND)
-                    .with_id(id),
-            );
-        }
-        let Some(lower) = first(0) else {
-            return Ok(());
-        };
-        let lower = lower.key().to_vec();
-        let from = resp.header().map(|h| h.revision()).unwrap_or_default() + 1;
-        tokio::select! {
-            _ = wait_deleted(client, lower, from, client.recheck_every()) => {}
+        let waited = tokio::select! {
+            w = wait_below(client, prefix, key, below) => w,
             reason = session.ended.wait() => {
-                return Err(Error::new(ErrorKind::LockLost, format!("the lease ended while waiting: {reason}"))
-                    .with_backend(BACKEND)
-                    .with_id(id));
+                return Err(lost(&format!("the lease ended while waiting: {reason}")));
             }
             _ = killed.wait_for(|k| *k) => {
                 return Err(Error::new(ErrorKind::Closed, "client was killed").with_backend(BACKEND).with_id(id));
             }
             _ = tokio::time::sleep(FALLBACK_POLL) => {
                 tracing::debug!(backend = BACKEND, id, "fallback re-check while waiting");
+                Waited::Unsure
+            }
+        };
+        match waited {
+            Waited::Owner => return Ok(()),
+            Waited::KeyDeleted => return Err(lost("the contender key was deleted while waiting")),
+            Waited::Unsure => {}
+        }
+    }
+}
+
+/// The contenders older than `rev` (see [`Below::read`]), after checking that `key` is
+/// still this contender's; None when there are none.
+async fn read_below(
+    client: &ClientInner,
+    id: &str,
+    prefix: &str,
+    key: &str,
+    rev: i64,
+) -> Result<Option<Below>> {
+    let older = GetOptions::new()
+        .with_prefix()
+        .with_max_create_revision(rev - 1)
+        .with_sort(SortTarget::Create, SortOrder::Descend)
+        .with_limit(WATCH_ALL_BELOW as i64 + 1)
+        .with_keys_only();
+    let own = GetOptions::new().with_keys_only();
+    let txn = Txn::new().and_then([TxnOp::get(prefix, Some(older)), TxnOp::get(key, Some(own))]);
+    let resp = Box::pin(client.kv().txn(txn))
+        .await
+        .map_err(|e| etcd_err("reading the contenders", e).with_id(id))?;
+    let ops = resp.op_responses();
+    let kvs = |i: usize| match ops.get(i) {
+        Some(TxnOpResponse::Get(g)) => g.kvs(),
+        _ => &[],
+    };
+    if kvs(1).first().map(|kv| kv.create_revision()) != Some(rev) {
+        return Err(
+            Error::new(ErrorKind::LockLost, "the lease ended while waiting")
+                .with_backend(BACKEND)
+                .with_id(id),
+        );
+    }
+    let at = resp.header().map(|h| h.revision()).unwrap_or_default();
+    Ok(Below::read(kvs(0), at))
+}
+
+/// What a waiter learned from its watch.
+enum Waited {
+    /// Every older contender is gone.
+    Owner,
+    /// Its own key was deleted.
+    KeyDeleted,
+    /// Not conclusive: read again.
+    Unsure,
+}
+
+/// Waits on what `below` tells. Knowing every older contender's key, watches the prefix for
+/// deletes from `below.at` on and strikes them off (a deleted key is never older when it
+/// comes back): the last one makes this contender the owner, with no read. Otherwise watches
+/// the far older key and is unsure after its delete.
+async fn wait_below(client: &ClientInner, prefix: &str, key: &str, below: Below) -> Waited {
+    let trust = client.recheck_every();
+    let Some(mut older) = below.older else {
+        wait_deleted(client, below.far, below.at + 1, trust).await;
+        return Waited::Unsure;
+    };
+    let opts = deleted_from(below.at + 1).with_prefix();
+    let mut watch = client.watches.stream(prefix.as_bytes().to_vec(), opts);
+    let until = tokio::time::Instant::now() + trust;
+    loop {
+        let resp = match tokio::time::timeout_at(until, watch.next()).await {
+            Ok(Delivery::Events(resp)) => resp,
+            Ok(Delivery::Ended(why)) => {
+                client.ended(why).await;
+                return Waited::Unsure;
+            }
+            Err(_) => return Waited::Unsure,
+        };
+        for event in resp.events() {
+            let Some(kv) = event.kv() else { continue };
+            if kv.key() == key.as_bytes() {
+                return Waited::KeyDeleted;
+            }
+            if older.remove(kv.key()) && older.is_empty() {
+                return Waited::Owner;
             }
         }
     }
@@ -420,11 +569,15 @@ async fn wait_for_lower(
 /// True once `key` is deleted at or after revision `from`; false when the watch failed or was
 /// cancelled, so the caller re-checks (see [`ClientInner::watch_once`]).
 async fn wait_deleted(client: &ClientInner, key: Vec<u8>, from: i64, trust: Duration) -> bool {
-    // NoPut: every event the server sends is a delete.
-    let opts = WatchOptions::new()
+    client.watch_once(key, deleted_from(from), trust).await
+}
+
+/// A watch for deletes from revision `from` on. NoPut: every event the server sends is a
+/// delete.
+fn deleted_from(from: i64) -> WatchOptions {
+    WatchOptions::new()
         .with_start_revision(from)
-        .with_filters([WatchFilterType::NoPut]);
-    client.watch_once(key, opts, trust).await
+        .with_filters([WatchFilterType::NoPut])
 }
 
 /// An owned contender key being monitored: its loss signal fires when the lease ends (TTL 0,
@@ -620,13 +773,25 @@ async fn monitor(
 ) {
     let mut killed = client.killed();
     let watch_key = async {
+        // A short hold (an uncontended acquire + release) opens no watch stream: the watch
+        // is added only once the stream is open anyway, or after a grace. Watching from the
+        // key's own revision, it still sees a delete made meanwhile.
+        if !client.watches.is_open() {
+            tokio::time::sleep(MONITOR_GRACE).await;
+        }
         let mut from = rev + 1;
         loop {
-            if wait_deleted(&client, key.clone().into_bytes(), from, MONITOR_TRUST).await {
-                return "the key was deleted".to_string();
+            let opts = deleted_from(from);
+            match client.watch_first(key.clone(), opts, MONITOR_TRUST).await {
+                Watched::Event => return "the key was deleted".to_string(),
+                // Watching again from the same revision misses nothing, and costs thousands
+                // of held keys no read each when the shared stream fails or moves.
+                Watched::Interrupted => continue,
+                Watched::Cancelled => {}
             }
-            // The watch failed or was cancelled (compaction): check the key directly.
-            match client.kv().get(key.clone(), None).await {
+            // Compacted past `from`: check the key directly. Boxed: a request's future is
+            // large, and every held key's monitor would carry its room while it waits.
+            match Box::pin(client.kv().get(key.clone(), None)).await {
                 Ok(resp) => {
                     if resp.kvs().first().map(|kv| kv.create_revision()) != Some(rev) {
                         return "the key was deleted".to_string();
@@ -635,6 +800,7 @@ async fn monitor(
                 }
                 Err(e) => {
                     tracing::debug!(backend = BACKEND, key, error = %e, "checking the held key failed");
+                    tokio::time::sleep(Duration::from_millis(200)).await;
                 }
             }
         }

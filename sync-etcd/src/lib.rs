@@ -81,6 +81,7 @@ mod session;
 mod task;
 #[cfg(feature = "tls")]
 mod tls;
+mod watch;
 
 pub use client::Client;
 pub use config::{Config, MAX_TTL, MIN_TTL};

@@ -122,6 +122,81 @@ async fn lost_when_key_deleted(endpoint: String) -> TestResult {
     Ok(())
 }
 
+/// A held key deleted while the client's shared watch stream is cut is still seen: the
+/// stream is re-opened and the key's monitor resumes from the revision it watched from,
+/// so the delete made meanwhile is replayed, not missed.
+async fn lost_when_key_deleted_while_the_watch_stream_is_down(endpoint: String) -> TestResult {
+    let ns = unique("stream-down");
+    let (proxy, proxied) = common::proxy(&endpoint).await?;
+    // A lease long enough that the short cut does not end it: the loss must come from the
+    // watch.
+    let config = common::config(&proxied, &ns).with_ttl(Duration::from_secs(10));
+    let client = sync_etcd::Client::connect(config)
+        .await
+        .map_err(|e| e.to_string())?;
+    // A follower opens the client's watch stream, so the held key's monitor joins it at once.
+    let _follow = follow_empty_group(&client).await?;
+    let guard = client
+        .lock()
+        .map_err(|e| e.to_string())?
+        .acquire("victim", LockOptions::new())
+        .await
+        .map_err(|e| e.to_string())?;
+    proxy.set(Fault::Reset);
+    etcdctl(&endpoint, &["del", "--prefix", &format!("{ns}/victim/")]).await?;
+    proxy.set(Fault::Pass);
+    let reason = tokio::time::timeout(Duration::from_secs(5), guard.lost())
+        .await
+        .map_err(|_| {
+            "lost() did not fire within 5 s of a delete made while the stream was cut".to_string()
+        })?;
+    if !reason.contains("deleted") {
+        return Err(format!("lost() reason: {reason}"));
+    }
+    drop(proxy);
+    Ok(())
+}
+
+/// A queue deeper than the waiters that count every older key down (64): the deep ones
+/// watch a far older key and read again, and still every one is granted, one at a time.
+async fn deep_queue_is_granted_one_at_a_time(endpoint: String) -> TestResult {
+    const WAITERS: usize = 70;
+    let ns = unique("deep");
+    let holder = common::connect(&endpoint, &ns).await?;
+    let held = holder
+        .lock()
+        .map_err(|e| e.to_string())?
+        .acquire("one", LockOptions::new())
+        .await
+        .map_err(|e| e.to_string())?;
+    let inside = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let mut waiters = Vec::new();
+    for _ in 0..WAITERS {
+        let client = common::connect(&endpoint, &ns).await?;
+        let lock = client.lock().map_err(|e| e.to_string())?;
+        let inside = inside.clone();
+        waiters.push(tokio::spawn(async move {
+            let wait = LockOptions::new().with_wait(Duration::from_secs(30));
+            let guard = lock.acquire("one", wait).await.map_err(|e| e.to_string())?;
+            if inside.fetch_add(1, std::sync::atomic::Ordering::SeqCst) != 0 {
+                return Err("two holders at once".to_string());
+            }
+            tokio::task::yield_now().await;
+            inside.fetch_sub(1, std::sync::atomic::Ordering::SeqCst);
+            guard.release().await.map_err(|e| e.to_string())?;
+            drop(client);
+            Ok(())
+        }));
+    }
+    // Every waiter's key is in place (so the queue is deep) before the holder lets go.
+    await_keys(&endpoint, &format!("{ns}/one/"), WAITERS + 1).await?;
+    held.release().await.map_err(|e| e.to_string())?;
+    for waiter in waiters {
+        waiter.await.map_err(|e| e.to_string())??;
+    }
+    Ok(())
+}
+
 /// With several endpoints, one of them dead, the client still works.
 async fn several_endpoints(endpoint: String) -> TestResult {
     let authority = common::authority(endpoint.as_str());
@@ -1120,7 +1195,7 @@ async fn work_without_rights_fails(_endpoint: String) -> TestResult {
 }
 
 fn main() -> std::process::ExitCode {
-    let tests: [(&'static str, TestFn); 21] = [
+    let tests: [(&'static str, TestFn); 23] = [
         (
             "live::follow_reports_a_member_cut_off_from_the_quorum",
             |e| Box::pin(follow_reports_a_member_cut_off_from_the_quorum(e)),
@@ -1162,6 +1237,13 @@ fn main() -> std::process::ExitCode {
         ("live::lost_when_key_deleted", |e| {
             Box::pin(lost_when_key_deleted(e))
         }),
+        ("live::deep_queue_is_granted_one_at_a_time", |e| {
+            Box::pin(deep_queue_is_granted_one_at_a_time(e))
+        }),
+        (
+            "live::lost_when_key_deleted_while_the_watch_stream_is_down",
+            |e| Box::pin(lost_when_key_deleted_while_the_watch_stream_is_down(e)),
+        ),
         ("live::several_endpoints", |e| {
             Box::pin(several_endpoints(e))
         }),
