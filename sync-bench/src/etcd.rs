@@ -432,22 +432,8 @@ impl Etcd {
                     let started = Instant::now();
                     let counts = stream::iter(0..TASKS)
                         .map(|i| {
-                            let mut lc = raw.lock_client();
                             let name = format!("{ns}/peer/id-{i}");
-                            async move {
-                                let mut n = 0usize;
-                                while Instant::now() < deadline {
-                                    let r = lc
-                                        .lock(
-                                            name.as_str(),
-                                            Some(RpcLockOptions::new().with_lease(lease)),
-                                        )
-                                        .await?;
-                                    lc.unlock(r.key()).await?;
-                                    n += 1;
-                                }
-                                Ok::<_, etcd_client::Error>(n)
-                            }
+                            rpc_lock_loop(raw.lock_client(), name, lease, deadline)
                         })
                         .buffer_unordered(TASKS)
                         .try_collect::<Vec<_>>()
@@ -534,23 +520,7 @@ impl Etcd {
                     let started = Instant::now();
                     let counts = stream::iter(raws.iter())
                         .map(|(r, lease)| {
-                            let mut lc = r.lock_client();
-                            let name = name.clone();
-                            let lease = *lease;
-                            async move {
-                                let mut n = 0usize;
-                                while Instant::now() < deadline {
-                                    let held = lc
-                                        .lock(
-                                            name.as_str(),
-                                            Some(RpcLockOptions::new().with_lease(lease)),
-                                        )
-                                        .await?;
-                                    lc.unlock(held.key()).await?;
-                                    n += 1;
-                                }
-                                Ok::<_, etcd_client::Error>(n)
-                            }
+                            rpc_lock_loop(r.lock_client(), name.clone(), *lease, deadline)
                         })
                         .buffer_unordered(CLIENTS)
                         .try_collect::<Vec<_>>()
@@ -1593,4 +1563,22 @@ async fn held_child(which: &str, n: usize, hold: Duration, url: &str, ns: &str) 
         streams,
         keepalives_per_s: keepalives,
     })
+}
+
+/// The peer's loop: etcd's Lock and Unlock RPCs on `name` until `deadline`; how many rounds.
+async fn rpc_lock_loop(
+    mut lc: etcd_client::LockClient,
+    name: String,
+    lease: i64,
+    deadline: Instant,
+) -> Result<usize, etcd_client::Error> {
+    let mut n = 0usize;
+    while Instant::now() < deadline {
+        let held = lc
+            .lock(name.as_str(), Some(RpcLockOptions::new().with_lease(lease)))
+            .await?;
+        lc.unlock(held.key()).await?;
+        n += 1;
+    }
+    Ok(n)
 }
