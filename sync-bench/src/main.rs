@@ -51,7 +51,16 @@ impl Ctx {
 /// Backends the harness knows; the ones without a crate yet are reported as not run.
 const BACKENDS: [&str; 5] = ["etcd", "local", "ntp", "consul", "redis"];
 
-const USAGE: &str = "usage: sync-bench [--quick] [--out DIR] [BACKEND...]  (etcd local ntp consul redis; default all)";
+const USAGE: &str = "usage: sync-bench [--quick] [--out DIR] [--only WORD]... [BACKEND...]  (etcd local ntp consul redis; default all; --only runs the scenarios whose name holds WORD)";
+
+/// The `--only` words: a scenario runs if its name holds one of them (all run when empty).
+static ONLY: std::sync::OnceLock<Vec<String>> = std::sync::OnceLock::new();
+
+fn selected(name: &str) -> bool {
+    let name = name.to_lowercase();
+    ONLY.get()
+        .is_none_or(|words| words.is_empty() || words.iter().any(|w| name.contains(w.as_str())))
+}
 
 fn main() -> ExitCode {
     let args: Vec<String> = std::env::args().skip(1).collect();
@@ -61,6 +70,7 @@ fn main() -> ExitCode {
     let mut quick = false;
     let mut out: Option<PathBuf> = None;
     let mut backends: Vec<String> = Vec::new();
+    let mut only: Vec<String> = Vec::new();
     let mut it = args.into_iter();
     while let Some(arg) = it.next() {
         match arg.as_str() {
@@ -68,6 +78,10 @@ fn main() -> ExitCode {
             "--out" => match it.next() {
                 Some(dir) => out = Some(dir.into()),
                 None => return usage("--out needs a directory"),
+            },
+            "--only" => match it.next() {
+                Some(word) => only.push(word.to_lowercase()),
+                None => return usage("--only needs a word of a scenario's name"),
             },
             "-h" | "--help" => {
                 println!("{USAGE}");
@@ -82,6 +96,7 @@ fn main() -> ExitCode {
             name => return usage(&format!("unknown backend {name}")),
         }
     }
+    let _ = ONLY.set(only);
     if backends.is_empty() {
         backends = BACKENDS.iter().map(|s| s.to_string()).collect();
     }
@@ -195,6 +210,9 @@ pub(crate) async fn scenario<F>(report: &mut Report, backend: &str, name: &str, 
 where
     F: Future<Output = Result<Vec<Row>>>,
 {
+    if !selected(name) {
+        return;
+    }
     eprintln!("sync-bench: {backend} {name} …");
     let started = Instant::now();
     match tokio::time::timeout(Duration::from_secs(900), f).await {
