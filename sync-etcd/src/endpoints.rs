@@ -54,7 +54,7 @@ impl Endpoints {
     /// connecting it first if need be. An endpoint that cannot be reached is passed over;
     /// any other failure (bad credentials) is returned at once, as is the last failure when no
     /// endpoint can be reached.
-    pub(crate) async fn pick(&self) -> EtcdResult<(usize, etcd_client::Client)> {
+    pub(crate) async fn pick(&self) -> EtcdResult<(usize, &etcd_client::Client)> {
         let start = self.current.load(Ordering::Acquire);
         let count = self.clients.len();
         let mut last = None;
@@ -119,16 +119,17 @@ impl Endpoints {
         moved
     }
 
-    /// Endpoint `index`'s client. Without auth etcd-client dials lazily and this is immediate;
-    /// with auth it authenticates, which gets at most the connect timeout.
-    pub(crate) async fn connect(&self, index: usize) -> EtcdResult<etcd_client::Client> {
-        let client = self.clients[index]
+    /// Endpoint `index`'s client, borrowed: a request clones only the service client it uses
+    /// (cloning the whole client clones every service's channel). Without auth etcd-client
+    /// dials lazily and this is immediate; with auth it authenticates, which gets at most the
+    /// connect timeout.
+    pub(crate) async fn connect(&self, index: usize) -> EtcdResult<&etcd_client::Client> {
+        self.clients[index]
             .get_or_try_init(|| {
                 let dial =
                     etcd_client::Client::connect([&self.urls[index]], Some(self.options.clone()));
                 answered_within(self.connect_timeout, dial)
             })
-            .await?;
-        Ok(client.clone())
+            .await
     }
 }

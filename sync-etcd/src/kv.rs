@@ -39,7 +39,7 @@ impl Sender {
     /// take more than twice the request timeout).
     pub(crate) async fn send<T, F, Fut>(&self, resend: Resend, mut call: F) -> EtcdResult<T>
     where
-        F: FnMut(etcd_client::Client) -> Fut,
+        F: FnMut(&etcd_client::Client) -> Fut,
         Fut: Future<Output = EtcdResult<T>>,
     {
         let mut attempt = 0;
@@ -112,8 +112,8 @@ impl Kv {
         let key = key.into();
         self.sender
             .send(Resend::IfUnanswered, |c| {
-                let (key, opts) = (key.clone(), opts.clone());
-                async move { c.kv_client().get(key, opts).await }
+                let (mut kv, key, opts) = (c.kv_client(), key.clone(), opts.clone());
+                async move { kv.get(key, opts).await }
             })
             .await
     }
@@ -128,8 +128,9 @@ impl Kv {
         let key = key.into();
         self.sender
             .send(Resend::IfUndelivered, |c| {
-                let (key, value, opts) = (key.clone(), value.to_vec(), opts.clone());
-                async move { c.kv_client().put(key, value, opts).await }
+                let (mut kv, key, value) = (c.kv_client(), key.clone(), value.to_vec());
+                let opts = opts.clone();
+                async move { kv.put(key, value, opts).await }
             })
             .await
     }
@@ -142,8 +143,8 @@ impl Kv {
         let key = key.into();
         self.sender
             .send(Resend::IfUndelivered, |c| {
-                let (key, opts) = (key.clone(), opts.clone());
-                async move { c.kv_client().delete(key, opts).await }
+                let (mut kv, key, opts) = (c.kv_client(), key.clone(), opts.clone());
+                async move { kv.delete(key, opts).await }
             })
             .await
     }
@@ -154,8 +155,8 @@ impl Kv {
     ) -> EtcdResult<etcd_client::TxnResponse> {
         self.sender
             .send(Resend::IfUndelivered, |c| {
-                let txn = txn.clone();
-                async move { c.kv_client().txn(txn).await }
+                let (mut kv, txn) = (c.kv_client(), txn.clone());
+                async move { kv.txn(txn).await }
             })
             .await
     }

@@ -47,8 +47,9 @@ impl RollingLease {
         let granted = Instant::now();
         let secs = i64::try_from(ttl).unwrap_or(i64::MAX);
         let lease = sender
-            .send(Resend::IfUnanswered, |c| async move {
-                c.lease_client().grant(secs, None).await
+            .send(Resend::IfUnanswered, |c| {
+                let mut leases = c.lease_client();
+                async move { leases.grant(secs, None).await }
             })
             .await
             .map_err(|e| etcd_err(format!("granting {}", self.what), e))?

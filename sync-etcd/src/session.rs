@@ -45,8 +45,9 @@ impl Session {
         };
         let secs = ttl.as_secs() as i64;
         let grant = sender
-            .send(Resend::IfUnanswered, |c| async move {
-                c.lease_client().grant(secs, None).await
+            .send(Resend::IfUnanswered, |c| {
+                let mut leases = c.lease_client();
+                async move { leases.grant(secs, None).await }
             })
             .await
             .map_err(|e| etcd_err("granting the lease", e))?;
@@ -103,8 +104,9 @@ impl Session {
         let lease = self.lease;
         // Revoking twice changes nothing: the second answer is "not found".
         let revoked = sender
-            .send(Resend::IfUnanswered, |c| async move {
-                c.lease_client().revoke(lease).await
+            .send(Resend::IfUnanswered, |c| {
+                let mut leases = c.lease_client();
+                async move { leases.revoke(lease).await }
             })
             .await;
         match revoked {
@@ -160,8 +162,9 @@ async fn revoke_until_answered(
     let mut attempt = 0u32;
     loop {
         let revoked = sender
-            .send(Resend::IfUnanswered, |c| async move {
-                c.lease_client().revoke(lease).await
+            .send(Resend::IfUnanswered, |c| {
+                let mut leases = c.lease_client();
+                async move { leases.revoke(lease).await }
             })
             .await;
         let e = match revoked {
