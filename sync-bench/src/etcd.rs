@@ -135,6 +135,38 @@ impl Etcd {
         Ok((out, after.since(&before)))
     }
 
+    /// Runs `op(i)` for i in 0..n, one after the other, timing each call; the latencies and
+    /// what etcd counted meanwhile.
+    async fn timed(
+        &self,
+        n: usize,
+        mut op: impl AsyncFnMut(usize) -> Result<()>,
+    ) -> Result<(Vec<Duration>, Cost)> {
+        self.clocked(n, async |i| {
+            let t = Instant::now();
+            op(i).await?;
+            Ok(t.elapsed())
+        })
+        .await
+    }
+
+    /// Like [`Etcd::timed`], for an `op` that times itself (a handoff: from the release to
+    /// the waiter's grant).
+    async fn clocked(
+        &self,
+        n: usize,
+        mut op: impl AsyncFnMut(usize) -> Result<Duration>,
+    ) -> Result<(Vec<Duration>, Cost)> {
+        self.counted(async {
+            let mut lat = Vec::with_capacity(n);
+            for i in 0..n {
+                lat.push(op(i).await?);
+            }
+            Ok(lat)
+        })
+        .await
+    }
+
     async fn cleanup(&self, raw: &mut Raw, prefix: &str) {
         let _ = raw
             .delete(
@@ -164,57 +196,42 @@ impl Etcd {
             .or_msg("warm-up")?;
         for _ in 0..self.ctx.rounds {
             let (lat, cost) = self
-                .counted(async {
-                    let mut lat = Vec::with_capacity(n);
-                    for _ in 0..n {
-                        let t = Instant::now();
-                        let g = lock
-                            .acquire("uncontended", LockOptions::new())
-                            .await
-                            .or_msg("acquire")?;
-                        g.release().await.or_msg("release")?;
-                        lat.push(t.elapsed());
-                    }
-                    Ok(lat)
+                .timed(n, async |_| {
+                    let g = lock
+                        .acquire("uncontended", LockOptions::new())
+                        .await
+                        .or_msg("acquire")?;
+                    g.release().await.or_msg("release")?;
+                    Ok(())
                 })
                 .await?;
             row.sync.rounds.push(with_cost(latency(&lat), &cost, n));
 
+            let mut kv = raw.kv_client();
             let (lat, cost) = self
-                .counted(async {
-                    let mut kv = raw.kv_client();
-                    let mut lat = Vec::with_capacity(n);
-                    for _ in 0..n {
-                        let t = Instant::now();
-                        let r = kv.txn(put_if_absent(&key, lease)).await.or_msg("txn")?;
-                        if !r.succeeded() {
-                            return Err("raw: the key was taken".into());
-                        }
-                        kv.delete(key.as_str(), None).await.or_msg("delete")?;
-                        lat.push(t.elapsed());
+                .timed(n, async |_| {
+                    let r = kv.txn(put_if_absent(&key, lease)).await.or_msg("txn")?;
+                    if !r.succeeded() {
+                        return Err("raw: the key was taken".into());
                     }
-                    Ok(lat)
+                    kv.delete(key.as_str(), None).await.or_msg("delete")?;
+                    Ok(())
                 })
                 .await?;
             push(&mut row.raw, with_cost(latency(&lat), &cost, n));
 
+            let mut lc = raw.lock_client();
             let (lat, cost) = self
-                .counted(async {
-                    let mut lc = raw.lock_client();
-                    let mut lat = Vec::with_capacity(n);
-                    for _ in 0..n {
-                        let t = Instant::now();
-                        let r = lc
-                            .lock(
-                                format!("{ns}/peer/uncontended"),
-                                Some(RpcLockOptions::new().with_lease(lease)),
-                            )
-                            .await
-                            .or_msg("Lock")?;
-                        lc.unlock(r.key()).await.or_msg("Unlock")?;
-                        lat.push(t.elapsed());
-                    }
-                    Ok(lat)
+                .timed(n, async |_| {
+                    let r = lc
+                        .lock(
+                            format!("{ns}/peer/uncontended"),
+                            Some(RpcLockOptions::new().with_lease(lease)),
+                        )
+                        .await
+                        .or_msg("Lock")?;
+                    lc.unlock(r.key()).await.or_msg("Unlock")?;
+                    Ok(())
                 })
                 .await?;
             push(&mut row.peer, with_cost(latency(&lat), &cost, n));
@@ -252,96 +269,84 @@ impl Etcd {
         ));
         for _ in 0..self.ctx.rounds {
             let (lat, cost) = self
-                .counted(async {
-                    let mut lat = Vec::new();
-                    for _ in 0..n {
-                        let ga = la
-                            .acquire("handoff", LockOptions::new())
-                            .await
-                            .or_msg("acquire")?;
-                        let lb = lb.clone();
-                        let waiter = tokio::spawn(async move {
-                            let g = lb.acquire("handoff", LockOptions::new()).await?;
-                            let t1 = Instant::now();
-                            g.release().await?;
-                            Ok::<_, sync_core::Error>(t1)
-                        });
-                        tokio::time::sleep(wait).await;
-                        let t0 = Instant::now();
-                        ga.release().await.or_msg("release")?;
-                        let t1 = waiter.await.or_msg("waiter")?.or_msg("waiter")?;
-                        lat.push(t1.saturating_duration_since(t0));
-                    }
-                    Ok(lat)
+                .clocked(n, async |_| {
+                    let ga = la
+                        .acquire("handoff", LockOptions::new())
+                        .await
+                        .or_msg("acquire")?;
+                    let lb = lb.clone();
+                    let waiter = tokio::spawn(async move {
+                        let g = lb.acquire("handoff", LockOptions::new()).await?;
+                        let t1 = Instant::now();
+                        g.release().await?;
+                        Ok::<_, sync_core::Error>(t1)
+                    });
+                    tokio::time::sleep(wait).await;
+                    let t0 = Instant::now();
+                    ga.release().await.or_msg("release")?;
+                    let t1 = waiter.await.or_msg("waiter")?.or_msg("waiter")?;
+                    Ok(t1.saturating_duration_since(t0))
                 })
                 .await?;
             row.sync.rounds.push(with_cost(latency(&lat), &cost, n));
 
             let key = format!("{ns}/raw/handoff");
-            let (lat, cost) = self
-                .counted(async {
-                    // The waiter's one watch stream, timestamping deletes as they arrive.
-                    let mut watch = rb.watch_client();
-                    let mut stream = watch.watch(key.as_str(), None).await.or_msg("watch")?;
-                    let (tx, mut deletes) = mpsc::unbounded_channel();
-                    let reader = tokio::spawn(async move {
-                        while let Ok(Some(resp)) = stream.message().await {
-                            for ev in resp.events() {
-                                if ev.event_type() == EventType::Delete {
-                                    let _ = tx.send(Instant::now());
-                                }
-                            }
+            // The waiter's one watch stream, timestamping deletes as they arrive.
+            let mut watch = rb.watch_client();
+            let mut stream = watch.watch(key.as_str(), None).await.or_msg("watch")?;
+            let (tx, mut deletes) = mpsc::unbounded_channel();
+            let reader = tokio::spawn(async move {
+                while let Ok(Some(resp)) = stream.message().await {
+                    for ev in resp.events() {
+                        if ev.event_type() == EventType::Delete {
+                            let _ = tx.send(Instant::now());
                         }
-                    });
-                    let mut kv = ra.kv_client();
-                    let mut lat = Vec::new();
-                    for _ in 0..n {
-                        kv.txn(put_if_absent(&key, lease_a)).await.or_msg("txn")?;
-                        tokio::time::sleep(wait).await;
-                        let t0 = Instant::now();
-                        kv.delete(key.as_str(), None).await.or_msg("delete")?;
-                        let t1 = tokio::time::timeout(Duration::from_secs(10), deletes.recv())
-                            .await
-                            .or_msg("waiting for the delete event")?
-                            .ok_or("the watch ended")?;
-                        lat.push(t1.saturating_duration_since(t0));
                     }
-                    reader.abort();
-                    Ok(lat)
+                }
+            });
+            let mut kv = ra.kv_client();
+            let (lat, cost) = self
+                .clocked(n, async |_| {
+                    kv.txn(put_if_absent(&key, lease_a)).await.or_msg("txn")?;
+                    tokio::time::sleep(wait).await;
+                    let t0 = Instant::now();
+                    kv.delete(key.as_str(), None).await.or_msg("delete")?;
+                    let t1 = tokio::time::timeout(Duration::from_secs(10), deletes.recv())
+                        .await
+                        .or_msg("waiting for the delete event")?
+                        .ok_or("the watch ended")?;
+                    Ok(t1.saturating_duration_since(t0))
                 })
                 .await?;
+            reader.abort();
             push(&mut row.raw, with_cost(latency(&lat), &cost, n));
 
             let name = format!("{ns}/peer/handoff");
+            let mut lc = ra.lock_client();
             let (lat, cost) = self
-                .counted(async {
-                    let mut lc = ra.lock_client();
-                    let mut lat = Vec::new();
-                    for _ in 0..n {
-                        let held = lc
-                            .lock(
-                                name.as_str(),
-                                Some(RpcLockOptions::new().with_lease(lease_a)),
-                            )
-                            .await
-                            .or_msg("Lock")?;
-                        let mut lcb = rb.lock_client();
-                        let name = name.clone();
-                        let waiter = tokio::spawn(async move {
-                            let r = lcb
-                                .lock(name, Some(RpcLockOptions::new().with_lease(lease_b)))
-                                .await?;
-                            let t1 = Instant::now();
-                            lcb.unlock(r.key()).await?;
-                            Ok::<_, etcd_client::Error>(t1)
-                        });
-                        tokio::time::sleep(wait).await;
-                        let t0 = Instant::now();
-                        lc.unlock(held.key()).await.or_msg("Unlock")?;
-                        let t1 = waiter.await.or_msg("waiter")?.or_msg("waiter")?;
-                        lat.push(t1.saturating_duration_since(t0));
-                    }
-                    Ok(lat)
+                .clocked(n, async |_| {
+                    let held = lc
+                        .lock(
+                            name.as_str(),
+                            Some(RpcLockOptions::new().with_lease(lease_a)),
+                        )
+                        .await
+                        .or_msg("Lock")?;
+                    let mut lcb = rb.lock_client();
+                    let name = name.clone();
+                    let waiter = tokio::spawn(async move {
+                        let r = lcb
+                            .lock(name, Some(RpcLockOptions::new().with_lease(lease_b)))
+                            .await?;
+                        let t1 = Instant::now();
+                        lcb.unlock(r.key()).await?;
+                        Ok::<_, etcd_client::Error>(t1)
+                    });
+                    tokio::time::sleep(wait).await;
+                    let t0 = Instant::now();
+                    lc.unlock(held.key()).await.or_msg("Unlock")?;
+                    let t1 = waiter.await.or_msg("waiter")?.or_msg("waiter")?;
+                    Ok(t1.saturating_duration_since(t0))
                 })
                 .await?;
             push(&mut row.peer, with_cost(latency(&lat), &cost, n));
@@ -641,38 +646,28 @@ impl Etcd {
             .with_note(format!("{n} sequential elect/resign per round"));
         for _ in 0..self.ctx.rounds {
             let (lat, cost) = self
-                .counted(async {
-                    let mut lat = Vec::new();
-                    for _ in 0..n {
-                        let t = Instant::now();
-                        let e = leader
-                            .elect("me", ElectOptions::new())
-                            .await
-                            .or_msg("elect")?;
-                        e.resign().await.or_msg("resign")?;
-                        lat.push(t.elapsed());
-                    }
-                    Ok(lat)
+                .timed(n, async |_| {
+                    let e = leader
+                        .elect("me", ElectOptions::new())
+                        .await
+                        .or_msg("elect")?;
+                    e.resign().await.or_msg("resign")?;
+                    Ok(())
                 })
                 .await?;
             row.sync.rounds.push(with_cost(latency(&lat), &cost, n));
+            let mut ec = raw.election_client();
             let (lat, cost) = self
-                .counted(async {
-                    let mut ec = raw.election_client();
-                    let mut lat = Vec::new();
-                    for _ in 0..n {
-                        let t = Instant::now();
-                        let r = ec
-                            .campaign(format!("{ns}/peer/group"), "me", lease)
-                            .await
-                            .or_msg("Campaign")?;
-                        let key = r.leader().cloned().ok_or("Campaign: no leader key")?;
-                        ec.resign(Some(ResignOptions::new().with_leader(key)))
-                            .await
-                            .or_msg("Resign")?;
-                        lat.push(t.elapsed());
-                    }
-                    Ok(lat)
+                .timed(n, async |_| {
+                    let r = ec
+                        .campaign(format!("{ns}/peer/group"), "me", lease)
+                        .await
+                        .or_msg("Campaign")?;
+                    let key = r.leader().cloned().ok_or("Campaign: no leader key")?;
+                    ec.resign(Some(ResignOptions::new().with_leader(key)))
+                        .await
+                        .or_msg("Resign")?;
+                    Ok(())
                 })
                 .await?;
             push(&mut row.peer, with_cost(latency(&lat), &cost, n));
@@ -740,117 +735,83 @@ impl Etcd {
         let hot = format!("{prefix}hot");
         for round in 0..self.ctx.rounds {
             let (lat, cost) = self
-                .counted(async {
-                    let mut lat = Vec::new();
-                    for i in 0..n {
-                        let t = Instant::now();
-                        map.write("hot", format!("{i}").as_bytes())
-                            .await
-                            .or_msg("write")?;
-                        lat.push(t.elapsed());
-                    }
-                    Ok(lat)
+                .timed(n, async |i| {
+                    map.write("hot", format!("{i}").as_bytes())
+                        .await
+                        .or_msg("write")?;
+                    Ok(())
                 })
                 .await?;
             write.sync.rounds.push(with_cost(latency(&lat), &cost, n));
+            let mut kv = raw.kv_client();
             let (lat, cost) = self
-                .counted(async {
-                    let mut kv = raw.kv_client();
-                    let mut lat = Vec::new();
-                    for i in 0..n {
-                        let t = Instant::now();
-                        kv.put(hot.as_str(), format!("{i}"), None)
-                            .await
-                            .or_msg("put")?;
-                        lat.push(t.elapsed());
-                    }
-                    Ok(lat)
+                .timed(n, async |i| {
+                    kv.put(hot.as_str(), format!("{i}"), None)
+                        .await
+                        .or_msg("put")?;
+                    Ok(())
                 })
                 .await?;
             push(&mut write.raw, with_cost(latency(&lat), &cost, n));
 
+            let mut version = map.read("hot").await.or_msg("read")?.map(|e| e.version);
             let (lat, cost) = self
-                .counted(async {
-                    let mut version = map.read("hot").await.or_msg("read")?.map(|e| e.version);
-                    let mut lat = Vec::new();
-                    for i in 0..n {
-                        let t = Instant::now();
-                        version = Some(
-                            map.compare_and_swap("hot", version, format!("{i}").as_bytes())
-                                .await
-                                .or_msg("compare_and_swap")?,
-                        );
-                        lat.push(t.elapsed());
-                    }
-                    Ok(lat)
+                .timed(n, async |i| {
+                    version = Some(
+                        map.compare_and_swap("hot", version, format!("{i}").as_bytes())
+                            .await
+                            .or_msg("compare_and_swap")?,
+                    );
+                    Ok(())
                 })
                 .await?;
             cas.sync.rounds.push(with_cost(latency(&lat), &cost, n + 1));
+            let mut kv = raw.kv_client();
+            let got = kv.get(hot.as_str(), None).await.or_msg("get")?;
+            let mut rev = got.kvs().first().map_or(0, |kv| kv.mod_revision());
             let (lat, cost) = self
-                .counted(async {
-                    let mut kv = raw.kv_client();
-                    let got = kv.get(hot.as_str(), None).await.or_msg("get")?;
-                    let mut rev = got.kvs().first().map_or(0, |kv| kv.mod_revision());
-                    let mut lat = Vec::new();
-                    for i in 0..n {
-                        let t = Instant::now();
-                        let r = kv
-                            .txn(
-                                Txn::new()
-                                    .when([Compare::mod_revision(
-                                        hot.as_str(),
-                                        CompareOp::Equal,
-                                        rev,
-                                    )])
-                                    .and_then([TxnOp::put(hot.as_str(), format!("{i}"), None)]),
-                            )
-                            .await
-                            .or_msg("txn")?;
-                        if !r.succeeded() {
-                            return Err("raw CAS: conflict".into());
-                        }
-                        rev = r.header().map_or(0, |h| h.revision());
-                        lat.push(t.elapsed());
+                .timed(n, async |i| {
+                    let r = kv
+                        .txn(
+                            Txn::new()
+                                .when([Compare::mod_revision(hot.as_str(), CompareOp::Equal, rev)])
+                                .and_then([TxnOp::put(hot.as_str(), format!("{i}"), None)]),
+                        )
+                        .await
+                        .or_msg("txn")?;
+                    if !r.succeeded() {
+                        return Err("raw CAS: conflict".into());
                     }
-                    Ok(lat)
+                    rev = r.header().map_or(0, |h| h.revision());
+                    Ok(())
                 })
                 .await?;
             push(&mut cas.raw, with_cost(latency(&lat), &cost, n + 1));
 
             let (lat, cost) = self
-                .counted(async {
-                    let mut lat = Vec::new();
-                    for _ in 0..scans {
-                        let t = Instant::now();
-                        let all = map.entries().await.or_msg("entries")?;
-                        if all.len() < keys {
-                            return Err(format!("entries: {} of {keys}", all.len()));
-                        }
-                        lat.push(t.elapsed());
+                .timed(scans, async |_| {
+                    let all = map.entries().await.or_msg("entries")?;
+                    if all.len() < keys {
+                        return Err(format!("entries: {} of {keys}", all.len()));
                     }
-                    Ok(lat)
+                    Ok(())
                 })
                 .await?;
             let mut s = with_cost(latency(&lat), &cost, scans);
             s.value /= 1000.0;
             s.p99 = s.p99.map(|v| v / 1000.0);
             entries.sync.rounds.push(s);
+            let mut kv = raw.kv_client();
             let (lat, cost) = self
-                .counted(async {
-                    let mut kv = raw.kv_client();
-                    let mut lat = Vec::new();
-                    for _ in 0..scans {
-                        let t = Instant::now();
-                        let all = kv
-                            .get(prefix.as_str(), Some(GetOptions::new().with_prefix()))
-                            .await
-                            .or_msg("range")?;
-                        if all.kvs().len() < keys {
-                            return Err(format!("range: {} of {keys}", all.kvs().len()));
-                        }
-                        lat.push(t.elapsed());
+                .timed(scans, async |_| {
+                    let all = kv
+                        .get(prefix.as_str(), Some(GetOptions::new().with_prefix()))
+                        .await
+                        .or_msg("range")?;
+                    if all.kvs().len() < keys {
+                        return Err(format!("range: {} of {keys}", all.kvs().len()));
                     }
-                    Ok(lat)
+                    Ok(())
                 })
                 .await?;
             let mut s = with_cost(latency(&lat), &cost, scans);
