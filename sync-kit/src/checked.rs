@@ -119,17 +119,30 @@ impl Op {
 
     /// Runs `fut` in this operation's span.
     async fn traced<T>(self, id: &str, fut: impl Future<Output = T>) -> T {
-        let span = tracing::debug_span!(
+        let span = self.span(id);
+        if span.is_disabled() {
+            return fut.await;
+        }
+        fut.instrument(span).await
+    }
+
+    /// Runs `f` (which does not wait) in this operation's span.
+    fn in_span<T>(self, id: &str, f: impl FnOnce() -> T) -> T {
+        let span = self.span(id);
+        if span.is_disabled() {
+            return f();
+        }
+        span.in_scope(f)
+    }
+
+    fn span(self, id: &str) -> tracing::Span {
+        tracing::debug_span!(
             "sync",
             backend = self.backend,
             primitive = self.primitive,
             operation = self.operation,
             id
-        );
-        if span.is_disabled() {
-            return fut.await;
-        }
-        fut.instrument(span).await
+        )
     }
 
     /// Runs `fut` only if the input `check` passed; a refusal is counted and named like any
@@ -295,12 +308,39 @@ impl CheckedLock {
     }
 }
 
-#[async_trait]
-impl Lock for CheckedLock {
-    async fn acquire(&self, id: &str, opts: LockOptions) -> Result<LockGuard> {
-        // One clock reading for the start, one at the grant: the operation's time, the wait
-        // and the start of the hold all come from them.
-        let start = Instant::now();
+impl CheckedLock {
+    /// A grant the backend can make at once ([`Lock::grant_now`]), in the operation's span,
+    /// with the instant it was checked at; None when it cannot (or the grant was lost as it
+    /// arrived, which the full path retries).
+    fn grant_now(&self, op: Op, id: &str) -> Option<(LockGuard, Instant)> {
+        self.check(id).ok()?;
+        let guard = op.in_span(id, || self.inner.grant_now(id))?;
+        let now = Instant::now();
+        (!guard.loss_signal().is_lost_at(now)).then_some((guard, now))
+    }
+
+    /// A grant made, or the error of an acquire or try_acquire begun at `start`, recorded.
+    fn granted<T>(
+        &self,
+        op: Op,
+        id: &str,
+        start: Instant,
+        now: Instant,
+        granted: Result<T>,
+    ) -> Result<(T, Duration)> {
+        let took = now.saturating_duration_since(start);
+        op.record(took, granted.as_ref().err());
+        let granted = granted.map_err(|e| e.in_context(op.backend, op.operation, id))?;
+        Ok((granted, took))
+    }
+
+    /// The acquire of a lock that cannot be granted at once: queued, or through a failure.
+    async fn acquire_waiting(
+        &self,
+        start: Instant,
+        id: &str,
+        opts: LockOptions,
+    ) -> Result<LockGuard> {
         let op = self.ops.acquire;
         let check = self.check(id);
         let granted = op
@@ -319,26 +359,41 @@ impl Lock for CheckedLock {
             Ok((guard, now)) => (Ok(guard), now),
             Err(e) => (Err(e), Instant::now()),
         };
-        let took = now.saturating_duration_since(start);
-        op.record(took, granted.as_ref().err());
-        let guard = granted.map_err(|e| e.in_context(op.backend, op.operation, id))?;
+        let (guard, took) = self.granted(op, id, start, now, granted)?;
         Ok(self.held(guard, took, now))
+    }
+}
+
+#[async_trait]
+impl Lock for CheckedLock {
+    async fn acquire(&self, id: &str, opts: LockOptions) -> Result<LockGuard> {
+        // One clock reading for the start, one at the grant: the operation's time, the wait
+        // and the start of the hold all come from them.
+        let start = Instant::now();
+        let op = self.ops.acquire;
+        if let Some((guard, now)) = self.grant_now(op, id) {
+            let (guard, took) = self.granted(op, id, start, now, Ok(guard))?;
+            return Ok(self.held(guard, took, now));
+        }
+        // Boxed apart, so the future of the common case above stays small.
+        Box::pin(self.acquire_waiting(start, id, opts)).await
     }
 
     async fn try_acquire(&self, id: &str) -> Result<Option<LockGuard>> {
         let start = Instant::now();
         let op = self.ops.try_acquire;
-        let check = self.check(id);
-        let granted = op
-            .traced(id, async {
-                check?;
-                self.inner.try_acquire(id).await
-            })
-            .await;
-        let now = Instant::now();
-        let took = now.saturating_duration_since(start);
-        op.record(took, granted.as_ref().err());
-        let guard = granted.map_err(|e| e.in_context(op.backend, op.operation, id))?;
+        let (granted, now) = match self.grant_now(op, id) {
+            Some((guard, now)) => (Ok(Some(guard)), now),
+            None => {
+                let check = self.check(id);
+                let granted = op.traced(id, async {
+                    check?;
+                    self.inner.try_acquire(id).await
+                });
+                (Box::pin(granted).await, Instant::now())
+            }
+        };
+        let (guard, took) = self.granted(op, id, start, now, granted)?;
         Ok(guard.map(|g| self.held(g, took, now)))
     }
 
@@ -346,6 +401,11 @@ impl Lock for CheckedLock {
         (self.ops.release)
             .checked(id, self.check(id), self.inner.release(id))
             .await
+    }
+
+    fn grant_now(&self, _: &str) -> Option<LockGuard> {
+        // A wrapper's callers go through acquire, which takes the backend's fast path.
+        None
     }
 }
 
@@ -373,9 +433,14 @@ impl HeldLock for TimedHold {
     async fn release(&mut self) -> Result<()> {
         let start = Instant::now();
         self.ended(start);
-        (self.ops.release)
-            .run_from(start, "", self.inner.release())
-            .await
+        let op = self.ops.release;
+        match op.in_span("", || self.inner.release_now()) {
+            Some(released) => {
+                op.record(start.elapsed(), released.as_ref().err());
+                released.map_err(|e| e.in_context(op.backend, op.operation, ""))
+            }
+            None => Box::pin(op.run_from(start, "", self.inner.release())).await,
+        }
     }
 
     fn release_in_background(self: Box<Self>) {
