@@ -140,6 +140,12 @@ impl LockGuard {
         self.lost.is_lost()
     }
 
+    /// [`is_lost`](LockGuard::is_lost) with the clock already read (see
+    /// [`LossSignal::is_lost_at`]).
+    pub fn is_lost_at(&self, now: tokio::time::Instant) -> bool {
+        self.lost.is_lost_at(now)
+    }
+
     /// A clone of the loss signal, to watch from another task.
     pub fn loss_signal(&self) -> LossSignal {
         self.lost.clone()

@@ -91,10 +91,6 @@ fn static_labels(pairs: &[(&'static str, &'static str)]) -> &'static [Label] {
     Box::leak(labels.into_boxed_slice())
 }
 
-fn count(key: &Key, by: u64) {
-    metrics::with_recorder(|r| r.register_counter(key, &META).increment(by));
-}
-
 fn observe(key: &Key, took: Duration) {
     metrics::with_recorder(|r| r.register_histogram(key, &META).record(took.as_secs_f64()));
 }
@@ -102,16 +98,7 @@ fn observe(key: &Key, took: Duration) {
 impl Op {
     /// Runs `fut` in its span, records it, and names backend, operation and id in its error.
     async fn run<T>(self, id: &str, fut: impl Future<Output = Result<T>>) -> Result<T> {
-        self.run_from(Instant::now(), id, fut).await
-    }
-
-    /// [`run`](Op::run) for an operation that began at `start`.
-    async fn run_from<T>(
-        self,
-        start: Instant,
-        id: &str,
-        fut: impl Future<Output = Result<T>>,
-    ) -> Result<T> {
+        let start = Instant::now();
         let result = self.traced(id, fut).await;
         self.record(start.elapsed(), result.as_ref().err());
         result.map_err(|e| e.in_context(self.backend, self.operation, id))
@@ -161,8 +148,19 @@ impl Op {
     }
 
     fn record(self, took: Duration, error: Option<&Error>) {
-        count(&self.keys.total, 1);
-        observe(&self.keys.seconds, took);
+        self.record_with(took, error, None);
+    }
+
+    /// [`record`](Op::record), and one more histogram (`also`) in the same look-up of the
+    /// recorder.
+    fn record_with(self, took: Duration, error: Option<&Error>, also: Option<(&Key, Duration)>) {
+        metrics::with_recorder(|r| {
+            r.register_counter(&self.keys.total, &META).increment(1);
+            (r.register_histogram(&self.keys.seconds, &META)).record(took.as_secs_f64());
+            if let Some((key, value)) = also {
+                r.register_histogram(key, &META).record(value.as_secs_f64());
+            }
+        });
         if let Some(e) = error {
             let kind = e.kind().to_string();
             metrics::counter!(
@@ -293,9 +291,8 @@ impl CheckedLock {
     }
 
     /// Times the hold (from `now`, when it was granted) and counts a loss when the guard ends.
-    fn held(&self, guard: LockGuard, waited: Duration, now: Instant) -> LockGuard {
+    fn held(&self, guard: LockGuard, now: Instant) -> LockGuard {
         let ops = self.ops;
-        observe(&ops.wait, waited);
         let lost = guard.loss_signal();
         guard.map_held(|inner| {
             Box::new(TimedHold {
@@ -316,7 +313,7 @@ impl CheckedLock {
         self.check(id).ok()?;
         let guard = op.in_span(id, || self.inner.grant_now(id))?;
         let now = Instant::now();
-        (!guard.loss_signal().is_lost_at(now)).then_some((guard, now))
+        (!guard.is_lost_at(now)).then_some((guard, now))
     }
 
     /// A grant made, or the error of an acquire or try_acquire begun at `start`, recorded.
@@ -327,11 +324,12 @@ impl CheckedLock {
         start: Instant,
         now: Instant,
         granted: Result<T>,
-    ) -> Result<(T, Duration)> {
+    ) -> Result<T> {
         let took = now.saturating_duration_since(start);
-        op.record(took, granted.as_ref().err());
-        let granted = granted.map_err(|e| e.in_context(op.backend, op.operation, id))?;
-        Ok((granted, took))
+        // The wait is the acquire's own time, recorded with it.
+        let wait = granted.is_ok().then_some((&self.ops.wait, took));
+        op.record_with(took, granted.as_ref().err(), wait);
+        granted.map_err(|e| e.in_context(op.backend, op.operation, id))
     }
 
     /// The acquire of a lock that cannot be granted at once: queued, or through a failure.
@@ -346,7 +344,7 @@ impl CheckedLock {
         let granted = op
             .traced(id, async {
                 check?;
-                let lost = |g: &LockGuard, now| g.loss_signal().is_lost_at(now);
+                let lost = |g: &LockGuard, now| g.is_lost_at(now);
                 until_granted(opts.wait, lost, |wait| {
                     let mut opts = opts.clone();
                     opts.wait = wait;
@@ -359,8 +357,8 @@ impl CheckedLock {
             Ok((guard, now)) => (Ok(guard), now),
             Err(e) => (Err(e), Instant::now()),
         };
-        let (guard, took) = self.granted(op, id, start, now, granted)?;
-        Ok(self.held(guard, took, now))
+        let guard = self.granted(op, id, start, now, granted)?;
+        Ok(self.held(guard, now))
     }
 }
 
@@ -372,8 +370,8 @@ impl Lock for CheckedLock {
         let start = Instant::now();
         let op = self.ops.acquire;
         if let Some((guard, now)) = self.grant_now(op, id) {
-            let (guard, took) = self.granted(op, id, start, now, Ok(guard))?;
-            return Ok(self.held(guard, took, now));
+            let guard = self.granted(op, id, start, now, Ok(guard))?;
+            return Ok(self.held(guard, now));
         }
         // Boxed apart, so the future of the common case above stays small.
         Box::pin(self.acquire_waiting(start, id, opts)).await
@@ -393,8 +391,8 @@ impl Lock for CheckedLock {
                 (Box::pin(granted).await, Instant::now())
             }
         };
-        let (guard, took) = self.granted(op, id, start, now, granted)?;
-        Ok(guard.map(|g| self.held(g, took, now)))
+        let guard = self.granted(op, id, start, now, granted)?;
+        Ok(guard.map(|g| self.held(g, now)))
     }
 
     async fn release(&self, id: &str) -> Result<()> {
@@ -419,12 +417,12 @@ struct TimedHold {
 }
 
 impl TimedHold {
-    /// Records the hold, ended at `now`.
-    fn ended(&self, now: Instant) {
-        observe(&self.ops.hold, now.saturating_duration_since(self.since));
+    /// The hold, ended at `now` (a loss is counted here, its time by the caller).
+    fn ended(&self, now: Instant) -> (&'static Key, Duration) {
         if self.lost.is_lost_at(now) {
             count_loss(self.ops.backend, "lock", &self.lost);
         }
+        (&self.ops.hold, now.saturating_duration_since(self.since))
     }
 }
 
@@ -432,19 +430,19 @@ impl TimedHold {
 impl HeldLock for TimedHold {
     async fn release(&mut self) -> Result<()> {
         let start = Instant::now();
-        self.ended(start);
+        let held = self.ended(start);
         let op = self.ops.release;
-        match op.in_span("", || self.inner.release_now()) {
-            Some(released) => {
-                op.record(start.elapsed(), released.as_ref().err());
-                released.map_err(|e| e.in_context(op.backend, op.operation, ""))
-            }
-            None => Box::pin(op.run_from(start, "", self.inner.release())).await,
-        }
+        let released = match op.in_span("", || self.inner.release_now()) {
+            Some(released) => released,
+            None => Box::pin(op.traced("", self.inner.release())).await,
+        };
+        op.record_with(start.elapsed(), released.as_ref().err(), Some(held));
+        released.map_err(|e| e.in_context(op.backend, op.operation, ""))
     }
 
     fn release_in_background(self: Box<Self>) {
-        self.ended(Instant::now());
+        let (key, held) = self.ended(Instant::now());
+        observe(key, held);
         self.inner.release_in_background();
     }
 }
@@ -777,9 +775,9 @@ mod tests {
                     "sync_operations_total{local,lock,lock.acquire}",
                     "sync_operation_seconds{local,lock,lock.acquire}",
                     "sync_lock_wait_seconds{local}",
-                    "sync_lock_hold_seconds{local}",
                     "sync_operations_total{local,lock,lock.release}",
                     "sync_operation_seconds{local,lock,lock.release}",
+                    "sync_lock_hold_seconds{local}",
                     "sync_operations_total{local,lock,lock.try_acquire}",
                     "sync_operation_seconds{local,lock,lock.try_acquire}",
                     "sync_errors_total{local,lock,lock.try_acquire,invalid argument}",

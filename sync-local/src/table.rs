@@ -169,8 +169,9 @@ impl<S: SlotState> Table<S> {
         init: impl Fn(&mut S, u64),
     ) -> Result<Option<(u64, LossSignal)>> {
         loop {
-            let session = asker.client.session_state()?;
-            match self.lock().take(asker, &session, key, None, &init) {
+            let took = (asker.client)
+                .with_session(|session| self.lock().take(asker, session, key, None, &init))?;
+            match took {
                 Ok(granted) => return Ok(Some(granted)),
                 Err(Refused::Busy) => return Ok(None),
                 Err(Refused::SessionEnded) => continue,
