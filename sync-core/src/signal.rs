@@ -141,7 +141,11 @@ impl LossTrigger {
 impl Drop for LossTrigger {
     fn drop(&mut self) {
         let flag = &*self.flag;
-        if flag.state.compare_exchange(LIVE, GONE, SeqCst, SeqCst).is_ok() {
+        if flag
+            .state
+            .compare_exchange(LIVE, GONE, SeqCst, SeqCst)
+            .is_ok()
+        {
             flag.wake();
         }
     }

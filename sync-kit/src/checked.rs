@@ -28,13 +28,13 @@ use std::{
 
 use async_trait::async_trait;
 use futures::StreamExt;
+use metrics::{Key, Label, Level, Metadata};
 use sync_core::{
     ElectOptions, Elected, Entry, Error, ErrorKind, FollowStream, Handler, Job, JobId, JobStatus,
     Leader, LeaderInfo, Lock, LockGuard, LockOptions, LossSignal, Map, Result, Task, Time,
     TimeInterval, Version, Worker, WorkerOptions,
     raw::{HeldLock, Leadership, validate_value},
 };
-use metrics::{Key, Label, Level, Metadata};
 use tokio::time::Instant;
 use tracing::Instrument;
 
@@ -67,8 +67,7 @@ struct OpKeys {
 }
 
 /// What the checked layer's metrics are registered with (what the `metrics` macros would give).
-static META: Metadata<'static> =
-    Metadata::new(module_path!(), Level::INFO, Some(module_path!()));
+static META: Metadata<'static> = Metadata::new(module_path!(), Level::INFO, Some(module_path!()));
 
 /// Interned for the life of the process: one per distinct (backend, primitive, operation), or
 /// per backend — a small, bounded set, leaked once. The keys reach whatever recorder is
@@ -80,7 +79,9 @@ fn interned<K: Eq + std::hash::Hash, V: Send + Sync + 'static>(
     make: impl FnOnce() -> V,
 ) -> &'static V {
     let mut cache = crate::locked(cache.get_or_init(Default::default));
-    cache.entry(key).or_insert_with(|| Box::leak(Box::new(make())))
+    cache
+        .entry(key)
+        .or_insert_with(|| Box::leak(Box::new(make())))
 }
 
 /// Labels leaked for the life of the process (only ever called through [`interned`]).
@@ -761,12 +762,18 @@ mod tests {
         let client = sync_local::Cluster::new().client(Default::default())?;
         let lock = client.lock()?;
         // Before any recorder: recorded nowhere, and nothing kept from it.
-        lock.acquire("a", LockOptions::new()).await?.release().await?;
+        lock.acquire("a", LockOptions::new())
+            .await?
+            .release()
+            .await?;
 
         for _ in 0..2 {
             let seen = Seen::default();
             let _installed = metrics::set_default_local_recorder(&seen);
-            lock.acquire("a", LockOptions::new()).await?.release().await?;
+            lock.acquire("a", LockOptions::new())
+                .await?
+                .release()
+                .await?;
             let err = lock.try_acquire("").await.unwrap_err();
             assert_eq!(err.kind(), ErrorKind::InvalidArgument);
             assert_eq!(
