@@ -317,18 +317,20 @@ impl CheckedLock {
         (!guard.is_lost_at(now)).then_some((guard, now))
     }
 
-    /// A grant made, or the error of an acquire or try_acquire begun at `start`, recorded.
+    /// The outcome of an acquire or try_acquire begun at `start`, recorded: with the wait, if
+    /// it granted (`got` tells).
     fn granted<T>(
         &self,
         op: Op,
         id: &str,
-        start: Instant,
-        now: Instant,
+        (start, now): (Instant, Instant),
         granted: Result<T>,
+        got: impl FnOnce(&T) -> bool,
     ) -> Result<T> {
         let took = now.saturating_duration_since(start);
         // The wait is the acquire's own time, recorded with it.
-        let wait = granted.is_ok().then_some((&self.ops.wait, took));
+        let wait = granted.as_ref().is_ok_and(got);
+        let wait = wait.then_some((&self.ops.wait, took));
         op.record_with(took, granted.as_ref().err(), wait);
         granted.map_err(|e| e.in_context(op.backend, op.operation, id))
     }
@@ -358,7 +360,7 @@ impl CheckedLock {
             Ok((guard, now)) => (Ok(guard), now),
             Err(e) => (Err(e), Instant::now()),
         };
-        let guard = self.granted(op, id, start, now, granted)?;
+        let guard = self.granted(op, id, (start, now), granted, |_| true)?;
         Ok(self.held(guard, now))
     }
 }
@@ -371,7 +373,7 @@ impl Lock for CheckedLock {
         let start = Instant::now();
         let op = self.ops.acquire;
         if let Some((guard, now)) = self.grant_now(op, id) {
-            let guard = self.granted(op, id, start, now, Ok(guard))?;
+            let guard = self.granted(op, id, (start, now), Ok(guard), |_| true)?;
             return Ok(self.held(guard, now));
         }
         // Boxed apart, so the future of the common case above stays small.
@@ -392,7 +394,7 @@ impl Lock for CheckedLock {
                 (Box::pin(granted).await, Instant::now())
             }
         };
-        let guard = self.granted(op, id, start, now, granted)?;
+        let guard = self.granted(op, id, (start, now), granted, Option::is_some)?;
         Ok(guard.map(|g| self.held(g, now)))
     }
 
@@ -774,6 +776,9 @@ mod tests {
                 .await?
                 .release()
                 .await?;
+            let held = lock.acquire("b", LockOptions::new()).await?;
+            assert!(lock.try_acquire("b").await?.is_none());
+            held.release().await?;
             let err = lock.try_acquire("").await.unwrap_err();
             assert_eq!(err.kind(), ErrorKind::InvalidArgument);
             assert_eq!(
@@ -782,6 +787,15 @@ mod tests {
                     "sync_operations_total{local,lock,lock.acquire}",
                     "sync_operation_seconds{local,lock,lock.acquire}",
                     "sync_lock_wait_seconds{local}",
+                    "sync_operations_total{local,lock,lock.release}",
+                    "sync_operation_seconds{local,lock,lock.release}",
+                    "sync_lock_hold_seconds{local}",
+                    "sync_operations_total{local,lock,lock.acquire}",
+                    "sync_operation_seconds{local,lock,lock.acquire}",
+                    "sync_lock_wait_seconds{local}",
+                    // Busy: no wait recorded.
+                    "sync_operations_total{local,lock,lock.try_acquire}",
+                    "sync_operation_seconds{local,lock,lock.try_acquire}",
                     "sync_operations_total{local,lock,lock.release}",
                     "sync_operation_seconds{local,lock,lock.release}",
                     "sync_lock_hold_seconds{local}",
