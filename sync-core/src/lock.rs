@@ -64,6 +64,17 @@ pub trait Lock: Send + Sync {
     /// Releases the oldest guard of `id` held through this handle (the seed's `Release(id)`).
     /// [`ErrorKind::NotHeld`](crate::ErrorKind) if this handle holds none.
     async fn release(&self, id: &str) -> Result<()>;
+
+    /// A grant that needs neither a wait nor any I/O, if one can be had right now — for an
+    /// in-process backend, whose uncontended grant is one look at a table, so that a caller
+    /// ([`acquire`](Lock::acquire) of a wrapper) need not build and box a future for it.
+    /// `None` means "go through `acquire`/`try_acquire`", which also report any error; the
+    /// default always says so. A grant made here follows the same rules as any other (it
+    /// never overtakes a queued waiter).
+    fn grant_now(&self, id: &str) -> Option<LockGuard> {
+        let _ = id;
+        None
+    }
 }
 
 /// The backend side of a held lock, boxed inside a [`LockGuard`].
@@ -74,6 +85,13 @@ pub trait HeldLock: Send + Sync + 'static {
 
     /// Releases without waiting (called from `Drop`): must not block, so it spawns or sends.
     fn release_in_background(self: Box<Self>);
+
+    /// Releases at once, if that needs neither a wait nor any I/O (an in-process backend):
+    /// the outcome of [`release`](HeldLock::release) without its future. `None` means "call
+    /// `release`" (nothing was done); the default always says so.
+    fn release_now(&mut self) -> Option<Result<()>> {
+        None
+    }
 }
 
 /// Proof of holding a lock. Dropping it releases the lock in the background.
@@ -120,6 +138,12 @@ impl LockGuard {
     /// Whether the lock has been lost.
     pub fn is_lost(&self) -> bool {
         self.lost.is_lost()
+    }
+
+    /// [`is_lost`](LockGuard::is_lost) with the clock already read (see
+    /// [`LossSignal::is_lost_at`]).
+    pub fn is_lost_at(&self, now: tokio::time::Instant) -> bool {
+        self.lost.is_lost_at(now)
     }
 
     /// A clone of the loss signal, to watch from another task.

@@ -7,17 +7,28 @@
 //! deadline is computed on every check, so a holder whose process was paused past its TTL sees
 //! the loss on its first check, before any background task has had a chance to run.
 
-use tokio::{sync::watch, time::Instant};
+use std::{
+    future::pending,
+    sync::{
+        Arc, OnceLock,
+        atomic::{AtomicBool, AtomicU8, AtomicU64, AtomicUsize, Ordering::SeqCst},
+    },
+    time::Duration,
+};
+
+use tokio::{sync::Notify, time::Instant};
 
 /// The sending half, kept by the backend. Dropping it without firing counts as a loss
 /// ("signal dropped"), so a crashed renewal task can never leave a holder believing it holds.
 #[derive(Debug)]
 pub struct LossTrigger {
-    tx: watch::Sender<Option<String>>,
-    deadline: Option<LeaseDeadline>,
+    flag: Arc<Flag>,
 }
 
 /// The receiving half: resolves once the holder can no longer be sure it holds.
+///
+/// Cheap to clone and to check: one shared allocation per signal, and no lock is taken to fire
+/// or drop it unless some task is waiting on it.
 ///
 /// ```
 /// # #[tokio::main(flavor = "current_thread")] async fn main() {
@@ -29,17 +40,52 @@ pub struct LossTrigger {
 /// ```
 #[derive(Debug, Clone)]
 pub struct LossSignal {
-    rx: watch::Receiver<Option<String>>,
-    deadline: Option<LeaseDeadline>,
+    flag: Arc<Flag>,
+}
+
+/// What a trigger and its signals share.
+#[derive(Debug)]
+struct Flag {
+    /// [`LIVE`], [`FIRED`] or [`GONE`]; it leaves `LIVE` once and never changes again.
+    state: AtomicU8,
+    /// The reason, set before the state becomes `FIRED`.
+    reason: OnceLock<String>,
+    /// How many tasks are in [`LossSignal::wait`]: with none, firing takes no lock.
+    waiting: AtomicUsize,
+    notify: Notify,
+    lease: Option<Arc<Lease>>,
+}
+
+const LIVE: u8 = 0;
+const FIRED: u8 = 1;
+/// The trigger was dropped without firing.
+const GONE: u8 = 2;
+
+impl Flag {
+    fn new(lease: Option<Arc<Lease>>) -> Arc<Self> {
+        Arc::new(Flag {
+            state: AtomicU8::new(LIVE),
+            reason: OnceLock::new(),
+            waiting: AtomicUsize::new(0),
+            notify: Notify::new(),
+            lease,
+        })
+    }
+
+    /// Wakes the waiters, if any. Called after the state left `LIVE`: a waiter that registered
+    /// after this load saw 0 reads the new state before it sleeps (both are sequentially
+    /// consistent), and one counted here is notified.
+    fn wake(&self) {
+        if self.waiting.load(SeqCst) > 0 {
+            self.notify.notify_waiters();
+        }
+    }
 }
 
 /// A connected trigger and signal, lost only when fired or dropped.
 pub fn loss_signal() -> (LossTrigger, LossSignal) {
-    let (tx, rx) = watch::channel(None);
-    (
-        LossTrigger { tx, deadline: None },
-        LossSignal { rx, deadline: None },
-    )
+    let flag = Flag::new(None);
+    (LossTrigger { flag: flag.clone() }, LossSignal { flag })
 }
 
 /// A connected trigger and signal that is also lost once `lease`'s safe deadline passes or its
@@ -62,42 +108,45 @@ pub fn loss_signal() -> (LossTrigger, LossSignal) {
 /// # }
 /// ```
 pub fn loss_signal_until(lease: LeaseDeadline) -> (LossTrigger, LossSignal) {
-    let (tx, rx) = watch::channel(None);
-    (
-        LossTrigger {
-            tx,
-            deadline: Some(lease.clone()),
-        },
-        LossSignal {
-            rx,
-            deadline: Some(lease),
-        },
-    )
+    let flag = Flag::new(Some(lease.lease));
+    (LossTrigger { flag: flag.clone() }, LossSignal { flag })
 }
 
 impl LossTrigger {
     /// Fires the signal with a reason. Only the first reason is kept.
     pub fn fire(&self, reason: impl Into<String>) {
-        let reason = reason.into();
-        self.tx.send_if_modified(|slot| {
-            if slot.is_some() {
-                return false;
-            }
-            *slot = Some(reason);
-            true
-        });
+        let flag = &*self.flag;
+        if flag.state.load(SeqCst) != LIVE {
+            return;
+        }
+        // Of two racing fires, the first to set the reason wins; both store FIRED.
+        let _ = flag.reason.set(reason.into());
+        flag.state.store(FIRED, SeqCst);
+        flag.wake();
     }
 
     /// Whether the signal has fired.
     pub fn is_fired(&self) -> bool {
-        self.tx.borrow().is_some()
+        self.flag.state.load(SeqCst) == FIRED
     }
 
     /// Another receiver of the same signal.
     pub fn signal(&self) -> LossSignal {
         LossSignal {
-            rx: self.tx.subscribe(),
-            deadline: self.deadline.clone(),
+            flag: self.flag.clone(),
+        }
+    }
+}
+
+impl Drop for LossTrigger {
+    fn drop(&mut self) {
+        let flag = &*self.flag;
+        if flag
+            .state
+            .compare_exchange(LIVE, GONE, SeqCst, SeqCst)
+            .is_ok()
+        {
+            flag.wake();
         }
     }
 }
@@ -106,31 +155,50 @@ const DROPPED: &str = "signal dropped";
 const PAST_DEADLINE: &str = "the lease's safe deadline passed without a confirmed renewal";
 const NO_RENEWER: &str = "the lease's renewer stopped";
 
+/// Why a signal is lost (the reason's text is made only when asked for).
+enum Why<'a> {
+    Fired(&'a str),
+    Dropped,
+    NoRenewer,
+    PastDeadline,
+}
+
 impl LossSignal {
     /// Waits for the loss and returns its reason.
     pub async fn wait(&self) -> String {
-        let mut rx = self.rx.clone();
-        let mut lease = self.deadline.clone();
+        let flag = &*self.flag;
+        flag.waiting.fetch_add(1, SeqCst);
+        struct Leave<'a>(&'a AtomicUsize);
+        impl Drop for Leave<'_> {
+            fn drop(&mut self) {
+                self.0.fetch_sub(1, SeqCst);
+            }
+        }
+        let _leave = Leave(&flag.waiting);
+        let lease = flag.lease.as_deref();
         loop {
+            // Made before the check, so a change after it wakes them.
+            let fired = flag.notify.notified();
+            let moved = lease.map(|l| l.notify.notified());
             if let Some(reason) = self.reason() {
                 return reason;
             }
-            let until = lease.as_ref().and_then(LeaseDeadline::get);
-            let lease_changed = async {
-                match lease.as_mut() {
-                    Some(l) => l.changed().await,
-                    None => std::future::pending().await,
+            let until = lease.and_then(Lease::get);
+            let moved = async {
+                match moved {
+                    Some(m) => m.await,
+                    None => pending().await,
                 }
             };
             let passed = async {
                 match until {
                     Some(at) => tokio::time::sleep_until(at).await,
-                    None => std::future::pending().await,
+                    None => pending().await,
                 }
             };
             tokio::select! {
-                _ = rx.changed() => {}
-                () = lease_changed => {}
+                () = fired => {}
+                () = moved => {}
                 () = passed => {}
             }
         }
@@ -139,30 +207,42 @@ impl LossSignal {
     /// Whether the loss has happened: fired, the trigger gone, or the lease's safe deadline
     /// passed (read from the monotonic clock now, not from a flag a task sets).
     pub fn is_lost(&self) -> bool {
-        self.reason().is_some()
+        self.why(None).is_some()
+    }
+
+    /// [`is_lost`](LossSignal::is_lost) with the clock already read: `now` is a reading taken
+    /// just before (so a caller that times its work reads the clock once for both).
+    pub fn is_lost_at(&self, now: Instant) -> bool {
+        self.why(Some(now)).is_some()
     }
 
     /// The reason, once lost.
     pub fn reason(&self) -> Option<String> {
-        if let Some(r) = self.rx.borrow().clone() {
-            return Some(r);
+        Some(match self.why(None)? {
+            Why::Fired(r) => r.to_string(),
+            Why::Dropped => DROPPED.to_string(),
+            Why::NoRenewer => NO_RENEWER.to_string(),
+            Why::PastDeadline => PAST_DEADLINE.to_string(),
+        })
+    }
+
+    fn why(&self, now: Option<Instant>) -> Option<Why<'_>> {
+        let flag = &*self.flag;
+        match flag.state.load(SeqCst) {
+            LIVE => {}
+            FIRED => return Some(Why::Fired(flag.reason.get().map_or("", String::as_str))),
+            _ => return Some(Why::Dropped),
         }
-        if self.rx.has_changed().is_err() {
-            return Some(DROPPED.to_string());
-        }
-        let lease = self.deadline.as_ref()?;
-        if lease.renewer_gone() {
-            return Some(NO_RENEWER.to_string());
-        }
-        lease
-            .get()
-            .filter(|at| Instant::now() >= *at)
-            .map(|_| PAST_DEADLINE.to_string())
+        let lease = flag.lease.as_deref()?;
+        let Some(at) = lease.get() else {
+            return Some(Why::NoRenewer);
+        };
+        (now.unwrap_or_else(Instant::now) >= at).then_some(Why::PastDeadline)
     }
 
     /// The safe deadline of the lease this signal is bound to, if any.
     pub fn deadline(&self) -> Option<Instant> {
-        self.deadline.as_ref().and_then(LeaseDeadline::get)
+        self.flag.lease.as_deref().and_then(Lease::get)
     }
 }
 
@@ -171,55 +251,75 @@ impl LossSignal {
 /// signal bound to it.
 #[derive(Debug)]
 pub struct LeaseClock {
-    tx: watch::Sender<Instant>,
+    lease: Arc<Lease>,
 }
 
 /// A lease's safe deadline as the holders see it (cheap to clone).
 #[derive(Debug, Clone)]
 pub struct LeaseDeadline {
-    rx: watch::Receiver<Instant>,
+    lease: Arc<Lease>,
+}
+
+/// What a lease's clock and its deadlines share.
+#[derive(Debug)]
+struct Lease {
+    /// The first safe deadline; the current one is `ahead` nanoseconds later.
+    base: Instant,
+    ahead: AtomicU64,
+    /// Set when the [`LeaseClock`] is dropped.
+    gone: AtomicBool,
+    /// Woken on every move of the deadline and when the clock goes.
+    notify: Notify,
+}
+
+impl Lease {
+    /// The current safe deadline (None once the renewer is gone).
+    fn get(&self) -> Option<Instant> {
+        if self.gone.load(SeqCst) {
+            return None;
+        }
+        let ahead = Duration::from_nanos(self.ahead.load(SeqCst));
+        // Past what the clock can hold: never, in practice.
+        let never = || self.base + Duration::from_secs(100 * 365 * 24 * 3600);
+        Some(self.base.checked_add(ahead).unwrap_or_else(never))
+    }
 }
 
 impl LeaseClock {
     /// A lease that is safe until `safe_until`.
     pub fn new(safe_until: Instant) -> Self {
         LeaseClock {
-            tx: watch::channel(safe_until).0,
+            lease: Arc::new(Lease {
+                base: safe_until,
+                ahead: AtomicU64::new(0),
+                gone: AtomicBool::new(false),
+                notify: Notify::new(),
+            }),
         }
     }
 
     /// A renewal was confirmed: the lease is safe until `safe_until` (never moved backwards).
     pub fn confirm(&self, safe_until: Instant) {
-        self.tx.send_if_modified(|at| {
-            let later = safe_until > *at;
-            if later {
-                *at = safe_until;
-            }
-            later
-        });
+        let lease = &*self.lease;
+        let ahead = safe_until.saturating_duration_since(lease.base).as_nanos();
+        let ahead = u64::try_from(ahead).unwrap_or(u64::MAX);
+        if lease.ahead.fetch_max(ahead, SeqCst) < ahead {
+            lease.notify.notify_waiters();
+        }
     }
 
     /// The deadline, for the signals of what this lease holds.
     pub fn deadline(&self) -> LeaseDeadline {
         LeaseDeadline {
-            rx: self.tx.subscribe(),
+            lease: self.lease.clone(),
         }
     }
 }
 
-impl LeaseDeadline {
-    /// The current safe deadline (None once the renewer is gone).
-    fn get(&self) -> Option<Instant> {
-        (!self.renewer_gone()).then(|| *self.rx.borrow())
-    }
-
-    fn renewer_gone(&self) -> bool {
-        self.rx.has_changed().is_err()
-    }
-
-    async fn changed(&mut self) {
-        // An error means the renewer is gone, which `reason` reports on the next turn.
-        let _ = self.rx.changed().await;
+impl Drop for LeaseClock {
+    fn drop(&mut self) {
+        self.lease.gone.store(true, SeqCst);
+        self.lease.notify.notify_waiters();
     }
 }
 
@@ -271,5 +371,39 @@ mod tests {
         trigger.fire("again");
         assert_eq!(signal.wait().await, "revoked");
         assert!(trigger.signal().is_lost());
+    }
+
+    #[tokio::test]
+    async fn a_dropped_trigger_wakes_its_waiters_and_a_fired_one_keeps_its_reason() {
+        let (trigger, signal) = loss_signal();
+        let waiting: Vec<_> = (0..3)
+            .map(|_| {
+                let signal = signal.clone();
+                tokio::spawn(async move { signal.wait().await })
+            })
+            .collect();
+        tokio::task::yield_now().await;
+        assert!(!signal.is_lost() && !trigger.is_fired());
+        drop(trigger);
+        for w in waiting {
+            assert_eq!(w.await.unwrap(), DROPPED);
+        }
+        assert_eq!(signal.reason().as_deref(), Some(DROPPED));
+
+        let (trigger, signal) = loss_signal();
+        trigger.fire("first");
+        drop(trigger);
+        assert_eq!(signal.reason().as_deref(), Some("first"));
+        assert!(signal.is_lost_at(Instant::now()));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn is_lost_at_reads_the_given_instant() {
+        let start = Instant::now();
+        let clock = LeaseClock::new(start + Duration::from_secs(2));
+        let (_trigger, signal) = loss_signal_until(clock.deadline());
+        assert!(!signal.is_lost_at(start + Duration::from_secs(1)));
+        assert!(signal.is_lost_at(start + Duration::from_secs(2)));
+        assert!(!signal.is_lost());
     }
 }

@@ -20,19 +20,22 @@
 //! serves them to Prometheus).
 
 use std::{
+    collections::HashMap,
     future::Future,
-    sync::Arc,
-    time::{Duration, Instant, SystemTime},
+    sync::{Arc, Mutex, OnceLock},
+    time::{Duration, SystemTime},
 };
 
 use async_trait::async_trait;
 use futures::StreamExt;
+use metrics::{Key, Label, Level, Metadata};
 use sync_core::{
     ElectOptions, Elected, Entry, Error, ErrorKind, FollowStream, Handler, Job, JobId, JobStatus,
     Leader, LeaderInfo, Lock, LockGuard, LockOptions, LossSignal, Map, Result, Task, Time,
     TimeInterval, Version, Worker, WorkerOptions,
     raw::{HeldLock, Leadership, validate_value},
 };
+use tokio::time::Instant;
 use tracing::Instrument;
 
 use crate::task::{JobStore, start_worker, wait_for_job};
@@ -54,22 +57,80 @@ struct Op {
     backend: &'static str,
     primitive: &'static str,
     operation: &'static str,
+    /// Its metric keys, made once: recording builds, allocates and hashes nothing.
+    keys: &'static OpKeys,
+}
+
+struct OpKeys {
+    total: Key,
+    seconds: Key,
+}
+
+/// What the checked layer's metrics are registered with (what the `metrics` macros would give).
+static META: Metadata<'static> = Metadata::new(module_path!(), Level::INFO, Some(module_path!()));
+
+/// Interned for the life of the process: one per distinct (backend, primitive, operation), or
+/// per backend — a small, bounded set, leaked once. The keys reach whatever recorder is
+/// installed when they are recorded (no handle is cached), so a recorder installed later sees
+/// them too.
+fn interned<K: Eq + std::hash::Hash, V: Send + Sync + 'static>(
+    cache: &'static OnceLock<Mutex<HashMap<K, &'static V>>>,
+    key: K,
+    make: impl FnOnce() -> V,
+) -> &'static V {
+    let mut cache = crate::locked(cache.get_or_init(Default::default));
+    cache
+        .entry(key)
+        .or_insert_with(|| Box::leak(Box::new(make())))
+}
+
+/// Labels leaked for the life of the process (only ever called through [`interned`]).
+fn static_labels(pairs: &[(&'static str, &'static str)]) -> &'static [Label] {
+    let labels: Vec<Label> = (pairs.iter())
+        .map(|&(k, v)| Label::from_static_parts(k, v))
+        .collect();
+    Box::leak(labels.into_boxed_slice())
+}
+
+fn observe(key: &Key, took: Duration) {
+    metrics::with_recorder(|r| r.register_histogram(key, &META).record(took.as_secs_f64()));
 }
 
 impl Op {
     /// Runs `fut` in its span, records it, and names backend, operation and id in its error.
     async fn run<T>(self, id: &str, fut: impl Future<Output = Result<T>>) -> Result<T> {
-        let span = tracing::debug_span!(
+        let start = Instant::now();
+        let result = self.traced(id, fut).await;
+        self.record(start.elapsed(), result.as_ref().err());
+        result.map_err(|e| e.in_context(self.backend, self.operation, id))
+    }
+
+    /// Runs `fut` in this operation's span.
+    async fn traced<T>(self, id: &str, fut: impl Future<Output = T>) -> T {
+        let span = self.span(id);
+        if span.is_disabled() {
+            return fut.await;
+        }
+        fut.instrument(span).await
+    }
+
+    /// Runs `f` (which does not wait) in this operation's span.
+    fn in_span<T>(self, id: &str, f: impl FnOnce() -> T) -> T {
+        let span = self.span(id);
+        if span.is_disabled() {
+            return f();
+        }
+        span.in_scope(f)
+    }
+
+    fn span(self, id: &str) -> tracing::Span {
+        tracing::debug_span!(
             "sync",
             backend = self.backend,
             primitive = self.primitive,
             operation = self.operation,
             id
-        );
-        let start = Instant::now();
-        let result = fut.instrument(span).await;
-        self.record(start.elapsed(), result.as_ref().err());
-        result.map_err(|e| e.in_context(self.backend, self.operation, id))
+        )
     }
 
     /// Runs `fut` only if the input `check` passed; a refusal is counted and named like any
@@ -88,13 +149,19 @@ impl Op {
     }
 
     fn record(self, took: Duration, error: Option<&Error>) {
-        let labels = [
-            ("backend", self.backend),
-            ("primitive", self.primitive),
-            ("operation", self.operation),
-        ];
-        metrics::counter!("sync_operations_total", &labels).increment(1);
-        metrics::histogram!("sync_operation_seconds", &labels).record(took.as_secs_f64());
+        self.record_with(took, error, None);
+    }
+
+    /// [`record`](Op::record), and one more histogram (`also`) in the same look-up of the
+    /// recorder.
+    fn record_with(self, took: Duration, error: Option<&Error>, also: Option<(&Key, Duration)>) {
+        metrics::with_recorder(|r| {
+            r.register_counter(&self.keys.total, &META).increment(1);
+            (r.register_histogram(&self.keys.seconds, &META)).record(took.as_secs_f64());
+            if let Some((key, value)) = also {
+                r.register_histogram(key, &META).record(value.as_secs_f64());
+            }
+        });
         if let Some(e) = error {
             let kind = e.kind().to_string();
             metrics::counter!(
@@ -109,11 +176,26 @@ impl Op {
     }
 }
 
+/// The context of one operation (its metric keys interned on first use).
 fn op(backend: &'static str, primitive: &'static str, operation: &'static str) -> Op {
+    type Cache = OnceLock<Mutex<HashMap<[&'static str; 3], &'static OpKeys>>>;
+    static KEYS: Cache = OnceLock::new();
+    let keys = interned(&KEYS, [backend, primitive, operation], || {
+        let labels = static_labels(&[
+            ("backend", backend),
+            ("primitive", primitive),
+            ("operation", operation),
+        ]);
+        OpKeys {
+            total: Key::from_static_parts("sync_operations_total", labels),
+            seconds: Key::from_static_parts("sync_operation_seconds", labels),
+        }
+    });
     Op {
         backend,
         primitive,
         operation,
+        keys,
     }
 }
 
@@ -129,11 +211,13 @@ fn count_loss(backend: &'static str, primitive: &'static str, signal: &LossSigna
 /// unreachable, or the session a wait stood on was lost (nothing was granted yet), `attempt`
 /// runs again after a backoff until the caller's `wait` ends; a grant already lost when it
 /// arrives is given back (dropped) and waited for again, so a caller never gets a stale one.
+///
+/// Returns the grant with the instant it was checked at.
 async fn until_granted<T, Fut>(
     wait: Option<Duration>,
-    lost: impl Fn(&T) -> bool,
+    lost: impl Fn(&T, Instant) -> bool,
     mut attempt: impl FnMut(Option<Duration>) -> Fut,
-) -> Result<T>
+) -> Result<(T, Instant)>
 where
     Fut: Future<Output = Result<T>>,
 {
@@ -141,16 +225,21 @@ where
     // The first retry is at once (a grant lost as it arrived is usually a race just lost).
     let mut pause = Duration::ZERO;
     loop {
-        let left = deadline.map(|d| d.saturating_duration_since(tokio::time::Instant::now()));
+        let left = deadline.map(|d| d.saturating_duration_since(Instant::now()));
         let why = match attempt(left).await {
-            Ok(granted) if !lost(&granted) => return Ok(granted),
-            Ok(_) => "the grant was lost as it arrived".to_string(),
+            Ok(granted) => {
+                let now = Instant::now();
+                if !lost(&granted, now) {
+                    return Ok((granted, now));
+                }
+                "the grant was lost as it arrived".to_string()
+            }
             Err(e) if matches!(e.kind(), ErrorKind::Unavailable | ErrorKind::LockLost) => {
                 e.to_string()
             }
             Err(e) => return Err(e),
         };
-        let left = deadline.map(|d| d.saturating_duration_since(tokio::time::Instant::now()));
+        let left = deadline.map(|d| d.saturating_duration_since(Instant::now()));
         if left.is_some_and(|l| l.is_zero()) {
             let waited = wait.unwrap_or_default();
             return Err(Error::new(
@@ -166,93 +255,197 @@ where
 
 /// Wraps a backend's raw Lock handle.
 pub fn lock(backend: &'static str, inner: Arc<dyn Lock>) -> Arc<dyn Lock> {
-    Arc::new(CheckedLock { backend, inner })
+    type Cache = OnceLock<Mutex<HashMap<&'static str, &'static LockOps>>>;
+    static OPS: Cache = OnceLock::new();
+    let ops = interned(&OPS, backend, || {
+        let labels = static_labels(&[("backend", backend)]);
+        LockOps {
+            backend,
+            acquire: op(backend, "lock", "lock.acquire"),
+            try_acquire: op(backend, "lock", "lock.try_acquire"),
+            release: op(backend, "lock", "lock.release"),
+            wait: Key::from_static_parts("sync_lock_wait_seconds", labels),
+            hold: Key::from_static_parts("sync_lock_hold_seconds", labels),
+        }
+    });
+    Arc::new(CheckedLock { ops, inner })
+}
+
+/// A backend's lock operations and metric keys, made once per backend.
+struct LockOps {
+    backend: &'static str,
+    acquire: Op,
+    try_acquire: Op,
+    release: Op,
+    wait: Key,
+    hold: Key,
 }
 
 struct CheckedLock {
-    backend: &'static str,
+    ops: &'static LockOps,
     inner: Arc<dyn Lock>,
 }
 
 impl CheckedLock {
     fn check(&self, id: &str) -> Result<()> {
-        check_id(self.backend, "lock id", id)
+        check_id(self.ops.backend, "lock id", id)
     }
 
-    /// Times the hold and counts a loss when the guard ends.
-    fn held(&self, guard: LockGuard, waited: Duration) -> LockGuard {
-        let backend = self.backend;
-        metrics::histogram!("sync_lock_wait_seconds", "backend" => backend)
-            .record(waited.as_secs_f64());
+    /// Times the hold (from `now`, when it was granted) and counts a loss when the guard ends.
+    fn held(&self, guard: LockGuard, now: Instant) -> LockGuard {
+        let ops = self.ops;
         let lost = guard.loss_signal();
         guard.map_held(|inner| {
             Box::new(TimedHold {
-                backend,
+                ops,
                 inner,
-                since: Instant::now(),
+                since: now,
                 lost,
             })
         })
     }
 }
 
+impl CheckedLock {
+    /// A grant the backend can make at once ([`Lock::grant_now`]), in the operation's span,
+    /// with the instant it was checked at; None when it cannot (or the grant was lost as it
+    /// arrived, which the full path retries).
+    fn grant_now(&self, op: Op, id: &str) -> Option<(LockGuard, Instant)> {
+        self.check(id).ok()?;
+        let guard = op.in_span(id, || self.inner.grant_now(id))?;
+        let now = Instant::now();
+        (!guard.is_lost_at(now)).then_some((guard, now))
+    }
+
+    /// The outcome of an acquire or try_acquire begun at `start`, recorded: with the wait, if
+    /// it granted (`got` tells).
+    fn granted<T>(
+        &self,
+        op: Op,
+        id: &str,
+        (start, now): (Instant, Instant),
+        granted: Result<T>,
+        got: impl FnOnce(&T) -> bool,
+    ) -> Result<T> {
+        let took = now.saturating_duration_since(start);
+        // The wait is the acquire's own time, recorded with it.
+        let wait = granted.as_ref().is_ok_and(got);
+        let wait = wait.then_some((&self.ops.wait, took));
+        op.record_with(took, granted.as_ref().err(), wait);
+        granted.map_err(|e| e.in_context(op.backend, op.operation, id))
+    }
+
+    /// The acquire of a lock that cannot be granted at once: queued, or through a failure.
+    async fn acquire_waiting(
+        &self,
+        start: Instant,
+        id: &str,
+        opts: LockOptions,
+    ) -> Result<LockGuard> {
+        let op = self.ops.acquire;
+        let check = self.check(id);
+        let granted = op
+            .traced(id, async {
+                check?;
+                let lost = |g: &LockGuard, now| g.is_lost_at(now);
+                until_granted(opts.wait, lost, |wait| {
+                    let mut opts = opts.clone();
+                    opts.wait = wait;
+                    self.inner.acquire(id, opts)
+                })
+                .await
+            })
+            .await;
+        let (granted, now) = match granted {
+            Ok((guard, now)) => (Ok(guard), now),
+            Err(e) => (Err(e), Instant::now()),
+        };
+        let guard = self.granted(op, id, (start, now), granted, |_| true)?;
+        Ok(self.held(guard, now))
+    }
+}
+
 #[async_trait]
 impl Lock for CheckedLock {
     async fn acquire(&self, id: &str, opts: LockOptions) -> Result<LockGuard> {
+        // One clock reading for the start, one at the grant: the operation's time, the wait
+        // and the start of the hold all come from them.
         let start = Instant::now();
-        let granted = until_granted(opts.wait, LockGuard::is_lost, |wait| {
-            let mut opts = opts.clone();
-            opts.wait = wait;
-            self.inner.acquire(id, opts)
-        });
-        let guard = op(self.backend, "lock", "lock.acquire")
-            .checked(id, self.check(id), granted)
-            .await?;
-        Ok(self.held(guard, start.elapsed()))
+        let op = self.ops.acquire;
+        if let Some((guard, now)) = self.grant_now(op, id) {
+            let guard = self.granted(op, id, (start, now), Ok(guard), |_| true)?;
+            return Ok(self.held(guard, now));
+        }
+        // Boxed apart, so the future of the common case above stays small.
+        Box::pin(self.acquire_waiting(start, id, opts)).await
     }
 
     async fn try_acquire(&self, id: &str) -> Result<Option<LockGuard>> {
         let start = Instant::now();
-        let guard = op(self.backend, "lock", "lock.try_acquire")
-            .checked(id, self.check(id), self.inner.try_acquire(id))
-            .await?;
-        Ok(guard.map(|g| self.held(g, start.elapsed())))
+        let op = self.ops.try_acquire;
+        let (granted, now) = match self.grant_now(op, id) {
+            Some((guard, now)) => (Ok(Some(guard)), now),
+            None => {
+                let check = self.check(id);
+                let granted = op.traced(id, async {
+                    check?;
+                    self.inner.try_acquire(id).await
+                });
+                (Box::pin(granted).await, Instant::now())
+            }
+        };
+        let guard = self.granted(op, id, (start, now), granted, Option::is_some)?;
+        Ok(guard.map(|g| self.held(g, now)))
     }
 
     async fn release(&self, id: &str) -> Result<()> {
-        op(self.backend, "lock", "lock.release")
+        (self.ops.release)
             .checked(id, self.check(id), self.inner.release(id))
             .await
+    }
+
+    fn grant_now(&self, _: &str) -> Option<LockGuard> {
+        // A wrapper's callers go through acquire, which takes the backend's fast path.
+        None
     }
 }
 
 /// The backend side of a guard, timed.
 struct TimedHold {
-    backend: &'static str,
+    ops: &'static LockOps,
     inner: Box<dyn HeldLock>,
+    /// When it was granted.
     since: Instant,
     lost: LossSignal,
 }
 
 impl TimedHold {
-    fn ended(&self) {
-        metrics::histogram!("sync_lock_hold_seconds", "backend" => self.backend)
-            .record(self.since.elapsed().as_secs_f64());
-        count_loss(self.backend, "lock", &self.lost);
+    /// The hold, ended at `now` (a loss is counted here, its time by the caller).
+    fn ended(&self, now: Instant) -> (&'static Key, Duration) {
+        if self.lost.is_lost_at(now) {
+            count_loss(self.ops.backend, "lock", &self.lost);
+        }
+        (&self.ops.hold, now.saturating_duration_since(self.since))
     }
 }
 
 #[async_trait]
 impl HeldLock for TimedHold {
     async fn release(&mut self) -> Result<()> {
-        self.ended();
-        op(self.backend, "lock", "lock.release")
-            .run("", self.inner.release())
-            .await
+        let start = Instant::now();
+        let held = self.ended(start);
+        let op = self.ops.release;
+        let released = match op.in_span("", || self.inner.release_now()) {
+            Some(released) => released,
+            None => Box::pin(op.traced("", self.inner.release())).await,
+        };
+        op.record_with(start.elapsed(), released.as_ref().err(), Some(held));
+        released.map_err(|e| e.in_context(op.backend, op.operation, ""))
     }
 
     fn release_in_background(self: Box<Self>) {
-        self.ended();
+        let (key, held) = self.ended(Instant::now());
+        observe(key, held);
         self.inner.release_in_background();
     }
 }
@@ -286,11 +479,13 @@ impl Leader for CheckedLeader {
     async fn elect(&self, candidate: &str, opts: ElectOptions) -> Result<Elected> {
         let check = check_id(self.backend, "candidate id", candidate)
             .and_then(|()| validate_value(&opts.value).map_err(|e| e.with_backend(self.backend)));
-        let campaign = until_granted(opts.wait, Elected::is_revoked, |wait| {
+        let revoked = |e: &Elected, now| e.revocation_signal().is_lost_at(now);
+        let campaign = until_granted(opts.wait, revoked, |wait| {
             let mut opts = opts.clone();
             opts.wait = wait;
             self.inner.elect(candidate, opts)
         });
+        let campaign = async { campaign.await.map(|(elected, _)| elected) };
         let elected = op(self.backend, "leader", "leader.elect")
             .checked(self.group(), check, campaign)
             .await?;
@@ -515,5 +710,101 @@ impl Time for CheckedTime {
 
     async fn now(&self) -> Result<SystemTime> {
         Ok(self.now_interval().await?.midpoint())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Mutex;
+
+    use metrics::{Counter, Gauge, Histogram, KeyName, Recorder, SharedString, Unit};
+    use sync_core::Backend;
+
+    use super::*;
+
+    /// Notes every metric it is handed, as `name{label values}`.
+    #[derive(Default)]
+    struct Seen(Mutex<Vec<String>>);
+
+    impl Seen {
+        fn note(&self, key: &Key) {
+            let labels: Vec<&str> = key.labels().map(|l| l.value()).collect();
+            let seen = format!("{}{{{}}}", key.name(), labels.join(","));
+            crate::locked(&self.0).push(seen);
+        }
+
+        fn take(&self) -> Vec<String> {
+            std::mem::take(&mut *crate::locked(&self.0))
+        }
+    }
+
+    impl Recorder for Seen {
+        fn describe_counter(&self, _: KeyName, _: Option<Unit>, _: SharedString) {}
+        fn describe_gauge(&self, _: KeyName, _: Option<Unit>, _: SharedString) {}
+        fn describe_histogram(&self, _: KeyName, _: Option<Unit>, _: SharedString) {}
+
+        fn register_counter(&self, key: &Key, _: &Metadata<'_>) -> Counter {
+            self.note(key);
+            Counter::noop()
+        }
+
+        fn register_gauge(&self, key: &Key, _: &Metadata<'_>) -> Gauge {
+            self.note(key);
+            Gauge::noop()
+        }
+
+        fn register_histogram(&self, key: &Key, _: &Metadata<'_>) -> Histogram {
+            self.note(key);
+            Histogram::noop()
+        }
+    }
+
+    #[tokio::test(flavor = "current_thread")]
+    async fn a_recorder_installed_after_the_handle_sees_every_lock_metric() -> Result<()> {
+        let client = sync_local::Cluster::new().client(Default::default())?;
+        let lock = client.lock()?;
+        // Before any recorder: recorded nowhere, and nothing kept from it.
+        lock.acquire("a", LockOptions::new())
+            .await?
+            .release()
+            .await?;
+
+        for _ in 0..2 {
+            let seen = Seen::default();
+            let _installed = metrics::set_default_local_recorder(&seen);
+            lock.acquire("a", LockOptions::new())
+                .await?
+                .release()
+                .await?;
+            let held = lock.acquire("b", LockOptions::new()).await?;
+            assert!(lock.try_acquire("b").await?.is_none());
+            held.release().await?;
+            let err = lock.try_acquire("").await.unwrap_err();
+            assert_eq!(err.kind(), ErrorKind::InvalidArgument);
+            assert_eq!(
+                seen.take(),
+                [
+                    "sync_operations_total{local,lock,lock.acquire}",
+                    "sync_operation_seconds{local,lock,lock.acquire}",
+                    "sync_lock_wait_seconds{local}",
+                    "sync_operations_total{local,lock,lock.release}",
+                    "sync_operation_seconds{local,lock,lock.release}",
+                    "sync_lock_hold_seconds{local}",
+                    "sync_operations_total{local,lock,lock.acquire}",
+                    "sync_operation_seconds{local,lock,lock.acquire}",
+                    "sync_lock_wait_seconds{local}",
+                    // Busy: no wait recorded.
+                    "sync_operations_total{local,lock,lock.try_acquire}",
+                    "sync_operation_seconds{local,lock,lock.try_acquire}",
+                    "sync_operations_total{local,lock,lock.release}",
+                    "sync_operation_seconds{local,lock,lock.release}",
+                    "sync_lock_hold_seconds{local}",
+                    "sync_operations_total{local,lock,lock.try_acquire}",
+                    "sync_operation_seconds{local,lock,lock.try_acquire}",
+                    "sync_errors_total{local,lock,lock.try_acquire,invalid argument}",
+                ]
+            );
+        }
+        Ok(())
     }
 }

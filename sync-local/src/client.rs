@@ -102,6 +102,20 @@ impl ClientInner {
         Ok(state)
     }
 
+    /// Runs `f` on the live session (see [`session`](ClientInner::session)) without taking a
+    /// reference to it: `f` runs under the session slot's read lock, so it must not open or
+    /// end a session (it may take a primitive's table lock: nothing takes this lock under one).
+    pub(crate) fn with_session<R>(&self, f: impl FnOnce(&Session) -> R) -> Result<R> {
+        self.check_open()?;
+        {
+            let slot = self.session.read().unwrap_or_else(|p| p.into_inner());
+            if let Some(s) = slot.as_ref().filter(|s| s.state.alive()) {
+                return Ok(f(&s.state));
+            }
+        }
+        Ok(f(&*self.session_state()?))
+    }
+
     /// The id of the current session, live or not, if one was opened.
     fn session_id(&self) -> Option<u64> {
         let slot = self.session.read().unwrap_or_else(|p| p.into_inner());

@@ -130,6 +130,14 @@ impl Lock for LocalLock {
         Ok(granted.map(|(grant, signal)| self.guard(id, key, grant, signal)))
     }
 
+    /// An uncontended grant is one look at the table: no future needed.
+    fn grant_now(&self, id: &str) -> Option<LockGuard> {
+        let key = self.key(id);
+        let locks = &self.client.shared.locks;
+        let (grant, signal) = locks.try_grant(self.asker(), &key, |_, _| {}).ok()??;
+        Some(self.guard(id, key, grant, signal))
+    }
+
     async fn release(&self, id: &str) -> Result<()> {
         self.client.check_open()?;
         // A lock is exclusive, so this handle holds at most one live grant of `id`.
@@ -168,17 +176,25 @@ impl LocalHeld {
     fn release_grant(&self) -> bool {
         self.client.shared.locks.release(&self.key, self.grant)
     }
-}
 
-#[async_trait]
-impl HeldLock for LocalHeld {
-    async fn release(&mut self) -> Result<()> {
+    fn release_here(&self) -> Result<()> {
         // A killed client releases nothing: its lock frees when its session expires.
         self.client.check_open().map_err(|e| e.with_id(self.id()))?;
         if self.release_grant() {
             return Ok(());
         }
         Err(not_held(&self.id(), self.lost.is_lost()))
+    }
+}
+
+#[async_trait]
+impl HeldLock for LocalHeld {
+    async fn release(&mut self) -> Result<()> {
+        self.release_here()
+    }
+
+    fn release_now(&mut self) -> Option<Result<()>> {
+        Some(self.release_here())
     }
 
     fn release_in_background(self: Box<Self>) {

@@ -50,6 +50,8 @@ struct Inner<S> {
     slots: HashMap<Arc<str>, Slot<S>>,
     /// Sessions whose end this table has a callback for: one per session, not one per grant.
     watched: HashSet<u64>,
+    /// The session last found in `watched` (0 for none): a client's grants skip the look-up.
+    last_watched: u64,
     next_waiter: u64,
 }
 
@@ -167,8 +169,9 @@ impl<S: SlotState> Table<S> {
         init: impl Fn(&mut S, u64),
     ) -> Result<Option<(u64, LossSignal)>> {
         loop {
-            let session = asker.client.session_state()?;
-            match self.lock().take(asker, &session, key, None, &init) {
+            let took = (asker.client)
+                .with_session(|session| self.lock().take(asker, session, key, None, &init))?;
+            match took {
                 Ok(granted) => return Ok(Some(granted)),
                 Err(Refused::Busy) => return Ok(None),
                 Err(Refused::SessionEnded) => continue,
@@ -242,6 +245,9 @@ impl<S: SlotState> Table<S> {
         {
             let mut inner = self.lock();
             inner.watched.remove(&session);
+            if inner.last_watched == session {
+                inner.last_watched = 0;
+            }
             inner.slots.retain(|key, slot| {
                 if slot.holder.as_ref().is_some_and(|h| h.session == session) {
                     if let Some(holder) = slot.holder.take() {
@@ -281,14 +287,17 @@ impl<S: SlotState> Inner<S> {
         if !session.alive() {
             return Err(Refused::SessionEnded);
         }
-        if !self.watched.contains(&session.id) {
-            let weak = Arc::downgrade(shared);
-            let id = session.id;
-            let on_end = Box::new(move |reason: &str| end::<S>(&weak, id, reason));
-            if shared.on_session_end(id, on_end).is_err() {
-                return Err(Refused::SessionEnded);
+        if self.last_watched != session.id {
+            if !self.watched.contains(&session.id) {
+                let weak = Arc::downgrade(shared);
+                let id = session.id;
+                let on_end = Box::new(move |reason: &str| end::<S>(&weak, id, reason));
+                if shared.on_session_end(id, on_end).is_err() {
+                    return Err(Refused::SessionEnded);
+                }
+                self.watched.insert(id);
             }
-            self.watched.insert(id);
+            self.last_watched = session.id;
         }
         // One look-up; a slot made here is free and has no waiters, so it is granted at once.
         let slot = self.slots.entry(key.clone()).or_default();
