@@ -85,7 +85,7 @@ const RESYNC: Duration = Duration::from_secs(15);
 
 /// How long after a job's queue entry appeared the next worker in line tries it, should the
 /// worker it fell to not have taken it (busy, or dead).
-const GRACE: Duration = Duration::from_millis(40);
+const GRACE: Duration = Duration::from_millis(100);
 
 /// How long the reaper lets claim deletions accumulate before rescanning, so a lease ending
 /// with many claims costs one rescan.
@@ -459,8 +459,8 @@ struct Entry {
     mod_rev: i64,
     /// When this worker learned of it (long ago for one found by reading the queue).
     seen: Instant,
-    /// A claim of it at `mod_rev` failed (taken by another worker): not tried again unless
-    /// it changes.
+    /// Claimed at `mod_rev` by this worker, or a claim of it failed (taken by another
+    /// worker): not tried again unless it changes, or until the next resync.
     tried: bool,
 }
 
@@ -623,11 +623,11 @@ impl EtcdQueue {
         (picks, wake)
     }
 
-    /// Marks `picks` that were not claimed as tried (a watch event soon removes or renews
-    /// them).
-    fn mark_tried(&self, picks: &[Pick], claimed: &HashSet<String>) {
+    /// Marks `picks` as tried: claimed, or taken by another worker (a watch event soon removes
+    /// or renews them).
+    fn mark_tried(&self, picks: &[Pick]) {
         let mut view = self.view();
-        for p in picks.iter().filter(|p| !claimed.contains(&p.id)) {
+        for p in picks {
             if let Some(rev) = view.by_key.get(&p.key).copied() {
                 if let Some(e) = view.entries.get_mut(&rev) {
                     if e.mod_rev == p.mod_rev {
@@ -639,8 +639,9 @@ impl EtcdQueue {
     }
 
     /// Reads the queue and the workers (one request for a queue of up to [`SCAN_LIMIT`]
-    /// entries) into the copy; the revision read at.
-    async fn read(&self) -> Result<i64> {
+    /// entries) into the copy, registering this worker with `register`'s lease in the same
+    /// request if given; the revision read at.
+    async fn read(&self, register: Option<&Session>) -> Result<i64> {
         let client = &self.shared.client;
         let page = |from: &str, rev: i64| {
             let mut opts = GetOptions::new()
@@ -652,29 +653,40 @@ impl EtcdQueue {
             }
             TxnOp::get(from.to_string(), Some(opts))
         };
+        let mut ops = Vec::with_capacity(3);
+        if let Some(session) = register {
+            let opts = PutOptions::new().with_lease(session.lease);
+            ops.push(TxnOp::put(self.me.clone(), "", Some(opts)));
+        }
+        ops.push(page(&self.prefix, 0));
+        ops.push(TxnOp::get(
+            self.workers_prefix.as_str(),
+            Some(GetOptions::new().with_prefix().with_keys_only()),
+        ));
         let resp = client
             .kv()
-            .txn(Txn::new().and_then([
-                page(&self.prefix, 0),
-                TxnOp::get(
-                    self.workers_prefix.as_str(),
-                    Some(GetOptions::new().with_prefix().with_keys_only()),
-                ),
-            ]))
+            .txn(Txn::new().and_then(ops))
             .await
-            .map_err(|e| etcd_err("reading the queue", e))?;
+            .map_err(|e| {
+                if let Some(session) = register {
+                    session.end_if_lease_gone(&e);
+                }
+                etcd_err("reading the queue", e)
+            })?;
         let rev = resp.header().map(|h| h.revision()).unwrap_or_default();
         let mut entries = Vec::new();
         let mut workers = BTreeSet::new();
         let mut more = false;
-        for (i, op) in resp.op_responses().into_iter().enumerate() {
-            let TxnOpResponse::Get(g) = op else { continue };
-            if i == 0 {
-                more = g.more();
-                entries.extend(g.kvs().iter().cloned());
-            } else {
-                workers.extend(g.kvs().iter().map(|kv| kv.key().to_vec()));
-            }
+        let mut gets = resp.op_responses().into_iter().filter_map(|op| match op {
+            TxnOpResponse::Get(g) => Some(g),
+            _ => None,
+        });
+        if let Some(g) = gets.next() {
+            more = g.more();
+            entries.extend(g.kvs().iter().cloned());
+        }
+        if let Some(g) = gets.next() {
+            workers.extend(g.kvs().iter().map(|kv| kv.key().to_vec()));
         }
         // The rest of a long queue, at the same revision.
         while more {
@@ -701,10 +713,10 @@ impl EtcdQueue {
             let Some(mut e) = Entry::new(&self.prefix, kv, long_ago(now)) else {
                 continue;
             };
-            // One already known keeps when it was first seen (and whether it was tried).
+            // One already known keeps when it was first seen (a failed try is forgotten:
+            // a resync is when a worker looks at every entry again).
             if let Some(known) = old.get(&kv.create_revision()).filter(|k| k.key == e.key) {
                 e.seen = known.seen;
-                e.tried = known.tried && known.mod_rev == e.mod_rev;
             }
             view.put(kv.create_revision(), e);
         }
@@ -758,27 +770,23 @@ impl EtcdQueue {
         let mut killed = client.killed();
         let mut registered: Option<Arc<Session>> = None;
         loop {
+            // (Re-)registering rides on the read of the queue.
+            let mut register = None;
             if registered.as_ref().is_none_or(|s| s.ended.is_lost()) {
                 registered = None;
                 match client.session().await {
-                    Ok(session) => {
-                        let opts = PutOptions::new().with_lease(session.lease);
-                        match client.kv().put(self.me.clone(), b"", Some(opts)).await {
-                            Ok(_) => registered = Some(session),
-                            Err(e) => {
-                                session.end_if_lease_gone(&e);
-                                tracing::warn!(backend = BACKEND, error = %e, "registering the worker failed; retrying");
-                            }
-                        }
-                    }
+                    Ok(session) => register = Some(session),
                     Err(e) if e.kind() == ErrorKind::Closed => return,
                     Err(e) => {
                         tracing::warn!(backend = BACKEND, error = %e, "no session to register the worker with; retrying");
                     }
                 }
             }
-            let rev = match self.read().await {
-                Ok(rev) => rev,
+            let rev = match self.read(register.as_deref()).await {
+                Ok(rev) => {
+                    registered = register.or(registered);
+                    rev
+                }
                 Err(e) => {
                     tracing::debug!(backend = BACKEND, error = %e, "reading the queue failed; retrying");
                     tokio::select! {
@@ -874,10 +882,11 @@ impl JobQueue for EtcdQueue {
                 }
             })));
         }
-        let claims = claim_batch(&self.shared, &session, &picks).await?;
-        let claimed: HashSet<String> = claims.iter().map(|(c, _)| c.id.clone()).collect();
-        self.mark_tried(&picks, &claimed);
-        Ok(Claimed::Jobs(claims))
+        let claims = claim_batch(&self.shared, &session, &picks).await;
+        // Claimed or not, these entries are done with at this revision: the watch's delete
+        // event (or a new put) comes soon, and until then they are not tried again.
+        self.mark_tried(&picks);
+        Ok(Claimed::Jobs(claims?))
     }
 
     async fn finish(&self, claim: Claim, outcome: Outcome) {
