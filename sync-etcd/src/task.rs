@@ -19,10 +19,10 @@
 //!
 //! Submitting writes the record, the payload and the queue entry in one transaction.
 //!
-//! Each worker keeps a copy of its queue and of the list of its name's workers: read once,
-//! then kept current by watches on the client's shared watch stream (and read again every
-//! [`RESYNC`] as a safety net), so a new job reaches every worker as a watch event and costs
-//! no request to find. Only one worker tries a new job at once: the one whose place in the
+//! Each worker keeps a copy of its queue and of the list of its name's workers: read once (the
+//! same request registers the worker, again with each new session), then kept current by
+//! watches on the client's shared watch stream (and read again every [`RESYNC`] as a safety
+//! net), so a new job reaches every worker as a watch event and costs no request to find. Only one worker tries a new job at once: the one whose place in the
 //! sorted list of workers is the job id's hash modulo their number; the next one in the list
 //! tries it [`GRACE`] later should it still be queued (its first choice busy, or dead), and so
 //! on. A queue entry seen in a (re)read of the queue is old: any worker tries it at once.
@@ -46,7 +46,9 @@
 //! skipped until due, so they never hold up newer jobs. Every worker watches deletions of claims
 //! and markers: a claim deleted without its marker (a lease ended, a claim given up) leaves an
 //! orphaned marker, and a rescan of markers and claims (also every [`RESYNC`] as a safety net)
-//! queues its job again, or fails it when out of attempts. `wait` watches the record.
+//! queues its job again, or fails it when out of attempts — guarded by the marker's revision,
+//! the absence of a claim and of a queue entry (a marker beside a queue entry is stale, and
+//! merely deleted). `wait` watches the record.
 
 use std::{
     collections::{BTreeMap, BTreeSet, HashMap, HashSet},
@@ -832,10 +834,7 @@ impl EtcdQueue {
                     _ = &mut session_ended => break None,
                     _ = stopped(&mut stop, &mut killed) => {
                         drop((queue, workers));
-                        if !client.is_killed() {
-                            // Best effort: else the key goes with the lease.
-                            let _ = client.kv().delete(self.me.clone(), None).await;
-                        }
+                        self.unregister().await;
                         return;
                     }
                 }
@@ -845,9 +844,20 @@ impl EtcdQueue {
                 client.ended(why).await;
             }
         }
-        if !client.is_killed() {
-            let _ = client.kv().delete(self.me.clone(), None).await;
+        self.unregister().await;
+    }
+
+    /// Deletes this worker's registration, best effort and briefly (else it goes with the
+    /// lease): a stopped worker's jobs go to the next in line at once rather than after a
+    /// [`GRACE`].
+    async fn unregister(&self) {
+        let client = &self.shared.client;
+        if client.is_killed() {
+            return;
         }
+        let mut kv = client.kv();
+        let _ =
+            tokio::time::timeout(Duration::from_secs(1), kv.delete(self.me.clone(), None)).await;
     }
 }
 
