@@ -5,41 +5,61 @@
 //!
 //! | key | value | lease |
 //! | --- | --- | --- |
-//! | `jobs/<id>` | JSON: the job and its status, without payload and output | none |
+//! | `jobs/<id>` | JSON: the job and its status as of its last ended attempt, without payload and output | none (the retention lease once final) |
 //! | `payloads/<id>` | the payload, raw (deleted once the job ended) | none |
-//! | `outputs/<id>` | the output, raw, once Succeeded | none |
+//! | `outputs/<id>` | the output, raw, once Succeeded | the retention lease |
 //! | `queue/<escaped name>/<id>` | earliest start (unix ms) | none |
-//! | `claims/<id>` | the claiming worker | the worker client's lease |
+//! | `claims/<id>` | the claiming worker's lease (hex) and a nonce of its claim request | the worker client's lease |
 //! | `inflight/<id>` | empty | none |
+//! | `workers/<escaped name>/<nonce>` | empty: a worker taking jobs of that name | the worker client's lease |
 //!
 //! Payload and output bytes are kept raw beside the record rather than in its JSON (where bytes
 //! are arrays of numbers, about 4x larger), so a payload or output of up to
 //! [`MAX_PAYLOAD_LEN`](sync_core::MAX_PAYLOAD_LEN) stays well within etcd's request limit (1.5 MiB by default).
 //!
-//! Submitting writes the record, the payload and the queue entry in one transaction. A worker
-//! claims a job in one transaction guarded by the record's mod revision: record → Running
-//! (attempts + 1), queue entry deleted, claim (with its lease) and in-flight marker written,
-//! payload read. A claim whose answer is lost (it may have committed) is settled before the
-//! worker answers: fenced if it has not committed, taken up if it did on this worker's lease.
-//! Finishing is one transaction guarded by the same mod revision: record →
-//! Succeeded (output written) / Failed / Queued (retry, queue entry re-written), claim and
-//! marker deleted (and the payload, once the job ended). An output over [`MAX_PAYLOAD_LEN`](sync_core::MAX_PAYLOAD_LEN)
-//! fails the attempt. Workers page through the whole queue, oldest first, until they find a
-//! startable entry, so delayed retries at its head never hold up newer jobs. Every worker watches `claims/` for
-//! deletions (and rescans every few seconds as a safety net); an in-flight marker whose claim
-//! is gone belongs to a dead worker, and its job is queued again (or Failed when out of
-//! attempts). `wait` watches the record.
+//! Submitting writes the record, the payload and the queue entry in one transaction.
+//!
+//! Each worker keeps a copy of its queue and of the list of its name's workers: read once (the
+//! same request registers the worker, again with each new session), then kept current by
+//! watches on the client's shared watch stream (and read again every [`RESYNC`] as a safety
+//! net), so a new job reaches every worker as a watch event and costs no request to find. Only one worker tries a new job at once: the one whose place in the
+//! sorted list of workers is the job id's hash modulo their number; the next one in the list
+//! tries it [`GRACE`] later should it still be queued (its first choice busy, or dead), and so
+//! on. A queue entry seen in a (re)read of the queue is old: any worker tries it at once.
+//!
+//! A claim needs no read: up to the worker's free permits are claimed in one transaction of
+//! nested transactions, one per job, each guarded by its queue entry's mod revision (as the
+//! watch event or the read carried it) and by the absence of a claim, so a stale candidate
+//! fails alone: queue entry deleted, claim (with the worker's lease) and in-flight marker
+//! written, record and payload read. The record is not touched: a job is Running while its
+//! in-flight marker exists, its attempt being the record's attempts + 1, which `status` reads
+//! in its one transaction. The claim's revision is the attempt's fencing token. A claim whose
+//! answer is lost (it may have committed) is settled before the worker answers: each of its
+//! jobs whose queue entry is still at the revision claimed is fenced (the entry is rewritten,
+//! so the claim fails its guard should it arrive later); any other is the worker's if its claim
+//! key carries this request's nonce.
+//!
+//! Finishing is one transaction guarded by the claim's mod revision (the claim revision): record
+//! → Succeeded (output written) / Failed / Queued (retry, queue entry re-written with its
+//! earliest start), claim and marker deleted (and the payload, once the job ended). An output
+//! over [`MAX_PAYLOAD_LEN`](sync_core::MAX_PAYLOAD_LEN) fails the attempt. Delayed entries are
+//! skipped until due, so they never hold up newer jobs. Every worker watches deletions of claims
+//! and markers: a claim deleted without its marker (a lease ended, a claim given up) leaves an
+//! orphaned marker, and a rescan of markers and claims (also every [`RESYNC`] as a safety net)
+//! queues its job again, or fails it when out of attempts — guarded by the marker's revision,
+//! the absence of a claim and of a queue entry (a marker beside a queue entry is stale, and
+//! merely deleted). `wait` watches the record.
 
 use std::{
-    collections::HashSet,
-    sync::Arc,
+    collections::{BTreeMap, BTreeSet, HashMap, HashSet},
+    sync::{Arc, Mutex},
     time::{Duration, SystemTime, UNIX_EPOCH},
 };
 
 use async_trait::async_trait;
 use etcd_client::{
-    Compare, CompareOp, DeleteOptions, GetOptions, PutOptions, SortOrder, SortTarget, Txn, TxnOp,
-    TxnOpResponse, WatchFilterType, WatchOptions,
+    Compare, CompareOp, DeleteOptions, EventType, GetOptions, PutOptions, SortOrder, SortTarget,
+    Txn, TxnOp, TxnOpResponse, WatchFilterType, WatchOptions, WatchResponse,
 };
 use futures::future::BoxFuture;
 use serde::{Deserialize, Serialize};
@@ -55,22 +75,32 @@ use crate::{
     BACKEND,
     client::{ClientInner, Session, etcd_err},
     lease::RollingLease,
+    watch::Delivery,
 };
 
-/// The safety-net rescan of orphaned claims and the longest a worker sleeps without a watch
-/// event before looking at its queue again.
+/// The longest `wait` trusts a watch on the record without reading it again.
 const SAFETY_NET: Duration = Duration::from_secs(5);
 
-/// How long the reaper lets claim deletions accumulate before rescanning: every finished job
-/// deletes a claim, and one rescan reads every in-flight marker and claim, so a burst of
-/// finished jobs costs one rescan rather than one each.
+/// The safety net of a worker's copy of its queue and of the reaper: both read everything
+/// again this often, whatever their watches said.
+const RESYNC: Duration = Duration::from_secs(15);
+
+/// How long after a job's queue entry appeared the next worker in line tries it, should the
+/// worker it fell to not have taken it (busy, or dead).
+const GRACE: Duration = Duration::from_millis(100);
+
+/// How long the reaper lets claim deletions accumulate before rescanning, so a lease ending
+/// with many claims costs one rescan.
 const REAP_DEBOUNCE: Duration = Duration::from_millis(250);
+
+/// How long a worker rests after reading its queue failed.
+const RESYNC_RETRY: Duration = Duration::from_millis(500);
 
 /// The error message of a job record that is not valid JSON.
 const UNREADABLE_RECORD: &str = "the job record is not valid JSON";
 
-/// How many queue entries a worker reads per request while scanning its queue.
-const SCAN_LIMIT: i64 = 64;
+/// How many queue entries a worker reads per request while reading its queue.
+const SCAN_LIMIT: i64 = 1000;
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
 struct Record {
@@ -124,15 +154,23 @@ impl Keys {
     fn inflight_of(&self, id: &str) -> String {
         format!("{}{}", self.inflight(), sync_core::id::escape(id))
     }
+    /// The end of the range of claims and in-flight markers (nothing else sorts between).
+    fn inflight_end(&self) -> String {
+        format!("{}inflight0", self.root)
+    }
+    fn workers(&self, name: &str) -> String {
+        format!("{}workers/{}/", self.root, sync_core::id::escape(name))
+    }
     fn payload(&self, id: &str) -> String {
         format!("{}payloads/{}", self.root, sync_core::id::escape(id))
     }
     fn output(&self, id: &str) -> String {
         format!("{}outputs/{}", self.root, sync_core::id::escape(id))
     }
-    /// The guard of every change to a job: its record is still at mod revision `rev`.
-    fn record_at(&self, id: &str, rev: i64) -> Compare {
-        Compare::mod_revision(self.record(id), CompareOp::Equal, rev)
+    /// The guard of every change an attempt makes: its claim, written at revision `rev`,
+    /// still stands (a claim key is never rewritten: a new claim is a new key).
+    fn claim_at(&self, id: &str, rev: i64) -> Compare {
+        Compare::mod_revision(self.claim(id), CompareOp::Equal, rev)
     }
 }
 
@@ -187,12 +225,17 @@ impl Shared {
         }
     }
 
-    /// The status of `id` with its output, and the revision read at: the record and the
-    /// output in one consistent read.
+    /// The status of `id` with its output, and the revision read at: the record, the output
+    /// and the in-flight marker in one consistent read. A job is Running while its marker
+    /// exists (the record is written only when an attempt ends), at attempt attempts + 1.
     async fn read_status(&self, id: &str) -> Result<Option<(JobStatus, i64)>> {
         let txn = Txn::new().and_then([
             TxnOp::get(self.keys.record(id), None),
             TxnOp::get(self.keys.output(id), None),
+            TxnOp::get(
+                self.keys.inflight_of(id),
+                Some(GetOptions::new().with_count_only()),
+            ),
         ]);
         let resp = self
             .client
@@ -207,6 +250,11 @@ impl Shared {
         };
         let mut status = Self::decode(id, &value)?.status;
         status.output = take_first_value(&mut ops, 1);
+        let running = matches!(ops.get(2), Some(TxnOpResponse::Get(g)) if g.count() > 0);
+        if running && status.state == JobState::Queued {
+            status.state = JobState::Running;
+            status.attempts = status.attempts.saturating_add(1);
+        }
         Ok(Some((status, header_rev)))
     }
 
@@ -321,11 +369,7 @@ impl JobStore for EtcdTask {
         // Fails with Closed once killed, and makes sure a lease exists for the claims.
         self.shared.client.session().await?;
         self.check_claim_rights(name).await?;
-        Ok(EtcdQueue {
-            shared: self.shared.clone(),
-            prefix: self.shared.keys.queue_prefix(name),
-            ahead: Default::default(),
-        })
+        Ok(EtcdQueue::new(self.shared.clone(), name))
     }
 }
 
@@ -358,9 +402,11 @@ impl EtcdTask {
             .when([Compare::version(keys.record(probe), CompareOp::Less, 0)])
             .and_then([
                 TxnOp::put(keys.record(probe), "", None),
+                TxnOp::get(keys.payload(probe), None),
                 TxnOp::delete(keys.queue(name, probe), None::<DeleteOptions>),
                 TxnOp::put(keys.claim(probe), "", None),
                 TxnOp::put(keys.inflight_of(probe), "", None),
+                TxnOp::put(format!("{}{probe}", keys.workers(name)), "", None),
             ]);
         self.shared
             .client
@@ -372,44 +418,485 @@ impl EtcdTask {
     }
 }
 
-/// One job name's queue, as a worker of this client sees it.
+/// One job name's queue, as one worker sees it: a copy of the queue and of the name's
+/// workers, kept current by [`EtcdQueue::sync`] (a chore of the worker).
 pub(crate) struct EtcdQueue {
     shared: Arc<Shared>,
+    /// `queue/<escaped name>/`.
     prefix: String,
-    /// Startable jobs from the last scan, records read, not yet tried: the next claims try
-    /// them first, one request each, before the queue is read again. A stale one (claimed by
-    /// another worker, or changed) fails its claim's guard and is dropped.
-    ahead: std::sync::Mutex<std::collections::VecDeque<Candidate>>,
+    /// `workers/<escaped name>/`.
+    workers_prefix: String,
+    /// This worker's key under `workers_prefix`.
+    me: Vec<u8>,
+    view: Mutex<View>,
+    /// Bumped on every change to `view`: what an idle claim loop waits on.
+    changed: watch::Sender<u64>,
+}
+
+/// A worker's copy of its queue and of its name's workers.
+#[derive(Default)]
+struct View {
+    /// The queue entries by create revision (oldest first).
+    entries: BTreeMap<i64, Entry>,
+    /// The create revision of each entry, by key.
+    by_key: HashMap<Vec<u8>, i64>,
+    /// The keys of the name's registered workers, sorted: a job's first choice is the one at
+    /// its hash modulo their number.
+    workers: BTreeSet<Vec<u8>>,
+    /// Read at least once (until then this worker claims nothing).
+    synced: bool,
+    /// Entries whose record cannot be read: skipped (they must not block the queue).
+    unreadable: HashSet<Vec<u8>>,
+}
+
+/// A queue entry as the copy holds it.
+#[derive(Clone)]
+struct Entry {
+    key: Vec<u8>,
+    id: String,
+    value: Vec<u8>,
+    /// Earliest start (unix ms).
+    not_before: u64,
+    /// The entry's mod revision: a claim is guarded by it.
+    mod_rev: i64,
+    /// When this worker learned of it (long ago for one found by reading the queue).
+    seen: Instant,
+    /// Claimed at `mod_rev` by this worker, or a claim of it failed (taken by another
+    /// worker): not tried again unless it changes, or until the next resync.
+    tried: bool,
+}
+
+impl Entry {
+    fn new(prefix: &str, kv: &etcd_client::KeyValue, seen: Instant) -> Option<Entry> {
+        let escaped = std::str::from_utf8(kv.key()).ok()?.strip_prefix(prefix)?;
+        let id = sync_core::id::unescape(escaped)?;
+        let not_before = std::str::from_utf8(kv.value())
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(0);
+        Some(Entry {
+            key: kv.key().to_vec(),
+            id,
+            value: kv.value().to_vec(),
+            not_before,
+            mod_rev: kv.mod_revision(),
+            seen,
+            tried: false,
+        })
+    }
+}
+
+impl View {
+    fn put(&mut self, create_rev: i64, entry: Entry) {
+        if let Some(old) = self.by_key.insert(entry.key.clone(), create_rev) {
+            if old != create_rev {
+                self.entries.remove(&old);
+            }
+        }
+        self.entries.insert(create_rev, entry);
+    }
+
+    fn delete(&mut self, key: &[u8]) {
+        if let Some(rev) = self.by_key.remove(key) {
+            self.entries.remove(&rev);
+        }
+    }
+}
+
+/// The 64-bit FNV-1a hash of `id`: which worker a job falls to first, the same in every
+/// process.
+fn job_hash(id: &str) -> u64 {
+    id.bytes().fold(0xcbf2_9ce4_8422_2325, |h, b| {
+        (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3)
+    })
+}
+
+/// How long an entry first seen at `seen` waits before a worker that is `place` in line for
+/// its job (0 = its first choice) tries it.
+fn turn(seen: Instant, place: u64) -> Instant {
+    seen + GRACE * u32::try_from(place).unwrap_or(u32::MAX)
+}
+
+/// Long enough ago that every worker's turn for the entry has come.
+fn long_ago(now: Instant) -> Instant {
+    now.checked_sub(Duration::from_secs(3600)).unwrap_or(now)
+}
+
+/// A queue entry chosen for a claim.
+struct Pick {
+    key: Vec<u8>,
+    id: String,
+    value: Vec<u8>,
+    mod_rev: i64,
+}
+
+impl EtcdQueue {
+    fn new(shared: Arc<Shared>, name: &str) -> EtcdQueue {
+        let me = format!(
+            "{}{}",
+            shared.keys.workers(name),
+            uuid::Uuid::new_v4().simple()
+        );
+        EtcdQueue {
+            prefix: shared.keys.queue_prefix(name),
+            workers_prefix: shared.keys.workers(name),
+            me: me.into_bytes(),
+            shared,
+            view: Mutex::new(View::default()),
+            changed: watch::channel(0).0,
+        }
+    }
+
+    fn view(&self) -> std::sync::MutexGuard<'_, View> {
+        sync_kit::locked(&self.view)
+    }
+
+    fn bump(&self) {
+        self.changed.send_modify(|n| *n = n.wrapping_add(1));
+    }
+
+    /// Up to `max` startable entries this worker may try now, its first choices first (oldest
+    /// first), then others whose turn came (from a random place, so that workers taking from
+    /// a backlog spread over it); else when one may become startable.
+    fn pick(&self, max: usize) -> (Vec<Pick>, Option<Instant>) {
+        let view = self.view();
+        if !view.synced {
+            return (Vec::new(), None);
+        }
+        let now = Instant::now();
+        let now_ms = now_ms();
+        let n = view.workers.len() as u64;
+        let rank = view
+            .workers
+            .iter()
+            .position(|w| *w == self.me)
+            .map(|r| r as u64);
+        let mut wake: Option<Instant> = None;
+        let mut soonest = |at: Instant| wake = Some(wake.map_or(at, |w| w.min(at)));
+        let mut mine = Vec::new();
+        let mut others = Vec::new();
+        for e in view.entries.values() {
+            if e.tried || view.unreadable.contains(&e.key) {
+                continue;
+            }
+            if e.not_before > now_ms {
+                // A corrupt entry (far in the future) must not overflow the clock.
+                soonest(sync_kit::deadline(Duration::from_millis(
+                    e.not_before - now_ms,
+                )));
+                continue;
+            }
+            // This worker's place in line for the job: 0 for its first choice; last (n) when
+            // it is not registered (yet); 0 for all when no worker is.
+            let place = match (n, rank) {
+                (0, _) => 0,
+                (n, Some(r)) => (r + n - job_hash(&e.id) % n) % n,
+                (n, None) => n,
+            };
+            let at = turn(e.seen, place);
+            if place == 0 || at <= now {
+                if place == 0 {
+                    mine.push(e);
+                    if mine.len() >= max {
+                        break;
+                    }
+                } else if others.len() < 4 * max {
+                    others.push(e);
+                }
+            } else {
+                soonest(at);
+            }
+        }
+        if !others.is_empty() {
+            let start = (uuid::Uuid::new_v4().as_u128() % others.len() as u128) as usize;
+            others.rotate_left(start);
+        }
+        let picks: Vec<Pick> = mine
+            .into_iter()
+            .chain(others)
+            .take(max)
+            .map(|e| Pick {
+                key: e.key.clone(),
+                id: e.id.clone(),
+                value: e.value.clone(),
+                mod_rev: e.mod_rev,
+            })
+            .collect();
+        (picks, wake)
+    }
+
+    /// Marks `picks` as tried: claimed, or taken by another worker (a watch event soon removes
+    /// or renews them).
+    fn mark_tried(&self, picks: &[Pick]) {
+        let mut view = self.view();
+        for p in picks {
+            if let Some(rev) = view.by_key.get(&p.key).copied() {
+                if let Some(e) = view.entries.get_mut(&rev) {
+                    if e.mod_rev == p.mod_rev {
+                        e.tried = true;
+                    }
+                }
+            }
+        }
+    }
+
+    /// Reads the queue and the workers (one request for a queue of up to [`SCAN_LIMIT`]
+    /// entries) into the copy, registering this worker with `register`'s lease in the same
+    /// request if given; the revision read at.
+    async fn read(&self, register: Option<&Session>) -> Result<i64> {
+        let client = &self.shared.client;
+        let page = |from: &str, rev: i64| {
+            let mut opts = GetOptions::new()
+                .with_range(prefix_end(&self.prefix))
+                .with_sort(SortTarget::Key, SortOrder::Ascend)
+                .with_limit(SCAN_LIMIT);
+            if rev > 0 {
+                opts = opts.with_revision(rev);
+            }
+            TxnOp::get(from.to_string(), Some(opts))
+        };
+        let mut ops = Vec::with_capacity(3);
+        if let Some(session) = register {
+            let opts = PutOptions::new().with_lease(session.lease);
+            ops.push(TxnOp::put(self.me.clone(), "", Some(opts)));
+        }
+        ops.push(page(&self.prefix, 0));
+        ops.push(TxnOp::get(
+            self.workers_prefix.as_str(),
+            Some(GetOptions::new().with_prefix().with_keys_only()),
+        ));
+        let resp = client
+            .kv()
+            .txn(Txn::new().and_then(ops))
+            .await
+            .map_err(|e| {
+                if let Some(session) = register {
+                    session.end_if_lease_gone(&e);
+                }
+                etcd_err("reading the queue", e)
+            })?;
+        let rev = resp.header().map(|h| h.revision()).unwrap_or_default();
+        let mut entries = Vec::new();
+        let mut workers = BTreeSet::new();
+        let mut more = false;
+        let mut gets = resp.op_responses().into_iter().filter_map(|op| match op {
+            TxnOpResponse::Get(g) => Some(g),
+            _ => None,
+        });
+        if let Some(g) = gets.next() {
+            more = g.more();
+            entries.extend(g.kvs().iter().cloned());
+        }
+        if let Some(g) = gets.next() {
+            workers.extend(g.kvs().iter().map(|kv| kv.key().to_vec()));
+        }
+        // The rest of a long queue, at the same revision.
+        while more {
+            let Some(last) = entries.last() else { break };
+            let mut from = last.key().to_vec();
+            from.push(0);
+            let from = String::from_utf8_lossy(&from).into_owned();
+            let resp = client
+                .kv()
+                .txn(Txn::new().and_then([page(&from, rev)]))
+                .await
+                .map_err(|e| etcd_err("reading the queue", e))?;
+            more = false;
+            if let Some(TxnOpResponse::Get(g)) = resp.op_responses().into_iter().next() {
+                more = g.more() && !g.kvs().is_empty();
+                entries.extend(g.kvs().iter().cloned());
+            }
+        }
+        let now = Instant::now();
+        let mut view = self.view();
+        let old = std::mem::take(&mut view.entries);
+        view.by_key.clear();
+        for kv in &entries {
+            let Some(mut e) = Entry::new(&self.prefix, kv, long_ago(now)) else {
+                continue;
+            };
+            // One already known keeps when it was first seen (a failed try is forgotten:
+            // a resync is when a worker looks at every entry again).
+            if let Some(known) = old.get(&kv.create_revision()).filter(|k| k.key == e.key) {
+                e.seen = known.seen;
+            }
+            view.put(kv.create_revision(), e);
+        }
+        view.workers = workers;
+        view.synced = true;
+        drop(view);
+        self.bump();
+        Ok(rev)
+    }
+
+    fn apply_queue(&self, resp: &WatchResponse) {
+        let now = Instant::now();
+        let mut view = self.view();
+        for ev in resp.events() {
+            let Some(kv) = ev.kv() else { continue };
+            match ev.event_type() {
+                EventType::Put => {
+                    if let Some(e) = Entry::new(&self.prefix, kv, now) {
+                        view.put(kv.create_revision(), e);
+                    }
+                }
+                EventType::Delete => view.delete(kv.key()),
+            }
+        }
+        drop(view);
+        self.bump();
+    }
+
+    fn apply_workers(&self, resp: &WatchResponse) {
+        let mut view = self.view();
+        for ev in resp.events() {
+            let Some(kv) = ev.kv() else { continue };
+            match ev.event_type() {
+                EventType::Put => {
+                    view.workers.insert(kv.key().to_vec());
+                }
+                EventType::Delete => {
+                    view.workers.remove(kv.key());
+                }
+            }
+        }
+        drop(view);
+        self.bump();
+    }
+
+    /// Registers this worker (again with each new session) and keeps the copy current: reads
+    /// it, then applies the watches' events, reading again after a watch ended or every
+    /// [`RESYNC`]. Unregisters once stopped.
+    async fn sync(self: Arc<Self>, mut stop: watch::Receiver<bool>) {
+        let client = self.shared.client.clone();
+        let mut killed = client.killed();
+        let mut registered: Option<Arc<Session>> = None;
+        loop {
+            // (Re-)registering rides on the read of the queue.
+            let mut register = None;
+            if registered.as_ref().is_none_or(|s| s.ended.is_lost()) {
+                registered = None;
+                match client.session().await {
+                    Ok(session) => register = Some(session),
+                    Err(e) if e.kind() == ErrorKind::Closed => return,
+                    Err(e) => {
+                        tracing::warn!(backend = BACKEND, error = %e, "no session to register the worker with; retrying");
+                    }
+                }
+            }
+            let rev = match self.read(register.as_deref()).await {
+                Ok(rev) => {
+                    registered = register.or(registered);
+                    rev
+                }
+                Err(e) => {
+                    tracing::debug!(backend = BACKEND, error = %e, "reading the queue failed; retrying");
+                    tokio::select! {
+                        _ = tokio::time::sleep(RESYNC_RETRY) => continue,
+                        _ = stopped(&mut stop, &mut killed) => break,
+                    }
+                }
+            };
+            let from = || {
+                WatchOptions::new()
+                    .with_prefix()
+                    .with_start_revision(rev + 1)
+            };
+            let mut queue = client
+                .watches
+                .stream(self.prefix.clone().into_bytes(), from());
+            let mut workers = client
+                .watches
+                .stream(self.workers_prefix.clone().into_bytes(), from());
+            let resync = tokio::time::sleep(RESYNC);
+            tokio::pin!(resync);
+            let session_ended = async {
+                match registered.as_ref() {
+                    Some(s) => {
+                        s.ended.wait().await;
+                    }
+                    // Not registered: try again soon.
+                    None => tokio::time::sleep(RESYNC_RETRY).await,
+                }
+            };
+            tokio::pin!(session_ended);
+            let ended = loop {
+                tokio::select! {
+                    d = queue.next() => match d {
+                        Delivery::Events(resp) => self.apply_queue(&resp),
+                        Delivery::Ended(why) => break Some(why),
+                    },
+                    d = workers.next() => match d {
+                        Delivery::Events(resp) => self.apply_workers(&resp),
+                        Delivery::Ended(why) => break Some(why),
+                    },
+                    _ = &mut resync => break None,
+                    _ = &mut session_ended => break None,
+                    _ = stopped(&mut stop, &mut killed) => {
+                        drop((queue, workers));
+                        self.unregister().await;
+                        return;
+                    }
+                }
+            };
+            drop((queue, workers));
+            if let Some(why) = ended {
+                client.ended(why).await;
+            }
+        }
+        self.unregister().await;
+    }
+
+    /// Deletes this worker's registration, best effort and briefly (else it goes with the
+    /// lease): a stopped worker's jobs go to the next in line at once rather than after a
+    /// [`GRACE`].
+    async fn unregister(&self) {
+        let client = &self.shared.client;
+        if client.is_killed() {
+            return;
+        }
+        let mut kv = client.kv();
+        let _ =
+            tokio::time::timeout(Duration::from_secs(1), kv.delete(self.me.clone(), None)).await;
+    }
+}
+
+/// The end of the range of keys starting with `prefix`.
+fn prefix_end(prefix: &str) -> Vec<u8> {
+    let mut end = prefix.as_bytes().to_vec();
+    while let Some(last) = end.pop() {
+        if last < 0xff {
+            end.push(last + 1);
+            return end;
+        }
+    }
+    vec![0]
 }
 
 #[async_trait]
 impl JobQueue for EtcdQueue {
     type Claim = Claim;
 
-    async fn claim(&self, _name: &str) -> Result<Claimed<Claim>> {
+    async fn claim(&self, _name: &str, max: usize) -> Result<Claimed<Claim>> {
         let session = self.shared.client.session().await?;
-        while let Some(candidate) = self.next_ahead() {
-            if let Some(claim) = claim_candidate(&self.shared, &session, candidate).await? {
-                return Ok(Claimed::Job(claim.0, claim.1));
-            }
+        // Listen before looking, so a change in between is not missed.
+        let mut changed = self.changed.subscribe();
+        changed.borrow_and_update();
+        let (picks, wake) = self.pick(max.max(1));
+        if picks.is_empty() {
+            let wake = wake.unwrap_or_else(|| Instant::now() + RESYNC);
+            return Ok(Claimed::Empty(Box::pin(async move {
+                tokio::select! {
+                    _ = changed.changed() => {}
+                    _ = tokio::time::sleep_until(wake) => {}
+                }
+            })));
         }
-        let (claim, rev, wake) = claim_one(&self.shared, &self.prefix, &self.ahead).await?;
-        if let Some((claim, ctx)) = claim {
-            return Ok(Claimed::Job(claim, ctx));
-        }
-        // Watching from the revision the queue was read at misses no entry written since.
-        let shared = self.shared.clone();
-        let prefix = self.prefix.clone();
-        let wake = wake.unwrap_or_else(|| Instant::now() + SAFETY_NET);
-        Ok(Claimed::Empty(Box::pin(async move {
-            let changed = WatchOptions::new()
-                .with_prefix()
-                .with_start_revision(rev + 1);
-            tokio::select! {
-                _ = shared.client.watch_once(prefix.as_str(), changed, SAFETY_NET), if rev > 0 => {}
-                _ = tokio::time::sleep_until(wake) => {}
-            }
-        })))
+        let claims = claim_batch(&self.shared, &session, &picks).await;
+        // Claimed or not, these entries are done with at this revision: the watch's delete
+        // event (or a new put) comes soon, and until then they are not tried again.
+        self.mark_tried(&picks);
+        Ok(Claimed::Jobs(claims?))
     }
 
     async fn finish(&self, claim: Claim, outcome: Outcome) {
@@ -421,13 +908,10 @@ impl JobQueue for EtcdQueue {
     }
 
     fn chores(self: Arc<Self>, stop: watch::Receiver<bool>) -> Option<BoxFuture<'static, ()>> {
-        Some(Box::pin(reaper(self.shared.clone(), stop)))
-    }
-}
-
-impl EtcdQueue {
-    fn next_ahead(&self) -> Option<Candidate> {
-        sync_kit::locked(&self.ahead).pop_front()
+        let reaping = reaper(self.shared.clone(), stop.clone());
+        Some(Box::pin(async move {
+            futures::join!(self.sync(stop), reaping);
+        }))
     }
 }
 
@@ -435,12 +919,8 @@ impl EtcdQueue {
 /// and its lease's end is the claim's end.
 fn with_context(mut claim: Claim) -> (Claim, JobContext) {
     let token = u64::try_from(claim.rev).unwrap_or_default();
-    let mut ctx = JobContext::new(
-        JobId(claim.id.clone()),
-        &claim.record.job,
-        claim.record.status.attempts,
-    )
-    .with_claim(token, claim.lease_ended.clone());
+    let mut ctx = JobContext::new(JobId(claim.id.clone()), &claim.record.job, claim.attempt)
+        .with_claim(token, claim.lease_ended.clone());
     ctx.payload = std::mem::take(&mut claim.payload);
     (claim, ctx)
 }
@@ -455,263 +935,184 @@ async fn stopped(stop: &mut watch::Receiver<bool>, killed: &mut watch::Receiver<
 /// A claimed attempt.
 pub(crate) struct Claim {
     id: String,
+    /// The record as the claim read it (its attempts: those that ended before this one).
     record: Record,
+    /// This attempt's number.
+    attempt: u32,
     /// The job's payload, read in the claim's transaction.
     payload: Vec<u8>,
-    /// The record's mod revision after the claim: finishing is guarded by it.
+    /// The claim's revision: the claim key's mod revision, which finishing is guarded by,
+    /// and the attempt's fencing token.
     rev: i64,
     /// Fires when the lease the claim was written with ends (the claim goes with it).
     lease_ended: LossSignal,
 }
 
-/// A startable queue entry with its job's record, read in one batch with its neighbours.
-pub(crate) struct Candidate {
-    /// The queue entry's key.
-    entry: Vec<u8>,
-    id: String,
-    record: Record,
-    /// The record's mod revision when read: the claim is guarded by it.
-    mod_rev: i64,
+/// What a claim of one job read in its transaction.
+struct Taken {
+    record: Option<Vec<u8>>,
+    payload: Vec<u8>,
+    /// The claim's revision.
+    rev: i64,
 }
 
-/// Claims a startable job of the queue, paging through it (oldest first) until one is
-/// claimed or the queue is exhausted. Each page's startable entries have their records read
-/// in one request; they are tried from a random place in the page (so workers spread over
-/// the queue rather than race for its head), and those not tried are left in `ahead` for the
-/// next claims. Returns the claim (if any), the revision the queue was first read at
-/// (watching for changes from there misses nothing), and when the earliest delayed retry seen
-/// becomes startable.
-async fn claim_one(
+/// Claims `picks` in one transaction, a nested one per job guarded by its queue entry's
+/// revision and the absence of a claim: the jobs claimed (those whose guard failed were taken
+/// by another worker, or changed).
+async fn claim_batch(
     shared: &Shared,
-    queue_prefix: &str,
-    ahead: &std::sync::Mutex<std::collections::VecDeque<Candidate>>,
-) -> Result<(Option<(Claim, JobContext)>, i64, Option<Instant>)> {
-    let client = &shared.client;
-    let session = client.session().await?;
-    let now = now_ms();
-    let mut wake: Option<u64> = None;
-    let mut first_rev = 0;
-    // Pages continue after the last entry seen, in create-revision order.
-    let mut after_create_rev = 0;
-    loop {
-        let mut opts = GetOptions::new()
-            .with_prefix()
-            .with_sort(SortTarget::Create, SortOrder::Ascend)
-            .with_limit(SCAN_LIMIT);
-        if after_create_rev > 0 {
-            opts = opts.with_min_create_revision(after_create_rev + 1);
+    session: &Session,
+    picks: &[Pick],
+) -> Result<Vec<(Claim, JobContext)>> {
+    let keys = &shared.keys;
+    // This request's own mark on its claims: how a lost answer is told apart from another
+    // claim on the same lease.
+    let token = format!("{}/{}", session.lease_hex(), uuid::Uuid::new_v4().simple());
+    let nested = picks.iter().map(|p| {
+        TxnOp::txn(
+            Txn::new()
+                .when([
+                    Compare::mod_revision(p.key.clone(), CompareOp::Equal, p.mod_rev),
+                    Compare::create_revision(keys.claim(&p.id), CompareOp::Equal, 0),
+                ])
+                .and_then([
+                    TxnOp::delete(p.key.clone(), None::<DeleteOptions>),
+                    TxnOp::put(
+                        keys.claim(&p.id),
+                        token.as_str(),
+                        Some(PutOptions::new().with_lease(session.lease)),
+                    ),
+                    TxnOp::put(keys.inflight_of(&p.id), "", None),
+                    TxnOp::get(keys.record(&p.id), None),
+                    TxnOp::get(keys.payload(&p.id), None),
+                ]),
+        )
+    });
+    let txn = Txn::new().and_then(nested.collect::<Vec<_>>());
+    let taken: Vec<Option<Taken>> = match shared.client.kv().txn(txn).await {
+        Ok(done) => {
+            let rev = done.header().map(|h| h.revision()).unwrap_or_default();
+            done.op_responses()
+                .into_iter()
+                .map(|op| match op {
+                    TxnOpResponse::Txn(t) if t.succeeded() => {
+                        let mut ops = t.op_responses();
+                        Some(Taken {
+                            record: take_first_value(&mut ops, 3),
+                            payload: take_first_value(&mut ops, 4).unwrap_or_default(),
+                            rev,
+                        })
+                    }
+                    _ => None,
+                })
+                .collect()
         }
-        let resp = client
-            .kv()
-            .get(queue_prefix, Some(opts))
-            .await
-            .map_err(|e| etcd_err("reading the queue", e))?;
-        if first_rev == 0 {
-            first_rev = resp.header().map(|h| h.revision()).unwrap_or_default();
+        // A lease gone before the keepalive noticed (the next claim uses a new one), or a
+        // request that never left: surely not claimed.
+        Err(e) if session.end_if_lease_gone(&e) || crate::error::not_delivered(&e) => {
+            return Err(etcd_err("claiming jobs", e));
         }
-        let mut startable = Vec::new();
-        for kv in resp.kvs() {
-            after_create_rev = after_create_rev.max(kv.create_revision());
-            let not_before: u64 = std::str::from_utf8(kv.value())
-                .ok()
-                .and_then(|v| v.parse().ok())
-                .unwrap_or(0);
-            if not_before > now {
-                wake = Some(wake.map_or(not_before, |w| w.min(not_before)));
-                continue;
-            }
-            startable.push(kv);
+        // The claim may have committed: find out before answering.
+        Err(e) => {
+            tracing::warn!(backend = BACKEND, jobs = picks.len(), error = %e, "the claim's answer was lost; resolving it");
+            resolve_claims(shared, session, picks, &token).await?
         }
-        let mut candidates = candidates(shared, queue_prefix, &startable).await?;
-        if !candidates.is_empty() {
-            let start = (uuid::Uuid::new_v4().as_u128() % candidates.len() as u128) as usize;
-            candidates.rotate_left(start);
-        }
-        let mut candidates = candidates.into_iter();
-        while let Some(candidate) = candidates.next() {
-            if let Some(claim) = claim_candidate(shared, &session, candidate).await? {
-                sync_kit::locked(ahead).extend(candidates);
-                return Ok((Some(claim), first_rev, None));
-            }
-        }
-        if !resp.more() || resp.kvs().is_empty() {
-            break;
-        }
-    }
-    // A corrupt entry (not_before far in the future) must not overflow the clock.
-    let wake = wake.map(|w| sync_kit::deadline(Duration::from_millis(w.saturating_sub(now))));
-    Ok((None, first_rev, wake))
-}
-
-/// The claimable jobs of `entries` (startable queue entries), their records read in one
-/// request. An entry without a record is dropped; one whose job already ended is dropped,
-/// guarded by the record; one whose record cannot be read is skipped (it must not block every
-/// job queued behind it).
-async fn candidates(
-    shared: &Shared,
-    queue_prefix: &str,
-    entries: &[&etcd_client::KeyValue],
-) -> Result<Vec<Candidate>> {
-    let ids: Vec<(&etcd_client::KeyValue, String)> = entries
-        .iter()
-        .filter_map(|kv| {
-            let escaped = std::str::from_utf8(kv.key())
-                .ok()?
-                .strip_prefix(queue_prefix)?;
-            Some((*kv, sync_core::id::unescape(escaped)?))
-        })
-        .collect();
-    if ids.is_empty() {
-        return Ok(Vec::new());
-    }
-    let reads = ids
-        .iter()
-        .map(|(_, id)| TxnOp::get(shared.keys.record(id), None))
-        .collect::<Vec<_>>();
-    let resp = shared
-        .client
-        .kv()
-        .txn(Txn::new().and_then(reads))
-        .await
-        .map_err(|e| etcd_err("reading the queued jobs", e))?;
+    };
     let mut out = Vec::new();
-    for ((kv, id), op) in ids.into_iter().zip(resp.op_responses()) {
-        let TxnOpResponse::Get(got) = op else {
-            continue;
-        };
-        let Some(record_kv) = got.kvs().first() else {
-            // An entry without a record: drop it.
-            let _ = shared.client.kv().delete(kv.key().to_vec(), None).await;
-            continue;
-        };
-        let mod_rev = record_kv.mod_revision();
-        let record = match Shared::decode(&id, record_kv.value()) {
-            Ok(record) => record,
-            Err(e) => {
-                tracing::warn!(backend = BACKEND, job = %id, error = %e, "skipping a job whose record cannot be read");
-                continue;
-            }
-        };
-        if record.status.state == JobState::Queued {
-            out.push(Candidate {
-                entry: kv.key().to_vec(),
-                id,
-                record,
-                mod_rev,
-            });
-        } else if record.status.state.is_final() {
-            // A stale entry (the job already ended): drop it, guarded by the record.
-            let stale = Txn::new()
-                .when([shared.keys.record_at(&id, mod_rev)])
-                .and_then([TxnOp::delete(kv.key().to_vec(), None::<DeleteOptions>)]);
-            let _ = shared.client.kv().txn(stale).await;
+    for (p, taken) in picks.iter().zip(taken) {
+        let Some(taken) = taken else { continue };
+        if let Some(claim) = take_up(shared, session, p, taken).await {
+            tracing::debug!(backend = BACKEND, job = %claim.id, attempt = claim.attempt, "job claimed");
+            out.push(with_context(claim));
         }
     }
     Ok(out)
 }
 
-/// Tries to claim `candidate` (None if it is no longer claimable: claimed by another worker
-/// first, or changed since it was read).
-async fn claim_candidate(
-    shared: &Shared,
-    session: &Session,
-    candidate: Candidate,
-) -> Result<Option<(Claim, JobContext)>> {
-    let client = &shared.client;
-    let Candidate {
-        entry,
-        id,
-        mut record,
-        mod_rev,
-    } = candidate;
-    let queued = record.clone();
-    record.status.state = JobState::Running;
-    record.status.attempts = record.status.attempts.saturating_add(1);
-    let keys = &shared.keys;
-    let txn = Txn::new()
-        .when([
-            keys.record_at(&id, mod_rev),
-            Compare::create_revision(keys.claim(&id), CompareOp::Equal, 0),
-        ])
-        .and_then([
-            TxnOp::put(keys.record(&id), shared.encode(&record)?, None),
-            TxnOp::delete(entry, None::<DeleteOptions>),
-            TxnOp::put(
-                keys.claim(&id),
-                session.lease_hex(),
-                Some(PutOptions::new().with_lease(session.lease)),
-            ),
-            TxnOp::put(keys.inflight_of(&id), "", None),
-            TxnOp::get(keys.payload(&id), None),
-        ]);
-    let done = match client.kv().txn(txn).await {
-        Ok(done) => done,
-        // A lease gone before the keepalive noticed (the next claim uses a new one), or a
-        // request that never left: surely not claimed.
-        Err(e) if session.end_if_lease_gone(&e) || crate::error::not_delivered(&e) => {
-            return Err(etcd_err("claiming the job", e).with_id(&id));
+/// The claim of `p` that committed, if its job is to run: a queue entry without a record, or
+/// whose job already ended, was stale and its claim is undone (the entry stays deleted); one
+/// whose record cannot be read is undone and its entry put back (the worker that finds it
+/// skips it from then on).
+async fn take_up(shared: &Shared, session: &Session, p: &Pick, taken: Taken) -> Option<Claim> {
+    let record = match taken.record.as_deref().map(|v| Shared::decode(&p.id, v)) {
+        Some(Ok(record)) if !record.status.state.is_final() => record,
+        Some(Err(e)) => {
+            tracing::warn!(backend = BACKEND, job = %p.id, error = %e, "skipping a job whose record cannot be read");
+            undo_claim(shared, p, taken.rev, true).await;
+            return None;
         }
-        // The claim may have committed: find out before answering.
-        Err(e) => {
-            tracing::warn!(backend = BACKEND, job = %id, error = %e, "the claim's answer was lost; resolving it");
-            let attempt = record.status.attempts;
-            let resolved = resolve_claim(shared, session, &id, mod_rev, &queued, attempt).await?;
-            return Ok(resolved.map(with_context));
+        _ => {
+            undo_claim(shared, p, taken.rev, false).await;
+            return None;
         }
     };
-    if !done.succeeded() {
-        return Ok(None);
-    }
-    let rev = done.header().map(|h| h.revision()).unwrap_or_default();
-    // Submit keeps the payload beside the record (`record.job.payload` is empty), until the
-    // job ends.
-    let payload = take_first_value(&mut done.op_responses(), 4).unwrap_or_default();
-    tracing::debug!(backend = BACKEND, job = %id, attempt = record.status.attempts, "job claimed");
-    Ok(Some(with_context(Claim {
-        id,
+    let attempt = record.status.attempts.saturating_add(1);
+    Some(Claim {
+        id: p.id.clone(),
         record,
-        payload,
-        rev,
+        attempt,
+        payload: taken.payload,
+        rev: taken.rev,
         lease_ended: session.ended.clone(),
-    })))
+    })
 }
 
-/// Settles a claim of `id` whose answer was lost: it may have committed, or may still be in
-/// flight. One txn either fences it — the record still at `mod_rev` with no claim is rewritten
-/// unchanged (`queued`), so the claim fails its guard should it arrive later — or reads the
-/// record, the claim and the payload. The claim is ours if its key is on this session's lease
-/// and the record is Running at `attempt`: it is returned as if answered. Retried with
-/// backoff while the lease lives (what it holds ends with it); an error no retry cures gives
-/// up whatever may be ours.
-async fn resolve_claim(
+/// Deletes the claim and the in-flight marker of `p` made at `rev` (and puts its queue entry
+/// back if `restore`), best effort.
+async fn undo_claim(shared: &Shared, p: &Pick, rev: i64, restore: bool) {
+    let keys = &shared.keys;
+    let mut ops = vec![
+        TxnOp::delete(keys.claim(&p.id), None::<DeleteOptions>),
+        TxnOp::delete(keys.inflight_of(&p.id), None::<DeleteOptions>),
+    ];
+    if restore {
+        ops.push(TxnOp::put(p.key.clone(), p.value.clone(), None));
+    }
+    let txn = Txn::new().when([keys.claim_at(&p.id, rev)]).and_then(ops);
+    if let Err(e) = shared.client.kv().txn(txn).await {
+        tracing::warn!(backend = BACKEND, job = %p.id, error = %e, "undoing a stale claim failed; the reaper redelivers the job");
+    }
+}
+
+/// Settles a claim of `picks` whose answer was lost: it may have committed, or may still be in
+/// flight. One txn, a nested one per job, either fences the job's claim — its queue entry is
+/// still at the revision claimed, so it is rewritten unchanged and the claim fails its guard
+/// should it arrive later — or reads its claim, record and payload: the job is ours if its
+/// claim key carries `token` on this session's lease. Retried with backoff while the lease
+/// lives (what it holds ends with it); an error no retry cures gives up whatever may be ours.
+async fn resolve_claims(
     shared: &Shared,
     session: &Session,
-    id: &str,
-    mod_rev: i64,
-    queued: &Record,
-    attempt: u32,
-) -> Result<Option<Claim>> {
+    picks: &[Pick],
+    token: &str,
+) -> Result<Vec<Option<Taken>>> {
     let keys = &shared.keys;
-    let fence = Txn::new()
-        .when([
-            keys.record_at(id, mod_rev),
-            Compare::create_revision(keys.claim(id), CompareOp::Equal, 0),
-        ])
-        .and_then([TxnOp::put(keys.record(id), shared.encode(queued)?, None)])
-        .or_else([
-            TxnOp::get(keys.record(id), None),
-            TxnOp::get(keys.claim(id), None),
-            TxnOp::get(keys.payload(id), None),
-        ]);
+    let nested = picks.iter().map(|p| {
+        TxnOp::txn(
+            Txn::new()
+                .when([Compare::mod_revision(
+                    p.key.clone(),
+                    CompareOp::Equal,
+                    p.mod_rev,
+                )])
+                .and_then([TxnOp::put(p.key.clone(), p.value.clone(), None)])
+                .or_else([
+                    TxnOp::get(keys.claim(&p.id), None),
+                    TxnOp::get(keys.record(&p.id), None),
+                    TxnOp::get(keys.payload(&p.id), None),
+                ]),
+        )
+    });
+    let fence = Txn::new().and_then(nested.collect::<Vec<_>>());
     let mut failures = 0u32;
     let resp = loop {
         let err = match shared.client.kv().txn(fence.clone()).await {
             Ok(resp) => break resp,
-            Err(e) => etcd_err("resolving a claim whose answer was lost", e).with_id(id),
+            Err(e) => etcd_err("resolving a claim whose answer was lost", e),
         };
         shared.client.check_alive()?;
         if err.kind() != ErrorKind::Unavailable {
-            release_if_ours(shared, session, id).await;
+            release_if_ours(shared, picks, token).await;
             return Err(err);
         }
         if session.ended.is_lost() {
@@ -720,52 +1121,57 @@ async fn resolve_claim(
         failures = failures.saturating_add(1);
         tokio::time::sleep(Duration::from_millis(200) * failures.min(25)).await;
     };
-    if resp.succeeded() {
-        // Fenced: the claim did not commit, and never will.
-        return Ok(None);
-    }
-    let mut ops = resp.op_responses();
-    let first = |op: Option<&TxnOpResponse>| match op {
-        Some(TxnOpResponse::Get(g)) => g.kvs().first().map(|kv| (kv.lease(), kv.mod_revision())),
-        _ => None,
-    };
-    let Some((_, rev)) = first(ops.first()) else {
-        return Ok(None);
-    };
-    if first(ops.get(1)).map(|(lease, _)| lease) != Some(session.lease) {
-        return Ok(None);
-    }
-    let record = match take_first_value(&mut ops, 0).map(|v| Shared::decode(id, &v)) {
-        Some(Ok(r)) if r.status.state == JobState::Running && r.status.attempts == attempt => r,
-        // Our claim, but not over this attempt: impossible, and never left standing.
-        _ => {
-            release_if_ours(shared, session, id).await;
-            return Ok(None);
+    let mut out = Vec::new();
+    for (p, op) in picks.iter().zip(resp.op_responses()) {
+        let TxnOpResponse::Txn(t) = op else {
+            out.push(None);
+            continue;
+        };
+        if t.succeeded() {
+            // Fenced: the claim of this job did not commit, and never will.
+            out.push(None);
+            continue;
         }
-    };
-    tracing::info!(backend = BACKEND, job = %id, attempt, "the claim whose answer was lost is ours");
-    Ok(Some(Claim {
-        id: id.to_string(),
-        record,
-        payload: take_first_value(&mut ops, 2).unwrap_or_default(),
-        rev,
-        lease_ended: session.ended.clone(),
-    }))
+        let mut ops = t.op_responses();
+        let claim = match ops.first() {
+            Some(TxnOpResponse::Get(g)) => g.kvs().first().map(|kv| {
+                (
+                    kv.lease() == session.lease && kv.value() == token.as_bytes(),
+                    kv.mod_revision(),
+                )
+            }),
+            _ => None,
+        };
+        match claim {
+            Some((true, rev)) => {
+                tracing::info!(backend = BACKEND, job = %p.id, "the claim whose answer was lost is ours");
+                out.push(Some(Taken {
+                    record: take_first_value(&mut ops, 1),
+                    payload: take_first_value(&mut ops, 2).unwrap_or_default(),
+                    rev,
+                }));
+            }
+            _ => out.push(None),
+        }
+    }
+    Ok(out)
 }
 
-/// Deletes the claim of `id` if it is on this session's lease, so the reapers redeliver the
-/// job (best effort: if it fails, the claim still ends with the lease).
-async fn release_if_ours(shared: &Shared, session: &Session, id: &str) {
-    let claim = shared.keys.claim(id);
-    let txn = Txn::new()
-        .when([Compare::lease(
-            claim.as_str(),
-            CompareOp::Equal,
-            session.lease,
-        )])
-        .and_then([TxnOp::delete(claim, None::<DeleteOptions>)]);
+/// Deletes the claims of `picks` that carry `token` (made by a request whose answer was lost),
+/// so the reapers redeliver their jobs (best effort: if it fails, the claims still end with the
+/// lease).
+async fn release_if_ours(shared: &Shared, picks: &[Pick], token: &str) {
+    let nested = picks.iter().map(|p| {
+        let claim = shared.keys.claim(&p.id);
+        TxnOp::txn(
+            Txn::new()
+                .when([Compare::value(claim.as_str(), CompareOp::Equal, token)])
+                .and_then([TxnOp::delete(claim, None::<DeleteOptions>)]),
+        )
+    });
+    let txn = Txn::new().and_then(nested.collect::<Vec<_>>());
     if let Err(e) = shared.client.kv().txn(txn).await {
-        tracing::warn!(backend = BACKEND, job = %id, error = %e, "releasing a claim whose answer was lost failed; it ends with the lease");
+        tracing::warn!(backend = BACKEND, error = %e, "releasing claims whose answer was lost failed; they end with the lease");
     }
 }
 
@@ -774,11 +1180,12 @@ async fn record_outcome(shared: &Shared, claim: Claim, mut outcome: Outcome) {
     let Claim {
         id,
         mut record,
+        attempt,
         rev,
         lease_ended,
         ..
     } = claim;
-    let attempt = record.status.attempts;
+    record.status.attempts = attempt;
     let mut downgraded = false;
     let mut transient_failures = 0u32;
     let mut lease_refreshes = 0u32;
@@ -864,7 +1271,7 @@ async fn record_outcome(shared: &Shared, claim: Claim, mut outcome: Outcome) {
     }
 }
 
-/// The transaction that records an attempt's outcome, guarded by the claim's revision:
+/// The transaction that records an attempt's outcome, guarded by the claim:
 /// Succeeded, Failed, or Queued again with a delayed queue entry.
 fn finish_txn(
     shared: &Shared,
@@ -907,26 +1314,29 @@ fn finish_txn(
         // The job ended: nothing reads its payload any more.
         None => ops.push(TxnOp::delete(keys.payload(id), None::<DeleteOptions>)),
     }
-    Ok(Txn::new().when([keys.record_at(id, rev)]).and_then(ops))
+    Ok(Txn::new().when([keys.claim_at(id, rev)]).and_then(ops))
 }
 
-/// Deletes the claim of `id` so the reapers redeliver the job — only while the record is still
-/// at this attempt's revision `rev`, so a newer attempt's claim is never touched (best effort:
+/// Deletes the claim of `id` so the reapers redeliver the job — only while it is still this
+/// attempt's claim (written at `rev`), so a newer attempt's claim is never touched (best effort:
 /// if it fails, the claim still ends with this worker's lease).
 async fn release_claim(shared: &Shared, id: &str, rev: i64) {
     let keys = &shared.keys;
     let txn = Txn::new()
-        .when([keys.record_at(id, rev)])
+        .when([keys.claim_at(id, rev)])
         .and_then([TxnOp::delete(keys.claim(id), None::<DeleteOptions>)]);
     if let Err(e) = shared.client.kv().txn(txn).await {
         tracing::warn!(backend = BACKEND, job = %id, error = %e, "releasing the claim failed; it ends with the lease");
     }
 }
 
-/// Requeues jobs whose claim vanished while Running: pushed by a watch on claim deletions
-/// (debounced by [`REAP_DEBOUNCE`]), with a periodic rescan as a safety net.
+/// Requeues jobs whose claim vanished while they ran: pushed by a watch on deletions of claims
+/// and in-flight markers (a claim deleted without its marker, in the same revision, leaves an
+/// orphan: rescanned after [`REAP_DEBOUNCE`]), with a rescan every [`RESYNC`] as a safety net.
+/// A finished attempt deletes both at once, so it costs no rescan.
 async fn reaper(shared: Arc<Shared>, mut stop: watch::Receiver<bool>) {
     let mut killed = shared.client.killed();
+    let keys = &shared.keys;
     loop {
         let rev = match reap_orphans(&shared).await {
             Ok(rev) => rev,
@@ -935,23 +1345,62 @@ async fn reaper(shared: Arc<Shared>, mut stop: watch::Receiver<bool>) {
                 0
             }
         };
-        let deleted = async {
-            let opts = WatchOptions::new()
-                .with_prefix()
-                .with_start_revision(rev + 1)
-                .with_filters([WatchFilterType::NoPut]);
-            shared
-                .client
-                .watch_once(shared.keys.claims(), opts, SAFETY_NET)
-                .await;
-            tokio::time::sleep(REAP_DEBOUNCE).await;
-        };
-        tokio::select! {
-            _ = deleted, if rev > 0 => {}
-            _ = tokio::time::sleep(SAFETY_NET) => {}
-            _ = stopped(&mut stop, &mut killed) => return,
+        if rev == 0 {
+            tokio::select! {
+                _ = tokio::time::sleep(RESYNC_RETRY) => continue,
+                _ = stopped(&mut stop, &mut killed) => return,
+            }
+        }
+        let opts = WatchOptions::new()
+            .with_range(keys.inflight_end())
+            .with_start_revision(rev + 1)
+            .with_filters([WatchFilterType::NoPut]);
+        let mut deletions = shared
+            .client
+            .watches
+            .stream(keys.claims().into_bytes(), opts);
+        let resync = tokio::time::sleep(RESYNC);
+        tokio::pin!(resync);
+        loop {
+            tokio::select! {
+                d = deletions.next() => match d {
+                    Delivery::Events(resp) => {
+                        if orphans_left(keys, &resp) {
+                            tokio::time::sleep(REAP_DEBOUNCE).await;
+                            break;
+                        }
+                    }
+                    Delivery::Ended(why) => {
+                        shared.client.ended(why).await;
+                        break;
+                    }
+                },
+                _ = &mut resync => break,
+                _ = stopped(&mut stop, &mut killed) => return,
+            }
         }
     }
+}
+
+/// Whether `resp` deleted a claim without deleting its job's in-flight marker in the same
+/// revision (a finished attempt deletes both; an ended lease only the claim).
+fn orphans_left(keys: &Keys, resp: &WatchResponse) -> bool {
+    let claims = keys.claims();
+    let markers = keys.inflight();
+    let mut claimed = HashSet::new();
+    let mut ended = HashSet::new();
+    for ev in resp.events() {
+        let Some(kv) = ev.kv() else { continue };
+        let Ok(key) = std::str::from_utf8(kv.key()) else {
+            continue;
+        };
+        if let Some(id) = key.strip_prefix(claims.as_str()) {
+            claimed.insert((kv.mod_revision(), id.to_string()));
+        } else if let Some(id) = key.strip_prefix(markers.as_str()) {
+            ended.insert((kv.mod_revision(), id.to_string()));
+        }
+    }
+    claimed.difference(&ended).next().is_some()
 }
 
 /// One consistent look at in-flight markers and claims; requeues every marker without a
@@ -971,7 +1420,7 @@ async fn reap_orphans(shared: &Shared) -> Result<i64> {
         .map_err(|e| etcd_err("scanning claims", e))?;
     let rev = resp.header().map(|h| h.revision()).unwrap_or_default();
     let ops = resp.op_responses();
-    let ids = |op: Option<&TxnOpResponse>, prefix: &str| -> Vec<String> {
+    let ids = |op: Option<&TxnOpResponse>, prefix: &str| -> Vec<(String, i64)> {
         match op {
             Some(TxnOpResponse::Get(g)) => g
                 .kvs()
@@ -980,17 +1429,20 @@ async fn reap_orphans(shared: &Shared) -> Result<i64> {
                     std::str::from_utf8(kv.key())
                         .ok()?
                         .strip_prefix(prefix)
-                        .map(String::from)
+                        .map(|id| (id.to_string(), kv.mod_revision()))
                 })
                 .collect(),
             _ => Vec::new(),
         }
     };
     let inflight = ids(ops.first(), &keys.inflight());
-    let claims: HashSet<String> = ids(ops.get(1), &keys.claims()).into_iter().collect();
-    for escaped in inflight.iter().filter(|i| !claims.contains(*i)) {
+    let claims: HashSet<String> = ids(ops.get(1), &keys.claims())
+        .into_iter()
+        .map(|(id, _)| id)
+        .collect();
+    for (escaped, marker_rev) in inflight.iter().filter(|(i, _)| !claims.contains(i)) {
         if let Some(id) = sync_core::id::unescape(escaped) {
-            if let Err(e) = requeue_orphan(shared, &id).await {
+            if let Err(e) = requeue_orphan(shared, &id, *marker_rev).await {
                 tracing::warn!(backend = BACKEND, job = %id, error = %e, "requeueing an orphaned job failed");
             }
         }
@@ -998,13 +1450,27 @@ async fn reap_orphans(shared: &Shared) -> Result<i64> {
     Ok(rev)
 }
 
-/// Deletes the in-flight marker of `id` only while its record is still at `rev`: a worker may
-/// have claimed the job since it was read, and its marker is what lets a reaper redeliver the
-/// job should that worker die.
-async fn drop_stale_marker(shared: &Shared, id: &str, rev: i64) -> Result<()> {
+/// Deletes the in-flight marker of `id` only while it is still the one written at
+/// `marker_rev` (and, if `queued` names it, while that queue entry exists): a worker may have
+/// claimed the job since, and its marker is what lets a reaper redeliver the job should that
+/// worker die.
+async fn drop_stale_marker(
+    shared: &Shared,
+    id: &str,
+    marker_rev: i64,
+    queued: Option<String>,
+) -> Result<()> {
     let keys = &shared.keys;
+    let mut guard = vec![Compare::mod_revision(
+        keys.inflight_of(id),
+        CompareOp::Equal,
+        marker_rev,
+    )];
+    if let Some(entry) = queued {
+        guard.push(Compare::create_revision(entry, CompareOp::Greater, 0));
+    }
     let txn = Txn::new()
-        .when([keys.record_at(id, rev)])
+        .when(guard)
         .and_then([TxnOp::delete(keys.inflight_of(id), None::<DeleteOptions>)]);
     shared
         .client
@@ -1015,17 +1481,22 @@ async fn drop_stale_marker(shared: &Shared, id: &str, rev: i64) -> Result<()> {
     Ok(())
 }
 
-async fn requeue_orphan(shared: &Shared, id: &str) -> Result<()> {
+/// Ends the attempt of `id` whose claim is gone while its in-flight marker (written at
+/// `marker_rev`) is left: the job is queued again, or Failed when out of attempts. A marker
+/// with no running attempt behind it (the job ended, or is queued) is merely deleted.
+async fn requeue_orphan(shared: &Shared, id: &str, marker_rev: i64) -> Result<()> {
     let keys = &shared.keys;
     let kv = || shared.client.kv();
     let Some((mut record, mod_rev)) = shared.read(id).await? else {
-        // Mod revision 0: the record is still absent.
-        return drop_stale_marker(shared, id, 0).await;
+        return drop_stale_marker(shared, id, marker_rev, None).await;
     };
-    if record.status.state != JobState::Running {
-        return drop_stale_marker(shared, id, mod_rev).await;
+    if record.status.state.is_final() {
+        return drop_stale_marker(shared, id, marker_rev, None).await;
     }
-    let attempts = record.status.attempts;
+    let entry = keys.queue(&record.job.name, id);
+    // The attempt that was lost.
+    let attempts = record.status.attempts.saturating_add(1);
+    record.status.attempts = attempts;
     let reason = format!("its lease ended during attempt {attempts}");
     let out_of_attempts = !apply_worker_loss(&record.job, &mut record.status, &reason);
     // A job that failed for good is kept for the retention, like any finished job (a lease
@@ -1041,14 +1512,20 @@ async fn requeue_orphan(shared: &Shared, id: &str) -> Result<()> {
     if out_of_attempts {
         ops.push(TxnOp::delete(keys.payload(id), None::<DeleteOptions>));
     } else {
-        ops.push(TxnOp::put(keys.queue(&record.job.name, id), "0", None));
+        ops.push(TxnOp::put(entry.as_str(), "0", None));
     }
     let txn = Txn::new()
         .when([
-            keys.record_at(id, mod_rev),
+            Compare::mod_revision(keys.inflight_of(id), CompareOp::Equal, marker_rev),
             Compare::create_revision(keys.claim(id), CompareOp::Equal, 0),
+            Compare::mod_revision(keys.record(id), CompareOp::Equal, mod_rev),
+            Compare::create_revision(entry.as_str(), CompareOp::Equal, 0),
         ])
-        .and_then(ops);
+        .and_then(ops)
+        .or_else([TxnOp::get(
+            entry.as_str(),
+            Some(GetOptions::new().with_count_only()),
+        )]);
     let resp = kv().txn(txn).await.map_err(|e| {
         if crate::error::lease_not_found(&e) {
             // Not awaited here: the next pass grants a fresh lease.
@@ -1058,6 +1535,13 @@ async fn requeue_orphan(shared: &Shared, id: &str) -> Result<()> {
     })?;
     if resp.succeeded() {
         tracing::warn!(backend = BACKEND, job = %id, attempts, redelivered = !out_of_attempts, "a worker died holding the job");
+        return Ok(());
+    }
+    // The job is queued, not running: the marker is stale.
+    let queued =
+        matches!(resp.op_responses().first(), Some(TxnOpResponse::Get(g)) if g.count() > 0);
+    if queued {
+        drop_stale_marker(shared, id, marker_rev, Some(entry)).await?;
     }
     Ok(())
 }

@@ -1194,8 +1194,86 @@ async fn work_without_rights_fails(_endpoint: String) -> TestResult {
     }
 }
 
+/// A claim of several jobs in one request whose answer is lost (it committed) is settled job
+/// by job before the worker answers: each job is taken up by the worker whose claim committed
+/// and runs once, none is stranded Running.
+async fn task_batched_claim_answer_lost(endpoint: String) -> TestResult {
+    const JOBS: usize = 4;
+    let ns = unique("batch-lost");
+    let direct = common::connect(&endpoint, &ns).await?;
+    let task = direct.task().map_err(|e| e.to_string())?;
+    let mut ids = Vec::new();
+    for i in 0..JOBS {
+        let job = Job::new("batch", vec![i as u8]).with_key(format!("batch-{i}"));
+        ids.push(task.submit(job).await.map_err(|e| e.to_string())?);
+    }
+    let (proxy, proxied) = common::proxy(&endpoint).await?;
+    // The worker's first claim names every queued job's claim key.
+    proxy.hold_next("claims/batch-0");
+    let worker_client = common::connect(&proxied, &ns).await?;
+    let runs = Arc::new(std::sync::Mutex::new(BTreeMap::<Vec<u8>, usize>::new()));
+    let counted = runs.clone();
+    let handler = Arc::new(move |ctx: JobContext| {
+        *counted
+            .lock()
+            .unwrap()
+            .entry(ctx.payload.clone())
+            .or_default() += 1;
+        async move { Ok::<_, HandlerError>(ctx.payload) }
+    });
+    let _worker = worker_client
+        .task()
+        .map_err(|e| e.to_string())?
+        .work("batch", handler, WorkerOptions::new().with_concurrency(8))
+        .await
+        .map_err(|e| e.to_string())?;
+    tokio::time::timeout(Duration::from_secs(10), proxy.held())
+        .await
+        .map_err(|_| "the worker sent no claim within 10 s".to_string())?;
+    // The claim reaches etcd; its answer (and every other one, briefly) is lost.
+    proxy.set(Fault::DropResponses);
+    proxy.release();
+    let deadline = Instant::now() + Duration::from_secs(5);
+    let committed = loop {
+        let mut running = 0;
+        for id in &ids {
+            if task.status(id).await.map_err(|e| e.to_string())?.state == JobState::Running {
+                running += 1;
+            }
+        }
+        if running == JOBS {
+            break Ok(());
+        }
+        if Instant::now() > deadline {
+            break Err(format!(
+                "{running} of {JOBS} jobs Running 5 s after their claim"
+            ));
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    proxy.set(Fault::Pass);
+    committed?;
+    for id in &ids {
+        let done = task
+            .wait(id, Some(Duration::from_secs(30)))
+            .await
+            .map_err(|e| format!("job {id} whose claim answer was lost (stranded?): {e}"))?;
+        if done.state != JobState::Succeeded || done.attempts != 1 {
+            return Err(format!(
+                "job {id} whose claim answer was lost ended {done:?}"
+            ));
+        }
+    }
+    let runs = runs.lock().unwrap().clone();
+    if runs.len() != JOBS || runs.values().any(|n| *n != 1) {
+        return Err(format!("handler runs per job: {runs:?}"));
+    }
+    etcdctl(&endpoint, &["del", "--prefix", &format!("{ns}/")]).await?;
+    Ok(())
+}
+
 fn main() -> std::process::ExitCode {
-    let tests: [(&'static str, TestFn); 23] = [
+    let tests: [(&'static str, TestFn); 24] = [
         (
             "live::follow_reports_a_member_cut_off_from_the_quorum",
             |e| Box::pin(follow_reports_a_member_cut_off_from_the_quorum(e)),
@@ -1246,6 +1324,9 @@ fn main() -> std::process::ExitCode {
         ),
         ("live::several_endpoints", |e| {
             Box::pin(several_endpoints(e))
+        }),
+        ("live::task_batched_claim_answer_lost", |e| {
+            Box::pin(task_batched_claim_answer_lost(e))
         }),
         ("live::task_full_size_payload_and_output", |e| {
             Box::pin(task_full_size_payload_and_output(e))

@@ -342,8 +342,170 @@ async fn contended_grants_cost_two_requests(endpoint: String) -> TestResult {
     Ok(())
 }
 
+/// A client for the task cases: its own namespace, a 10 s TTL.
+async fn task_client(endpoint: &str, namespace: &str) -> Result<sync_etcd::Client, String> {
+    let config = sync_etcd::Config::default()
+        .with_endpoints([endpoint])
+        .with_namespace(namespace)
+        .with_ttl(Duration::from_secs(10));
+    sync_etcd::Client::connect(config)
+        .await
+        .map_err(|e| e.to_string())
+}
+
+/// How many jobs [`task_job_costs_three_requests_with_idle_workers`] runs while counting, and
+/// before.
+const JOBS: usize = 20;
+const WARM_UP: usize = 9;
+
+/// A job submitted while three workers (each its own client) sit idle costs its submit, one
+/// claim and one finish: the copy of the queue every worker keeps learns of the job from the
+/// shared watch stream, and only the worker it falls to tries it — the others neither read the
+/// queue nor race for the job, and no reaper rescans after a finished job.
+async fn task_job_costs_three_requests_with_idle_workers(endpoint: String) -> TestResult {
+    use std::sync::Arc;
+    use sync_core::{Job, JobContext, WorkerOptions};
+    let namespace = format!("task-idle-{}", uuid::Uuid::new_v4().simple());
+    let submitter = task_client(&endpoint, &namespace).await?;
+    let task = submitter.task().map_err(|e| e.to_string())?;
+    let (tx, mut started) = tokio::sync::mpsc::unbounded_channel();
+    let mut clients = Vec::new();
+    let mut workers = Vec::new();
+    for _ in 0..3 {
+        let client = task_client(&endpoint, &namespace).await?;
+        let tx = tx.clone();
+        let handler = Arc::new(move |_: JobContext| {
+            let _ = tx.send(());
+            async { Ok::<_, sync_core::HandlerError>(Vec::new()) }
+        });
+        workers.push(
+            client
+                .task()
+                .map_err(|e| e.to_string())?
+                .work("idle", handler, WorkerOptions::new().with_concurrency(8))
+                .await
+                .map_err(|e| e.to_string())?,
+        );
+        clients.push(client);
+    }
+    let one_job = |i: usize| {
+        let task = task.clone();
+        async move {
+            task.submit(Job::new("idle", vec![i as u8]))
+                .await
+                .map_err(|e| e.to_string())
+        }
+    };
+    // Warm up: connections, leases (each worker's retention lease, granted at its first
+    // finish) and every worker's copy of the queue are in place.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    for i in 0..WARM_UP {
+        one_job(i).await?;
+        tokio::time::timeout(Duration::from_secs(10), started.recv())
+            .await
+            .map_err(|_| "a warm-up job did not start within 10 s".to_string())?;
+    }
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let before = counters(&endpoint).await?;
+    for i in WARM_UP..WARM_UP + JOBS {
+        one_job(i).await?;
+        tokio::time::timeout(Duration::from_secs(10), started.recv())
+            .await
+            .map_err(|_| format!("job {i} did not start within 10 s"))?;
+        // The finish, and whatever the job set off, lands before the next one.
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let d = delta(&before, &counters(&endpoint).await?);
+    let unary: u64 = UNARY.iter().map(|m| d.get(*m).copied().unwrap_or(0)).sum();
+    let per_job = unary as f64 / JOBS as f64;
+    println!("a job with 3 idle workers: {per_job:.2} requests ({d:?})");
+    for w in workers {
+        w.stop().await;
+    }
+    if let Ok(extra) = started.try_recv() {
+        return Err(format!("a job started twice: {extra:?}"));
+    }
+    // Submit, claim, finish: 3; a little over for a safety net or a worker slow to take its
+    // job (the next in line then tries it too).
+    if per_job > 3.25 {
+        return Err(format!(
+            "{JOBS} jobs with 3 idle workers cost {unary} requests, {per_job:.2} each ({d:?}); \
+             expected 3 (submit, claim, finish)"
+        ));
+    }
+    Ok(())
+}
+
+/// A worker whose whole pool is free claims the queued jobs for it in one request: a txn of
+/// nested txns, one per job, with no read of the queue or the records before it.
+async fn task_pool_claimed_in_one_request(endpoint: String) -> TestResult {
+    use std::sync::{
+        Arc,
+        atomic::{AtomicUsize, Ordering},
+    };
+    use sync_core::{Job, JobContext, WorkerOptions};
+    const POOL: usize = 8;
+    let namespace = format!("task-batch-{}", uuid::Uuid::new_v4().simple());
+    let submitter = task_client(&endpoint, &namespace).await?;
+    let task = submitter.task().map_err(|e| e.to_string())?;
+    for i in 0..POOL {
+        task.submit(Job::new("batch", vec![i as u8]))
+            .await
+            .map_err(|e| e.to_string())?;
+    }
+    let worker_client = task_client(&endpoint, &namespace).await?;
+    let running = Arc::new(AtomicUsize::new(0));
+    let all = Arc::new(tokio::sync::Notify::new());
+    let release = Arc::new(tokio::sync::Notify::new());
+    let (r, a, rel) = (running.clone(), all.clone(), release.clone());
+    let handler = Arc::new(move |_: JobContext| {
+        let (r, a, rel) = (r.clone(), a.clone(), rel.clone());
+        async move {
+            let released = rel.notified();
+            if r.fetch_add(1, Ordering::SeqCst) + 1 == POOL {
+                a.notify_one();
+            }
+            released.await;
+            Ok::<_, sync_core::HandlerError>(Vec::new())
+        }
+    });
+    let before = counters(&endpoint).await?;
+    let worker = worker_client
+        .task()
+        .map_err(|e| e.to_string())?
+        .work(
+            "batch",
+            handler,
+            WorkerOptions::new().with_concurrency(POOL),
+        )
+        .await
+        .map_err(|e| e.to_string())?;
+    tokio::time::timeout(Duration::from_secs(10), all.notified())
+        .await
+        .map_err(|_| {
+            format!(
+                "{} of {POOL} jobs running after 10 s",
+                running.load(Ordering::SeqCst)
+            )
+        })?;
+    let d = delta(&before, &counters(&endpoint).await?);
+    release.notify_waiters();
+    worker.stop().await;
+    let unary: u64 = UNARY.iter().map(|m| d.get(*m).copied().unwrap_or(0)).sum();
+    println!("a worker starting with {POOL} queued jobs: {unary} requests until all run ({d:?})");
+    // Lease grant, rights probe, one read of the queue and the workers (which registers the
+    // worker), the reaper's first scan, and one claim for the whole pool.
+    if unary > 5 {
+        return Err(format!(
+            "starting a worker and claiming {POOL} queued jobs cost {unary} requests ({d:?}); \
+             expected 5 (one claim for the pool)"
+        ));
+    }
+    Ok(())
+}
+
 fn main() -> std::process::ExitCode {
-    let tests: [(&'static str, TestFn); 3] = [
+    let tests: [(&'static str, TestFn); 5] = [
         (
             "requests::uncontended_acquire_release_costs_two_requests",
             |e| Box::pin(uncontended_acquire_release_costs_two_requests(e)),
@@ -353,6 +515,13 @@ fn main() -> std::process::ExitCode {
         }),
         ("requests::contended_grants_cost_two_requests", |e| {
             Box::pin(contended_grants_cost_two_requests(e))
+        }),
+        (
+            "requests::task_job_costs_three_requests_with_idle_workers",
+            |e| Box::pin(task_job_costs_three_requests_with_idle_workers(e)),
+        ),
+        ("requests::task_pool_claimed_in_one_request", |e| {
+            Box::pin(task_pool_claimed_in_one_request(e))
         }),
     ];
     // One at a time: each counts what etcd serves while it runs.

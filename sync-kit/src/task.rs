@@ -30,6 +30,10 @@ pub const MAX_CONCURRENCY: usize = if (u32::MAX as usize) < Semaphore::MAX_PERMI
 /// How long the claim loop rests after a failed claim before trying again.
 const CLAIM_RETRY: Duration = Duration::from_millis(500);
 
+/// The most jobs the claim loop asks for in one claim (the free permits of its pool, up to
+/// this).
+pub const MAX_CLAIM_BATCH: usize = 16;
+
 /// What an attempt produced: the handler's output, or why it failed (its error, a panic, an
 /// output over the limit).
 pub type Outcome = std::result::Result<Vec<u8>, String>;
@@ -38,6 +42,9 @@ pub type Outcome = std::result::Result<Vec<u8>, String>;
 pub enum Claimed<C> {
     /// A job was claimed: the backend's claim and the handler's context.
     Job(C, JobContext),
+    /// Several jobs were claimed at once (at most the `max` asked for; an empty list reads as
+    /// a failed try and is retried at once).
+    Jobs(Vec<(C, JobContext)>),
     /// Nothing is startable now; the future resolves once something may be (a push, the
     /// earliest delayed retry, or a safety-net poll). It must have been armed before the queue
     /// was looked at, so a job queued in between is not missed.
@@ -83,9 +90,11 @@ pub trait JobQueue: Send + Sync + 'static {
     /// The backend's record of one claimed attempt.
     type Claim: Send + 'static;
 
-    /// Claims the oldest startable job named `name`. An error of kind
-    /// [`Closed`](ErrorKind::Closed) stops the worker; any other is retried after a pause.
-    async fn claim(&self, name: &str) -> Result<Claimed<Self::Claim>>;
+    /// Claims the oldest startable job named `name`, or up to `max` of them (`max` ≥ 1: the
+    /// worker's free permits) where the backend can claim several in one round trip. An error
+    /// of kind [`Closed`](ErrorKind::Closed) stops the worker; any other is retried after a
+    /// pause.
+    async fn claim(&self, name: &str, max: usize) -> Result<Claimed<Self::Claim>>;
 
     /// Records the outcome of the attempt holding `claim`, unless the claim was lost meanwhile
     /// (then the job was, or will be, handed to another worker).
@@ -162,45 +171,72 @@ struct ClaimLoop<Q: JobQueue> {
 }
 
 impl<Q: JobQueue> ClaimLoop<Q> {
-    /// Takes a permit of the pool, then claims a job for it, until stopped or closed. A claim
-    /// under way is never cancelled (its answer may be a job this worker now owns): stop and
-    /// close are heeded only while waiting.
+    /// Takes a permit of the pool (and every other free one, up to [`MAX_CLAIM_BATCH`]), then
+    /// claims jobs for them, until stopped or closed. A claim under way is never cancelled (its
+    /// answer may be jobs this worker now owns): stop and close are heeded only while waiting.
     async fn run(self, mut stop: watch::Receiver<bool>) {
         let this = Arc::new(self);
+        let mut permits = Vec::new();
         loop {
-            let permit = tokio::select! {
-                biased;
-                _ = stop.wait_for(|s| *s) => return,
-                () = this.queue.closed() => return,
-                p = this.pool.clone().acquire_owned() => match p {
-                    Ok(p) => p,
-                    Err(_) => return,
-                },
-            };
-            let (claim, ctx) = loop {
-                if *stop.borrow() {
-                    return;
-                }
-                let pause = match this.queue.claim(&this.name).await {
-                    Ok(Claimed::Job(claim, ctx)) => break (claim, ctx),
-                    Ok(Claimed::Empty(wake)) => wake,
-                    Err(e) if e.kind() == ErrorKind::Closed => {
-                        tracing::info!(error = %e, "worker stops: client gone");
-                        return;
-                    }
-                    Err(e) => {
-                        tracing::warn!(error = %e, "claiming a job failed; retrying");
-                        Box::pin(tokio::time::sleep(CLAIM_RETRY))
-                    }
-                };
-                tokio::select! {
+            if permits.is_empty() {
+                let permit = tokio::select! {
                     biased;
                     _ = stop.wait_for(|s| *s) => return,
                     () = this.queue.closed() => return,
-                    () = pause => {}
+                    p = this.pool.clone().acquire_owned() => match p {
+                        Ok(p) => p,
+                        Err(_) => return,
+                    },
+                };
+                permits.push(permit);
+            }
+            if *stop.borrow() {
+                return;
+            }
+            // Permits freed meanwhile join the next claim.
+            while permits.len() < MAX_CLAIM_BATCH {
+                match this.pool.clone().try_acquire_owned() {
+                    Ok(p) => permits.push(p),
+                    Err(_) => break,
+                }
+            }
+            let pause = match this.queue.claim(&this.name, permits.len()).await {
+                Ok(Claimed::Job(claim, ctx)) => {
+                    let permit = permits.pop().expect("a permit per claim");
+                    this.clone().spawn_attempt(claim, ctx, permit);
+                    continue;
+                }
+                Ok(Claimed::Jobs(jobs)) => {
+                    for (claim, ctx) in jobs {
+                        // A backend that returned more than asked keeps the rest waiting
+                        // for a permit (never more attempts than the pool).
+                        let permit = match permits.pop() {
+                            Some(p) => p,
+                            None => match this.pool.clone().acquire_owned().await {
+                                Ok(p) => p,
+                                Err(_) => return,
+                            },
+                        };
+                        this.clone().spawn_attempt(claim, ctx, permit);
+                    }
+                    continue;
+                }
+                Ok(Claimed::Empty(wake)) => wake,
+                Err(e) if e.kind() == ErrorKind::Closed => {
+                    tracing::info!(error = %e, "worker stops: client gone");
+                    return;
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, "claiming a job failed; retrying");
+                    Box::pin(tokio::time::sleep(CLAIM_RETRY))
                 }
             };
-            this.clone().spawn_attempt(claim, ctx, permit);
+            tokio::select! {
+                biased;
+                _ = stop.wait_for(|s| *s) => return,
+                () = this.queue.closed() => return,
+                () = pause => {}
+            }
         }
     }
 

@@ -452,7 +452,7 @@ pub(crate) struct LocalQueue {
 impl JobQueue for LocalQueue {
     type Claim = Claimed;
 
-    async fn claim(&self, _name: &str) -> Result<sync_kit::task::Claimed<Claimed>> {
+    async fn claim(&self, _name: &str, _max: usize) -> Result<sync_kit::task::Claimed<Claimed>> {
         loop {
             // Listen before looking, so a job queued between the look and the wait wakes us.
             let mut woken = Box::pin(

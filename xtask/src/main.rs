@@ -44,7 +44,7 @@ usage:
       up: install what is missing, start on 127.0.0.1, wait until ready (twice is harmless)
       down: stop what `up` started; status: pid, port, health; env: SYNC_TEST_* lines to eval;
       smoke: one real write and read through each service.
-  cargo xtask drill [etcd] [cluster] [--seconds N | --minutes N]
+  cargo xtask drill [etcd] [cluster] [task] [--seconds N | --minutes N]
       multi-process lock, leader and task drills on etcd (SYNC_TEST_ETCD's, or one started
       and stopped here), N seconds each (default 60): workers under kill -9 and SIGSTOP chaos
       writing fencing tokens; in the task drill they run keyed jobs submitted at a steady pace
@@ -52,7 +52,8 @@ usage:
       job's status is checked: none lost, duplicated or stuck, re-runs only after a lost claim
       and with a higher token. Then, on a three-node cluster of its own: the lock drill while
       the leader is killed, while the whole cluster restarts, and a caller timing every call
-      while one member at a time is frozen. `cluster` runs only those. A summary per drill;
+      while one member at a time is frozen. `cluster` runs only those; `task` only the task
+      drill (on the single etcd). A summary per drill;
       fails on any violation.
   cargo xtask bench [BACKEND...] [--quick]
       side-by-side benchmarks (sync-bench): each scenario runs the library, a raw client doing

@@ -1,4 +1,4 @@
-//! `cargo xtask drill [etcd] [cluster] [--seconds N]`: multi-process lock, leader and task
+//! `cargo xtask drill [etcd] [cluster] [task] [--seconds N]`: multi-process lock, leader and task
 //! drills on a live etcd, then the drills on a three-node cluster of their own ([`cluster`]).
 //!
 //! Several worker processes (sync-any's `drill_worker` example) take one lock over and over
@@ -46,11 +46,13 @@ const STOP_FOR: Duration = Duration::from_millis(3000);
 pub(crate) fn run(args: &[String]) -> Result<ExitCode> {
     let mut seconds = 60u64;
     let mut only_cluster = false;
+    let mut only_task = false;
     let mut rest = args.iter();
     while let Some(arg) = rest.next() {
         match arg.as_str() {
             "etcd" => {}
             "cluster" => only_cluster = true,
+            "task" => only_task = true,
             "--seconds" => {
                 seconds = rest
                     .next()
@@ -65,7 +67,9 @@ pub(crate) fn run(args: &[String]) -> Result<ExitCode> {
                 seconds = minutes * 60;
             }
             other => {
-                bail!("drill: unknown argument `{other}` (etcd, cluster, --seconds N, --minutes N)")
+                bail!(
+                    "drill: unknown argument `{other}` (etcd, cluster, task, --seconds N, --minutes N)"
+                )
             }
         }
     }
@@ -73,7 +77,10 @@ pub(crate) fn run(args: &[String]) -> Result<ExitCode> {
     if only_cluster {
         return drill_cluster(length);
     }
-    let single = drill_single(length)?;
+    let single = drill_single(length, only_task)?;
+    if only_task {
+        return Ok(single);
+    }
     let cluster = drill_cluster(length)?;
     Ok(if single == ExitCode::SUCCESS {
         cluster
@@ -84,15 +91,19 @@ pub(crate) fn run(args: &[String]) -> Result<ExitCode> {
 
 /// The drills on one etcd: the user's own when SYNC_TEST_ETCD names one; otherwise ours,
 /// started and stopped here like `cargo xtask test` does.
-fn drill_single(length: Duration) -> Result<ExitCode> {
+fn drill_single(length: Duration, only_task: bool) -> Result<ExitCode> {
+    let run = |url: &str| match only_task {
+        true => task::drill(&build_worker()?, url, length),
+        false => drill(url, length),
+    };
     if let Some(url) = std::env::var(Service::Etcd.env_var())
         .ok()
         .filter(|v| !v.is_empty())
     {
-        return drill(&url, length);
+        return run(&url);
     }
     let started = crate::services::up(&[Service::Etcd], &[])?;
-    let outcome = std::panic::catch_unwind(|| drill(&Service::Etcd.endpoint(), length))
+    let outcome = std::panic::catch_unwind(|| run(&Service::Etcd.endpoint()))
         .unwrap_or_else(|_| Err("xtask panicked while drilling".into()));
     if let Err(e) = crate::services::down(&started) {
         say!("warning: teardown: {e}");
