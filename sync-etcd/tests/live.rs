@@ -426,9 +426,15 @@ async fn lost_before_expiry_when_renewals_fail(endpoint: String) -> TestResult {
     let stalled = Instant::now();
     // Connections stay open, nothing is forwarded either way: a partition.
     proxy.set(Fault::Freeze);
-    let reason = tokio::time::timeout(sync_etcd::MIN_TTL, guard.lost())
+    // It fires at the safe deadline, within one TTL of the stall; the extra second only
+    // absorbs a late timer on a loaded machine. What matters is checked below: the holder
+    // knew before the other client was granted, and the reason is the deadline, not the
+    // key's delete.
+    let reason = tokio::time::timeout(sync_etcd::MIN_TTL + Duration::from_secs(1), guard.lost())
         .await
-        .map_err(|_| "lost() did not fire within one TTL of renewals stalling".to_string())?;
+        .map_err(|_| {
+            "lost() did not fire within one TTL (+1 s) of renewals stalling".to_string()
+        })?;
     let lost_after = stalled.elapsed();
     let (granted, holder_knew, at) = tokio::time::timeout(Duration::from_secs(10), waiter)
         .await
