@@ -1,6 +1,7 @@
 //! etcd's own count of the requests it served: `grpc_server_started_total` (one per unary call
 //! or stream opened, by method) and `grpc_server_msg_received_total` (messages on streams,
-//! here the lease keep-alives) from its Prometheus `/metrics` endpoint.
+//! here the lease keep-alives) and `process_cpu_seconds_total` (the CPU time etcd spent) from
+//! its Prometheus `/metrics` endpoint.
 
 use std::collections::BTreeMap;
 
@@ -16,6 +17,8 @@ pub struct Counters {
     pub started: BTreeMap<String, u64>,
     /// `grpc_server_msg_received_total` by method name (all services).
     pub received: BTreeMap<String, u64>,
+    /// `process_cpu_seconds_total`: etcd's CPU time so far.
+    pub cpu_seconds: f64,
 }
 
 /// What happened between two snapshots.
@@ -29,6 +32,9 @@ pub struct Cost {
     pub keepalives: u64,
     /// Calls started, by method.
     pub by_method: BTreeMap<String, u64>,
+    /// CPU time etcd spent, in seconds: a cost that, unlike throughput, a busy machine barely
+    /// moves.
+    pub cpu_seconds: f64,
 }
 
 impl Counters {
@@ -36,6 +42,10 @@ impl Counters {
     pub fn parse(text: &str) -> Counters {
         let mut out = Counters::default();
         for line in text.lines() {
+            if let Some(v) = line.strip_prefix("process_cpu_seconds_total ") {
+                out.cpu_seconds = v.trim().parse().unwrap_or(0.0);
+                continue;
+            }
             let (map, rest) = if let Some(rest) = line.strip_prefix("grpc_server_started_total{") {
                 (&mut out.started, rest)
             } else if let Some(rest) = line.strip_prefix("grpc_server_msg_received_total{") {
@@ -78,6 +88,7 @@ impl Counters {
             watch_streams: by_method.get("Watch").copied().unwrap_or(0),
             keepalives: received.get("LeaseKeepAlive").copied().unwrap_or(0),
             by_method,
+            cpu_seconds: (self.cpu_seconds - before.cpu_seconds).max(0.0),
         }
     }
 }
@@ -129,6 +140,7 @@ grpc_server_started_total{grpc_method="Txn",grpc_service="etcdserverpb.KV",grpc_
 grpc_server_started_total{grpc_method="Watch",grpc_service="etcdserverpb.Watch",grpc_type="bidi_stream"} 2
 grpc_server_started_total{grpc_method="Lock",grpc_service="v3lockpb.Lock",grpc_type="unary"} 1
 grpc_server_msg_received_total{grpc_method="LeaseKeepAlive",grpc_service="etcdserverpb.Lease",grpc_type="bidi_stream"} 7
+process_cpu_seconds_total 1.5
 "#;
 
     #[test]
@@ -141,12 +153,14 @@ grpc_server_msg_received_total{grpc_method="LeaseKeepAlive",grpc_service="etcdse
                 .replace("} 10", "} 12")
                 .replace("} 2\n", "} 3\n")
                 .replace("} 7", "} 9")
-                .replace("} 1\n", "} 2\n"),
+                .replace("} 1\n", "} 2\n")
+                .replace(" 1.5", " 2.25"),
         );
         let cost = after.since(&before);
         assert_eq!(cost.requests, 3, "{cost:?}");
         assert_eq!(cost.watch_streams, 1);
         assert_eq!(cost.keepalives, 2);
+        assert_eq!(cost.cpu_seconds, 0.75);
     }
 
     #[test]

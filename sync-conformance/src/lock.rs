@@ -180,6 +180,39 @@ pub async fn handoff_on_release(ctx: &Ctx) -> CaseResult {
     Ok(())
 }
 
+/// A waiter that gives up in the middle of a queue passes nothing on: the one behind it
+/// still waits for the holder, and is granted on the holder's release.
+pub async fn cancelled_waiter_in_queue(ctx: &Ctx) -> CaseResult {
+    let (a, b, c) = (
+        ctx.client().await?,
+        ctx.client().await?,
+        ctx.client().await?,
+    );
+    let (lb, lc) = (b.lock()?, c.lock()?);
+    let guard = a.lock()?.acquire("queue", LockOptions::new()).await?;
+    let first = guard.fencing_token();
+    let mut middle = Box::pin(lb.acquire("queue", LockOptions::new()));
+    stays_pending(Duration::from_millis(300), "the first waiter", &mut middle).await?;
+    let mut last = Box::pin(lc.acquire("queue", LockOptions::new()));
+    stays_pending(Duration::from_millis(300), "the second waiter", &mut last).await?;
+    drop(middle);
+    stays_pending(
+        Duration::from_millis(500),
+        "the second waiter, after the first gave up while the lock is still held",
+        &mut last,
+    )
+    .await?;
+    guard.release().await?;
+    let next = within(ctx.prompt(), "the second waiter after release", last).await??;
+    ensure!(
+        next.fencing_token() > first,
+        "fencing token went from {first} to {}",
+        next.fencing_token()
+    );
+    next.release().await?;
+    Ok(())
+}
+
 /// Fencing tokens strictly increase over successive grants of one id, whoever holds it and
 /// however it was freed (guard release, handle release, guard drop).
 pub async fn fencing_tokens_increase(ctx: &Ctx) -> CaseResult {

@@ -82,6 +82,7 @@ pub fn cases() -> Vec<Case> {
         case!(lock::dead_holder_expires_after_ttl, [Lock, KillClient]),
         case!(lock::drop_releases, [Lock]),
         case!(lock::cancelled_acquire_leaves_nothing, [Lock]),
+        case!(lock::cancelled_waiter_in_queue, [Lock]),
         case!(lock::same_handle_tasks_exclude, [Lock]),
         case!(lock::ids_do_not_collide, [Lock]),
         case!(lock::invalid_ids_rejected, [Lock]),

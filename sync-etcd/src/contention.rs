@@ -4,13 +4,14 @@
 //! A contender writes `<prefix><lease-hex>` (prefix `<ns>/<escaped id>/`) with the handle's
 //! lease in one transaction that also reads the older contenders' keys; it owns the prefix
 //! (holds the lock, leads the group) when its key has the lowest create revision under the
-//! prefix. Otherwise it waits for the older ones' deletes (etcd's `waitDeletes`): with a few
-//! older, it watches the prefix and is granted on the last one's delete event, with no read;
-//! with many, it watches a far older one and reads again after its delete. The key's create revision is the fencing token (the term). Contenders of one
-//! id on one handle share that key name, so they take turns in a per-id local queue first.
+//! prefix. Otherwise it waits for the older ones' deletes (etcd's `waitDeletes`): it watches
+//! the newest older key only, is granted on its delete event with no read when that was the
+//! only older one, and reads again otherwise. The key's create revision is the fencing token
+//! (the term). Contenders of one id on one handle share that key name, so they take turns in a
+//! per-id local queue first.
 
 use std::{
-    collections::{HashMap, HashSet},
+    collections::HashMap,
     sync::{Arc, Mutex},
     time::Duration,
 };
@@ -133,9 +134,9 @@ impl ClientInner {
 /// last resort, kept long because every held lock has a monitor.
 const MONITOR_TRUST: Duration = Duration::from_secs(300);
 
-/// How long a held key's monitor waits before it opens the client's watch stream (when nothing
-/// else has): longer than an uncontended hold, and short against the 2 s a deleted key's
-/// holder is promised to hear of it in.
+/// How long a held key's monitor waits before it adds its watch: longer than an uncontended
+/// hold or a quick turn in a queue (each watch added and cancelled is work for etcd), and
+/// short against the 2 s a deleted key's holder is promised to hear of it in.
 const MONITOR_GRACE: Duration = Duration::from_millis(500);
 
 /// The safety-net re-check while waiting on a watch (push is the normal path).
@@ -337,10 +338,11 @@ async fn create_key(
 /// the value of an earlier campaign, and reads the prefix's owner.
 fn contender_txn(key: &str, prefix: &str, value: Vec<u8>, lease: i64) -> Txn {
     let put = TxnOp::put(key, value, Some(PutOptions::new().with_lease(lease)));
+    // This key, then the newest older one; `count` is the whole prefix.
     let newest = GetOptions::new()
         .with_prefix()
         .with_sort(SortTarget::Create, SortOrder::Descend)
-        .with_limit(WATCH_ALL_BELOW as i64 + 2)
+        .with_limit(2)
         .with_keys_only();
     Txn::new()
         .when([Compare::create_revision(key, CompareOp::Equal, 0)])
@@ -362,32 +364,25 @@ enum Standing {
     Unknown,
 }
 
-/// What a waiting contender knows of the contenders older than it, at revision `at`.
+/// What a waiting contender knows of the contenders older than it, at revision `at`. It
+/// watches only the newest of them (etcd's `waitDeletes`), so a release wakes one waiter, not
+/// the whole queue. No older key can appear later (revisions only grow), so when that one was
+/// the only one, its delete makes this contender the owner with no read; otherwise it reads
+/// again after the delete.
 struct Below {
-    /// Their keys, when at most [`WATCH_ALL_BELOW`]; None: more.
-    older: Option<HashSet<Vec<u8>>>,
-    /// With more: the `WATCH_ALL_BELOW`-th older one (newest first).
-    far: Vec<u8>,
+    /// The newest older contender's key.
+    newest: Vec<u8>,
+    /// How many older contenders there were at `at`.
+    count: i64,
     at: i64,
 }
 
-/// Up to this many older contenders, a waiter watches the whole prefix for deletes and
-/// strikes the older keys off: the last one's delete grants it the lock with no read. With
-/// more, each delete would wake too many waiters: it watches the `WATCH_ALL_BELOW`-th older
-/// key and reads again after its delete, still far from the head of the queue, so neither
-/// that read nor the catching up of its new watch (etcd serves a watch that starts behind
-/// every 100 ms) is on a grant's path. (The previous values of deleted keys would also tell
-/// their age, but etcd reads each one from its store for every watcher.)
-const WATCH_ALL_BELOW: usize = 64;
-
 impl Below {
-    /// From a read of the contenders older than this one (newest first, at most
-    /// `WATCH_ALL_BELOW + 1`) at revision `at`; None when there are none.
-    fn read(kvs: &[etcd_client::KeyValue], at: i64) -> Option<Below> {
-        let far = kvs.get(WATCH_ALL_BELOW - 1).or(kvs.last())?.key().to_vec();
-        let older = (kvs.len() <= WATCH_ALL_BELOW)
-            .then(|| kvs.iter().map(|kv| kv.key().to_vec()).collect());
-        Some(Below { older, far, at })
+    /// From a read of the contenders older than this one (newest first), `count` of them in
+    /// all, at revision `at`; None when there are none.
+    fn read(kvs: &[etcd_client::KeyValue], count: i64, at: i64) -> Option<Below> {
+        let newest = kvs.first()?.key().to_vec();
+        Some(Below { newest, count, at })
     }
 }
 
@@ -402,17 +397,13 @@ fn positions(resp: &etcd_client::TxnResponse, id: &str) -> Result<(i64, Standing
     let first_rev = |i: usize| get(i)?.kvs().first().map(|kv| kv.create_revision());
     let (rev, standing) = if resp.succeeded() {
         let rev = resp.header().map(|h| h.revision()).unwrap_or_default();
-        // This key and every older one: `count` is the whole prefix.
         let standing = match get(1) {
             Some(g) if g.count() <= 1 => Standing::Owner,
+            // This key first, then the newest older one.
             Some(g) => {
-                let older = usize::try_from(g.count() - 1).unwrap_or(usize::MAX);
-                // This key first, then the newest older ones: all of them if few.
-                match Below::read(g.kvs().get(1..).unwrap_or_default(), rev) {
-                    Some(below) if below.older.as_ref().is_none_or(|keys| keys.len() == older) => {
-                        Standing::Below(below)
-                    }
-                    _ => Standing::Unknown,
+                match Below::read(g.kvs().get(1..).unwrap_or_default(), g.count() - 1, rev) {
+                    Some(below) => Standing::Below(below),
+                    None => Standing::Unknown,
                 }
             }
             None => Standing::Unknown,
@@ -440,8 +431,8 @@ fn positions(resp: &etcd_client::TxnResponse, id: &str) -> Result<(i64, Standing
 
 /// Waits until no contender older than `rev` is left under `prefix` (etcd's `waitDeletes`),
 /// starting from what `known` tells (else from a read). Like etcd's Mutex it makes sure our
-/// own `key` survived the wait: read in the same request as the contenders, or seen deleted
-/// in the prefix watch.
+/// own `key` survived the wait when it reads; when the watch alone decides, a delete of the
+/// key meanwhile is found by the held key's monitor, which watches from `rev`.
 async fn wait_for_lower(
     client: &Arc<ClientInner>,
     id: &str,
@@ -452,11 +443,6 @@ async fn wait_for_lower(
     mut known: Option<Below>,
 ) -> Result<()> {
     let mut killed = client.killed();
-    let lost = |why: &str| {
-        Error::new(ErrorKind::LockLost, why.to_string())
-            .with_backend(BACKEND)
-            .with_id(id)
-    };
     loop {
         let below = match known.take() {
             Some(below) => below,
@@ -466,9 +452,11 @@ async fn wait_for_lower(
             },
         };
         let waited = tokio::select! {
-            w = wait_below(client, prefix, key, below) => w,
+            w = wait_below(client, below) => w,
             reason = session.ended.wait() => {
-                return Err(lost(&format!("the lease ended while waiting: {reason}")));
+                return Err(Error::new(ErrorKind::LockLost, format!("the lease ended while waiting: {reason}"))
+                    .with_backend(BACKEND)
+                    .with_id(id));
             }
             _ = killed.wait_for(|k| *k) => {
                 return Err(Error::new(ErrorKind::Closed, "client was killed").with_backend(BACKEND).with_id(id));
@@ -478,16 +466,17 @@ async fn wait_for_lower(
                 Waited::Unsure
             }
         };
-        match waited {
-            Waited::Owner => return Ok(()),
-            Waited::KeyDeleted => return Err(lost("the contender key was deleted while waiting")),
-            Waited::Unsure => {}
+        if let Waited::Owner = waited {
+            return Ok(());
         }
     }
 }
 
 /// The contenders older than `rev` (see [`Below::read`]), after checking that `key` is
-/// still this contender's; None when there are none.
+/// still this contender's; None when there are none. It reads from the member's own state
+/// (no quorum round): an answer at `rev` or later holds every older contender's create, so an
+/// absent one is truly gone, and one still present is only waited for; an earlier answer
+/// (a member behind) is read again through the quorum.
 async fn read_below(
     client: &ClientInner,
     id: &str,
@@ -495,81 +484,82 @@ async fn read_below(
     key: &str,
     rev: i64,
 ) -> Result<Option<Below>> {
-    let older = GetOptions::new()
+    let mut local = true;
+    loop {
+        let resp = Box::pin(client.kv().txn(below_txn(prefix, key, rev, local)))
+            .await
+            .map_err(|e| etcd_err("reading the contenders", e).with_id(id))?;
+        let at = resp.header().map(|h| h.revision()).unwrap_or_default();
+        if local && at < rev {
+            local = false;
+            continue;
+        }
+        let ops = resp.op_responses();
+        let get = |i: usize| match ops.get(i) {
+            Some(TxnOpResponse::Get(g)) => Some(g),
+            _ => None,
+        };
+        let own = get(1)
+            .and_then(|g| g.kvs().first())
+            .map(|kv| kv.create_revision());
+        if own != Some(rev) {
+            return Err(Error::new(
+                ErrorKind::LockLost,
+                "the contender key was deleted while waiting",
+            )
+            .with_backend(BACKEND)
+            .with_id(id));
+        }
+        let older = get(0);
+        let count = older.map(|g| g.count()).unwrap_or_default();
+        return Ok(Below::read(
+            older.map(|g| g.kvs()).unwrap_or_default(),
+            count,
+            at,
+        ));
+    }
+}
+
+/// Reads the newest contender older than `rev` (and how many there are) and `key`; from the
+/// member's own state when `local`.
+fn below_txn(prefix: &str, key: &str, rev: i64, local: bool) -> Txn {
+    let mut older = GetOptions::new()
         .with_prefix()
         .with_max_create_revision(rev - 1)
         .with_sort(SortTarget::Create, SortOrder::Descend)
-        .with_limit(WATCH_ALL_BELOW as i64 + 1)
+        .with_limit(1)
         .with_keys_only();
-    let own = GetOptions::new().with_keys_only();
-    let txn = Txn::new().and_then([TxnOp::get(prefix, Some(older)), TxnOp::get(key, Some(own))]);
-    let resp = Box::pin(client.kv().txn(txn))
-        .await
-        .map_err(|e| etcd_err("reading the contenders", e).with_id(id))?;
-    let ops = resp.op_responses();
-    let kvs = |i: usize| match ops.get(i) {
-        Some(TxnOpResponse::Get(g)) => g.kvs(),
-        _ => &[],
-    };
-    if kvs(1).first().map(|kv| kv.create_revision()) != Some(rev) {
-        return Err(
-            Error::new(ErrorKind::LockLost, "the lease ended while waiting")
-                .with_backend(BACKEND)
-                .with_id(id),
-        );
+    let mut own = GetOptions::new().with_keys_only();
+    if local {
+        older = older.with_serializable();
+        own = own.with_serializable();
     }
-    let at = resp.header().map(|h| h.revision()).unwrap_or_default();
-    Ok(Below::read(kvs(0), at))
+    Txn::new().and_then([TxnOp::get(prefix, Some(older)), TxnOp::get(key, Some(own))])
 }
 
 /// What a waiter learned from its watch.
 enum Waited {
     /// Every older contender is gone.
     Owner,
-    /// Its own key was deleted.
-    KeyDeleted,
     /// Not conclusive: read again.
     Unsure,
 }
 
-/// Waits on what `below` tells. Knowing every older contender's key, watches the prefix for
-/// deletes from `below.at` on and strikes them off (a deleted key is never older when it
-/// comes back): the last one makes this contender the owner, with no read. Otherwise watches
-/// the far older key and is unsure after its delete.
-async fn wait_below(client: &ClientInner, prefix: &str, key: &str, below: Below) -> Waited {
-    let trust = client.recheck_every();
-    let Some(mut older) = below.older else {
-        wait_deleted(client, below.far, below.at + 1, trust).await;
-        return Waited::Unsure;
-    };
-    let opts = deleted_from(below.at + 1).with_prefix();
-    let mut watch = client.watches.stream(prefix.as_bytes().to_vec(), opts);
-    let until = tokio::time::Instant::now() + trust;
-    loop {
-        let resp = match tokio::time::timeout_at(until, watch.next()).await {
-            Ok(Delivery::Events(resp)) => resp,
-            Ok(Delivery::Ended(why)) => {
-                client.ended(why).await;
-                return Waited::Unsure;
-            }
-            Err(_) => return Waited::Unsure,
-        };
-        for event in resp.events() {
-            let Some(kv) = event.kv() else { continue };
-            if kv.key() == key.as_bytes() {
-                return Waited::KeyDeleted;
-            }
-            if older.remove(kv.key()) && older.is_empty() {
-                return Waited::Owner;
-            }
+/// Watches the newest older contender's key for its delete from `below.at` on: the owner
+/// then when it was the only older one, else unsure.
+async fn wait_below(client: &ClientInner, below: Below) -> Waited {
+    let watch = client
+        .watches
+        .once(below.newest, deleted_from(below.at + 1));
+    match tokio::time::timeout(client.recheck_every(), watch.wait()).await {
+        Ok(Delivery::Events(_)) if below.count == 1 => Waited::Owner,
+        Ok(Delivery::Events(_)) => Waited::Unsure,
+        Ok(Delivery::Ended(why)) => {
+            client.ended(why).await;
+            Waited::Unsure
         }
+        Err(_) => Waited::Unsure,
     }
-}
-
-/// True once `key` is deleted at or after revision `from`; false when the watch failed or was
-/// cancelled, so the caller re-checks (see [`ClientInner::watch_once`]).
-async fn wait_deleted(client: &ClientInner, key: Vec<u8>, from: i64, trust: Duration) -> bool {
-    client.watch_once(key, deleted_from(from), trust).await
 }
 
 /// A watch for deletes from revision `from` on. NoPut: every event the server sends is a
@@ -773,12 +763,10 @@ async fn monitor(
 ) {
     let mut killed = client.killed();
     let watch_key = async {
-        // A short hold (an uncontended acquire + release) opens no watch stream: the watch
-        // is added only once the stream is open anyway, or after a grace. Watching from the
-        // key's own revision, it still sees a delete made meanwhile.
-        if !client.watches.is_open() {
-            tokio::time::sleep(MONITOR_GRACE).await;
-        }
+        // A short hold (an uncontended acquire + release, or a turn in a busy queue) adds no
+        // watch: the watch starts after a grace. Watching from the key's own revision, it
+        // still sees a delete made meanwhile.
+        tokio::time::sleep(MONITOR_GRACE).await;
         let mut from = rev + 1;
         loop {
             let opts = deleted_from(from);

@@ -15,7 +15,7 @@ use std::{
     pin::Pin,
     sync::{
         Arc, Mutex,
-        atomic::{AtomicBool, AtomicI64, Ordering},
+        atomic::{AtomicI64, Ordering},
     },
     time::Duration,
 };
@@ -91,8 +91,6 @@ enum Outgoing {
 pub(crate) struct Watches {
     commands: mpsc::UnboundedSender<Command>,
     hub: Mutex<Option<Hub>>,
-    /// A stream is open or being opened.
-    open: Arc<AtomicBool>,
     next_id: AtomicI64,
 }
 
@@ -103,7 +101,6 @@ impl Watches {
         killed: watch::Receiver<bool>,
     ) -> Watches {
         let (commands, rx) = mpsc::unbounded_channel();
-        let open = Arc::new(AtomicBool::new(false));
         Watches {
             commands,
             hub: Mutex::new(Some(Hub {
@@ -111,16 +108,9 @@ impl Watches {
                 timeout,
                 killed,
                 commands: rx,
-                open: open.clone(),
             })),
-            open,
             next_id: AtomicI64::new(1),
         }
-    }
-
-    /// Whether the shared stream is open (or opening): adding a watch then costs one message.
-    pub(crate) fn is_open(&self) -> bool {
-        self.open.load(Ordering::Acquire)
     }
 
     /// Watches `key` with `opts` until the first response with events.
@@ -226,7 +216,6 @@ struct Hub {
     timeout: Duration,
     killed: watch::Receiver<bool>,
     commands: mpsc::UnboundedReceiver<Command>,
-    open: Arc<AtomicBool>,
 }
 
 impl Hub {
@@ -241,7 +230,6 @@ impl Hub {
                 biased;
                 _ = killed.wait_for(|k| *k) => {
                     end_all(&mut watches, Ended::Failed);
-                    self.open.store(false, Ordering::Release);
                     return;
                 }
                 Ok(()) = moves.changed() => {
@@ -295,14 +283,12 @@ impl Hub {
     }
 
     fn close(&self) -> Conn {
-        self.open.store(false, Ordering::Release);
         Conn::Closed
     }
 
     /// Starts opening a stream on the current endpoint, with `key`'s watch as its first
     /// message (etcd-client opens a stream with one); later ones queue until it is open.
     fn open_with(&self, key: Vec<u8>, opts: WatchOptions) -> Conn {
-        self.open.store(true, Ordering::Release);
         let (out, mut queued) = mpsc::unbounded_channel::<Outgoing>();
         let endpoints = self.endpoints.clone();
         let timeout = self.timeout;
