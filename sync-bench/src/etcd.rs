@@ -83,6 +83,7 @@ fn with_cost(mut s: Sample, cost: &Cost, ops: usize) -> Sample {
     s.requests_per_op = Some(cost.requests as f64 / ops);
     s.streams_per_op = Some(cost.watch_streams as f64 / ops);
     s.server_cpu_us_per_op = Some(cost.cpu_seconds * 1e6 / ops);
+    s.client_cpu_us_per_op = Some(cost.client_cpu_seconds * 1e6 / ops);
     s
 }
 

@@ -19,6 +19,8 @@ pub struct Counters {
     pub received: BTreeMap<String, u64>,
     /// `process_cpu_seconds_total`: etcd's CPU time so far.
     pub cpu_seconds: f64,
+    /// This process's CPU time so far (not from etcd): see [`own_cpu_seconds`].
+    pub client_cpu_seconds: f64,
 }
 
 /// What happened between two snapshots.
@@ -35,6 +37,8 @@ pub struct Cost {
     /// CPU time etcd spent, in seconds: a cost that, unlike throughput, a busy machine barely
     /// moves.
     pub cpu_seconds: f64,
+    /// CPU time this (client) process spent, in seconds.
+    pub client_cpu_seconds: f64,
 }
 
 impl Counters {
@@ -89,8 +93,23 @@ impl Counters {
             keepalives: received.get("LeaseKeepAlive").copied().unwrap_or(0),
             by_method,
             cpu_seconds: (self.cpu_seconds - before.cpu_seconds).max(0.0),
+            client_cpu_seconds: (self.client_cpu_seconds - before.client_cpu_seconds).max(0.0),
         }
     }
+}
+
+/// CPU time this process's threads have run so far (each thread's `schedstat`), in seconds:
+/// the client side of a cost, with nanosecond precision.
+pub fn own_cpu_seconds() -> f64 {
+    let Ok(tasks) = std::fs::read_dir("/proc/self/task") else {
+        return 0.0;
+    };
+    let ns: u64 = tasks
+        .flatten()
+        .filter_map(|t| std::fs::read_to_string(t.path().join("schedstat")).ok())
+        .filter_map(|s| s.split_whitespace().next()?.parse::<u64>().ok())
+        .sum();
+    ns as f64 / 1e9
 }
 
 /// Reads `/metrics` from an etcd at `authority` (`host:port`) over plain HTTP/1.0.
@@ -107,7 +126,8 @@ pub async fn fetch(authority: &str) -> Result<Counters, String> {
         .read_to_string(&mut body)
         .await
         .map_err(|e| format!("{authority}/metrics: {e}"))?;
-    let counters = Counters::parse(&body);
+    let mut counters = Counters::parse(&body);
+    counters.client_cpu_seconds = own_cpu_seconds();
     if !counters.started.contains_key("Range") && !counters.started.contains_key("Txn") {
         return Err(format!(
             "{authority}/metrics has no grpc_server_started_total for Range or Txn"

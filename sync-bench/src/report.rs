@@ -34,6 +34,9 @@ pub struct Sample {
     /// etcd CPU microseconds per operation, from etcd's `/metrics`.
     #[serde(skip_serializing_if = "Option::is_none", default)]
     pub server_cpu_us_per_op: Option<f64>,
+    /// This (client) process's CPU microseconds per operation.
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub client_cpu_us_per_op: Option<f64>,
     /// Anything else worth keeping (fairness, keep-alives…), shown in the note column.
     #[serde(skip_serializing_if = "String::is_empty", default)]
     pub detail: String,
@@ -264,16 +267,17 @@ impl Report {
             out,
             "{} run, {} build, {} round(s) per scenario, sync/raw/peer interleaved; values are \
              medians of the rounds, ratios sync/baseline per round (min–max); ↓ lower is \
-             better, ↑ higher is better. Requests, streams and CPU µs per op are counted by \
-             etcd (/metrics), in the order sync / raw / peer.\n",
+             better, ↑ higher is better. Requests, streams and etcd CPU per op are counted by \
+             etcd (/metrics), client CPU from this process's threads, in the order sync / raw / \
+             peer.\n",
             if self.quick { "Quick" } else { "Full" },
             self.profile,
             self.rounds
         );
         out.push_str(
-            "| backend | scenario | metric | sync | raw | peer | sync/raw | sync/peer | req/op | streams/op | etcd CPU µs/op | baselines, notes |\n",
+            "| backend | scenario | metric | sync | raw | peer | sync/raw | sync/peer | req/op | streams/op | etcd CPU µs/op | client CPU µs/op | baselines, notes |\n",
         );
-        out.push_str("|---|---|---|---|---|---|---|---|---|---|---|---|\n");
+        out.push_str("|---|---|---|---|---|---|---|---|---|---|---|---|---|\n");
         for row in &self.rows {
             let arrow = match row.better {
                 Better::Lower => "↓",
@@ -306,7 +310,7 @@ impl Report {
             }
             let _ = writeln!(
                 out,
-                "| {} | {} | {} {} | {} | {} | {} | {} | {} | {} | {} | {} | {} |",
+                "| {} | {} | {} {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} |",
                 cell(&row.backend),
                 cell(&row.scenario),
                 cell(&row.metric),
@@ -319,6 +323,7 @@ impl Report {
                 fmt_cost(row, |s| s.requests_per_op),
                 fmt_cost(row, |s| s.streams_per_op),
                 fmt_cost(row, |s| s.server_cpu_us_per_op),
+                fmt_cost(row, |s| s.client_cpu_us_per_op),
                 cell(&notes.join("; ")),
             );
         }
@@ -450,6 +455,7 @@ mod tests {
                 requests_per_op: Some(2.0),
                 streams_per_op: Some(0.25),
                 server_cpu_us_per_op: Some(310.0),
+                client_cpu_us_per_op: Some(120.0),
                 detail: String::new(),
             });
             row.raw.as_mut().unwrap().rounds.push(Sample::value(r));
