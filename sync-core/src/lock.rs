@@ -160,9 +160,13 @@ impl LockGuard {
 
     /// Releases the lock and reports whether it was still held.
     pub async fn release(mut self) -> Result<()> {
-        match self.inner.take() {
-            Some(mut inner) => inner.release().await,
-            None => Ok(()),
+        let Some(mut inner) = self.inner.take() else {
+            return Ok(());
+        };
+        // An in-process release needs no future (the backend's would be boxed).
+        match inner.release_now() {
+            Some(released) => released,
+            None => inner.release().await,
         }
     }
 }

@@ -16,6 +16,11 @@
 //! | `sync_lock_hold_seconds` | histogram | backend |
 //! | `sync_losses_total` | counter | backend, primitive |
 //!
+//! An operation a backend completes at once, in-process (sync-local's lock granted without a
+//! wait, and its release), is counted with a time of zero and a wait of zero. The clock is read
+//! once for it, where the loss check and the hold time need it; timing it too would take two
+//! more readings, a good part of what the whole operation costs.
+//!
 //! No exporter is bundled: install any `metrics` recorder (the `metrics` example of this crate
 //! serves them to Prometheus).
 
@@ -27,7 +32,7 @@ use std::{
 };
 
 use async_trait::async_trait;
-use futures::StreamExt;
+use futures::{StreamExt, future::BoxFuture};
 use metrics::{Key, Label, Level, Metadata};
 use sync_core::{
     ElectOptions, Elected, Entry, Error, ErrorKind, FollowStream, Handler, Job, JobId, JobStatus,
@@ -201,10 +206,14 @@ fn op(backend: &'static str, primitive: &'static str, operation: &'static str) -
 
 fn count_loss(backend: &'static str, primitive: &'static str, signal: &LossSignal) {
     if let Some(reason) = signal.reason() {
-        tracing::warn!(backend, primitive, %reason, "held until lost");
-        metrics::counter!("sync_losses_total", "backend" => backend, "primitive" => primitive)
-            .increment(1);
+        count_lost(backend, primitive, &reason);
     }
+}
+
+fn count_lost(backend: &'static str, primitive: &'static str, reason: &str) {
+    tracing::warn!(backend, primitive, %reason, "held until lost");
+    metrics::counter!("sync_losses_total", "backend" => backend, "primitive" => primitive)
+        .increment(1);
 }
 
 /// Waits for a grant (a lock, a leadership) through transient failures: while the backend is
@@ -255,9 +264,48 @@ where
 
 /// Wraps a backend's raw Lock handle.
 pub fn lock(backend: &'static str, inner: Arc<dyn Lock>) -> Arc<dyn Lock> {
+    Arc::new(CheckedLock {
+        ops: lock_ops(backend),
+        inner,
+    })
+}
+
+/// Wraps the raw Lock handle of an in-process backend (see [`InProcessLock`]): the same checks,
+/// spans and metrics as [`lock`], without a second allocation or a future per guard.
+pub fn lock_in_process<L: InProcessLock>(backend: &'static str, inner: Arc<L>) -> Arc<dyn Lock> {
+    Arc::new(CheckedLock {
+        ops: lock_ops(backend),
+        inner,
+    })
+}
+
+/// A raw lock whose immediate grant and its release are in-process operations (one look at a
+/// table, no wait, no I/O), wrapped with [`lock_in_process`]. The checked layer then keeps its
+/// side of a guard (timing, loss counting) in the same allocation as the backend's.
+pub trait InProcessLock: Lock + 'static {
+    /// The backend side of a guard granted by [`grant_held`](InProcessLock::grant_held).
+    type Held: InProcessHeld;
+
+    /// [`Lock::grant_now`] unboxed: the fencing token, loss signal and backend side of a grant
+    /// that needs no wait, if one can be had right now; `None` means "go through `acquire`".
+    fn grant_held(&self, id: &str) -> Option<(u64, LossSignal, Self::Held)>;
+}
+
+/// The backend side of a guard of an [`InProcessLock`].
+pub trait InProcessHeld: Send + Sync + 'static {
+    /// Releases at once; NotHeld or LockLost if it was no longer held (`lost` is the grant's
+    /// loss signal, kept by the checked layer, which tells the two apart).
+    fn release_held(&mut self, lost: &LossSignal) -> Result<()>;
+
+    /// Releases without waiting (the guard was dropped).
+    fn release_held_in_background(self);
+}
+
+/// The [`LockOps`] of `backend`, made on first use.
+fn lock_ops(backend: &'static str) -> &'static LockOps {
     type Cache = OnceLock<Mutex<HashMap<&'static str, &'static LockOps>>>;
     static OPS: Cache = OnceLock::new();
-    let ops = interned(&OPS, backend, || {
+    interned(&OPS, backend, || {
         let labels = static_labels(&[("backend", backend)]);
         LockOps {
             backend,
@@ -267,8 +315,7 @@ pub fn lock(backend: &'static str, inner: Arc<dyn Lock>) -> Arc<dyn Lock> {
             wait: Key::from_static_parts("sync_lock_wait_seconds", labels),
             hold: Key::from_static_parts("sync_lock_hold_seconds", labels),
         }
-    });
-    Arc::new(CheckedLock { ops, inner })
+    })
 }
 
 /// A backend's lock operations and metric keys, made once per backend.
@@ -281,40 +328,64 @@ struct LockOps {
     hold: Key,
 }
 
-struct CheckedLock {
+/// `L` is `dyn Lock`, or an [`InProcessLock`] known by type.
+struct CheckedLock<L: ?Sized> {
     ops: &'static LockOps,
-    inner: Arc<dyn Lock>,
+    inner: Arc<L>,
 }
 
-impl CheckedLock {
+/// How the checked layer gets an immediate grant of the lock it wraps, timed: the guard (its
+/// backend side wrapped in a [`TimedHold`]) and the instant it was checked at. None when there
+/// is none, or it was lost as it arrived (the full path retries that).
+trait GrantNow: Lock {
+    fn timed_grant(&self, ops: &'static LockOps, id: &str) -> Option<(LockGuard, Instant)>;
+}
+
+impl GrantNow for dyn Lock {
+    fn timed_grant(&self, ops: &'static LockOps, id: &str) -> Option<(LockGuard, Instant)> {
+        let guard = self.grant_now(id)?;
+        let now = Instant::now();
+        if guard.is_lost_at(now) {
+            return None;
+        }
+        Some((timed(ops, guard, now), now))
+    }
+}
+
+impl<L: InProcessLock> GrantNow for L {
+    fn timed_grant(&self, ops: &'static LockOps, id: &str) -> Option<(LockGuard, Instant)> {
+        let (token, lost, held) = self.grant_held(id)?;
+        let now = Instant::now();
+        if lost.is_lost_at(now) {
+            held.release_held_in_background();
+            return None;
+        }
+        let timed = TimedHold {
+            ops,
+            inner: InProcess(held),
+            since: now,
+            lost: lost.clone(),
+        };
+        Some((LockGuard::new(id, token, lost, Box::new(timed)), now))
+    }
+}
+
+/// Times the hold of `guard` (from `now`, when it was granted) and counts a loss when it ends.
+fn timed(ops: &'static LockOps, guard: LockGuard, now: Instant) -> LockGuard {
+    let lost = guard.loss_signal();
+    guard.map_held(|inner| {
+        Box::new(TimedHold {
+            ops,
+            inner: Boxed(inner),
+            since: now,
+            lost,
+        })
+    })
+}
+
+impl<L: ?Sized + Lock> CheckedLock<L> {
     fn check(&self, id: &str) -> Result<()> {
         check_id(self.ops.backend, "lock id", id)
-    }
-
-    /// Times the hold (from `now`, when it was granted) and counts a loss when the guard ends.
-    fn held(&self, guard: LockGuard, now: Instant) -> LockGuard {
-        let ops = self.ops;
-        let lost = guard.loss_signal();
-        guard.map_held(|inner| {
-            Box::new(TimedHold {
-                ops,
-                inner,
-                since: now,
-                lost,
-            })
-        })
-    }
-}
-
-impl CheckedLock {
-    /// A grant the backend can make at once ([`Lock::grant_now`]), in the operation's span,
-    /// with the instant it was checked at; None when it cannot (or the grant was lost as it
-    /// arrived, which the full path retries).
-    fn grant_now(&self, op: Op, id: &str) -> Option<(LockGuard, Instant)> {
-        self.check(id).ok()?;
-        let guard = op.in_span(id, || self.inner.grant_now(id))?;
-        let now = Instant::now();
-        (!guard.is_lost_at(now)).then_some((guard, now))
     }
 
     /// The outcome of an acquire or try_acquire begun at `start`, recorded: with the wait, if
@@ -361,41 +432,49 @@ impl CheckedLock {
             Err(e) => (Err(e), Instant::now()),
         };
         let guard = self.granted(op, id, (start, now), granted, |_| true)?;
-        Ok(self.held(guard, now))
+        Ok(timed(self.ops, guard, now))
+    }
+}
+
+impl<L: ?Sized + GrantNow> CheckedLock<L> {
+    /// A grant the backend can make at once, in the operation's span, timed (see
+    /// [`GrantNow`]).
+    fn grant_now(&self, op: Op, id: &str) -> Option<(LockGuard, Instant)> {
+        self.check(id).ok()?;
+        op.in_span(id, || self.inner.timed_grant(self.ops, id))
     }
 }
 
 #[async_trait]
-impl Lock for CheckedLock {
+impl<L: ?Sized + GrantNow + 'static> Lock for CheckedLock<L> {
     async fn acquire(&self, id: &str, opts: LockOptions) -> Result<LockGuard> {
+        let op = self.ops.acquire;
+        if let Some((guard, now)) = self.grant_now(op, id) {
+            // Granted at once: no wait, no I/O, no time of its own (see the module doc).
+            return self.granted(op, id, (now, now), Ok(guard), |_| true);
+        }
         // One clock reading for the start, one at the grant: the operation's time, the wait
         // and the start of the hold all come from them.
         let start = Instant::now();
-        let op = self.ops.acquire;
-        if let Some((guard, now)) = self.grant_now(op, id) {
-            let guard = self.granted(op, id, (start, now), Ok(guard), |_| true)?;
-            return Ok(self.held(guard, now));
-        }
         // Boxed apart, so the future of the common case above stays small.
         Box::pin(self.acquire_waiting(start, id, opts)).await
     }
 
     async fn try_acquire(&self, id: &str) -> Result<Option<LockGuard>> {
-        let start = Instant::now();
         let op = self.ops.try_acquire;
-        let (granted, now) = match self.grant_now(op, id) {
-            Some((guard, now)) => (Ok(Some(guard)), now),
-            None => {
-                let check = self.check(id);
-                let granted = op.traced(id, async {
-                    check?;
-                    self.inner.try_acquire(id).await
-                });
-                (Box::pin(granted).await, Instant::now())
-            }
-        };
+        if let Some((guard, now)) = self.grant_now(op, id) {
+            return self.granted(op, id, (now, now), Ok(Some(guard)), Option::is_some);
+        }
+        let start = Instant::now();
+        let check = self.check(id);
+        let granted = op.traced(id, async {
+            check?;
+            self.inner.try_acquire(id).await
+        });
+        let granted = Box::pin(granted).await;
+        let now = Instant::now();
         let guard = self.granted(op, id, (start, now), granted, Option::is_some)?;
-        Ok(guard.map(|g| self.held(g, now)))
+        Ok(guard.map(|g| timed(self.ops, g, now)))
     }
 
     async fn release(&self, id: &str) -> Result<()> {
@@ -410,42 +489,110 @@ impl Lock for CheckedLock {
     }
 }
 
+/// What a [`TimedHold`] wraps: a boxed [`HeldLock`] of any backend, or an in-process one.
+/// (`lost` is the guard's loss signal.)
+trait Backing: Send + Sync + 'static {
+    fn release_now(&mut self, lost: &LossSignal) -> Option<Result<()>>;
+    fn release<'a>(&'a mut self, lost: &'a LossSignal) -> BoxFuture<'a, Result<()>>;
+    fn release_in_background(self);
+}
+
+struct Boxed(Box<dyn HeldLock>);
+
+impl Backing for Boxed {
+    fn release_now(&mut self, _: &LossSignal) -> Option<Result<()>> {
+        self.0.release_now()
+    }
+
+    fn release<'a>(&'a mut self, _: &'a LossSignal) -> BoxFuture<'a, Result<()>> {
+        self.0.release()
+    }
+
+    fn release_in_background(self) {
+        self.0.release_in_background();
+    }
+}
+
+struct InProcess<H>(H);
+
+impl<H: InProcessHeld> Backing for InProcess<H> {
+    fn release_now(&mut self, lost: &LossSignal) -> Option<Result<()>> {
+        Some(self.0.release_held(lost))
+    }
+
+    fn release<'a>(&'a mut self, lost: &'a LossSignal) -> BoxFuture<'a, Result<()>> {
+        Box::pin(std::future::ready(self.0.release_held(lost)))
+    }
+
+    fn release_in_background(self) {
+        self.0.release_held_in_background();
+    }
+}
+
 /// The backend side of a guard, timed.
-struct TimedHold {
+struct TimedHold<H> {
     ops: &'static LockOps,
-    inner: Box<dyn HeldLock>,
+    inner: H,
     /// When it was granted.
     since: Instant,
     lost: LossSignal,
 }
 
-impl TimedHold {
-    /// The hold, ended at `now` (a loss is counted here, its time by the caller).
-    fn ended(&self, now: Instant) -> (&'static Key, Duration) {
-        if self.lost.is_lost_at(now) {
-            count_loss(self.ops.backend, "lock", &self.lost);
+impl<H: Backing> TimedHold<H> {
+    /// Why the hold was lost, if it was by `now`: asked before the release, which ends the
+    /// signal.
+    fn loss(&self, now: Instant) -> Option<String> {
+        self.lost.is_lost_at(now).then(|| self.lost.reason())?
+    }
+
+    /// The hold ended at `start`, when the release began (and ended at `end`): counts its
+    /// loss (`lost`), and records `released`, the outcome of the release.
+    fn ended(
+        &self,
+        (start, end): (Instant, Instant),
+        lost: Option<String>,
+        released: Result<()>,
+    ) -> Result<()> {
+        if let Some(reason) = lost {
+            count_lost(self.ops.backend, "lock", &reason);
         }
-        (&self.ops.hold, now.saturating_duration_since(self.since))
+        let held = start.saturating_duration_since(self.since);
+        let took = end.saturating_duration_since(start);
+        let op = self.ops.release;
+        op.record_with(took, released.as_ref().err(), Some((&self.ops.hold, held)));
+        released.map_err(|e| e.in_context(op.backend, op.operation, ""))
     }
 }
 
 #[async_trait]
-impl HeldLock for TimedHold {
+impl<H: Backing> HeldLock for TimedHold<H> {
     async fn release(&mut self) -> Result<()> {
         let start = Instant::now();
-        let held = self.ended(start);
+        let lost = self.loss(start);
         let op = self.ops.release;
-        let released = match op.in_span("", || self.inner.release_now()) {
+        let released = match op.in_span("", || self.inner.release_now(&self.lost)) {
             Some(released) => released,
-            None => Box::pin(op.traced("", self.inner.release())).await,
+            None => op.traced("", self.inner.release(&self.lost)).await,
         };
-        op.record_with(start.elapsed(), released.as_ref().err(), Some(held));
-        released.map_err(|e| e.in_context(op.backend, op.operation, ""))
+        self.ended((start, Instant::now()), lost, released)
+    }
+
+    fn release_now(&mut self) -> Option<Result<()>> {
+        // Read for the loss and the end of the hold; a release done at once has no time of
+        // its own (see the module doc).
+        let now = Instant::now();
+        let lost = self.loss(now);
+        let op = self.ops.release;
+        let released = op.in_span("", || self.inner.release_now(&self.lost))?;
+        Some(self.ended((now, now), lost, released))
     }
 
     fn release_in_background(self: Box<Self>) {
-        let (key, held) = self.ended(Instant::now());
-        observe(key, held);
+        let now = Instant::now();
+        if let Some(reason) = self.loss(now) {
+            count_lost(self.ops.backend, "lock", &reason);
+        }
+        observe(&self.ops.hold, now.saturating_duration_since(self.since));
         self.inner.release_in_background();
     }
 }

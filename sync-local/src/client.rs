@@ -2,7 +2,7 @@
 
 use std::sync::{
     Arc, RwLock, Weak,
-    atomic::{AtomicBool, Ordering},
+    atomic::{AtomicBool, AtomicU64, Ordering},
 };
 
 use async_trait::async_trait;
@@ -41,8 +41,11 @@ pub(crate) struct ClientInner {
     pub(crate) shared: Arc<Shared>,
     pub(crate) config: Config,
     killed: Arc<AtomicBool>,
-    /// Read on every grant, written only when a session opens or ends.
+    /// Read on a grant the table cannot bind to the session of its last grant, written only
+    /// when a session opens or ends.
     session: RwLock<Option<SessionHandle>>,
+    /// The id of the session last opened (0 for none), readable without that lock.
+    current: AtomicU64,
 }
 
 struct SessionHandle {
@@ -88,6 +91,7 @@ impl ClientInner {
         // Owned by the keepalive alone: if it dies, every signal bound to the session is lost.
         let clock = LeaseClock::new(after(self.config.ttl));
         let state = self.shared.open_session(clock.deadline());
+        self.current.store(state.id, Ordering::SeqCst);
         let keepalive = spawn_keepalive(
             Arc::downgrade(&self.shared),
             state.id,
@@ -102,18 +106,10 @@ impl ClientInner {
         Ok(state)
     }
 
-    /// Runs `f` on the live session (see [`session`](ClientInner::session)) without taking a
-    /// reference to it: `f` runs under the session slot's read lock, so it must not open or
-    /// end a session (it may take a primitive's table lock: nothing takes this lock under one).
-    pub(crate) fn with_session<R>(&self, f: impl FnOnce(&Session) -> R) -> Result<R> {
-        self.check_open()?;
-        {
-            let slot = self.session.read().unwrap_or_else(|p| p.into_inner());
-            if let Some(s) = slot.as_ref().filter(|s| s.state.alive()) {
-                return Ok(f(&s.state));
-            }
-        }
-        Ok(f(&*self.session_state()?))
+    /// The id of the session last opened, live or not (0 for none): a session of that id
+    /// that is still alive is the live one.
+    pub(crate) fn current_session(&self) -> u64 {
+        self.current.load(Ordering::SeqCst)
     }
 
     /// The id of the current session, live or not, if one was opened.
@@ -209,6 +205,7 @@ impl Client {
             config,
             killed: Arc::new(AtomicBool::new(false)),
             session: RwLock::new(None),
+            current: AtomicU64::new(0),
         });
         inner.session()?;
         Ok(Client { inner })
@@ -269,7 +266,7 @@ impl Backend for Client {
 
     fn lock(&self) -> Result<Arc<dyn Lock>> {
         let raw = Arc::new(LocalLock::new(self.inner.clone()));
-        Ok(checked::lock(BACKEND, raw))
+        Ok(checked::lock_in_process(BACKEND, raw))
     }
 
     fn leader(&self, group: &str) -> Result<Arc<dyn Leader>> {

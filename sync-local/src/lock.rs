@@ -11,6 +11,7 @@ use std::{
 use async_trait::async_trait;
 use sync_core::raw::HeldLock;
 use sync_core::{Error, ErrorKind, Lock, LockGuard, LockOptions, LossSignal, Result};
+use sync_kit::checked::{InProcessHeld, InProcessLock};
 
 use crate::{
     BACKEND,
@@ -58,16 +59,28 @@ impl LocalLock {
         }
     }
 
-    /// The namespaced key of `id`, made in one allocation.
-    fn key(&self, id: &str) -> Arc<str> {
+    /// Runs `f` on the namespaced key of `id`, built in a reused buffer: looking a key up in
+    /// the table allocates nothing (the table keeps its own copy).
+    fn with_key<R>(&self, id: &str, f: impl FnOnce(&str) -> R) -> R {
         thread_local! {
             static SCRATCH: RefCell<String> = const { RefCell::new(String::new()) };
         }
-        SCRATCH.with_borrow_mut(|key| {
+        let build = |key: &mut String| {
             key.clear();
             key.push_str(&self.prefix);
             key.push_str(&sync_core::id::escape(id));
-            Arc::from(key.as_str())
+        };
+        SCRATCH.with(|scratch| match scratch.try_borrow_mut() {
+            Ok(mut key) => {
+                build(&mut key);
+                f(&key)
+            }
+            // Only if `f` came back here: a buffer of its own.
+            Err(_) => {
+                let mut key = String::new();
+                build(&mut key);
+                f(&key)
+            }
         })
     }
 
@@ -78,17 +91,29 @@ impl LocalLock {
         }
     }
 
-    /// The guard of a new grant.
-    fn guard(&self, id: &str, key: Arc<str>, grant: u64, signal: LossSignal) -> LockGuard {
-        let inner = LocalHeld {
+    /// A grant that needs no wait, if the lock is free: its token, signal and backend side.
+    fn try_grant(&self, id: &str) -> Result<Option<(u64, LossSignal, Grant)>> {
+        let locks = &self.client.shared.locks;
+        let granted = self.with_key(id, |key| locks.try_grant(self.asker(), key, |_, _| {}))?;
+        Ok(granted.map(|(token, signal, key)| (token, signal, self.grant(id, key, token))))
+    }
+
+    /// The backend side of a new grant.
+    fn grant(&self, id: &str, key: Arc<str>, token: u64) -> Grant {
+        tracing::debug!(backend = BACKEND, id, token, "lock acquired");
+        Grant {
             client: self.client.clone(),
             key,
             id_at: self.prefix.len(),
-            grant,
-            lost: signal.clone(),
-        };
-        tracing::debug!(backend = BACKEND, id, token = grant, "lock acquired");
-        LockGuard::new(id, grant, signal, Box::new(inner))
+            token,
+        }
+    }
+
+    /// The guard of a new grant.
+    fn guard(id: &str, grant: Grant, signal: LossSignal) -> LockGuard {
+        let token = grant.token;
+        let lost = signal.clone();
+        LockGuard::new(id, token, signal, Box::new(LocalHeld { grant, lost }))
     }
 }
 
@@ -105,11 +130,11 @@ fn not_held(id: &str, lost: bool) -> Error {
 #[async_trait]
 impl Lock for LocalLock {
     async fn acquire(&self, id: &str, opts: LockOptions) -> Result<LockGuard> {
-        let key = self.key(id);
+        let key: Arc<str> = self.with_key(id, |key| Arc::from(key));
         let deadline = opts.wait.map(sync_kit::deadline);
         let locks = &self.client.shared.locks;
         let granted = locks.grant(self.asker(), &key, deadline, |_, _| {}).await?;
-        let (grant, signal) = granted.ok_or_else(|| {
+        let (token, signal) = granted.ok_or_else(|| {
             Error::new(
                 ErrorKind::Timeout,
                 format!(
@@ -120,33 +145,25 @@ impl Lock for LocalLock {
             .with_backend(BACKEND)
             .with_id(id)
         })?;
-        Ok(self.guard(id, key, grant, signal))
+        Ok(Self::guard(id, self.grant(id, key, token), signal))
     }
 
     async fn try_acquire(&self, id: &str) -> Result<Option<LockGuard>> {
-        let key = self.key(id);
-        let locks = &self.client.shared.locks;
-        let granted = locks.try_grant(self.asker(), &key, |_, _| {})?;
-        Ok(granted.map(|(grant, signal)| self.guard(id, key, grant, signal)))
+        let granted = self.try_grant(id)?;
+        Ok(granted.map(|(_, signal, grant)| Self::guard(id, grant, signal)))
     }
 
     /// An uncontended grant is one look at the table: no future needed.
     fn grant_now(&self, id: &str) -> Option<LockGuard> {
-        let key = self.key(id);
-        let locks = &self.client.shared.locks;
-        let (grant, signal) = locks.try_grant(self.asker(), &key, |_, _| {}).ok()??;
-        Some(self.guard(id, key, grant, signal))
+        let (_, signal, grant) = self.try_grant(id).ok()??;
+        Some(Self::guard(id, grant, signal))
     }
 
     async fn release(&self, id: &str) -> Result<()> {
         self.client.check_open()?;
         // A lock is exclusive, so this handle holds at most one live grant of `id`.
-        if self
-            .client
-            .shared
-            .locks
-            .release_owned(&self.key(id), self.owner)
-        {
+        let locks = &self.client.shared.locks;
+        if self.with_key(id, |key| locks.release_owned(key, self.owner)) {
             return Ok(());
         }
         Err(
@@ -157,52 +174,84 @@ impl Lock for LocalLock {
     }
 }
 
-struct LocalHeld {
+/// Through the checked layer, an uncontended acquire and its release are one table operation
+/// each, with the checked layer's state of the guard in the same allocation as [`Grant`].
+impl InProcessLock for LocalLock {
+    type Held = Grant;
+
+    fn grant_held(&self, id: &str) -> Option<(u64, LossSignal, Grant)> {
+        self.try_grant(id).ok()?
+    }
+}
+
+/// One grant of a lock, the backend side of its guard.
+pub(crate) struct Grant {
     /// Keeps the session (and its renewal) alive while the guard lives.
     client: Arc<ClientInner>,
+    /// As the table keeps it.
     key: Arc<str>,
     /// Where the escaped id starts in `key` (the id is needed only for errors).
     id_at: usize,
-    grant: u64,
-    lost: LossSignal,
+    token: u64,
 }
 
-impl LocalHeld {
+impl Grant {
     fn id(&self) -> String {
         let escaped = self.key.get(self.id_at..).unwrap_or_default();
         sync_core::id::unescape(escaped).unwrap_or_else(|| escaped.to_string())
     }
 
     fn release_grant(&self) -> bool {
-        self.client.shared.locks.release(&self.key, self.grant)
+        self.client.shared.locks.release(&self.key, self.token)
     }
 
-    fn release_here(&self) -> Result<()> {
+    /// Releases now; `lost` is the grant's signal, which tells a lost lock from one not held.
+    fn release_here(&self, lost: &LossSignal) -> Result<()> {
         // A killed client releases nothing: its lock frees when its session expires.
         self.client.check_open().map_err(|e| e.with_id(self.id()))?;
         if self.release_grant() {
             return Ok(());
         }
-        Err(not_held(&self.id(), self.lost.is_lost()))
-    }
-}
-
-#[async_trait]
-impl HeldLock for LocalHeld {
-    async fn release(&mut self) -> Result<()> {
-        self.release_here()
+        Err(not_held(&self.id(), lost.is_lost()))
     }
 
-    fn release_now(&mut self) -> Option<Result<()>> {
-        Some(self.release_here())
-    }
-
-    fn release_in_background(self: Box<Self>) {
+    fn release_in_background(&self) {
         // Freeing in-process state never blocks, so it happens right here.
         if self.client.is_killed() {
             // A dead process drops nothing: the lock frees when its session expires.
             return;
         }
         self.release_grant();
+    }
+}
+
+impl InProcessHeld for Grant {
+    fn release_held(&mut self, lost: &LossSignal) -> Result<()> {
+        self.release_here(lost)
+    }
+
+    fn release_held_in_background(self) {
+        self.release_in_background();
+    }
+}
+
+/// The backend side of a guard of the raw handle: a grant and its signal.
+struct LocalHeld {
+    grant: Grant,
+    lost: LossSignal,
+}
+
+#[async_trait]
+impl HeldLock for LocalHeld {
+    async fn release(&mut self) -> Result<()> {
+        self.grant.release_here(&self.lost)
+    }
+
+    fn release_now(&mut self) -> Option<Result<()>> {
+        Some(self.grant.release_here(&self.lost))
+    }
+
+    fn release_in_background(self: Box<Self>) {
+        self.grant.release_in_background();
     }
 }

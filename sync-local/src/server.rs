@@ -83,8 +83,8 @@ impl Session {
 }
 
 impl Shared {
-    /// A cluster-wide counter: fencing tokens, terms and versions all come from it, so each
-    /// strictly increases.
+    /// A cluster-wide counter: map versions and job claim tokens come from it, so each
+    /// strictly increases (lock tokens and terms come from their table's own counter).
     pub(crate) fn next_revision(&self) -> u64 {
         self.revision.fetch_add(1, Ordering::SeqCst) + 1
     }

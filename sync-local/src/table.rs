@@ -7,12 +7,13 @@
 //! An uncontended grant or release is one critical section on the table.
 
 use std::{
-    collections::{HashMap, HashSet, VecDeque},
+    collections::{HashSet, VecDeque},
     future::poll_fn,
     sync::{Arc, Mutex, MutexGuard, Weak},
     task::{Poll, Waker},
 };
 
+use hashbrown::HashMap;
 use sync_core::raw::{LossTrigger, loss_signal_until};
 use sync_core::{LossSignal, Result};
 use sync_kit::locked;
@@ -25,7 +26,7 @@ use crate::{
 
 /// What a primitive keeps in a key's slot beside its holder.
 pub(crate) trait SlotState: Default + Send + 'static {
-    /// Whether a slot stays in the table once free; if not, freeing removes it.
+    /// Whether a slot stays in the table once free; if not, freeing may remove it.
     const KEEP_FREE: bool = false;
 
     /// This primitive's table of `shared`, for the session-end callback (which holds only a
@@ -45,14 +46,27 @@ pub(crate) struct Table<S> {
     inner: Mutex<Inner<S>>,
 }
 
+/// Free slots kept (see [`Inner::keep_free`]) before a sweep removes them all, at least: more
+/// in a bigger table, so that a sweep visits at most about two slots per free one kept.
+const KEPT_FREE: usize = 64;
+
 #[derive(Default)]
 struct Inner<S> {
+    /// Hashed with foldhash (hashbrown's default) rather than std's SipHash: several times
+    /// faster on short keys, and still seeded per process, so ids chosen by users cannot be
+    /// made to collide at will. Looked up by `&str`: only a new slot allocates its key.
     slots: HashMap<Arc<str>, Slot<S>>,
+    /// Slots kept free since the last sweep (an upper bound of how many are free now).
+    kept: usize,
     /// Sessions whose end this table has a callback for: one per session, not one per grant.
     watched: HashSet<u64>,
-    /// The session last found in `watched` (0 for none): a client's grants skip the look-up.
-    last_watched: u64,
+    /// The session of the last grant (one of `watched`): while it is its client's live
+    /// session, that client's grants need neither the look-up nor its session lock.
+    last: Option<Arc<Session>>,
     next_waiter: u64,
+    /// The last token granted: tokens (fencing tokens, terms) come from this per-table
+    /// counter, read under the table lock, so each strictly increases per key.
+    token: u64,
 }
 
 #[derive(Default)]
@@ -84,6 +98,10 @@ pub(crate) struct Asker<'a> {
     pub(crate) owner: u64,
 }
 
+/// A grant: its token and loss signal, and the key as the table keeps it (cloning it
+/// allocates nothing).
+pub(crate) type Granted = (u64, LossSignal, Arc<str>);
+
 /// Why a look at the table did not grant.
 enum Refused {
     /// Held, or reserved for an earlier waiter.
@@ -101,6 +119,7 @@ impl<S: SlotState> Slot<S> {
         self.waiters.front_mut().and_then(|w| w.waker.take())
     }
 
+    /// Free, and not kept for its state: a sweep may remove it.
     fn unused(&self) -> bool {
         !S::KEEP_FREE && self.holder.is_none() && self.waiters.is_empty()
     }
@@ -131,16 +150,16 @@ impl<S: SlotState> Table<S> {
                 let session = asker.client.session_state()?;
                 let mut inner = self.lock();
                 let ours = place.id;
-                match inner.take(asker, &session, key, ours, &init) {
-                    Ok(granted) => {
+                match inner.take_watched(asker, &session, key, ours, &init) {
+                    Ok((token, signal, _)) => {
                         place.id = None;
-                        return Poll::Ready(Ok(granted));
+                        return Poll::Ready(Ok((token, signal)));
                     }
                     Err(Refused::SessionEnded) => continue,
                     Err(Refused::Busy) => {}
                 }
                 let inner = &mut *inner;
-                let slot = inner.slots.entry(key.clone()).or_default();
+                let slot = inner.slots.entry_ref(&**key).or_default();
                 let waker = Some(cx.waker().clone());
                 match ours.and_then(|id| slot.waiters.iter_mut().find(|w| w.id == id)) {
                     Some(w) => w.waker = waker,
@@ -165,12 +184,16 @@ impl<S: SlotState> Table<S> {
     pub(crate) fn try_grant(
         &self,
         asker: Asker<'_>,
-        key: &Arc<str>,
+        key: &str,
         init: impl Fn(&mut S, u64),
-    ) -> Result<Option<(u64, LossSignal)>> {
+    ) -> Result<Option<Granted>> {
+        asker.client.check_open()?;
+        if let Some(took) = self.lock().take_as_last(asker, key, &init) {
+            return Ok(took.ok());
+        }
         loop {
-            let took = (asker.client)
-                .with_session(|session| self.lock().take(asker, session, key, None, &init))?;
+            let session = asker.client.session_state()?;
+            let took = self.lock().take_watched(asker, &session, key, None, &init);
             match took {
                 Ok(granted) => return Ok(Some(granted)),
                 Err(Refused::Busy) => return Ok(None),
@@ -208,25 +231,22 @@ impl<S: SlotState> Table<S> {
     /// Runs `f` on the state of `key`, making its slot if there is none.
     pub(crate) fn with_state<R>(&self, key: &str, f: impl FnOnce(&mut S) -> R) -> R {
         let mut inner = self.lock();
-        f(&mut inner.slots.entry(Arc::from(key)).or_default().state)
+        f(&mut inner.slots.entry_ref(key).or_default().state)
     }
 
     /// Frees `key` if `held` accepts its holder, and wakes its first waiter.
     fn free_if(&self, key: &str, held: impl FnOnce(&Holder) -> bool) -> bool {
         let mut inner = self.lock();
-        // Taken out and put back only if still in use: one look-up for a lock nobody awaits.
-        let Some((key, mut slot)) = inner.slots.remove_entry(key) else {
+        let Some(slot) = inner.slots.get_mut(key) else {
             return false;
         };
-        let freed = slot.holder.as_ref().is_some_and(held);
-        let holder = if freed { slot.holder.take() } else { None };
-        let mut waker = None;
-        if freed {
-            slot.state.freed();
-            waker = slot.wake_first();
-        }
-        if !slot.unused() {
-            inner.slots.insert(key, slot);
+        let Some(holder) = slot.holder.take_if(|h| held(h)) else {
+            return false;
+        };
+        slot.state.freed();
+        let waker = slot.wake_first();
+        if slot.unused() {
+            inner.keep_free();
         }
         drop(inner);
         // The trigger drops outside the lock: a released grant's signal reads as dropped.
@@ -234,7 +254,7 @@ impl<S: SlotState> Table<S> {
         if let Some(w) = waker {
             w.wake();
         }
-        freed
+        true
     }
 
     /// Session-end callback: every key `session` held is lost. Each holder's signal fires under
@@ -245,9 +265,11 @@ impl<S: SlotState> Table<S> {
         {
             let mut inner = self.lock();
             inner.watched.remove(&session);
-            if inner.last_watched == session {
-                inner.last_watched = 0;
+            if inner.last.as_ref().is_some_and(|s| s.id == session) {
+                inner.last = None;
             }
+            // A sweep too: every free slot goes.
+            inner.kept = 0;
             inner.slots.retain(|key, slot| {
                 if slot.holder.as_ref().is_some_and(|h| h.session == session) {
                     if let Some(holder) = slot.holder.take() {
@@ -270,42 +292,91 @@ impl<S: SlotState> Table<S> {
 }
 
 impl<S: SlotState> Inner<S> {
+    /// A slot just became free (and [`unused`](Slot::unused)). It is kept, so that the next
+    /// grant of its key reuses the slot and its key; once more were kept than the table holds
+    /// in use (or [`KEPT_FREE`]), a sweep removes every free one. So free slots never
+    /// outnumber those in use by much, and a sweep costs a few steps per slot kept.
+    fn keep_free(&mut self) {
+        self.kept += 1;
+        if self.kept > KEPT_FREE.max(self.slots.len() / 2) {
+            self.slots.retain(|_, slot| !slot.unused());
+            self.kept = 0;
+        }
+    }
+
+    /// [`take`](Inner::take) on the session of the last grant, if it is the asker's live
+    /// session: no session lock, no look-up. None when it is not (ask the client).
+    fn take_as_last(
+        &mut self,
+        asker: Asker<'_>,
+        key: &str,
+        init: &impl Fn(&mut S, u64),
+    ) -> Option<std::result::Result<Granted, Refused>> {
+        let current = asker.client.current_session();
+        let session = self.last.take_if(|s| s.id == current && s.alive());
+        let session = session?;
+        let took = self.take(asker, &session, key, None, init);
+        self.last = Some(session);
+        Some(took)
+    }
+
+    /// [`take`](Inner::take), once this table has a callback for the end of `session`.
+    fn take_watched(
+        &mut self,
+        asker: Asker<'_>,
+        session: &Arc<Session>,
+        key: &str,
+        waiter: Option<u64>,
+        init: &impl Fn(&mut S, u64),
+    ) -> std::result::Result<Granted, Refused> {
+        if self.last.as_ref().is_none_or(|s| s.id != session.id) {
+            self.watch(asker, session)?;
+            self.last = Some(session.clone());
+        }
+        self.take(asker, session, key, waiter, init)
+    }
+
+    /// Registers this table's session-end callback for `session`, once per session.
+    fn watch(&mut self, asker: Asker<'_>, session: &Session) -> std::result::Result<(), Refused> {
+        if self.watched.contains(&session.id) {
+            return Ok(());
+        }
+        let shared = &asker.client.shared;
+        let weak = Arc::downgrade(shared);
+        let id = session.id;
+        let on_end = Box::new(move |reason: &str| end::<S>(&weak, id, reason));
+        if shared.on_session_end(id, on_end).is_err() {
+            return Err(Refused::SessionEnded);
+        }
+        self.watched.insert(id);
+        Ok(())
+    }
+
     /// Grants `key` to `session` if it is free and no earlier waiter is owed it; `waiter` is
     /// the asker's place in the queue, if it has one (it leaves the queue when granted). The
-    /// tokens come from the cluster's revision counter.
+    /// session must be watched.
     fn take(
         &mut self,
         asker: Asker<'_>,
         session: &Session,
-        key: &Arc<str>,
+        key: &str,
         waiter: Option<u64>,
         init: &impl Fn(&mut S, u64),
-    ) -> std::result::Result<(u64, LossSignal), Refused> {
-        let shared = &asker.client.shared;
+    ) -> std::result::Result<Granted, Refused> {
         // Checked under the table lock: a session that ends later frees this grant through
         // its callback, which takes this lock; one that already ended is never granted to.
         if !session.alive() {
             return Err(Refused::SessionEnded);
         }
-        if self.last_watched != session.id {
-            if !self.watched.contains(&session.id) {
-                let weak = Arc::downgrade(shared);
-                let id = session.id;
-                let on_end = Box::new(move |reason: &str| end::<S>(&weak, id, reason));
-                if shared.on_session_end(id, on_end).is_err() {
-                    return Err(Refused::SessionEnded);
-                }
-                self.watched.insert(id);
-            }
-            self.last_watched = session.id;
-        }
         // One look-up; a slot made here is free and has no waiters, so it is granted at once.
-        let slot = self.slots.entry(key.clone()).or_default();
+        let mut entry = self.slots.entry_ref(key).or_default_entry();
+        let slot = entry.get_mut();
         let first = slot.waiters.front().map(|w| w.id);
         if slot.holder.is_some() || first.is_some_and(|f| Some(f) != waiter) {
             return Err(Refused::Busy);
         }
-        let token = shared.next_revision();
+        self.token += 1;
+        let token = self.token;
         // Bound to the session's safe deadline: a holder paused past it sees the loss.
         let (trigger, signal) = loss_signal_until(session.deadline.clone());
         if waiter.is_some() {
@@ -318,12 +389,12 @@ impl<S: SlotState> Inner<S> {
             trigger,
         });
         init(&mut slot.state, token);
-        Ok((token, signal))
+        Ok((token, signal, entry.key().clone()))
     }
 }
 
 /// A waiter's place in its key's queue: dropping it (the wait was cancelled, timed out or
-/// failed) leaves the queue, passes a wake-up it got on to the next waiter, and removes the
+/// failed) leaves the queue, passes a wake-up it got on to the next waiter, and frees the
 /// slot if nothing else is left in it.
 struct Place<'a, S: SlotState> {
     table: &'a Table<S>,
@@ -343,7 +414,7 @@ impl<S: SlotState> Drop for Place<'_, S> {
         slot.waiters.retain(|w| w.id != id);
         let waker = slot.wake_first();
         if slot.unused() {
-            inner.slots.remove(&**self.key);
+            inner.keep_free();
         }
         drop(inner);
         if let Some(w) = waker {
@@ -370,8 +441,10 @@ mod tests {
     use super::*;
     use crate::{Cluster, Config};
 
-    fn slots<S>(table: &Table<S>) -> usize {
-        locked(&table.inner).slots.len()
+    /// The slots in use (free ones may be kept for reuse until a sweep).
+    fn slots<S: SlotState>(table: &Table<S>) -> usize {
+        let inner = locked(&table.inner);
+        inner.slots.values().filter(|s| !s.unused()).count()
     }
 
     fn me(client: &crate::Client) -> Asker<'_> {
@@ -412,7 +485,7 @@ mod tests {
         let client = Cluster::new().client(Config::default()).expect("client");
         let shared = &client.inner.shared;
         let k = key("k");
-        let (token, _) = (shared.locks)
+        let (token, _, _) = (shared.locks)
             .try_grant(me(&client), &k, |_, _| {})
             .unwrap()
             .expect("free");
@@ -422,12 +495,39 @@ mod tests {
         assert!(shared.locks.release("k", token));
         assert_eq!(slots(&shared.locks), 0);
         let g = key("g");
-        let (term, _) = (shared.elections)
+        let (term, _, _) = (shared.elections)
             .try_grant(me(&client), &g, |_, _| {})
             .unwrap()
             .expect("free");
         assert!(shared.elections.release("g", term));
         assert_eq!(slots(&shared.elections), 1, "followers keep the group");
+    }
+
+    #[tokio::test]
+    async fn a_freed_slot_is_reused_and_free_slots_are_swept() {
+        let client = Cluster::new().client(Config::default()).expect("client");
+        let locks = &client.inner.shared.locks;
+        let grant = |k: &str| locks.try_grant(me(&client), k, |_, _| {}).unwrap().unwrap();
+        let (token, _, first) = grant("k");
+        assert!(locks.release("k", token));
+        let (token, _, again) = grant("k");
+        assert!(
+            Arc::ptr_eq(&first, &again),
+            "the free slot's key was not reused"
+        );
+        assert!(locks.release("k", token));
+
+        // Held locks stay; free slots are swept once they outnumber them.
+        let held: Vec<_> = (0..200).map(|i| grant(&format!("held-{i}"))).collect();
+        for i in 0..10 * KEPT_FREE {
+            let k = format!("gone-{i}");
+            let (token, _, _) = grant(&k);
+            assert!(locks.release(&k, token));
+        }
+        let all = locked(&locks.inner).slots.len();
+        assert!(all <= 200 + 200 / 2 + 2, "{all} slots for 200 locks in use");
+        assert_eq!(slots(locks), 200);
+        drop(held);
     }
 
     #[tokio::test]
@@ -437,20 +537,20 @@ mod tests {
         let b = cluster.client(Config::default()).expect("client");
         let locks = &cluster.shared.locks;
         let k = key("k");
-        let (token, lost) = locks
+        let (token, lost, _) = locks
             .try_grant(me(&a), &k, |_, _| {})
             .unwrap()
             .expect("free");
         a.revoke();
         assert!(lost.is_lost());
-        let (next, _) = locks
+        let (next, _, _) = locks
             .try_grant(me(&b), &k, |_, _| {})
             .unwrap()
             .expect("freed");
         assert!(next > token, "tokens strictly increase");
         assert!(!locks.release("k", token), "the lost grant");
         // A's next grant is on a new session, which the table also hears the end of.
-        let (_, lost) = locks
+        let (_, lost, _) = locks
             .try_grant(me(&a), &key("k2"), |_, _| {})
             .unwrap()
             .expect("free");
@@ -464,7 +564,7 @@ mod tests {
         let client = Cluster::new().client(Config::default()).expect("client");
         let locks = &client.inner.shared.locks;
         let k = key("k");
-        let (token, _) = locks
+        let (token, _, _) = locks
             .try_grant(me(&client), &k, |_, _| {})
             .unwrap()
             .expect("free");
@@ -484,7 +584,7 @@ mod tests {
         let locks = &client.inner.shared.locks;
         let (a, b) = (key("a"), key("b"));
         let grant = |k| locks.try_grant(me(&client), k, |_, _| {}).unwrap().unwrap();
-        let ((ta, _), (tb, _)) = (grant(&a), grant(&b));
+        let ((ta, _, _), (tb, _, _)) = (grant(&a), grant(&b));
         let (on_a, on_a2, on_b) = Default::default();
         let mut wait_a = Box::pin(locks.grant(me(&client), &a, None, |_, _| {}));
         let mut wait_a2 = Box::pin(locks.grant(me(&client), &a, None, |_, _| {}));
@@ -520,7 +620,7 @@ mod tests {
         let client = cluster.client(Config::default()).expect("client");
         let locks = &cluster.shared.locks;
         let k = key("k");
-        let (mut token, _) = (locks.try_grant(me(&client), &k, |_, _| {}))
+        let (mut token, _, _) = (locks.try_grant(me(&client), &k, |_, _| {}))
             .unwrap()
             .unwrap();
         let counts: Vec<Arc<Count>> = (0..4).map(|_| Default::default()).collect();
@@ -554,7 +654,7 @@ mod tests {
         let client = Cluster::new().client(Config::default()).expect("client");
         let locks = &client.inner.shared.locks;
         let k = key("k");
-        let (token, _) = (locks.try_grant(me(&client), &k, |_, _| {}))
+        let (token, _, _) = (locks.try_grant(me(&client), &k, |_, _| {}))
             .unwrap()
             .unwrap();
         let (first, second) = (Arc::new(Count::default()), Arc::new(Count::default()));
@@ -575,7 +675,7 @@ mod tests {
         );
 
         // The same when the key is still held, and with a deadline.
-        let (token, _) = (locks.try_grant(me(&client), &k, |_, _| {}))
+        let (token, _, _) = (locks.try_grant(me(&client), &k, |_, _| {}))
             .unwrap()
             .unwrap();
         let later = Instant::now() + Duration::from_secs(3600);
