@@ -234,10 +234,11 @@ impl LossSignal {
             _ => return Some(Why::Dropped),
         }
         let lease = flag.lease.as_deref()?;
-        let Some(at) = lease.get() else {
-            return Some(Why::NoRenewer);
-        };
-        (now.unwrap_or_else(Instant::now) >= at).then_some(Why::PastDeadline)
+        // A renewer that stops at the deadline (it gave up) leaves it as the reason.
+        if now.unwrap_or_else(Instant::now) >= lease.last() {
+            return Some(Why::PastDeadline);
+        }
+        lease.gone.load(SeqCst).then_some(Why::NoRenewer)
     }
 
     /// The safe deadline of the lease this signal is bound to, if any.
@@ -275,13 +276,15 @@ struct Lease {
 impl Lease {
     /// The current safe deadline (None once the renewer is gone).
     fn get(&self) -> Option<Instant> {
-        if self.gone.load(SeqCst) {
-            return None;
-        }
+        (!self.gone.load(SeqCst)).then(|| self.last())
+    }
+
+    /// The last safe deadline the renewer set, gone or not.
+    fn last(&self) -> Instant {
         let ahead = Duration::from_nanos(self.ahead.load(SeqCst));
         // Past what the clock can hold: never, in practice.
         let never = || self.base + Duration::from_secs(100 * 365 * 24 * 3600);
-        Some(self.base.checked_add(ahead).unwrap_or_else(never))
+        self.base.checked_add(ahead).unwrap_or_else(never)
     }
 }
 
@@ -328,6 +331,16 @@ mod tests {
     use std::time::Duration;
 
     use super::*;
+
+    #[tokio::test(start_paused = true)]
+    async fn a_renewer_stopping_past_the_deadline_leaves_the_deadline_as_reason() {
+        let clock = LeaseClock::new(Instant::now() + Duration::from_secs(2));
+        let (_t, signal) = loss_signal_until(clock.deadline());
+        tokio::time::advance(Duration::from_secs(3)).await;
+        drop(clock);
+        assert_eq!(signal.reason().as_deref(), Some(PAST_DEADLINE));
+        assert_eq!(signal.wait().await, PAST_DEADLINE);
+    }
 
     #[tokio::test(start_paused = true)]
     async fn a_dead_renewer_loses_every_signal() {
