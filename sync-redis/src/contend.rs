@@ -1,0 +1,216 @@
+//! Taking a held key (a lock or a leadership) and giving it back: the grant script, the wait on
+//! the release channel, and the background clean-up of a grant whose answer never came.
+
+use std::{sync::Arc, time::Duration};
+
+use sync_core::{Error, ErrorKind, LossSignal, Result};
+use tokio::time::Instant;
+
+use crate::{
+    BACKEND,
+    client::ClientInner,
+    error::{outcome_unknown, redis_err, unexpected},
+    keys::{ACQUIRE, HeldKeys, RELEASE},
+};
+
+/// A granted key, registered with the renewer.
+pub(crate) struct Grant {
+    pub(crate) owner: String,
+    pub(crate) token: u64,
+    pub(crate) registration: u64,
+    pub(crate) lost: LossSignal,
+}
+
+/// Someone else holds the key.
+pub(crate) struct Busy {
+    /// Until the holder's key expires unless renewed (None: it has no expiry).
+    pub(crate) expires_in: Option<Duration>,
+}
+
+/// One contender for one key.
+pub(crate) struct Contender<'a> {
+    pub(crate) client: &'a Arc<ClientInner>,
+    pub(crate) keys: &'a HeldKeys,
+    pub(crate) payload: &'a [u8],
+    /// Publish the grant on the channel (elections: followers learn of a new leader).
+    pub(crate) announce: bool,
+    pub(crate) owner: String,
+}
+
+/// How often a grant whose answer was lost is sent again before giving up.
+const RESENDS: usize = 3;
+
+impl Contender<'_> {
+    /// Tries once. A grant whose answer is lost is sent again (the script answers a resend
+    /// by its owner with the grant it made); if no answer comes, the key is deleted in the
+    /// background in case it was granted, and the error returned.
+    pub(crate) async fn try_once(&self) -> Result<std::result::Result<Grant, Busy>> {
+        self.client.check_alive()?;
+        let sent = Instant::now();
+        let mut cleanup = Cleanup::armed(self.client, self.keys, &self.owner);
+        let mut resends = 0;
+        let reply: redis::Value = loop {
+            let ttl_ms = self.client.config.ttl.as_millis().to_string();
+            let channel = if self.announce { self.keys.channel.as_str() } else { "" };
+            let args: [&[u8]; 4] = [
+                self.owner.as_bytes(),
+                ttl_ms.as_bytes(),
+                self.payload,
+                channel.as_bytes(),
+            ];
+            match self
+                .client
+                .conn
+                .eval(&ACQUIRE, &[&self.keys.key, &self.keys.fence], &args)
+                .await
+            {
+                Ok(v) => break v,
+                Err(e) if outcome_unknown(&e) && resends < RESENDS && !self.client.is_killed() => {
+                    resends += 1;
+                    tracing::debug!(backend = BACKEND, error = %e, "grant unanswered, sending again");
+                }
+                Err(e) => {
+                    if !outcome_unknown(&e) {
+                        cleanup.disarm();
+                    }
+                    return Err(redis_err("taking the key", e));
+                }
+            }
+        };
+        cleanup.disarm();
+        self.parse(reply, sent)
+    }
+
+    fn parse(&self, reply: redis::Value, sent: Instant) -> Result<std::result::Result<Grant, Busy>> {
+        use redis::Value::{Array, Int};
+        let bad = |v: &redis::Value| unexpected("taking the key", format!("{v:?}"));
+        let Array(items) = &reply else {
+            return Err(bad(&reply));
+        };
+        match items.as_slice() {
+            [Int(1), Int(token)] => {
+                let (registration, lost) = self.client.renewals.register(
+                    &self.keys.key,
+                    &self.owner,
+                    &self.keys.channel,
+                    sent,
+                );
+                Ok(Ok(Grant {
+                    owner: self.owner.clone(),
+                    token: *token as u64,
+                    registration,
+                    lost,
+                }))
+            }
+            [Int(0), Int(pttl), ..] => Ok(Err(Busy {
+                expires_in: u64::try_from(*pttl).ok().map(Duration::from_millis),
+            })),
+            _ => Err(bad(&reply)),
+        }
+    }
+
+    /// Waits until granted: tries, subscribes to the release channel, tries again, then waits
+    /// for a release, the holder's expiry, or the safety-net poll, and tries again. `wait`
+    /// bounds it (Timeout).
+    pub(crate) async fn wait(&self, what: &str, wait: Option<Duration>) -> Result<Grant> {
+        if let Ok(grant) = self.try_once().await? {
+            return Ok(grant);
+        }
+        let started = Instant::now();
+        let deadline = wait.map(sync_kit::deadline);
+        let mut sub = self.client.hub.subscribe(&self.keys.channel).await;
+        let mut killed = self.client.killed();
+        loop {
+            sub.mark();
+            let busy = match self.try_once().await? {
+                Ok(grant) => return Ok(grant),
+                Err(busy) => busy,
+            };
+            let poll = if sub.confirmed {
+                self.client.config.poll
+            } else {
+                Duration::from_millis(250)
+            };
+            // Redis expires a key at its TTL: a dead holder's lock is free then.
+            let nap = busy
+                .expires_in
+                .map_or(poll, |e| (e + Duration::from_millis(1)).min(poll));
+            let never = sync_kit::deadline(Duration::MAX);
+            tokio::select! {
+                () = sub.changed() => {}
+                () = tokio::time::sleep(nap) => {}
+                () = tokio::time::sleep_until(deadline.unwrap_or(never)) => {
+                    return Err(Error::new(
+                        ErrorKind::Timeout,
+                        format!("{what} still held by another after {:?}", started.elapsed()),
+                    )
+                    .with_backend(BACKEND));
+                }
+                _ = killed.wait_for(|k| *k) => return Err(crate::error::closed()),
+            }
+        }
+    }
+}
+
+/// Gives back a held key: deletes it if this owner still holds it and publishes the release.
+/// True if it was held. A release whose answer was lost is sent again; the resend finding the
+/// key gone counts as released, since only this owner could have deleted it before its loss.
+pub(crate) async fn release(
+    client: &ClientInner,
+    keys: &HeldKeys,
+    owner: &str,
+    lost: &LossSignal,
+) -> Result<bool> {
+    let mut resent = false;
+    loop {
+        let args: [&[u8]; 2] = [owner.as_bytes(), keys.channel.as_bytes()];
+        match client.conn.eval::<i64>(&RELEASE, &[&keys.key], &args).await {
+            Ok(1) => return Ok(true),
+            Ok(_) => return Ok(resent && !lost.is_lost()),
+            Err(e) if outcome_unknown(&e) && !resent => resent = true,
+            Err(e) => return Err(redis_err("releasing the key", e)),
+        }
+    }
+}
+
+/// Deletes, in the background, a key a grant may have taken when its answer never came (or the
+/// caller stopped waiting for it): otherwise it would stay held until its TTL ran out.
+struct Cleanup {
+    job: Option<(Arc<ClientInner>, HeldKeys, String)>,
+}
+
+impl Cleanup {
+    fn armed(client: &Arc<ClientInner>, keys: &HeldKeys, owner: &str) -> Cleanup {
+        Cleanup {
+            job: Some((client.clone(), keys.clone(), owner.to_string())),
+        }
+    }
+
+    fn disarm(&mut self) {
+        self.job = None;
+    }
+}
+
+impl Drop for Cleanup {
+    fn drop(&mut self) {
+        let Some((client, keys, owner)) = self.job.take() else {
+            return;
+        };
+        let Ok(runtime) = tokio::runtime::Handle::try_current() else {
+            return;
+        };
+        runtime.spawn(async move {
+            let args: [&[u8]; 2] = [owner.as_bytes(), keys.channel.as_bytes()];
+            // Each try is owner-checked: sending it again is harmless. The key expires anyway.
+            for _ in 0..5 {
+                if client.is_killed() {
+                    return;
+                }
+                if client.conn.eval::<i64>(&RELEASE, &[&keys.key], &args).await.is_ok() {
+                    return;
+                }
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+        });
+    }
+}

@@ -1,0 +1,209 @@
+//! Pub/sub for waiters: one subscription per channel per client, however many waiters share
+//! it. Messages arrive as RESP3 pushes on the client's connection; each channel has a counter
+//! that a message bumps, so a waiter that read the counter before it tried cannot miss a
+//! release that came after. A lost connection bumps every channel (messages may have been
+//! missed while it was down).
+
+use std::{
+    collections::{HashMap, HashSet},
+    sync::{Arc, Mutex},
+};
+
+use redis::{PushInfo, PushKind, Value};
+use sync_kit::locked;
+use tokio::sync::{mpsc, oneshot, watch};
+
+use crate::{BACKEND, client::Conn};
+
+struct Channel {
+    bump: watch::Sender<u64>,
+    waiters: usize,
+}
+
+pub(crate) struct Hub {
+    channels: Mutex<HashMap<String, Channel>>,
+    sync: mpsc::UnboundedSender<Sync>,
+}
+
+/// Asks the subscriber task to bring one channel's subscription in line with its waiters;
+/// `done` hears when it has (with whether the server confirmed).
+struct Sync {
+    channel: String,
+    done: Option<oneshot::Sender<bool>>,
+}
+
+/// A waiter's interest in a channel: `changed` resolves after a message published since the
+/// last `mark`.
+pub(crate) struct Subscription {
+    hub: Arc<Hub>,
+    channel: String,
+    rx: watch::Receiver<u64>,
+    /// Whether the server confirmed the subscription: without it, messages may be missed and
+    /// the waiter polls sooner.
+    pub(crate) confirmed: bool,
+}
+
+impl Hub {
+    pub(crate) fn start(
+        conn: Conn,
+        pushes: mpsc::UnboundedReceiver<PushInfo>,
+        killed: watch::Receiver<bool>,
+    ) -> Arc<Hub> {
+        let (sync, requests) = mpsc::unbounded_channel();
+        let hub = Arc::new(Hub {
+            channels: Mutex::new(HashMap::new()),
+            sync,
+        });
+        tokio::spawn(subscriber(
+            Arc::downgrade(&hub),
+            conn,
+            requests,
+            killed.clone(),
+        ));
+        tokio::spawn(dispatcher(Arc::downgrade(&hub), pushes, killed));
+        hub
+    }
+
+    /// Subscribes to `channel` (once per client) and returns when the server confirmed it, or
+    /// with `confirmed` false when it could not.
+    pub(crate) async fn subscribe(self: &Arc<Hub>, channel: &str) -> Subscription {
+        let rx = {
+            let mut channels = locked(&self.channels);
+            let entry = channels
+                .entry(channel.to_string())
+                .or_insert_with(|| Channel {
+                    bump: watch::channel(0).0,
+                    waiters: 0,
+                });
+            entry.waiters += 1;
+            entry.bump.subscribe()
+        };
+        let (done, confirmed) = oneshot::channel();
+        let _ = self.sync.send(Sync {
+            channel: channel.to_string(),
+            done: Some(done),
+        });
+        Subscription {
+            hub: self.clone(),
+            channel: channel.to_string(),
+            rx,
+            confirmed: confirmed.await.unwrap_or(false),
+        }
+    }
+
+    fn bump(&self, channel: &str) {
+        if let Some(c) = locked(&self.channels).get(channel) {
+            c.bump.send_modify(|n| *n += 1);
+        }
+    }
+
+    fn bump_all(&self) {
+        for c in locked(&self.channels).values() {
+            c.bump.send_modify(|n| *n += 1);
+        }
+    }
+
+    fn wanted(&self, channel: &str) -> bool {
+        locked(&self.channels)
+            .get(channel)
+            .is_some_and(|c| c.waiters > 0)
+    }
+}
+
+impl Subscription {
+    /// Forgets the messages seen so far: call it before looking at the state the channel
+    /// announces changes of.
+    pub(crate) fn mark(&mut self) {
+        self.rx.borrow_and_update();
+    }
+
+    /// Resolves once a message came after the last [`mark`](Subscription::mark).
+    pub(crate) async fn changed(&mut self) {
+        if self.rx.changed().await.is_err() {
+            std::future::pending::<()>().await;
+        }
+    }
+}
+
+impl Drop for Subscription {
+    fn drop(&mut self) {
+        let mut channels = locked(&self.hub.channels);
+        if let Some(c) = channels.get_mut(&self.channel) {
+            c.waiters -= 1;
+            if c.waiters == 0 {
+                channels.remove(&self.channel);
+            }
+        }
+        drop(channels);
+        let _ = self.hub.sync.send(Sync {
+            channel: std::mem::take(&mut self.channel),
+            done: None,
+        });
+    }
+}
+
+/// Sends SUBSCRIBE and UNSUBSCRIBE one at a time, so that they reach the server in the order
+/// the waiters came and went.
+async fn subscriber(
+    hub: std::sync::Weak<Hub>,
+    conn: Conn,
+    mut requests: mpsc::UnboundedReceiver<Sync>,
+    mut killed: watch::Receiver<bool>,
+) {
+    let mut subscribed = HashSet::new();
+    loop {
+        let request = tokio::select! {
+            _ = killed.wait_for(|k| *k) => return,
+            r = requests.recv() => match r { Some(r) => r, None => return },
+        };
+        let Some(hub) = hub.upgrade() else { return };
+        let wanted = hub.wanted(&request.channel);
+        drop(hub);
+        let ok = match (wanted, subscribed.contains(&request.channel)) {
+            (true, false) => match conn.subscribe(&request.channel).await {
+                Ok(()) => subscribed.insert(request.channel.clone()),
+                Err(e) => {
+                    tracing::debug!(backend = BACKEND, error = %e, "subscribe failed");
+                    false
+                }
+            },
+            (false, true) => {
+                subscribed.remove(&request.channel);
+                if let Err(e) = conn.unsubscribe(&request.channel).await {
+                    tracing::debug!(backend = BACKEND, error = %e, "unsubscribe failed");
+                }
+                true
+            }
+            _ => true,
+        };
+        if let Some(done) = request.done {
+            let _ = done.send(ok);
+        }
+    }
+}
+
+/// Turns pushes into bumps of the channels' counters.
+async fn dispatcher(
+    hub: std::sync::Weak<Hub>,
+    mut pushes: mpsc::UnboundedReceiver<PushInfo>,
+    mut killed: watch::Receiver<bool>,
+) {
+    loop {
+        let push = tokio::select! {
+            _ = killed.wait_for(|k| *k) => return,
+            p = pushes.recv() => match p { Some(p) => p, None => return },
+        };
+        let Some(hub) = hub.upgrade() else { return };
+        match push.kind {
+            PushKind::Message => {
+                if let Some(Value::BulkString(channel)) = push.data.first() {
+                    if let Ok(channel) = std::str::from_utf8(channel) {
+                        hub.bump(channel);
+                    }
+                }
+            }
+            PushKind::Disconnection => hub.bump_all(),
+            _ => {}
+        }
+    }
+}
