@@ -58,10 +58,7 @@ pub(crate) fn run(args: &[String]) -> Result<ExitCode> {
     // sync-bench links etcd-client, whose build script runs protoc.
     let started = services::up(&managed, &[install::PROTOC, install::PROTO_INCLUDES])?;
     let outcome = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-        let envs: Vec<(&str, String)> = managed
-            .iter()
-            .map(|s| (s.env_var(), s.endpoint()))
-            .collect();
+        let envs: Vec<(&str, String)> = managed.iter().flat_map(|s| s.envs()).collect();
         bench(&names, quick, &envs)
     }))
     .unwrap_or_else(|_| Err("xtask panicked while benchmarking".into()));

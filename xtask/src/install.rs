@@ -35,6 +35,11 @@ pub(crate) fn tools(service: Service) -> &'static [Tool] {
             PROTO_INCLUDES,
         ],
         Service::Redis => &[("redis-server", "redis-server")],
+        // redis-cli forms the cluster.
+        Service::RedisCluster => &[
+            ("redis-server", "redis-server"),
+            ("redis-cli", "redis-tools"),
+        ],
         Service::Ntp => &[("chronyd", "chrony")],
         // Not from the machine's apt: see `consul`.
         Service::Consul => &[],

@@ -94,19 +94,37 @@ pub(crate) enum Resp {
     Integer(i64),
 }
 
-/// A Redis connection speaking raw RESP2.
+/// A Redis connection speaking raw RESP2. Its errors name the server: one of a cluster's
+/// nodes, say.
 pub(crate) struct Redis {
     reader: BufReader<TcpStream>,
+    addr: SocketAddr,
 }
 
 impl Redis {
     pub(crate) fn connect(addr: SocketAddr, timeout: Duration) -> Result<Self> {
+        let stream = connect(addr, timeout).map_err(|e| format!("{addr}: {e}"))?;
         Ok(Self {
-            reader: BufReader::new(connect(addr, timeout)?),
+            reader: BufReader::new(stream),
+            addr,
         })
     }
 
     pub(crate) fn cmd(&mut self, args: &[&[u8]]) -> Result<Resp> {
+        let addr = self.addr;
+        self.try_cmd(args)?
+            .map_err(|e| format!("{addr}: redis error: {e}").into())
+    }
+
+    /// A command whose error reply (`MOVED …`, say) the caller handles: the outer error is the
+    /// connection's, the inner one the server's reply.
+    pub(crate) fn try_cmd(&mut self, args: &[&[u8]]) -> Result<Result<Resp, String>> {
+        let addr = self.addr;
+        self.exchange(args)
+            .map_err(|e| format!("{addr}: {e}").into())
+    }
+
+    fn exchange(&mut self, args: &[&[u8]]) -> Result<Result<Resp, String>> {
         let mut request = format!("*{}\r\n", args.len()).into_bytes();
         for arg in args {
             request.extend_from_slice(format!("${}\r\n", arg.len()).as_bytes());
@@ -116,22 +134,23 @@ impl Redis {
         self.reader.get_mut().write_all(&request)?;
         let line = self.line()?;
         let (kind, rest) = line.split_at(1.min(line.len()));
-        match kind {
-            "+" => Ok(Resp::Simple(rest.to_string())),
-            ":" => Ok(Resp::Integer(rest.parse()?)),
-            "-" => bail!("redis error: {rest}"),
+        let reply = match kind {
+            "+" => Resp::Simple(rest.to_string()),
+            ":" => Resp::Integer(rest.parse()?),
+            "-" => return Ok(Err(rest.to_string())),
             "$" => {
                 let len: i64 = rest.parse()?;
                 if len < 0 {
-                    return Ok(Resp::Bulk(None));
+                    return Ok(Ok(Resp::Bulk(None)));
                 }
                 let mut data = vec![0; usize::try_from(len)? + 2];
                 self.reader.read_exact(&mut data)?;
                 data.truncate(data.len() - 2);
-                Ok(Resp::Bulk(Some(data)))
+                Resp::Bulk(Some(data))
             }
             _ => bail!("unexpected redis reply {line:?}"),
-        }
+        };
+        Ok(Ok(reply))
     }
 
     fn line(&mut self) -> Result<String> {

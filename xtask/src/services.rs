@@ -1,12 +1,13 @@
-//! The live backends: etcd, Consul (dev mode), Redis and chronyd as an NTP server, each on
-//! 127.0.0.1 on a non-default port, with pid file, data and log under the workspace's
-//! `target/services/<name>/` (also when CARGO_TARGET_DIR points elsewhere).
+//! The live backends: etcd, Consul (dev mode), Redis (with an ACL user), a three-master Redis
+//! Cluster and chronyd as an NTP server, each on 127.0.0.1 on non-default ports, with pid file,
+//! data and log under the workspace's `target/services/<name>/` (also when CARGO_TARGET_DIR
+//! points elsewhere). A service runs one process per client port: the cluster runs three.
 
 use std::{
     fmt, fs,
     net::{SocketAddr, TcpListener, UdpSocket},
     os::unix::process::CommandExt,
-    path::PathBuf,
+    path::{Path, PathBuf},
     process::{Child, Command, ExitCode, Stdio},
     sync::Mutex,
     thread,
@@ -29,17 +30,27 @@ const CONSUL_SERVER_PORT: u16 = 18300;
 const CONSUL_SERF_LAN_PORT: u16 = 18301;
 const CONSUL_SERF_WAN_PORT: u16 = 18302;
 const REDIS_PORT: u16 = 13379;
+const REDIS_CLUSTER_PORTS: [u16; 3] = [13380, 13381, 13382];
+/// Redis puts a cluster node's bus this far above its client port: 23380-23382 here.
+const REDIS_BUS_OFFSET: u16 = 10000;
 const NTP_PORT: u16 = 11123;
 
 /// Generous for a loaded 2-core CI machine; a healthy start takes a few seconds at most.
 const READY_TIMEOUT: Duration = Duration::from_secs(60);
 const PROBE_TIMEOUT: Duration = Duration::from_secs(2);
 
+/// The user, on the standalone Redis, that the ACL tests log in as: they check that its
+/// password works and that a wrong one is refused.
+const REDIS_ACL_USER: &str = "sync-acl";
+const REDIS_ACL_PASSWORD: &str = "sync-acl-secret";
+const REDIS_ACL_ENV: &str = "SYNC_TEST_REDIS_ACL";
+
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]
 pub(crate) enum Service {
     Etcd,
     Consul,
     Redis,
+    RedisCluster,
     Ntp,
 }
 
@@ -50,14 +61,29 @@ impl fmt::Display for Service {
 }
 
 impl Service {
-    pub(crate) const ALL: [Service; 4] = [Self::Etcd, Self::Consul, Self::Redis, Self::Ntp];
+    pub(crate) const ALL: [Service; 5] = [
+        Self::Etcd,
+        Self::Consul,
+        Self::Redis,
+        Self::RedisCluster,
+        Self::Ntp,
+    ];
 
     pub(crate) fn name(self) -> &'static str {
         match self {
             Self::Etcd => "etcd",
             Self::Consul => "consul",
             Self::Redis => "redis",
+            Self::RedisCluster => "redis-cluster",
             Self::Ntp => "ntp",
+        }
+    }
+
+    /// The backend (and `sync-<backend>` crate) whose tests need the service.
+    pub(crate) fn backend(self) -> &'static str {
+        match self {
+            Self::RedisCluster => "redis",
+            _ => self.name(),
         }
     }
 
@@ -70,22 +96,41 @@ impl Service {
             Self::Etcd => "SYNC_TEST_ETCD",
             Self::Consul => "SYNC_TEST_CONSUL",
             Self::Redis => "SYNC_TEST_REDIS",
+            Self::RedisCluster => "SYNC_TEST_REDIS_CLUSTER",
             Self::Ntp => "SYNC_TEST_NTP",
         }
     }
 
-    /// The port clients use.
-    fn port(self) -> u16 {
+    /// What the tests get from the service: its SYNC_TEST_* endpoint and, for Redis, the URL
+    /// of the ACL user.
+    pub(crate) fn envs(self) -> Vec<(&'static str, String)> {
+        let mut envs = vec![(self.env_var(), self.endpoint())];
+        if self == Self::Redis {
+            let url = format!("redis://{REDIS_ACL_USER}:{REDIS_ACL_PASSWORD}@{HOST}:{REDIS_PORT}");
+            envs.push((REDIS_ACL_ENV, url));
+        }
+        envs
+    }
+
+    /// The ports clients use, one per process.
+    fn client_ports(self) -> &'static [u16] {
         match self {
-            Self::Etcd => ETCD_PORT,
-            Self::Consul => CONSUL_HTTP_PORT,
-            Self::Redis => REDIS_PORT,
-            Self::Ntp => NTP_PORT,
+            Self::Etcd => &[ETCD_PORT],
+            Self::Consul => &[CONSUL_HTTP_PORT],
+            Self::Redis => &[REDIS_PORT],
+            Self::RedisCluster => &REDIS_CLUSTER_PORTS,
+            Self::Ntp => &[NTP_PORT],
         }
     }
 
+    fn addrs(self) -> impl Iterator<Item = SocketAddr> {
+        self.client_ports()
+            .iter()
+            .map(|&port| SocketAddr::from(([127, 0, 0, 1], port)))
+    }
+
     fn addr(self) -> SocketAddr {
-        SocketAddr::from(([127, 0, 0, 1], self.port()))
+        SocketAddr::from(([127, 0, 0, 1], self.client_ports()[0]))
     }
 
     /// The value of the service's SYNC_TEST_* variable: a backend URL, as `sync-any` takes.
@@ -94,22 +139,28 @@ impl Service {
             Self::Etcd => "etcd",
             Self::Consul => "consul",
             Self::Redis => "redis",
+            Self::RedisCluster => "redis+cluster",
             Self::Ntp => "ntp",
         };
-        format!("{scheme}://{HOST}:{}", self.port())
+        let hosts: Vec<String> = self.addrs().map(|a| a.to_string()).collect();
+        format!("{scheme}://{}", hosts.join(","))
     }
 
-    fn tcp_ports(self) -> &'static [u16] {
+    fn tcp_ports(self) -> Vec<u16> {
         match self {
-            Self::Etcd => &[ETCD_PORT, ETCD_PEER_PORT],
-            Self::Consul => &[
+            Self::Etcd => vec![ETCD_PORT, ETCD_PEER_PORT],
+            Self::Consul => vec![
                 CONSUL_HTTP_PORT,
                 CONSUL_SERVER_PORT,
                 CONSUL_SERF_LAN_PORT,
                 CONSUL_SERF_WAN_PORT,
             ],
-            Self::Redis => &[REDIS_PORT],
-            Self::Ntp => &[],
+            Self::Redis => vec![REDIS_PORT],
+            Self::RedisCluster => REDIS_CLUSTER_PORTS
+                .iter()
+                .flat_map(|&p| [p, p + REDIS_BUS_OFFSET])
+                .collect(),
+            Self::Ntp => vec![],
         }
     }
 
@@ -117,7 +168,7 @@ impl Service {
         match self {
             Self::Consul => &[CONSUL_SERF_LAN_PORT, CONSUL_SERF_WAN_PORT],
             Self::Ntp => &[NTP_PORT],
-            Self::Etcd | Self::Redis => &[],
+            Self::Etcd | Self::Redis | Self::RedisCluster => &[],
         }
     }
 
@@ -127,7 +178,7 @@ impl Service {
         match self {
             Self::Etcd => "etcd",
             Self::Consul => "consul",
-            Self::Redis => "redis-server",
+            Self::Redis | Self::RedisCluster => "redis-server",
             Self::Ntp => "chronyd",
         }
     }
@@ -136,6 +187,16 @@ impl Service {
         services_root().join(self.name())
     }
 
+    /// A process's data, emptied at each start: `data/`, or a cluster node's own `<port>/`
+    /// (its nodes.conf there).
+    fn data_dir(self, port: u16) -> PathBuf {
+        match self {
+            Self::RedisCluster => self.dir().join(port.to_string()),
+            _ => self.dir().join("data"),
+        }
+    }
+
+    /// A line per process: see [`parse_pid_file`].
     fn pid_file(self) -> PathBuf {
         self.dir().join("pid")
     }
@@ -162,7 +223,8 @@ fn parse_names(names: &[String]) -> Result<Vec<Service>> {
     let mut services = Vec::new();
     for name in names {
         let Some(service) = Service::parse(name) else {
-            bail!("unknown service `{name}` (known: etcd consul redis ntp)");
+            let known = Service::ALL.map(Service::name).join(" ");
+            bail!("unknown service `{name}` (known: {known})");
         };
         if !services.contains(&service) {
             services.push(service);
@@ -212,18 +274,38 @@ fn stat_field(pid: u32, n: usize) -> Option<String> {
     rest.split_whitespace().nth(n - 3).map(String::from)
 }
 
-/// The pid of the service's process if it is running, per its pid file.
-fn running_pid(service: Service) -> Option<u32> {
-    let (pid, started) = parse_pid_file(&fs::read_to_string(service.pid_file()).ok()?)?;
-    is_ours(pid, service.comm(), started).then_some(pid)
+/// Those of the service's processes that are still running, per its pid file.
+fn running_pids(service: Service) -> Vec<u32> {
+    let text = fs::read_to_string(service.pid_file()).unwrap_or_default();
+    let pids = parse_pid_file(&text).unwrap_or_default();
+    pids.into_iter()
+        .filter(|&(pid, started)| is_ours(pid, service.comm(), started))
+        .map(|(pid, _)| pid)
+        .collect()
 }
 
-/// `PID [START_TIME]`: the start time (in clock ticks since boot, /proc/PID/stat field 22)
-/// tells our process from a later one that was given the same pid — after a reboot, say, a
-/// system redis-server or chronyd. (A pid file without it, from an older xtask, is checked by
-/// name only.)
-fn parse_pid_file(text: &str) -> Option<(u32, Option<u64>)> {
-    let mut words = text.split_whitespace();
+/// The service's pids if every one of its processes is running.
+fn all_running(service: Service) -> Option<Vec<u32>> {
+    let pids = running_pids(service);
+    (pids.len() == service.client_ports().len()).then_some(pids)
+}
+
+fn pid_list(pids: &[u32]) -> String {
+    let pids: Vec<String> = pids.iter().map(u32::to_string).collect();
+    pids.join(",")
+}
+
+/// A `PID [START_TIME]` line per process: the start time (in clock ticks since boot,
+/// /proc/PID/stat field 22) tells our process from a later one that was given the same pid —
+/// after a reboot, say, a system redis-server or chronyd. (A pid file without it, from an
+/// older xtask, is checked by name only.)
+fn parse_pid_file(text: &str) -> Option<Vec<(u32, Option<u64>)>> {
+    let lines: Option<Vec<_>> = text.lines().map(parse_pid_line).collect();
+    lines.filter(|lines| !lines.is_empty())
+}
+
+fn parse_pid_line(line: &str) -> Option<(u32, Option<u64>)> {
+    let mut words = line.split_whitespace();
     let pid = words.next()?.parse().ok()?;
     let started = match words.next() {
         Some(w) => Some(w.parse().ok()?),
@@ -254,7 +336,7 @@ fn udp_free(port: u16) -> bool {
 }
 
 fn busy_ports(service: Service) -> Vec<String> {
-    let tcp = service.tcp_ports().iter().filter(|&&p| !tcp_free(p));
+    let tcp = service.tcp_ports().into_iter().filter(|&p| !tcp_free(p));
     let udp = service.udp_ports().iter().filter(|&&p| !udp_free(p));
     tcp.map(|p| format!("{p}/tcp"))
         .chain(udp.map(|p| format!("{p}/udp")))
@@ -269,24 +351,31 @@ pub(crate) fn up(services: &[Service], extra_tools: &[install::Tool]) -> Result<
     let mut to_start = Vec::new();
     let mut running = Vec::new();
     for &service in services {
-        match running_pid(service) {
-            Some(pid) => {
-                say!("{service}: already running (pid {pid})");
-                running.push((service, pid, Instant::now()));
-            }
-            None => {
-                let busy = busy_ports(service);
-                if !busy.is_empty() {
-                    bail!(
-                        "{service}: port {} is in use by a process xtask did not start; stop \
-                         it, or point the tests at your own server with {}",
-                        busy.join(", "),
-                        service.env_var()
-                    );
-                }
-                to_start.push(service);
-            }
+        if let Some(pids) = all_running(service) {
+            say!("{service}: already running (pid {})", pid_list(&pids));
+            running.push((service, pids, Instant::now()));
+            continue;
         }
+        let left = running_pids(service);
+        if !left.is_empty() {
+            // Part of a cluster is no cluster: start it afresh.
+            say!(
+                "{service}: only {} of its {} processes running; restarting it",
+                left.len(),
+                service.client_ports().len()
+            );
+            stop(service)?;
+        }
+        let busy = busy_ports(service);
+        if !busy.is_empty() {
+            bail!(
+                "{service}: port {} is in use by a process xtask did not start; stop it, or \
+                 point the tests at your own server with {}",
+                busy.join(", "),
+                service.env_var()
+            );
+        }
+        to_start.push(service);
     }
     let tools: Vec<_> = to_start
         .iter()
@@ -295,8 +384,8 @@ pub(crate) fn up(services: &[Service], extra_tools: &[install::Tool]) -> Result<
         .collect();
     install::ensure(&tools)?;
     if to_start.is_empty() {
-        for (service, pid, since) in running {
-            wait_ready(service, pid, since)?;
+        for (service, pids, since) in running {
+            wait_ready(service, &pids, since)?;
         }
         return Ok(Vec::new());
     }
@@ -314,12 +403,13 @@ pub(crate) fn up(services: &[Service], extra_tools: &[install::Tool]) -> Result<
             if interrupted() {
                 bail!("interrupted");
             }
-            let pid = spawn(service, consul.as_ref())?;
+            // Listed first: `down` stops whatever part of it did start.
             started.push(service);
-            running.push((service, pid, Instant::now()));
+            let pids = spawn(service, consul.as_ref())?;
+            running.push((service, pids, Instant::now()));
         }
-        for &(service, pid, since) in &running {
-            wait_ready(service, pid, since)?;
+        for (service, pids, since) in &running {
+            wait_ready(*service, pids, *since)?;
         }
         Ok(())
     }))
@@ -332,16 +422,44 @@ pub(crate) fn up(services: &[Service], extra_tools: &[install::Tool]) -> Result<
     Ok(started)
 }
 
-fn spawn(service: Service, consul: Option<&PathBuf>) -> Result<u32> {
-    let dir = service.dir();
-    fs::create_dir_all(&dir)?;
-    let data = dir.join("data");
-    // Each start is a fresh server: tests rely on random namespaces, never on old data.
-    if data.exists() {
-        fs::remove_dir_all(&data)?;
+/// Starts the service's processes, one per client port, each on empty data. Each pid goes
+/// into the pid file as soon as it runs, so that `down` finds it whatever fails next.
+fn spawn(service: Service, consul: Option<&PathBuf>) -> Result<Vec<u32>> {
+    fs::create_dir_all(service.dir())?;
+    // Emptied once: every process appends to it (and redis-cli too).
+    fs::write(service.log_file(), "")?;
+    let mut pids = Vec::new();
+    let mut pid_lines = String::new();
+    let mut program = String::new();
+    for &port in service.client_ports() {
+        let data = service.data_dir(port);
+        // Each start is a fresh server: tests rely on random namespaces, never on old data.
+        if data.exists() {
+            fs::remove_dir_all(&data)?;
+        }
+        fs::create_dir_all(&data)?;
+        let command = command(service, port, &data, consul)?;
+        program = command.get_program().to_string_lossy().into_owned();
+        let pid = start_child(service, command)?;
+        pids.push(pid);
+        let started = start_time(pid).map_or(String::new(), |t| format!(" {t}"));
+        pid_lines.push_str(&format!("{pid}{started}\n"));
+        if let Err(err) = fs::write(service.pid_file(), &pid_lines) {
+            // Without a pid file nothing could stop them later: stop them now.
+            kill_now(&pids);
+            bail!(
+                "{service}: cannot write {}: {err}",
+                service.pid_file().display()
+            );
+        }
     }
-    fs::create_dir_all(&data)?;
-    let mut command = match service {
+    say!("{service}: started {program} (pid {})", pid_list(&pids));
+    Ok(pids)
+}
+
+/// The command line of the service's process serving `port`, keeping its data in `data`.
+fn command(service: Service, port: u16, data: &Path, consul: Option<&PathBuf>) -> Result<Command> {
+    Ok(match service {
         Service::Etcd => {
             let mut c = Command::new(install::require("etcd")?);
             let client = format!("http://{HOST}:{ETCD_PORT}");
@@ -383,18 +501,23 @@ fn spawn(service: Service, consul: Option<&PathBuf>) -> Result<u32> {
                 .env("CHECKPOINT_DISABLE", "1");
             c
         }
-        Service::Redis => {
-            let mut c = Command::new(install::require("redis-server")?);
-            // No config file: the machine's /etc/redis is not ours. No persistence.
-            c.args(["--bind", HOST, "--port", &REDIS_PORT.to_string()])
-                .args(["--save", "", "--appendonly", "no", "--daemonize", "no"])
-                .arg("--dir")
-                .arg(&data);
+        Service::Redis => redis_server(port, data)?,
+        Service::RedisCluster => {
+            let mut c = redis_server(port, data)?;
+            // nodes.conf goes to the node's own --dir. A stopped node is marked failed after
+            // 2 s rather than the default 15, so that tests of a lost node run quickly.
+            c.args([
+                "--cluster-enabled",
+                "yes",
+                "--cluster-config-file",
+                "nodes.conf",
+            ])
+            .args(["--cluster-node-timeout", "2000"]);
             c
         }
         Service::Ntp => {
-            let conf = dir.join("chrony.conf");
-            fs::write(&conf, chrony_conf(&data))?;
+            let conf = service.dir().join("chrony.conf");
+            fs::write(&conf, chrony_conf(data))?;
             let mut c = Command::new(install::require("chronyd")?);
             // -x: never touch the system clock; -d: stay in the foreground as our child.
             c.args(["-x", "-d", "-f"]).arg(&conf);
@@ -407,8 +530,22 @@ fn spawn(service: Service, consul: Option<&PathBuf>) -> Result<u32> {
             }
             c
         }
-    };
-    let log = fs::File::create(service.log_file())?;
+    })
+}
+
+/// redis-server with no config file (the machine's /etc/redis is not ours), no persistence.
+fn redis_server(port: u16, data: &Path) -> Result<Command> {
+    let mut c = Command::new(install::require("redis-server")?);
+    c.args(["--bind", HOST, "--port", &port.to_string()])
+        .args(["--save", "", "--appendonly", "no", "--daemonize", "no"])
+        .arg("--dir")
+        .arg(data);
+    Ok(c)
+}
+
+/// Spawns one process of the service, logging to its log; returns the pid.
+fn start_child(service: Service, mut command: Command) -> Result<u32> {
+    let log = append_log(service)?;
     command
         .stdin(Stdio::null())
         .stdout(log.try_clone()?)
@@ -426,18 +563,28 @@ fn spawn(service: Service, consul: Option<&PathBuf>) -> Result<u32> {
         .lock()
         .unwrap_or_else(|e| e.into_inner())
         .push(child);
-    let started = start_time(pid).map_or(String::new(), |t| format!(" {t}"));
-    if let Err(err) = fs::write(service.pid_file(), format!("{pid}{started}\n")) {
-        // Without a pid file nothing could stop it later: stop it now.
-        let _ = signal::kill(Pid::from_raw(i32::try_from(pid)?), signal::Signal::SIGKILL);
-        wait_until(Duration::from_secs(5), || !alive(pid));
-        bail!(
-            "{service}: cannot write {}: {err}",
-            service.pid_file().display()
-        );
-    }
-    say!("{service}: started {program} (pid {pid})");
     Ok(pid)
+}
+
+/// The service's log, opened for appending: several writers share it.
+fn append_log(service: Service) -> Result<fs::File> {
+    Ok(fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(service.log_file())?)
+}
+
+fn kill_now(pids: &[u32]) {
+    signal_all(pids, signal::Signal::SIGKILL);
+    wait_until(Duration::from_secs(5), || pids.iter().all(|&p| !alive(p)));
+}
+
+fn signal_all(pids: &[u32], sig: signal::Signal) {
+    for &pid in pids {
+        if let Ok(pid) = i32::try_from(pid) {
+            let _ = signal::kill(Pid::from_raw(pid), sig);
+        }
+    }
 }
 
 /// chronyd as a plain NTP server on loopback: no upstream sources, serving its own clock at
@@ -465,28 +612,41 @@ fn clear_env_prefix(command: &mut Command, prefix: &str) {
     }
 }
 
-fn wait_ready(service: Service, pid: u32, since: Instant) -> Result<()> {
+/// Waits until the service answers, makes it what the tests expect, and waits until it is
+/// healthy, all within [`READY_TIMEOUT`].
+fn wait_ready(service: Service, pids: &[u32], since: Instant) -> Result<()> {
     let deadline = Instant::now() + READY_TIMEOUT;
+    poll(service, pids, deadline, || answers(service))?;
+    prepare(service, deadline)?;
+    let detail = poll(service, pids, deadline, || health(service))?;
+    say!(
+        "{service}: ready at {} ({detail}) after {}",
+        service.endpoint(),
+        fmt_duration(since.elapsed())
+    );
+    Ok(())
+}
+
+/// Runs `check` until it succeeds; fails when the deadline passes or a process exits.
+fn poll<T>(
+    service: Service,
+    pids: &[u32],
+    deadline: Instant,
+    mut check: impl FnMut() -> Result<T>,
+) -> Result<T> {
     loop {
         if interrupted() {
             bail!("interrupted");
         }
-        if !alive(pid) {
+        if let Some(pid) = pids.iter().find(|&&pid| !alive(pid)) {
             bail!(
-                "{service}: exited during start-up; the end of {}:\n{}",
+                "{service}: pid {pid} exited during start-up; the end of {}:\n{}",
                 service.log_file().display(),
                 log_tail(service)
             );
         }
-        match health(service) {
-            Ok(detail) => {
-                say!(
-                    "{service}: ready at {} ({detail}) after {}",
-                    service.endpoint(),
-                    fmt_duration(since.elapsed())
-                );
-                return Ok(());
-            }
+        match check() {
+            Ok(value) => return Ok(value),
             Err(err) if Instant::now() >= deadline => bail!(
                 "{service}: not ready after {} ({err}); the end of {}:\n{}",
                 fmt_duration(READY_TIMEOUT),
@@ -496,6 +656,180 @@ fn wait_ready(service: Service, pid: u32, since: Instant) -> Result<()> {
             Err(_) => thread::sleep(Duration::from_millis(100)),
         }
     }
+}
+
+/// Whether every process takes commands, as [`prepare`] needs; the others' readiness is
+/// their health.
+fn answers(service: Service) -> Result<()> {
+    match service {
+        Service::Redis | Service::RedisCluster => {
+            for addr in service.addrs() {
+                redis_ping(addr)?;
+            }
+            Ok(())
+        }
+        Service::Etcd | Service::Consul | Service::Ntp => Ok(()),
+    }
+}
+
+/// Makes an answering service what the tests expect. Harmless when it already is: `up` runs it
+/// on services it finds running too.
+fn prepare(service: Service, deadline: Instant) -> Result<()> {
+    match service {
+        Service::Redis => add_acl_user(),
+        Service::RedisCluster => create_cluster(deadline),
+        Service::Etcd | Service::Consul | Service::Ntp => Ok(()),
+    }
+}
+
+/// `reset` first, so that the user has exactly these rules also on a Redis that had it.
+fn add_acl_user() -> Result<()> {
+    let mut redis = probe::Redis::connect(Service::Redis.addr(), PROBE_TIMEOUT)?;
+    let password = format!(">{REDIS_ACL_PASSWORD}");
+    let reply = redis.cmd(&[
+        b"ACL",
+        b"SETUSER",
+        REDIS_ACL_USER.as_bytes(),
+        b"reset",
+        b"on",
+        password.as_bytes(),
+        b"~*",
+        b"&*",
+        b"+@all",
+    ])?;
+    if reply != probe::Resp::Simple("OK".into()) {
+        bail!("redis: ACL SETUSER {REDIS_ACL_USER} answered {reply:?}");
+    }
+    Ok(())
+}
+
+/// `redis-cli --cluster create` over the nodes, if every one is still alone with no slots. A
+/// cluster that is formed (or half-formed: then its health says what is wrong) is left as is.
+fn create_cluster(deadline: Instant) -> Result<()> {
+    let service = Service::RedisCluster;
+    for addr in service.addrs() {
+        let info = cluster_info(addr)?;
+        let alone = info_field(&info, "cluster_known_nodes") == Some("1");
+        if !alone || info_field(&info, "cluster_slots_assigned") != Some("0") {
+            return Ok(());
+        }
+    }
+    let mut cli = Command::new(install::require("redis-cli")?);
+    // The user's REDISCLI_AUTH and the like are for their own Redis.
+    clear_env_prefix(&mut cli, "REDISCLI");
+    let log = append_log(service)?;
+    cli.args(["--cluster", "create"])
+        .args(service.addrs().map(|a| a.to_string()))
+        .args(["--cluster-replicas", "0", "--cluster-yes"])
+        .stdin(Stdio::null())
+        .stdout(log.try_clone()?)
+        .stderr(log);
+    let mut child = cli.spawn()?;
+    let timeout = deadline.saturating_duration_since(Instant::now());
+    wait_until(timeout, || {
+        interrupted() || !matches!(child.try_wait(), Ok(None))
+    });
+    let status = child.try_wait()?;
+    if status.is_none() {
+        let _ = child.kill();
+        let _ = child.wait();
+        if interrupted() {
+            bail!("interrupted");
+        }
+    }
+    match status {
+        Some(status) if status.success() => Ok(()),
+        _ => bail!(
+            "{service}: redis-cli --cluster create {}; the end of {}:\n{}",
+            status.map_or("did not finish in time".into(), |s| format!("failed ({s})")),
+            service.log_file().display(),
+            log_tail(service)
+        ),
+    }
+}
+
+fn redis_ping(addr: SocketAddr) -> Result<probe::Redis> {
+    let mut redis = probe::Redis::connect(addr, PROBE_TIMEOUT)?;
+    match redis.cmd(&[b"PING"])? {
+        probe::Resp::Simple(pong) if pong == "PONG" => Ok(redis),
+        other => bail!("{addr}: PING answered {other:?}"),
+    }
+}
+
+/// CLUSTER INFO's `name:value` lines.
+fn cluster_info(addr: SocketAddr) -> Result<String> {
+    let mut redis = probe::Redis::connect(addr, PROBE_TIMEOUT)?;
+    match redis.cmd(&[b"CLUSTER", b"INFO"])? {
+        probe::Resp::Bulk(Some(info)) => Ok(String::from_utf8_lossy(&info).into_owned()),
+        other => bail!("{addr}: CLUSTER INFO answered {other:?}"),
+    }
+}
+
+fn info_field<'a>(info: &'a str, name: &str) -> Option<&'a str> {
+    info.lines()
+        .find_map(|line| line.strip_prefix(name)?.strip_prefix(':'))
+        .map(str::trim)
+}
+
+/// Every node sees an ok cluster of all the nodes with every slot assigned, and serves a key.
+fn cluster_health() -> Result<String> {
+    let service = Service::RedisCluster;
+    let nodes = service.client_ports().len().to_string();
+    for addr in service.addrs() {
+        let info = cluster_info(addr)?;
+        let want = [
+            ("cluster_state", "ok"),
+            ("cluster_slots_assigned", "16384"),
+            ("cluster_known_nodes", nodes.as_str()),
+        ];
+        for (name, value) in want {
+            let got = info_field(&info, name);
+            if got != Some(value) {
+                bail!("{addr}: {name}:{}", got.unwrap_or("missing"));
+            }
+        }
+    }
+    for addr in service.addrs() {
+        roundtrip_owned(addr)?;
+    }
+    Ok(format!(
+        "cluster_state:ok, 16384 slots on {nodes} masters, SET/GET on each"
+    ))
+}
+
+/// SET, GET and DEL through `addr` on a key in one of its own slots: keys are tried until the
+/// node takes one rather than answering MOVED (a third of them, for three masters).
+fn roundtrip_owned(addr: SocketAddr) -> Result<()> {
+    let mut redis = probe::Redis::connect(addr, PROBE_TIMEOUT)?;
+    let value = unique_value();
+    for n in 0..100 {
+        let key = format!("sync-xtask:smoke:{n}");
+        match redis.try_cmd(&[b"SET", key.as_bytes(), value.as_bytes()])? {
+            Ok(probe::Resp::Simple(ok)) if ok == "OK" => {
+                return get_and_del(&mut redis, key.as_bytes(), &value);
+            }
+            Err(moved) if moved.starts_with("MOVED ") => {}
+            other => bail!("{addr}: SET answered {other:?}"),
+        }
+    }
+    bail!("{addr}: MOVED for each of 100 keys: the node owns no slot")
+}
+
+fn get_and_del(redis: &mut probe::Redis, key: &[u8], value: &str) -> Result<()> {
+    let got = redis.cmd(&[b"GET", key])?;
+    if got != probe::Resp::Bulk(Some(value.as_bytes().to_vec())) {
+        bail!("GET answered {got:?}");
+    }
+    redis.cmd(&[b"DEL", key])?;
+    Ok(())
+}
+
+fn unique_value() -> String {
+    let nanos = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap_or_default()
+        .as_nanos();
+    format!("smoke-{}-{nanos}", std::process::id())
 }
 
 fn log_tail(service: Service) -> String {
@@ -533,12 +867,19 @@ fn health(service: Service) -> Result<String> {
             Ok(format!("leader {leader}"))
         }
         Service::Redis => {
-            let mut redis = probe::Redis::connect(service.addr(), PROBE_TIMEOUT)?;
-            match redis.cmd(&[b"PING"])? {
-                probe::Resp::Simple(pong) if pong == "PONG" => Ok("PONG".into()),
-                other => bail!("PING answered {other:?}"),
+            let mut redis = redis_ping(service.addr())?;
+            let auth = [
+                b"AUTH".as_slice(),
+                REDIS_ACL_USER.as_bytes(),
+                REDIS_ACL_PASSWORD.as_bytes(),
+            ];
+            match redis.cmd(&auth) {
+                Ok(probe::Resp::Simple(ok)) if ok == "OK" => {}
+                other => bail!("AUTH as {REDIS_ACL_USER} answered {other:?}"),
             }
+            Ok(format!("PONG, ACL user {REDIS_ACL_USER}"))
         }
+        Service::RedisCluster => cluster_health(),
         Service::Ntp => {
             let reply = probe::ntp_query(service.addr(), PROBE_TIMEOUT)?;
             reply.check_synchronised()?;
@@ -562,33 +903,51 @@ pub(crate) fn down(services: &[Service]) -> Result<()> {
 }
 
 fn stop(service: Service) -> Result<()> {
-    let Some(pid) = running_pid(service) else {
+    let pids = running_pids(service);
+    if pids.is_empty() {
         let _ = fs::remove_file(service.pid_file());
+        forget_cluster(service);
         say!("{service}: not running");
         return Ok(());
-    };
+    }
     let started = Instant::now();
-    let target = Pid::from_raw(i32::try_from(pid)?);
-    let _ = signal::kill(target, signal::Signal::SIGTERM);
-    if !wait_until(Duration::from_secs(15), || !alive(pid)) {
-        say!("{service}: pid {pid} ignored SIGTERM, killing it");
-        let _ = signal::kill(target, signal::Signal::SIGKILL);
-        if !wait_until(Duration::from_secs(5), || !alive(pid)) {
-            bail!("{service}: pid {pid} would not die");
+    let all_gone = |pids: &[u32]| pids.iter().all(|&pid| !alive(pid));
+    signal_all(&pids, signal::Signal::SIGTERM);
+    if !wait_until(Duration::from_secs(15), || all_gone(&pids)) {
+        say!(
+            "{service}: pid {} ignored SIGTERM, killing",
+            pid_list(&pids)
+        );
+        signal_all(&pids, signal::Signal::SIGKILL);
+        if !wait_until(Duration::from_secs(5), || all_gone(&pids)) {
+            bail!("{service}: pid {} would not die", pid_list(&pids));
         }
     }
     let _ = fs::remove_file(service.pid_file());
+    forget_cluster(service);
     if !wait_until(Duration::from_secs(5), || busy_ports(service).is_empty()) {
         bail!(
-            "{service}: stopped pid {pid}, but port {} is still in use",
+            "{service}: stopped pid {}, but port {} is still in use",
+            pid_list(&pids),
             busy_ports(service).join(", ")
         );
     }
     say!(
-        "{service}: stopped (pid {pid}) in {}",
+        "{service}: stopped (pid {}) in {}",
+        pid_list(&pids),
         fmt_duration(started.elapsed())
     );
     Ok(())
+}
+
+/// A node's nodes.conf is its cluster membership: without it no later start, ours or one by
+/// hand in that dir, waits for the peers of an old cluster.
+fn forget_cluster(service: Service) {
+    if service == Service::RedisCluster {
+        for &port in service.client_ports() {
+            let _ = fs::remove_file(service.data_dir(port).join("nodes.conf"));
+        }
+    }
 }
 
 fn wait_until(timeout: Duration, mut done: impl FnMut() -> bool) -> bool {
@@ -603,41 +962,49 @@ fn wait_until(timeout: Duration, mut done: impl FnMut() -> bool) -> bool {
 }
 
 fn status(services: &[Service]) {
-    println!(
-        "{:<8} {:<6} {:<8} {:<32} HEALTH",
-        "SERVICE", "PORT", "PID", "ENDPOINT"
-    );
+    let mut rows = vec![["SERVICE", "PORT", "PID", "ENDPOINT", "HEALTH"].map(String::from)];
     for &service in services {
-        let (pid, health) = match running_pid(service) {
-            Some(pid) => (
-                pid.to_string(),
-                health(service).unwrap_or_else(|e| format!("unhealthy: {e}")),
-            ),
-            None => {
-                let busy = busy_ports(service);
-                let state = if busy.is_empty() {
-                    "stopped".to_string()
-                } else {
-                    format!("stopped; {} used by another process", busy.join(", "))
-                };
-                ("-".to_string(), state)
-            }
+        let pids = running_pids(service);
+        let (pids, health) = if pids.is_empty() {
+            let busy = busy_ports(service);
+            let state = if busy.is_empty() {
+                "stopped".to_string()
+            } else {
+                format!("stopped; {} used by another process", busy.join(", "))
+            };
+            ("-".to_string(), state)
+        } else {
+            let health = health(service).unwrap_or_else(|e| format!("unhealthy: {e}"));
+            (pid_list(&pids), health)
         };
-        println!(
-            "{:<8} {:<6} {:<8} {:<32} {health}",
-            service.name(),
-            service.port(),
-            pid,
-            service.endpoint()
-        );
+        let ports: Vec<String> = service.client_ports().iter().map(u16::to_string).collect();
+        let name = service.name().to_string();
+        rows.push([name, ports.join(","), pids, service.endpoint(), health]);
+    }
+    print_table(&rows);
+}
+
+/// Columns as wide as their widest cell; the last one unpadded.
+fn print_table<const N: usize>(rows: &[[String; N]]) {
+    let width = |i: usize| rows.iter().map(|row| row[i].len()).max().unwrap_or(0);
+    let widths: Vec<usize> = (0..N).map(width).collect();
+    for row in rows {
+        let mut line = String::new();
+        for (cell, width) in row.iter().zip(&widths).take(N - 1) {
+            line.push_str(&format!("{cell:<width$} "));
+        }
+        line.push_str(&row[N - 1]);
+        println!("{line}");
     }
 }
 
 /// `export` lines for the running services, `eval`-able by a POSIX shell.
 fn env(services: &[Service]) {
     for &service in services {
-        if running_pid(service).is_some() {
-            println!("export {}={}", service.env_var(), service.endpoint());
+        if all_running(service).is_some() {
+            for (var, value) in service.envs() {
+                println!("export {var}={value}");
+            }
         } else {
             println!("# {service} is not running: cargo xtask services up {service}");
         }
@@ -649,7 +1016,7 @@ pub(crate) fn smoke(services: &[Service]) -> Result<()> {
     let mut failures = Vec::new();
     for &service in services {
         let started = Instant::now();
-        let result = if running_pid(service).is_none() {
+        let result = if all_running(service).is_none() {
             Err(format!("not running (cargo xtask services up {service})").into())
         } else {
             smoke_one(service)
@@ -672,11 +1039,7 @@ pub(crate) fn smoke(services: &[Service]) -> Result<()> {
 }
 
 fn smoke_one(service: Service) -> Result<String> {
-    let nanos = SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .unwrap_or_default()
-        .as_nanos();
-    let value = format!("smoke-{}-{nanos}", std::process::id());
+    let value = unique_value();
     match service {
         Service::Etcd => {
             let etcdctl = install::require("etcdctl")?;
@@ -729,12 +1092,14 @@ fn smoke_one(service: Service) -> Result<String> {
             if set != probe::Resp::Simple("OK".into()) {
                 bail!("SET answered {set:?}");
             }
-            let got = redis.cmd(&[b"GET", key])?;
-            if got != probe::Resp::Bulk(Some(value.clone().into_bytes())) {
-                bail!("GET answered {got:?}");
-            }
-            redis.cmd(&[b"DEL", key])?;
+            get_and_del(&mut redis, key, &value)?;
             Ok("SET/GET/DEL over RESP".into())
+        }
+        Service::RedisCluster => {
+            for addr in service.addrs() {
+                roundtrip_owned(addr)?;
+            }
+            Ok("SET/GET/DEL on each master's own slots over RESP".into())
         }
         Service::Ntp => {
             let reply = probe::ntp_query(service.addr(), PROBE_TIMEOUT)?;
@@ -785,11 +1150,49 @@ mod tests {
 
     #[test]
     fn pid_files() {
-        assert_eq!(parse_pid_file("123\n"), Some((123, None)));
-        assert_eq!(parse_pid_file("123 4567\n"), Some((123, Some(4567))));
+        assert_eq!(parse_pid_file("123\n"), Some(vec![(123, None)]));
+        assert_eq!(parse_pid_file("123 4567\n"), Some(vec![(123, Some(4567))]));
+        assert_eq!(
+            parse_pid_file("123 4567\n124 4568\n"),
+            Some(vec![(123, Some(4567)), (124, Some(4568))])
+        );
         assert_eq!(parse_pid_file(""), None);
         assert_eq!(parse_pid_file("x"), None);
         assert_eq!(parse_pid_file("123 x"), None);
+        assert_eq!(parse_pid_file("123\nx\n"), None);
+    }
+
+    #[test]
+    fn redis_endpoints() {
+        assert_eq!(
+            Service::RedisCluster.endpoint(),
+            "redis+cluster://127.0.0.1:13380,127.0.0.1:13381,127.0.0.1:13382"
+        );
+        assert_eq!(
+            Service::Redis.envs(),
+            vec![
+                ("SYNC_TEST_REDIS", "redis://127.0.0.1:13379".to_string()),
+                (
+                    "SYNC_TEST_REDIS_ACL",
+                    "redis://sync-acl:sync-acl-secret@127.0.0.1:13379".to_string()
+                ),
+            ]
+        );
+        assert_eq!(
+            Service::RedisCluster.tcp_ports(),
+            [13380, 23380, 13381, 23381, 13382, 23382]
+        );
+        // Below Linux's ephemeral range, like every other port.
+        assert!(Service::RedisCluster.tcp_ports().iter().all(|&p| p < 32768));
+    }
+
+    #[test]
+    fn cluster_info_fields() {
+        let info = "cluster_state:ok\r\ncluster_slots_assigned:16384\r\ncluster_known_nodes:3\r\n";
+        assert_eq!(info_field(info, "cluster_state"), Some("ok"));
+        assert_eq!(info_field(info, "cluster_slots_assigned"), Some("16384"));
+        assert_eq!(info_field(info, "cluster_slots"), None);
+        assert_eq!(info_field(info, "cluster_size"), None);
     }
 
     #[test]

@@ -26,8 +26,10 @@ pub(crate) fn run(args: &[String]) -> Result<ExitCode> {
             "--" => cargo_args.extend(rest.by_ref().cloned()),
             "local" => names.push("local"),
             flag if flag.starts_with('-') => bail!("unknown flag `{flag}`\n{}", crate::USAGE),
-            name => match Service::parse(name) {
-                Some(service) => names.push(service.name()),
+            // A backend may need several services: redis, a Redis and a Redis Cluster.
+            name => match Service::ALL.into_iter().find(|s| s.backend() == name) {
+                Some(service) if names.contains(&service.backend()) => {}
+                Some(service) => names.push(service.backend()),
                 None => bail!("unknown backend `{name}` (etcd consul redis ntp local)"),
             },
         }
@@ -39,7 +41,7 @@ pub(crate) fn run(args: &[String]) -> Result<ExitCode> {
     } else {
         Service::ALL
             .into_iter()
-            .filter(|s| names.contains(&s.name()))
+            .filter(|s| names.contains(&s.backend()))
             .collect()
     };
     // A backend whose SYNC_TEST_* is already set is the user's own server: use it, start none.
@@ -144,7 +146,7 @@ fn smoke_and_test(
     }
     let envs: Vec<(&str, String)> = managed
         .iter()
-        .map(|s| (s.env_var(), s.endpoint()))
+        .flat_map(|s| s.envs())
         .chain([("SYNC_REQUIRE_LIVE", "1".to_string())])
         .collect();
     // --all-targets skips doc tests and --doc runs only them, hence two runs; the second reuses
