@@ -34,6 +34,8 @@
 //! | `etcd://` | `etcd` | sync-etcd |
 //! | `etcds://` | `etcd-tls` | sync-etcd with TLS |
 //! | `ntp://` | `ntp` | sync-ntp |
+//! | `redis://`, `redis+cluster://` | `redis` | sync-redis |
+//! | `rediss://`, `rediss+cluster://` | `redis-tls` | sync-redis with TLS |
 //!
 //! A URL whose scheme this build does not know, or whose feature is off, is an
 //! [`InvalidArgument`](sync_core::ErrorKind::InvalidArgument) error naming the schemes this
@@ -62,6 +64,9 @@ pub enum Config {
     /// NTP time.
     #[cfg(feature = "ntp")]
     Ntp(sync_ntp::Config),
+    /// Redis or Redis Cluster.
+    #[cfg(feature = "redis")]
+    Redis(sync_redis::Config),
 }
 
 /// Every scheme a `sync` backend answers to, with the feature that brings it in.
@@ -70,6 +75,10 @@ const SCHEMES: &[(&str, &str)] = &[
     ("etcd", "etcd"),
     ("etcds", "etcd-tls"),
     ("ntp", "ntp"),
+    ("redis", "redis"),
+    ("redis+cluster", "redis"),
+    ("rediss", "redis-tls"),
+    ("rediss+cluster", "redis-tls"),
 ];
 
 /// Whether this build has the backend behind `feature`.
@@ -79,6 +88,8 @@ fn enabled(feature: &str) -> bool {
         "etcd" => cfg!(feature = "etcd"),
         "etcd-tls" => cfg!(feature = "etcd-tls"),
         "ntp" => cfg!(feature = "ntp"),
+        "redis" => cfg!(feature = "redis"),
+        "redis-tls" => cfg!(feature = "redis-tls"),
         _ => false,
     }
 }
@@ -126,6 +137,10 @@ impl Config {
             "etcds" => Ok(Config::Etcd(sync_etcd::Config::from_url(url)?)),
             #[cfg(feature = "ntp")]
             "ntp" => Ok(Config::Ntp(sync_ntp::Config::from_url(url)?)),
+            #[cfg(feature = "redis")]
+            "redis" | "redis+cluster" => Ok(Config::Redis(sync_redis::Config::from_url(url)?)),
+            #[cfg(feature = "redis-tls")]
+            "rediss" | "rediss+cluster" => Ok(Config::Redis(sync_redis::Config::from_url(url)?)),
             other => Err(unknown_scheme(url, other)),
         }
     }
@@ -139,6 +154,8 @@ impl Config {
             Config::Etcd(_) => sync_etcd::BACKEND,
             #[cfg(feature = "ntp")]
             Config::Ntp(_) => sync_ntp::BACKEND,
+            #[cfg(feature = "redis")]
+            Config::Redis(_) => sync_redis::BACKEND,
         }
     }
 
@@ -151,6 +168,8 @@ impl Config {
             Config::Etcd(c) => Arc::new(sync_etcd::Client::connect(c).await?),
             #[cfg(feature = "ntp")]
             Config::Ntp(c) => Arc::new(sync_ntp::Client::connect(c).await?),
+            #[cfg(feature = "redis")]
+            Config::Redis(c) => Arc::new(sync_redis::Client::connect(c).await?),
         })
     }
 }

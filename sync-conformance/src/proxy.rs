@@ -266,9 +266,14 @@ pub fn through(url: &str, addr: SocketAddr) -> String {
     format!("{scheme}://{}{addr}{tail}", userinfo.unwrap_or_default())
 }
 
-/// The first host of `url` as a socket address (the server a proxy stands in front of).
+/// The first host of `url` as a socket address (the server a proxy stands in front of). None
+/// for a cluster URL (`…+cluster://`): its client learns the other nodes' addresses from the
+/// cluster and reaches them around a proxy, so faults through one could not be told apart.
 pub(crate) fn first_host(url: &str) -> Option<SocketAddr> {
     let parsed = sync_core::url::BackendUrl::parse(url).ok()?;
+    if parsed.scheme.ends_with("+cluster") {
+        return None;
+    }
     let host = parsed.hosts.first()?;
     use std::net::ToSocketAddrs;
     host.to_socket_addrs().ok()?.next()

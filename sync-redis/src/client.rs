@@ -235,7 +235,10 @@ impl Client {
 
 /// The connection for `config`, RESP3 so that pub/sub messages arrive as pushes on the same
 /// connection, which resubscribes by itself after a reconnect.
-async fn open(config: &Config, pushes: mpsc::UnboundedSender<redis::PushInfo>) -> RedisResult<Conn> {
+async fn open(
+    config: &Config,
+    pushes: mpsc::UnboundedSender<redis::PushInfo>,
+) -> RedisResult<Conn> {
     let infos = config
         .endpoints
         .iter()

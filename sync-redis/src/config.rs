@@ -126,7 +126,14 @@ impl Config {
         let (url, mut config) = BackendUrl::parse_config::<Config>(
             url,
             &SCHEMES,
-            &["endpoints", "namespace", "user", "password", "tls", "cluster"],
+            &[
+                "endpoints",
+                "namespace",
+                "user",
+                "password",
+                "tls",
+                "cluster",
+            ],
         )?;
         config.tls = url.scheme.starts_with("rediss");
         config.cluster = url.scheme.ends_with("+cluster");
@@ -268,7 +275,10 @@ mod tests {
     #[test]
     fn urls() {
         let c = Config::from_url("redis://127.0.0.1:13379").unwrap();
-        assert_eq!((c.namespace.as_str(), c.cluster, c.tls), ("sync", false, false));
+        assert_eq!(
+            (c.namespace.as_str(), c.cluster, c.tls),
+            ("sync", false, false)
+        );
         assert_eq!(Config::from_url("redis://h/").unwrap().namespace, "");
         assert_eq!(Config::from_url("redis://h").unwrap().endpoints, ["h:6379"]);
         assert_eq!(
@@ -289,7 +299,11 @@ mod tests {
             "redis://h:0",
         ] {
             let err = Config::from_url(bad).unwrap_err();
-            assert_eq!(err.kind(), sync_core::ErrorKind::InvalidArgument, "{bad}: {err}");
+            assert_eq!(
+                err.kind(),
+                sync_core::ErrorKind::InvalidArgument,
+                "{bad}: {err}"
+            );
         }
         let err = Config::from_url("redis://h?ttl=100ms").unwrap_err();
         assert!(err.to_string().contains("at least 500ms"), "{err}");

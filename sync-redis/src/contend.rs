@@ -51,7 +51,11 @@ impl Contender<'_> {
         let mut resends = 0;
         let reply: redis::Value = loop {
             let ttl_ms = self.client.config.ttl.as_millis().to_string();
-            let channel = if self.announce { self.keys.channel.as_str() } else { "" };
+            let channel = if self.announce {
+                self.keys.channel.as_str()
+            } else {
+                ""
+            };
             let args: [&[u8]; 4] = [
                 self.owner.as_bytes(),
                 ttl_ms.as_bytes(),
@@ -81,7 +85,11 @@ impl Contender<'_> {
         self.parse(reply, sent)
     }
 
-    fn parse(&self, reply: redis::Value, sent: Instant) -> Result<std::result::Result<Grant, Busy>> {
+    fn parse(
+        &self,
+        reply: redis::Value,
+        sent: Instant,
+    ) -> Result<std::result::Result<Grant, Busy>> {
         use redis::Value::{Array, Int};
         let bad = |v: &redis::Value| unexpected("taking the key", format!("{v:?}"));
         let Array(items) = &reply else {
@@ -206,7 +214,12 @@ impl Drop for Cleanup {
                 if client.is_killed() {
                     return;
                 }
-                if client.conn.eval::<i64>(&RELEASE, &[&keys.key], &args).await.is_ok() {
+                if client
+                    .conn
+                    .eval::<i64>(&RELEASE, &[&keys.key], &args)
+                    .await
+                    .is_ok()
+                {
                     return;
                 }
                 tokio::time::sleep(Duration::from_millis(200)).await;

@@ -18,7 +18,10 @@ pub(crate) fn redis_err(what: impl Into<String>, e: RedisError) -> Error {
         || e.is_timeout()
         || e.is_connection_dropped()
         || e.is_connection_refusal()
-        || matches!(code, "LOADING" | "CLUSTERDOWN" | "TRYAGAIN" | "MASTERDOWN" | "BUSY")
+        || matches!(
+            code,
+            "LOADING" | "CLUSTERDOWN" | "TRYAGAIN" | "MASTERDOWN" | "BUSY"
+        )
         || matches!(e.kind(), redis::ErrorKind::ClusterConnectionNotFound)
     {
         ErrorKind::Unavailable

@@ -26,8 +26,9 @@ use crate::{
 };
 
 /// The leader's value and its key's remaining TTL in one read.
-static READ: LazyLock<Script> =
-    LazyLock::new(|| Script::new("return {redis.call('GET', KEYS[1]), redis.call('PTTL', KEYS[1])}"));
+static READ: LazyLock<Script> = LazyLock::new(|| {
+    Script::new("return {redis.call('GET', KEYS[1]), redis.call('PTTL', KEYS[1])}")
+});
 
 /// The payload of a leader key: the escaped candidate (no newline), a newline, the value.
 fn encode(candidate: &str, value: &[u8]) -> Vec<u8> {

@@ -187,7 +187,10 @@ impl Renewer {
             vec![due]
         };
         let calls = groups.into_iter().map(|g| self.renew(g));
-        futures::future::join_all(calls).await.into_iter().all(|ok| ok)
+        futures::future::join_all(calls)
+            .await
+            .into_iter()
+            .all(|ok| ok)
     }
 
     /// Renews one group in one call; confirms the renewed keys' deadlines and fires the loss of

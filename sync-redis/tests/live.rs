@@ -1,0 +1,465 @@
+//! Live behaviour beyond the conformance suite: what an acquire costs in commands, one renewal
+//! call per tick for many locks, pushed handoff, loss and fencing across a Redis restart that
+//! lost the data, ACL credentials, and loss when another client deletes the key.
+//!
+//! Needs `SYNC_TEST_REDIS` (and `SYNC_TEST_REDIS_ACL` for the ACL case) and `redis-server` on
+//! the PATH for the cases that run a private server (command counts and restarts must not be
+//! disturbed by other tests).
+
+use std::{
+    future::Future,
+    path::PathBuf,
+    pin::Pin,
+    process::{Child, Command, ExitCode, Stdio},
+    time::Duration,
+};
+
+use libtest_mimic::{Arguments, Trial};
+use redis::AsyncCommands;
+use sync_core::{Backend, ErrorKind, LockOptions};
+use sync_redis::{Client, Config};
+use tokio::time::Instant;
+
+type TestResult = Result<(), String>;
+type TestFn = fn(String) -> Pin<Box<dyn Future<Output = TestResult> + Send>>;
+
+fn unique(what: &str) -> String {
+    format!("live-{what}-{}", uuid::Uuid::new_v4().simple())
+}
+
+fn err(e: impl std::fmt::Display) -> String {
+    e.to_string()
+}
+
+async fn connect(url: &str, ns: &str, ttl: Duration) -> Result<Client, String> {
+    let config = Config::from_url(url)
+        .map_err(err)?
+        .with_namespace(ns)
+        .with_ttl(ttl);
+    Client::connect(config).await.map_err(err)
+}
+
+/// A Redis server of one test's own, without persistence, on a free port; killed on drop.
+struct PrivateRedis {
+    child: Option<Child>,
+    port: u16,
+    dir: PathBuf,
+}
+
+impl PrivateRedis {
+    async fn start() -> Result<PrivateRedis, String> {
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .and_then(|l| l.local_addr())
+            .map_err(err)?
+            .port();
+        let dir = std::env::temp_dir().join(unique("redis"));
+        std::fs::create_dir_all(&dir).map_err(err)?;
+        let mut redis = PrivateRedis {
+            child: None,
+            port,
+            dir,
+        };
+        redis.spawn().await?;
+        Ok(redis)
+    }
+
+    fn url(&self) -> String {
+        format!("redis://127.0.0.1:{}", self.port)
+    }
+
+    async fn spawn(&mut self) -> TestResult {
+        let child = Command::new("redis-server")
+            .args(["--bind", "127.0.0.1", "--port", &self.port.to_string()])
+            .args(["--save", "", "--appendonly", "no"])
+            .arg("--dir")
+            .arg(&self.dir)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .map_err(|e| format!("starting redis-server (is it on PATH?): {e}"))?;
+        self.child = Some(child);
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while Instant::now() < deadline {
+            if let Ok(mut c) = self.raw().await {
+                if redis::cmd("PING")
+                    .query_async::<String>(&mut c)
+                    .await
+                    .is_ok()
+                {
+                    return Ok(());
+                }
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        Err("the private redis-server did not answer PING within 20s".into())
+    }
+
+    /// Kills the server (its data is lost: no persistence) and starts it again on its port.
+    async fn restart(&mut self) -> TestResult {
+        self.kill();
+        self.spawn().await
+    }
+
+    fn kill(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    async fn raw(&self) -> Result<redis::aio::MultiplexedConnection, String> {
+        let client = redis::Client::open(self.url()).map_err(err)?;
+        client.get_multiplexed_async_connection().await.map_err(err)
+    }
+
+    /// Commands this test's clients sent since the last `CONFIG RESETSTAT`, per name. Redis
+    /// counts the commands a script runs as well; those (what our scripts call) are left out,
+    /// as are the test's own INFO and CONFIG.
+    async fn calls(&self) -> Result<Vec<(String, u64)>, String> {
+        const IN_SCRIPTS: [&str; 7] = ["get", "set", "time", "publish", "del", "pexpire", "pttl"];
+        let mut c = self.raw().await?;
+        let info: String = redis::cmd("INFO")
+            .arg("commandstats")
+            .query_async(&mut c)
+            .await
+            .map_err(err)?;
+        Ok(info
+            .lines()
+            .filter_map(|l| {
+                let (name, rest) = l.strip_prefix("cmdstat_")?.split_once(':')?;
+                let calls = rest
+                    .strip_prefix("calls=")?
+                    .split(',')
+                    .next()?
+                    .parse()
+                    .ok()?;
+                let ours = !IN_SCRIPTS.contains(&name)
+                    && !matches!(
+                        name,
+                        "info" | "config|resetstat" | "hello" | "client|setinfo" | "ping"
+                    );
+                ours.then(|| (name.to_string(), calls))
+            })
+            .collect())
+    }
+
+    async fn reset_stats(&self) -> TestResult {
+        let mut c = self.raw().await?;
+        redis::cmd("CONFIG")
+            .arg("RESETSTAT")
+            .query_async::<()>(&mut c)
+            .await
+            .map_err(err)
+    }
+}
+
+impl Drop for PrivateRedis {
+    fn drop(&mut self) {
+        self.kill();
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+fn total(calls: &[(String, u64)]) -> u64 {
+    calls.iter().map(|(_, n)| n).sum()
+}
+
+/// An uncontended acquire and release cost two commands in all: one script each.
+async fn uncontended_acquire_release_is_two_commands(_: String) -> TestResult {
+    let redis = PrivateRedis::start().await?;
+    let client = connect(&redis.url(), &unique("two"), Duration::from_secs(30)).await?;
+    let lock = client.lock().map_err(err)?;
+    // Loads the scripts once (EVALSHA, then EVAL on NOSCRIPT).
+    lock.acquire("warm", LockOptions::new())
+        .await
+        .map_err(err)?
+        .release()
+        .await
+        .map_err(err)?;
+    for round in 0..3 {
+        redis.reset_stats().await?;
+        let guard = lock
+            .acquire("orders", LockOptions::new())
+            .await
+            .map_err(err)?;
+        guard.release().await.map_err(err)?;
+        let calls = redis.calls().await?;
+        if total(&calls) != 2 {
+            return Err(format!(
+                "round {round}: an uncontended acquire+release sent {calls:?}, not two commands"
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// 10 000 locks held through one client are renewed in one script call per tick.
+async fn ten_thousand_locks_one_renewal_call_per_tick(_: String) -> TestResult {
+    const LOCKS: usize = 10_000;
+    let redis = PrivateRedis::start().await?;
+    let ttl = Duration::from_secs(3);
+    let ns = unique("many");
+    let client = connect(&redis.url(), &ns, ttl).await?;
+    let lock = client.lock().map_err(err)?;
+    let mut guards = Vec::with_capacity(LOCKS);
+    for chunk in (0..LOCKS).collect::<Vec<_>>().chunks(500) {
+        let grants = chunk
+            .iter()
+            .map(|i| lock.acquire_owned(format!("held-{i}")));
+        for g in futures::future::join_all(grants).await {
+            guards.push(g.map_err(err)?);
+        }
+    }
+    // The first renewal loads its script on this fresh server (EVALSHA, SCRIPT LOAD,
+    // EVALSHA); count from after it until two more calls.
+    redis.reset_stats().await?;
+    wait_for_calls(&redis, 3, 10 * ttl).await?;
+    redis.reset_stats().await?;
+    let started = Instant::now();
+    let calls = wait_for_calls(&redis, 2, 10 * ttl).await?;
+    let elapsed = started.elapsed();
+    let tick = ttl / 3;
+    if total(&calls) != 2 || elapsed < tick - Duration::from_millis(100) {
+        return Err(format!(
+            "in {elapsed:?} (tick {tick:?}) the renewals of {LOCKS} locks sent {calls:?}: \
+             more than one call per tick"
+        ));
+    }
+    let lost = guards.iter().filter(|g| g.is_lost()).count();
+    if lost > 0 {
+        return Err(format!("{lost} of {LOCKS} locks lost while renewed"));
+    }
+    let mut raw = redis.raw().await?;
+    let sample = format!("{{{ns}:lock:held-{}}}", LOCKS - 1);
+    let pttl: i64 = raw.pttl(&sample).await.map_err(err)?;
+    if pttl <= 0 {
+        return Err(format!("{sample} has PTTL {pttl}: not renewed"));
+    }
+    Ok(())
+}
+
+trait AcquireOwned {
+    fn acquire_owned(
+        &self,
+        id: String,
+    ) -> Pin<Box<dyn Future<Output = sync_core::Result<sync_core::LockGuard>> + Send + '_>>;
+}
+
+impl AcquireOwned for std::sync::Arc<dyn sync_core::Lock> {
+    fn acquire_owned(
+        &self,
+        id: String,
+    ) -> Pin<Box<dyn Future<Output = sync_core::Result<sync_core::LockGuard>> + Send + '_>> {
+        Box::pin(async move { self.acquire(&id, LockOptions::new()).await })
+    }
+}
+
+/// Waits (bounded) until the clients sent at least `n` commands; the calls by then.
+async fn wait_for_calls(
+    redis: &PrivateRedis,
+    n: u64,
+    within: Duration,
+) -> Result<Vec<(String, u64)>, String> {
+    let deadline = Instant::now() + within;
+    loop {
+        let calls = redis.calls().await?;
+        if total(&calls) >= n {
+            return Ok(calls);
+        }
+        if Instant::now() > deadline {
+            return Err(format!("fewer than {n} calls within {within:?}: {calls:?}"));
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// A waiter is woken by the release's message, not by its poll: with a 30 s poll and a 30 s
+/// TTL, the median handoff over five rounds is well under 100 ms.
+async fn handoff_is_pushed_not_polled(url: String) -> TestResult {
+    let ns = unique("handoff");
+    let config = |url: &str| {
+        Config::from_url(url).map(|c| {
+            c.with_namespace(ns.clone())
+                .with_ttl(Duration::from_secs(30))
+                .with_poll(Duration::from_secs(30))
+        })
+    };
+    let holder = Client::connect(config(&url).map_err(err)?)
+        .await
+        .map_err(err)?;
+    let waiter = Client::connect(config(&url).map_err(err)?)
+        .await
+        .map_err(err)?;
+    let mut handoffs = Vec::new();
+    for _ in 0..5 {
+        let guard = holder
+            .lock()
+            .map_err(err)?
+            .acquire("baton", LockOptions::new())
+            .await
+            .map_err(err)?;
+        let lock = waiter.lock().map_err(err)?;
+        let waiting = tokio::spawn(async move {
+            let g = lock.acquire("baton", LockOptions::new()).await;
+            (Instant::now(), g)
+        });
+        // Let the waiter subscribe and find the lock held.
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        let released = Instant::now();
+        guard.release().await.map_err(err)?;
+        let (granted, g) = tokio::time::timeout(Duration::from_secs(10), waiting)
+            .await
+            .map_err(|_| "the waiter was not granted within 10s of the release")?
+            .map_err(err)?;
+        g.map_err(err)?.release().await.map_err(err)?;
+        handoffs.push(granted - released);
+    }
+    handoffs.sort();
+    let median = handoffs[2];
+    eprintln!("handoffs: {handoffs:?}");
+    if median >= Duration::from_millis(100) {
+        return Err(format!(
+            "median handoff {median:?} with a 30s poll: {handoffs:?}"
+        ));
+    }
+    Ok(())
+}
+
+/// Redis restarted without persistence while a lock is held: the holder's `lost()` fires, and
+/// the next grant's fencing token is larger than the lost one.
+async fn restart_without_persistence_fires_lost_and_fences(_: String) -> TestResult {
+    let mut redis = PrivateRedis::start().await?;
+    let ttl = Duration::from_secs(2);
+    let ns = unique("restart");
+    let holder = connect(&redis.url(), &ns, ttl).await?;
+    let guard = holder
+        .lock()
+        .map_err(err)?
+        .acquire("fenced", LockOptions::new())
+        .await
+        .map_err(err)?;
+    let old = guard.fencing_token();
+    redis.restart().await?;
+    tokio::time::timeout(2 * ttl, guard.lost())
+        .await
+        .map_err(|_| format!("the holder saw no loss within {:?} of the restart", 2 * ttl))?;
+    let other = connect(&redis.url(), &ns, ttl).await?;
+    let next = other
+        .lock()
+        .map_err(err)?
+        .acquire("fenced", LockOptions::new().with_wait(2 * ttl))
+        .await
+        .map_err(err)?;
+    if next.fencing_token() <= old {
+        return Err(format!(
+            "token {} after the restart is not above the lost token {old}",
+            next.fencing_token()
+        ));
+    }
+    Ok(())
+}
+
+/// The ACL user's credentials work; a wrong password is Unauthorized at connect.
+async fn acl_credentials(_: String) -> TestResult {
+    let Ok(url) = std::env::var("SYNC_TEST_REDIS_ACL") else {
+        return Err("SYNC_TEST_REDIS_ACL is not set (cargo xtask test sets it)".into());
+    };
+    let ns = unique("acl");
+    let client = connect(&url, &ns, Duration::from_secs(5)).await?;
+    client
+        .lock()
+        .map_err(err)?
+        .acquire("acl", LockOptions::new())
+        .await
+        .map_err(err)?
+        .release()
+        .await
+        .map_err(err)?;
+    let mut config = Config::from_url(&url).map_err(err)?.with_namespace(ns);
+    let user = config.user.clone().unwrap_or_else(|| "default".into());
+    config = config.with_auth(user, "not-the-password");
+    match Client::connect(config).await {
+        Err(e) if e.kind() == ErrorKind::Unauthorized => Ok(()),
+        Err(e) => Err(format!("a wrong password gave {:?}: {e}", e.kind())),
+        Ok(_) => Err("a wrong password connected".into()),
+    }
+}
+
+/// Another client deleting the lock key is seen by the holder at its next renewal.
+async fn lost_when_key_deleted(url: String) -> TestResult {
+    let ttl = Duration::from_secs(3);
+    let ns = unique("deleted");
+    let client = connect(&url, &ns, ttl).await?;
+    let guard = client
+        .lock()
+        .map_err(err)?
+        .acquire("doomed", LockOptions::new())
+        .await
+        .map_err(err)?;
+    let raw = redis::Client::open(url.as_str()).map_err(err)?;
+    let mut raw = raw.get_multiplexed_async_connection().await.map_err(err)?;
+    let _: () = raw
+        .del(format!("{{{ns}:lock:doomed}}"))
+        .await
+        .map_err(err)?;
+    tokio::time::timeout(ttl, guard.lost())
+        .await
+        .map_err(|_| "no loss within one TTL of the key's deletion")?;
+    Ok(())
+}
+
+fn main() -> ExitCode {
+    let tests: Vec<(&'static str, TestFn)> = vec![
+        ("live::uncontended_acquire_release_is_two_commands", |u| {
+            Box::pin(uncontended_acquire_release_is_two_commands(u))
+        }),
+        ("live::ten_thousand_locks_one_renewal_call_per_tick", |u| {
+            Box::pin(ten_thousand_locks_one_renewal_call_per_tick(u))
+        }),
+        ("live::handoff_is_pushed_not_polled", |u| {
+            Box::pin(handoff_is_pushed_not_polled(u))
+        }),
+        (
+            "live::restart_without_persistence_fires_lost_and_fences",
+            |u| Box::pin(restart_without_persistence_fires_lost_and_fences(u)),
+        ),
+        ("live::acl_credentials", |u| Box::pin(acl_credentials(u))),
+        ("live::lost_when_key_deleted", |u| {
+            Box::pin(lost_when_key_deleted(u))
+        }),
+    ];
+    run(&tests, Arguments::from_args())
+}
+
+/// Runs `tests` against `SYNC_TEST_REDIS`; without it they show as ignored (failed with
+/// `SYNC_REQUIRE_LIVE=1`).
+fn run(tests: &[(&'static str, TestFn)], args: Arguments) -> ExitCode {
+    let url = std::env::var("SYNC_TEST_REDIS")
+        .ok()
+        .filter(|u| !u.is_empty());
+    let require = std::env::var("SYNC_REQUIRE_LIVE").is_ok_and(|v| v == "1");
+    let trials = tests
+        .iter()
+        .map(|&(name, f)| match url.clone() {
+            None => {
+                let why = "SYNC_TEST_REDIS is not set: this test needs a live redis".to_string();
+                Trial::test(name, move || Err(why.into())).with_ignored_flag(!require)
+            }
+            Some(url) => Trial::test(name, move || {
+                let rt = tokio::runtime::Builder::new_multi_thread()
+                    .worker_threads(2)
+                    .enable_all()
+                    .build()
+                    .map_err(err)?;
+                let out = rt.block_on(async move {
+                    tokio::time::timeout(Duration::from_secs(90), f(url))
+                        .await
+                        .map_err(|_| "timed out after 90s".to_string())?
+                });
+                rt.shutdown_timeout(Duration::from_secs(1));
+                out.map_err(Into::into)
+            }),
+        })
+        .collect();
+    libtest_mimic::run(&args, trials).exit_code()
+}
