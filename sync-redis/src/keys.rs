@@ -117,19 +117,22 @@ return 0
     ))
 });
 
-/// Renews every held key of one node in one call. KEYS: the keys. ARGV: ttl ms, then each
-/// key's owner. Returns the (1-based) positions of the keys no longer held by their owner.
-/// The keys may lie in several slots of the node (`allow-cross-slot-keys`, Redis 7).
+/// Renews every held key of one node in one call. KEYS: the first of them (what routes the
+/// call). ARGV: ttl ms, then each key and its owner. Returns the (1-based) positions of the
+/// keys no longer held by their owner. Only the first key is declared: a Redis Cluster refuses
+/// declared keys of several slots, but lets a script flagged `allow-cross-slot-keys` (Redis 7)
+/// touch keys of any slot its node serves.
 pub(crate) static RENEW: LazyLock<Script> = LazyLock::new(|| {
     Script::new(&format!(
         "#!lua flags=allow-cross-slot-keys\n{OWNS}{}",
         r#"
 local gone = {}
-for i, key in ipairs(KEYS) do
-  if owns(redis.call('GET', key), ARGV[i + 1]) then
+for i = 2, #ARGV, 2 do
+  local key, owner = ARGV[i], ARGV[i + 1]
+  if owns(redis.call('GET', key), owner) then
     redis.call('PEXPIRE', key, ARGV[1])
   else
-    gone[#gone + 1] = i
+    gone[#gone + 1] = i / 2
   end
 end
 return gone

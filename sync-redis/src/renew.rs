@@ -158,17 +158,23 @@ impl Renewer {
         let every = self.ttl / 3;
         let retry = (self.ttl / 10).min(Duration::from_millis(250));
         let mut pause = every;
+        let mut nodes = None;
         loop {
             tokio::select! {
                 _ = killed.wait_for(|k| *k) => return,
                 () = tokio::time::sleep(pause) => {}
             }
-            pause = if self.renew_all().await { every } else { retry };
+            pause = if self.renew_all(&mut nodes).await {
+                every
+            } else {
+                retry
+            };
         }
     }
 
-    /// One round: every held key, grouped by slot on a cluster. False if any call failed.
-    async fn renew_all(&self) -> bool {
+    /// One round: every held key, in one call per cluster node (one in all on a server).
+    /// False if any call failed.
+    async fn renew_all(&self, nodes: &mut Option<Nodes>) -> bool {
         self.drop_expired();
         let due: Vec<Due> = locked(&self.held)
             .iter()
@@ -177,34 +183,41 @@ impl Renewer {
         if due.is_empty() {
             return true;
         }
-        let groups: Vec<Vec<Due>> = if self.conn.is_cluster() {
-            let mut by_slot: BTreeMap<u16, Vec<Due>> = BTreeMap::new();
-            for d in due {
-                by_slot.entry(slot(&d.1)).or_default().push(d);
-            }
-            by_slot.into_values().collect()
-        } else {
-            vec![due]
-        };
+        if !self.conn.is_cluster() {
+            return self.renew(due).await;
+        }
+        if nodes.is_none() {
+            *nodes = Nodes::read(&self.conn).await;
+        }
+        let groups = group_by_node(due, nodes.as_ref());
         let calls = groups.into_iter().map(|g| self.renew(g));
-        futures::future::join_all(calls)
+        let ok = futures::future::join_all(calls)
             .await
             .into_iter()
-            .all(|ok| ok)
+            .all(|ok| ok);
+        if !ok {
+            // Slots may have moved: read the map again next round.
+            *nodes = None;
+        }
+        ok
     }
 
     /// Renews one group in one call; confirms the renewed keys' deadlines and fires the loss of
     /// the keys found gone or owned by another.
     async fn renew(&self, group: Vec<Due>) -> bool {
         let sent = Instant::now();
-        let keys: Vec<&str> = group.iter().map(|d| &*d.1).collect();
+        // Only the first key is declared: Redis Cluster refuses declared keys of several
+        // slots, while the script may touch undeclared keys of its node (see RENEW).
+        let first = [&*group[0].1];
         let ttl_ms = self.ttl.as_millis().to_string();
         let mut args: Vec<&[u8]> = vec![ttl_ms.as_bytes()];
-        args.extend(group.iter().map(|d| d.2.as_bytes()));
-        let gone: Vec<usize> = match self.conn.eval(&RENEW, &keys, &args).await {
+        for d in &group {
+            args.extend([d.1.as_bytes(), d.2.as_bytes()]);
+        }
+        let gone: Vec<usize> = match self.conn.eval(&RENEW, &first, &args).await {
             Ok(gone) => gone,
             Err(e) => {
-                tracing::warn!(backend = BACKEND, error = %e, keys = keys.len(), "renewal failed");
+                tracing::warn!(backend = BACKEND, error = %e, keys = group.len(), "renewal failed");
                 return false;
             }
         };
@@ -234,4 +247,65 @@ impl Renewer {
         let now = Instant::now();
         locked(&self.held).retain(|_, h| !h.trigger.signal().is_lost_at(now));
     }
+}
+
+/// Which cluster node serves each slot range (from `CLUSTER SLOTS`), so a renewal call can
+/// carry every key one node holds.
+pub(crate) struct Nodes {
+    ranges: Vec<(u16, u16, String)>,
+}
+
+impl Nodes {
+    async fn read(conn: &Conn) -> Option<Nodes> {
+        let reply: redis::Value = conn.query(redis::cmd("CLUSTER").arg("SLOTS")).await.ok()?;
+        let redis::Value::Array(ranges) = reply else {
+            return None;
+        };
+        let ranges = ranges.iter().filter_map(range).collect();
+        Some(Nodes { ranges })
+    }
+
+    fn node(&self, slot: u16) -> Option<&str> {
+        self.ranges
+            .iter()
+            .find(|(from, to, _)| (*from..=*to).contains(&slot))
+            .map(|(_, _, node)| node.as_str())
+    }
+}
+
+/// One `CLUSTER SLOTS` entry: `[from, to, [host, port, …], replicas…]`.
+fn range(entry: &redis::Value) -> Option<(u16, u16, String)> {
+    use redis::Value::{Array, BulkString, Int, SimpleString};
+    let Array(parts) = entry else { return None };
+    let (Int(from), Int(to), Array(primary)) = (parts.first()?, parts.get(1)?, parts.get(2)?)
+    else {
+        return None;
+    };
+    let host = match primary.first()? {
+        BulkString(b) => String::from_utf8_lossy(b).into_owned(),
+        SimpleString(s) => s.clone(),
+        _ => return None,
+    };
+    let Int(port) = primary.get(1)? else {
+        return None;
+    };
+    Some((
+        u16::try_from(*from).ok()?,
+        u16::try_from(*to).ok()?,
+        format!("{host}:{port}"),
+    ))
+}
+
+/// The keys grouped by the node serving their slot; by slot where the map is unknown (a call
+/// must not span nodes, and one slot is always on one node).
+fn group_by_node(due: Vec<Due>, nodes: Option<&Nodes>) -> Vec<Vec<Due>> {
+    let mut groups: BTreeMap<String, Vec<Due>> = BTreeMap::new();
+    for d in due {
+        let slot = slot(&d.1);
+        let node = nodes
+            .and_then(|n| n.node(slot))
+            .map_or_else(|| format!("slot {slot}"), str::to_string);
+        groups.entry(node).or_default().push(d);
+    }
+    groups.into_values().collect()
 }

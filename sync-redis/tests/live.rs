@@ -254,6 +254,91 @@ impl AcquireOwned for std::sync::Arc<dyn sync_core::Lock> {
     }
 }
 
+/// On a Redis Cluster, the held keys are renewed in one call per node per tick, not one per
+/// slot: MONITOR on every node counts the renewal scripts naming this test's keys.
+async fn cluster_renews_in_one_call_per_node_per_tick(_: String) -> TestResult {
+    const LOCKS: usize = 1000;
+    let url = std::env::var("SYNC_TEST_REDIS_CLUSTER")
+        .map_err(|_| "SYNC_TEST_REDIS_CLUSTER is not set (cargo xtask test sets it)")?;
+    let ns = unique("cluster-renew");
+    let ttl = Duration::from_secs(3);
+    let client = connect(&url, &ns, ttl).await?;
+    let lock = client.lock().map_err(err)?;
+    let grants = (0..LOCKS).map(|i| lock.acquire_owned(format!("held-{i}")));
+    let guards: Vec<_> = futures::future::join_all(grants)
+        .await
+        .into_iter()
+        .collect::<Result<_, _>>()
+        .map_err(err)?;
+    let nodes = Config::from_url(&url).map_err(err)?.endpoints;
+    let mut counters = Vec::new();
+    for node in &nodes {
+        counters.push(count_renewals(node, &ns).await?);
+    }
+    let counts = || -> Vec<usize> {
+        counters
+            .iter()
+            .map(|c| c.load(std::sync::atomic::Ordering::SeqCst))
+            .collect()
+    };
+    // Past the first rounds (which may load the script on a node), count two more per node.
+    wait_until(10 * ttl, || counts().iter().all(|n| *n >= 2)).await?;
+    let base = counts();
+    let started = Instant::now();
+    wait_until(10 * ttl, || {
+        counts().iter().zip(&base).all(|(n, b)| n - b >= 2)
+    })
+    .await?;
+    let elapsed = started.elapsed();
+    let made: Vec<usize> = counts().iter().zip(&base).map(|(n, b)| n - b).collect();
+    let tick = ttl / 3;
+    if elapsed < tick - Duration::from_millis(100) || made.iter().any(|n| *n > 3) {
+        return Err(format!(
+            "in {elapsed:?} (tick {tick:?}) the {} nodes saw {made:?} renewal calls for \
+             {LOCKS} locks: more than one per node per tick",
+            nodes.len()
+        ));
+    }
+    if guards.iter().any(|g| g.is_lost()) {
+        return Err("a lock was lost while renewed".into());
+    }
+    Ok(())
+}
+
+/// Counts, from MONITOR on `node`, the script calls clients sent naming keys of `ns` (the
+/// commands scripts run inside show as `[0 lua]` and are not counted).
+async fn count_renewals(
+    node: &str,
+    ns: &str,
+) -> Result<std::sync::Arc<std::sync::atomic::AtomicUsize>, String> {
+    use futures::StreamExt;
+    let client = redis::Client::open(format!("redis://{node}")).map_err(err)?;
+    let monitor = client.get_async_monitor().await.map_err(err)?;
+    let count = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let (seen, ns) = (count.clone(), ns.to_string());
+    tokio::spawn(async move {
+        let mut lines = monitor.into_on_message::<String>();
+        while let Some(line) = lines.next().await {
+            let call = line.contains("] \"EVALSHA\"") || line.contains("] \"evalsha\"");
+            if call && !line.contains("lua]") && line.contains(&ns) {
+                seen.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            }
+        }
+    });
+    Ok(count)
+}
+
+async fn wait_until(within: Duration, mut done: impl FnMut() -> bool) -> TestResult {
+    let deadline = Instant::now() + within;
+    while !done() {
+        if Instant::now() > deadline {
+            return Err(format!("not done within {within:?}"));
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    Ok(())
+}
+
 /// Waits (bounded) until the clients sent at least `n` commands; the calls by then.
 async fn wait_for_calls(
     redis: &PrivateRedis,
@@ -424,6 +509,9 @@ fn main() -> ExitCode {
             |u| Box::pin(restart_without_persistence_fires_lost_and_fences(u)),
         ),
         ("live::acl_credentials", |u| Box::pin(acl_credentials(u))),
+        ("live::cluster_renews_in_one_call_per_node_per_tick", |u| {
+            Box::pin(cluster_renews_in_one_call_per_node_per_tick(u))
+        }),
         ("live::lost_when_key_deleted", |u| {
             Box::pin(lost_when_key_deleted(u))
         }),
