@@ -244,8 +244,16 @@ async fn open(
         .iter()
         .map(|e| connection_info(config, e))
         .collect::<RedisResult<Vec<_>>>()?;
+    #[cfg(feature = "tls")]
+    let certs = crate::tls::certificates(config).await?;
     if config.cluster {
-        let client = ClusterClientBuilder::new(infos)
+        let builder = ClusterClientBuilder::new(infos);
+        #[cfg(feature = "tls")]
+        let builder = match certs {
+            Some(certs) => builder.certs(certs),
+            None => builder,
+        };
+        let client = builder
             .use_protocol(ProtocolVersion::RESP3)
             .push_sender(pushes)
             .connection_timeout(config.connect_timeout)
@@ -256,7 +264,14 @@ async fn open(
             .build()?;
         return Ok(Conn::Cluster(client.get_async_connection().await?));
     }
-    let client = redis::Client::open(infos.into_iter().next().expect("validated: one endpoint"))?;
+    let info = infos.into_iter().next().expect("validated: one endpoint");
+    #[cfg(feature = "tls")]
+    let client = match certs {
+        Some(certs) => redis::Client::build_with_tls(info, certs)?,
+        None => redis::Client::open(info)?,
+    };
+    #[cfg(not(feature = "tls"))]
+    let client = redis::Client::open(info)?;
     let manager = ConnectionManagerConfig::new()
         .set_connection_timeout(Some(config.connect_timeout))
         .set_response_timeout(Some(config.request_timeout))

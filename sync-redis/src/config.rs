@@ -58,6 +58,13 @@ pub struct Config {
     /// How long a finished job (record and output) stays readable.
     #[serde(with = "humantime_serde")]
     pub job_retention: Duration,
+    /// With TLS: PEM file of the CA that signed the server certificate. Without it, the
+    /// system's roots are trusted.
+    pub ca_file: Option<String>,
+    /// With TLS: PEM file of the client certificate (mutual TLS, with `key_file`).
+    pub cert_file: Option<String>,
+    /// With TLS: PEM file of the client key (mutual TLS, with `cert_file`).
+    pub key_file: Option<String>,
 }
 
 impl std::fmt::Debug for Config {
@@ -75,6 +82,9 @@ impl std::fmt::Debug for Config {
             .field("request_timeout", &self.request_timeout)
             .field("poll", &self.poll)
             .field("job_retention", &self.job_retention)
+            .field("ca_file", &self.ca_file)
+            .field("cert_file", &self.cert_file)
+            .field("key_file", &self.key_file)
             .finish()
     }
 }
@@ -94,6 +104,9 @@ impl Default for Config {
             request_timeout: Duration::from_secs(3),
             poll: Duration::from_secs(10),
             job_retention: Duration::from_secs(3600),
+            ca_file: None,
+            cert_file: None,
+            key_file: None,
         }
     }
 }
@@ -175,6 +188,29 @@ impl Config {
         self
     }
 
+    /// Turns TLS on or off (on needs the `tls` feature).
+    pub fn with_tls(mut self, tls: bool) -> Self {
+        self.tls = tls;
+        self
+    }
+
+    /// Sets the PEM file of the CA that signed the server certificate (with TLS).
+    pub fn with_ca_file(mut self, ca_file: impl Into<String>) -> Self {
+        self.ca_file = Some(ca_file.into());
+        self
+    }
+
+    /// Sets the PEM files of the client certificate and key, for mutual TLS.
+    pub fn with_client_cert(
+        mut self,
+        cert_file: impl Into<String>,
+        key_file: impl Into<String>,
+    ) -> Self {
+        self.cert_file = Some(cert_file.into());
+        self.key_file = Some(key_file.into());
+        self
+    }
+
     /// Sets how long one request may wait for its answer.
     pub fn with_request_timeout(mut self, timeout: Duration) -> Self {
         self.request_timeout = timeout;
@@ -245,10 +281,33 @@ impl Config {
         if self.password.is_none() && self.user.is_some() {
             return Err(Error::invalid("a user needs a password"));
         }
-        if self.tls && !cfg!(feature = "tls") {
+        self.check_tls()
+    }
+
+    /// TLS files without TLS would be ignored; a certificate without its key refused later.
+    fn check_tls(&self) -> Result<()> {
+        let files = [
+            ("ca_file", &self.ca_file),
+            ("cert_file", &self.cert_file),
+            ("key_file", &self.key_file),
+        ];
+        if !self.tls {
+            return match files.iter().find(|(_, v)| v.is_some()) {
+                Some((key, _)) => Err(Error::invalid(format!(
+                    "{key} needs TLS: use a rediss:// url or set tls"
+                ))),
+                None => Ok(()),
+            };
+        }
+        if !cfg!(feature = "tls") {
             return Err(Error::new(
                 sync_core::ErrorKind::Unsupported,
                 "TLS (rediss://) needs sync-redis's `tls` cargo feature",
+            ));
+        }
+        if self.cert_file.is_some() != self.key_file.is_some() {
+            return Err(Error::invalid(
+                "mutual TLS needs both cert_file and key_file",
             ));
         }
         Ok(())
@@ -297,6 +356,7 @@ mod tests {
             "redis://h?poll=0s",
             "consul://h",
             "redis://h:0",
+            "redis://h?ca_file=%2Fca.pem",
         ] {
             let err = Config::from_url(bad).unwrap_err();
             assert_eq!(

@@ -128,21 +128,22 @@ impl Contender<'_> {
         let deadline = wait.map(sync_kit::deadline);
         let mut sub = self.client.hub.subscribe(&self.keys.channel).await;
         let mut killed = self.client.killed();
+        let mut outage = Backoff::default();
         loop {
             sub.mark();
-            let busy = match self.try_once().await? {
-                Ok(grant) => return Ok(grant),
-                Err(busy) => busy,
+            let nap = match self.try_once().await {
+                Ok(Ok(grant)) => return Ok(grant),
+                Ok(Err(busy)) => {
+                    outage = Backoff::default();
+                    self.nap(&busy, sub.confirmed)
+                }
+                // A waiter rides out an outage: it keeps waiting, within its bound.
+                Err(e) if e.kind() == ErrorKind::Unavailable => {
+                    tracing::debug!(backend = BACKEND, error = %e, "waiting through an outage");
+                    outage.next()
+                }
+                Err(e) => return Err(e),
             };
-            let poll = if sub.confirmed {
-                self.client.config.poll
-            } else {
-                Duration::from_millis(250)
-            };
-            // Redis expires a key at its TTL: a dead holder's lock is free then.
-            let nap = busy
-                .expires_in
-                .map_or(poll, |e| (e + Duration::from_millis(1)).min(poll));
             let never = sync_kit::deadline(Duration::MAX);
             tokio::select! {
                 () = sub.changed() => {}
@@ -157,6 +158,36 @@ impl Contender<'_> {
                 _ = killed.wait_for(|k| *k) => return Err(crate::error::closed()),
             }
         }
+    }
+
+    /// How long to wait for a release before trying again: until the holder's key expires
+    /// (Redis frees it then; a dead holder publishes nothing), at most the safety-net poll, and
+    /// a short poll while the subscription is not confirmed.
+    fn nap(&self, busy: &Busy, subscribed: bool) -> Duration {
+        let poll = if subscribed {
+            self.client.config.poll
+        } else {
+            Duration::from_millis(250)
+        };
+        busy.expires_in
+            .map_or(poll, |e| (e + Duration::from_millis(1)).min(poll))
+    }
+}
+
+/// Pauses between tries while the server is unreachable: 100 ms doubling to 2 s.
+struct Backoff(Duration);
+
+impl Default for Backoff {
+    fn default() -> Self {
+        Backoff(Duration::from_millis(100))
+    }
+}
+
+impl Backoff {
+    fn next(&mut self) -> Duration {
+        let now = self.0;
+        self.0 = (self.0 * 2).min(Duration::from_secs(2));
+        now
     }
 }
 

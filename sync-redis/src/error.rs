@@ -7,8 +7,13 @@ use crate::BACKEND;
 
 /// Maps a redis client error to a `sync_core` error kind, with the client error as source.
 pub(crate) fn redis_err(what: impl Into<String>, e: RedisError) -> Error {
-    let what = what.into();
+    let mut what = what.into();
     let code = e.code().unwrap_or_default();
+    // A certificate refused, by either side, is a setup mistake: never Unavailable.
+    if let Some((kind, why)) = tls_refusal(&e) {
+        what.push_str(why);
+        return Error::new(kind, what).with_backend(BACKEND).with_source(e);
+    }
     let kind = if matches!(e.kind(), redis::ErrorKind::AuthenticationFailed)
         || matches!(code, "WRONGPASS" | "NOAUTH" | "NOPERM")
         || matches!(e.kind(), redis::ErrorKind::Server(ServerErrorKind::NoPerm))
@@ -31,6 +36,25 @@ pub(crate) fn redis_err(what: impl Into<String>, e: RedisError) -> Error {
         ErrorKind::Backend
     };
     Error::new(kind, what).with_backend(BACKEND).with_source(e)
+}
+
+/// A TLS handshake that failed over a certificate (rustls's wording): the server's refused here
+/// (InvalidArgument), or ours refused by the server (Unauthorized).
+fn tls_refusal(e: &RedisError) -> Option<(ErrorKind, &'static str)> {
+    let text = e.to_string();
+    if text.contains("invalid peer certificate") {
+        return Some((
+            ErrorKind::InvalidArgument,
+            ": the server's TLS certificate was refused here (check ca_file and the host name)",
+        ));
+    }
+    if text.contains("fatal alert") && text.contains("Certificate") {
+        return Some((
+            ErrorKind::Unauthorized,
+            ": the server refused this client's TLS certificate, or wants one (cert_file, key_file)",
+        ));
+    }
+    None
 }
 
 /// Whether a write that failed this way may have been applied: its answer was lost or late.

@@ -71,6 +71,8 @@ mod keys;
 mod leader;
 mod lock;
 mod renew;
+#[cfg(feature = "tls")]
+mod tls;
 
 pub use client::Client;
 pub use config::{Config, MAX_TTL, MIN_TTL};

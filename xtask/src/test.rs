@@ -75,6 +75,7 @@ pub(crate) fn run(args: &[String]) -> Result<ExitCode> {
     // sync-etcd's `tls` feature is off in the workspace runs: its TLS tests (private etcds
     // serving certificates they make) run in a step of their own whenever etcd is tested.
     let etcd_tls = wanted.contains(&Service::Etcd) && workspace_has("sync-etcd");
+    let redis_tls = wanted.contains(&Service::Redis) && workspace_has("sync-redis");
     // etcd-client's build script runs protoc, also against a user's own etcd: installed by
     // `services::up`, in the same apt-get run as the services' own packages.
     let build_tools: &[install::Tool] = if wanted.contains(&Service::Etcd) {
@@ -97,7 +98,7 @@ pub(crate) fn run(args: &[String]) -> Result<ExitCode> {
     // From here on, every way out goes through the teardown below.
     // A panic (an eprintln! to a closed stderr, say) must not skip it either.
     let outcome = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-        smoke_and_test(&managed, &scope, etcd_tls, &cargo_args, &names)
+        smoke_and_test(&managed, &scope, (etcd_tls, redis_tls), &cargo_args, &names)
     }))
     .unwrap_or_else(|_| Err("xtask panicked while testing".into()));
 
@@ -132,7 +133,7 @@ const DRILL_LENGTH: Duration = Duration::from_secs(12);
 fn smoke_and_test(
     managed: &[Service],
     scope: &[String],
-    etcd_tls: bool,
+    (etcd_tls, redis_tls): (bool, bool),
     cargo_args: &[String],
     tested: &[&str],
 ) -> Result<ExitCode> {
@@ -165,6 +166,10 @@ fn smoke_and_test(
     // etcd over TLS and mutual TLS, and the conformance suite over mutual TLS.
     if etcd_tls {
         steps.push(("etcd TLS tests", ETCD_TLS_TESTS.to_vec()));
+    }
+    // Redis over TLS and mutual TLS, against private TLS redis-servers.
+    if redis_tls {
+        steps.push(("redis TLS tests", REDIS_TLS_TESTS.to_vec()));
     }
     // Every step runs even when one fails (CI reports every failure); the first failure's
     // status is xtask's.
@@ -314,6 +319,17 @@ const ETCD_TLS_TESTS: [&str; 9] = [
     "tls",
     "--test",
     "conformance_tls",
+    "--no-fail-fast",
+];
+
+/// The cargo test arguments of the Redis TLS step, like [`ETCD_TLS_TESTS`].
+const REDIS_TLS_TESTS: [&str; 7] = [
+    "-p",
+    "sync-redis",
+    "--features",
+    "tls",
+    "--test",
+    "tls",
     "--no-fail-fast",
 ];
 

@@ -1,0 +1,246 @@
+//! `rediss://` against private redis-servers serving only TLS, with certificates the test makes
+//! (rcgen): a server verified through `ca_file`, a server signed by another CA refused, and
+//! mutual TLS with and without a client certificate. Needs `redis-server` on the PATH (built
+//! with TLS, as Debian's is) and the `tls` feature; gated on `SYNC_TEST_REDIS` like the other
+//! live tests (`cargo xtask test` runs it).
+
+use std::{
+    path::PathBuf,
+    process::{Child, Command, ExitCode, Stdio},
+    time::Duration,
+};
+
+use libtest_mimic::{Arguments, Trial};
+use sync_core::{Backend, ErrorKind, LockOptions};
+use sync_redis::{Client, Config};
+use tokio::time::Instant;
+
+type TestResult = Result<(), String>;
+type Case = fn() -> std::pin::Pin<Box<dyn std::future::Future<Output = TestResult> + Send>>;
+
+fn err(e: impl std::fmt::Display) -> String {
+    e.to_string()
+}
+
+/// A temporary directory with `ca.pem`, `server.pem`/`server-key.pem` (for 127.0.0.1 and
+/// localhost), `client.pem`/`client-key.pem` signed by that CA, and `other-ca.pem`.
+struct Pki {
+    dir: PathBuf,
+}
+
+impl Drop for Pki {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+impl Pki {
+    fn new() -> Result<Pki, String> {
+        let dir = std::env::temp_dir().join(format!("redis-tls-{}", uuid::Uuid::new_v4().simple()));
+        std::fs::create_dir_all(&dir).map_err(err)?;
+        let pki = Pki { dir };
+        pki.make().map_err(err)?;
+        Ok(pki)
+    }
+
+    fn make(&self) -> Result<(), Box<dyn std::error::Error>> {
+        use rcgen::{
+            BasicConstraints, CertificateParams, ExtendedKeyUsagePurpose as Eku, IsCa, Issuer,
+            KeyPair,
+        };
+        let make_ca = |name: &str| -> Result<(String, Issuer<'static, KeyPair>), rcgen::Error> {
+            let key = KeyPair::generate()?;
+            let mut params = CertificateParams::new(Vec::<String>::new())?;
+            params
+                .distinguished_name
+                .push(rcgen::DnType::CommonName, name);
+            params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+            let pem = params.self_signed(&key)?.pem();
+            Ok((pem, Issuer::new(params, key)))
+        };
+        let leaf = |names: &[&str], usage: Eku, issuer: &Issuer<'static, KeyPair>| {
+            let key = KeyPair::generate()?;
+            let names: Vec<String> = names.iter().map(|n| n.to_string()).collect();
+            let mut params = CertificateParams::new(names)?;
+            params.extended_key_usages = vec![usage];
+            Ok::<_, rcgen::Error>((params.signed_by(&key, issuer)?.pem(), key.serialize_pem()))
+        };
+        let (ca_pem, ca) = make_ca("sync redis test CA")?;
+        self.write("ca.pem", &ca_pem)?;
+        let (cert, key) = leaf(&["127.0.0.1", "localhost"], Eku::ServerAuth, &ca)?;
+        self.write("server.pem", &cert)?;
+        self.write("server-key.pem", &key)?;
+        let (cert, key) = leaf(&["client"], Eku::ClientAuth, &ca)?;
+        self.write("client.pem", &cert)?;
+        self.write("client-key.pem", &key)?;
+        let (other, _) = make_ca("another CA")?;
+        self.write("other-ca.pem", &other)?;
+        Ok(())
+    }
+
+    fn write(&self, name: &str, text: &str) -> std::io::Result<()> {
+        std::fs::write(self.dir.join(name), text)
+    }
+
+    fn path(&self, name: &str) -> String {
+        self.dir.join(name).to_string_lossy().into_owned()
+    }
+}
+
+/// A redis-server serving only TLS on a free port; killed on drop.
+struct TlsRedis {
+    child: Child,
+    port: u16,
+}
+
+impl Drop for TlsRedis {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl TlsRedis {
+    fn start(pki: &Pki, mutual: bool) -> Result<TlsRedis, String> {
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .and_then(|l| l.local_addr())
+            .map_err(err)?
+            .port();
+        let child = Command::new("redis-server")
+            .args(["--bind", "127.0.0.1", "--port", "0"])
+            .args(["--tls-port", &port.to_string()])
+            .args(["--tls-cert-file", &pki.path("server.pem")])
+            .args(["--tls-key-file", &pki.path("server-key.pem")])
+            .args(["--tls-ca-cert-file", &pki.path("ca.pem")])
+            .args(["--tls-auth-clients", if mutual { "yes" } else { "no" }])
+            .args(["--save", "", "--appendonly", "no"])
+            .arg("--dir")
+            .arg(&pki.dir)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .map_err(|e| format!("starting redis-server (is it on PATH?): {e}"))?;
+        Ok(TlsRedis { child, port })
+    }
+
+    /// Waits (bounded) until the port accepts connections.
+    async fn ready(&self) -> TestResult {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while tokio::net::TcpStream::connect(("127.0.0.1", self.port))
+            .await
+            .is_err()
+        {
+            if Instant::now() > deadline {
+                return Err("the TLS redis-server did not listen within 20s".into());
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        Ok(())
+    }
+
+    fn url(&self, query: &str) -> String {
+        format!("rediss://127.0.0.1:{}/tls-test?{query}", self.port)
+    }
+}
+
+fn file_query(pki: &Pki, key: &str, name: &str) -> String {
+    format!(
+        "{key}={}",
+        pki.path(name).replace('%', "%25").replace('/', "%2F")
+    )
+}
+
+async fn lock_once(url: &str) -> sync_core::Result<()> {
+    let client = Client::connect(Config::from_url(url)?).await?;
+    client
+        .lock()?
+        .acquire("tls", LockOptions::new())
+        .await?
+        .release()
+        .await?;
+    client.close().await
+}
+
+/// A server whose certificate `ca_file` signed: locks work over TLS.
+async fn verified_by_ca_file() -> TestResult {
+    let pki = Pki::new()?;
+    let redis = TlsRedis::start(&pki, false)?;
+    redis.ready().await?;
+    lock_once(&redis.url(&file_query(&pki, "ca_file", "ca.pem")))
+        .await
+        .map_err(err)
+}
+
+/// A server signed by a CA the client does not trust is refused: InvalidArgument (a setup
+/// mistake), not Unavailable.
+async fn untrusted_server_is_refused() -> TestResult {
+    let pki = Pki::new()?;
+    let redis = TlsRedis::start(&pki, false)?;
+    redis.ready().await?;
+    let url = redis.url(&file_query(&pki, "ca_file", "other-ca.pem"));
+    match lock_once(&url).await {
+        Err(e) if e.kind() == ErrorKind::InvalidArgument => Ok(()),
+        Err(e) => Err(format!("an untrusted server gave {:?}: {e}", e.kind())),
+        Ok(()) => Err("a server signed by an untrusted CA was accepted".into()),
+    }
+}
+
+/// Mutual TLS: with the client certificate locks work; without one the server refuses it
+/// (Unauthorized).
+async fn mutual_tls() -> TestResult {
+    let pki = Pki::new()?;
+    let redis = TlsRedis::start(&pki, true)?;
+    redis.ready().await?;
+    let ca = file_query(&pki, "ca_file", "ca.pem");
+    let with_cert = format!(
+        "{ca}&{}&{}",
+        file_query(&pki, "cert_file", "client.pem"),
+        file_query(&pki, "key_file", "client-key.pem")
+    );
+    lock_once(&redis.url(&with_cert)).await.map_err(err)?;
+    let without = Config::from_url(&redis.url(&ca))
+        .map_err(err)?
+        .with_request_timeout(Duration::from_secs(2));
+    match Client::connect(without).await {
+        Err(e) if e.kind() == ErrorKind::Unauthorized => Ok(()),
+        Err(e) => Err(format!("no client certificate gave {:?}: {e}", e.kind())),
+        Ok(_) => Err("a client without a certificate was let in".into()),
+    }
+}
+
+fn main() -> ExitCode {
+    let cases: [(&str, Case); 3] = [
+        ("tls::verified_by_ca_file", || {
+            Box::pin(verified_by_ca_file())
+        }),
+        ("tls::untrusted_server_is_refused", || {
+            Box::pin(untrusted_server_is_refused())
+        }),
+        ("tls::mutual_tls", || Box::pin(mutual_tls())),
+    ];
+    let live = std::env::var("SYNC_TEST_REDIS").is_ok_and(|u| !u.is_empty());
+    let require = std::env::var("SYNC_REQUIRE_LIVE").is_ok_and(|v| v == "1");
+    let trials = cases
+        .into_iter()
+        .map(|(name, f)| {
+            if !live {
+                let why = "SYNC_TEST_REDIS is not set: this test needs redis-server".to_string();
+                return Trial::test(name, move || Err(why.into())).with_ignored_flag(!require);
+            }
+            Trial::test(name, move || {
+                let rt = tokio::runtime::Builder::new_multi_thread()
+                    .worker_threads(2)
+                    .enable_all()
+                    .build()
+                    .map_err(err)?;
+                let out = rt.block_on(async move {
+                    tokio::time::timeout(Duration::from_secs(60), f())
+                        .await
+                        .map_err(|_| "timed out after 60s".to_string())?
+                });
+                out.map_err(Into::into)
+            })
+        })
+        .collect();
+    libtest_mimic::run(&Arguments::from_args(), trials).exit_code()
+}
