@@ -1,15 +1,12 @@
 //! Lock on etcd: etcd's `concurrency.Mutex`, on the contention in [`crate::contention`]. The
 //! fencing token is the contender key's create revision.
 
-use std::{
-    collections::HashMap,
-    sync::{Arc, Mutex},
-};
+use std::sync::Arc;
 
 use async_trait::async_trait;
 use sync_core::raw::HeldLock;
 use sync_core::{Error, ErrorKind, Lock, LockGuard, LockOptions, Result};
-use sync_kit::locked;
+use sync_kit::held::{HeldGrants, Slot};
 use tracing::Instrument;
 
 use crate::{
@@ -18,16 +15,10 @@ use crate::{
     contention::{Contender, Holding, contend, try_contend},
 };
 
-/// Held grants through one handle, per prefix, oldest first (for the seed's `release(id)`).
-type Mine = Arc<Mutex<HashMap<String, Vec<Arc<Slot>>>>>;
-
-struct Slot {
-    holding: Mutex<Option<Holding>>,
-}
-
 pub(crate) struct EtcdLock {
     client: Arc<ClientInner>,
-    mine: Mine,
+    /// Held grants through this handle, per prefix (for the seed's `release(id)`).
+    mine: HeldGrants<Holding>,
 }
 
 impl EtcdLock {
@@ -46,13 +37,7 @@ impl EtcdLock {
     fn guard(&self, id: &str, prefix: String, c: Contender) -> LockGuard {
         let holding = Holding::start(c);
         let (token, lost) = (holding.rev as u64, holding.lost.clone());
-        let slot = Arc::new(Slot {
-            holding: Mutex::new(Some(holding)),
-        });
-        locked(&self.mine)
-            .entry(prefix.clone())
-            .or_default()
-            .push(slot.clone());
+        let slot = self.mine.insert(&prefix, holding);
         tracing::debug!(backend = BACKEND, id, token, "lock acquired");
         LockGuard::new(
             id,
@@ -60,21 +45,10 @@ impl EtcdLock {
             lost,
             Box::new(EtcdHeld {
                 mine: self.mine.clone(),
-                prefix,
                 id: id.to_string(),
                 slot,
             }),
         )
-    }
-}
-
-fn forget(mine: &Mine, prefix: &str, slot: &Arc<Slot>) {
-    let mut mine = locked(mine);
-    if let Some(slots) = mine.get_mut(prefix) {
-        slots.retain(|s| !Arc::ptr_eq(s, slot));
-        if slots.is_empty() {
-            mine.remove(prefix);
-        }
     }
 }
 
@@ -104,17 +78,7 @@ impl Lock for EtcdLock {
     #[tracing::instrument(level = "debug", skip(self), fields(backend = BACKEND, primitive = "lock"))]
     async fn release(&self, id: &str) -> Result<()> {
         let prefix = self.prefix(id)?;
-        let holding = {
-            let mut mine = locked(&self.mine);
-            let slot = mine
-                .get_mut(&prefix)
-                .and_then(|s| (!s.is_empty()).then(|| s.remove(0)));
-            if mine.get(&prefix).is_some_and(Vec::is_empty) {
-                mine.remove(&prefix);
-            }
-            slot.and_then(|s| locked(&s.holding).take())
-        };
-        match holding {
+        match self.mine.take_oldest(&prefix) {
             Some(h) => h.release(id).await,
             None => Err(not_held(id, "this handle holds no such lock")),
         }
@@ -122,10 +86,9 @@ impl Lock for EtcdLock {
 }
 
 struct EtcdHeld {
-    mine: Mine,
-    prefix: String,
+    mine: HeldGrants<Holding>,
     id: String,
-    slot: Arc<Slot>,
+    slot: Arc<Slot<Holding>>,
 }
 
 #[async_trait]
@@ -133,9 +96,7 @@ impl HeldLock for EtcdHeld {
     async fn release(&mut self) -> Result<()> {
         let span =
             tracing::debug_span!("release", backend = BACKEND, primitive = "lock", id = %self.id);
-        forget(&self.mine, &self.prefix, &self.slot);
-        let holding = locked(&self.slot.holding).take();
-        match holding {
+        match self.mine.take(&self.slot) {
             Some(h) => h.release(&self.id).instrument(span).await,
             None => Err(not_held(
                 &self.id,
@@ -145,8 +106,7 @@ impl HeldLock for EtcdHeld {
     }
 
     fn release_in_background(self: Box<Self>) {
-        forget(&self.mine, &self.prefix, &self.slot);
         // Dropping the holding spawns the delete (it never blocks).
-        drop(locked(&self.slot.holding).take());
+        drop(self.mine.take(&self.slot));
     }
 }

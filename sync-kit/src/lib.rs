@@ -37,6 +37,7 @@ pub fn panic_message(payload: &(dyn std::any::Any + Send)) -> &str {
 
 pub mod checked;
 pub mod clock;
+pub mod held;
 pub mod task;
 
 /// The instant `after` from now; a wait too long for the clock (`Duration::MAX`) means never,

@@ -2,15 +2,12 @@
 //! counter, renewed by the client's renewer, released by an owner-checked delete that
 //! publishes the release to the waiters.
 
-use std::{
-    collections::HashMap,
-    sync::{Arc, Mutex},
-};
+use std::sync::Arc;
 
 use async_trait::async_trait;
 use sync_core::raw::HeldLock;
 use sync_core::{Error, ErrorKind, Lock, LockGuard, LockOptions, LossSignal, Result};
-use sync_kit::locked;
+use sync_kit::held::{HeldGrants, Slot};
 
 use crate::{
     BACKEND,
@@ -19,17 +16,9 @@ use crate::{
     keys::HeldKeys,
 };
 
-/// Held grants through one handle, per id, oldest first (for the seed's `release(id)`).
-type Mine = Arc<Mutex<HashMap<String, Vec<Arc<Slot>>>>>;
-
-/// One held grant; emptied by whichever release comes first.
-struct Slot {
-    grant: Mutex<Option<Grant>>,
-}
-
 pub(crate) struct RedisLock {
     client: Arc<ClientInner>,
-    mine: Mine,
+    mine: HeldGrants<Grant>,
 }
 
 impl RedisLock {
@@ -52,13 +41,7 @@ impl RedisLock {
 
     fn guard(&self, id: &str, keys: HeldKeys, grant: Grant) -> LockGuard {
         let (token, lost) = (grant.token, grant.lost.clone());
-        let slot = Arc::new(Slot {
-            grant: Mutex::new(Some(grant)),
-        });
-        locked(&self.mine)
-            .entry(id.to_string())
-            .or_default()
-            .push(slot.clone());
+        let slot = self.mine.insert(id, grant);
         tracing::debug!(backend = BACKEND, id, token, "lock acquired");
         LockGuard::new(
             id,
@@ -103,18 +86,7 @@ impl Lock for RedisLock {
     #[tracing::instrument(level = "debug", skip(self), fields(backend = BACKEND, primitive = "lock"))]
     async fn release(&self, id: &str) -> Result<()> {
         self.client.check_alive()?;
-        let slot = {
-            let mut mine = locked(&self.mine);
-            let slot = mine
-                .get_mut(id)
-                .and_then(|s| (!s.is_empty()).then(|| s.remove(0)));
-            if mine.get(id).is_some_and(Vec::is_empty) {
-                mine.remove(id);
-            }
-            slot
-        };
-        let grant = slot.and_then(|s| locked(&s.grant).take());
-        match grant {
+        match self.mine.take_oldest(id) {
             Some(g) => {
                 let lost = g.lost.clone();
                 give_back(&self.client, id, &self.client.keys.lock(id), g, &lost).await
@@ -153,31 +125,19 @@ fn not_held(id: &str, why: &str) -> Error {
         .with_id(id)
 }
 
-fn forget(mine: &Mine, id: &str, slot: &Arc<Slot>) {
-    let mut mine = locked(mine);
-    if let Some(slots) = mine.get_mut(id) {
-        slots.retain(|s| !Arc::ptr_eq(s, slot));
-        if slots.is_empty() {
-            mine.remove(id);
-        }
-    }
-}
-
 struct RedisHeld {
     client: Arc<ClientInner>,
-    mine: Mine,
+    mine: HeldGrants<Grant>,
     id: String,
     keys: HeldKeys,
-    slot: Arc<Slot>,
+    slot: Arc<Slot<Grant>>,
     lost: LossSignal,
 }
 
 #[async_trait]
 impl HeldLock for RedisHeld {
     async fn release(&mut self) -> Result<()> {
-        forget(&self.mine, &self.id, &self.slot);
-        let grant = locked(&self.slot.grant).take();
-        match grant {
+        match self.mine.take(&self.slot) {
             Some(g) => give_back(&self.client, &self.id, &self.keys, g, &self.lost).await,
             None => Err(not_held(
                 &self.id,
@@ -187,8 +147,7 @@ impl HeldLock for RedisHeld {
     }
 
     fn release_in_background(self: Box<Self>) {
-        forget(&self.mine, &self.id, &self.slot);
-        let Some(grant) = locked(&self.slot.grant).take() else {
+        let Some(grant) = self.mine.take(&self.slot) else {
             return;
         };
         self.client.renewals.forget(grant.registration);
