@@ -6,29 +6,18 @@
 //! the PATH for the cases that run a private server (command counts and restarts must not be
 //! disturbed by other tests).
 
-use std::{
-    future::Future,
-    path::PathBuf,
-    pin::Pin,
-    process::{Child, Command, ExitCode, Stdio},
-    time::Duration,
-};
+mod common;
 
-use libtest_mimic::{Arguments, Trial};
+use std::{future::Future, path::PathBuf, pin::Pin, process::Child, time::Duration};
+
+use common::{TestFn, TestResult, err};
 use redis::AsyncCommands;
 use sync_core::{Backend, ErrorKind, LockOptions};
 use sync_redis::{Client, Config};
 use tokio::time::Instant;
 
-type TestResult = Result<(), String>;
-type TestFn = fn(String) -> Pin<Box<dyn Future<Output = TestResult> + Send>>;
-
 fn unique(what: &str) -> String {
-    format!("live-{what}-{}", uuid::Uuid::new_v4().simple())
-}
-
-fn err(e: impl std::fmt::Display) -> String {
-    e.to_string()
+    common::unique(&format!("live-{what}"))
 }
 
 async fn connect(url: &str, ns: &str, ttl: Duration) -> Result<Client, String> {
@@ -48,10 +37,7 @@ struct PrivateRedis {
 
 impl PrivateRedis {
     async fn start() -> Result<PrivateRedis, String> {
-        let port = std::net::TcpListener::bind("127.0.0.1:0")
-            .and_then(|l| l.local_addr())
-            .map_err(err)?
-            .port();
+        let port = common::free_port()?;
         let dir = std::env::temp_dir().join(unique("redis"));
         std::fs::create_dir_all(&dir).map_err(err)?;
         let mut redis = PrivateRedis {
@@ -68,15 +54,7 @@ impl PrivateRedis {
     }
 
     async fn spawn(&mut self) -> TestResult {
-        let child = Command::new("redis-server")
-            .args(["--bind", "127.0.0.1", "--port", &self.port.to_string()])
-            .args(["--save", "", "--appendonly", "no"])
-            .arg("--dir")
-            .arg(&self.dir)
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .map_err(|e| format!("starting redis-server (is it on PATH?): {e}"))?;
+        let child = common::redis_server(&["--port", &self.port.to_string()], &self.dir)?;
         self.child = Some(child);
         let deadline = Instant::now() + Duration::from_secs(20);
         while Instant::now() < deadline {
@@ -493,7 +471,7 @@ async fn lost_when_key_deleted(url: String) -> TestResult {
     Ok(())
 }
 
-fn main() -> ExitCode {
+fn main() -> std::process::ExitCode {
     let tests: Vec<(&'static str, TestFn)> = vec![
         ("live::uncontended_acquire_release_is_two_commands", |u| {
             Box::pin(uncontended_acquire_release_is_two_commands(u))
@@ -516,38 +494,5 @@ fn main() -> ExitCode {
             Box::pin(lost_when_key_deleted(u))
         }),
     ];
-    run(&tests, Arguments::from_args())
-}
-
-/// Runs `tests` against `SYNC_TEST_REDIS`; without it they show as ignored (failed with
-/// `SYNC_REQUIRE_LIVE=1`).
-fn run(tests: &[(&'static str, TestFn)], args: Arguments) -> ExitCode {
-    let url = std::env::var("SYNC_TEST_REDIS")
-        .ok()
-        .filter(|u| !u.is_empty());
-    let require = std::env::var("SYNC_REQUIRE_LIVE").is_ok_and(|v| v == "1");
-    let trials = tests
-        .iter()
-        .map(|&(name, f)| match url.clone() {
-            None => {
-                let why = "SYNC_TEST_REDIS is not set: this test needs a live redis".to_string();
-                Trial::test(name, move || Err(why.into())).with_ignored_flag(!require)
-            }
-            Some(url) => Trial::test(name, move || {
-                let rt = tokio::runtime::Builder::new_multi_thread()
-                    .worker_threads(2)
-                    .enable_all()
-                    .build()
-                    .map_err(err)?;
-                let out = rt.block_on(async move {
-                    tokio::time::timeout(Duration::from_secs(90), f(url))
-                        .await
-                        .map_err(|_| "timed out after 90s".to_string())?
-                });
-                rt.shutdown_timeout(Duration::from_secs(1));
-                out.map_err(Into::into)
-            }),
-        })
-        .collect();
-    libtest_mimic::run(&args, trials).exit_code()
+    common::run(&tests)
 }

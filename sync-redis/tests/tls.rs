@@ -4,23 +4,14 @@
 //! with TLS, as Debian's is) and the `tls` feature; gated on `SYNC_TEST_REDIS` like the other
 //! live tests (`cargo xtask test` runs it).
 
-use std::{
-    path::PathBuf,
-    process::{Child, Command, ExitCode, Stdio},
-    time::Duration,
-};
+mod common;
 
-use libtest_mimic::{Arguments, Trial};
+use std::{path::PathBuf, process::Child, time::Duration};
+
+use common::{TestFn, TestResult, err};
 use sync_core::{Backend, ErrorKind, LockOptions};
 use sync_redis::{Client, Config};
 use tokio::time::Instant;
-
-type TestResult = Result<(), String>;
-type Case = fn() -> std::pin::Pin<Box<dyn std::future::Future<Output = TestResult> + Send>>;
-
-fn err(e: impl std::fmt::Display) -> String {
-    e.to_string()
-}
 
 /// A temporary directory with `ca.pem`, `server.pem`/`server-key.pem` (for 127.0.0.1 and
 /// localhost), `client.pem`/`client-key.pem` signed by that CA, and `other-ca.pem`.
@@ -36,7 +27,7 @@ impl Drop for Pki {
 
 impl Pki {
     fn new() -> Result<Pki, String> {
-        let dir = std::env::temp_dir().join(format!("redis-tls-{}", uuid::Uuid::new_v4().simple()));
+        let dir = std::env::temp_dir().join(common::unique("redis-tls"));
         std::fs::create_dir_all(&dir).map_err(err)?;
         let pki = Pki { dir };
         pki.make().map_err(err)?;
@@ -102,24 +93,27 @@ impl Drop for TlsRedis {
 
 impl TlsRedis {
     fn start(pki: &Pki, mutual: bool) -> Result<TlsRedis, String> {
-        let port = std::net::TcpListener::bind("127.0.0.1:0")
-            .and_then(|l| l.local_addr())
-            .map_err(err)?
-            .port();
-        let child = Command::new("redis-server")
-            .args(["--bind", "127.0.0.1", "--port", "0"])
-            .args(["--tls-port", &port.to_string()])
-            .args(["--tls-cert-file", &pki.path("server.pem")])
-            .args(["--tls-key-file", &pki.path("server-key.pem")])
-            .args(["--tls-ca-cert-file", &pki.path("ca.pem")])
-            .args(["--tls-auth-clients", if mutual { "yes" } else { "no" }])
-            .args(["--save", "", "--appendonly", "no"])
-            .arg("--dir")
-            .arg(&pki.dir)
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .map_err(|e| format!("starting redis-server (is it on PATH?): {e}"))?;
+        let port = common::free_port()?;
+        let (server, key, ca) = (
+            pki.path("server.pem"),
+            pki.path("server-key.pem"),
+            pki.path("ca.pem"),
+        );
+        let args = [
+            "--port",
+            "0",
+            "--tls-port",
+            &port.to_string(),
+            "--tls-cert-file",
+            &server,
+            "--tls-key-file",
+            &key,
+            "--tls-ca-cert-file",
+            &ca,
+            "--tls-auth-clients",
+            if mutual { "yes" } else { "no" },
+        ];
+        let child = common::redis_server(&args, &pki.dir)?;
         Ok(TlsRedis { child, port })
     }
 
@@ -208,39 +202,15 @@ async fn mutual_tls() -> TestResult {
     }
 }
 
-fn main() -> ExitCode {
-    let cases: [(&str, Case); 3] = [
-        ("tls::verified_by_ca_file", || {
+fn main() -> std::process::ExitCode {
+    let tests: [(&'static str, TestFn); 3] = [
+        ("tls::verified_by_ca_file", |_| {
             Box::pin(verified_by_ca_file())
         }),
-        ("tls::untrusted_server_is_refused", || {
+        ("tls::untrusted_server_is_refused", |_| {
             Box::pin(untrusted_server_is_refused())
         }),
-        ("tls::mutual_tls", || Box::pin(mutual_tls())),
+        ("tls::mutual_tls", |_| Box::pin(mutual_tls())),
     ];
-    let live = std::env::var("SYNC_TEST_REDIS").is_ok_and(|u| !u.is_empty());
-    let require = std::env::var("SYNC_REQUIRE_LIVE").is_ok_and(|v| v == "1");
-    let trials = cases
-        .into_iter()
-        .map(|(name, f)| {
-            if !live {
-                let why = "SYNC_TEST_REDIS is not set: this test needs redis-server".to_string();
-                return Trial::test(name, move || Err(why.into())).with_ignored_flag(!require);
-            }
-            Trial::test(name, move || {
-                let rt = tokio::runtime::Builder::new_multi_thread()
-                    .worker_threads(2)
-                    .enable_all()
-                    .build()
-                    .map_err(err)?;
-                let out = rt.block_on(async move {
-                    tokio::time::timeout(Duration::from_secs(60), f())
-                        .await
-                        .map_err(|_| "timed out after 60s".to_string())?
-                });
-                out.map_err(Into::into)
-            })
-        })
-        .collect();
-    libtest_mimic::run(&Arguments::from_args(), trials).exit_code()
+    common::run(&tests)
 }
