@@ -34,20 +34,21 @@ pub(crate) struct Contender<'a> {
     pub(crate) payload: &'a [u8],
     /// Publish the grant on the channel (elections: followers learn of a new leader).
     pub(crate) announce: bool,
-    pub(crate) owner: String,
 }
 
 /// How often a grant whose answer was lost is sent again before giving up.
 const RESENDS: usize = 3;
 
 impl Contender<'_> {
-    /// Tries once. A grant whose answer is lost is sent again (the script answers a resend
-    /// by its owner with the grant it made); if no answer comes, the key is deleted in the
-    /// background in case it was granted, and the error returned.
+    /// Tries once, under an owner id of its own. A grant whose answer is lost is sent again
+    /// (the script answers a resend by its owner with the grant it made); if no answer comes,
+    /// the key is deleted in the background in case it was granted, and the error returned.
+    /// A later try has another owner id, so that clean-up can never delete its grant.
     pub(crate) async fn try_once(&self) -> Result<std::result::Result<Grant, Busy>> {
         self.client.check_alive()?;
+        let owner = self.client.owner();
         let sent = Instant::now();
-        let mut cleanup = Cleanup::armed(self.client, self.keys, &self.owner);
+        let mut cleanup = Cleanup::armed(self.client, self.keys, &owner);
         let mut resends = 0;
         let reply: redis::Value = loop {
             let ttl_ms = self.client.config.ttl.as_millis().to_string();
@@ -57,7 +58,7 @@ impl Contender<'_> {
                 ""
             };
             let args: [&[u8]; 4] = [
-                self.owner.as_bytes(),
+                owner.as_bytes(),
                 ttl_ms.as_bytes(),
                 self.payload,
                 channel.as_bytes(),
@@ -82,12 +83,13 @@ impl Contender<'_> {
             }
         };
         cleanup.disarm();
-        self.parse(reply, sent)
+        self.parse(reply, owner, sent)
     }
 
     fn parse(
         &self,
         reply: redis::Value,
+        owner: String,
         sent: Instant,
     ) -> Result<std::result::Result<Grant, Busy>> {
         use redis::Value::{Array, Int};
@@ -97,14 +99,12 @@ impl Contender<'_> {
         };
         match items.as_slice() {
             [Int(1), Int(token)] => {
-                let (registration, lost) = self.client.renewals.register(
-                    &self.keys.key,
-                    &self.owner,
-                    &self.keys.channel,
-                    sent,
-                );
+                let (registration, lost) =
+                    self.client
+                        .renewals
+                        .register(&self.keys.key, &owner, &self.keys.channel, sent);
                 Ok(Ok(Grant {
-                    owner: self.owner.clone(),
+                    owner,
                     token: *token as u64,
                     registration,
                     lost,

@@ -79,7 +79,6 @@ async fn campaign(
         keys,
         payload: &payload,
         announce: true,
-        owner: client.owner(),
     }
     .wait(&format!("election {group:?}"), wait)
     .await

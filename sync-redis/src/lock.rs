@@ -35,7 +35,6 @@ impl RedisLock {
             keys,
             payload: b"",
             announce: false,
-            owner: self.client.owner(),
         }
     }
 
