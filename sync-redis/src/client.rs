@@ -16,7 +16,7 @@ use redis::{
     cluster::ClusterClientBuilder,
     cluster_async::ClusterConnection,
 };
-use sync_core::{Backend, Capabilities, Capability, Faults, Leader, Lock, Result};
+use sync_core::{Backend, Capabilities, Capability, Faults, Leader, Lock, Result, Task};
 use sync_kit::checked;
 use tokio::sync::{mpsc, watch};
 
@@ -28,6 +28,7 @@ use crate::{
     leader::RedisLeader,
     lock::RedisLock,
     renew::Renewals,
+    task::RedisTask,
 };
 
 /// A connection to Redis (a server or a cluster) shared by every handle made from it. Cheap to
@@ -312,7 +313,6 @@ impl Backend for Client {
         Capabilities::all()
             .without(Capability::Time)
             .without(Capability::Map)
-            .without(Capability::Task)
     }
 
     fn ttl(&self) -> Option<Duration> {
@@ -334,6 +334,11 @@ impl Backend for Client {
             BACKEND,
             Arc::new(RedisLeader::new(self.inner.clone(), group)),
         ))
+    }
+
+    fn task(&self) -> Result<Arc<dyn Task>> {
+        self.inner.check_alive()?;
+        Ok(checked::task(BACKEND, RedisTask::new(self.inner.clone())))
     }
 
     async fn close(&self) -> Result<()> {
