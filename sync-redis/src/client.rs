@@ -16,7 +16,7 @@ use redis::{
     cluster::ClusterClientBuilder,
     cluster_async::ClusterConnection,
 };
-use sync_core::{Backend, Capabilities, Capability, Faults, Leader, Lock, Map, Result};
+use sync_core::{Backend, Capabilities, Capability, Faults, Leader, Lock, Map, Result, Task};
 use sync_kit::checked;
 use tokio::sync::{mpsc, watch};
 
@@ -29,6 +29,7 @@ use crate::{
     lock::RedisLock,
     map::RedisMap,
     renew::Renewals,
+    task::RedisTask,
 };
 
 /// A connection to Redis (a server or a cluster) shared by every handle made from it. Cheap to
@@ -312,7 +313,6 @@ impl Backend for Client {
     fn capabilities(&self) -> Capabilities {
         Capabilities::all()
             .without(Capability::Time)
-            .without(Capability::Task)
     }
 
     fn ttl(&self) -> Option<Duration> {
@@ -343,6 +343,11 @@ impl Backend for Client {
             BACKEND,
             Arc::new(RedisMap::new(self.inner.clone(), name)),
         ))
+    }
+
+    fn task(&self) -> Result<Arc<dyn Task>> {
+        self.inner.check_alive()?;
+        Ok(checked::task(BACKEND, RedisTask::new(self.inner.clone())))
     }
 
     async fn close(&self) -> Result<()> {

@@ -60,7 +60,7 @@ impl Keys {
 }
 
 /// Lua helpers shared by the scripts: the owner check on a held value.
-const OWNS: &str = r#"
+pub(crate) const OWNS: &str = r#"
 local function owns(v, owner)
   return v and string.sub(v, 1, #owner) == owner
 end

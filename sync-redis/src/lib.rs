@@ -1,8 +1,8 @@
 //! # sync-redis
 //!
-//! The Redis backend of the `sync` toolkit: [`Lock`](sync_core::Lock) and
-//! [`Leader`](sync_core::Leader) on one multiplexed connection to a Redis server, or on the
-//! cluster client of a Redis Cluster (Redis 7 or later).
+//! The Redis backend of the `sync` toolkit: [`Lock`](sync_core::Lock),
+//! [`Leader`](sync_core::Leader) and [`Task`](sync_core::Task) on one multiplexed connection
+//! to a Redis server, or on the cluster client of a Redis Cluster (Redis 7 or later).
 //!
 //! ## Keys
 //!
@@ -16,6 +16,14 @@
 //! | `{ns:lock:<id>}:changed` | the pub/sub channel of releases |
 //! | `{ns:leader:<group>}…` | the same for an election; the payload is the candidate and its value |
 //! | `{ns:map:<name>}…` | a map: a hash of its entries, `:version`, and `:w:<id>` write markers |
+//! | `{ns:task:}:jobs/<id>` | a job: hash of the job, state, attempts, error, output; expires a retention after it ended |
+//! | `{ns:task:}:claims/<id>` | a running attempt's claim, held and renewed like a lock |
+//! | `{ns:task:}:queue/<name>` | the stream of a name's queued jobs (group `workers`) |
+//! | `{ns:task:}:delayed/<name>`, `…:running/<name>` | sorted sets: retries by due time, claims by when to check them |
+//!
+//! Every task key of a namespace shares one tag, so a claim changes a name's stream and a
+//! job's record in one script, and `status` finds a job from its id alone; the price is that
+//! a namespace's tasks live in one slot (one node of a cluster).
 //!
 //! ## Locks
 //!
@@ -29,6 +37,16 @@
 //! slot on a cluster). A guard's `lost()` fires when a renewal finds the key gone or held by
 //! another owner, and as soon as the monotonic clock passes the last confirmed renewal's send
 //! time plus the TTL minus a safety margin.
+//!
+//! ## Tasks
+//!
+//! Workers read a name's stream through one consumer group (XREADGROUP, never blocking the
+//! shared connection) and start each attempt with a script that writes its claim key; the
+//! renewer keeps the claim alive and its loss is the handler's `JobContext::lost()`. A claim
+//! that ends without a finish (the worker died) hands the job on; deliveries never started are
+//! taken back with XAUTOCLAIM. Retries wait in a sorted set until due; submit, start and
+//! finish answer a resend with what the first send did, so a lost answer is resolved, not
+//! repeated. See the `task` module for the details.
 //!
 //! ## Fencing when Redis loses data
 //!
@@ -73,6 +91,7 @@ mod leader;
 mod lock;
 mod map;
 mod renew;
+mod task;
 #[cfg(feature = "tls")]
 mod tls;
 
