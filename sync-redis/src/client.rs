@@ -16,7 +16,7 @@ use redis::{
     cluster::ClusterClientBuilder,
     cluster_async::ClusterConnection,
 };
-use sync_core::{Backend, Capabilities, Capability, Faults, Leader, Lock, Result};
+use sync_core::{Backend, Capabilities, Capability, Faults, Leader, Lock, Map, Result};
 use sync_kit::checked;
 use tokio::sync::{mpsc, watch};
 
@@ -27,6 +27,7 @@ use crate::{
     keys::Keys,
     leader::RedisLeader,
     lock::RedisLock,
+    map::RedisMap,
     renew::Renewals,
 };
 
@@ -311,7 +312,6 @@ impl Backend for Client {
     fn capabilities(&self) -> Capabilities {
         Capabilities::all()
             .without(Capability::Time)
-            .without(Capability::Map)
             .without(Capability::Task)
     }
 
@@ -333,6 +333,15 @@ impl Backend for Client {
         Ok(checked::leader(
             BACKEND,
             Arc::new(RedisLeader::new(self.inner.clone(), group)),
+        ))
+    }
+
+    fn map(&self, name: &str) -> Result<Arc<dyn Map>> {
+        self.inner.check_alive()?;
+        checked::check_id(BACKEND, "map name", name)?;
+        Ok(checked::map(
+            BACKEND,
+            Arc::new(RedisMap::new(self.inner.clone(), name)),
         ))
     }
 

@@ -15,6 +15,7 @@
 //! | `{ns:lock:<id>}:fence` | the last fencing token issued (kept an hour after the last grant) |
 //! | `{ns:lock:<id>}:changed` | the pub/sub channel of releases |
 //! | `{ns:leader:<group>}…` | the same for an election; the payload is the candidate and its value |
+//! | `{ns:map:<name>}…` | a map: a hash of its entries, `:version`, and `:w:<id>` write markers |
 //!
 //! ## Locks
 //!
@@ -70,6 +71,7 @@ mod hub;
 mod keys;
 mod leader;
 mod lock;
+mod map;
 mod renew;
 #[cfg(feature = "tls")]
 mod tls;
