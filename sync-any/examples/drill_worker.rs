@@ -14,7 +14,11 @@
 //! `cargo run -p sync-any --features etcd --example drill_worker -- <url> <lock|leader> <id> <seconds>`
 //!
 //! With `leader` the worker campaigns in election group `<id>` instead, and its token is the
-//! leadership's term.
+//! leadership's term. While the backend is unreachable (a drill restarts it) a worker tries
+//! again every 100 ms instead of exiting.
+//!
+//! `drill_worker <url> capable <capability> 0` prints `CAPABLE yes` or `CAPABLE no`: whether
+//! the backend has that capability (`task`, `map`…), so the drill skips what it lacks.
 //!
 //! The task drill uses three more modes, where `<id>` is the job name (the queue):
 //!
@@ -59,12 +63,15 @@ use sync_core::{ErrorKind, Job, JobContext, JobId, LockOptions, WorkerOptions};
 /// outlast any run of bad luck under its chaos (the handler itself never fails but for a loss).
 const MAX_ATTEMPTS: u32 = 100;
 
+/// How long a lock or leader worker waits before trying again while the backend is down.
+const RETRY: Duration = Duration::from_millis(100);
+
 #[tokio::main(flavor = "current_thread")]
 async fn main() -> ExitCode {
     let args: Vec<String> = std::env::args().skip(1).collect();
     let [url, what, id, seconds, rest @ ..] = args.as_slice() else {
         eprintln!(
-            "usage: drill_worker <backend url> <lock|leader|task|task-submit|task-check> <id> <seconds> [<start_us> <count> <from>]"
+            "usage: drill_worker <backend url> <lock|leader|task|task-submit|task-check|capable> <id> <seconds> [<start_us> <count> <from>]"
         );
         return ExitCode::FAILURE;
     };
@@ -91,6 +98,7 @@ async fn main() -> ExitCode {
             submit(url, id, run_for, start_us, from..count).await
         }
         ("task-check", []) => check(url, run_for).await,
+        ("capable", []) => capable(url, id).await,
         (other, _) => {
             eprintln!("drill_worker: unknown mode {other:?} or wrong arguments for it");
             return ExitCode::FAILURE;
@@ -115,6 +123,11 @@ async fn lock(url: &str, id: &str, run_for: Duration) -> sync_core::Result<()> {
         let guard = match lock.acquire(id, wait).await {
             Ok(guard) => guard,
             Err(e) if e.kind() == sync_core::ErrorKind::Timeout => continue,
+            // A backend restart is chaos to ride out, not a reason to quit.
+            Err(e) if e.kind() == ErrorKind::Unavailable => {
+                tokio::time::sleep(RETRY).await;
+                continue;
+            }
             Err(e) => return Err(e),
         };
         let token = guard.fencing_token();
@@ -135,6 +148,11 @@ async fn lead(url: &str, group: &str, run_for: Duration) -> sync_core::Result<()
         let elected = match leader.elect(&me, wait).await {
             Ok(elected) => elected,
             Err(e) if e.kind() == sync_core::ErrorKind::Timeout => continue,
+            // A backend restart is chaos to ride out, not a reason to quit.
+            Err(e) if e.kind() == ErrorKind::Unavailable => {
+                tokio::time::sleep(RETRY).await;
+                continue;
+            }
             Err(e) => return Err(e),
         };
         hold(&mut out, elected.term(), || elected.is_revoked()).await;
@@ -258,6 +276,17 @@ async fn check(url: &str, limit: Duration) -> sync_core::Result<()> {
         };
         say(format!("{line} {}", now_us()));
     }
+    backend.close().await
+}
+
+/// Prints whether the backend has the capability called `what` (its name, any case).
+async fn capable(url: &str, what: &str) -> sync_core::Result<()> {
+    let backend = sync_any::connect(url).await?;
+    let has = backend
+        .capabilities()
+        .iter()
+        .any(|c| format!("{c:?}").eq_ignore_ascii_case(what));
+    say(format!("CAPABLE {}", if has { "yes" } else { "no" }));
     backend.close().await
 }
 

@@ -58,6 +58,14 @@ usage:
       while one member at a time is frozen. `cluster` runs only those; `task` only the task
       drill (on the single etcd). A summary per drill;
       fails on any violation.
+  cargo xtask drill redis [cluster | task | restart] [--seconds N | --minutes N]
+      the lock, leader and task drills on Redis (SYNC_TEST_REDIS's, or one started and stopped
+      here) and on the Redis Cluster (SYNC_TEST_REDIS_CLUSTER's, likewise); the task drill is
+      skipped, saying so, while the backend lacks Task. Then the lock drill on a redis-server
+      of its own, killed (-9) and restarted without persistence while a lock is held: overlaps
+      until the old holder's next renewal are counted, a token that goes back or a write
+      later than one TTL after the restart is a violation. `cluster`, `task`, `restart`: only
+      those drills.
   cargo xtask bench [BACKEND...] [--quick]
       side-by-side benchmarks (sync-bench): each scenario runs the library, a raw client doing
       the minimal requests and the peer a user would otherwise pick, interleaved in rounds,

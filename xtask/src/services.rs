@@ -534,7 +534,7 @@ fn command(service: Service, port: u16, data: &Path, consul: Option<&PathBuf>) -
 }
 
 /// redis-server with no config file (the machine's /etc/redis is not ours), no persistence.
-fn redis_server(port: u16, data: &Path) -> Result<Command> {
+pub(crate) fn redis_server(port: u16, data: &Path) -> Result<Command> {
     let mut c = Command::new(install::require("redis-server")?);
     c.args(["--bind", HOST, "--port", &port.to_string()])
         .args(["--save", "", "--appendonly", "no", "--daemonize", "no"])

@@ -220,6 +220,17 @@ fn smoke_and_test(
             }
         }
     }
+    // The lock drill on the Redis server: chaos on the workers, about DRILL_LENGTH. The other
+    // Redis drills (cluster, restart, leader, task) are `cargo xtask drill redis`'s.
+    if let Some((_, url)) = envs
+        .iter()
+        .find(|(var, _)| *var == Service::Redis.env_var())
+    {
+        let drill = || crate::drill::drill_lock(url, DRILL_LENGTH);
+        if let Some(code) = run_drill("the lock drill on Redis", &drill) {
+            failed.get_or_insert(code);
+        }
+    }
     // The benchmark harness, quick, so that it cannot rot: it must run, and asserts nothing
     // about speed.
     let started = Instant::now();

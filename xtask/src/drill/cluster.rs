@@ -422,14 +422,14 @@ impl Cluster {
     }
 }
 
-fn free_port() -> Result<u16> {
+pub(super) fn free_port() -> Result<u16> {
     Ok(std::net::TcpListener::bind("127.0.0.1:0")?
         .local_addr()?
         .port())
 }
 
 /// Polls `done` every 100 ms for up to `within`; whether it came true.
-fn wait_until(within: Duration, mut done: impl FnMut() -> bool) -> bool {
+pub(super) fn wait_until(within: Duration, mut done: impl FnMut() -> bool) -> bool {
     let until = Instant::now() + within;
     loop {
         if done() {

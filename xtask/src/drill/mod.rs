@@ -1,5 +1,7 @@
 //! `cargo xtask drill [etcd] [cluster] [task] [--seconds N]`: multi-process lock, leader and task
 //! drills on a live etcd, then the drills on a three-node cluster of their own ([`cluster`]).
+//! `cargo xtask drill redis [cluster|task|restart]`: the same drills on Redis and a Redis
+//! Cluster, and the lock drill across Redis restarts without persistence ([`redis`]).
 //!
 //! Several worker processes (sync-any's `drill_worker` example) take one lock over and over
 //! and, holding it, write their fencing token to a shared resource; meanwhile the drill kills
@@ -30,15 +32,17 @@ use std::{
 use nix::{sys::signal, unistd::Pid};
 
 mod cluster;
+mod redis;
+mod task;
 
 use crate::{Result, fmt_duration, project_root, services::Service};
-
-mod task;
 
 /// Worker processes running at once.
 const WORKERS: usize = 4;
 /// The lease TTL the workers use (etcd's shortest).
 const TTL: Duration = Duration::from_secs(2);
+/// Scheduling slack on a loaded machine for a write's deadline after a restart, in µs.
+const RESTART_SLACK_US: u128 = 250_000;
 /// How long a stopped worker stays stopped: past its TTL, so its lease expires meanwhile.
 const STOP_FOR: Duration = Duration::from_millis(3000);
 
@@ -47,12 +51,16 @@ pub(crate) fn run(args: &[String]) -> Result<ExitCode> {
     let mut seconds = 60u64;
     let mut only_cluster = false;
     let mut only_task = false;
+    let mut on_redis = false;
+    let mut only_restart = false;
     let mut rest = args.iter();
     while let Some(arg) = rest.next() {
         match arg.as_str() {
             "etcd" => {}
+            "redis" => on_redis = true,
             "cluster" => only_cluster = true,
             "task" => only_task = true,
+            "restart" => only_restart = true,
             "--seconds" => {
                 seconds = rest
                     .next()
@@ -68,12 +76,24 @@ pub(crate) fn run(args: &[String]) -> Result<ExitCode> {
             }
             other => {
                 bail!(
-                    "drill: unknown argument `{other}` (etcd, cluster, task, --seconds N, --minutes N)"
+                    "drill: unknown argument `{other}` (etcd, redis, cluster, task, restart, --seconds N, --minutes N)"
                 )
             }
         }
     }
     let length = Duration::from_secs(seconds);
+    if on_redis {
+        let scope = match (only_cluster, only_task, only_restart) {
+            (true, _, _) => redis::Scope::Cluster,
+            (_, true, _) => redis::Scope::Task,
+            (_, _, true) => redis::Scope::Restart,
+            _ => redis::Scope::All,
+        };
+        return redis::drill(length, scope);
+    }
+    if only_restart {
+        bail!("drill: `restart` is a Redis drill: `cargo xtask drill redis restart`");
+    }
     if only_cluster {
         return drill_cluster(length);
     }
@@ -92,19 +112,25 @@ pub(crate) fn run(args: &[String]) -> Result<ExitCode> {
 /// The drills on one etcd: the user's own when SYNC_TEST_ETCD names one; otherwise ours,
 /// started and stopped here like `cargo xtask test` does.
 fn drill_single(length: Duration, only_task: bool) -> Result<ExitCode> {
-    let run = |url: &str| match only_task {
+    on_service(Service::Etcd, |url| match only_task {
         true => task::drill(&build_worker()?, url, length),
         false => drill(url, length),
-    };
-    if let Some(url) = std::env::var(Service::Etcd.env_var())
+    })
+}
+
+/// Runs `run` on `service`: the user's own when its SYNC_TEST_* variable names one; otherwise
+/// ours, started and stopped here like `cargo xtask test` does.
+fn on_service(service: Service, run: impl Fn(&str) -> Result<ExitCode>) -> Result<ExitCode> {
+    if let Some(url) = std::env::var(service.env_var())
         .ok()
         .filter(|v| !v.is_empty())
     {
         return run(&url);
     }
-    let started = crate::services::up(&[Service::Etcd], &[])?;
-    let outcome = std::panic::catch_unwind(|| run(&Service::Etcd.endpoint()))
-        .unwrap_or_else(|_| Err("xtask panicked while drilling".into()));
+    let started = crate::services::up(&[service], &[])?;
+    let outcome =
+        std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| run(&service.endpoint())))
+            .unwrap_or_else(|_| Err("xtask panicked while drilling".into()));
     if let Err(e) = crate::services::down(&started) {
         say!("warning: teardown: {e}");
     }
@@ -125,6 +151,11 @@ pub(crate) fn drill(url: &str, length: Duration) -> Result<ExitCode> {
         code = ExitCode::FAILURE;
     }
     Ok(code)
+}
+
+/// The lock drill alone on `url`, `length` long: the short Redis drill of `cargo xtask test`.
+pub(crate) fn drill_lock(url: &str, length: Duration) -> Result<ExitCode> {
+    drill_one(&build_worker()?, "lock", url, length)
 }
 
 /// Runs the drills on a three-node cluster of their own (see [`cluster`]), `length` each.
@@ -167,6 +198,8 @@ pub(crate) struct Run {
     stops: HashMap<usize, Vec<(u128, u128)>>,
     kills: usize,
     pauses: usize,
+    /// Backend restarts that lost its data: (killed, answering again), µs since the epoch.
+    restarts: Vec<(u128, u128)>,
     seen: Vec<(usize, String)>,
     pub(crate) dice: Dice,
 }
@@ -208,6 +241,7 @@ impl Run {
             stops: HashMap::new(),
             kills: 0,
             pauses: 0,
+            restarts: Vec::new(),
             seen: Vec::new(),
             dice: Dice::seeded(),
         };
@@ -232,6 +266,17 @@ impl Run {
     /// Takes in what the workers printed since the last call.
     pub(crate) fn collect(&mut self) {
         self.seen.extend(self.events.try_iter());
+    }
+
+    /// Whether a worker holds the lock now, as far as its lines tell.
+    pub(crate) fn held(&mut self) -> bool {
+        self.collect();
+        holding(&self.seen).is_some()
+    }
+
+    /// Records a backend restart that lost every lock: killed at `killed`, answering at `up`.
+    pub(crate) fn restarted(&mut self, killed: u128, up: u128) {
+        self.restarts.push((killed, up));
     }
 
     /// Stops the holder of the moment past the TTL, or kills (-9) a worker and starts another.
@@ -274,7 +319,7 @@ impl Run {
         }
         drop(self.lines);
         self.seen.extend(self.events);
-        let verdict = judge(self.seen, &self.stops);
+        let verdict = judge(self.seen, &self.stops, &self.restarts);
         verdict.print(label, self.kills, self.pauses, extra);
         if verdict.violations.is_empty() {
             ExitCode::SUCCESS
@@ -294,7 +339,7 @@ fn build_worker() -> Result<std::path::PathBuf> {
             "-p",
             "sync-any",
             "--features",
-            "etcd",
+            "etcd,redis",
             "--example",
             "drill_worker",
             "--example",
@@ -351,6 +396,13 @@ struct Verdict {
     /// The longest time between two grants (µs): how long the lock or leadership stood
     /// vacant at worst (a killed holder's lease running out, a failover).
     longest_vacancy_us: u128,
+    /// Backend restarts judged, and what they did: writes by holders whose hold the restart
+    /// erased, made after another grant (overlaps), and of those, the ones after a higher
+    /// token's write (stale: a fenced resource rejects them).
+    restarts: usize,
+    erased_writes: usize,
+    overlaps: usize,
+    stale_rejected: usize,
     violations: Vec<String>,
 }
 
@@ -379,6 +431,7 @@ impl Verdict {
         let rows = rows
             .iter()
             .map(|(k, v)| (*k, v.clone()))
+            .chain(self.restart_rows())
             .chain(extra.iter().cloned())
             .chain([violations]);
         for (what, n) in rows {
@@ -388,6 +441,51 @@ impl Verdict {
             say!("VIOLATION: {v}");
         }
     }
+
+    /// A write `after` µs past the restart that erased its hold: an overlap when a later grant
+    /// came first, stale (rejected by fencing) when a higher token was written first, and a
+    /// violation when the holder should have learned of its loss by then (one TTL).
+    fn judge_erased(&mut self, worker: usize, token: u64, after: u128, overlap: bool, stale: bool) {
+        self.erased_writes += 1;
+        self.overlaps += usize::from(overlap);
+        self.stale_rejected += usize::from(stale);
+        if after > TTL.as_micros() + RESTART_SLACK_US {
+            self.violations.push(format!(
+                "worker {worker} wrote token {token} {:.2} s after a restart erased its hold",
+                after as f64 / 1e6
+            ));
+        }
+    }
+
+    /// The rows of a drill that restarted the backend; none for the others.
+    fn restart_rows(&self) -> Vec<(&'static str, String)> {
+        if self.restarts == 0 {
+            return Vec::new();
+        }
+        vec![
+            (
+                "backend restarts (-9, data lost)",
+                self.restarts.to_string(),
+            ),
+            (
+                "writes by holders a restart had erased",
+                self.erased_writes.to_string(),
+            ),
+            ("  overlaps: after a later grant", self.overlaps.to_string()),
+            (
+                "  stale: after a higher write, fencing rejects",
+                self.stale_rejected.to_string(),
+            ),
+        ]
+    }
+}
+
+/// The restart (killed, up) that erased a hold granted at `since` and still held at `at`.
+fn restart_within(restarts: &[(u128, u128)], since: u128, at: u128) -> Option<(u128, u128)> {
+    restarts
+        .iter()
+        .copied()
+        .find(|(killed, up)| since < *up && at > *killed)
 }
 
 /// Whether `worker` was stopped past the TTL between its latest grant and `at`.
@@ -403,9 +501,18 @@ fn was_paused(
         .is_some_and(|s| s.iter().any(|(from, to)| *from < at && *to > since))
 }
 
-/// Replays every worker's lines in timestamp order against a fenced resource.
-fn judge(lines: Vec<(usize, String)>, stops: &HashMap<usize, Vec<(u128, u128)>>) -> Verdict {
-    let mut verdict = Verdict::default();
+/// Replays every worker's lines in timestamp order against a fenced resource. `restarts` are
+/// backend restarts that lost every hold: a holder may write once more before it learns so,
+/// after the next grant (an overlap); fencing must reject it if a higher token was written.
+fn judge(
+    lines: Vec<(usize, String)>,
+    stops: &HashMap<usize, Vec<(u128, u128)>>,
+    restarts: &[(u128, u128)],
+) -> Verdict {
+    let mut verdict = Verdict {
+        restarts: restarts.len(),
+        ..Verdict::default()
+    };
     // (timestamp, worker, kind, token), in time order.
     let mut events: BTreeMap<(u128, usize, u64), (String, u64)> = BTreeMap::new();
     for (seq, (worker, line)) in lines.into_iter().enumerate() {
@@ -422,6 +529,7 @@ fn judge(lines: Vec<(usize, String)>, stops: &HashMap<usize, Vec<(u128, u128)>>)
     let mut last_token: HashMap<usize, u64> = HashMap::new();
     let mut tokens_granted: HashSet<u64> = HashSet::new();
     let mut highest_write = 0u64;
+    let mut highest_grant = 0u64;
     let mut last_grant: Option<u128> = None;
     for ((at, worker, _), (kind, token)) in events {
         match kind.as_str() {
@@ -441,6 +549,13 @@ fn judge(lines: Vec<(usize, String)>, stops: &HashMap<usize, Vec<(u128, u128)>>)
                         .violations
                         .push(format!("worker {worker}'s tokens went back to {token}"));
                 }
+                // The fence key dies with the data; the next token must still be higher.
+                if !restarts.is_empty() && token < highest_grant {
+                    verdict.violations.push(format!(
+                        "token {token} was granted after token {highest_grant}: fencing went backwards"
+                    ));
+                }
+                highest_grant = highest_grant.max(token);
                 last_token.insert(worker, token);
                 granted_at.insert(worker, at);
             }
@@ -459,6 +574,13 @@ fn judge(lines: Vec<(usize, String)>, stops: &HashMap<usize, Vec<(u128, u128)>>)
             "LOST" => verdict.lost_seen += 1,
             "WRITE" => {
                 verdict.writes += 1;
+                let since = granted_at.get(&worker).copied().unwrap_or(0);
+                if let Some((killed, _)) = restart_within(restarts, since, at) {
+                    let stale = token < highest_write;
+                    verdict.judge_erased(worker, token, at - killed, token < highest_grant, stale);
+                    highest_write = highest_write.max(token);
+                    continue;
+                }
                 if token >= highest_write {
                     highest_write = token;
                     continue;
@@ -513,24 +635,54 @@ mod tests {
             line(1, "WRITE 20 310"),
             line(0, "WRITE 10 400"),
         ];
-        let live = judge(lines.clone(), &HashMap::new());
+        let live = judge(lines.clone(), &HashMap::new(), &[]);
         assert_eq!(live.violations.len(), 1, "{:?}", live.violations);
         // Stopped past the TTL while holding, and then writing: the pause went unnoticed.
         let stopped = HashMap::from([(0, vec![(150, 350)])]);
-        let unnoticed = judge(lines.clone(), &stopped);
+        let unnoticed = judge(lines.clone(), &stopped, &[]);
         assert_eq!(unnoticed.violations.len(), 1, "{:?}", unnoticed.violations);
         assert_eq!((unnoticed.paused_holds, unnoticed.paused_saw_loss), (1, 0));
         // The same pause, noticed: the worker reports LOST instead of writing.
         let mut noticed = lines;
         noticed[3] = line(0, "LOST 10 400");
-        let fine = judge(noticed, &stopped);
+        let fine = judge(noticed, &stopped, &[]);
         assert!(fine.violations.is_empty(), "{:?}", fine.violations);
         assert_eq!((fine.paused_holds, fine.paused_saw_loss), (1, 1));
     }
 
     #[test]
+    fn overlaps_after_a_restart_are_counted_and_backward_tokens_are_violations() {
+        // Worker 0 holds 10 when the server restarts at 200 (up at 250); worker 1 is granted
+        // 20 at 300 and writes; worker 0 writes 10 at 400, before its renewal told it.
+        let lines = vec![
+            line(0, "GRANT 10 100"),
+            line(1, "GRANT 20 300"),
+            line(1, "WRITE 20 310"),
+            line(0, "WRITE 10 400"),
+        ];
+        let restarts = [(200, 250)];
+        let fine = judge(lines.clone(), &HashMap::new(), &restarts);
+        assert!(fine.violations.is_empty(), "{:?}", fine.violations);
+        assert_eq!(
+            (fine.erased_writes, fine.overlaps, fine.stale_rejected),
+            (1, 1, 1)
+        );
+        // A token below one granted before: the fence went back with the data.
+        let mut back = lines.clone();
+        back[1] = line(1, "GRANT 5 300");
+        back[2] = line(1, "WRITE 5 310");
+        let backwards = judge(back, &HashMap::new(), &restarts);
+        assert_eq!(backwards.violations.len(), 1, "{:?}", backwards.violations);
+        // Still writing long after the restart: the loss went unnoticed.
+        let mut late = lines;
+        late[3] = line(0, "WRITE 10 5000000");
+        let unnoticed = judge(late, &HashMap::new(), &restarts);
+        assert_eq!(unnoticed.violations.len(), 1, "{:?}", unnoticed.violations);
+    }
+
+    #[test]
     fn a_token_granted_twice_is_a_violation() {
         let lines = vec![line(0, "GRANT 10 100"), line(1, "GRANT 10 200")];
-        assert_eq!(judge(lines, &HashMap::new()).violations.len(), 1);
+        assert_eq!(judge(lines, &HashMap::new(), &[]).violations.len(), 1);
     }
 }
