@@ -10,18 +10,13 @@ use std::{
 };
 
 use async_trait::async_trait;
-use redis::{
-    Cmd, FromRedisValue, ProtocolVersion, RedisFuture, RedisResult, Value,
-    aio::{ConnectionLike, ConnectionManager, ConnectionManagerConfig},
-    cluster::ClusterClientBuilder,
-    cluster_async::ClusterConnection,
-};
 use sync_core::{Backend, Capabilities, Capability, Faults, Leader, Lock, Map, Result, Task};
 use sync_kit::checked;
 use tokio::sync::{mpsc, watch};
 
 use crate::{
     BACKEND, Config,
+    conn::{Conn, open},
     error::{closed, redis_err},
     hub::Hub,
     keys::Keys,
@@ -71,89 +66,20 @@ pub(crate) struct ClientInner {
     killed: watch::Sender<bool>,
 }
 
-/// The standalone connection (it reconnects by itself) or the cluster client.
-#[derive(Clone)]
-pub(crate) enum Conn {
-    Single(ConnectionManager),
-    Cluster(ClusterConnection),
-}
-
-impl ConnectionLike for Conn {
-    fn req_packed_command<'a>(&'a mut self, cmd: &'a Cmd) -> RedisFuture<'a, Value> {
-        match self {
-            Conn::Single(c) => c.req_packed_command(cmd),
-            Conn::Cluster(c) => c.req_packed_command(cmd),
-        }
-    }
-
-    fn req_packed_commands<'a>(
-        &'a mut self,
-        cmd: &'a redis::Pipeline,
-        offset: usize,
-        count: usize,
-    ) -> RedisFuture<'a, Vec<Value>> {
-        match self {
-            Conn::Single(c) => c.req_packed_commands(cmd, offset, count),
-            Conn::Cluster(c) => c.req_packed_commands(cmd, offset, count),
-        }
-    }
-
-    fn get_db(&self) -> i64 {
-        match self {
-            Conn::Single(c) => c.get_db(),
-            Conn::Cluster(c) => c.get_db(),
-        }
-    }
-}
-
-impl Conn {
-    /// Sends `cmd`; errors keep the client error (see [`redis_err`] for the kinds).
-    pub(crate) async fn query<T: FromRedisValue>(&self, cmd: &Cmd) -> RedisResult<T> {
-        cmd.query_async(&mut self.clone()).await
-    }
-
-    /// Runs `script` with `keys` and `args` (EVALSHA, loading it on NOSCRIPT).
-    pub(crate) async fn eval<T: FromRedisValue>(
-        &self,
-        script: &redis::Script,
-        keys: &[&str],
-        args: &[&[u8]],
-    ) -> RedisResult<T> {
-        let mut call = script.prepare_invoke();
-        for k in keys {
-            call.key(*k);
-        }
-        for a in args {
-            call.arg(*a);
-        }
-        call.invoke_async(&mut self.clone()).await
-    }
-
-    pub(crate) async fn subscribe(&self, channel: &str) -> RedisResult<()> {
-        match self.clone() {
-            Conn::Single(mut c) => c.subscribe(channel).await,
-            Conn::Cluster(mut c) => c.subscribe(channel).await,
-        }
-    }
-
-    pub(crate) async fn unsubscribe(&self, channel: &str) -> RedisResult<()> {
-        match self.clone() {
-            Conn::Single(mut c) => c.unsubscribe(channel).await,
-            Conn::Cluster(mut c) => c.unsubscribe(channel).await,
-        }
-    }
-
-    pub(crate) fn is_cluster(&self) -> bool {
-        matches!(self, Conn::Cluster(_))
-    }
-}
-
 impl ClientInner {
     /// A new owner id for one contender: unique across clients and over time, fixed length
     /// (scripts compare the first [`OWNER_LEN`](crate::keys::OWNER_LEN) bytes of a value).
     pub(crate) fn owner(&self) -> String {
         let n = self.seq.fetch_add(1, Ordering::Relaxed);
         format!("{}{:08x}", self.id, n & 0xffff_ffff)
+    }
+
+    /// Whether a call first sent at `first`, whose answer was lost, may be sent again: a
+    /// resend helps when an answer went missing on a live connection (the connection is new by
+    /// then), not when the server stopped answering, so resends stop after two request
+    /// timeouts.
+    pub(crate) fn may_resend(&self, first: tokio::time::Instant) -> bool {
+        !self.is_killed() && first.elapsed() < 2 * self.config.request_timeout
     }
 
     /// A receiver that turns true when the client is killed or closed.
@@ -180,7 +106,9 @@ impl Client {
     pub async fn connect(config: Config) -> Result<Client> {
         config.validate()?;
         let (push_tx, push_rx) = mpsc::unbounded_channel();
-        let conn = tokio::time::timeout(config.connect_timeout, open(&config, push_tx))
+        let (replaced_tx, replaced_rx) = mpsc::unbounded_channel();
+        let opening = open(&config, push_tx, replaced_tx);
+        let conn = tokio::time::timeout(config.connect_timeout, opening)
             .await
             .map_err(|_| {
                 sync_core::Error::new(
@@ -199,7 +127,7 @@ impl Client {
             .await
             .map_err(|e| redis_err("PING after connecting", e))?;
         let killed = watch::channel(false).0;
-        let hub = Hub::start(conn.clone(), push_rx, killed.subscribe());
+        let hub = Hub::start(conn.clone(), push_rx, replaced_rx, killed.subscribe());
         let renewals = Renewals::start(conn.clone(), config.ttl, killed.subscribe());
         let id = uuid::Uuid::new_v4().simple().to_string();
         Ok(Client {
@@ -235,75 +163,6 @@ impl Client {
     }
 }
 
-/// The connection for `config`, RESP3 so that pub/sub messages arrive as pushes on the same
-/// connection, which resubscribes by itself after a reconnect.
-async fn open(
-    config: &Config,
-    pushes: mpsc::UnboundedSender<redis::PushInfo>,
-) -> RedisResult<Conn> {
-    let infos = config
-        .endpoints
-        .iter()
-        .map(|e| connection_info(config, e))
-        .collect::<RedisResult<Vec<_>>>()?;
-    #[cfg(feature = "tls")]
-    let certs = crate::tls::certificates(config).await?;
-    if config.cluster {
-        let builder = ClusterClientBuilder::new(infos);
-        #[cfg(feature = "tls")]
-        let builder = match certs {
-            Some(certs) => builder.certs(certs),
-            None => builder,
-        };
-        let client = builder
-            .use_protocol(ProtocolVersion::RESP3)
-            .push_sender(pushes)
-            .connection_timeout(config.connect_timeout)
-            .response_timeout(config.request_timeout)
-            // Resends are harmless (every write is idempotent), but an unanswered request
-            // must fail within about one timeout.
-            .retries(1)
-            .build()?;
-        return Ok(Conn::Cluster(client.get_async_connection().await?));
-    }
-    let info = infos.into_iter().next().expect("validated: one endpoint");
-    #[cfg(feature = "tls")]
-    let client = match certs {
-        Some(certs) => redis::Client::build_with_tls(info, certs)?,
-        None => redis::Client::open(info)?,
-    };
-    #[cfg(not(feature = "tls"))]
-    let client = redis::Client::open(info)?;
-    let manager = ConnectionManagerConfig::new()
-        .set_connection_timeout(Some(config.connect_timeout))
-        .set_response_timeout(Some(config.request_timeout))
-        .set_number_of_retries(1)
-        .set_max_delay(Duration::from_secs(1))
-        .set_push_sender(pushes)
-        .set_automatic_resubscription();
-    Ok(Conn::Single(
-        ConnectionManager::new_with_config(client, manager).await?,
-    ))
-}
-
-fn connection_info(config: &Config, endpoint: &str) -> RedisResult<redis::ConnectionInfo> {
-    use redis::IntoConnectionInfo;
-    let scheme = if config.tls { "rediss" } else { "redis" };
-    let info = format!("{scheme}://{endpoint}").into_connection_info()?;
-    let mut redis = info
-        .redis_settings()
-        .clone()
-        .set_protocol(ProtocolVersion::RESP3)
-        .set_db(config.db);
-    if let Some(user) = &config.user {
-        redis = redis.set_username(user);
-    }
-    if let Some(password) = &config.password {
-        redis = redis.set_password(password);
-    }
-    Ok(info.set_redis_settings(redis))
-}
-
 #[async_trait]
 impl Backend for Client {
     fn name(&self) -> &'static str {
@@ -311,8 +170,7 @@ impl Backend for Client {
     }
 
     fn capabilities(&self) -> Capabilities {
-        Capabilities::all()
-            .without(Capability::Time)
+        Capabilities::all().without(Capability::Time)
     }
 
     fn ttl(&self) -> Option<Duration> {

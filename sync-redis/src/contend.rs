@@ -70,7 +70,9 @@ impl Contender<'_> {
                 .await
             {
                 Ok(v) => break v,
-                Err(e) if outcome_unknown(&e) && resends < RESENDS && !self.client.is_killed() => {
+                Err(e)
+                    if outcome_unknown(&e) && resends < RESENDS && self.client.may_resend(sent) =>
+                {
                     resends += 1;
                     tracing::debug!(backend = BACKEND, error = %e, "grant unanswered, sending again");
                 }

@@ -2,7 +2,7 @@
 //! it. Messages arrive as RESP3 pushes on the client's connection; each channel has a counter
 //! that a message bumps, so a waiter that read the counter before it tried cannot miss a
 //! release that came after. A lost connection bumps every channel (messages may have been
-//! missed while it was down).
+//! missed while it was down); so does a replaced one, after its subscriptions were made again.
 
 use std::{
     collections::{HashMap, HashSet},
@@ -13,7 +13,7 @@ use redis::{PushInfo, PushKind, Value};
 use sync_kit::locked;
 use tokio::sync::{mpsc, oneshot, watch};
 
-use crate::{BACKEND, client::Conn};
+use crate::{BACKEND, conn::Conn};
 
 struct Channel {
     bump: watch::Sender<u64>,
@@ -47,6 +47,7 @@ impl Hub {
     pub(crate) fn start(
         conn: Conn,
         pushes: mpsc::UnboundedReceiver<PushInfo>,
+        replaced: mpsc::UnboundedReceiver<()>,
         killed: watch::Receiver<bool>,
     ) -> Arc<Hub> {
         let (sync, requests) = mpsc::unbounded_channel();
@@ -54,12 +55,12 @@ impl Hub {
             channels: Mutex::new(HashMap::new()),
             sync,
         });
-        tokio::spawn(subscriber(
-            Arc::downgrade(&hub),
+        let subscriber = Subscriber {
+            hub: Arc::downgrade(&hub),
             conn,
-            requests,
-            killed.clone(),
-        ));
+            subscribed: HashSet::new(),
+        };
+        tokio::spawn(subscriber.run(requests, replaced, killed.clone()));
         tokio::spawn(dispatcher(Arc::downgrade(&hub), pushes, killed));
         hub
     }
@@ -108,6 +109,10 @@ impl Hub {
             .get(channel)
             .is_some_and(|c| c.waiters > 0)
     }
+
+    fn all_wanted(&self) -> Vec<String> {
+        locked(&self.channels).keys().cloned().collect()
+    }
 }
 
 impl Subscription {
@@ -144,32 +149,56 @@ impl Drop for Subscription {
 
 /// Sends SUBSCRIBE and UNSUBSCRIBE one at a time, so that they reach the server in the order
 /// the waiters came and went.
-async fn subscriber(
+struct Subscriber {
     hub: std::sync::Weak<Hub>,
     conn: Conn,
-    mut requests: mpsc::UnboundedReceiver<Sync>,
-    mut killed: watch::Receiver<bool>,
-) {
-    let mut subscribed = HashSet::new();
-    loop {
-        let request = tokio::select! {
-            _ = killed.wait_for(|k| *k) => return,
-            r = requests.recv() => match r { Some(r) => r, None => return },
+    subscribed: HashSet<String>,
+}
+
+impl Subscriber {
+    async fn run(
+        mut self,
+        mut requests: mpsc::UnboundedReceiver<Sync>,
+        mut replaced: mpsc::UnboundedReceiver<()>,
+        mut killed: watch::Receiver<bool>,
+    ) {
+        loop {
+            let request = tokio::select! {
+                _ = killed.wait_for(|k| *k) => return,
+                r = requests.recv() => match r {
+                    Some(r) => Some(r),
+                    None => return,
+                },
+                Some(()) = replaced.recv() => None,
+            };
+            let alive = match request {
+                Some(r) => self.sync(r).await,
+                None => self.resubscribe().await,
+            };
+            if !alive {
+                return;
+            }
+        }
+    }
+
+    /// Brings one channel in line with its waiters. False once the hub is gone.
+    async fn sync(&mut self, request: Sync) -> bool {
+        let Some(hub) = self.hub.upgrade() else {
+            return false;
         };
-        let Some(hub) = hub.upgrade() else { return };
         let wanted = hub.wanted(&request.channel);
         drop(hub);
-        let ok = match (wanted, subscribed.contains(&request.channel)) {
-            (true, false) => match conn.subscribe(&request.channel).await {
-                Ok(()) => subscribed.insert(request.channel.clone()),
+        let ok = match (wanted, self.subscribed.contains(&request.channel)) {
+            (true, false) => match self.conn.subscribe(&request.channel).await {
+                Ok(()) => self.subscribed.insert(request.channel.clone()),
                 Err(e) => {
                     tracing::debug!(backend = BACKEND, error = %e, "subscribe failed");
                     false
                 }
             },
             (false, true) => {
-                subscribed.remove(&request.channel);
-                if let Err(e) = conn.unsubscribe(&request.channel).await {
+                self.subscribed.remove(&request.channel);
+                if let Err(e) = self.conn.unsubscribe(&request.channel).await {
                     tracing::debug!(backend = BACKEND, error = %e, "unsubscribe failed");
                 }
                 true
@@ -179,6 +208,27 @@ async fn subscriber(
         if let Some(done) = request.done {
             let _ = done.send(ok);
         }
+        true
+    }
+
+    /// The connection was replaced: subscribes to every wanted channel on the new one, then
+    /// wakes every waiter (a release may have been published meanwhile). False once the hub
+    /// is gone.
+    async fn resubscribe(&mut self) -> bool {
+        let Some(hub) = self.hub.upgrade() else {
+            return false;
+        };
+        self.subscribed.clear();
+        for channel in hub.all_wanted() {
+            match self.conn.subscribe(&channel).await {
+                Ok(()) => {
+                    self.subscribed.insert(channel);
+                }
+                Err(e) => tracing::debug!(backend = BACKEND, error = %e, "resubscribe failed"),
+            }
+        }
+        hub.bump_all();
+        true
     }
 }
 

@@ -59,6 +59,21 @@ impl Keys {
     }
 }
 
+/// A script of this crate: `body` runs as a function, and its answer comes back behind the
+/// nonce [`Conn::eval`](crate::conn::Conn::eval) adds as the last argument (taken off ARGV
+/// before `body` runs), so a caller can tell its own answer from another request's. `flags`
+/// go on the shebang line (`""` for none).
+pub(crate) fn script(flags: &str, body: &str) -> Script {
+    let shebang = if flags.is_empty() {
+        String::new()
+    } else {
+        format!("#!lua flags={flags}\n")
+    };
+    Script::new(&format!(
+        "{shebang}local nonce = table.remove(ARGV)\nlocal function body()\n{body}\nend\nreturn {{nonce, body()}}\n"
+    ))
+}
+
 /// Lua helpers shared by the scripts: the owner check on a held value.
 pub(crate) const OWNS: &str = r#"
 local function owns(v, owner)
@@ -80,9 +95,11 @@ end
 /// above every token issued before, provided the clock of the server granting now is not
 /// behind the one that granted then and no id was granted over 1024 times in a millisecond.
 pub(crate) static ACQUIRE: LazyLock<Script> = LazyLock::new(|| {
-    Script::new(&format!(
-        "{OWNS}{}",
-        r#"
+    script(
+        "",
+        &format!(
+            "{OWNS}{}",
+            r#"
 local v = redis.call('GET', KEYS[1])
 if v then
   if owns(v, ARGV[1]) then return {1, token_of(v)} end
@@ -98,15 +115,18 @@ redis.call('SET', KEYS[1], ARGV[1] .. text .. '\n' .. ARGV[3], 'PX', ARGV[2])
 if ARGV[4] ~= '' then redis.call('PUBLISH', ARGV[4], 'granted') end
 return {1, token}
 "#
-    ))
+        ),
+    )
 });
 
 /// Deletes the key if the owner holds it and publishes the release. KEYS: key. ARGV: owner,
 /// channel. Returns 1 if it was held.
 pub(crate) static RELEASE: LazyLock<Script> = LazyLock::new(|| {
-    Script::new(&format!(
-        "{OWNS}{}",
-        r#"
+    script(
+        "",
+        &format!(
+            "{OWNS}{}",
+            r#"
 if owns(redis.call('GET', KEYS[1]), ARGV[1]) then
   redis.call('DEL', KEYS[1])
   redis.call('PUBLISH', ARGV[2], 'released')
@@ -114,7 +134,8 @@ if owns(redis.call('GET', KEYS[1]), ARGV[1]) then
 end
 return 0
 "#
-    ))
+        ),
+    )
 });
 
 /// Renews every held key of one node in one call. KEYS: the first of them (what routes the
@@ -123,9 +144,11 @@ return 0
 /// declared keys of several slots, but lets a script flagged `allow-cross-slot-keys` (Redis 7)
 /// touch keys of any slot its node serves.
 pub(crate) static RENEW: LazyLock<Script> = LazyLock::new(|| {
-    Script::new(&format!(
-        "#!lua flags=allow-cross-slot-keys\n{OWNS}{}",
-        r#"
+    script(
+        "allow-cross-slot-keys",
+        &format!(
+            "{OWNS}{}",
+            r#"
 local gone = {}
 for i = 2, #ARGV, 2 do
   local key, owner = ARGV[i], ARGV[i + 1]
@@ -137,15 +160,18 @@ for i = 2, #ARGV, 2 do
 end
 return gone
 "#
-    ))
+        ),
+    )
 });
 
 /// Replaces the payload of a held key, keeping its TTL, and publishes the change. KEYS: key.
 /// ARGV: owner, payload, channel. Returns 1 if it was held.
 pub(crate) static PROCLAIM: LazyLock<Script> = LazyLock::new(|| {
-    Script::new(&format!(
-        "{OWNS}{}",
-        r#"
+    script(
+        "",
+        &format!(
+            "{OWNS}{}",
+            r#"
 local v = redis.call('GET', KEYS[1])
 if owns(v, ARGV[1]) then
   local head = string.sub(v, 1, string.find(v, '\n', 41, true))
@@ -155,7 +181,8 @@ if owns(v, ARGV[1]) then
 end
 return 0
 "#
-    ))
+        ),
+    )
 });
 
 /// A held value, parsed: `owner token \n payload`.

@@ -27,7 +27,10 @@ use crate::{
 
 /// The leader's value and its key's remaining TTL in one read.
 static READ: LazyLock<Script> = LazyLock::new(|| {
-    Script::new("return {redis.call('GET', KEYS[1]), redis.call('PTTL', KEYS[1])}")
+    crate::keys::script(
+        "no-writes",
+        "return {redis.call('GET', KEYS[1]), redis.call('PTTL', KEYS[1])}",
+    )
 });
 
 /// The payload of a leader key: the escaped candidate (no newline), a newline, the value.

@@ -83,6 +83,7 @@
 
 mod client;
 mod config;
+mod conn;
 mod contend;
 mod error;
 mod hub;

@@ -16,8 +16,8 @@
 //! it finds its write id in the entry, or, when another change displaced the entry since, the
 //! marker that change left for it. Markers are only left for entries younger than
 //! [`MARKER_LIFE`] (the version tells their age), and by deletes, so a map whose entries
-//! change rarely holds almost none. A call that timed out on the standalone connection drops
-//! that connection before the resend (see [`RedisMap::reconnect`]).
+//! change rarely holds almost none. The connection replaces itself after a timeout or an
+//! answer that was not its call's (see [`Conn::eval`](crate::conn::Conn::eval)).
 
 use std::{sync::Arc, sync::LazyLock, time::Duration};
 
@@ -43,9 +43,6 @@ const RESOLVE_WITHIN: Duration = Duration::from_secs(30);
 
 /// How often a change whose answer is lost is sent in all.
 const SENDS: u32 = 3;
-
-/// The longest wait for the server to close a connection after a timeout.
-const QUIT_WAIT: Duration = Duration::from_secs(1);
 
 /// Length of a write id (hex digits) at the head of an entry.
 const WID_LEN: usize = 16;
@@ -78,9 +75,11 @@ end
 /// written (also for a resend of a write already applied), `{0, version or '0'}` on a
 /// mismatch.
 static PUT: LazyLock<Script> = LazyLock::new(|| {
-    Script::new(&format!(
-        "{MAP_LUA}{}",
-        r#"
+    crate::keys::script(
+        "",
+        &format!(
+            "{MAP_LUA}{}",
+            r#"
 local e = redis.call('HGET', KEYS[1], ARGV[1])
 if e and wid_of(e) == ARGV[2] then return {1, version_of(e)} end
 local done = redis.call('GET', KEYS[3])
@@ -93,16 +92,19 @@ displaced(e, floor, tonumber(ARGV[5]))
 redis.call('HSET', KEYS[1], ARGV[1], ARGV[2] .. v .. '\n' .. ARGV[3])
 return {1, v}
 "#
-    ))
+        ),
+    )
 });
 
 /// Deletes one key. KEYS: hash, this delete's marker. ARGV: key, expected version ('' any),
 /// marker life ms. Returns `{1, version deleted}` (also for a resend of a delete already
 /// applied), `{0, '0'}` when absent, `{-1, version or '0'}` on a mismatch.
 static DELETE: LazyLock<Script> = LazyLock::new(|| {
-    Script::new(&format!(
-        "{MAP_LUA}{}",
-        r#"
+    crate::keys::script(
+        "",
+        &format!(
+            "{MAP_LUA}{}",
+            r#"
 local done = redis.call('GET', KEYS[2])
 if done then return {1, done} end
 local e = redis.call('HGET', KEYS[1], ARGV[1])
@@ -114,8 +116,18 @@ displaced(e, floor_now(), life)
 redis.call('SET', KEYS[2], version_of(e), 'PX', life)
 return {1, version_of(e)}
 "#
-    ))
+        ),
+    )
 });
+
+/// One entry's raw value. KEYS: hash. ARGV: key.
+static READ_ONE: LazyLock<Script> = LazyLock::new(|| {
+    crate::keys::script("no-writes", "return redis.call('HGET', KEYS[1], ARGV[1])")
+});
+
+/// Every entry, as key, raw value, key, raw value… KEYS: hash.
+static READ_ALL: LazyLock<Script> =
+    LazyLock::new(|| crate::keys::script("no-writes", "return redis.call('HGETALL', KEYS[1])"));
 
 pub(crate) struct RedisMap {
     client: Arc<ClientInner>,
@@ -259,12 +271,9 @@ impl RedisMap {
                     if outcome_unknown(&e)
                         && sends < SENDS
                         && first.elapsed() < RESOLVE_WITHIN
-                        && !self.client.is_killed() =>
+                        && self.client.may_resend(first) =>
                 {
                     tracing::warn!(backend = BACKEND, map = %self.name, id = change.key, error = %e, "{} unanswered; sending it again to learn whether it applied", change.what);
-                    if e.is_timeout() {
-                        self.reconnect().await;
-                    }
                 }
                 Err(e) if outcome_unknown(&e) => {
                     let what = format!("{} (whether it applied is unknown)", change.what);
@@ -275,34 +284,21 @@ impl RedisMap {
         }
     }
 
-    /// Runs a read-only command, once more if the connection dropped under it (as the first
-    /// call after [`reconnect`](Self::reconnect) may find): a read changes nothing.
+    /// Runs a read-only script, once more if the connection dropped under it or its answer
+    /// was lost: a read changes nothing.
     async fn look<T: redis::FromRedisValue>(
         &self,
         what: &str,
         id: &str,
-        cmd: &redis::Cmd,
+        script: &Script,
+        args: &[&[u8]],
     ) -> Result<T> {
-        match self.client.conn.query(cmd).await {
-            Err(e) if e.is_connection_dropped() => self.client.conn.query(cmd).await,
+        let keys = [self.hash.as_str()];
+        match self.client.conn.eval(script, &keys, args).await {
+            Err(e) if outcome_unknown(&e) => self.client.conn.eval(script, &keys, args).await,
             other => other,
         }
         .map_err(|e| redis_err(what, e).with_id(id))
-    }
-
-    /// Drops the standalone connection after a call on it timed out, before the call is sent
-    /// again. A multiplexed connection pairs answers with requests by their order, so an answer
-    /// that never comes (a proxy that dropped it) would hand every later request the answer
-    /// of the one before it. `QUIT` makes the server close the connection; the connection
-    /// manager then makes a new one (and subscribes again). Bounded: a frozen server answers
-    /// nothing. A cluster connection is left to the cluster client.
-    async fn reconnect(&self) {
-        if self.client.conn.is_cluster() {
-            return;
-        }
-        let wait = self.client.config.request_timeout.min(QUIT_WAIT);
-        let quit = redis::cmd("QUIT");
-        let _ = tokio::time::timeout(wait, self.client.conn.query::<redis::Value>(&quit)).await;
     }
 
     /// Unavailable: a resend answered too late to prove that the first send did not apply.
@@ -357,7 +353,7 @@ impl Map for RedisMap {
     async fn read(&self, key: &str) -> Result<Option<Entry>> {
         self.client.check_alive()?;
         let raw: Option<Vec<u8>> = self
-            .look("reading", key, redis::cmd("HGET").arg(&self.hash).arg(key))
+            .look("reading", key, &READ_ONE, &[key.as_bytes()])
             .await?;
         raw.map(|raw| parse_entry(key, &raw)).transpose()
     }
@@ -403,9 +399,7 @@ impl Map for RedisMap {
     #[tracing::instrument(level = "debug", skip(self), fields(backend = BACKEND, primitive = "map", map = %self.name))]
     async fn entries(&self) -> Result<Vec<Entry>> {
         self.client.check_alive()?;
-        let raw: Vec<(String, Vec<u8>)> = self
-            .look("listing", &self.name, redis::cmd("HGETALL").arg(&self.hash))
-            .await?;
+        let raw: Vec<(String, Vec<u8>)> = self.look("listing", &self.name, &READ_ALL, &[]).await?;
         let mut out = raw
             .iter()
             .map(|(key, raw)| parse_entry(key, raw))

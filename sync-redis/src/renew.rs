@@ -18,7 +18,7 @@ use tokio::{sync::watch, task::AbortHandle, time::Instant};
 
 use crate::{
     BACKEND,
-    client::Conn,
+    conn::Conn,
     error::redis_err,
     keys::{RELEASE, RENEW, slot},
 };

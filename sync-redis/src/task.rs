@@ -95,18 +95,18 @@ local function now_ms()
   return tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 end
 local function reply(...)
-  return {ARGV[#ARGV], ...}
+  return {...}
 end
 "#;
 
 fn script(body: &str) -> Script {
-    Script::new(&format!("{OWNS}{PRELUDE}{body}"))
+    crate::keys::script("", &format!("{OWNS}{PRELUDE}{body}"))
 }
 
 /// A script that writes nothing: it also runs while writes are refused (out of memory, a
 /// paused or read-only server).
 fn read_script(body: &str) -> Script {
-    Script::new(&format!("#!lua flags=no-writes\n{PRELUDE}{body}"))
+    crate::keys::script("no-writes", &format!("{PRELUDE}{body}"))
 }
 
 /// Stores and queues a job unless its id exists. KEYS: record, stream. ARGV: id, escaped id,
@@ -348,8 +348,6 @@ struct NameKeys {
 struct Shared {
     client: Arc<ClientInner>,
     keys: TaskKeys,
-    /// When the connection last finished starting afresh after a lost answer.
-    resynced: AsyncMutex<Option<Instant>>,
 }
 
 impl Shared {
@@ -357,9 +355,8 @@ impl Shared {
         d.as_millis().to_string()
     }
 
-    /// Sends `script` once with a fresh nonce as its last argument. An answer that does not
-    /// start with the nonce is another request's: this one's answer was lost (so it was
-    /// applied: the server answers in order), and the connection is out of step.
+    /// Sends `script` once (the connection checks the answer is this call's: see
+    /// [`Conn::eval`](crate::conn::Conn::eval)).
     async fn send(
         &self,
         what: &str,
@@ -368,35 +365,14 @@ impl Shared {
         args: &[&[u8]],
     ) -> std::result::Result<(Vec<Value>, Instant), Failed> {
         self.client.check_alive().map_err(Failed::surely)?;
-        let nonce = format!("{:016x}", uuid::Uuid::new_v4().as_u64_pair().0);
-        let mut all = args.to_vec();
-        all.push(nonce.as_bytes());
         let sent = Instant::now();
-        match self.client.conn.eval::<Value>(script, keys, &all).await {
-            Ok(Value::Array(mut items)) if is_nonce(items.first(), &nonce) => {
-                items.remove(0);
-                Ok((items, sent))
-            }
-            Ok(_) => {
-                self.resync(sent).await;
-                Err(Failed {
-                    error: Error::new(
-                        ErrorKind::Unavailable,
-                        format!("{what}: the answer was another request's (an answer was lost)"),
-                    )
-                    .with_backend(BACKEND),
-                    maybe_applied: true,
-                })
-            }
-            Err(e) => {
-                if e.is_timeout() {
-                    self.resync(sent).await;
-                }
-                Err(Failed {
-                    maybe_applied: outcome_unknown(&e),
-                    error: redis_err(what.to_string(), e),
-                })
-            }
+        match self.client.conn.eval::<Value>(script, keys, args).await {
+            Ok(Value::Array(items)) => Ok((items, sent)),
+            Ok(other) => Err(Failed::surely(unexpected(what, format!("{other:?}")))),
+            Err(e) => Err(Failed {
+                maybe_applied: outcome_unknown(&e),
+                error: redis_err(what.to_string(), e),
+            }),
         }
     }
 
@@ -411,10 +387,11 @@ impl Shared {
         args: &[&[u8]],
     ) -> Result<(Vec<Value>, Instant)> {
         let mut resends = 0;
+        let first = Instant::now();
         loop {
             match self.send(what, script, keys, args).await {
                 Ok(answer) => return Ok(answer),
-                Err(f) if f.maybe_applied && resends < RESENDS => {
+                Err(f) if f.maybe_applied && resends < RESENDS && self.client.may_resend(first) => {
                     resends += 1;
                     tracing::debug!(backend = BACKEND, error = %f.error, what, "answer lost; resolving by a resend");
                 }
@@ -436,25 +413,6 @@ impl Shared {
             Ok((answer, _)) => Ok(answer),
             Err(f) => Err(f.error),
         }
-    }
-
-    /// Makes the connection start afresh after an answer was lost: a multiplexed connection
-    /// pairs answers with requests in order, so every later answer would go to the request
-    /// before it. QUIT makes the server close the connection; the connection manager opens a
-    /// new one and resubscribes. (An answer that was only late costs a reconnect.) One at a
-    /// time, and not for a request sent before the last one finished: that request went out on
-    /// the connection already replaced. The cluster client keeps its own connections.
-    async fn resync(&self, sent: Instant) {
-        if self.client.conn.is_cluster() {
-            return;
-        }
-        let mut last = self.resynced.lock().await;
-        if last.is_some_and(|done| done >= sent) {
-            return;
-        }
-        tracing::info!(backend = BACKEND, "an answer was lost: reconnecting");
-        let _ = self.client.conn.query::<Value>(&redis::cmd("QUIT")).await;
-        *last = Some(Instant::now());
     }
 
     /// The job's status, None if no such record.
@@ -529,10 +487,6 @@ impl Failed {
     }
 }
 
-fn is_nonce(v: Option<&Value>, nonce: &str) -> bool {
-    matches!(v, Some(Value::BulkString(b)) if b == nonce.as_bytes())
-}
-
 /// One value of a script's answer as `T`.
 fn convert<T: FromRedisValue>(what: &str, v: Option<Value>) -> Result<T> {
     let v = v.unwrap_or(Value::Nil);
@@ -560,7 +514,6 @@ impl RedisTask {
             shared: Arc::new(Shared {
                 client,
                 keys: TaskKeys { tag },
-                resynced: AsyncMutex::new(None),
             }),
         }
     }
