@@ -69,7 +69,7 @@ struct Etcd {
     ctx: Ctx,
 }
 
-fn latency(lat: &[Duration]) -> Sample {
+pub(crate) fn latency(lat: &[Duration]) -> Sample {
     let us = micros(lat);
     Sample {
         value: quantile(&us, 0.5).unwrap_or(0.0),
@@ -87,7 +87,7 @@ fn with_cost(mut s: Sample, cost: &Cost, ops: usize) -> Sample {
     s
 }
 
-fn push(v: &mut Option<sync_bench::report::Variant>, s: Sample) {
+pub(crate) fn push(v: &mut Option<sync_bench::report::Variant>, s: Sample) {
     if let Some(v) = v.as_mut() {
         v.rounds.push(s);
     }
@@ -1422,7 +1422,7 @@ pub(crate) fn child_main(args: &[String]) -> ExitCode {
     }
 }
 
-fn rss_mb() -> f64 {
+pub(crate) fn rss_mb() -> f64 {
     std::fs::read_to_string("/proc/self/status")
         .ok()
         .and_then(|s| {

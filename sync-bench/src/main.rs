@@ -1,15 +1,16 @@
 //! `sync-bench [--quick] [--out DIR] [BACKEND…]`: runs the scenarios of each backend (etcd,
-//! local, ntp; consul and redis are listed as not run until their crates exist) and writes
-//! the report: a Markdown table on stdout, `report.json`, `report.md` and `report.svg` under
-//! DIR (default `$CARGO_TARGET_DIR/bench` or `target/bench`). Service URLs come from
-//! `SYNC_TEST_ETCD` and `SYNC_TEST_NTP`; `cargo xtask bench` sets them. Exits 1 if a scenario
-//! failed (never because of a number).
+//! local, ntp, redis; consul is listed as not run until its crate exists) and writes the
+//! report: a Markdown table on stdout, `report.json`, `report.md` and `report.svg` under DIR
+//! (default `$CARGO_TARGET_DIR/bench` or `target/bench`). Service URLs come from
+//! `SYNC_TEST_ETCD`, `SYNC_TEST_NTP` and `SYNC_TEST_REDIS`; `cargo xtask bench` sets them.
+//! Exits 1 if a scenario failed (never because of a number).
 
 #![deny(missing_docs)]
 
 mod etcd;
 mod local;
 mod ntp;
+mod redis;
 
 use std::{
     future::Future,
@@ -48,7 +49,7 @@ impl Ctx {
     }
 }
 
-/// Backends the harness knows; the ones without a crate yet are reported as not run.
+/// Backends the harness knows; the one without a crate yet (consul) is reported as not run.
 const BACKENDS: [&str; 5] = ["etcd", "local", "ntp", "consul", "redis"];
 
 const USAGE: &str = "usage: sync-bench [--quick] [--out DIR] [--only WORD]... [BACKEND...]  (etcd local ntp consul redis; default all; --only runs the scenarios whose name holds WORD)";
@@ -65,7 +66,10 @@ fn selected(name: &str) -> bool {
 fn main() -> ExitCode {
     let args: Vec<String> = std::env::args().skip(1).collect();
     if args.first().map(String::as_str) == Some("--child") {
-        return etcd::child_main(&args[1..]);
+        return match args.get(1).map(String::as_str) {
+            Some("redis-held") => redis::child_main(&args[2..]),
+            _ => etcd::child_main(&args[1..]),
+        };
     }
     let mut quick = false;
     let mut out: Option<PathBuf> = None;
@@ -175,10 +179,14 @@ async fn run(ctx: Ctx, backends: &[String]) -> Report {
                 Some(url) => ntp::run(ctx, &url, &mut report).await,
                 None => skip(&mut report, "ntp", "*", "SYNC_TEST_NTP is not set"),
             },
+            "redis" => match env_url("SYNC_TEST_REDIS") {
+                Some(url) => redis::run(ctx, &url, &mut report).await,
+                None => skip(&mut report, "redis", "*", "SYNC_TEST_REDIS is not set"),
+            },
             "local" => local::run(ctx, &mut report).await,
             // The extension point: a backend crate lands, and its module joins the ones above
-            // with its raw client and peer (Redis: `SET NX PX` + a release script, and rslock;
-            // Consul: a raw session + `?acquire=`/`?release=` loop).
+            // with its raw client and peer (Consul: a raw session + `?acquire=`/`?release=`
+            // loop).
             other => skip(
                 &mut report,
                 other,

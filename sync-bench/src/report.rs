@@ -25,7 +25,8 @@ pub struct Sample {
     /// The 99th percentile, for latency rows.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub p99: Option<f64>,
-    /// etcd requests (unary calls) per operation, from etcd's `/metrics`.
+    /// etcd requests (unary calls) per operation, from etcd's `/metrics`; for Redis, the
+    /// commands the client sent per operation, from `INFO commandstats`.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub requests_per_op: Option<f64>,
     /// etcd watch streams opened per operation, from etcd's `/metrics`.
@@ -268,7 +269,8 @@ impl Report {
             "{} run, {} build, {} round(s) per scenario, sync/raw/peer interleaved; values are \
              medians of the rounds, ratios sync/baseline per round (min–max); ↓ lower is \
              better, ↑ higher is better. Requests, streams and etcd CPU per op are counted by \
-             etcd (/metrics), client CPU from this process's threads, in the order sync / raw / \
+             etcd (/metrics; for Redis, req/op is the top-level commands of INFO \
+             commandstats), client CPU from this process's threads, in the order sync / raw / \
              peer.\n",
             if self.quick { "Quick" } else { "Full" },
             self.profile,

@@ -12,8 +12,8 @@ use crate::{
     target_dir, total_elapsed,
 };
 
-/// Backends the bench knows. Consul and Redis have no backend crate yet: sync-bench lists
-/// them as not run, and no service is started for them.
+/// Backends the bench knows. Consul has no backend crate yet: sync-bench lists it as not run,
+/// and no service is started for it.
 const BACKENDS: [&str; 5] = ["etcd", "local", "ntp", "consul", "redis"];
 
 /// The service a backend's scenarios run against, for the backends that have scenarios.
@@ -21,6 +21,7 @@ fn service_of(backend: &str) -> Option<Service> {
     match backend {
         "etcd" => Some(Service::Etcd),
         "ntp" => Some(Service::Ntp),
+        "redis" => Some(Service::Redis),
         _ => None,
     }
 }
@@ -136,6 +137,7 @@ mod tests {
     fn services_are_started_only_for_backends_with_scenarios() {
         assert_eq!(service_of("etcd"), Some(Service::Etcd));
         assert_eq!(service_of("ntp"), Some(Service::Ntp));
+        assert_eq!(service_of("redis"), Some(Service::Redis));
         assert_eq!(service_of("consul"), None);
         assert_eq!(service_of("local"), None);
     }
