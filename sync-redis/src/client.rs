@@ -25,6 +25,7 @@ use crate::{
     map::RedisMap,
     renew::Renewals,
     task::RedisTask,
+    turns::Turns,
 };
 
 /// A connection to Redis (a server or a cluster) shared by every handle made from it. Cheap to
@@ -59,6 +60,8 @@ pub(crate) struct ClientInner {
     pub(crate) keys: Keys,
     pub(crate) hub: Arc<Hub>,
     pub(crate) renewals: Renewals,
+    /// Contenders for one key through this client take turns: see [`Turns`].
+    pub(crate) turns: Turns,
     /// Unique to this client: with a sequence number, every contender's owner id.
     id: String,
     seq: AtomicU64,
@@ -137,6 +140,7 @@ impl Client {
                 conn,
                 hub,
                 renewals,
+                turns: Turns::default(),
                 id,
                 seq: AtomicU64::new(0),
                 killed,

@@ -123,11 +123,20 @@ impl Contender<'_> {
     /// for a release, the holder's expiry, or the safety-net poll, and tries again. `wait`
     /// bounds it (Timeout).
     pub(crate) async fn wait(&self, what: &str, wait: Option<Duration>) -> Result<Grant> {
+        let started = Instant::now();
+        let deadline = wait.map(sync_kit::deadline);
+        // Behind other local contenders for this key: they talk to Redis, this one waits.
+        let turn = self.client.turns.take(&self.keys.key);
+        let never = sync_kit::deadline(Duration::MAX);
+        let _turn = tokio::select! {
+            turn = turn => turn,
+            () = tokio::time::sleep_until(deadline.unwrap_or(never)) => {
+                return Err(timed_out(what, started));
+            }
+        };
         if let Ok(grant) = self.try_once().await? {
             return Ok(grant);
         }
-        let started = Instant::now();
-        let deadline = wait.map(sync_kit::deadline);
         let mut sub = self.client.hub.subscribe(&self.keys.channel).await;
         let mut killed = self.client.killed();
         let mut outage = Backoff::default();
@@ -146,16 +155,11 @@ impl Contender<'_> {
                 }
                 Err(e) => return Err(e),
             };
-            let never = sync_kit::deadline(Duration::MAX);
             tokio::select! {
                 () = sub.changed() => {}
                 () = tokio::time::sleep(nap) => {}
                 () = tokio::time::sleep_until(deadline.unwrap_or(never)) => {
-                    return Err(Error::new(
-                        ErrorKind::Timeout,
-                        format!("{what} still held by another after {:?}", started.elapsed()),
-                    )
-                    .with_backend(BACKEND));
+                    return Err(timed_out(what, started));
                 }
                 _ = killed.wait_for(|k| *k) => return Err(crate::error::closed()),
             }
@@ -174,6 +178,14 @@ impl Contender<'_> {
         busy.expires_in
             .map_or(poll, |e| (e + Duration::from_millis(1)).min(poll))
     }
+}
+
+fn timed_out(what: &str, started: Instant) -> Error {
+    Error::new(
+        ErrorKind::Timeout,
+        format!("{what} still held by another after {:?}", started.elapsed()),
+    )
+    .with_backend(BACKEND)
 }
 
 /// Pauses between tries while the server is unreachable: 100 ms doubling to 2 s.
