@@ -1,8 +1,10 @@
 //! # sync-redis
 //!
 //! The Redis backend of the `sync` toolkit: [`Lock`](sync_core::Lock),
-//! [`Leader`](sync_core::Leader) and [`Task`](sync_core::Task) on one multiplexed connection
-//! to a Redis server, or on the cluster client of a Redis Cluster (Redis 7 or later).
+//! [`Leader`](sync_core::Leader), [`Map`](sync_core::Map) and [`Task`](sync_core::Task) on
+//! one multiplexed connection to a Redis server, or on the cluster client of a Redis Cluster
+//! (Redis 7 or later). Time is not a Redis primitive: the server's `TIME` comes with no
+//! statement of its own error, so this backend does not offer it.
 //!
 //! ## Keys
 //!
@@ -31,10 +33,12 @@
 //! the next fencing token. A release is an owner-checked delete that publishes on the
 //! channel; waiters subscribe before they try again, so no release is missed, and also wake at
 //! the holder's expiry (a dead holder publishes nothing) and on a safety-net poll
-//! ([`Config::poll`]). An uncontended acquire and release cost one round trip each.
+//! ([`Config::poll`]). An uncontended acquire and release cost one round trip each. Contenders
+//! for one id through one client take turns locally, so a release wakes one waiter per client.
 //!
 //! Each [`Client`] renews every key it holds every third of the TTL in one script call (one per
-//! slot on a cluster). A guard's `lost()` fires when a renewal finds the key gone or held by
+//! node on a cluster: a script flagged `allow-cross-slot-keys` that declares only its first
+//! key). A guard's `lost()` fires when a renewal finds the key gone or held by
 //! another owner, and as soon as the monotonic clock passes the last confirmed renewal's send
 //! time plus the TTL minus a safety margin.
 //!
@@ -47,6 +51,15 @@
 //! taken back with XAUTOCLAIM. Retries wait in a sorted set until due; submit, start and
 //! finish answer a resend with what the first send did, so a lost answer is resolved, not
 //! repeated. See the `task` module for the details.
+//!
+//! ## Answers that go missing
+//!
+//! Every script's answer comes back behind a nonce its call sends. A call that gets another
+//! request's answer (its own was lost while the connection stayed up), or none within
+//! [`Config::request_timeout`], fails as "outcome unknown" and the standalone connection is
+//! replaced (and its subscriptions made again). Grants, releases, renewals, map changes and
+//! task steps answer a resend with what the first send did, so such a call is resolved by
+//! sending it again, for at most two request timeouts.
 //!
 //! ## Fencing when Redis loses data
 //!
