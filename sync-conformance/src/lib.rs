@@ -273,12 +273,12 @@ impl Ctx {
         let at = std::panic::Location::caller();
         async move {
             let fail = |what: String| Failure::located(what, at);
-            let server = proxy::first_host(&self.harness.url)
+            let servers = proxy::hosts(&self.harness.url)
                 .ok_or_else(|| fail(format!("no server address in {:?}", self.harness.url)))?;
-            let proxy = proxy::FaultProxy::start(server)
+            let proxy = proxy::FaultProxy::start_all(&servers)
                 .await
                 .map_err(|e| fail(format!("starting the fault proxy: {e}")))?;
-            let url = proxy::through(&self.harness.url, proxy.addr());
+            let url = proxy::through_all(&self.harness.url, proxy.addrs());
             let client = (self.harness.connect)(url, self.namespace.clone())
                 .await
                 .map_err(|e| fail(format!("creating a client through the proxy: {e}")))?;

@@ -42,32 +42,48 @@ enum Hold {
 /// A running proxy; dropping it stops it and cuts its connections.
 #[derive(Debug)]
 pub struct FaultProxy {
-    addr: SocketAddr,
+    addrs: Vec<SocketAddr>,
     fault: Arc<watch::Sender<Fault>>,
     hold: Arc<watch::Sender<Hold>>,
-    accept: AbortHandle,
+    accept: Vec<AbortHandle>,
 }
 
 impl FaultProxy {
     /// Listens on a free loopback port and forwards to `upstream`.
     pub async fn start(upstream: SocketAddr) -> io::Result<FaultProxy> {
-        let listener = TcpListener::bind(("127.0.0.1", 0)).await?;
-        let addr = listener.local_addr()?;
+        Self::start_all(&[upstream]).await
+    }
+
+    /// One proxy in front of several servers (every node of a cluster): a listening address
+    /// per server, one fault and one hold shared by all of them, so a case's fault reaches a
+    /// client whichever node it talks to.
+    pub async fn start_all(upstreams: &[SocketAddr]) -> io::Result<FaultProxy> {
         let fault = Arc::new(watch::channel(Fault::Pass).0);
         let hold = Arc::new(watch::channel(Hold::Idle).0);
-        let accept = tokio::spawn(accept_loop(listener, upstream, fault.clone(), hold.clone()))
-            .abort_handle();
+        let mut addrs = Vec::new();
+        let mut accept = Vec::new();
+        for upstream in upstreams {
+            let listener = TcpListener::bind(("127.0.0.1", 0)).await?;
+            addrs.push(listener.local_addr()?);
+            let task = accept_loop(listener, *upstream, fault.clone(), hold.clone());
+            accept.push(tokio::spawn(task).abort_handle());
+        }
         Ok(FaultProxy {
-            addr,
+            addrs,
             fault,
             hold,
             accept,
         })
     }
 
-    /// Where clients connect: `127.0.0.1:<port>`.
+    /// The address clients connect to (the first server's, with several).
     pub fn addr(&self) -> SocketAddr {
-        self.addr
+        self.addrs[0]
+    }
+
+    /// The addresses clients connect to, one per server, in the servers' order.
+    pub fn addrs(&self) -> &[SocketAddr] {
+        &self.addrs
     }
 
     /// Switches every connection, present and future, to `fault`.
@@ -100,7 +116,9 @@ impl FaultProxy {
 
 impl Drop for FaultProxy {
     fn drop(&mut self) {
-        self.accept.abort();
+        for accept in &self.accept {
+            accept.abort();
+        }
         // Connections end when they see the proxy gone.
         self.fault.send_replace(Fault::Reset);
     }
@@ -257,24 +275,34 @@ impl HoldPoint {
 /// assert_eq!(url, "etcd://u:p@127.0.0.1:4000/ns?ttl=2s");
 /// ```
 pub fn through(url: &str, addr: SocketAddr) -> String {
+    through_all(url, &[addr])
+}
+
+/// `url` with its hosts replaced by `addrs` (a proxy's, one per server), in order.
+pub fn through_all(url: &str, addrs: &[SocketAddr]) -> String {
     let Some((scheme, rest)) = url.split_once("://") else {
         return url.to_string();
     };
     let end = rest.find(['/', '?']).unwrap_or(rest.len());
     let (authority, tail) = rest.split_at(end);
     let userinfo = authority.rsplit_once('@').map(|(u, _)| format!("{u}@"));
-    format!("{scheme}://{}{addr}{tail}", userinfo.unwrap_or_default())
+    let hosts: Vec<String> = addrs.iter().map(SocketAddr::to_string).collect();
+    format!(
+        "{scheme}://{}{}{tail}",
+        userinfo.unwrap_or_default(),
+        hosts.join(",")
+    )
 }
 
-/// The first host of `url` as a socket address (the server a proxy stands in front of). None
-/// for a cluster URL (`…+cluster://`): its client learns the other nodes' addresses from the
-/// cluster and reaches them around a proxy, so faults through one could not be told apart.
-pub(crate) fn first_host(url: &str) -> Option<SocketAddr> {
-    let parsed = sync_core::url::BackendUrl::parse(url).ok()?;
-    if parsed.scheme.ends_with("+cluster") {
-        return None;
-    }
-    let host = parsed.hosts.first()?;
+/// Every host of `url` as a socket address (the servers a proxy stands in front of); None
+/// without hosts or when one does not resolve.
+pub fn hosts(url: &str) -> Option<Vec<SocketAddr>> {
     use std::net::ToSocketAddrs;
-    host.to_socket_addrs().ok()?.next()
+    let parsed = sync_core::url::BackendUrl::parse(url).ok()?;
+    let addrs = parsed
+        .hosts
+        .iter()
+        .map(|h| h.to_socket_addrs().ok()?.next())
+        .collect::<Option<Vec<_>>>()?;
+    (!addrs.is_empty()).then_some(addrs)
 }

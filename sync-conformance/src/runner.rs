@@ -251,7 +251,7 @@ fn trial(backend: &'static str, gate: &Gate, case: Case) -> Trial {
                 .copied()
                 .filter(|c| !harness.capabilities.contains(*c))
                 .collect();
-            let no_server = case.network && crate::proxy::first_host(&harness.url).is_none();
+            let no_server = case.network && crate::proxy::hosts(&harness.url).is_none();
             if !missing.is_empty() || no_server {
                 // Forced with --include-ignored, an unsupported case fails: never a silent pass.
                 let why = match no_server {

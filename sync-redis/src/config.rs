@@ -65,6 +65,10 @@ pub struct Config {
     pub cert_file: Option<String>,
     /// With TLS: PEM file of the client key (mutual TLS, with `cert_file`).
     pub key_file: Option<String>,
+    /// Where to connect for a `host:port` a Redis Cluster announces (`{"10.0.0.5:6379":
+    /// "127.0.0.1:16379"}`): for a cluster reached through NAT, a tunnel or a proxy, whose
+    /// nodes announce addresses this client cannot reach. Config files only, not URLs.
+    pub address_map: std::collections::BTreeMap<String, String>,
 }
 
 impl std::fmt::Debug for Config {
@@ -85,6 +89,7 @@ impl std::fmt::Debug for Config {
             .field("ca_file", &self.ca_file)
             .field("cert_file", &self.cert_file)
             .field("key_file", &self.key_file)
+            .field("address_map", &self.address_map)
             .finish()
     }
 }
@@ -107,6 +112,7 @@ impl Default for Config {
             ca_file: None,
             cert_file: None,
             key_file: None,
+            address_map: Default::default(),
         }
     }
 }
@@ -211,6 +217,12 @@ impl Config {
         self
     }
 
+    /// Connects to `to` wherever the cluster announces `from` (both `ip:port`).
+    pub fn with_address(mut self, from: impl Into<String>, to: impl Into<String>) -> Self {
+        self.address_map.insert(from.into(), to.into());
+        self
+    }
+
     /// Sets how long one request may wait for its answer.
     pub fn with_request_timeout(mut self, timeout: Duration) -> Self {
         self.request_timeout = timeout;
@@ -248,6 +260,15 @@ impl Config {
         for e in &self.endpoints {
             sync_core::url::check_host(e)
                 .map_err(|err| Error::invalid(format!("endpoint {e:?}: {}", err.message())))?;
+        }
+        for (from, to) in &self.address_map {
+            for addr in [from, to] {
+                addr.parse::<std::net::SocketAddr>().map_err(|_| {
+                    Error::invalid(format!(
+                        "address_map entry {from:?} -> {to:?}: {addr:?} is not an ip:port"
+                    ))
+                })?;
+            }
         }
         sync_core::id::validate_namespace(&self.namespace)?;
         sync_core::raw::validate_ttl(BACKEND, self.ttl, MIN_TTL)?;
@@ -367,6 +388,15 @@ mod tests {
         }
         let err = Config::from_url("redis://h?ttl=100ms").unwrap_err();
         assert!(err.to_string().contains("at least 500ms"), "{err}");
+    }
+
+    #[test]
+    fn address_map_entries_are_ip_ports() {
+        let ok = Config::default().with_address("10.0.0.5:6379", "127.0.0.1:16379");
+        assert!(ok.validate().is_ok());
+        let bad = Config::default().with_address("node-1:6379", "127.0.0.1:16379");
+        let err = bad.validate().unwrap_err();
+        assert!(err.to_string().contains("is not an ip:port"), "{err}");
     }
 
     #[test]

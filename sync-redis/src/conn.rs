@@ -16,7 +16,7 @@ use std::sync::{
 use redis::{
     Cmd, FromRedisValue, ProtocolVersion, RedisError, RedisFuture, RedisResult, Value,
     aio::{ConnectionLike, ConnectionManager, ConnectionManagerConfig},
-    cluster::ClusterClientBuilder,
+    cluster::{ClusterClient, ClusterClientBuilder},
     cluster_async::ClusterConnection,
 };
 use tokio::sync::mpsc;
@@ -27,7 +27,18 @@ use crate::{BACKEND, Config};
 #[derive(Clone)]
 pub(crate) enum Conn {
     Single(Arc<Single>),
-    Cluster(ClusterConnection),
+    Cluster(Arc<Clustered>),
+}
+
+/// A Redis Cluster's client, whose connections are made anew when one may be out of step.
+pub(crate) struct Clustered {
+    client: ClusterClient,
+    /// The connections in use (None while they are being made anew) and how many were
+    /// replaced before.
+    current: RwLock<(u64, Option<ClusterConnection>)>,
+    /// One rebuild at a time.
+    rebuilding: tokio::sync::Mutex<()>,
+    replaced: mpsc::UnboundedSender<()>,
 }
 
 /// A standalone server's connection, replaced by a fresh one when it may be out of step.
@@ -44,14 +55,14 @@ pub(crate) struct Single {
 #[derive(Clone)]
 enum Link {
     Single(u64, ConnectionManager),
-    Cluster(ClusterConnection),
+    Cluster(u64, ClusterConnection),
 }
 
 impl ConnectionLike for Link {
     fn req_packed_command<'a>(&'a mut self, cmd: &'a Cmd) -> RedisFuture<'a, Value> {
         match self {
             Link::Single(_, c) => c.req_packed_command(cmd),
-            Link::Cluster(c) => c.req_packed_command(cmd),
+            Link::Cluster(_, c) => c.req_packed_command(cmd),
         }
     }
 
@@ -63,14 +74,14 @@ impl ConnectionLike for Link {
     ) -> RedisFuture<'a, Vec<Value>> {
         match self {
             Link::Single(_, c) => c.req_packed_commands(cmd, offset, count),
-            Link::Cluster(c) => c.req_packed_commands(cmd, offset, count),
+            Link::Cluster(_, c) => c.req_packed_commands(cmd, offset, count),
         }
     }
 
     fn get_db(&self) -> i64 {
         match self {
             Link::Single(_, c) => c.get_db(),
-            Link::Cluster(c) => c.get_db(),
+            Link::Cluster(_, c) => c.get_db(),
         }
     }
 }
@@ -79,42 +90,28 @@ impl ConnectionLike for Link {
 static NONCE: AtomicU64 = AtomicU64::new(1);
 
 impl Conn {
-    fn link(&self) -> Link {
+    async fn link(&self) -> RedisResult<Link> {
         match self {
             Conn::Single(s) => {
                 let (generation, c) = &*s.current.read().unwrap_or_else(|p| p.into_inner());
-                Link::Single(*generation, c.clone())
+                Ok(Link::Single(*generation, c.clone()))
             }
-            Conn::Cluster(c) => Link::Cluster(c.clone()),
+            Conn::Cluster(c) => c.link().await,
         }
     }
 
-    /// Replaces the standalone connection `link` went out on, unless that happened already.
-    /// The cluster client keeps its own connections.
+    /// Replaces the connection `link` went out on, unless that happened already.
     fn replace(&self, link: &Link) {
-        let (Conn::Single(s), Link::Single(generation, _)) = (self, link) else {
-            return;
-        };
-        let mut current = s.current.write().unwrap_or_else(|p| p.into_inner());
-        if current.0 != *generation {
-            return;
-        }
-        match ConnectionManager::new_lazy_with_config(s.client.clone(), s.config.clone()) {
-            Ok(fresh) => {
-                tracing::info!(
-                    backend = BACKEND,
-                    "connection out of step or unanswered: replaced"
-                );
-                *current = (generation + 1, fresh);
-                let _ = s.replaced.send(());
-            }
-            Err(e) => tracing::warn!(backend = BACKEND, error = %e, "replacing the connection"),
+        match (self, link) {
+            (Conn::Single(s), Link::Single(generation, _)) => s.replace(*generation),
+            (Conn::Cluster(c), Link::Cluster(generation, _)) => c.replace(*generation),
+            _ => {}
         }
     }
 
     /// Sends a plain command (reads and set-up only: writes go through scripts).
     pub(crate) async fn query<T: FromRedisValue>(&self, cmd: &Cmd) -> RedisResult<T> {
-        let mut link = self.link();
+        let mut link = self.link().await?;
         let answer = cmd.query_async(&mut link).await;
         if answer.as_ref().is_err_and(RedisError::is_timeout) {
             self.replace(&link);
@@ -140,7 +137,7 @@ impl Conn {
             call.arg(*a);
         }
         call.arg(&nonce);
-        let mut link = self.link();
+        let mut link = self.link().await?;
         let answer = match call.invoke_async::<Value>(&mut link).await {
             Ok(answer) => answer,
             Err(e) => {
@@ -160,22 +157,112 @@ impl Conn {
     }
 
     pub(crate) async fn subscribe(&self, channel: &str) -> RedisResult<()> {
-        match self.link() {
+        match self.link().await? {
             Link::Single(_, mut c) => c.subscribe(channel).await,
-            Link::Cluster(mut c) => c.subscribe(channel).await,
+            Link::Cluster(_, mut c) => c.subscribe(channel).await,
         }
     }
 
     pub(crate) async fn unsubscribe(&self, channel: &str) -> RedisResult<()> {
-        match self.link() {
+        match self.link().await? {
             Link::Single(_, mut c) => c.unsubscribe(channel).await,
-            Link::Cluster(mut c) => c.unsubscribe(channel).await,
+            Link::Cluster(_, mut c) => c.unsubscribe(channel).await,
         }
     }
 
     pub(crate) fn is_cluster(&self) -> bool {
         matches!(self, Conn::Cluster(_))
     }
+}
+
+impl Single {
+    fn replace(&self, generation: u64) {
+        let mut current = self.current.write().unwrap_or_else(|p| p.into_inner());
+        if current.0 != generation {
+            return;
+        }
+        match ConnectionManager::new_lazy_with_config(self.client.clone(), self.config.clone()) {
+            Ok(fresh) => {
+                tracing::info!(
+                    backend = BACKEND,
+                    "connection out of step or unanswered: replaced"
+                );
+                *current = (generation + 1, fresh);
+                let _ = self.replaced.send(());
+            }
+            Err(e) => tracing::warn!(backend = BACKEND, error = %e, "replacing the connection"),
+        }
+    }
+}
+
+impl Clustered {
+    /// The connections in use, made anew first if they were dropped.
+    async fn link(&self) -> RedisResult<Link> {
+        if let Some(link) = self.current_link() {
+            return Ok(link);
+        }
+        let _one = self.rebuilding.lock().await;
+        if let Some(link) = self.current_link() {
+            return Ok(link);
+        }
+        let fresh = self.client.get_async_connection().await?;
+        let generation = {
+            let mut current = self.current.write().unwrap_or_else(|p| p.into_inner());
+            current.1 = Some(fresh.clone());
+            current.0
+        };
+        tracing::info!(backend = BACKEND, "cluster connections made anew");
+        let _ = self.replaced.send(());
+        Ok(Link::Cluster(generation, fresh))
+    }
+
+    fn current_link(&self) -> Option<Link> {
+        let current = self.current.read().unwrap_or_else(|p| p.into_inner());
+        let c = current.1.clone()?;
+        Some(Link::Cluster(current.0, c))
+    }
+
+    fn replace(&self, generation: u64) {
+        let mut current = self.current.write().unwrap_or_else(|p| p.into_inner());
+        if current.0 == generation && current.1.is_some() {
+            *current = (generation + 1, None);
+        }
+    }
+}
+
+/// Resolves the addresses of `Config::address_map` to their targets, others as usual.
+struct AddressMap(std::collections::HashMap<(String, u16), std::net::SocketAddr>);
+
+impl redis::io::AsyncDNSResolver for AddressMap {
+    fn resolve<'a, 'b: 'a>(
+        &'a self,
+        host: &'b str,
+        port: u16,
+    ) -> RedisFuture<'a, Box<dyn Iterator<Item = std::net::SocketAddr> + Send + 'a>> {
+        Box::pin(async move {
+            if let Some(to) = self.0.get(&(host.to_string(), port)) {
+                let one: Box<dyn Iterator<Item = _> + Send> = Box::new(std::iter::once(*to));
+                return Ok(one);
+            }
+            let found: Vec<_> = tokio::net::lookup_host((host, port)).await?.collect();
+            let all: Box<dyn Iterator<Item = _> + Send> = Box::new(found.into_iter());
+            Ok(all)
+        })
+    }
+}
+
+fn address_map(config: &Config) -> AddressMap {
+    let parse = |a: &str| a.parse::<std::net::SocketAddr>().ok();
+    AddressMap(
+        config
+            .address_map
+            .iter()
+            .filter_map(|(from, to)| {
+                let from = parse(from)?;
+                Some(((from.ip().to_string(), from.port()), parse(to)?))
+            })
+            .collect(),
+    )
 }
 
 /// The script's own answer: `[nonce, answer]` (`[nonce]` for a nil answer).
@@ -234,11 +321,18 @@ pub(crate) async fn open(
             .push_sender(pushes)
             .connection_timeout(config.connect_timeout)
             .response_timeout(config.request_timeout)
+            .async_dns_resolver(address_map(config))
             // Resends are harmless (every write is idempotent), but an unanswered request
             // must fail within about one timeout.
             .retries(1)
             .build()?;
-        return Ok(Conn::Cluster(client.get_async_connection().await?));
+        let first = client.get_async_connection().await?;
+        return Ok(Conn::Cluster(Arc::new(Clustered {
+            client,
+            current: RwLock::new((0, Some(first))),
+            rebuilding: tokio::sync::Mutex::new(()),
+            replaced,
+        })));
     }
     let info = infos.into_iter().next().expect("validated: one endpoint");
     #[cfg(feature = "tls")]
