@@ -5,13 +5,17 @@
 //! missed while it was down); so does a replaced one, after its subscriptions were made again.
 
 use std::{
-    collections::{HashMap, HashSet},
+    collections::HashMap,
     sync::{Arc, Mutex},
+    time::Duration,
 };
 
 use redis::{PushInfo, PushKind, Value};
 use sync_kit::locked;
-use tokio::sync::{mpsc, oneshot, watch};
+use tokio::{
+    sync::{mpsc, oneshot, watch},
+    time::Instant,
+};
 
 use crate::{BACKEND, conn::Conn};
 
@@ -58,7 +62,7 @@ impl Hub {
         let subscriber = Subscriber {
             hub: Arc::downgrade(&hub),
             conn,
-            subscribed: HashSet::new(),
+            subscribed: HashMap::new(),
         };
         tokio::spawn(subscriber.run(requests, replaced, killed.clone()));
         tokio::spawn(dispatcher(Arc::downgrade(&hub), pushes, killed));
@@ -147,12 +151,24 @@ impl Drop for Subscription {
     }
 }
 
+/// How long a subscription outlives its last waiter: the next contended acquire of the same
+/// id (a lock passed around) then costs no SUBSCRIBE and UNSUBSCRIBE.
+const LINGER: Duration = Duration::from_secs(5);
+
 /// Sends SUBSCRIBE and UNSUBSCRIBE one at a time, so that they reach the server in the order
 /// the waiters came and went.
 struct Subscriber {
     hub: std::sync::Weak<Hub>,
     conn: Conn,
-    subscribed: HashSet<String>,
+    /// The channels subscribed to: in use (None) or without waiters since (Some).
+    subscribed: HashMap<String, Option<Instant>>,
+}
+
+/// What the subscriber does next.
+enum Next {
+    Sync(Sync),
+    Resubscribe,
+    Sweep,
 }
 
 impl Subscriber {
@@ -163,22 +179,34 @@ impl Subscriber {
         mut killed: watch::Receiver<bool>,
     ) {
         loop {
-            let request = tokio::select! {
+            let sweep = self.next_sweep();
+            let next = tokio::select! {
                 _ = killed.wait_for(|k| *k) => return,
                 r = requests.recv() => match r {
-                    Some(r) => Some(r),
+                    Some(r) => Next::Sync(r),
                     None => return,
                 },
-                Some(()) = replaced.recv() => None,
+                Some(()) = replaced.recv() => Next::Resubscribe,
+                () = sleep_until(sweep) => Next::Sweep,
             };
-            let alive = match request {
-                Some(r) => self.sync(r).await,
-                None => self.resubscribe().await,
+            let alive = match next {
+                Next::Sync(r) => self.sync(r).await,
+                Next::Resubscribe => self.resubscribe().await,
+                Next::Sweep => self.sweep().await,
             };
             if !alive {
                 return;
             }
         }
+    }
+
+    /// When the oldest idle subscription is due to go.
+    fn next_sweep(&self) -> Option<Instant> {
+        self.subscribed
+            .values()
+            .flatten()
+            .min()
+            .map(|idle| *idle + LINGER)
     }
 
     /// Brings one channel in line with its waiters. False once the hub is gone.
@@ -188,25 +216,54 @@ impl Subscriber {
         };
         let wanted = hub.wanted(&request.channel);
         drop(hub);
-        let ok = match (wanted, self.subscribed.contains(&request.channel)) {
-            (true, false) => match self.conn.subscribe(&request.channel).await {
-                Ok(()) => self.subscribed.insert(request.channel.clone()),
+        let ok = match (wanted, self.subscribed.get_mut(&request.channel)) {
+            (true, None) => match self.conn.subscribe(&request.channel).await {
+                Ok(()) => self
+                    .subscribed
+                    .insert(request.channel.clone(), None)
+                    .is_none(),
                 Err(e) => {
                     tracing::debug!(backend = BACKEND, error = %e, "subscribe failed");
                     false
                 }
             },
-            (false, true) => {
-                self.subscribed.remove(&request.channel);
-                if let Err(e) = self.conn.unsubscribe(&request.channel).await {
-                    tracing::debug!(backend = BACKEND, error = %e, "unsubscribe failed");
-                }
+            (true, Some(idle)) => {
+                *idle = None;
                 true
             }
-            _ => true,
+            (false, Some(idle)) => {
+                idle.get_or_insert_with(Instant::now);
+                true
+            }
+            (false, None) => true,
         };
         if let Some(done) = request.done {
             let _ = done.send(ok);
+        }
+        true
+    }
+
+    /// Unsubscribes from the channels idle for [`LINGER`] and still without waiters. False
+    /// once the hub is gone.
+    async fn sweep(&mut self) -> bool {
+        let Some(hub) = self.hub.upgrade() else {
+            return false;
+        };
+        let now = Instant::now();
+        let due: Vec<String> = self
+            .subscribed
+            .iter()
+            .filter(|(channel, idle)| {
+                idle.is_some_and(|t| now >= t + LINGER) && !hub.wanted(channel)
+            })
+            .map(|(channel, _)| channel.clone())
+            .collect();
+        drop(hub);
+        for channel in due {
+            self.subscribed.remove(&channel);
+            if let Err(e) = self.conn.unsubscribe(&channel).await {
+                tracing::debug!(backend = BACKEND, error = %e, "unsubscribe failed");
+            }
         }
         true
     }
@@ -222,13 +279,21 @@ impl Subscriber {
         for channel in hub.all_wanted() {
             match self.conn.subscribe(&channel).await {
                 Ok(()) => {
-                    self.subscribed.insert(channel);
+                    self.subscribed.insert(channel, None);
                 }
                 Err(e) => tracing::debug!(backend = BACKEND, error = %e, "resubscribe failed"),
             }
         }
         hub.bump_all();
         true
+    }
+}
+
+/// Sleeps until `at`, or forever.
+async fn sleep_until(at: Option<Instant>) {
+    match at {
+        Some(at) => tokio::time::sleep_until(at).await,
+        None => std::future::pending().await,
     }
 }
 
