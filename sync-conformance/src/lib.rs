@@ -41,6 +41,7 @@ pub mod limits;
 pub mod lock;
 pub mod map;
 pub mod pause;
+pub mod pki;
 pub mod proxy;
 mod runner;
 pub mod task;

@@ -6,77 +6,13 @@
 
 mod common;
 
-use std::{path::PathBuf, process::Child, time::Duration};
+use std::{process::Child, time::Duration};
 
 use common::{TestFn, TestResult, err};
+use sync_conformance::pki::Pki;
 use sync_core::{Backend, ErrorKind, LockOptions};
 use sync_redis::{Client, Config};
 use tokio::time::Instant;
-
-/// A temporary directory with `ca.pem`, `server.pem`/`server-key.pem` (for 127.0.0.1 and
-/// localhost), `client.pem`/`client-key.pem` signed by that CA, and `other-ca.pem`.
-struct Pki {
-    dir: PathBuf,
-}
-
-impl Drop for Pki {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.dir);
-    }
-}
-
-impl Pki {
-    fn new() -> Result<Pki, String> {
-        let dir = std::env::temp_dir().join(common::unique("redis-tls"));
-        std::fs::create_dir_all(&dir).map_err(err)?;
-        let pki = Pki { dir };
-        pki.make().map_err(err)?;
-        Ok(pki)
-    }
-
-    fn make(&self) -> Result<(), Box<dyn std::error::Error>> {
-        use rcgen::{
-            BasicConstraints, CertificateParams, ExtendedKeyUsagePurpose as Eku, IsCa, Issuer,
-            KeyPair,
-        };
-        let make_ca = |name: &str| -> Result<(String, Issuer<'static, KeyPair>), rcgen::Error> {
-            let key = KeyPair::generate()?;
-            let mut params = CertificateParams::new(Vec::<String>::new())?;
-            params
-                .distinguished_name
-                .push(rcgen::DnType::CommonName, name);
-            params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-            let pem = params.self_signed(&key)?.pem();
-            Ok((pem, Issuer::new(params, key)))
-        };
-        let leaf = |names: &[&str], usage: Eku, issuer: &Issuer<'static, KeyPair>| {
-            let key = KeyPair::generate()?;
-            let names: Vec<String> = names.iter().map(|n| n.to_string()).collect();
-            let mut params = CertificateParams::new(names)?;
-            params.extended_key_usages = vec![usage];
-            Ok::<_, rcgen::Error>((params.signed_by(&key, issuer)?.pem(), key.serialize_pem()))
-        };
-        let (ca_pem, ca) = make_ca("sync redis test CA")?;
-        self.write("ca.pem", &ca_pem)?;
-        let (cert, key) = leaf(&["127.0.0.1", "localhost"], Eku::ServerAuth, &ca)?;
-        self.write("server.pem", &cert)?;
-        self.write("server-key.pem", &key)?;
-        let (cert, key) = leaf(&["client"], Eku::ClientAuth, &ca)?;
-        self.write("client.pem", &cert)?;
-        self.write("client-key.pem", &key)?;
-        let (other, _) = make_ca("another CA")?;
-        self.write("other-ca.pem", &other)?;
-        Ok(())
-    }
-
-    fn write(&self, name: &str, text: &str) -> std::io::Result<()> {
-        std::fs::write(self.dir.join(name), text)
-    }
-
-    fn path(&self, name: &str) -> String {
-        self.dir.join(name).to_string_lossy().into_owned()
-    }
-}
 
 /// A redis-server serving only TLS on a free port; killed on drop.
 struct TlsRedis {
