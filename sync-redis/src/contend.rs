@@ -50,6 +50,8 @@ impl Contender<'_> {
         let sent = Instant::now();
         let mut cleanup = Cleanup::armed(self.client, self.keys, &owner);
         let mut resends = 0;
+        // Once a send's outcome is unknown, the grant may exist whatever later sends say.
+        let mut ambiguous = false;
         let reply: redis::Value = loop {
             let ttl_ms = self.client.config.ttl.as_millis().to_string();
             let channel = if self.announce {
@@ -74,13 +76,20 @@ impl Contender<'_> {
                     if outcome_unknown(&e) && resends < RESENDS && self.client.may_resend(sent) =>
                 {
                     resends += 1;
+                    ambiguous = true;
                     tracing::debug!(backend = BACKEND, error = %e, "grant unanswered, sending again");
                 }
                 Err(e) => {
-                    if !outcome_unknown(&e) {
+                    ambiguous |= outcome_unknown(&e);
+                    if !ambiguous {
                         cleanup.disarm();
                     }
-                    return Err(redis_err("taking the key", e));
+                    let what = if ambiguous {
+                        "taking the key (it may have been granted; it is being released)"
+                    } else {
+                        "taking the key"
+                    };
+                    return Err(redis_err(what, e));
                 }
             }
         };
@@ -137,7 +146,13 @@ impl Contender<'_> {
         if let Ok(grant) = self.try_once().await? {
             return Ok(grant);
         }
-        let mut sub = self.client.hub.subscribe(&self.keys.channel).await;
+        let subscribing = self.client.hub.subscribe(&self.keys.channel);
+        let mut sub = tokio::select! {
+            sub = subscribing => sub,
+            () = tokio::time::sleep_until(deadline.unwrap_or(never)) => {
+                return Err(timed_out(what, started));
+            }
+        };
         let mut killed = self.client.killed();
         let mut outage = Backoff::default();
         loop {
@@ -206,20 +221,22 @@ impl Backoff {
 }
 
 /// Gives back a held key: deletes it if this owner still holds it and publishes the release.
-/// True if it was held. A release whose answer was lost is sent again; the resend finding the
-/// key gone counts as released, since only this owner could have deleted it before its loss.
+/// True if it was held. `safe`: the holder had not lost it when it began releasing. A key found
+/// gone counts as released when `safe` and the release may have been sent twice (a resend here,
+/// or the cluster client's own retry): only this owner could have deleted it before its loss.
 pub(crate) async fn release(
     client: &ClientInner,
     keys: &HeldKeys,
     owner: &str,
-    lost: &LossSignal,
+    safe: bool,
 ) -> Result<bool> {
     let mut resent = false;
     loop {
         let args: [&[u8]; 2] = [owner.as_bytes(), keys.channel.as_bytes()];
         match client.conn.eval::<i64>(&RELEASE, &[&keys.key], &args).await {
             Ok(1) => return Ok(true),
-            Ok(_) => return Ok(resent && !lost.is_lost()),
+            Ok(0) => return Ok(safe && (resent || client.conn.is_cluster())),
+            Ok(_) => return Ok(false),
             Err(e) if outcome_unknown(&e) && !resent => resent = true,
             Err(e) => return Err(redis_err("releasing the key", e)),
         }

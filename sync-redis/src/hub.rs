@@ -83,17 +83,20 @@ impl Hub {
             entry.waiters += 1;
             entry.bump.subscribe()
         };
+        // Built before the wait, so a caller that stops waiting still drops its interest.
+        let mut sub = Subscription {
+            hub: self.clone(),
+            channel: channel.to_string(),
+            rx,
+            confirmed: false,
+        };
         let (done, confirmed) = oneshot::channel();
         let _ = self.sync.send(Sync {
             channel: channel.to_string(),
             done: Some(done),
         });
-        Subscription {
-            hub: self.clone(),
-            channel: channel.to_string(),
-            rx,
-            confirmed: confirmed.await.unwrap_or(false),
-        }
+        sub.confirmed = confirmed.await.unwrap_or(false);
+        sub
     }
 
     fn bump(&self, channel: &str) {

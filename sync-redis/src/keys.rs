@@ -120,18 +120,21 @@ return {1, token}
 });
 
 /// Deletes the key if the owner holds it and publishes the release. KEYS: key. ARGV: owner,
-/// channel. Returns 1 if it was held.
+/// channel. Returns 1 if it was held (and is now deleted), 0 if the key is gone, -1 if another
+/// owner holds it.
 pub(crate) static RELEASE: LazyLock<Script> = LazyLock::new(|| {
     script(
         "",
         &format!(
             "{OWNS}{}",
             r#"
-if owns(redis.call('GET', KEYS[1]), ARGV[1]) then
+local v = redis.call('GET', KEYS[1])
+if owns(v, ARGV[1]) then
   redis.call('DEL', KEYS[1])
   redis.call('PUBLISH', ARGV[2], 'released')
   return 1
 end
+if v then return -1 end
 return 0
 "#
         ),

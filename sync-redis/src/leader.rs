@@ -261,8 +261,9 @@ impl Leadership for RedisLeadership {
         let Some(grant) = self.grant.take() else {
             return Ok(());
         };
+        let safe = !grant.lost.is_lost();
         self.client.renewals.forget(grant.registration);
-        let held = release(&self.client, &self.keys, &grant.owner, &grant.lost)
+        let held = release(&self.client, &self.keys, &grant.owner, safe)
             .await
             .map_err(|e| e.with_id(&self.group))?;
         if held {
@@ -276,12 +277,13 @@ impl Leadership for RedisLeadership {
         let Some(grant) = self.grant.take() else {
             return;
         };
+        let safe = !grant.lost.is_lost();
         self.client.renewals.forget(grant.registration);
         let Ok(runtime) = tokio::runtime::Handle::try_current() else {
             return;
         };
         runtime.spawn(async move {
-            let _ = release(&self.client, &self.keys, &grant.owner, &grant.lost).await;
+            let _ = release(&self.client, &self.keys, &grant.owner, safe).await;
         });
     }
 
@@ -291,7 +293,7 @@ impl Leadership for RedisLeadership {
         }
         if let Some(old) = self.grant.take() {
             self.client.renewals.forget(old.registration);
-            let _ = release(&self.client, &self.keys, &old.owner, &old.lost).await;
+            let _ = release(&self.client, &self.keys, &old.owner, false).await;
         }
         let value = locked(&self.value).clone();
         let grant = campaign(

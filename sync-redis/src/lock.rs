@@ -6,7 +6,7 @@ use std::sync::Arc;
 
 use async_trait::async_trait;
 use sync_core::raw::HeldLock;
-use sync_core::{Error, ErrorKind, Lock, LockGuard, LockOptions, LossSignal, Result};
+use sync_core::{Error, ErrorKind, Lock, LockGuard, LockOptions, Result};
 use sync_kit::held::{HeldGrants, Slot};
 
 use crate::{
@@ -45,14 +45,13 @@ impl RedisLock {
         LockGuard::new(
             id,
             token,
-            lost.clone(),
+            lost,
             Box::new(RedisHeld {
                 client: self.client.clone(),
                 mine: self.mine.clone(),
                 id: id.to_string(),
                 keys,
                 slot,
-                lost,
             }),
         )
     }
@@ -86,25 +85,18 @@ impl Lock for RedisLock {
     async fn release(&self, id: &str) -> Result<()> {
         self.client.check_alive()?;
         match self.mine.take_oldest(id) {
-            Some(g) => {
-                let lost = g.lost.clone();
-                give_back(&self.client, id, &self.client.keys.lock(id), g, &lost).await
-            }
+            Some(g) => give_back(&self.client, id, &self.client.keys.lock(id), g).await,
             None => Err(not_held(id, "this handle holds no such lock")),
         }
     }
 }
 
 /// Releases `grant`: NotHeld/LockLost if it was no longer held.
-async fn give_back(
-    client: &ClientInner,
-    id: &str,
-    keys: &HeldKeys,
-    grant: Grant,
-    lost: &LossSignal,
-) -> Result<()> {
+async fn give_back(client: &ClientInner, id: &str, keys: &HeldKeys, grant: Grant) -> Result<()> {
+    // Read before the renewer lets go of the signal (which then counts as lost).
+    let safe = !grant.lost.is_lost();
     client.renewals.forget(grant.registration);
-    let was_held = release(client, keys, &grant.owner, lost)
+    let was_held = release(client, keys, &grant.owner, safe)
         .await
         .map_err(|e| e.with_id(id))?;
     if was_held {
@@ -130,14 +122,13 @@ struct RedisHeld {
     id: String,
     keys: HeldKeys,
     slot: Arc<Slot<Grant>>,
-    lost: LossSignal,
 }
 
 #[async_trait]
 impl HeldLock for RedisHeld {
     async fn release(&mut self) -> Result<()> {
         match self.mine.take(&self.slot) {
-            Some(g) => give_back(&self.client, &self.id, &self.keys, g, &self.lost).await,
+            Some(g) => give_back(&self.client, &self.id, &self.keys, g).await,
             None => Err(not_held(
                 &self.id,
                 "the lock was already released through the handle",
@@ -149,13 +140,14 @@ impl HeldLock for RedisHeld {
         let Some(grant) = self.mine.take(&self.slot) else {
             return;
         };
+        let safe = !grant.lost.is_lost();
         self.client.renewals.forget(grant.registration);
         // Without a runtime the key simply expires one TTL later.
         let Ok(runtime) = tokio::runtime::Handle::try_current() else {
             return;
         };
         runtime.spawn(async move {
-            if let Err(e) = release(&self.client, &self.keys, &grant.owner, &self.lost).await {
+            if let Err(e) = release(&self.client, &self.keys, &grant.owner, safe).await {
                 tracing::debug!(backend = BACKEND, id = %self.id, error = %e, "background release failed");
             }
         });

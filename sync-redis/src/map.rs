@@ -275,7 +275,8 @@ impl RedisMap {
                 {
                     tracing::warn!(backend = BACKEND, map = %self.name, id = change.key, error = %e, "{} unanswered; sending it again to learn whether it applied", change.what);
                 }
-                Err(e) if outcome_unknown(&e) => {
+                // After a send whose outcome was unknown, a later error reply settles nothing.
+                Err(e) if outcome_unknown(&e) || sends > 1 => {
                     let what = format!("{} (whether it applied is unknown)", change.what);
                     return Err(redis_err(what, e).with_id(change.key));
                 }

@@ -42,6 +42,8 @@ pub(crate) struct Renewals {
     task: Mutex<Option<AbortHandle>>,
 }
 
+const PAST_DEADLINE: &str = "the lease's safe deadline passed without a confirmed renewal";
+
 /// How far before the key's expiry the holder stops trusting it: the key is only known to be
 /// held until the renewal's send time plus the TTL, and the server's clock may run a little
 /// fast.
@@ -233,9 +235,18 @@ impl Renewer {
                 }
             }
         }
+        // A loss is final: a key whose deadline passed before this answer stays lost (it is
+        // not renewed again), even though the answer shows it was still held.
+        let now = Instant::now();
         for d in &group {
-            if let Some(h) = held.get(&d.0) {
-                h.clock.confirm(safe_until);
+            match held.get(&d.0) {
+                Some(h) if h.trigger.signal().is_lost_at(now) => {
+                    if let Some(h) = held.remove(&d.0) {
+                        h.trigger.fire(PAST_DEADLINE);
+                    }
+                }
+                Some(h) => h.clock.confirm(safe_until),
+                None => {}
             }
         }
         true

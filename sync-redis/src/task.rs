@@ -267,7 +267,7 @@ for _, eid in ipairs(redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', now, 'LIMIT', 
     local f = redis.call('HMGET', rec, 'state', 'attempts', 'max')
     if f[1] == 'running' then
       local why = 'worker lost: its claim ended (expired or revoked) before the attempt did'
-      if tonumber(f[2]) < tonumber(f[3]) then
+      if (tonumber(f[2]) or 0) < (tonumber(f[3]) or 1) then
         local entry = redis.call('XADD', KEYS[2], '*', 'job', eid)
         redis.call('HSET', rec, 'state', 'queued', 'error', why, 'entry', entry)
         requeued = true
@@ -394,6 +394,17 @@ impl Shared {
                 Err(f) if f.maybe_applied && resends < RESENDS && self.client.may_resend(first) => {
                     resends += 1;
                     tracing::debug!(backend = BACKEND, error = %f.error, what, "answer lost; resolving by a resend");
+                }
+                // After a send whose outcome was unknown, a later error reply settles nothing.
+                Err(f) if resends > 0 => {
+                    return Err(Error::new(
+                        ErrorKind::Unavailable,
+                        format!(
+                            "{what}: whether it applied is unknown ({})",
+                            f.error.message()
+                        ),
+                    )
+                    .with_backend(BACKEND));
                 }
                 Err(f) => return Err(f.error),
             }
@@ -698,12 +709,14 @@ impl RedisQueue {
         let as_if_sent = sent
             .checked_sub(ttl.saturating_sub(grant.pttl))
             .unwrap_or(sent);
+        // Decoded before the claim is renewed: a record that does not decode leaves the claim
+        // to expire, and the reaper counts the attempt (failing the job at its last one).
+        let job = decode_job(&grant.id, &grant.job)?;
         let (registration, lost) =
             shared
                 .client
                 .renewals
                 .register(&claim, &owner, &self.keys.claimed, as_if_sent);
-        let job = decode_job(&grant.id, &grant.job)?;
         let mut ctx = JobContext::new(JobId(grant.id.clone()), &job, grant.attempt)
             .with_claim(grant.token, lost);
         ctx.payload = grant.payload;

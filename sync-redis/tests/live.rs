@@ -448,6 +448,52 @@ async fn acl_credentials(_: String) -> TestResult {
     }
 }
 
+/// A release whose answer is lost (it applied; the proxy dropped the answer) is resolved by a
+/// resend that finds the key gone: the holder hears Ok, not LockLost, and the key is gone.
+async fn release_whose_answer_is_lost_is_ok(url: String) -> TestResult {
+    use sync_conformance::proxy::{Fault, FaultProxy};
+    let server = sync_conformance::proxy::hosts(&url).ok_or("no server address")?;
+    let proxy = FaultProxy::start_all(&server).await.map_err(err)?;
+    let ns = unique("lost-release");
+    let config = Config::from_url(&sync_conformance::proxy::through_all(&url, proxy.addrs()))
+        .map_err(err)?
+        .with_namespace(ns.clone())
+        .with_ttl(Duration::from_secs(10))
+        .with_request_timeout(Duration::from_secs(1));
+    let client = Client::connect(config).await.map_err(err)?;
+    let guard = client
+        .lock()
+        .map_err(err)?
+        .acquire("ambiguous", LockOptions::new())
+        .await
+        .map_err(err)?;
+    // The channel is an argument of the release script only.
+    proxy.hold_next(format!("{{{ns}:lock:ambiguous}}:changed"));
+    let releasing = tokio::spawn(guard.release());
+    tokio::time::timeout(Duration::from_secs(5), proxy.held())
+        .await
+        .map_err(|_| "the release never reached the proxy")?;
+    proxy.set(Fault::DropResponses);
+    proxy.release();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    proxy.set(Fault::Pass);
+    let released = tokio::time::timeout(Duration::from_secs(10), releasing)
+        .await
+        .map_err(|_| "the release did not finish")?
+        .map_err(err)?;
+    released.map_err(|e| format!("a release whose answer was lost: {e}"))?;
+    let raw = redis::Client::open(url.as_str()).map_err(err)?;
+    let mut raw = raw.get_multiplexed_async_connection().await.map_err(err)?;
+    let exists: bool = raw
+        .exists(format!("{{{ns}:lock:ambiguous}}"))
+        .await
+        .map_err(err)?;
+    if exists {
+        return Err("the key is still there after the release".into());
+    }
+    Ok(())
+}
+
 /// Another client deleting the lock key is seen by the holder at its next renewal.
 async fn lost_when_key_deleted(url: String) -> TestResult {
     let ttl = Duration::from_secs(3);
@@ -489,6 +535,9 @@ fn main() -> std::process::ExitCode {
         ("live::acl_credentials", |u| Box::pin(acl_credentials(u))),
         ("live::cluster_renews_in_one_call_per_node_per_tick", |u| {
             Box::pin(cluster_renews_in_one_call_per_node_per_tick(u))
+        }),
+        ("live::release_whose_answer_is_lost_is_ok", |u| {
+            Box::pin(release_whose_answer_is_lost_is_ok(u))
         }),
         ("live::lost_when_key_deleted", |u| {
             Box::pin(lost_when_key_deleted(u))
