@@ -138,11 +138,15 @@ impl Probe {
         tcp.set_write_timeout(Some(self.timeout)).ok()?;
         let conn = rustls::ClientConnection::new(self.client_config.clone(), name).ok()?;
         let mut tls = rustls::StreamOwned::new(conn, tcp);
-        let found = |e: std::io::Error| -> Option<(ErrorKind, String)> {
+        let found = |e: std::io::Error, handshaking: bool| -> Option<(ErrorKind, String)> {
             if let Some(tls) = e.get_ref().and_then(|i| i.downcast_ref::<rustls::Error>()) {
                 return Some(classify(tls));
             }
-            (e.kind() == std::io::ErrorKind::UnexpectedEof).then(|| {
+            // A plain server closes on the ClientHello, with a reset when it closes before
+            // reading all of it.
+            let closed = e.kind() == std::io::ErrorKind::UnexpectedEof
+                || (handshaking && e.kind() == std::io::ErrorKind::ConnectionReset);
+            closed.then(|| {
                 (
                     ErrorKind::InvalidArgument,
                     format!(
@@ -154,7 +158,7 @@ impl Probe {
         };
         while tls.conn.is_handshaking() {
             if let Err(e) = tls.conn.complete_io(&mut tls.sock) {
-                return found(e);
+                return found(e, true);
             }
         }
         // A server that refuses the client's certificate says so right after the handshake;
@@ -163,11 +167,11 @@ impl Probe {
             .write_all(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n")
             .and_then(|()| tls.flush())
         {
-            return found(e);
+            return found(e, false);
         }
         let mut buf = [0u8; 64];
         match tls.read(&mut buf) {
-            Err(e) => found(e),
+            Err(e) => found(e, false),
             // Closed without an alert, or answered: nothing TLS can tell.
             Ok(0) | Ok(1..) => None,
         }
