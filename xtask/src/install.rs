@@ -42,7 +42,7 @@ pub(crate) fn tools(service: Service) -> &'static [Tool] {
         ],
         Service::Ntp => &[("chronyd", "chrony")],
         // Not from the machine's apt: see `consul`.
-        Service::Consul => &[],
+        Service::Consul | Service::ConsulAcl => &[],
     }
 }
 

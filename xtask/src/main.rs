@@ -38,12 +38,15 @@ usage:
       start the live backends, run the tests with SYNC_TEST_* and SYNC_REQUIRE_LIVE=1 set,
       stop the backends again (--keep leaves them running). Without BACKEND: every backend and
       the whole workspace; with BACKENDs (etcd consul redis ntp local): only those services and
-      the tests of their sync-<BACKEND> crates (redis: a Redis and a Redis Cluster). A service
-      whose SYNC_TEST_* variable is already set is used as it is, not started.
+      the tests of their sync-<BACKEND> crates (redis: a Redis and a Redis Cluster; consul:
+      both Consul agents). A service whose SYNC_TEST_* variable is already set is used as it
+      is, not started.
   cargo xtask services up|down|status|env|smoke [SERVICE...]
-      SERVICE: etcd consul redis redis-cluster ntp; default all. redis gets an ACL user
-      (SYNC_TEST_REDIS_ACL); redis-cluster is three masters on 13380-13382
-      (SYNC_TEST_REDIS_CLUSTER), formed with redis-cli.
+      SERVICE: etcd consul consul-acl redis redis-cluster ntp; default all. consul-acl is a
+      second Consul dev agent on 18510 with ACLs on (default deny); SYNC_TEST_CONSUL_ACL
+      carries its master token as `?token=`. redis gets an ACL user (SYNC_TEST_REDIS_ACL);
+      redis-cluster is three masters on 13380-13382 (SYNC_TEST_REDIS_CLUSTER), formed with
+      redis-cli.
       up: install what is missing, start on 127.0.0.1, wait until ready (twice is harmless)
       down: stop what `up` started; status: pid, port, health; env: SYNC_TEST_* lines to eval;
       smoke: one real write and read through each service.

@@ -24,17 +24,39 @@ pub(crate) fn http(
     body: &[u8],
     timeout: Duration,
 ) -> Result<(u16, Vec<u8>)> {
+    http_with(addr, method, path, &[], body, timeout)
+}
+
+/// [`http`] with extra request headers (Consul's `X-Consul-Token`, say).
+pub(crate) fn http_with(
+    addr: SocketAddr,
+    method: &str,
+    path: &str,
+    headers: &[(&str, &str)],
+    body: &[u8],
+    timeout: Duration,
+) -> Result<(u16, Vec<u8>)> {
     let mut stream = connect(addr, timeout)?;
-    let head = format!(
-        "{method} {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\
-         Content-Length: {}\r\n\r\n",
-        body.len()
-    );
-    stream.write_all(head.as_bytes())?;
+    stream.write_all(request_head(addr, method, path, headers, body.len()).as_bytes())?;
     stream.write_all(body)?;
     let mut response = Vec::new();
     stream.read_to_end(&mut response)?;
     parse_http_response(&response)
+}
+
+fn request_head(
+    addr: SocketAddr,
+    method: &str,
+    path: &str,
+    headers: &[(&str, &str)],
+    body_len: usize,
+) -> String {
+    let mut head = format!("{method} {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n");
+    for (name, value) in headers {
+        head.push_str(&format!("{name}: {value}\r\n"));
+    }
+    head.push_str(&format!("Content-Length: {body_len}\r\n\r\n"));
+    head
 }
 
 fn parse_http_response(response: &[u8]) -> Result<(u16, Vec<u8>)> {
@@ -295,6 +317,21 @@ mod tests {
         reply[1] = 8;
         assert!(parse_ntp_reply(&reply, t1_ntp + 1, t1, t1).is_err());
         assert!(parse_ntp_reply(&reply[..40], t1_ntp, t1, t1).is_err());
+    }
+
+    #[test]
+    fn http_requests_carry_extra_headers() {
+        let addr = SocketAddr::from(([127, 0, 0, 1], 18510));
+        assert_eq!(
+            request_head(addr, "GET", "/v1/status/leader", &[], 0),
+            "GET /v1/status/leader HTTP/1.1\r\nHost: 127.0.0.1:18510\r\nConnection: close\r\n\
+             Content-Length: 0\r\n\r\n"
+        );
+        assert_eq!(
+            request_head(addr, "PUT", "/v1/kv/x", &[("X-Consul-Token", "t")], 1),
+            "PUT /v1/kv/x HTTP/1.1\r\nHost: 127.0.0.1:18510\r\nConnection: close\r\n\
+             X-Consul-Token: t\r\nContent-Length: 1\r\n\r\n"
+        );
     }
 
     #[test]

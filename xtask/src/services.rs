@@ -1,7 +1,8 @@
-//! The live backends: etcd, Consul (dev mode), Redis (with an ACL user), a three-master Redis
-//! Cluster and chronyd as an NTP server, each on 127.0.0.1 on non-default ports, with pid file,
-//! data and log under the workspace's `target/services/<name>/` (also when CARGO_TARGET_DIR
-//! points elsewhere). A service runs one process per client port: the cluster runs three.
+//! The live backends: etcd, Consul (dev mode), a second Consul with ACLs on, Redis (with an ACL
+//! user), a three-master Redis Cluster and chronyd as an NTP server, each on 127.0.0.1 on
+//! non-default ports, with pid file, data and log under the workspace's
+//! `target/services/<name>/` (also when CARGO_TARGET_DIR points elsewhere). A service runs one
+//! process per client port: the cluster runs three.
 
 use std::{
     fmt, fs,
@@ -25,10 +26,19 @@ const HOST: &str = "127.0.0.1";
 // so that no outgoing connection ever holds one of them.
 const ETCD_PORT: u16 = 12379;
 const ETCD_PEER_PORT: u16 = 12380;
-const CONSUL_HTTP_PORT: u16 = 18500;
-const CONSUL_SERVER_PORT: u16 = 18300;
-const CONSUL_SERF_LAN_PORT: u16 = 18301;
-const CONSUL_SERF_WAN_PORT: u16 = 18302;
+const CONSUL_PORTS: ConsulPorts = ConsulPorts {
+    http: 18500,
+    server: 18300,
+    serf_lan: 18301,
+    serf_wan: 18302,
+};
+/// The ACL agent's: the plain one's plus ten, so that the two never clash.
+const CONSUL_ACL_PORTS: ConsulPorts = ConsulPorts {
+    http: 18510,
+    server: 18310,
+    serf_lan: 18311,
+    serf_wan: 18312,
+};
 const REDIS_PORT: u16 = 13379;
 const REDIS_CLUSTER_PORTS: [u16; 3] = [13380, 13381, 13382];
 /// Redis puts a cluster node's bus this far above its client port: 23380-23382 here.
@@ -45,10 +55,25 @@ const REDIS_ACL_USER: &str = "sync-acl";
 const REDIS_ACL_PASSWORD: &str = "sync-acl-secret";
 const REDIS_ACL_ENV: &str = "SYNC_TEST_REDIS_ACL";
 
+/// The ACL agent's master token, fixed (the agent is a throwaway on loopback) and handed to the
+/// tests in SYNC_TEST_CONSUL_ACL's `?token=`: with it they make their own policies and tokens.
+/// The agent's own token is the same one, so that its anti-entropy syncs are never denied.
+const CONSUL_ACL_MASTER_TOKEN: &str = "79f90db7-9593-4360-86d8-f85fb5c93104";
+
+/// A Consul dev agent's ports. DNS and gRPC are off (see [`consul_agent`]).
+struct ConsulPorts {
+    http: u16,
+    server: u16,
+    serf_lan: u16,
+    serf_wan: u16,
+}
+
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]
 pub(crate) enum Service {
     Etcd,
     Consul,
+    /// A second Consul dev agent, with ACLs on and every request denied without a token.
+    ConsulAcl,
     Redis,
     RedisCluster,
     Ntp,
@@ -61,9 +86,10 @@ impl fmt::Display for Service {
 }
 
 impl Service {
-    pub(crate) const ALL: [Service; 5] = [
+    pub(crate) const ALL: [Service; 6] = [
         Self::Etcd,
         Self::Consul,
+        Self::ConsulAcl,
         Self::Redis,
         Self::RedisCluster,
         Self::Ntp,
@@ -73,6 +99,7 @@ impl Service {
         match self {
             Self::Etcd => "etcd",
             Self::Consul => "consul",
+            Self::ConsulAcl => "consul-acl",
             Self::Redis => "redis",
             Self::RedisCluster => "redis-cluster",
             Self::Ntp => "ntp",
@@ -82,6 +109,7 @@ impl Service {
     /// The backend (and `sync-<backend>` crate) whose tests need the service.
     pub(crate) fn backend(self) -> &'static str {
         match self {
+            Self::ConsulAcl => "consul",
             Self::RedisCluster => "redis",
             _ => self.name(),
         }
@@ -95,6 +123,7 @@ impl Service {
         match self {
             Self::Etcd => "SYNC_TEST_ETCD",
             Self::Consul => "SYNC_TEST_CONSUL",
+            Self::ConsulAcl => "SYNC_TEST_CONSUL_ACL",
             Self::Redis => "SYNC_TEST_REDIS",
             Self::RedisCluster => "SYNC_TEST_REDIS_CLUSTER",
             Self::Ntp => "SYNC_TEST_NTP",
@@ -116,7 +145,8 @@ impl Service {
     fn client_ports(self) -> &'static [u16] {
         match self {
             Self::Etcd => &[ETCD_PORT],
-            Self::Consul => &[CONSUL_HTTP_PORT],
+            Self::Consul => &[CONSUL_PORTS.http],
+            Self::ConsulAcl => &[CONSUL_ACL_PORTS.http],
             Self::Redis => &[REDIS_PORT],
             Self::RedisCluster => &REDIS_CLUSTER_PORTS,
             Self::Ntp => &[NTP_PORT],
@@ -137,24 +167,37 @@ impl Service {
     pub(crate) fn endpoint(self) -> String {
         let scheme = match self {
             Self::Etcd => "etcd",
-            Self::Consul => "consul",
+            Self::Consul | Self::ConsulAcl => "consul",
             Self::Redis => "redis",
             Self::RedisCluster => "redis+cluster",
             Self::Ntp => "ntp",
         };
         let hosts: Vec<String> = self.addrs().map(|a| a.to_string()).collect();
-        format!("{scheme}://{}", hosts.join(","))
+        let url = format!("{scheme}://{}", hosts.join(","));
+        match self.consul_token() {
+            Some(token) => format!("{url}/?token={token}"),
+            None => url,
+        }
+    }
+
+    /// The token a client sends to the service: the ACL agent's master token.
+    fn consul_token(self) -> Option<&'static str> {
+        (self == Self::ConsulAcl).then_some(CONSUL_ACL_MASTER_TOKEN)
+    }
+
+    fn consul_ports(self) -> Option<&'static ConsulPorts> {
+        match self {
+            Self::Consul => Some(&CONSUL_PORTS),
+            Self::ConsulAcl => Some(&CONSUL_ACL_PORTS),
+            _ => None,
+        }
     }
 
     fn tcp_ports(self) -> Vec<u16> {
         match self {
             Self::Etcd => vec![ETCD_PORT, ETCD_PEER_PORT],
-            Self::Consul => vec![
-                CONSUL_HTTP_PORT,
-                CONSUL_SERVER_PORT,
-                CONSUL_SERF_LAN_PORT,
-                CONSUL_SERF_WAN_PORT,
-            ],
+            Self::Consul => CONSUL_PORTS.tcp().to_vec(),
+            Self::ConsulAcl => CONSUL_ACL_PORTS.tcp().to_vec(),
             Self::Redis => vec![REDIS_PORT],
             Self::RedisCluster => REDIS_CLUSTER_PORTS
                 .iter()
@@ -166,7 +209,8 @@ impl Service {
 
     fn udp_ports(self) -> &'static [u16] {
         match self {
-            Self::Consul => &[CONSUL_SERF_LAN_PORT, CONSUL_SERF_WAN_PORT],
+            Self::Consul => &[CONSUL_PORTS.serf_lan, CONSUL_PORTS.serf_wan],
+            Self::ConsulAcl => &[CONSUL_ACL_PORTS.serf_lan, CONSUL_ACL_PORTS.serf_wan],
             Self::Ntp => &[NTP_PORT],
             Self::Etcd | Self::Redis | Self::RedisCluster => &[],
         }
@@ -177,7 +221,7 @@ impl Service {
     fn comm(self) -> &'static str {
         match self {
             Self::Etcd => "etcd",
-            Self::Consul => "consul",
+            Self::Consul | Self::ConsulAcl => "consul",
             Self::Redis | Self::RedisCluster => "redis-server",
             Self::Ntp => "chronyd",
         }
@@ -203,6 +247,12 @@ impl Service {
 
     fn log_file(self) -> PathBuf {
         self.dir().join(format!("{}.log", self.name()))
+    }
+}
+
+impl ConsulPorts {
+    const fn tcp(&self) -> [u16; 4] {
+        [self.http, self.server, self.serf_lan, self.serf_wan]
     }
 }
 
@@ -390,7 +440,7 @@ pub(crate) fn up(services: &[Service], extra_tools: &[install::Tool]) -> Result<
         return Ok(Vec::new());
     }
 
-    let consul = if to_start.contains(&Service::Consul) {
+    let consul = if to_start.iter().any(|s| s.consul_ports().is_some()) {
         Some(install::consul()?)
     } else {
         None
@@ -480,25 +530,16 @@ fn command(service: Service, port: u16, data: &Path, consul: Option<&PathBuf>) -
             }
             c
         }
-        Service::Consul => {
+        Service::Consul | Service::ConsulAcl => {
             let Some(consul) = consul else {
-                bail!("consul: no binary");
+                bail!("{service}: no binary");
             };
-            let mut c = Command::new(consul);
-            // Dev mode: one in-memory server that elects itself. DNS and gRPC are off; the
-            // other ports are moved off their defaults.
-            c.args(["agent", "-dev", "-node=sync-xtask", "-log-level=info"])
-                .arg(format!("-bind={HOST}"))
-                .arg(format!("-client={HOST}"))
-                .arg(format!("-http-port={CONSUL_HTTP_PORT}"))
-                .arg(format!("-server-port={CONSUL_SERVER_PORT}"))
-                .arg(format!("-serf-lan-port={CONSUL_SERF_LAN_PORT}"))
-                .arg(format!("-serf-wan-port={CONSUL_SERF_WAN_PORT}"))
-                .args(["-dns-port=-1", "-grpc-port=-1"])
-                .arg(format!("-data-dir={}", data.display()))
-                // No update check against the vendor's servers: this network has none.
-                .args(["-hcl", "disable_update_check = true"])
-                .env("CHECKPOINT_DISABLE", "1");
+            let mut c = consul_agent(service, consul, data)?;
+            if service == Service::ConsulAcl {
+                let conf = service.dir().join("acl.hcl");
+                fs::write(&conf, consul_acl_hcl())?;
+                c.arg(format!("-config-file={}", conf.display()));
+            }
             c
         }
         Service::Redis => redis_server(port, data)?,
@@ -531,6 +572,51 @@ fn command(service: Service, port: u16, data: &Path, consul: Option<&PathBuf>) -
             c
         }
     })
+}
+
+/// A Consul dev agent: one in-memory server that elects itself. DNS and gRPC are off (1.8.7
+/// takes -1 or 0 for that) so that two agents can run side by side; the other ports are moved
+/// off their defaults.
+fn consul_agent(service: Service, consul: &Path, data: &Path) -> Result<Command> {
+    let Some(ports) = service.consul_ports() else {
+        bail!("{service}: not a Consul agent");
+    };
+    let mut c = Command::new(consul);
+    let node = match service {
+        Service::ConsulAcl => "sync-xtask-acl",
+        _ => "sync-xtask",
+    };
+    c.args(["agent", "-dev", "-log-level=info"])
+        .arg(format!("-node={node}"))
+        .arg(format!("-bind={HOST}"))
+        .arg(format!("-client={HOST}"))
+        .arg(format!("-http-port={}", ports.http))
+        .arg(format!("-server-port={}", ports.server))
+        .arg(format!("-serf-lan-port={}", ports.serf_lan))
+        .arg(format!("-serf-wan-port={}", ports.serf_wan))
+        .args(["-dns-port=-1", "-grpc-port=-1"])
+        .arg(format!("-data-dir={}", data.display()))
+        // No update check against the vendor's servers: this network has none.
+        .args(["-hcl", "disable_update_check = true"])
+        .env("CHECKPOINT_DISABLE", "1");
+    Ok(c)
+}
+
+/// ACLs on, everything denied without a token; the master token doubles as the agent's own.
+/// (Consul 1.8 still calls it `master`; later versions `initial_management`.)
+fn consul_acl_hcl() -> String {
+    format!(
+        "# written by cargo xtask\n\
+         acl {{\n  \
+           enabled = true\n  \
+           default_policy = \"deny\"\n  \
+           down_policy = \"extend-cache\"\n  \
+           tokens {{\n    \
+             master = \"{CONSUL_ACL_MASTER_TOKEN}\"\n    \
+             agent = \"{CONSUL_ACL_MASTER_TOKEN}\"\n  \
+           }}\n\
+         }}\n"
+    )
 }
 
 /// redis-server with no config file (the machine's /etc/redis is not ours), no persistence.
@@ -668,7 +754,7 @@ fn answers(service: Service) -> Result<()> {
             }
             Ok(())
         }
-        Service::Etcd | Service::Consul | Service::Ntp => Ok(()),
+        Service::Etcd | Service::Consul | Service::ConsulAcl | Service::Ntp => Ok(()),
     }
 }
 
@@ -678,7 +764,7 @@ fn prepare(service: Service, deadline: Instant) -> Result<()> {
     match service {
         Service::Redis => add_acl_user(),
         Service::RedisCluster => create_cluster(deadline),
-        Service::Etcd | Service::Consul | Service::Ntp => Ok(()),
+        Service::Etcd | Service::Consul | Service::ConsulAcl | Service::Ntp => Ok(()),
     }
 }
 
@@ -824,6 +910,23 @@ fn get_and_del(redis: &mut probe::Redis, key: &[u8], value: &str) -> Result<()> 
     Ok(())
 }
 
+fn consul_kv_roundtrip(service: Service, value: &str) -> Result<()> {
+    let path = "/v1/kv/sync-xtask/smoke";
+    let (code, body) = consul_http(service, "PUT", path, value.as_bytes())?;
+    if code != 200 || body.trim_ascii() != b"true" {
+        bail!("PUT {path}: {code} {}", String::from_utf8_lossy(&body));
+    }
+    let (code, body) = consul_http(service, "GET", &format!("{path}?raw"), b"")?;
+    if code != 200 || body != value.as_bytes() {
+        bail!("GET {path}?raw: {code} {}", String::from_utf8_lossy(&body));
+    }
+    let (code, body) = consul_http(service, "DELETE", path, b"")?;
+    if code != 200 {
+        bail!("DELETE {path}: {code} {}", String::from_utf8_lossy(&body));
+    }
+    Ok(())
+}
+
 fn unique_value() -> String {
     let nanos = SystemTime::now()
         .duration_since(UNIX_EPOCH)
@@ -849,22 +952,16 @@ fn health(service: Service) -> Result<String> {
             }
             Ok("healthy".into())
         }
-        Service::Consul => {
-            let (code, body) = probe::http(
-                service.addr(),
-                "GET",
-                "/v1/status/leader",
-                b"",
-                PROBE_TIMEOUT,
-            )?;
-            let leader = String::from_utf8_lossy(&body)
-                .trim()
-                .trim_matches('"')
-                .to_string();
-            if code != 200 || leader.is_empty() {
-                bail!("no leader yet");
+        Service::Consul => Ok(format!("leader {}", consul_leader(service)?)),
+        Service::ConsulAcl => {
+            let leader = consul_leader(service)?;
+            // The master token exists once the new leader has set up ACLs, a moment later.
+            let (code, body) = consul_http(service, "GET", "/v1/acl/token/self", b"")?;
+            if code != 200 {
+                let body = String::from_utf8_lossy(&body);
+                bail!("master token not accepted yet: {code} {}", body.trim());
             }
-            Ok(format!("leader {leader}"))
+            Ok(format!("leader {leader}, master token accepted"))
         }
         Service::Redis => {
             let mut redis = redis_ping(service.addr())?;
@@ -886,6 +983,25 @@ fn health(service: Service) -> Result<String> {
             Ok(format!("stratum {}", reply.stratum))
         }
     }
+}
+
+fn consul_leader(service: Service) -> Result<String> {
+    let (code, body) = consul_http(service, "GET", "/v1/status/leader", b"")?;
+    let leader = String::from_utf8_lossy(&body)
+        .trim()
+        .trim_matches('"')
+        .to_string();
+    if code != 200 || leader.is_empty() {
+        bail!("no leader yet");
+    }
+    Ok(leader)
+}
+
+/// A request to a Consul agent, with its token if it has one.
+fn consul_http(service: Service, method: &str, path: &str, body: &[u8]) -> Result<(u16, Vec<u8>)> {
+    let token = service.consul_token().map(|t| ("X-Consul-Token", t));
+    let headers: Vec<_> = token.into_iter().collect();
+    probe::http_with(service.addr(), method, path, &headers, body, PROBE_TIMEOUT)
 }
 
 /// Stops the named services' processes (by pid file) and waits until their ports are free.
@@ -1003,12 +1119,22 @@ fn env(services: &[Service]) {
     for &service in services {
         if all_running(service).is_some() {
             for (var, value) in service.envs() {
-                println!("export {var}={value}");
+                println!("export {var}={}", shell_word(&value));
             }
         } else {
             println!("# {service} is not running: cargo xtask services up {service}");
         }
     }
+}
+
+/// `value` as one shell word: single-quoted if it holds anything but URL characters a shell
+/// leaves alone (the `?` of SYNC_TEST_CONSUL_ACL's `?token=` is a glob).
+fn shell_word(value: &str) -> String {
+    let plain = |c: char| c.is_ascii_alphanumeric() || ":/.,@_-+=%".contains(c);
+    if !value.is_empty() && value.chars().all(plain) {
+        return value.to_string();
+    }
+    format!("'{}'", value.replace('\'', r"'\''"))
 }
 
 /// One real write and read through each service with a plain client.
@@ -1071,19 +1197,20 @@ fn smoke_one(service: Service) -> Result<String> {
             Ok("etcdctl put/get/del".into())
         }
         Service::Consul => {
-            let path = "/v1/kv/sync-xtask/smoke";
-            let addr = service.addr();
-            let (code, body) = probe::http(addr, "PUT", path, value.as_bytes(), PROBE_TIMEOUT)?;
-            if code != 200 || body.trim_ascii() != b"true" {
-                bail!("PUT {path}: {code} {}", String::from_utf8_lossy(&body));
-            }
-            let (code, body) =
-                probe::http(addr, "GET", &format!("{path}?raw"), b"", PROBE_TIMEOUT)?;
-            if code != 200 || body != value.as_bytes() {
-                bail!("GET {path}?raw: {code} {}", String::from_utf8_lossy(&body));
-            }
-            probe::http(addr, "DELETE", path, b"", PROBE_TIMEOUT)?;
+            consul_kv_roundtrip(service, &value)?;
             Ok("KV PUT/GET/DELETE over HTTP".into())
+        }
+        Service::ConsulAcl => {
+            let path = "/v1/kv/sync-xtask/smoke";
+            let put = probe::http(service.addr(), "PUT", path, b"x", PROBE_TIMEOUT)?;
+            if put.0 != 403 {
+                bail!("PUT {path} without a token: {} (want 403)", put.0);
+            }
+            consul_kv_roundtrip(service, &value)?;
+            Ok(
+                "KV PUT denied without a token; PUT/GET/DELETE over HTTP with the master token"
+                    .into(),
+            )
         }
         Service::Redis => {
             let mut redis = probe::Redis::connect(service.addr(), PROBE_TIMEOUT)?;
@@ -1184,6 +1311,89 @@ mod tests {
         );
         // Below Linux's ephemeral range, like every other port.
         assert!(Service::RedisCluster.tcp_ports().iter().all(|&p| p < 32768));
+    }
+
+    #[test]
+    fn consul_endpoints_and_ports() {
+        assert_eq!(Service::Consul.endpoint(), "consul://127.0.0.1:18500");
+        assert_eq!(
+            Service::ConsulAcl.envs(),
+            vec![(
+                "SYNC_TEST_CONSUL_ACL",
+                format!("consul://127.0.0.1:18510/?token={CONSUL_ACL_MASTER_TOKEN}")
+            )]
+        );
+        assert_eq!(Service::ConsulAcl.backend(), "consul");
+        assert_eq!(Service::ConsulAcl.tcp_ports(), [18510, 18310, 18311, 18312]);
+        // The two agents can run side by side, and next to every other service.
+        for (i, a) in Service::ALL.into_iter().enumerate() {
+            for b in &Service::ALL[i + 1..] {
+                let clash = a
+                    .tcp_ports()
+                    .into_iter()
+                    .find(|p| b.tcp_ports().contains(p));
+                assert_eq!(clash, None, "{a} and {b} share a TCP port");
+                let clash = a.udp_ports().iter().find(|p| b.udp_ports().contains(p));
+                assert_eq!(clash, None, "{a} and {b} share a UDP port");
+            }
+        }
+    }
+
+    /// Each agent on its own four ports, with DNS (8600) and gRPC (8502) off: two dev agents
+    /// on their defaults would clash there.
+    #[test]
+    fn consul_agents_listen_on_their_own_ports_only() {
+        for (service, node, [http, server, lan, wan]) in [
+            (Service::Consul, "sync-xtask", CONSUL_PORTS.tcp()),
+            (Service::ConsulAcl, "sync-xtask-acl", CONSUL_ACL_PORTS.tcp()),
+        ] {
+            let c = consul_agent(service, Path::new("consul"), Path::new("/d")).unwrap();
+            let args: Vec<_> = c.get_args().map(|a| a.to_str().unwrap()).collect();
+            for want in [
+                format!("-node={node}"),
+                format!("-http-port={http}"),
+                format!("-server-port={server}"),
+                format!("-serf-lan-port={lan}"),
+                format!("-serf-wan-port={wan}"),
+                "-dns-port=-1".into(),
+                "-grpc-port=-1".into(),
+            ] {
+                assert!(
+                    args.contains(&want.as_str()),
+                    "{service}: no {want} in {args:?}"
+                );
+            }
+        }
+        assert!(consul_agent(Service::Redis, Path::new("consul"), Path::new("/d")).is_err());
+    }
+
+    #[test]
+    fn consul_acl_config() {
+        let hcl = consul_acl_hcl();
+        for line in [
+            "  enabled = true\n",
+            "  default_policy = \"deny\"\n",
+            "  down_policy = \"extend-cache\"\n",
+            &format!("    master = \"{CONSUL_ACL_MASTER_TOKEN}\"\n"),
+            &format!("    agent = \"{CONSUL_ACL_MASTER_TOKEN}\"\n"),
+        ] {
+            assert!(hcl.contains(line), "{line:?} not in\n{hcl}");
+        }
+        assert!(hcl.starts_with("# written by cargo xtask\nacl {\n") && hcl.ends_with("  }\n}\n"));
+    }
+
+    #[test]
+    fn env_values_are_shell_words() {
+        assert_eq!(
+            shell_word("redis://u:p@127.0.0.1:13379"),
+            "redis://u:p@127.0.0.1:13379"
+        );
+        assert_eq!(
+            shell_word("consul://127.0.0.1:18510/?token=t"),
+            "'consul://127.0.0.1:18510/?token=t'"
+        );
+        assert_eq!(shell_word("it's"), r"'it'\''s'");
+        assert_eq!(shell_word(""), "''");
     }
 
     #[test]
