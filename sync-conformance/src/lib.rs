@@ -300,9 +300,10 @@ impl Ctx {
 
     /// How long after a holder dies its lease may take to expire: one TTL, plus another TTL
     /// (Consul may take up to twice the TTL to invalidate a session) or [`SLACK`], whichever is
-    /// longer.
+    /// longer, plus half the slack for the server to act on the expiry (Consul's invalidation
+    /// is a raft write of its own, made when its timer fires at exactly twice the TTL).
     pub fn expiry(&self) -> Duration {
-        self.ttl() + self.ttl().max(SLACK)
+        self.ttl() + self.ttl().max(SLACK) + SLACK / 2
     }
 }
 

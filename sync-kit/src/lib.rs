@@ -39,6 +39,7 @@ pub mod checked;
 pub mod clock;
 pub mod held;
 pub mod task;
+pub mod turns;
 
 /// The instant `after` from now; a wait too long for the clock (`Duration::MAX`) means never,
 /// instead of the panic of `Instant + Duration` overflowing.

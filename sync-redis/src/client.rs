@@ -25,8 +25,8 @@ use crate::{
     map::RedisMap,
     renew::Renewals,
     task::RedisTask,
-    turns::Turns,
 };
+use sync_kit::turns::Turns;
 
 /// A connection to Redis (a server or a cluster) shared by every handle made from it. Cheap to
 /// clone.

@@ -108,7 +108,6 @@ mod renew;
 mod task;
 #[cfg(feature = "tls")]
 mod tls;
-mod turns;
 
 pub use client::Client;
 pub use config::{Config, MAX_TTL, MIN_TTL};

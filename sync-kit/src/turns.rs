@@ -1,24 +1,37 @@
 //! Contenders for one key on one client take turns locally, so that only one of them at a time
-//! talks to Redis: a release then wakes one waiter per client, not every waiting task.
+//! talks to the server: a release then wakes one waiter per client, not every waiting task,
+//! and a backend whose grants are re-entrant per client (a Consul session) cannot grant one
+//! key to two local contenders.
 
 use std::{
     collections::HashMap,
     sync::{Arc, Mutex},
 };
 
-use sync_kit::locked;
+use crate::locked;
 use tokio::sync::OwnedMutexGuard;
 
 type Gate = Arc<tokio::sync::Mutex<()>>;
 
 /// The local turns of one client, by key.
+///
+/// ```
+/// # #[tokio::main(flavor = "current_thread")] async fn main() {
+/// let turns = sync_kit::turns::Turns::default();
+/// let first = turns.take("orders").await;
+/// let mut second = Box::pin(turns.take("orders"));
+/// assert!(futures::poll!(second.as_mut()).is_pending());
+/// drop(first);
+/// let _second = second.await;
+/// # }
+/// ```
 #[derive(Default)]
-pub(crate) struct Turns {
+pub struct Turns {
     gates: Arc<Mutex<HashMap<String, Gate>>>,
 }
 
 /// The turn to contend for one key; the next local contender's starts when it is dropped.
-pub(crate) struct Turn {
+pub struct Turn {
     gates: Arc<Mutex<HashMap<String, Gate>>>,
     key: String,
     gate: Gate,
@@ -28,7 +41,7 @@ pub(crate) struct Turn {
 impl Turns {
     /// Waits for the turn to contend for `key` (at once when no other local contender has it).
     /// Cancel-safe: a dropped wait leaves nothing behind.
-    pub(crate) async fn take(&self, key: &str) -> Turn {
+    pub async fn take(&self, key: &str) -> Turn {
         let gate = locked(&self.gates)
             .entry(key.to_string())
             .or_default()

@@ -1,0 +1,301 @@
+//! Taking a lock key (a lock or a leadership) under the client's session and giving it back:
+//! the `/v1/txn` grant, the blocking wait on the key, and the clean-up of a grant whose answer
+//! never came.
+//!
+//! Consul grants a key again to the session that holds it, so two contenders of one client
+//! would both "win": a grant keeps the client's local turn for its key until it is released.
+
+use std::{sync::Arc, time::Duration};
+
+use futures::FutureExt;
+use sync_core::{Error, ErrorKind, LossSignal, Result};
+use sync_kit::turns::Turn;
+use tokio::time::Instant;
+
+use crate::{
+    BACKEND,
+    api::{KvOp, Txn, unexpected},
+    client::ClientInner,
+    error::closed,
+    session::{Registration, Session},
+};
+
+/// A granted key, registered with its session.
+pub(crate) struct Grant {
+    /// The ModifyIndex of the acquiring write: the fencing token, or the leader's term.
+    pub(crate) token: u64,
+    pub(crate) session: Arc<Session>,
+    pub(crate) registration: Registration,
+    pub(crate) lost: LossSignal,
+    /// No other contender of this client may take the key while it is held.
+    pub(crate) turn: Arc<Turn>,
+}
+
+/// What one try found.
+enum Tried {
+    Granted(u64),
+    /// Another session holds it.
+    Busy,
+    /// Its last holder's session was invalidated less than the lock-delay ago.
+    LockDelay,
+    /// The session this try used is gone.
+    SessionGone,
+}
+
+/// One contender for one key.
+pub(crate) struct Contender<'a> {
+    pub(crate) client: &'a Arc<ClientInner>,
+    pub(crate) key: &'a str,
+    pub(crate) value: &'a [u8],
+}
+
+impl Contender<'_> {
+    /// Tries once without waiting: None when another holds the key (or a local contender has
+    /// the turn).
+    pub(crate) async fn try_once(&self) -> Result<Option<Grant>> {
+        self.client.check_alive()?;
+        let Some(turn) = self.client.turns.take(self.key).now_or_never() else {
+            return Ok(None);
+        };
+        let turn = Arc::new(turn);
+        loop {
+            let session = self.client.sessions.current().await?;
+            match self.try_with(&session, &turn).await? {
+                Tried::Granted(token) => return Ok(Some(self.grant(session, token, turn))),
+                Tried::Busy | Tried::LockDelay => return Ok(None),
+                Tried::SessionGone => self.session_gone(&session),
+            }
+        }
+    }
+
+    /// Waits until granted: tries, then blocks on the key until it changes and tries again.
+    /// `wait` bounds it (Timeout). Outages are ridden out within the bound.
+    pub(crate) async fn wait(&self, what: &str, wait: Option<Duration>) -> Result<Grant> {
+        let started = Instant::now();
+        let deadline = wait.map_or_else(|| sync_kit::deadline(Duration::MAX), sync_kit::deadline);
+        let timed_out = || {
+            Error::new(
+                ErrorKind::Timeout,
+                format!("{what} still held by another after {:?}", started.elapsed()),
+            )
+            .with_backend(BACKEND)
+        };
+        let turn = tokio::select! {
+            turn = self.client.turns.take(self.key) => Arc::new(turn),
+            () = tokio::time::sleep_until(deadline) => return Err(timed_out()),
+        };
+        let mut killed = self.client.killed();
+        let mut delay = Backoff::default();
+        let mut outage = Backoff::default();
+        loop {
+            let step = async {
+                let session = self.client.sessions.current().await?;
+                let tried = self.try_with(&session, &turn).await?;
+                Ok::<_, Error>((session, tried))
+            };
+            let nap = match tokio::select! {
+                r = step => r,
+                () = tokio::time::sleep_until(deadline) => return Err(timed_out()),
+            } {
+                Ok((session, Tried::Granted(token))) => {
+                    return Ok(self.grant(session, token, turn));
+                }
+                Ok((session, Tried::SessionGone)) => {
+                    self.session_gone(&session);
+                    continue;
+                }
+                Ok((_, Tried::LockDelay)) => delay.next(),
+                Ok((_, Tried::Busy)) => {
+                    outage = Backoff::default();
+                    delay = Backoff::default();
+                    let changed = self.changed();
+                    tokio::select! {
+                        r = changed => match r {
+                            Ok(()) => Duration::ZERO,
+                            Err(e) if e.kind() == ErrorKind::Unavailable => outage.next(),
+                            Err(e) => return Err(e),
+                        },
+                        () = tokio::time::sleep_until(deadline) => return Err(timed_out()),
+                    }
+                }
+                Err(e) if e.kind() == ErrorKind::Unavailable => {
+                    tracing::debug!(backend = BACKEND, error = %e, "waiting through an outage");
+                    outage.next()
+                }
+                Err(e) => return Err(e),
+            };
+            tokio::select! {
+                () = tokio::time::sleep(nap) => {}
+                () = tokio::time::sleep_until(deadline) => return Err(timed_out()),
+                _ = killed.wait_for(|k| *k) => return Err(closed()),
+            }
+        }
+    }
+
+    fn session_gone(&self, session: &Arc<Session>) {
+        self.client
+            .sessions
+            .end(session, "the session was invalidated", false);
+    }
+
+    fn grant(&self, session: Arc<Session>, token: u64, turn: Arc<Turn>) -> Grant {
+        let (registration, lost) = self.client.sessions.register(&session, self.key);
+        Grant {
+            token,
+            session,
+            registration,
+            lost,
+            turn,
+        }
+    }
+
+    /// One grant transaction: lock the key for the session, and read it back in the same
+    /// transaction for the acquiring write's index. An answer lost is sent again (a grant is
+    /// re-entrant for its session); if none comes, the key is released in the background in
+    /// case it was granted, keeping the turn until then.
+    async fn try_with(&self, session: &Arc<Session>, turn: &Arc<Turn>) -> Result<Tried> {
+        let ops = [
+            KvOp::lock(self.key, &session.id, self.value),
+            KvOp::get(self.key),
+        ];
+        let first = Instant::now();
+        let mut cleanup = Cleanup::armed(self.client, self.key, &session.id, turn);
+        let answer = loop {
+            match self.client.api.txn("taking the key", &ops).await {
+                Ok(answer) => break answer,
+                Err(f) if f.unknown() && self.client.may_resend(first) => {
+                    tracing::debug!(backend = BACKEND, error = %f.kind(), "grant unanswered, sending again");
+                }
+                Err(f) => {
+                    if !f.unknown() && first.elapsed() < self.client.config.request_timeout {
+                        cleanup.disarm();
+                    }
+                    return Err(f.error());
+                }
+            }
+        };
+        cleanup.disarm();
+        match answer {
+            Txn::Done(entries) => {
+                let entry = entries.get(1).cloned().flatten().ok_or_else(|| {
+                    unexpected("taking the key", "the transaction read nothing back")
+                })?;
+                if entry.session.as_deref() != Some(session.id.as_str()) {
+                    return Err(unexpected("taking the key", "granted to another session"));
+                }
+                Ok(Tried::Granted(entry.modify_index))
+            }
+            Txn::RolledBack(errors) => {
+                let what = errors.first().map(|e| e.what.as_str()).unwrap_or_default();
+                if what.contains("lock delay") {
+                    Ok(Tried::LockDelay)
+                } else if what.contains("invalid session") {
+                    Ok(Tried::SessionGone)
+                } else if what.contains("already held") {
+                    Ok(Tried::Busy)
+                } else {
+                    Err(unexpected("taking the key", what))
+                }
+            }
+        }
+    }
+
+    /// Returns when the key changes: at once if nobody holds it, else after a blocking query
+    /// on its index ends (a change, or the query's wait).
+    async fn changed(&self) -> Result<()> {
+        let api = &self.client.api;
+        let read = api.get("waiting for the key", self.key, 0).await?;
+        if read.value.as_ref().is_none_or(|e| e.session.is_none()) {
+            return Ok(());
+        }
+        api.get("waiting for the key", self.key, read.index.max(1))
+            .await
+            .map(|_| ())
+            .map_err(Error::from)
+    }
+}
+
+/// Gives back a held key: deletes it if `session` still holds it. True if it was held.
+/// `safe`: the holder had not lost it when it began; a key found gone after a resend then
+/// counts as released (only this session could have deleted it before the loss).
+pub(crate) async fn release(
+    client: &ClientInner,
+    key: &str,
+    session: &str,
+    safe: bool,
+) -> Result<bool> {
+    let ops = [KvOp::check_session(key, session), KvOp::delete(key)];
+    let mut resent = false;
+    loop {
+        match client.api.txn("releasing the key", &ops).await {
+            Ok(Txn::Done(_)) => return Ok(true),
+            Ok(Txn::RolledBack(_)) => return Ok(safe && resent),
+            Err(f) if f.unknown() && !resent => resent = true,
+            Err(f) => return Err(f.error()),
+        }
+    }
+}
+
+/// Releases, in the background, a key a grant may have taken when its answer never came (or
+/// the caller stopped waiting for it), keeping the local turn until done: a later local
+/// contender would otherwise be granted the same key again and then lose it to this clean-up.
+struct Cleanup {
+    job: Option<(Arc<ClientInner>, String, String, Arc<Turn>)>,
+}
+
+impl Cleanup {
+    fn armed(client: &Arc<ClientInner>, key: &str, session: &str, turn: &Arc<Turn>) -> Cleanup {
+        Cleanup {
+            job: Some((
+                client.clone(),
+                key.to_string(),
+                session.to_string(),
+                turn.clone(),
+            )),
+        }
+    }
+
+    fn disarm(&mut self) {
+        self.job = None;
+    }
+}
+
+impl Drop for Cleanup {
+    fn drop(&mut self) {
+        let Some((client, key, session, turn)) = self.job.take() else {
+            return;
+        };
+        let Ok(runtime) = tokio::runtime::Handle::try_current() else {
+            return;
+        };
+        runtime.spawn(async move {
+            // Session-checked: sending it again is harmless, and the session's end frees the
+            // key anyway.
+            for _ in 0..5 {
+                if client.is_killed() || release(&client, &key, &session, false).await.is_ok() {
+                    break;
+                }
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+            drop(turn);
+        });
+    }
+}
+
+/// Pauses between tries: 100 ms doubling to 1 s (an outage, or a lock-delay whose end Consul
+/// does not tell).
+struct Backoff(Duration);
+
+impl Default for Backoff {
+    fn default() -> Self {
+        Backoff(Duration::from_millis(100))
+    }
+}
+
+impl Backoff {
+    fn next(&mut self) -> Duration {
+        let now = self.0;
+        self.0 = (self.0 * 2).min(Duration::from_secs(1));
+        now
+    }
+}

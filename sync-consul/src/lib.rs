@@ -1,0 +1,83 @@
+//! # sync-consul
+//!
+//! The Consul backend of the `sync` toolkit: [`Lock`](sync_core::Lock) on Consul sessions and
+//! KV through one agent's HTTP API (Consul 1.8 or later). Time is not a Consul primitive.
+//!
+//! ## Sessions
+//!
+//! A [`Client`] creates one session (TTL [`Config::ttl`], at least Consul's 10 s; behaviour
+//! `release`; lock-delay [`Config::lock_delay`], Consul's 15 s by default), renews it every
+//! half TTL, watches it with a blocking query so that its invalidation is seen at once, and
+//! destroys it on [`close`](sync_core::Backend::close). Consul may take up to twice the TTL to
+//! invalidate a session that is no longer renewed; a holder does not count on that: its
+//! `lost()` fires once the last confirmed renewal's send time plus the TTL, minus a fifth of
+//! it, has passed.
+//!
+//! ## Keys
+//!
+//! | what | key |
+//! | --- | --- |
+//! | lock `id` | `<ns>/<escaped id>/.lock` — where `consul lock <ns>/<id>` locks |
+//!
+//! Ids are escaped with [`sync_core::id::escape`]: one made only of `[A-Za-z0-9._-]` is
+//! itself, so `consul lock sync/orders cmd` and a lock on `orders` in namespace `sync`
+//! exclude each other.
+//!
+//! ## Locks
+//!
+//! A grant is one `/v1/txn`: `lock` the key for the session, with the flags value of Consul's
+//! `api.Lock` (0x2ddccbc058a50c18), and read it back. Its ModifyIndex (the raft index of the
+//! acquiring write) is the fencing token. A release is one transaction too: check that the
+//! session still holds the key, and delete it. An uncontended acquire and release cost one
+//! request each. A waiter blocks on the key's index (a blocking query) and tries again when it
+//! changes; after a holder's session was invalidated, Consul refuses every grant for the
+//! lock-delay, and waiters retry within a second of its end. Contenders for one id through one
+//! client take turns locally (Consul grants a key again to the session holding it).
+//!
+//! A guard's `lost()` fires when its session is invalidated (destroyed, or expired), when a
+//! renewal finds the key deleted or held by another session, or at the safe deadline.
+//!
+//! ## Answers that go missing
+//!
+//! A grant whose answer is lost is sent again (it is re-entrant for its session) for at most
+//! two request timeouts; if no answer comes, the key is released in the background in case it
+//! was granted. A release found not held after a resend counts as done when the holder had not
+//! lost the lock.
+//!
+//! ## Fencing when Consul loses data
+//!
+//! Tokens are raft indexes: they increase for as long as the servers keep their raft log. A
+//! dev agent (`consul agent -dev`) keeps everything in memory and starts its indexes over when
+//! restarted; run servers with a data dir where fencing matters.
+//!
+//! ## Connecting
+//!
+//! [`Config::from_url`] takes `consul://host[:port][/namespace][?token=…&datacenter=…&ttl=15s]`
+//! and `consuls://…` (HTTPS). A refused token is `Unauthorized`; an agent that cannot be
+//! reached or does not answer `Unavailable`.
+//!
+//! ```no_run
+//! # #[tokio::main] async fn main() -> sync_core::Result<()> {
+//! use sync_core::{Backend, LockOptions};
+//!
+//! let client = sync_consul::Client::from_url("consul://127.0.0.1:8500/app").await?;
+//! let guard = client.lock()?.acquire("orders", LockOptions::new()).await?;
+//! println!("fencing token {}", guard.fencing_token());
+//! guard.release().await?;
+//! # Ok(()) }
+//! ```
+#![deny(missing_docs)]
+
+mod api;
+mod client;
+mod config;
+mod contend;
+mod error;
+mod lock;
+mod session;
+
+pub use client::Client;
+pub use config::{Config, MAX_LOCK_DELAY, MAX_TTL, MIN_TTL};
+
+/// The backend name used in errors and traces.
+pub const BACKEND: &str = "consul";

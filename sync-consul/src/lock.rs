@@ -1,0 +1,174 @@
+//! Lock on Consul: the key `<ns>/<id>/.lock`, acquired under the client's session with the
+//! flags of Consul's `api.Lock` (so `consul lock <ns>/<id> cmd` and this library exclude each
+//! other), released by a session-checked delete.
+
+use std::sync::Arc;
+
+use async_trait::async_trait;
+use sync_core::raw::HeldLock;
+use sync_core::{Error, ErrorKind, Lock, LockGuard, LockOptions, Result};
+use sync_kit::held::{HeldGrants, Slot};
+
+use crate::{
+    BACKEND,
+    client::ClientInner,
+    contend::{Contender, Grant, release},
+};
+
+pub(crate) struct ConsulLock {
+    client: Arc<ClientInner>,
+    mine: HeldGrants<Grant>,
+}
+
+impl ConsulLock {
+    pub(crate) fn new(client: Arc<ClientInner>) -> Self {
+        ConsulLock {
+            client,
+            mine: Default::default(),
+        }
+    }
+
+    fn contender<'a>(&'a self, key: &'a str) -> Contender<'a> {
+        Contender {
+            client: &self.client,
+            key,
+            value: b"",
+        }
+    }
+
+    fn guard(&self, id: &str, key: String, grant: Grant) -> LockGuard {
+        let (token, lost) = (grant.token, grant.lost.clone());
+        let slot = self.mine.insert(id, grant);
+        tracing::debug!(backend = BACKEND, id, token, "lock acquired");
+        LockGuard::new(
+            id,
+            token,
+            lost,
+            Box::new(ConsulHeld {
+                client: self.client.clone(),
+                mine: self.mine.clone(),
+                id: id.to_string(),
+                key,
+                slot,
+            }),
+        )
+    }
+}
+
+#[async_trait]
+impl Lock for ConsulLock {
+    #[tracing::instrument(level = "debug", skip(self, opts), fields(backend = BACKEND, primitive = "lock"))]
+    async fn acquire(&self, id: &str, opts: LockOptions) -> Result<LockGuard> {
+        let key = self.client.lock_key(id);
+        let grant = self
+            .contender(&key)
+            .wait(&format!("lock {id:?}"), opts.wait)
+            .await
+            .map_err(|e| e.with_id(id))?;
+        Ok(self.guard(id, key, grant))
+    }
+
+    #[tracing::instrument(level = "debug", skip(self), fields(backend = BACKEND, primitive = "lock"))]
+    async fn try_acquire(&self, id: &str) -> Result<Option<LockGuard>> {
+        let key = self.client.lock_key(id);
+        let tried = self
+            .contender(&key)
+            .try_once()
+            .await
+            .map_err(|e| e.with_id(id))?;
+        Ok(tried.map(|grant| self.guard(id, key, grant)))
+    }
+
+    #[tracing::instrument(level = "debug", skip(self), fields(backend = BACKEND, primitive = "lock"))]
+    async fn release(&self, id: &str) -> Result<()> {
+        self.client.check_alive()?;
+        match self.mine.take_oldest(id) {
+            Some(g) => give_back(&self.client, id, &self.client.lock_key(id), g).await,
+            None => Err(not_held(id, "this handle holds no such lock")),
+        }
+    }
+}
+
+/// Releases `grant`: LockLost if it was no longer held.
+pub(crate) async fn give_back(
+    client: &ClientInner,
+    id: &str,
+    key: &str,
+    grant: Grant,
+) -> Result<()> {
+    // Read before the session lets go of the signal (which then counts as lost).
+    let safe = !grant.lost.is_lost();
+    client.sessions.forget(&grant.registration);
+    let was_held = release(client, key, &grant.session.id, safe)
+        .await
+        .map_err(|e| e.with_id(id))?;
+    drop(grant.turn);
+    if was_held {
+        return Ok(());
+    }
+    Err(Error::new(
+        ErrorKind::LockLost,
+        "the lock was no longer held at release: its session ended or another took the key",
+    )
+    .with_backend(BACKEND)
+    .with_id(id))
+}
+
+/// Releases `grant` in the background (a dropped guard).
+pub(crate) fn give_back_in_background(
+    client: Arc<ClientInner>,
+    id: String,
+    key: String,
+    grant: Grant,
+) {
+    let safe = !grant.lost.is_lost();
+    client.sessions.forget(&grant.registration);
+    // Without a runtime the key stays until the session ends (the client closes or dies).
+    let Ok(runtime) = tokio::runtime::Handle::try_current() else {
+        return;
+    };
+    runtime.spawn(async move {
+        if let Err(e) = release(&client, &key, &grant.session.id, safe).await {
+            tracing::debug!(backend = BACKEND, id = %id, error = %e, "background release failed");
+        }
+        drop(grant.turn);
+    });
+}
+
+fn not_held(id: &str, why: &str) -> Error {
+    Error::new(ErrorKind::NotHeld, why.to_string())
+        .with_backend(BACKEND)
+        .with_id(id)
+}
+
+struct ConsulHeld {
+    client: Arc<ClientInner>,
+    mine: HeldGrants<Grant>,
+    id: String,
+    key: String,
+    slot: Arc<Slot<Grant>>,
+}
+
+#[async_trait]
+impl HeldLock for ConsulHeld {
+    async fn release(&mut self) -> Result<()> {
+        match self.mine.take(&self.slot) {
+            Some(g) => give_back(&self.client, &self.id, &self.key, g).await,
+            None => Err(not_held(
+                &self.id,
+                "the lock was already released through the handle",
+            )),
+        }
+    }
+
+    fn release_in_background(self: Box<Self>) {
+        if let Some(grant) = self.mine.take(&self.slot) {
+            give_back_in_background(
+                self.client.clone(),
+                self.id.clone(),
+                self.key.clone(),
+                grant,
+            );
+        }
+    }
+}
