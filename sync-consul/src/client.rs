@@ -4,11 +4,14 @@
 use std::{sync::Arc, time::Duration};
 
 use async_trait::async_trait;
-use sync_core::{Backend, Capabilities, Capability, Faults, Lock, Result};
+use sync_core::{Backend, Capabilities, Capability, Faults, Leader, Lock, Result};
 use sync_kit::{checked, turns::Turns};
 use tokio::sync::watch;
 
-use crate::{BACKEND, Config, api::Api, error::closed, lock::ConsulLock, session::Sessions};
+use crate::{
+    BACKEND, Config, api::Api, error::closed, leader::ConsulLeader, lock::ConsulLock,
+    session::Sessions,
+};
 
 /// A connection to a Consul agent shared by every handle made from it, with one session that
 /// holds every lock and leadership of the client. Cheap to clone.
@@ -69,6 +72,14 @@ impl ClientInner {
             return Err(closed());
         }
         Ok(())
+    }
+
+    /// `<ns>/<escaped group>/.leader`.
+    pub(crate) fn leader_key(&self, group: &str) -> String {
+        format!(
+            "{}/.leader",
+            sync_core::id::key(&self.config.namespace, &[group])
+        )
     }
 
     /// `<ns>/<escaped id>/.lock`: where `consul lock <ns>/<id>` locks too.
@@ -155,6 +166,7 @@ impl Backend for Client {
     fn capabilities(&self) -> Capabilities {
         Capabilities::none()
             .with(Capability::Lock)
+            .with(Capability::Leader)
             .with(Capability::KillClient)
             .with(Capability::RevokeSession)
     }
@@ -168,6 +180,15 @@ impl Backend for Client {
         Ok(checked::lock(
             BACKEND,
             Arc::new(ConsulLock::new(self.inner.clone())),
+        ))
+    }
+
+    fn leader(&self, group: &str) -> Result<Arc<dyn Leader>> {
+        self.inner.check_alive()?;
+        checked::check_id(BACKEND, "election group", group)?;
+        Ok(checked::leader(
+            BACKEND,
+            Arc::new(ConsulLeader::new(self.inner.clone(), group)),
         ))
     }
 

@@ -18,6 +18,7 @@
 //! | what | key |
 //! | --- | --- |
 //! | lock `id` | `<ns>/<escaped id>/.lock` — where `consul lock <ns>/<id>` locks |
+//! | election `group` | `<ns>/<escaped group>/.leader`: the term, the candidate and its value |
 //!
 //! Ids are escaped with [`sync_core::id::escape`]: one made only of `[A-Za-z0-9._-]` is
 //! itself, so `consul lock sync/orders cmd` and a lock on `orders` in namespace `sync`
@@ -73,6 +74,7 @@ mod client;
 mod config;
 mod contend;
 mod error;
+mod leader;
 mod lock;
 mod session;
 
