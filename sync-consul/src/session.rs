@@ -21,7 +21,7 @@ use tokio::{sync::watch, time::Instant};
 use crate::{
     BACKEND,
     api::{Api, KvOp, MAX_TXN_OPS, Txn},
-    error::{Failure, closed},
+    error::closed,
 };
 
 /// How far before the safe end of a renewal the holders stop trusting it: the session is only
@@ -399,7 +399,7 @@ impl Sessions {
                     index = if read.index < index { 0 } else { read.index };
                     backoff = Duration::from_millis(100);
                 }
-                Err(Failure::Status { code: 403, .. }) | Err(_) => {
+                Err(_) => {
                     tokio::time::sleep(backoff).await;
                     backoff = (backoff * 2).min(Duration::from_secs(5));
                 }
