@@ -483,10 +483,36 @@ impl Api {
     }
 }
 
+/// Why TLS to the agent failed, if a certificate was refused: with TLS 1.3 an agent refuses
+/// the client's certificate after the client thinks the handshake is done, and the request only
+/// sees the connection close. One request with TLS 1.2 at most (refusals come in the
+/// handshake) tells.
+pub(crate) async fn tls_refusal(config: &Config) -> Option<Error> {
+    let builder = reqwest::Client::builder().max_tls_version(reqwest::tls::Version::TLS_1_2);
+    let client = http_builder(config, builder).ok()?;
+    let url = format!("{}/v1/status/leader", config.base_url());
+    let e = client
+        .get(url)
+        .timeout(config.request_timeout)
+        .send()
+        .await
+        .err()?;
+    let e = Failure::transport("connecting with TLS", e).error();
+    matches!(
+        e.kind(),
+        ErrorKind::Unauthorized | ErrorKind::InvalidArgument
+    )
+    .then_some(e)
+}
+
 /// The reqwest client of consulrs, built here: rustls with the configured roots and client
 /// identity, and the connect timeout (consulrs's own builder can set neither).
 fn http_client(config: &Config) -> Result<reqwest::Client> {
-    let mut builder = reqwest::Client::builder()
+    http_builder(config, reqwest::Client::builder())
+}
+
+fn http_builder(config: &Config, builder: reqwest::ClientBuilder) -> Result<reqwest::Client> {
+    let mut builder = builder
         .use_rustls_tls()
         .connect_timeout(config.connect_timeout)
         .pool_idle_timeout(Duration::from_secs(60))

@@ -118,7 +118,13 @@ impl Client {
                     ),
                 )
                 .with_backend(BACKEND)
-            })??;
+            })?;
+        let sessions = match sessions {
+            Err(e) if config.tls && e.kind() == sync_core::ErrorKind::Unavailable => {
+                return Err(crate::api::tls_refusal(&config).await.unwrap_or(e));
+            }
+            other => other?,
+        };
         Ok(Client {
             inner: Arc::new(ClientInner {
                 config,
