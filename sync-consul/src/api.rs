@@ -274,8 +274,10 @@ impl Api {
     pub(crate) async fn txn(&self, what: &str, ops: &[KvOp]) -> std::result::Result<Txn, Failure> {
         let body: Vec<TxnOp<'_>> = ops.iter().map(|kv| TxnOp { kv }).collect();
         let body = serde_json::to_vec(&body).map_err(|e| Failure::sure(unexpected(what, e)))?;
+        // Read-only transactions (checks of held keys) are consistent reads; writes ignore it.
         let res = self
             .request(reqwest::Method::PUT, "txn")
+            .query(&[("consistent", "")])
             .body(body)
             .send()
             .await
