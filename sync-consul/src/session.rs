@@ -46,6 +46,8 @@ pub(crate) struct Session {
     clock: LeaseClock,
     /// The clock's deadline, for the renewer to read.
     safe_until: Mutex<Instant>,
+    /// When the renewer renews it next.
+    due: Mutex<Instant>,
     held: Mutex<HashMap<u64, Held>>,
     /// Set once the session is known gone or given up: later registrations are lost at once.
     ended: Mutex<Option<String>>,
@@ -58,6 +60,8 @@ impl Session {
             id,
             clock: LeaseClock::new(safe_until),
             safe_until: Mutex::new(safe_until),
+            // Creating it was its first renewal.
+            due: Mutex::new(sent + ttl / 2),
             held: Mutex::default(),
             ended: Mutex::default(),
         }
@@ -289,9 +293,15 @@ impl Sessions {
                     _ = killed.wait_for(|k| *k) => return,
                 }
             };
-            let nap = self.renew_once(&session).await;
+            let due = *locked(&session.due);
+            if Instant::now() >= due {
+                let nap = self.renew_once(&session).await;
+                *locked(&session.due) = Instant::now() + nap;
+                continue;
+            }
             tokio::select! {
-                () = tokio::time::sleep(nap) => {}
+                () = tokio::time::sleep_until(due) => {}
+                _ = replaced.changed() => {}
                 _ = killed.wait_for(|k| *k) => return,
             }
         }

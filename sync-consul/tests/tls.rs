@@ -1,11 +1,10 @@
 //! `consuls://` against private Consul dev agents serving only HTTPS, with certificates the
 //! test makes (rcgen): an agent verified through `ca_file`, one signed by another CA refused,
-//! and mutual TLS with and without a client certificate. Needs the `consul` binary (see
-//! [`consul_bin`]); gated on `SYNC_TEST_CONSUL` like the other live tests (`cargo xtask test`
-//! runs it).
+//! and mutual TLS with and without a client certificate. Needs the `consul` binary (found as
+//! `common::consul_binary` says); gated on `SYNC_TEST_CONSUL` like the other live tests
+//! (`cargo xtask test` runs it).
 
 use std::{
-    path::PathBuf,
     process::{Child, Command, Stdio},
     time::Duration,
 };
@@ -16,41 +15,9 @@ use sync_consul::{Client, Config};
 use sync_core::{Backend, ErrorKind, LockOptions};
 use tokio::time::Instant;
 
-type TestResult = Result<(), String>;
+mod common;
 
-fn err(e: impl std::fmt::Display) -> String {
-    e.to_string()
-}
-
-/// The consul binary: `SYNC_CONSUL_BIN`, else `consul` on PATH, else the one `cargo xtask`
-/// fetched into its cache.
-fn consul_bin() -> Result<PathBuf, String> {
-    if let Some(bin) = std::env::var_os("SYNC_CONSUL_BIN").filter(|b| !b.is_empty()) {
-        return Ok(bin.into());
-    }
-    let on_path = std::env::var_os("PATH")
-        .map(|p| {
-            std::env::split_paths(&p)
-                .map(|d| d.join("consul"))
-                .collect::<Vec<_>>()
-        })
-        .unwrap_or_default();
-    let cache = match (std::env::var_os("XDG_CACHE_HOME"), std::env::var_os("HOME")) {
-        (Some(dir), _) if !dir.is_empty() => PathBuf::from(dir),
-        (_, Some(home)) => PathBuf::from(home).join(".cache"),
-        _ => PathBuf::new(),
-    };
-    let cached = cache.join("sync-xtask/consul-1.8.7/root/usr/bin/consul");
-    on_path
-        .into_iter()
-        .chain([cached])
-        .find(|p| p.is_file())
-        .ok_or_else(|| {
-            "no consul binary: set SYNC_CONSUL_BIN, put consul on PATH, or run `cargo xtask \
-             services up consul` once to fetch it"
-                .to_string()
-        })
-}
+use common::{TestResult, err};
 
 fn free_port() -> Result<u16, String> {
     std::net::TcpListener::bind("127.0.0.1:0")
@@ -85,7 +52,7 @@ impl TlsConsul {
         );
         let name = if mutual { "mutual.hcl" } else { "tls.hcl" };
         pki.write(name, &config).map_err(err)?;
-        let child = Command::new(consul_bin()?)
+        let child = Command::new(common::consul_binary()?)
             .args(["agent", "-dev", "-bind=127.0.0.1", "-client=127.0.0.1"])
             .arg(format!("-node=sync-tls-{https}"))
             .arg(format!("-config-file={}", pki.path(name)))
