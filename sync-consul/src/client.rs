@@ -4,11 +4,13 @@
 use std::{sync::Arc, time::Duration};
 
 use async_trait::async_trait;
-use sync_core::{Backend, Capabilities, Capability, Faults, Lock, Result};
+use sync_core::{Backend, Capabilities, Capability, Faults, Lock, Map, Result};
 use sync_kit::{checked, turns::Turns};
 use tokio::sync::watch;
 
-use crate::{BACKEND, Config, api::Api, error::closed, lock::ConsulLock, session::Sessions};
+use crate::{
+    BACKEND, Config, api::Api, error::closed, lock::ConsulLock, map::ConsulMap, session::Sessions,
+};
 
 /// A connection to a Consul agent shared by every handle made from it, with one session that
 /// holds every lock and leadership of the client. Cheap to clone.
@@ -155,6 +157,7 @@ impl Backend for Client {
     fn capabilities(&self) -> Capabilities {
         Capabilities::none()
             .with(Capability::Lock)
+            .with(Capability::Map)
             .with(Capability::KillClient)
             .with(Capability::RevokeSession)
     }
@@ -168,6 +171,15 @@ impl Backend for Client {
         Ok(checked::lock(
             BACKEND,
             Arc::new(ConsulLock::new(self.inner.clone())),
+        ))
+    }
+
+    fn map(&self, name: &str) -> Result<Arc<dyn Map>> {
+        self.inner.check_alive()?;
+        checked::check_id(BACKEND, "map name", name)?;
+        Ok(checked::map(
+            BACKEND,
+            Arc::new(ConsulMap::new(self.inner.clone(), name)),
         ))
     }
 

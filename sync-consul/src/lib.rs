@@ -18,6 +18,7 @@
 //! | what | key |
 //! | --- | --- |
 //! | lock `id` | `<ns>/<escaped id>/.lock` — where `consul lock <ns>/<id>` locks |
+//! | map `name`, key `k` | `<ns>/:map/<escaped name>/<escaped k>`, version = ModifyIndex |
 //!
 //! Ids are escaped with [`sync_core::id::escape`]: one made only of `[A-Za-z0-9._-]` is
 //! itself, so `consul lock sync/orders cmd` and a lock on `orders` in namespace `sync`
@@ -74,6 +75,7 @@ mod config;
 mod contend;
 mod error;
 mod lock;
+mod map;
 mod session;
 
 pub use client::Client;
