@@ -110,7 +110,8 @@ impl KvOp {
         KvOp::new("delete", key)
     }
 
-    /// Deletes `key` if its ModifyIndex is `index`.
+    /// Deletes `key` if its ModifyIndex is `index`. Consul counts an absent key as deleted:
+    /// put [`KvOp::check_index`] first where absence must fail.
     pub(crate) fn delete_cas(key: &str, index: u64) -> KvOp {
         KvOp {
             index: Some(index),
@@ -182,8 +183,9 @@ pub(crate) struct TxnError {
     pub(crate) what: String,
 }
 
-/// A transaction's outcome: every operation's entry (writes return the new indexes, without
-/// the value), or why it was rolled back.
+/// A transaction's outcome: the entries of the operations that return one, in order (writes
+/// return the new indexes, without the value; deletes return nothing, so positions need not
+/// match the operations'), or why it was rolled back.
 pub(crate) enum Txn {
     Done(Vec<Option<KvEntry>>),
     RolledBack(Vec<TxnError>),

@@ -4,13 +4,13 @@
 use std::{sync::Arc, time::Duration};
 
 use async_trait::async_trait;
-use sync_core::{Backend, Capabilities, Capability, Faults, Leader, Lock, Result};
+use sync_core::{Backend, Capabilities, Capability, Faults, Leader, Lock, Map, Result};
 use sync_kit::{checked, turns::Turns};
 use tokio::sync::watch;
 
 use crate::{
     BACKEND, Config, api::Api, error::closed, leader::ConsulLeader, lock::ConsulLock,
-    session::Sessions,
+    map::ConsulMap, session::Sessions,
 };
 
 /// A connection to a Consul agent shared by every handle made from it, with one session that
@@ -173,6 +173,7 @@ impl Backend for Client {
         Capabilities::none()
             .with(Capability::Lock)
             .with(Capability::Leader)
+            .with(Capability::Map)
             .with(Capability::KillClient)
             .with(Capability::RevokeSession)
     }
@@ -195,6 +196,15 @@ impl Backend for Client {
         Ok(checked::leader(
             BACKEND,
             Arc::new(ConsulLeader::new(self.inner.clone(), group)),
+        ))
+    }
+
+    fn map(&self, name: &str) -> Result<Arc<dyn Map>> {
+        self.inner.check_alive()?;
+        checked::check_id(BACKEND, "map name", name)?;
+        Ok(checked::map(
+            BACKEND,
+            Arc::new(ConsulMap::new(self.inner.clone(), name)),
         ))
     }
 

@@ -19,6 +19,7 @@
 //! | --- | --- |
 //! | lock `id` | `<ns>/<escaped id>/.lock` — where `consul lock <ns>/<id>` locks |
 //! | election `group` | `<ns>/<escaped group>/.leader`: the term, the candidate and its value |
+//! | map `name`, key `k` | `<ns>/:map/<escaped name>/<escaped k>`, version = ModifyIndex |
 //!
 //! Ids are escaped with [`sync_core::id::escape`]: one made only of `[A-Za-z0-9._-]` is
 //! itself, so `consul lock sync/orders cmd` and a lock on `orders` in namespace `sync`
@@ -78,6 +79,7 @@ mod contend;
 mod error;
 mod leader;
 mod lock;
+mod map;
 mod session;
 
 pub use client::Client;
