@@ -92,6 +92,15 @@ impl KvOp {
         }
     }
 
+    /// Releases `key` if `session` holds it (fails the transaction otherwise), keeping the
+    /// key with an empty value: its Session turns empty, as when the session ends.
+    pub(crate) fn unlock(key: &str, session: &str) -> KvOp {
+        KvOp {
+            session: Some(session.to_string()),
+            ..KvOp::new("unlock", key)
+        }
+    }
+
     /// Fails the transaction unless `session` holds `key`.
     pub(crate) fn check_session(key: &str, session: &str) -> KvOp {
         KvOp {
@@ -103,6 +112,16 @@ impl KvOp {
     /// Reads `key` (fails the transaction if it is absent).
     pub(crate) fn get(key: &str) -> KvOp {
         KvOp::new("get", key)
+    }
+
+    /// Reads every key under `prefix` (none found is no failure: the answer just lacks them).
+    pub(crate) fn get_tree(prefix: &str) -> KvOp {
+        KvOp::new("get-tree", prefix)
+    }
+
+    /// Deletes every key under `prefix`.
+    pub(crate) fn delete_tree(prefix: &str) -> KvOp {
+        KvOp::new("delete-tree", prefix)
     }
 
     /// Deletes `key` (whoever holds it).
@@ -182,8 +201,10 @@ pub(crate) struct TxnError {
     pub(crate) what: String,
 }
 
-/// A transaction's outcome: every operation's entry (writes return the new indexes, without
-/// the value), or why it was rolled back.
+/// A transaction's outcome: the entries its operations returned, in order (writes, locks and
+/// checks return one without the value, `get` one with it, `get-tree` one per key found;
+/// deletes and a passed `check-not-exists` none, so entries line up with operations only when
+/// every operation returns one), or why it was rolled back.
 pub(crate) enum Txn {
     Done(Vec<Option<KvEntry>>),
     RolledBack(Vec<TxnError>),
@@ -298,6 +319,32 @@ impl Api {
             (Some(results), _) => Ok(Txn::Done(results.into_iter().map(|r| r.kv).collect())),
             (None, _) => Ok(Txn::Done(Vec::new())),
         }
+    }
+
+    /// Writes `value` to `key` with a plain PUT, for values too big for a transaction (Consul
+    /// bounds a whole `/v1/txn` body by the size of one value, and base64 makes a value a
+    /// third bigger there). With `cas`, only if the key's ModifyIndex is that (0: absent).
+    /// Whether it was written.
+    pub(crate) async fn put(
+        &self,
+        what: &str,
+        key: &str,
+        value: Vec<u8>,
+        cas: Option<u64>,
+    ) -> std::result::Result<bool, Failure> {
+        let mut req = self
+            .request(reqwest::Method::PUT, &kv_path(key))
+            .body(value);
+        if let Some(index) = cas {
+            req = req.query(&[("cas", index.to_string())]);
+        }
+        let res = req.send().await.map_err(|e| Failure::transport(what, e))?;
+        let status = res.status().as_u16();
+        let text = read_body(what, res).await?;
+        if status != 200 {
+            return Err(Failure::status(what, status, &text));
+        }
+        parse::<bool>(what, &text)
     }
 
     /// Reads `key` (consistent), blocking until it changes past `index` when that is not 0.

@@ -4,11 +4,13 @@
 use std::{sync::Arc, time::Duration};
 
 use async_trait::async_trait;
-use sync_core::{Backend, Capabilities, Capability, Faults, Lock, Result};
+use sync_core::{Backend, Capabilities, Capability, Faults, Lock, Result, Task};
 use sync_kit::{checked, turns::Turns};
 use tokio::sync::watch;
 
-use crate::{BACKEND, Config, api::Api, error::closed, lock::ConsulLock, session::Sessions};
+use crate::{
+    BACKEND, Config, api::Api, error::closed, lock::ConsulLock, session::Sessions, task::ConsulTask,
+};
 
 /// A connection to a Consul agent shared by every handle made from it, with one session that
 /// holds every lock and leadership of the client. Cheap to clone.
@@ -155,6 +157,7 @@ impl Backend for Client {
     fn capabilities(&self) -> Capabilities {
         Capabilities::none()
             .with(Capability::Lock)
+            .with(Capability::Task)
             .with(Capability::KillClient)
             .with(Capability::RevokeSession)
     }
@@ -169,6 +172,11 @@ impl Backend for Client {
             BACKEND,
             Arc::new(ConsulLock::new(self.inner.clone())),
         ))
+    }
+
+    fn task(&self) -> Result<Arc<dyn Task>> {
+        self.inner.check_alive()?;
+        Ok(checked::task(BACKEND, ConsulTask::new(self.inner.clone())))
     }
 
     async fn close(&self) -> Result<()> {
