@@ -92,6 +92,15 @@ impl KvOp {
         }
     }
 
+    /// Releases `key` if `session` holds it (fails the transaction otherwise), keeping the
+    /// key with an empty value: its Session turns empty, as when the session ends.
+    pub(crate) fn unlock(key: &str, session: &str) -> KvOp {
+        KvOp {
+            session: Some(session.to_string()),
+            ..KvOp::new("unlock", key)
+        }
+    }
+
     /// Fails the transaction unless `session` holds `key`.
     pub(crate) fn check_session(key: &str, session: &str) -> KvOp {
         KvOp {
@@ -103,6 +112,16 @@ impl KvOp {
     /// Reads `key` (fails the transaction if it is absent).
     pub(crate) fn get(key: &str) -> KvOp {
         KvOp::new("get", key)
+    }
+
+    /// Reads every key under `prefix` (none found is no failure: the answer just lacks them).
+    pub(crate) fn get_tree(prefix: &str) -> KvOp {
+        KvOp::new("get-tree", prefix)
+    }
+
+    /// Deletes every key under `prefix`.
+    pub(crate) fn delete_tree(prefix: &str) -> KvOp {
+        KvOp::new("delete-tree", prefix)
     }
 
     /// Deletes `key` (whoever holds it).
@@ -183,9 +202,10 @@ pub(crate) struct TxnError {
     pub(crate) what: String,
 }
 
-/// A transaction's outcome: the entries of the operations that return one, in order (writes
-/// return the new indexes, without the value; deletes return nothing, so positions need not
-/// match the operations'), or why it was rolled back.
+/// A transaction's outcome: the entries its operations returned, in order (writes, locks and
+/// checks return one without the value, `get` one with it, `get-tree` one per key found;
+/// deletes and a passed `check-not-exists` none, so entries line up with operations only when
+/// every operation returns one), or why it was rolled back.
 pub(crate) enum Txn {
     Done(Vec<Option<KvEntry>>),
     RolledBack(Vec<TxnError>),
@@ -304,6 +324,32 @@ impl Api {
         }
     }
 
+    /// Writes `value` to `key` with a plain PUT, for values too big for a transaction (Consul
+    /// bounds a whole `/v1/txn` body by the size of one value, and base64 makes a value a
+    /// third bigger there). With `cas`, only if the key's ModifyIndex is that (0: absent).
+    /// Whether it was written.
+    pub(crate) async fn put(
+        &self,
+        what: &str,
+        key: &str,
+        value: Vec<u8>,
+        cas: Option<u64>,
+    ) -> std::result::Result<bool, Failure> {
+        let mut req = self
+            .request(reqwest::Method::PUT, &kv_path(key))
+            .body(value);
+        if let Some(index) = cas {
+            req = req.query(&[("cas", index.to_string())]);
+        }
+        let res = req.send().await.map_err(|e| Failure::transport(what, e))?;
+        let status = res.status().as_u16();
+        let text = read_body(what, res).await?;
+        if status != 200 {
+            return Err(Failure::status(what, status, &text));
+        }
+        parse::<bool>(what, &text)
+    }
+
     /// Reads `key` (consistent), blocking until it changes past `index` when that is not 0.
     pub(crate) async fn get(
         &self,
@@ -311,20 +357,11 @@ impl Api {
         key: &str,
         index: u64,
     ) -> std::result::Result<Read<Option<KvEntry>>, Failure> {
-        let res = self
-            .blocking(&kv_path(key), index, &[])
-            .send()
-            .await
-            .map_err(|e| Failure::transport(what, e))?;
-        let index = consul_index(&res);
-        let status = res.status().as_u16();
-        let text = read_body(what, res).await?;
-        let value = match status {
-            404 => None,
-            200 => parse::<Vec<KvEntry>>(what, &text)?.into_iter().next(),
-            _ => return Err(Failure::status(what, status, &text)),
-        };
-        Ok(Read { value, index })
+        let read = self.kv_read(what, key, index, &[]).await?;
+        Ok(Read {
+            value: read.value.into_iter().next(),
+            index: read.index,
+        })
     }
 
     /// Every entry under `prefix` (consistent), blocking past `index` when that is not 0.
@@ -334,8 +371,19 @@ impl Api {
         prefix: &str,
         index: u64,
     ) -> std::result::Result<Read<Vec<KvEntry>>, Failure> {
+        self.kv_read(what, prefix, index, &[("recurse", "")]).await
+    }
+
+    /// A KV read: the entries found (none for a 404, which still carries the index).
+    async fn kv_read(
+        &self,
+        what: &str,
+        key: &str,
+        index: u64,
+        extra: &[(&str, &str)],
+    ) -> std::result::Result<Read<Vec<KvEntry>>, Failure> {
         let res = self
-            .blocking(&kv_path(prefix), index, &[("recurse", "")])
+            .blocking(&kv_path(key), index, extra)
             .send()
             .await
             .map_err(|e| Failure::transport(what, e))?;
@@ -345,29 +393,6 @@ impl Api {
         let value = match status {
             404 => Vec::new(),
             200 => parse::<Vec<KvEntry>>(what, &text)?,
-            _ => return Err(Failure::status(what, status, &text)),
-        };
-        Ok(Read { value, index })
-    }
-
-    /// The keys under `prefix` (consistent, no values), blocking past `index` when not 0.
-    pub(crate) async fn keys(
-        &self,
-        what: &str,
-        prefix: &str,
-        index: u64,
-    ) -> std::result::Result<Read<Vec<String>>, Failure> {
-        let res = self
-            .blocking(&kv_path(prefix), index, &[("keys", "")])
-            .send()
-            .await
-            .map_err(|e| Failure::transport(what, e))?;
-        let index = consul_index(&res);
-        let status = res.status().as_u16();
-        let text = read_body(what, res).await?;
-        let value = match status {
-            404 => Vec::new(),
-            200 => parse::<Vec<String>>(what, &text)?,
             _ => return Err(Failure::status(what, status, &text)),
         };
         Ok(Read { value, index })

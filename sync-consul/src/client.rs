@@ -4,13 +4,13 @@
 use std::{sync::Arc, time::Duration};
 
 use async_trait::async_trait;
-use sync_core::{Backend, Capabilities, Capability, Faults, Leader, Lock, Map, Result};
+use sync_core::{Backend, Capabilities, Capability, Faults, Leader, Lock, Map, Result, Task};
 use sync_kit::{checked, turns::Turns};
 use tokio::sync::watch;
 
 use crate::{
     BACKEND, Config, api::Api, error::closed, leader::ConsulLeader, lock::ConsulLock,
-    map::ConsulMap, session::Sessions,
+    map::ConsulMap, session::Sessions, task::ConsulTask,
 };
 
 /// A connection to a Consul agent shared by every handle made from it, with one session that
@@ -170,12 +170,7 @@ impl Backend for Client {
     }
 
     fn capabilities(&self) -> Capabilities {
-        Capabilities::none()
-            .with(Capability::Lock)
-            .with(Capability::Leader)
-            .with(Capability::Map)
-            .with(Capability::KillClient)
-            .with(Capability::RevokeSession)
+        Capabilities::all().without(Capability::Time)
     }
 
     fn ttl(&self) -> Option<Duration> {
@@ -206,6 +201,11 @@ impl Backend for Client {
             BACKEND,
             Arc::new(ConsulMap::new(self.inner.clone(), name)),
         ))
+    }
+
+    fn task(&self) -> Result<Arc<dyn Task>> {
+        self.inner.check_alive()?;
+        Ok(checked::task(BACKEND, ConsulTask::new(self.inner.clone())))
     }
 
     async fn close(&self) -> Result<()> {

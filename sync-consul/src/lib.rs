@@ -1,7 +1,8 @@
 //! # sync-consul
 //!
-//! The Consul backend of the `sync` toolkit: [`Lock`](sync_core::Lock) on Consul sessions and
-//! KV through one agent's HTTP API (Consul 1.8 or later). Time is not a Consul primitive.
+//! The Consul backend of the `sync` toolkit: [`Lock`](sync_core::Lock) and
+//! [`Task`](sync_core::Task) on Consul sessions and KV through one agent's HTTP API (Consul 1.8
+//! or later). Time is not a Consul primitive.
 //!
 //! ## Sessions
 //!
@@ -20,6 +21,10 @@
 //! | lock `id` | `<ns>/<escaped id>/.lock` — where `consul lock <ns>/<id>` locks |
 //! | election `group` | `<ns>/<escaped group>/.leader`: the term, the candidate and its value |
 //! | map `name`, key `k` | `<ns>/:map/<escaped name>/<escaped k>`, version = ModifyIndex |
+//! | job `id`: record, payload, output | `<ns>/:task/jobs/<escaped id>/record`, `…/payload/<nonce>`, `…/output/<token>` |
+//! | a queued job of handler `name` | `<ns>/:task/queue/<escaped name>/<escaped id>` |
+//! | a running attempt (locked by the worker's session) | `<ns>/:task/claims/<escaped id>/<attempt>` |
+//! | an ended job, by end time (for the retention sweep) | `<ns>/:task/done/<unix ms>/<escaped id>` |
 //!
 //! Ids are escaped with [`sync_core::id::escape`]: one made only of `[A-Za-z0-9._-]` is
 //! itself, so `consul lock sync/orders cmd` and a lock on `orders` in namespace `sync`
@@ -40,6 +45,21 @@
 //!
 //! A guard's `lost()` fires when its session is invalidated (destroyed, or expired), when a
 //! renewal finds the key deleted or held by another session, or at the safe deadline.
+//!
+//! ## Tasks
+//!
+//! A job is a record in KV; while queued, its queue entry (under its handler name) holds a copy
+//! of the record, written with it in one transaction, so a worker's one blocking query on the
+//! queue is both its wake-up and all it needs to claim: up to its free permits in one
+//! transaction that deletes the entries and rewrites the records as Running, both only at the
+//! index read (two workers never start one attempt), and locks a claim key per job for the
+//! worker client's session. The claim's index is the attempt's fencing token; the session's end
+//! is the handler's `lost()`. When a session ends, Consul releases its claim keys: every
+//! worker watches the claims with a blocking query and requeues (or fails, when out of
+//! attempts) each job whose claim key lost its session. Finished jobs are deleted
+//! [`Config::job_retention`] after they ended by a sweep the workers run (Consul KV has no
+//! TTL). An uncontended job costs its submitter one transaction, and its worker one queue
+//! read, one claim and one finish transaction (details in `src/task.rs`).
 //!
 //! ## Answers that go missing
 //!
@@ -81,6 +101,7 @@ mod leader;
 mod lock;
 mod map;
 mod session;
+mod task;
 
 pub use client::Client;
 pub use config::{Config, MAX_LOCK_DELAY, MAX_TTL, MIN_TTL};
