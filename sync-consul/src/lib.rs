@@ -74,6 +74,13 @@
 //! dev agent (`consul agent -dev`) keeps everything in memory and starts its indexes over when
 //! restarted; run servers with a data dir where fencing matters.
 //!
+//! ## Connections
+//!
+//! Each blocking query holds an HTTP connection for up to [`Config::wait`]: one per client for
+//! its session, plus one per waiting acquire, `follow()` stream and task worker. Consul allows
+//! 200 connections per client address by default (`limits { http_max_conns_per_client }`) and
+//! resets the ones beyond; raise it for processes with many waiters.
+//!
 //! ## Connecting
 //!
 //! [`Config::from_url`] takes `consul://host[:port][/namespace][?token=…&datacenter=…&ttl=15s]`
