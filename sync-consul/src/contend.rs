@@ -219,15 +219,19 @@ impl Contender<'_> {
 }
 
 /// Gives back a held key: deletes it if `session` still holds it. True if it was held.
-/// `safe`: the holder had not lost it when it began; a key found gone after a resend then
-/// counts as released (only this session could have deleted it before the loss).
+/// `index`: the key's ModifyIndex as the grant left it, when known: the delete applies only
+/// at it, so a send that arrives late, after a later grant of the key to the same session,
+/// deletes nothing. `safe`: the holder had not lost it when it began; a key found gone after
+/// a resend then counts as released (only this session could have deleted it before the loss).
 pub(crate) async fn release(
     client: &ClientInner,
     key: &str,
     session: &str,
+    index: Option<u64>,
     safe: bool,
 ) -> Result<bool> {
-    let ops = [KvOp::check_session(key, session), KvOp::delete(key)];
+    let free = index.map_or_else(|| KvOp::delete(key), |i| KvOp::delete_cas(key, i));
+    let ops = [KvOp::check_session(key, session), free];
     let mut resent = false;
     loop {
         match client.api.txn("releasing the key", &ops).await {
@@ -275,7 +279,8 @@ impl Drop for Cleanup {
             // Session-checked: sending it again is harmless, and the session's end frees the
             // key anyway.
             for _ in 0..5 {
-                if client.is_killed() || release(&client, &key, &session, false).await.is_ok() {
+                if client.is_killed() || release(&client, &key, &session, None, false).await.is_ok()
+                {
                     break;
                 }
                 tokio::time::sleep(Duration::from_millis(200)).await;

@@ -121,6 +121,7 @@ impl Leader for ConsulLeader {
                 key: self.key.clone(),
                 candidate: candidate.to_string(),
                 value: Mutex::new(opts.value),
+                index: Mutex::new(Some(grant.token)),
                 grant: Some(grant),
             }),
         ))
@@ -205,6 +206,9 @@ struct ConsulLeadership {
     key: String,
     candidate: String,
     value: Mutex<Vec<u8>>,
+    /// The key's ModifyIndex as this leadership last wrote it, which its release is guarded
+    /// by; None for good once a proclamation's outcome was unknown.
+    index: Mutex<Option<u64>>,
     grant: Option<Grant>,
 }
 
@@ -236,12 +240,25 @@ impl Leadership for ConsulLeadership {
         let answer = loop {
             match self.client.api.txn("proclaiming", &ops).await {
                 Ok(answer) => break answer,
-                Err(f) if f.unknown() && !resent => resent = true,
+                Err(f) if f.unknown() && !resent => {
+                    resent = true;
+                    *locked(&self.index) = None;
+                }
                 Err(f) => return Err(f.error().with_id(&self.group)),
             }
         };
-        if let Txn::RolledBack(_) = answer {
-            return Err(self.lost("leadership was lost: its session ended or another took the key"));
+        let entries = match answer {
+            Txn::Done(entries) => entries,
+            Txn::RolledBack(_) => {
+                return Err(
+                    self.lost("leadership was lost: its session ended or another took the key")
+                );
+            }
+        };
+        {
+            let mut index = locked(&self.index);
+            let written = entries.get(1).cloned().flatten().map(|e| e.modify_index);
+            *index = index.and(written);
         }
         *locked(&self.value) = value.to_vec();
         Ok(())
@@ -253,7 +270,8 @@ impl Leadership for ConsulLeadership {
         };
         let safe = !grant.lost.is_lost();
         self.client.sessions.forget(&grant.registration);
-        let held = release(&self.client, &self.key, &grant.session.id, safe)
+        let index = *locked(&self.index);
+        let held = release(&self.client, &self.key, &grant.session.id, index, safe)
             .await
             .map_err(|e| e.with_id(&self.group))?;
         drop(grant.turn);
@@ -266,11 +284,13 @@ impl Leadership for ConsulLeadership {
 
     fn resign_in_background(mut self: Box<Self>) {
         if let Some(grant) = self.grant.take() {
+            let index = *locked(&self.index);
             crate::lock::give_back_in_background(
                 self.client.clone(),
                 self.group.clone(),
                 self.key.clone(),
                 grant,
+                index,
             );
         }
     }
@@ -281,7 +301,8 @@ impl Leadership for ConsulLeadership {
         }
         if let Some(old) = self.grant.take() {
             self.client.sessions.forget(&old.registration);
-            let _ = release(&self.client, &self.key, &old.session.id, false).await;
+            let index = *locked(&self.index);
+            let _ = release(&self.client, &self.key, &old.session.id, index, false).await;
             drop(old.turn);
         }
         let value = locked(&self.value).clone();
@@ -295,6 +316,7 @@ impl Leadership for ConsulLeadership {
         )
         .await?;
         let out = (grant.token, grant.lost.clone());
+        *locked(&self.index) = Some(grant.token);
         self.grant = Some(grant);
         Ok(out)
     }

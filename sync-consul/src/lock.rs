@@ -99,7 +99,7 @@ pub(crate) async fn give_back(
     // Read before the session lets go of the signal (which then counts as lost).
     let safe = !grant.lost.is_lost();
     client.sessions.forget(&grant.registration);
-    let was_held = release(client, key, &grant.session.id, safe)
+    let was_held = release(client, key, &grant.session.id, Some(grant.token), safe)
         .await
         .map_err(|e| e.with_id(id))?;
     drop(grant.turn);
@@ -114,12 +114,13 @@ pub(crate) async fn give_back(
     .with_id(id))
 }
 
-/// Releases `grant` in the background (a dropped guard).
+/// Releases `grant` in the background (a dropped guard), at the key's `index` if known.
 pub(crate) fn give_back_in_background(
     client: Arc<ClientInner>,
     id: String,
     key: String,
     grant: Grant,
+    index: Option<u64>,
 ) {
     let safe = !grant.lost.is_lost();
     client.sessions.forget(&grant.registration);
@@ -128,7 +129,7 @@ pub(crate) fn give_back_in_background(
         return;
     };
     runtime.spawn(async move {
-        if let Err(e) = release(&client, &key, &grant.session.id, safe).await {
+        if let Err(e) = release(&client, &key, &grant.session.id, index, safe).await {
             tracing::debug!(backend = BACKEND, id = %id, error = %e, "background release failed");
         }
         drop(grant.turn);
@@ -163,11 +164,13 @@ impl HeldLock for ConsulHeld {
 
     fn release_in_background(self: Box<Self>) {
         if let Some(grant) = self.mine.take(&self.slot) {
+            let index = Some(grant.token);
             give_back_in_background(
                 self.client.clone(),
                 self.id.clone(),
                 self.key.clone(),
                 grant,
+                index,
             );
         }
     }

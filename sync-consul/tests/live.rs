@@ -401,6 +401,77 @@ async fn destroyed_session_loses_then_hands_over_after_lock_delay(url: String) -
     waiter.close().await.map_err(err)
 }
 
+/// A release whose first send is held in flight (its answer never comes) and is then let
+/// through late must not delete a later grant of the same key to the same client: the key's
+/// new holder would keep believing it holds it while another client takes the free key.
+async fn late_release_spares_a_later_grant(url: String) -> TestResult {
+    use sync_conformance::proxy::{FaultProxy, hosts, through_all};
+    let upstream = hosts(&url).ok_or("no agent address in the URL")?;
+    let proxy = FaultProxy::start_all(&upstream).await.map_err(err)?;
+    let through = through_all(&url, proxy.addrs());
+    let (ns, id) = (unique("late-release"), "orders");
+    let client = common::connect(&through, &ns, |c| {
+        c.with_request_timeout(Duration::from_secs(1))
+    })
+    .await?;
+    let other = common::connect(&url, &ns, |c| c).await?;
+    let lock = client.lock().map_err(err)?;
+    let first = lock.acquire(id, LockOptions::new()).await.map_err(err)?;
+    // The release's first send is held; its resend, after the timeout, answers.
+    proxy.hold_next(b"\"Verb\":\"check-session\"".to_vec());
+    let released = first.release().await;
+    let second = lock.acquire(id, LockOptions::new()).await.map_err(err)?;
+    // The first send arrives now, after the second grant.
+    proxy.release();
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let taken = other
+        .lock()
+        .map_err(err)?
+        .try_acquire(id)
+        .await
+        .map_err(err)?;
+    if let Some(taken) = taken {
+        let lost = second.is_lost();
+        let _ = taken.release().await;
+        if !lost {
+            return Err(format!(
+                "another client was granted the lock while the second guard still holds it \
+                 (not lost): the late release deleted the later grant (release: {released:?})"
+            ));
+        }
+    }
+    second.release().await.map_err(err)?;
+    client.close().await.map_err(err)?;
+    other.close().await.map_err(err)
+}
+
+/// A leader that proclaimed resigns cleanly (its release is guarded by the index of its last
+/// proclamation) and the group is free for the next candidate at once.
+async fn resign_after_proclaim_hands_over(url: String) -> TestResult {
+    let ns = unique("proclaim");
+    let client = common::connect(&url, &ns, |c| c).await?;
+    let other = common::connect(&url, &ns, |c| c).await?;
+    let leader = client.leader("group").map_err(err)?;
+    let elected = leader
+        .elect("a", sync_core::ElectOptions::default())
+        .await
+        .map_err(err)?;
+    elected.proclaim(b"one").await.map_err(err)?;
+    elected.proclaim(b"two").await.map_err(err)?;
+    elected.resign().await.map_err(|e| format!("resign: {e}"))?;
+    let next = other.leader("group").map_err(err)?;
+    let got = next
+        .elect(
+            "b",
+            sync_core::ElectOptions::default().with_wait(Duration::from_secs(2)),
+        )
+        .await
+        .map_err(|e| format!("b after a resigned: {e}"))?;
+    drop(got);
+    client.close().await.map_err(err)?;
+    other.close().await.map_err(err)
+}
+
 /// A policy and a token of it, made with the master token; deleted by `remove`.
 struct AclToken {
     policy: String,
@@ -531,7 +602,7 @@ async fn acl_cases(url: &str, ns: &str, writer: &AclToken, keyless: &AclToken) -
 }
 
 fn main() -> std::process::ExitCode {
-    let tests: [(&'static str, Needs, TestFn); 5] = [
+    let tests: [(&'static str, Needs, TestFn); 7] = [
         (
             "lock::uncontended_acquire_release_is_two_requests",
             Needs::Consul,
@@ -551,6 +622,16 @@ fn main() -> std::process::ExitCode {
             "lock::destroyed_session_loses_then_hands_over_after_lock_delay",
             Needs::Consul,
             |u| Box::pin(destroyed_session_loses_then_hands_over_after_lock_delay(u)),
+        ),
+        (
+            "lock::late_release_spares_a_later_grant",
+            Needs::Consul,
+            |u| Box::pin(late_release_spares_a_later_grant(u)),
+        ),
+        (
+            "leader::resign_after_proclaim_hands_over",
+            Needs::Consul,
+            |u| Box::pin(resign_after_proclaim_hands_over(u)),
         ),
         ("acl::tokens", Needs::Acl, |u| Box::pin(acl_tokens(u))),
     ];
