@@ -212,9 +212,9 @@ impl Backend for Client {
         if self.inner.is_killed() {
             return Ok(());
         }
-        let released = self.inner.sessions.close("client closed").await;
+        // Closed first, so that no acquire racing the close makes a new session.
         self.inner.killed.send_replace(true);
-        released
+        self.inner.sessions.close("client closed").await
     }
 
     fn faults(&self) -> Option<&dyn Faults> {

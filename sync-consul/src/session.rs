@@ -223,8 +223,10 @@ impl Sessions {
             session: session.clone(),
             number,
         };
-        let ended = locked(&session.ended).clone();
-        match ended {
+        // Inserted under `ended`'s lock, which `Session::end` holds while it drains: a key
+        // registered as the session ends is either drained or sees the end here.
+        let ended = locked(&session.ended);
+        match ended.clone() {
             Some(reason) => trigger.fire(reason),
             None => {
                 let held = Held {
@@ -235,6 +237,7 @@ impl Sessions {
                 locked(&session.held).insert(number, held);
             }
         }
+        drop(ended);
         (registration, signal)
     }
 
