@@ -39,8 +39,11 @@ usage:
       stop the backends again (--keep leaves them running). Without BACKEND: every backend and
       the whole workspace; with BACKENDs (etcd consul redis ntp local): only those services and
       the tests of their sync-<BACKEND> crates (redis: a Redis and a Redis Cluster; consul:
-      both Consul agents). A service whose SYNC_TEST_* variable is already set is used as it
-      is, not started.
+      both Consul agents). sync-consul's tests run in a step of their own, every target with
+      `-- --test-threads 64` (each Consul expiry case takes ~20 s) and SYNC_TEST_CONSUL and
+      SYNC_TEST_CONSUL_ACL set. After the tests: short drills on etcd and a lock drill on
+      Redis. A service whose SYNC_TEST_* variable is already set is used as it is, not
+      started.
   cargo xtask services up|down|status|env|smoke [SERVICE...]
       SERVICE: etcd consul consul-acl redis redis-cluster ntp; default all. consul-acl is a
       second Consul dev agent on 18510 with ACLs on (default deny); SYNC_TEST_CONSUL_ACL
