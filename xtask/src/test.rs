@@ -133,6 +133,10 @@ pub(crate) fn run(args: &[String]) -> Result<ExitCode> {
 /// longer).
 const DRILL_LENGTH: Duration = Duration::from_secs(12);
 
+/// The Consul lock drill inside `cargo xtask test`: long enough for one stop past its 10 s
+/// TTL (the first strike is a stop) and a kill; about 20 s in all.
+const CONSUL_DRILL_LENGTH: Duration = Duration::from_secs(16);
+
 /// The test threads of sync-consul's step: Consul's 10 s minimum session TTL makes each expiry
 /// case of the conformance suite take ~20 s, so they must run at once to keep the whole run
 /// short.
@@ -260,6 +264,17 @@ fn smoke_and_test(
     {
         let drill = || crate::drill::drill_lock(url, DRILL_LENGTH);
         if let Some(code) = run_drill("the lock drill on Redis", &drill) {
+            failed.get_or_insert(code);
+        }
+    }
+    // The lock drill on the Consul agent, likewise (TTL 10 s, stops of 12 s). The other Consul
+    // drills (leader, task, restart) are `cargo xtask drill consul`'s.
+    if let Some((_, url)) = envs
+        .iter()
+        .find(|(var, _)| *var == Service::Consul.env_var())
+    {
+        let drill = || crate::drill::drill_lock(url, CONSUL_DRILL_LENGTH);
+        if let Some(code) = run_drill("the lock drill on Consul", &drill) {
             failed.get_or_insert(code);
         }
     }
