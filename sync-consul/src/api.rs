@@ -92,6 +92,15 @@ impl KvOp {
         }
     }
 
+    /// Releases `key` if `session` holds it (fails the transaction otherwise), keeping the
+    /// key with an empty value: its Session turns empty, as when the session ends.
+    pub(crate) fn unlock(key: &str, session: &str) -> KvOp {
+        KvOp {
+            session: Some(session.to_string()),
+            ..KvOp::new("unlock", key)
+        }
+    }
+
     /// Fails the transaction unless `session` holds `key`.
     pub(crate) fn check_session(key: &str, session: &str) -> KvOp {
         KvOp {
@@ -105,12 +114,23 @@ impl KvOp {
         KvOp::new("get", key)
     }
 
+    /// Reads every key under `prefix` (none found is no failure: the answer just lacks them).
+    pub(crate) fn get_tree(prefix: &str) -> KvOp {
+        KvOp::new("get-tree", prefix)
+    }
+
+    /// Deletes every key under `prefix`.
+    pub(crate) fn delete_tree(prefix: &str) -> KvOp {
+        KvOp::new("delete-tree", prefix)
+    }
+
     /// Deletes `key` (whoever holds it).
     pub(crate) fn delete(key: &str) -> KvOp {
         KvOp::new("delete", key)
     }
 
-    /// Deletes `key` if its ModifyIndex is `index`.
+    /// Deletes `key` if its ModifyIndex is `index`. Consul counts an absent key as deleted:
+    /// put [`KvOp::check_index`] first where absence must fail.
     pub(crate) fn delete_cas(key: &str, index: u64) -> KvOp {
         KvOp {
             index: Some(index),
@@ -182,8 +202,10 @@ pub(crate) struct TxnError {
     pub(crate) what: String,
 }
 
-/// A transaction's outcome: every operation's entry (writes return the new indexes, without
-/// the value), or why it was rolled back.
+/// A transaction's outcome: the entries its operations returned, in order (writes, locks and
+/// checks return one without the value, `get` one with it, `get-tree` one per key found;
+/// deletes and a passed `check-not-exists` none, so entries line up with operations only when
+/// every operation returns one), or why it was rolled back.
 pub(crate) enum Txn {
     Done(Vec<Option<KvEntry>>),
     RolledBack(Vec<TxnError>),
@@ -274,8 +296,10 @@ impl Api {
     pub(crate) async fn txn(&self, what: &str, ops: &[KvOp]) -> std::result::Result<Txn, Failure> {
         let body: Vec<TxnOp<'_>> = ops.iter().map(|kv| TxnOp { kv }).collect();
         let body = serde_json::to_vec(&body).map_err(|e| Failure::sure(unexpected(what, e)))?;
+        // Read-only transactions (checks of held keys) are consistent reads; writes ignore it.
         let res = self
             .request(reqwest::Method::PUT, "txn")
+            .query(&[("consistent", "")])
             .body(body)
             .send()
             .await
@@ -300,6 +324,32 @@ impl Api {
         }
     }
 
+    /// Writes `value` to `key` with a plain PUT, for values too big for a transaction (Consul
+    /// bounds a whole `/v1/txn` body by the size of one value, and base64 makes a value a
+    /// third bigger there). With `cas`, only if the key's ModifyIndex is that (0: absent).
+    /// Whether it was written.
+    pub(crate) async fn put(
+        &self,
+        what: &str,
+        key: &str,
+        value: Vec<u8>,
+        cas: Option<u64>,
+    ) -> std::result::Result<bool, Failure> {
+        let mut req = self
+            .request(reqwest::Method::PUT, &kv_path(key))
+            .body(value);
+        if let Some(index) = cas {
+            req = req.query(&[("cas", index.to_string())]);
+        }
+        let res = req.send().await.map_err(|e| Failure::transport(what, e))?;
+        let status = res.status().as_u16();
+        let text = read_body(what, res).await?;
+        if status != 200 {
+            return Err(Failure::status(what, status, &text));
+        }
+        parse::<bool>(what, &text)
+    }
+
     /// Reads `key` (consistent), blocking until it changes past `index` when that is not 0.
     pub(crate) async fn get(
         &self,
@@ -307,20 +357,11 @@ impl Api {
         key: &str,
         index: u64,
     ) -> std::result::Result<Read<Option<KvEntry>>, Failure> {
-        let res = self
-            .blocking(&kv_path(key), index, &[])
-            .send()
-            .await
-            .map_err(|e| Failure::transport(what, e))?;
-        let index = consul_index(&res);
-        let status = res.status().as_u16();
-        let text = read_body(what, res).await?;
-        let value = match status {
-            404 => None,
-            200 => parse::<Vec<KvEntry>>(what, &text)?.into_iter().next(),
-            _ => return Err(Failure::status(what, status, &text)),
-        };
-        Ok(Read { value, index })
+        let read = self.kv_read(what, key, index, &[]).await?;
+        Ok(Read {
+            value: read.value.into_iter().next(),
+            index: read.index,
+        })
     }
 
     /// Every entry under `prefix` (consistent), blocking past `index` when that is not 0.
@@ -330,8 +371,19 @@ impl Api {
         prefix: &str,
         index: u64,
     ) -> std::result::Result<Read<Vec<KvEntry>>, Failure> {
+        self.kv_read(what, prefix, index, &[("recurse", "")]).await
+    }
+
+    /// A KV read: the entries found (none for a 404, which still carries the index).
+    async fn kv_read(
+        &self,
+        what: &str,
+        key: &str,
+        index: u64,
+        extra: &[(&str, &str)],
+    ) -> std::result::Result<Read<Vec<KvEntry>>, Failure> {
         let res = self
-            .blocking(&kv_path(prefix), index, &[("recurse", "")])
+            .blocking(&kv_path(key), index, extra)
             .send()
             .await
             .map_err(|e| Failure::transport(what, e))?;
@@ -341,29 +393,6 @@ impl Api {
         let value = match status {
             404 => Vec::new(),
             200 => parse::<Vec<KvEntry>>(what, &text)?,
-            _ => return Err(Failure::status(what, status, &text)),
-        };
-        Ok(Read { value, index })
-    }
-
-    /// The keys under `prefix` (consistent, no values), blocking past `index` when not 0.
-    pub(crate) async fn keys(
-        &self,
-        what: &str,
-        prefix: &str,
-        index: u64,
-    ) -> std::result::Result<Read<Vec<String>>, Failure> {
-        let res = self
-            .blocking(&kv_path(prefix), index, &[("keys", "")])
-            .send()
-            .await
-            .map_err(|e| Failure::transport(what, e))?;
-        let index = consul_index(&res);
-        let status = res.status().as_u16();
-        let text = read_body(what, res).await?;
-        let value = match status {
-            404 => Vec::new(),
-            200 => parse::<Vec<String>>(what, &text)?,
             _ => return Err(Failure::status(what, status, &text)),
         };
         Ok(Read { value, index })
@@ -483,10 +512,36 @@ impl Api {
     }
 }
 
+/// Why TLS to the agent failed, if a certificate was refused: with TLS 1.3 an agent refuses
+/// the client's certificate after the client thinks the handshake is done, and the request only
+/// sees the connection close. One request with TLS 1.2 at most (refusals come in the
+/// handshake) tells.
+pub(crate) async fn tls_refusal(config: &Config) -> Option<Error> {
+    let builder = reqwest::Client::builder().max_tls_version(reqwest::tls::Version::TLS_1_2);
+    let client = http_builder(config, builder).ok()?;
+    let url = format!("{}/v1/status/leader", config.base_url());
+    let e = client
+        .get(url)
+        .timeout(config.request_timeout)
+        .send()
+        .await
+        .err()?;
+    let e = Failure::transport("connecting with TLS", e).error();
+    matches!(
+        e.kind(),
+        ErrorKind::Unauthorized | ErrorKind::InvalidArgument
+    )
+    .then_some(e)
+}
+
 /// The reqwest client of consulrs, built here: rustls with the configured roots and client
 /// identity, and the connect timeout (consulrs's own builder can set neither).
 fn http_client(config: &Config) -> Result<reqwest::Client> {
-    let mut builder = reqwest::Client::builder()
+    http_builder(config, reqwest::Client::builder())
+}
+
+fn http_builder(config: &Config, builder: reqwest::ClientBuilder) -> Result<reqwest::Client> {
+    let mut builder = builder
         .use_rustls_tls()
         .connect_timeout(config.connect_timeout)
         .pool_idle_timeout(Duration::from_secs(60))

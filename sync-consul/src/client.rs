@@ -4,11 +4,14 @@
 use std::{sync::Arc, time::Duration};
 
 use async_trait::async_trait;
-use sync_core::{Backend, Capabilities, Capability, Faults, Lock, Result};
+use sync_core::{Backend, Capabilities, Capability, Faults, Leader, Lock, Map, Result, Task};
 use sync_kit::{checked, turns::Turns};
 use tokio::sync::watch;
 
-use crate::{BACKEND, Config, api::Api, error::closed, lock::ConsulLock, session::Sessions};
+use crate::{
+    BACKEND, Config, api::Api, error::closed, leader::ConsulLeader, lock::ConsulLock,
+    map::ConsulMap, session::Sessions, task::ConsulTask,
+};
 
 /// A connection to a Consul agent shared by every handle made from it, with one session that
 /// holds every lock and leadership of the client. Cheap to clone.
@@ -71,6 +74,14 @@ impl ClientInner {
         Ok(())
     }
 
+    /// `<ns>/<escaped group>/.leader`.
+    pub(crate) fn leader_key(&self, group: &str) -> String {
+        format!(
+            "{}/.leader",
+            sync_core::id::key(&self.config.namespace, &[group])
+        )
+    }
+
     /// `<ns>/<escaped id>/.lock`: where `consul lock <ns>/<id>` locks too.
     pub(crate) fn lock_key(&self, id: &str) -> String {
         format!(
@@ -107,7 +118,13 @@ impl Client {
                     ),
                 )
                 .with_backend(BACKEND)
-            })??;
+            })?;
+        let sessions = match sessions {
+            Err(e) if config.tls && e.kind() == sync_core::ErrorKind::Unavailable => {
+                return Err(crate::api::tls_refusal(&config).await.unwrap_or(e));
+            }
+            other => other?,
+        };
         Ok(Client {
             inner: Arc::new(ClientInner {
                 config,
@@ -153,10 +170,7 @@ impl Backend for Client {
     }
 
     fn capabilities(&self) -> Capabilities {
-        Capabilities::none()
-            .with(Capability::Lock)
-            .with(Capability::KillClient)
-            .with(Capability::RevokeSession)
+        Capabilities::all().without(Capability::Time)
     }
 
     fn ttl(&self) -> Option<Duration> {
@@ -169,6 +183,29 @@ impl Backend for Client {
             BACKEND,
             Arc::new(ConsulLock::new(self.inner.clone())),
         ))
+    }
+
+    fn leader(&self, group: &str) -> Result<Arc<dyn Leader>> {
+        self.inner.check_alive()?;
+        checked::check_id(BACKEND, "election group", group)?;
+        Ok(checked::leader(
+            BACKEND,
+            Arc::new(ConsulLeader::new(self.inner.clone(), group)),
+        ))
+    }
+
+    fn map(&self, name: &str) -> Result<Arc<dyn Map>> {
+        self.inner.check_alive()?;
+        checked::check_id(BACKEND, "map name", name)?;
+        Ok(checked::map(
+            BACKEND,
+            Arc::new(ConsulMap::new(self.inner.clone(), name)),
+        ))
+    }
+
+    fn task(&self) -> Result<Arc<dyn Task>> {
+        self.inner.check_alive()?;
+        Ok(checked::task(BACKEND, ConsulTask::new(self.inner.clone())))
     }
 
     async fn close(&self) -> Result<()> {

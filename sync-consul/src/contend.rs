@@ -160,14 +160,17 @@ impl Contender<'_> {
         ];
         let first = Instant::now();
         let mut cleanup = Cleanup::armed(self.client, self.key, &session.id, turn);
+        // Once a send's outcome is unknown, the grant may exist whatever later sends say.
+        let mut ambiguous = false;
         let answer = loop {
             match self.client.api.txn("taking the key", &ops).await {
                 Ok(answer) => break answer,
                 Err(f) if f.unknown() && self.client.may_resend(first) => {
+                    ambiguous = true;
                     tracing::debug!(backend = BACKEND, error = %f.kind(), "grant unanswered, sending again");
                 }
                 Err(f) => {
-                    if !f.unknown() && first.elapsed() < self.client.config.request_timeout {
+                    if !ambiguous && !f.unknown() {
                         cleanup.disarm();
                     }
                     return Err(f.error());

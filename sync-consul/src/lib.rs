@@ -1,7 +1,8 @@
 //! # sync-consul
 //!
-//! The Consul backend of the `sync` toolkit: [`Lock`](sync_core::Lock) on Consul sessions and
-//! KV through one agent's HTTP API (Consul 1.8 or later). Time is not a Consul primitive.
+//! The Consul backend of the `sync` toolkit: [`Lock`](sync_core::Lock) and
+//! [`Task`](sync_core::Task) on Consul sessions and KV through one agent's HTTP API (Consul 1.8
+//! or later). Time is not a Consul primitive.
 //!
 //! ## Sessions
 //!
@@ -18,6 +19,12 @@
 //! | what | key |
 //! | --- | --- |
 //! | lock `id` | `<ns>/<escaped id>/.lock` — where `consul lock <ns>/<id>` locks |
+//! | election `group` | `<ns>/<escaped group>/.leader`: the term, the candidate and its value |
+//! | map `name`, key `k` | `<ns>/:map/<escaped name>/<escaped k>`, version = ModifyIndex |
+//! | job `id`: record, payload, output | `<ns>/:task/jobs/<escaped id>/record`, `…/payload/<nonce>`, `…/output/<token>` |
+//! | a queued job of handler `name` | `<ns>/:task/queue/<escaped name>/<escaped id>` |
+//! | a running attempt (locked by the worker's session) | `<ns>/:task/claims/<escaped id>/<attempt>` |
+//! | an ended job, by end time (for the retention sweep) | `<ns>/:task/done/<unix ms>/<escaped id>` |
 //!
 //! Ids are escaped with [`sync_core::id::escape`]: one made only of `[A-Za-z0-9._-]` is
 //! itself, so `consul lock sync/orders cmd` and a lock on `orders` in namespace `sync`
@@ -32,10 +39,27 @@
 //! request each. A waiter blocks on the key's index (a blocking query) and tries again when it
 //! changes; after a holder's session was invalidated, Consul refuses every grant for the
 //! lock-delay, and waiters retry within a second of its end. Contenders for one id through one
-//! client take turns locally (Consul grants a key again to the session holding it).
+//! client take turns locally (Consul grants a key again to the session holding it): a guard
+//! keeps the turn until it is released or dropped, even after its `lost()` fired, so that its
+//! release can never delete a later grant of the same session.
 //!
 //! A guard's `lost()` fires when its session is invalidated (destroyed, or expired), when a
 //! renewal finds the key deleted or held by another session, or at the safe deadline.
+//!
+//! ## Tasks
+//!
+//! A job is a record in KV; while queued, its queue entry (under its handler name) holds a copy
+//! of the record, written with it in one transaction, so a worker's one blocking query on the
+//! queue is both its wake-up and all it needs to claim: up to its free permits in one
+//! transaction that deletes the entries and rewrites the records as Running, both only at the
+//! index read (two workers never start one attempt), and locks a claim key per job for the
+//! worker client's session. The claim's index is the attempt's fencing token; the session's end
+//! is the handler's `lost()`. When a session ends, Consul releases its claim keys: every
+//! worker watches the claims with a blocking query and requeues (or fails, when out of
+//! attempts) each job whose claim key lost its session. Finished jobs are deleted
+//! [`Config::job_retention`] after they ended by a sweep the workers run (Consul KV has no
+//! TTL). An uncontended job costs its submitter one transaction, and its worker one queue
+//! read, one claim and one finish transaction (details in `src/task.rs`).
 //!
 //! ## Answers that go missing
 //!
@@ -49,6 +73,13 @@
 //! Tokens are raft indexes: they increase for as long as the servers keep their raft log. A
 //! dev agent (`consul agent -dev`) keeps everything in memory and starts its indexes over when
 //! restarted; run servers with a data dir where fencing matters.
+//!
+//! ## Connections
+//!
+//! Each blocking query holds an HTTP connection for up to [`Config::wait`]: one per client for
+//! its session, plus one per waiting acquire, `follow()` stream and task worker. Consul allows
+//! 200 connections per client address by default (`limits { http_max_conns_per_client }`) and
+//! resets the ones beyond; raise it for processes with many waiters.
 //!
 //! ## Connecting
 //!
@@ -73,8 +104,11 @@ mod client;
 mod config;
 mod contend;
 mod error;
+mod leader;
 mod lock;
+mod map;
 mod session;
+mod task;
 
 pub use client::Client;
 pub use config::{Config, MAX_LOCK_DELAY, MAX_TTL, MIN_TTL};

@@ -21,7 +21,7 @@ use tokio::{sync::watch, time::Instant};
 use crate::{
     BACKEND,
     api::{Api, KvOp, MAX_TXN_OPS, Txn},
-    error::{Failure, closed},
+    error::closed,
 };
 
 /// How far before the safe end of a renewal the holders stop trusting it: the session is only
@@ -38,6 +38,9 @@ const RENEW_RETRY: Duration = Duration::from_secs(1);
 struct Held {
     key: String,
     trigger: LossTrigger,
+    /// Unlocked rather than deleted on close: a task claim, whose released key is how the
+    /// other workers learn that its job needs a new attempt.
+    keep: bool,
 }
 
 /// One Consul session of this client.
@@ -46,6 +49,8 @@ pub(crate) struct Session {
     clock: LeaseClock,
     /// The clock's deadline, for the renewer to read.
     safe_until: Mutex<Instant>,
+    /// When the renewer renews it next.
+    due: Mutex<Instant>,
     held: Mutex<HashMap<u64, Held>>,
     /// Set once the session is known gone or given up: later registrations are lost at once.
     ended: Mutex<Option<String>>,
@@ -58,6 +63,8 @@ impl Session {
             id,
             clock: LeaseClock::new(safe_until),
             safe_until: Mutex::new(safe_until),
+            // Creating it was its first renewal.
+            due: Mutex::new(sent + ttl / 2),
             held: Mutex::default(),
             ended: Mutex::default(),
         }
@@ -78,6 +85,12 @@ impl Session {
 
     fn is_ended(&self) -> bool {
         locked(&self.ended).is_some()
+    }
+
+    /// Whether the session may still live: not known gone, and its safe deadline not passed
+    /// (once it has, the renewer destroys it, so what it holds is released either way).
+    pub(crate) fn alive(&self) -> bool {
+        !self.is_ended() && Instant::now() < *locked(&self.safe_until)
     }
 }
 
@@ -186,6 +199,24 @@ impl Sessions {
     /// fires when the session ends, the key is found held by another, or the session's safe
     /// deadline passes.
     pub(crate) fn register(&self, session: &Arc<Session>, key: &str) -> (Registration, LossSignal) {
+        self.register_with(session, key, false)
+    }
+
+    /// [`Sessions::register`] for a key that closing the client unlocks instead of deleting.
+    pub(crate) fn register_kept(
+        &self,
+        session: &Arc<Session>,
+        key: &str,
+    ) -> (Registration, LossSignal) {
+        self.register_with(session, key, true)
+    }
+
+    fn register_with(
+        &self,
+        session: &Arc<Session>,
+        key: &str,
+        keep: bool,
+    ) -> (Registration, LossSignal) {
         let (trigger, signal) = loss_signal_until(session.clock.deadline());
         let number = self.next.fetch_add(1, Ordering::Relaxed);
         let registration = Registration {
@@ -199,6 +230,7 @@ impl Sessions {
                 let held = Held {
                     key: key.to_string(),
                     trigger,
+                    keep,
                 };
                 locked(&session.held).insert(number, held);
             }
@@ -238,23 +270,33 @@ impl Sessions {
         let Some(session) = locked(&self.current).take() else {
             return Ok(());
         };
-        let keys: Vec<String> = locked(&session.held)
+        let keys: Vec<(String, bool)> = locked(&session.held)
             .values()
-            .map(|h| h.key.clone())
+            .map(|h| (h.key.clone(), h.keep))
             .collect();
         session.end(reason);
-        // Deleting the keys first frees them at once; destroying the session alone would
+        let release = |(k, keep): &(String, bool)| {
+            let id = &session.id;
+            let free = if *keep {
+                KvOp::unlock(k, id)
+            } else {
+                KvOp::delete(k)
+            };
+            [KvOp::check_session(k, id), free]
+        };
+        // Releasing the keys first frees them at once; destroying the session alone would
         // hold them for the lock-delay.
         for chunk in keys.chunks(MAX_TXN_OPS / 2) {
-            let ops: Vec<KvOp> = chunk
-                .iter()
-                .flat_map(|k| [KvOp::check_session(k, &session.id), KvOp::delete(k)])
-                .collect();
-            if self.api.txn("releasing held keys", &ops).await.is_err() {
+            let ops: Vec<KvOp> = chunk.iter().flat_map(release).collect();
+            // A transaction rolled back is no Err: test for it too.
+            let done = matches!(
+                self.api.txn("releasing held keys", &ops).await,
+                Ok(Txn::Done(_))
+            );
+            if !done {
                 // One key held by another fails them all: release one at a time.
                 for k in chunk {
-                    let ops = [KvOp::check_session(k, &session.id), KvOp::delete(k)];
-                    let _ = self.api.txn("releasing a held key", &ops).await;
+                    let _ = self.api.txn("releasing a held key", &release(k)).await;
                 }
             }
         }
@@ -289,9 +331,15 @@ impl Sessions {
                     _ = killed.wait_for(|k| *k) => return,
                 }
             };
-            let nap = self.renew_once(&session).await;
+            let due = *locked(&session.due);
+            if Instant::now() >= due {
+                let nap = self.renew_once(&session).await;
+                *locked(&session.due) = Instant::now() + nap;
+                continue;
+            }
             tokio::select! {
-                () = tokio::time::sleep(nap) => {}
+                () = tokio::time::sleep_until(due) => {}
+                _ = replaced.changed() => {}
                 _ = killed.wait_for(|k| *k) => return,
             }
         }
@@ -399,7 +447,7 @@ impl Sessions {
                     index = if read.index < index { 0 } else { read.index };
                     backoff = Duration::from_millis(100);
                 }
-                Err(Failure::Status { code: 403, .. }) | Err(_) => {
+                Err(_) => {
                     tokio::time::sleep(backoff).await;
                     backoff = (backoff * 2).min(Duration::from_secs(5));
                 }

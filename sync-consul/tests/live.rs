@@ -1,1 +1,558 @@
-fn main() {}
+//! Live behaviour beyond the conformance suite: what an acquire and release cost in HTTP
+//! requests (counted by a proxy), exclusion with the real `consul lock` both ways, the
+//! holder's loss and the lock-delay when its session is destroyed, and ACL tokens.
+//!
+//! Needs `SYNC_TEST_CONSUL` (and `SYNC_TEST_CONSUL_ACL`, whose `?token=` is the master token,
+//! for the ACL case), and the `consul` binary for the interop cases: on PATH or where
+//! `cargo xtask services up consul` fetched it.
+
+mod common;
+
+use std::{
+    path::{Path, PathBuf},
+    process::Stdio,
+    time::Duration,
+};
+
+use common::{
+    Agent, Needs, TestFn, TestResult,
+    counting::{CountingProxy, Request, list},
+    err, unique,
+};
+use reqwest::Method;
+use serde_json::json;
+use sync_consul::{Client, Config};
+use sync_core::{Backend, ErrorKind, LockOptions};
+use tokio::{process::Child, time::Instant};
+
+/// The `Flags` of Consul's `api.Lock`, which `consul lock` writes and checks.
+const LOCK_FLAGS: u64 = 0x2ddc_cbc0_58a5_0c18;
+
+/// The session's own background requests: its renewal and the blocking query (`index=`)
+/// that watches it. Every other request counts, other `/v1/session/…` ones too (a plain read
+/// of the session from an acquire would).
+fn is_session_upkeep(r: &Request, session: &str) -> bool {
+    r.is("PUT", &format!("/v1/session/renew/{session}")) || is_session_watch(r, session)
+}
+
+fn is_session_watch(r: &Request, session: &str) -> bool {
+    r.is("GET", &format!("/v1/session/info/{session}")) && r.query.contains("index=")
+}
+
+/// An uncontended acquire and release with a live session cost two HTTP requests, both
+/// `PUT /v1/txn`, counted by a proxy between the client and the agent.
+async fn uncontended_acquire_release_is_two_requests(url: String) -> TestResult {
+    let agent = Agent::from_url(&url)?;
+    let proxy = CountingProxy::start(&agent.address).await?;
+    let through = proxy.addr().to_string();
+    let client = common::connect(&url, &unique("two"), |c| c.with_address(through)).await?;
+    let session = client.session_id().await.map_err(err)?;
+    // The proxy sees what the client sends: its session was created through it.
+    let connecting = proxy.since(0);
+    if !connecting.iter().any(|r| r.is("PUT", "/v1/session/create")) {
+        return Err(format!(
+            "the proxy saw no session created: {}",
+            list(&connecting)
+        ));
+    }
+    // The session's background tasks start with a plain read and a renewal: count from
+    // when its watch blocks, so that only the upkeep above can come in between.
+    let watching = proxy
+        .wait_for(0, Duration::from_secs(10), |r| {
+            is_session_watch(r, &session)
+        })
+        .await;
+    watching.map_err(|e| format!("the session's watch never blocked: {e}"))?;
+    let lock = client.lock().map_err(err)?;
+    let mut upkeep = 0;
+    for round in 0..5 {
+        let mark = proxy.mark();
+        let guard = lock
+            .acquire("orders", LockOptions::new())
+            .await
+            .map_err(err)?;
+        guard.release().await.map_err(err)?;
+        let (own, counted): (Vec<Request>, Vec<Request>) = proxy
+            .since(mark)
+            .into_iter()
+            .partition(|r| is_session_upkeep(r, &session));
+        upkeep += own.len();
+        let txns = counted.iter().filter(|r| r.is("PUT", "/v1/txn")).count();
+        if counted.len() != 2 || txns != 2 {
+            return Err(format!(
+                "round {round}: an uncontended acquire+release sent {} (besides the session's \
+                 own {}), not two PUT /v1/txn",
+                list(&counted),
+                list(&own)
+            ));
+        }
+    }
+    println!(
+        "measured: acquire+release = 2 requests (PUT /v1/txn each) in each of 5 rounds; \
+         the session's own renew/watch requests meanwhile: {upkeep}"
+    );
+    client.close().await.map_err(err)
+}
+
+/// A running `consul lock`, its stderr kept in a file for the failure messages.
+struct ConsulLock {
+    child: Child,
+    stderr: PathBuf,
+}
+
+impl ConsulLock {
+    /// `consul lock -http-addr=<address> -name=<name> <prefix> <script>`, without the user's
+    /// CONSUL_* settings (they are for their own agent, not this one).
+    fn spawn(
+        consul: &Path,
+        address: &str,
+        name: &str,
+        prefix: &str,
+        script: &str,
+    ) -> Result<ConsulLock, String> {
+        let stderr = std::env::temp_dir().join(format!("{name}.stderr"));
+        let file = std::fs::File::create(&stderr).map_err(err)?;
+        let mut command = tokio::process::Command::new(consul);
+        for (k, _) in std::env::vars().filter(|(k, _)| k.starts_with("CONSUL_")) {
+            command.env_remove(k);
+        }
+        let child = command
+            .arg("lock")
+            .arg(format!("-http-addr={address}"))
+            .arg(format!("-name={name}"))
+            .args([prefix, script])
+            // consul lock runs the script with $SHELL.
+            .env("SHELL", "/bin/sh")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(file)
+            .kill_on_drop(true)
+            .spawn()
+            .map_err(|e| format!("spawning consul lock: {e}"))?;
+        Ok(ConsulLock { child, stderr })
+    }
+
+    /// What it printed on stderr, for a failure message.
+    fn said(&self) -> String {
+        let text = std::fs::read_to_string(&self.stderr).unwrap_or_default();
+        format!("consul lock said: {:?}", text.trim())
+    }
+
+    /// Fails if it exited.
+    fn still_running(&mut self) -> TestResult {
+        match self.child.try_wait().map_err(err)? {
+            None => Ok(()),
+            Some(status) => Err(format!("consul lock exited ({status}); {}", self.said())),
+        }
+    }
+
+    /// Waits (up to 10 s) for it to exit on its own.
+    async fn exited(&mut self) -> TestResult {
+        match tokio::time::timeout(Duration::from_secs(10), self.child.wait()).await {
+            Ok(Ok(status)) if status.success() => Ok(()),
+            Ok(Ok(status)) => Err(format!("consul lock failed ({status}); {}", self.said())),
+            Ok(Err(e)) => Err(err(e)),
+            Err(_) => Err(format!("consul lock did not exit; {}", self.said())),
+        }
+    }
+
+    /// SIGTERM: consul lock stops its child and releases the lock, then exits.
+    async fn terminate(&mut self) -> TestResult {
+        if let Some(pid) = self.child.id() {
+            // The shell's own `kill`: no procps needed.
+            tokio::process::Command::new("sh")
+                .args(["-c", &format!("kill -TERM {pid}")])
+                .status()
+                .await
+                .map_err(|e| format!("kill: {e}"))?;
+        }
+        tokio::time::timeout(Duration::from_secs(10), self.child.wait())
+            .await
+            .map_err(|_| format!("consul lock did not exit after SIGTERM; {}", self.said()))?
+            .map_err(err)?;
+        Ok(())
+    }
+}
+
+impl Drop for ConsulLock {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.stderr);
+    }
+}
+
+/// While `consul lock <ns>/<id> sleep 30` holds, `try_acquire` of `id` in `<ns>` is None and
+/// `acquire` waits (a bounded one times out); once consul lock lets go, a waiting `acquire`
+/// gets the lock.
+async fn consul_lock_excludes_library(url: String) -> TestResult {
+    let consul = common::consul_binary()?;
+    let agent = Agent::from_url(&url)?;
+    let (ns, id) = (unique("interop"), "orders");
+    let key = format!("{ns}/{id}/.lock");
+    let mut ctl = ConsulLock::spawn(
+        &consul,
+        &agent.address,
+        &unique("cli"),
+        &format!("{ns}/{id}"),
+        "sleep 30",
+    )?;
+    let held = agent.wait_held(&key, Duration::from_secs(10)).await;
+    let held = held.map_err(|e| format!("{e}; {}", ctl.said()))?;
+    if held["Flags"].as_u64() != Some(LOCK_FLAGS) {
+        return Err(format!("consul lock wrote {held}, not api.Lock's flags"));
+    }
+    let client = common::connect(&url, &ns, |c| c).await?;
+    let lock = client.lock().map_err(err)?;
+    if let Some(g) = lock.try_acquire(id).await.map_err(err)? {
+        return Err(format!(
+            "try_acquire got {id} (token {}) while consul lock held it",
+            g.fencing_token()
+        ));
+    }
+    let bounded = LockOptions::new().with_wait(Duration::from_millis(500));
+    match lock.acquire(id, bounded).await {
+        Err(e) if e.kind() == ErrorKind::Timeout => {}
+        other => {
+            return Err(format!(
+                "a bounded acquire while consul lock held it: {other:?}"
+            ));
+        }
+    }
+    let waiting = LockOptions::new().with_wait(Duration::from_secs(20));
+    let mut waiter = Box::pin(lock.acquire(id, waiting));
+    if let Ok(got) = tokio::time::timeout(Duration::from_millis(300), &mut waiter).await {
+        return Err(format!(
+            "a waiting acquire finished while consul lock held it: {got:?}"
+        ));
+    }
+    ctl.still_running()?;
+    ctl.terminate().await?;
+    let let_go = Instant::now();
+    let guard = tokio::time::timeout(Duration::from_secs(10), waiter)
+        .await
+        .map_err(|_| "acquire still waiting 10s after consul lock let go".to_string())?
+        .map_err(|e| format!("acquire after consul lock let go: {e}"))?;
+    println!(
+        "measured: handoff from consul lock's exit to acquire: {:?}",
+        let_go.elapsed()
+    );
+    let now = agent.kv(&key).await?.unwrap_or_default();
+    let ours = client.session_id().await.map_err(err)?;
+    if now["Session"].as_str() != Some(ours.as_str()) {
+        return Err(format!(
+            "after the acquire the key is {now}, not held by {ours}"
+        ));
+    }
+    guard.release().await.map_err(err)?;
+    client.close().await.map_err(err)
+}
+
+/// Waits (up to 10 s) for `path` to exist.
+async fn appears(path: &Path) -> bool {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while Instant::now() < deadline {
+        if path.exists() {
+            return true;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    false
+}
+
+/// While the library holds `id` in `<ns>`, `consul lock <ns>/<id> 'touch MARKER'` (through a
+/// counting proxy) reads the lock key, recognises a lock and blocks on it without running its
+/// child; once the library releases, the child runs and consul lock exits cleanly.
+async fn library_excludes_consul_lock(url: String) -> TestResult {
+    let consul = common::consul_binary()?;
+    let agent = Agent::from_url(&url)?;
+    let (ns, id) = (unique("interop"), "orders");
+    let key = format!("{ns}/{id}/.lock");
+    let client = common::connect(&url, &ns, |c| c).await?;
+    let guard = client
+        .lock()
+        .map_err(err)?
+        .acquire(id, LockOptions::new())
+        .await
+        .map_err(err)?;
+    let proxy = CountingProxy::start(&agent.address).await?;
+    let marker = std::env::temp_dir().join(unique("marker"));
+    let script = format!("touch '{}'", marker.display());
+    let address = proxy.addr().to_string();
+    let mut ctl = ConsulLock::spawn(
+        &consul,
+        &address,
+        &unique("cli"),
+        &format!("{ns}/{id}"),
+        &script,
+    )?;
+    // api.Lock reads the key, and only when a session holds it with the lock flags does it
+    // wait: a blocking query (`index=`) on it, with no acquire before (once it holds, it
+    // watches the key the same way). Foreign flags would make it exit instead.
+    let kv = format!("/v1/kv/{key}");
+    let is_acquire = |r: &Request| r.is("PUT", &kv) && r.query.contains("acquire=");
+    let blocking = proxy
+        .wait_for(0, Duration::from_secs(10), |r| {
+            r.is("GET", &kv) && r.query.contains("index=")
+        })
+        .await;
+    blocking.map_err(|e| format!("consul lock never waited on {key}: {e}; {}", ctl.said()))?;
+    let sent = proxy.since(0);
+    if sent.iter().any(is_acquire) || marker.exists() {
+        return Err(format!(
+            "consul lock took the lock the library holds: {}",
+            list(&sent)
+        ));
+    }
+    ctl.still_running()?;
+    let mark = proxy.mark();
+    guard.release().await.map_err(err)?;
+    let acquired = proxy
+        .wait_for(mark, Duration::from_secs(10), is_acquire)
+        .await;
+    acquired.map_err(|e| format!("consul lock did not acquire after the release: {e}"))?;
+    if !appears(&marker).await {
+        return Err(format!(
+            "consul lock did not run its child after the release; {}",
+            ctl.said()
+        ));
+    }
+    let _ = std::fs::remove_file(&marker);
+    ctl.exited().await?;
+    client.close().await.map_err(err)
+}
+
+/// Destroying the holder's session (as an operator would) fires the holder's `lost()` at
+/// once, seen by the session watch, well before the next renewal; a waiter in another client
+/// gets the lock only after the holder's lock-delay, with a higher fencing token.
+async fn destroyed_session_loses_then_hands_over_after_lock_delay(url: String) -> TestResult {
+    const DELAY: Duration = Duration::from_secs(3);
+    let ttl = Duration::from_secs(10);
+    let agent = Agent::from_url(&url)?;
+    let (ns, id) = (unique("delay"), "orders");
+    let holder = common::connect(&url, &ns, |c| c.with_ttl(ttl).with_lock_delay(DELAY)).await?;
+    let waiter = common::connect(&url, &ns, |c| c.with_ttl(ttl)).await?;
+    let held = holder
+        .lock()
+        .map_err(err)?
+        .acquire(id, LockOptions::new())
+        .await
+        .map_err(err)?;
+    let lock = waiter.lock().map_err(err)?;
+    let waiting = tokio::spawn(async move {
+        let got = lock
+            .acquire(id, LockOptions::new().with_wait(Duration::from_secs(30)))
+            .await;
+        (got, Instant::now())
+    });
+    // The waiter must be waiting, not granted.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    if waiting.is_finished() {
+        return Err(format!(
+            "the waiter finished while the lock was held: {:?}",
+            waiting.await
+        ));
+    }
+    let session = holder.session_id().await.map_err(err)?;
+    let sent = Instant::now();
+    agent
+        .ok(Method::PUT, &format!("session/destroy/{session}"), None)
+        .await?;
+    let destroyed = Instant::now();
+    let reason = tokio::time::timeout(ttl / 5, held.lost())
+        .await
+        .map_err(|_| format!("lost() did not fire within {:?} of the destroy", ttl / 5))?;
+    let lost_at = Instant::now();
+    let lost_after = lost_at.duration_since(sent);
+    let (got, granted_at) = tokio::time::timeout(DELAY + Duration::from_secs(5), waiting)
+        .await
+        .map_err(|_| "the waiter was not granted within the lock-delay + 5s".to_string())?
+        .map_err(err)?;
+    let granted = got.map_err(|e| format!("the waiter: {e}"))?;
+    if granted_at <= lost_at {
+        return Err("the waiter was granted before the holder's lost() fired".into());
+    }
+    let handoff = granted_at.duration_since(destroyed);
+    println!(
+        "measured: lost() {lost_after:?} after the destroy was sent ({reason}); the waiter \
+         granted {handoff:?} after the destroy answered (lock-delay {DELAY:?})"
+    );
+    if handoff < DELAY.mul_f64(0.9) || handoff > DELAY + Duration::from_secs(3) {
+        return Err(format!(
+            "the waiter was granted {handoff:?} after the destroy, outside [0.9 x the \
+             lock-delay {DELAY:?}, the lock-delay + 3s]"
+        ));
+    }
+    if granted.fencing_token() <= held.fencing_token() {
+        return Err(format!(
+            "fencing token {} after the loss is not above the lost holder's {}",
+            granted.fencing_token(),
+            held.fencing_token()
+        ));
+    }
+    match held.release().await {
+        Err(e) if e.kind() == ErrorKind::LockLost => {}
+        other => {
+            return Err(format!(
+                "the lost holder's release: {other:?}, not LockLost"
+            ));
+        }
+    }
+    granted.release().await.map_err(err)?;
+    holder.close().await.map_err(err)?;
+    waiter.close().await.map_err(err)
+}
+
+/// A policy and a token of it, made with the master token; deleted by `remove`.
+struct AclToken {
+    policy: String,
+    accessor: String,
+    secret: String,
+}
+
+impl AclToken {
+    async fn create(admin: &Agent, rules: &str) -> Result<AclToken, String> {
+        let name = unique("policy");
+        let policy = admin
+            .ok(
+                Method::PUT,
+                "acl/policy",
+                Some(json!({"Name": name, "Rules": rules})),
+            )
+            .await?;
+        let policy = policy["ID"]
+            .as_str()
+            .ok_or("a policy without ID")?
+            .to_string();
+        let token = admin
+            .ok(
+                Method::PUT,
+                "acl/token",
+                Some(json!({"Policies": [{"ID": policy}]})),
+            )
+            .await?;
+        let field = |f: &str| {
+            token[f]
+                .as_str()
+                .map(str::to_string)
+                .ok_or(format!("a token without {f}"))
+        };
+        Ok(AclToken {
+            policy,
+            accessor: field("AccessorID")?,
+            secret: field("SecretID")?,
+        })
+    }
+
+    async fn remove(self, admin: &Agent) -> TestResult {
+        admin
+            .ok(
+                Method::DELETE,
+                &format!("acl/token/{}", self.accessor),
+                None,
+            )
+            .await?;
+        admin
+            .ok(Method::DELETE, &format!("acl/policy/{}", self.policy), None)
+            .await?;
+        Ok(())
+    }
+}
+
+/// Unauthorized, with a message that points at the token.
+fn check_unauthorized<T: std::fmt::Debug>(what: &str, got: sync_core::Result<T>) -> TestResult {
+    match got {
+        Err(e) if e.kind() == ErrorKind::Unauthorized && e.to_string().contains("token") => {
+            println!("seen: {what}: {e}");
+            Ok(())
+        }
+        other => Err(format!(
+            "{what}: {other:?}, not Unauthorized naming the token"
+        )),
+    }
+}
+
+/// A token with write rights on the namespace's keys and on sessions acquires and releases;
+/// no token or an unknown one is Unauthorized at connect (creating the session); a token
+/// with session rights but none on the keys is Unauthorized at acquire.
+async fn acl_tokens(url: String) -> TestResult {
+    let admin = Agent::from_url(&url)?;
+    let ns = unique("acl");
+    let sessions = r#"session_prefix "" { policy = "write" }"#;
+    let writer = AclToken::create(
+        &admin,
+        &format!(r#"key_prefix "{ns}/" {{ policy = "write" }} {sessions}"#),
+    )
+    .await?;
+    let checked = match AclToken::create(&admin, sessions).await {
+        Ok(keyless) => {
+            let checked = acl_cases(&url, &ns, &writer, &keyless).await;
+            checked.and(keyless.remove(&admin).await)
+        }
+        Err(e) => Err(e),
+    };
+    writer.remove(&admin).await?;
+    checked
+}
+
+async fn acl_cases(url: &str, ns: &str, writer: &AclToken, keyless: &AclToken) -> TestResult {
+    let with = |token: Option<&str>| -> Result<Config, String> {
+        let mut config = common::config(url, ns)?;
+        config.token = token.map(str::to_string);
+        Ok(config)
+    };
+    let client = Client::connect(with(Some(&writer.secret))?)
+        .await
+        .map_err(|e| format!("connect with a token that may: {e}"))?;
+    let guard = client
+        .lock()
+        .map_err(err)?
+        .acquire("orders", LockOptions::new())
+        .await
+        .map_err(|e| format!("acquire with a token that may: {e}"))?;
+    guard.release().await.map_err(err)?;
+    client.close().await.map_err(err)?;
+    let none = Client::connect(with(None)?).await;
+    check_unauthorized("connect without a token", none)?;
+    let unknown = uuid::Uuid::new_v4().to_string();
+    let wrong = Client::connect(with(Some(&unknown))?).await;
+    check_unauthorized("connect with an unknown token", wrong)?;
+    let client = Client::connect(with(Some(&keyless.secret))?)
+        .await
+        .map_err(|e| format!("connect with a token that may write sessions: {e}"))?;
+    let acquired = client
+        .lock()
+        .map_err(err)?
+        .acquire(
+            "orders",
+            LockOptions::new().with_wait(Duration::from_secs(5)),
+        )
+        .await;
+    check_unauthorized("acquire with a token without key rights", acquired)?;
+    client.close().await.map_err(err)
+}
+
+fn main() -> std::process::ExitCode {
+    let tests: [(&'static str, Needs, TestFn); 5] = [
+        (
+            "lock::uncontended_acquire_release_is_two_requests",
+            Needs::Consul,
+            |u| Box::pin(uncontended_acquire_release_is_two_requests(u)),
+        ),
+        (
+            "interop::consul_lock_excludes_library",
+            Needs::Consul,
+            |u| Box::pin(consul_lock_excludes_library(u)),
+        ),
+        (
+            "interop::library_excludes_consul_lock",
+            Needs::Consul,
+            |u| Box::pin(library_excludes_consul_lock(u)),
+        ),
+        (
+            "lock::destroyed_session_loses_then_hands_over_after_lock_delay",
+            Needs::Consul,
+            |u| Box::pin(destroyed_session_loses_then_hands_over_after_lock_delay(u)),
+        ),
+        ("acl::tokens", Needs::Acl, |u| Box::pin(acl_tokens(u))),
+    ];
+    common::run(&tests)
+}

@@ -23,16 +23,21 @@ impl Drop for PrivateEtcd {
 }
 
 impl PrivateEtcd {
+    /// Whether the process has exited (it could not bind a port another process took).
+    pub fn exited(&mut self) -> bool {
+        self.child.try_wait().is_ok_and(|s| s.is_some())
+    }
+
     /// Starts `etcd` named `name`, serving clients on `scheme://` (`http` or `https`), with
     /// `extra` flags. Does not wait for it: the caller knows how to ask it for health.
     pub fn start(name: &str, scheme: &str, extra: &[String]) -> Result<PrivateEtcd, String> {
-        let free = || {
-            std::net::TcpListener::bind("127.0.0.1:0")
-                .and_then(|l| l.local_addr())
-                .map(|a| a.port())
-                .map_err(|e| e.to_string())
-        };
-        let (client_port, peer_port) = (free()?, free()?);
+        let bind = || std::net::TcpListener::bind("127.0.0.1:0").map_err(|e| e.to_string());
+        // Both bound at once, so the two ports differ.
+        let (client, peer) = (bind()?, bind()?);
+        let port =
+            |l: &std::net::TcpListener| l.local_addr().map(|a| a.port()).map_err(|e| e.to_string());
+        let (client_port, peer_port) = (port(&client)?, port(&peer)?);
+        drop((client, peer));
         let dir = std::env::temp_dir().join(super::unique(name, "etcd"));
         let authority = format!("127.0.0.1:{client_port}");
         let client_url = format!("{scheme}://{authority}");

@@ -33,12 +33,30 @@ impl TlsEtcd {
                 pki.path("ca.pem"),
             ]);
         }
-        let etcd = super::private::PrivateEtcd::start("tls", "https", &flags)?;
+        // A port picked free may be taken by another test's etcd before this one binds it:
+        // an etcd that exits at once is started again on other ports.
+        for _ in 0..3 {
+            let etcd = super::private::PrivateEtcd::start("tls", "https", &flags)?;
+            match Self::wait_healthy(pki, etcd)? {
+                Some(ready) => return Ok(ready),
+                None => continue,
+            }
+        }
+        Err("the private TLS etcd exited at start three times".into())
+    }
+
+    /// The etcd once healthy; None if it exited first.
+    fn wait_healthy(
+        pki: &Pki,
+        mut etcd: super::private::PrivateEtcd,
+    ) -> Result<Option<TlsEtcd>, String> {
         let authority = etcd.authority.clone();
         let client_url = format!("https://{authority}");
-        let etcd = TlsEtcd { etcd, authority };
         let deadline = Instant::now() + Duration::from_secs(15);
         loop {
+            if etcd.exited() {
+                return Ok(None);
+            }
             let mut etcdctl = Command::new("etcdctl");
             for (k, _) in std::env::vars().filter(|(k, _)| k.starts_with("ETCDCTL_")) {
                 etcdctl.env_remove(k);
@@ -55,7 +73,7 @@ impl TlsEtcd {
                 .status()
                 .is_ok_and(|s| s.success());
             if healthy {
-                return Ok(etcd);
+                return Ok(Some(TlsEtcd { etcd, authority }));
             }
             if Instant::now() > deadline {
                 return Err("the private TLS etcd did not become healthy within 15s".into());

@@ -1,0 +1,334 @@
+//! Leader election on Consul: the lock mechanism on the group's key `<ns>/<group>/.leader`,
+//! whose value is the term, the candidate and its value; the term is the ModifyIndex of the
+//! acquiring write. `follow` waits on the key with blocking queries.
+
+use std::{
+    sync::{Arc, Mutex},
+    time::Duration,
+};
+
+use async_trait::async_trait;
+use futures::StreamExt;
+use sync_core::raw::Leadership;
+use sync_core::{
+    ElectOptions, Elected, Error, ErrorKind, FollowStream, Leader, LeaderInfo, LossSignal, Result,
+};
+use sync_kit::locked;
+use tokio::sync::mpsc;
+
+use crate::{
+    BACKEND,
+    api::{KvEntry, KvOp, Txn},
+    client::ClientInner,
+    contend::{Contender, Grant, release},
+};
+
+/// A leader key's value: the term (empty until the first proclamation: the acquiring write's
+/// ModifyIndex is not known before it is made), the escaped candidate, the value, separated by
+/// newlines.
+fn encode(term: Option<u64>, candidate: &str, value: &[u8]) -> Vec<u8> {
+    let term = term.map(|t| t.to_string()).unwrap_or_default();
+    let mut out = format!("{term}\n{}\n", sync_core::id::escape(candidate)).into_bytes();
+    out.extend_from_slice(value);
+    out
+}
+
+fn decode(entry: &KvEntry) -> Option<LeaderInfo> {
+    entry.session.as_ref()?;
+    let mut parts = entry.value.splitn(3, |b| *b == b'\n');
+    let term = std::str::from_utf8(parts.next()?).ok()?;
+    let candidate = sync_core::id::unescape(std::str::from_utf8(parts.next()?).ok()?)?;
+    let value = parts.next()?.to_vec();
+    let term = if term.is_empty() {
+        entry.modify_index
+    } else {
+        term.parse().ok()?
+    };
+    Some(LeaderInfo::new(candidate, term, value))
+}
+
+pub(crate) struct ConsulLeader {
+    client: Arc<ClientInner>,
+    group: String,
+    key: String,
+}
+
+impl ConsulLeader {
+    pub(crate) fn new(client: Arc<ClientInner>, group: &str) -> Self {
+        ConsulLeader {
+            key: client.leader_key(group),
+            client,
+            group: group.to_string(),
+        }
+    }
+}
+
+/// Campaigns until elected (or `wait` passes).
+async fn campaign(
+    client: &Arc<ClientInner>,
+    group: &str,
+    key: &str,
+    candidate: &str,
+    value: &[u8],
+    wait: Option<Duration>,
+) -> Result<Grant> {
+    let payload = encode(None, candidate, value);
+    Contender {
+        client,
+        key,
+        value: &payload,
+    }
+    .wait(&format!("election {group:?}"), wait)
+    .await
+    .map_err(|e| e.with_id(group))
+}
+
+/// The current leader, and the index to block on for the next change.
+async fn read_leader(
+    client: &ClientInner,
+    key: &str,
+    index: u64,
+) -> Result<(Option<LeaderInfo>, u64)> {
+    let read = client.api.get("reading the leader", key, index).await?;
+    Ok((read.value.as_ref().and_then(decode), read.index))
+}
+
+#[async_trait]
+impl Leader for ConsulLeader {
+    fn group(&self) -> &str {
+        &self.group
+    }
+
+    #[tracing::instrument(level = "debug", skip(self, opts), fields(backend = BACKEND, primitive = "leader", id = %self.group))]
+    async fn elect(&self, candidate: &str, opts: ElectOptions) -> Result<Elected> {
+        let grant = campaign(
+            &self.client,
+            &self.group,
+            &self.key,
+            candidate,
+            &opts.value,
+            opts.wait,
+        )
+        .await?;
+        tracing::debug!(backend = BACKEND, group = %self.group, candidate, term = grant.token, "elected");
+        Ok(Elected::new(
+            candidate,
+            grant.token,
+            grant.lost.clone(),
+            Box::new(ConsulLeadership {
+                client: self.client.clone(),
+                group: self.group.clone(),
+                key: self.key.clone(),
+                candidate: candidate.to_string(),
+                value: Mutex::new(opts.value),
+                grant: Some(grant),
+            }),
+        ))
+    }
+
+    async fn leader(&self) -> Result<Option<LeaderInfo>> {
+        self.client.check_alive()?;
+        Ok(read_leader(&self.client, &self.key, 0)
+            .await
+            .map_err(|e| e.with_id(&self.group))?
+            .0)
+    }
+
+    async fn follow(&self) -> Result<FollowStream> {
+        self.client.check_alive()?;
+        let (first, index) = read_leader(&self.client, &self.key, 0)
+            .await
+            .map_err(|e| e.with_id(&self.group))?;
+        let (tx, rx) = mpsc::channel::<Result<Option<LeaderInfo>>>(16);
+        let _ = tx.try_send(Ok(first.clone()));
+        let follower = Follower {
+            client: self.client.clone(),
+            key: self.key.clone(),
+            tx,
+        };
+        tokio::spawn(follower.run(first, index));
+        Ok(futures::stream::unfold(rx, |mut rx| async move {
+            rx.recv().await.map(|item| (item, rx))
+        })
+        .boxed())
+    }
+}
+
+struct Follower {
+    client: Arc<ClientInner>,
+    key: String,
+    tx: mpsc::Sender<Result<Option<LeaderInfo>>>,
+}
+
+impl Follower {
+    /// Blocks on the leader key's index and reports the leader whenever it changed. Ends when
+    /// the stream is dropped or the client killed.
+    async fn run(self, mut last: Option<LeaderInfo>, mut index: u64) {
+        let mut killed = self.client.killed();
+        let mut failing = false;
+        loop {
+            let read = tokio::select! {
+                r = read_leader(&self.client, &self.key, index.max(1)) => r,
+                () = self.tx.closed() => return,
+                _ = killed.wait_for(|k| *k) => return,
+            };
+            match read {
+                Ok((info, at)) => {
+                    failing = false;
+                    // An index that goes back (a restored server) starts the wait over.
+                    index = if at < index { 0 } else { at };
+                    if info != last {
+                        last = info.clone();
+                        if self.tx.send(Ok(info)).await.is_err() {
+                            return;
+                        }
+                    }
+                }
+                Err(e) => {
+                    if !failing && self.tx.send(Err(e)).await.is_err() {
+                        return;
+                    }
+                    failing = true;
+                    tokio::select! {
+                        () = tokio::time::sleep(Duration::from_millis(500)) => {}
+                        _ = killed.wait_for(|k| *k) => return,
+                    }
+                }
+            }
+        }
+    }
+}
+
+struct ConsulLeadership {
+    client: Arc<ClientInner>,
+    group: String,
+    key: String,
+    candidate: String,
+    value: Mutex<Vec<u8>>,
+    grant: Option<Grant>,
+}
+
+impl ConsulLeadership {
+    fn lost(&self, why: &str) -> Error {
+        Error::new(ErrorKind::LockLost, why.to_string())
+            .with_backend(BACKEND)
+            .with_id(&self.group)
+    }
+}
+
+#[async_trait]
+impl Leadership for ConsulLeadership {
+    async fn proclaim(&self, value: &[u8]) -> Result<()> {
+        let grant = self
+            .grant
+            .as_ref()
+            .ok_or_else(|| self.lost("this leadership was resigned"))?;
+        let payload = encode(Some(grant.token), &self.candidate, value);
+        let session = &grant.session.id;
+        // The session check first: a lock by this session would otherwise take a key its
+        // session lost.
+        let ops = [
+            KvOp::check_session(&self.key, session),
+            KvOp::lock(&self.key, session, &payload),
+        ];
+        // Writing the same value twice is harmless: an unanswered proclamation is resent once.
+        let mut resent = false;
+        let answer = loop {
+            match self.client.api.txn("proclaiming", &ops).await {
+                Ok(answer) => break answer,
+                Err(f) if f.unknown() && !resent => resent = true,
+                Err(f) => return Err(f.error().with_id(&self.group)),
+            }
+        };
+        if let Txn::RolledBack(_) = answer {
+            return Err(self.lost("leadership was lost: its session ended or another took the key"));
+        }
+        *locked(&self.value) = value.to_vec();
+        Ok(())
+    }
+
+    async fn resign(&mut self) -> Result<()> {
+        let Some(grant) = self.grant.take() else {
+            return Ok(());
+        };
+        let safe = !grant.lost.is_lost();
+        self.client.sessions.forget(&grant.registration);
+        let held = release(&self.client, &self.key, &grant.session.id, safe)
+            .await
+            .map_err(|e| e.with_id(&self.group))?;
+        drop(grant.turn);
+        if held {
+            Ok(())
+        } else {
+            Err(self.lost("leadership was already lost at resignation"))
+        }
+    }
+
+    fn resign_in_background(mut self: Box<Self>) {
+        if let Some(grant) = self.grant.take() {
+            crate::lock::give_back_in_background(
+                self.client.clone(),
+                self.group.clone(),
+                self.key.clone(),
+                grant,
+            );
+        }
+    }
+
+    async fn reelect(&mut self) -> Result<(u64, LossSignal)> {
+        if let Some(g) = self.grant.as_ref().filter(|g| !g.lost.is_lost()) {
+            return Ok((g.token, g.lost.clone()));
+        }
+        if let Some(old) = self.grant.take() {
+            self.client.sessions.forget(&old.registration);
+            let _ = release(&self.client, &self.key, &old.session.id, false).await;
+            drop(old.turn);
+        }
+        let value = locked(&self.value).clone();
+        let grant = campaign(
+            &self.client,
+            &self.group,
+            &self.key,
+            &self.candidate,
+            &value,
+            None,
+        )
+        .await?;
+        let out = (grant.token, grant.lost.clone());
+        self.grant = Some(grant);
+        Ok(out)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn entry(value: &[u8], session: Option<&str>) -> KvEntry {
+        KvEntry {
+            key: "k".into(),
+            flags: 0,
+            value: value.to_vec(),
+            session: session.map(String::from),
+            lock_index: 1,
+            create_index: 5,
+            modify_index: 9,
+        }
+    }
+
+    #[test]
+    fn values_round_trip_with_and_without_a_term() {
+        let fresh = entry(&encode(None, "a\nb", b"v\n1"), Some("s"));
+        assert_eq!(
+            decode(&fresh),
+            Some(LeaderInfo::new("a\nb", 9, b"v\n1".to_vec()))
+        );
+        let proclaimed = entry(&encode(Some(7), "c", b""), Some("s"));
+        assert_eq!(
+            decode(&proclaimed),
+            Some(LeaderInfo::new("c", 7, Vec::new()))
+        );
+        // A key no session holds has no leader.
+        assert_eq!(decode(&entry(&encode(None, "c", b""), None)), None);
+    }
+}
