@@ -36,6 +36,7 @@
 //! | `ntp://` | `ntp` | sync-ntp |
 //! | `redis://`, `redis+cluster://` | `redis` | sync-redis |
 //! | `rediss://`, `rediss+cluster://` | `redis-tls` | sync-redis with TLS |
+//! | `consul://`, `consuls://` (HTTPS) | `consul` | sync-consul |
 //!
 //! A URL whose scheme this build does not know, or whose feature is off, is an
 //! [`InvalidArgument`](sync_core::ErrorKind::InvalidArgument) error naming the schemes this
@@ -47,7 +48,8 @@ use std::sync::Arc;
 use serde::{Deserialize, Serialize};
 use sync_core::{Backend, Error, Result};
 
-/// One backend's configuration, tagged by `backend` (`"local"`, `"etcd"`, `"ntp"`).
+/// One backend's configuration, tagged by `backend` (`"local"`, `"etcd"`, `"ntp"`, `"redis"`,
+/// `"consul"`).
 ///
 /// Deserializes from JSON, TOML or any serde format with the backend's own field names;
 /// durations are human-readable (`"2s"`, `"500ms"`), as in URLs.
@@ -67,6 +69,9 @@ pub enum Config {
     /// Redis or Redis Cluster.
     #[cfg(feature = "redis")]
     Redis(sync_redis::Config),
+    /// Consul.
+    #[cfg(feature = "consul")]
+    Consul(sync_consul::Config),
 }
 
 /// Every scheme a `sync` backend answers to, with the feature that brings it in.
@@ -79,6 +84,9 @@ const SCHEMES: &[(&str, &str)] = &[
     ("redis+cluster", "redis"),
     ("rediss", "redis-tls"),
     ("rediss+cluster", "redis-tls"),
+    // sync-consul's HTTPS needs nothing more (its reqwest always has rustls): one feature.
+    ("consul", "consul"),
+    ("consuls", "consul"),
 ];
 
 /// Whether this build has the backend behind `feature`.
@@ -90,6 +98,7 @@ fn enabled(feature: &str) -> bool {
         "ntp" => cfg!(feature = "ntp"),
         "redis" => cfg!(feature = "redis"),
         "redis-tls" => cfg!(feature = "redis-tls"),
+        "consul" => cfg!(feature = "consul"),
         _ => false,
     }
 }
@@ -141,11 +150,13 @@ impl Config {
             "redis" | "redis+cluster" => Ok(Config::Redis(sync_redis::Config::from_url(url)?)),
             #[cfg(feature = "redis-tls")]
             "rediss" | "rediss+cluster" => Ok(Config::Redis(sync_redis::Config::from_url(url)?)),
+            #[cfg(feature = "consul")]
+            "consul" | "consuls" => Ok(Config::Consul(sync_consul::Config::from_url(url)?)),
             other => Err(unknown_scheme(url, other)),
         }
     }
 
-    /// The backend's name (`"local"`, `"etcd"`, `"ntp"`).
+    /// The backend's name (`"local"`, `"etcd"`, `"ntp"`, `"redis"`, `"consul"`).
     pub fn backend(&self) -> &'static str {
         match self {
             #[cfg(feature = "local")]
@@ -156,6 +167,8 @@ impl Config {
             Config::Ntp(_) => sync_ntp::BACKEND,
             #[cfg(feature = "redis")]
             Config::Redis(_) => sync_redis::BACKEND,
+            #[cfg(feature = "consul")]
+            Config::Consul(_) => sync_consul::BACKEND,
         }
     }
 
@@ -170,6 +183,8 @@ impl Config {
             Config::Ntp(c) => Arc::new(sync_ntp::Client::connect(c).await?),
             #[cfg(feature = "redis")]
             Config::Redis(c) => Arc::new(sync_redis::Client::connect(c).await?),
+            #[cfg(feature = "consul")]
+            Config::Consul(c) => Arc::new(sync_consul::Client::connect(c).await?),
         })
     }
 }
@@ -178,4 +193,28 @@ impl Config {
 /// `scheme://[user[:password]@]host[:port][,host[:port]…][/namespace][?key=value&…]`.
 pub async fn connect(url: &str) -> Result<Arc<dyn Backend>> {
     Config::from_url(url)?.connect().await
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A known scheme whose feature is off names the feature; tests cannot turn one off, so
+    /// the message is checked where it is made.
+    #[test]
+    fn a_scheme_whose_feature_is_off_names_its_feature() {
+        for (scheme, feature) in [
+            ("consul", "consul"),
+            ("consuls", "consul"),
+            ("etcds", "etcd-tls"),
+        ] {
+            let msg = unknown_scheme(&format!("{scheme}://h"), scheme).to_string();
+            assert!(
+                msg.contains(&format!("`{feature}` cargo feature")),
+                "{scheme}: {msg}"
+            );
+        }
+        let msg = unknown_scheme("zk://h", "zk").to_string();
+        assert!(msg.contains("no backend answers to it"), "{msg}");
+    }
 }

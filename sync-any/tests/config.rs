@@ -72,6 +72,53 @@ fn ntp_url_toml_and_json_agree() {
     );
 }
 
+#[test]
+fn consul_url_toml_and_json_agree() {
+    same(
+        "consul://h1:18500/billing?token=s3cret&datacenter=dc2&ttl=15s&lock_delay=1s",
+        r#"
+            backend = "consul"
+            address = "h1:18500"
+            namespace = "billing"
+            token = "s3cret"
+            datacenter = "dc2"
+            ttl = "15s"
+            lock_delay = "1s"
+        "#,
+        r#"{"backend": "consul", "address": "h1:18500", "namespace": "billing",
+            "token": "s3cret", "datacenter": "dc2", "ttl": "15s", "lock_delay": "1s"}"#,
+    );
+    // consuls:// is HTTPS, on Consul's HTTPS port unless another is given.
+    same(
+        "consuls://h1/billing",
+        r#"
+            backend = "consul"
+            address = "h1:8501"
+            namespace = "billing"
+            tls = true
+        "#,
+        r#"{"backend": "consul", "address": "h1:8501", "namespace": "billing", "tls": true}"#,
+    );
+}
+
+#[test]
+fn each_scheme_reaches_its_backend() {
+    for (url, backend) in [
+        ("local://", "local"),
+        ("etcd://h:2379", "etcd"),
+        ("ntp://h", "ntp"),
+        ("redis://h:6379", "redis"),
+        ("redis+cluster://h:1,h:2", "redis"),
+        ("consul://h:8500", "consul"),
+        ("consuls://h", "consul"),
+        ("CONSUL://h", "consul"),
+    ] {
+        let config = Config::from_url(url).unwrap_or_else(|e| panic!("{url}: {e}"));
+        assert_eq!(config.backend(), backend, "{url}");
+    }
+    assert!(Config::from_url("consuls://h").unwrap() != Config::from_url("consul://h").unwrap());
+}
+
 /// The error of `url`, which must be InvalidArgument.
 fn refused(url: &str) -> String {
     let err = Config::from_url(url).expect_err(url);
@@ -92,9 +139,49 @@ fn assert_names(message: &str, parts: &[&str]) {
 #[test]
 fn unknown_scheme_names_the_known_ones() {
     let msg = refused("nope://x");
-    assert_names(&msg, &["\"nope\"", "local://", "etcd://", "ntp://"]);
+    assert_names(
+        &msg,
+        &[
+            "\"nope\"",
+            "local://",
+            "etcd://",
+            "ntp://",
+            "redis://",
+            "consul://",
+            "consuls://",
+        ],
+    );
     assert!(!msg.contains('\n'), "one line: {msg}");
     assert_names(&refused("no-scheme-here"), &["scheme://"]);
+}
+
+/// Every scheme a backend answers to: parsed when this build has its feature, otherwise refused
+/// naming the feature. The tests turn on local, etcd, ntp, redis and consul, but the workspace
+/// may unify more features in (or a build fewer), so each case asks [`sync_any::schemes`].
+#[test]
+fn a_scheme_whose_feature_is_off_names_the_feature() {
+    let on = sync_any::schemes();
+    for scheme in ["consul", "consuls", "etcd", "redis"] {
+        assert!(
+            on.contains(&scheme),
+            "the tests turn on the feature of {scheme}:// ({on:?})"
+        );
+    }
+    for (scheme, feature) in [
+        ("consul", "consul"),
+        ("consuls", "consul"),
+        ("etcds", "etcd-tls"),
+        ("rediss", "redis-tls"),
+        ("rediss+cluster", "redis-tls"),
+    ] {
+        let url = format!("{scheme}://h:1");
+        if on.contains(&scheme) {
+            assert!(Config::from_url(&url).is_ok(), "{url}");
+            continue;
+        }
+        let msg = refused(&url);
+        assert_names(&msg, &[&format!("`{feature}` cargo feature"), "consul://"]);
+    }
 }
 
 #[test]
@@ -108,6 +195,10 @@ fn unknown_key_names_the_known_ones() {
         &refused("ntp://h?interval_s=5"),
         &["interval_s", "interval"],
     );
+    assert_names(
+        &refused("consul://h?lockdelay=1s"),
+        &["lockdelay", "lock_delay", "ttl"],
+    );
 }
 
 #[test]
@@ -117,6 +208,9 @@ fn bad_duration_is_named() {
         &["ttl", "5 parsecs"],
     );
     assert_names(&refused("local://?ttl=fast"), &["ttl", "fast"]);
+    assert_names(&refused("consul://h?ttl=soon"), &["ttl", "soon"]);
+    // Consul's shortest session TTL, never clamped.
+    assert_names(&refused("consul://h?ttl=5s"), &["ttl", "10s"]);
     let err = serde_json::from_str::<Config>(r#"{"backend": "local", "ttl": 1500}"#)
         .expect_err("a bare number is not a duration")
         .to_string();
@@ -129,6 +223,7 @@ fn empty_host_list_is_named() {
     assert_names(&refused("etcd:///ns"), &["host"]);
     assert_names(&refused("ntp://"), &["empty"]);
     assert_names(&refused("etcd://a:1,,b:2"), &["empty"]);
+    assert_names(&refused("consul://"), &["host"]);
 }
 
 #[test]
@@ -138,6 +233,10 @@ fn namespace_with_a_slash_is_refused() {
         &["must not contain '/'"],
     );
     assert_names(&refused("local://c/tenant/a"), &["must not contain '/'"]);
+    assert_names(
+        &refused("consul://h:8500/tenant/a"),
+        &["must not contain '/'"],
+    );
 }
 
 #[test]
@@ -145,5 +244,8 @@ fn unknown_backend_tag_in_a_config_names_the_known_ones() {
     let err = serde_json::from_str::<Config>(r#"{"backend": "zookeeper"}"#)
         .expect_err("no such backend")
         .to_string();
-    assert_names(&err, &["zookeeper", "local", "etcd", "ntp"]);
+    assert_names(
+        &err,
+        &["zookeeper", "local", "etcd", "ntp", "redis", "consul"],
+    );
 }

@@ -1,5 +1,6 @@
 //! The swap example tells the same story on every backend: on the in-process backend always,
-//! and on etcd when `SYNC_TEST_ETCD` names one (required under `SYNC_REQUIRE_LIVE=1`).
+//! on etcd when `SYNC_TEST_ETCD` names one and on Consul when `SYNC_TEST_CONSUL` does (each
+//! required under `SYNC_REQUIRE_LIVE=1`).
 
 #[allow(dead_code)]
 #[path = "../examples/swap.rs"]
@@ -32,26 +33,62 @@ async fn local_story_holds() {
     assert!(lines.iter().any(|l| l.starts_with("Time: ")), "{lines:#?}");
 }
 
+/// The backend URL in `var`, in namespace `swap-test`; None (the story is not told) when it is
+/// unset, a failure when it is unset under `SYNC_REQUIRE_LIVE=1`.
+fn live_url(var: &str) -> Option<String> {
+    let Some(url) = std::env::var(var).ok().filter(|v| !v.is_empty()) else {
+        let required = std::env::var("SYNC_REQUIRE_LIVE").is_ok_and(|v| v == "1");
+        assert!(!required, "SYNC_REQUIRE_LIVE=1 but {var} is not set");
+        eprintln!("{var} is not set: its story is not told");
+        return None;
+    };
+    // The namespace goes before the query (`consul://h:p/?token=…` carries one).
+    let (base, query) = url.split_once('?').unwrap_or((&url, ""));
+    let base = format!("{}/swap-test", base.trim_end_matches('/'));
+    Some(match query {
+        "" => base,
+        query => format!("{base}?{query}"),
+    })
+}
+
 #[tokio::test]
 async fn etcd_tells_the_local_story() {
-    let Some(url) = std::env::var("SYNC_TEST_ETCD")
-        .ok()
-        .filter(|v| !v.is_empty())
-    else {
-        let required = std::env::var("SYNC_REQUIRE_LIVE").is_ok_and(|v| v == "1");
-        assert!(
-            !required,
-            "SYNC_REQUIRE_LIVE=1 but SYNC_TEST_ETCD is not set"
-        );
-        eprintln!("SYNC_TEST_ETCD is not set: the etcd story is not told");
+    let Some(url) = live_url("SYNC_TEST_ETCD") else {
         return;
     };
     let local = story("local://").await;
-    let etcd = story(&format!("{}/swap-test", url.trim_end_matches('/'))).await;
+    let etcd = story(&url).await;
     assert_eq!(shared(&etcd), shared(&local));
     assert!(
         etcd.contains(&"Time: not provided by this backend".to_string()),
         "{etcd:#?}"
+    );
+}
+
+/// Consul tells the local story's lines for the primitives it has (the others it says it
+/// lacks), and at least the Lock's.
+#[tokio::test]
+async fn consul_tells_the_local_story_where_it_can() {
+    let Some(url) = live_url("SYNC_TEST_CONSUL") else {
+        return;
+    };
+    let local = story("local://").await;
+    let consul = story(&url).await;
+    // What it lacks it says so; the rest must be the local story's lines.
+    let told: Vec<_> = shared(&consul)
+        .into_iter()
+        .filter(|l| !l.ends_with("not provided by this backend"))
+        .collect();
+    assert!(told.iter().any(|l| l.starts_with("Lock:")), "{consul:#?}");
+    for line in told {
+        assert!(
+            local.contains(line),
+            "{line:?} is not the local story's: {local:#?}"
+        );
+    }
+    assert!(
+        consul.contains(&"Time: not provided by this backend".to_string()),
+        "{consul:#?}"
     );
 }
 
@@ -62,7 +99,7 @@ async fn an_unknown_scheme_fails_in_one_line_naming_the_known_ones() {
         .unwrap_err()
         .to_string();
     assert!(!err.contains('\n'), "{err}");
-    for scheme in ["local://", "etcd://", "ntp://"] {
+    for scheme in ["local://", "etcd://", "ntp://", "redis://", "consul://"] {
         assert!(err.contains(scheme), "{err}");
     }
 }

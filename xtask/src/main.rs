@@ -39,8 +39,11 @@ usage:
       stop the backends again (--keep leaves them running). Without BACKEND: every backend and
       the whole workspace; with BACKENDs (etcd consul redis ntp local): only those services and
       the tests of their sync-<BACKEND> crates (redis: a Redis and a Redis Cluster; consul:
-      both Consul agents). A service whose SYNC_TEST_* variable is already set is used as it
-      is, not started.
+      both Consul agents). sync-consul's tests run in a step of their own, every target with
+      `-- --test-threads 64` (each Consul expiry case takes ~20 s) and SYNC_TEST_CONSUL and
+      SYNC_TEST_CONSUL_ACL set. After the tests: short drills on etcd and a lock drill on
+      Redis and one on Consul. A service whose SYNC_TEST_* variable is already set is used as it is, not
+      started.
   cargo xtask services up|down|status|env|smoke [SERVICE...]
       SERVICE: etcd consul consul-acl redis redis-cluster ntp; default all. consul-acl is a
       second Consul dev agent on 18510 with ACLs on (default deny); SYNC_TEST_CONSUL_ACL
@@ -69,6 +72,15 @@ usage:
       until the old holder's next renewal are counted, a token that goes back or a write
       later than one TTL after the restart is a violation. `cluster`, `task`, `restart`: only
       those drills.
+  cargo xtask drill consul [task | restart] [--seconds N | --minutes N]
+      the drills on Consul with its shortest session TTL (10 s), no lock-delay, workers
+      stopped for 12 s: the lock drill on the Consul agent (SYNC_TEST_CONSUL's, or one started
+      and stopped here), then the leader and task drills, each skipped, saying so, while the
+      backend lacks it (the task drill drains for at least 40 s). Then the lock drill on a
+      Consul server of its own (-server -bootstrap-expect=1 with a data directory under
+      target/drill/, its own ports), killed (-9) whenever a lock is held and restarted with
+      its raft log: an overlap or a token not above the ones before the restart is a
+      violation. `task`, `restart`: only those drills.
   cargo xtask bench [BACKEND...] [--quick]
       side-by-side benchmarks (sync-bench): each scenario runs the library, a raw client doing
       the minimal requests and the peer a user would otherwise pick, interleaved in rounds,

@@ -74,8 +74,11 @@ pub(crate) fn run(args: &[String]) -> Result<ExitCode> {
     };
     // sync-etcd's `tls` feature is off in the workspace runs: its TLS tests (private etcds
     // serving certificates they make) run in a step of their own whenever etcd is tested.
-    let etcd_tls = wanted.contains(&Service::Etcd) && workspace_has("sync-etcd");
-    let redis_tls = wanted.contains(&Service::Redis) && workspace_has("sync-redis");
+    let own = OwnSteps {
+        etcd_tls: wanted.contains(&Service::Etcd) && workspace_has("sync-etcd"),
+        redis_tls: wanted.contains(&Service::Redis) && workspace_has("sync-redis"),
+        consul: wanted.contains(&Service::Consul) && workspace_has("sync-consul"),
+    };
     // etcd-client's build script runs protoc, also against a user's own etcd: installed by
     // `services::up`, in the same apt-get run as the services' own packages.
     let build_tools: &[install::Tool] = if wanted.contains(&Service::Etcd) {
@@ -98,7 +101,7 @@ pub(crate) fn run(args: &[String]) -> Result<ExitCode> {
     // From here on, every way out goes through the teardown below.
     // A panic (an eprintln! to a closed stderr, say) must not skip it either.
     let outcome = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-        smoke_and_test(&managed, &scope, (etcd_tls, redis_tls), &cargo_args, &names)
+        smoke_and_test(&managed, &scope, own, &cargo_args, &names)
     }))
     .unwrap_or_else(|_| Err("xtask panicked while testing".into()));
 
@@ -130,10 +133,30 @@ pub(crate) fn run(args: &[String]) -> Result<ExitCode> {
 /// longer).
 const DRILL_LENGTH: Duration = Duration::from_secs(12);
 
+/// The Consul lock drill inside `cargo xtask test`: long enough for one stop past its 10 s
+/// TTL (the first strike is a stop) and a kill; about 20 s in all.
+const CONSUL_DRILL_LENGTH: Duration = Duration::from_secs(16);
+
+/// The test threads of sync-consul's step: Consul's 10 s minimum session TTL makes each expiry
+/// case of the conformance suite take ~20 s, so they must run at once to keep the whole run
+/// short.
+const CONSUL_TEST_THREADS: &str = "64";
+
+/// The backends whose tests run in steps of their own, besides the workspace's.
+#[derive(Clone, Copy)]
+struct OwnSteps {
+    /// sync-etcd's `tls` feature: its TLS tests.
+    etcd_tls: bool,
+    /// sync-redis's `tls` feature: its TLS tests.
+    redis_tls: bool,
+    /// Every sync-consul test target, with [`CONSUL_TEST_THREADS`].
+    consul: bool,
+}
+
 fn smoke_and_test(
     managed: &[Service],
     scope: &[String],
-    (etcd_tls, redis_tls): (bool, bool),
+    own: OwnSteps,
     cargo_args: &[String],
     tested: &[&str],
 ) -> Result<ExitCode> {
@@ -153,23 +176,37 @@ fn smoke_and_test(
     // --all-targets skips doc tests and --doc runs only them, hence two runs; the second reuses
     // the first's build.
     let scope: Vec<&str> = scope.iter().map(String::as_str).collect();
-    let mut steps: Vec<(&str, Vec<&str>)> = vec![
-        (
-            "tests",
-            [&scope[..], &["--all-targets", "--no-fail-fast"]].concat(),
-        ),
-        (
-            "doc tests",
-            [&scope[..], &["--doc", "--no-fail-fast"]].concat(),
-        ),
-    ];
+    // sync-consul's targets are tested in their own step, below.
+    let tests_scope = without_consul(&scope, own.consul);
+    let mut steps: Vec<(&str, Vec<String>)> = Vec::new();
+    if !tests_scope.is_empty() {
+        let flags = [&tests_scope[..], &["--all-targets", "--no-fail-fast"]].concat();
+        steps.push(("tests", cargo_line(&flags, cargo_args, &[])));
+    }
+    let flags = [&scope[..], &["--doc", "--no-fail-fast"]].concat();
+    steps.push(("doc tests", cargo_line(&flags, cargo_args, &[])));
     // etcd over TLS and mutual TLS, and the conformance suite over mutual TLS.
-    if etcd_tls {
-        steps.push(("etcd TLS tests", ETCD_TLS_TESTS.to_vec()));
+    if own.etcd_tls {
+        steps.push((
+            "etcd TLS tests",
+            cargo_line(&ETCD_TLS_TESTS, cargo_args, &[]),
+        ));
     }
     // Redis over TLS and mutual TLS, against private TLS redis-servers.
-    if redis_tls {
-        steps.push(("redis TLS tests", REDIS_TLS_TESTS.to_vec()));
+    if own.redis_tls {
+        steps.push((
+            "redis TLS tests",
+            cargo_line(&REDIS_TLS_TESTS, cargo_args, &[]),
+        ));
+    }
+    // Every sync-consul target (lib, conformance, live…) with SYNC_TEST_CONSUL and
+    // SYNC_TEST_CONSUL_ACL set (both in `envs`), many cases at once.
+    if own.consul {
+        let threads = ["--test-threads", CONSUL_TEST_THREADS];
+        steps.push((
+            "consul tests",
+            cargo_line(&CONSUL_TESTS, cargo_args, &threads),
+        ));
     }
     // Every step runs even when one fails (CI reports every failure); the first failure's
     // status is xtask's.
@@ -183,7 +220,6 @@ fn smoke_and_test(
             .current_dir(project_root())
             .arg("test")
             .args(flags)
-            .args(cargo_args)
             .envs(envs.iter().map(|(k, v)| (k, v)));
         let shown: Vec<String> = command
             .get_args()
@@ -231,6 +267,18 @@ fn smoke_and_test(
             failed.get_or_insert(code);
         }
     }
+    // The lock drill on the Consul agent, likewise (TTL 10 s, stops of 12 s). The other Consul
+    // drills (leader, task, restart) are `cargo xtask drill consul`'s.
+    if let Some((_, url)) = envs
+        .iter()
+        .find(|(var, _)| *var == Service::Consul.env_var())
+    {
+        let drill = || crate::drill::drill_lock(url, CONSUL_DRILL_LENGTH);
+        if let Some(code) = run_drill("the lock drill on Consul", &drill) {
+            failed.get_or_insert(code);
+        }
+    }
+
     // The benchmark harness, quick, so that it cannot rot: it must run, and asserts nothing
     // about speed.
     let started = Instant::now();
@@ -255,11 +303,12 @@ fn smoke_and_test(
 
 /// The crates users depend on one at a time: in the workspace their dependencies' features
 /// are unified, so a feature one of them forgot to ask for goes unnoticed there.
-const ALONE: [&str; 7] = [
+const ALONE: [&str; 8] = [
     "sync-core",
     "sync-kit",
     "sync-local",
     "sync-etcd",
+    "sync-consul",
     "sync-ntp",
     "sync-cron",
     "sync-any",
@@ -344,6 +393,63 @@ const REDIS_TLS_TESTS: [&str; 7] = [
     "--no-fail-fast",
 ];
 
+/// The cargo test arguments of the Consul step: every target of sync-consul.
+const CONSUL_TESTS: [&str; 4] = ["-p", "sync-consul", "--all-targets", "--no-fail-fast"];
+
+/// `scope` without sync-consul when it has a step of its own: `--workspace` excludes it, a
+/// `-p sync-consul` goes. Empty when sync-consul was all there was.
+fn without_consul<'a>(scope: &[&'a str], consul: bool) -> Vec<&'a str> {
+    if !consul {
+        return scope.to_vec();
+    }
+    if scope.contains(&"--workspace") {
+        return [scope, &["--exclude", "sync-consul"]].concat();
+    }
+    let mut kept = Vec::new();
+    let mut rest = scope.iter();
+    while let Some(arg) = rest.next() {
+        match (*arg, rest.clone().next()) {
+            ("-p", Some(&"sync-consul")) => {
+                rest.next();
+            }
+            _ => kept.push(*arg),
+        }
+    }
+    if kept.contains(&"-p") {
+        kept
+    } else {
+        Vec::new()
+    }
+}
+
+/// A `cargo test` command line: `flags`, the user's `cargo_args` (what followed xtask's `--`),
+/// and `test_args` for the test binaries merged into the user's own (after one `--`); a test
+/// argument the user gave too is theirs, since libtest refuses one given twice.
+fn cargo_line(flags: &[&str], cargo_args: &[String], test_args: &[&str]) -> Vec<String> {
+    let split = cargo_args.iter().position(|a| a == "--");
+    let (theirs, their_tests) = match split {
+        Some(at) => (&cargo_args[..at], &cargo_args[at + 1..]),
+        None => (cargo_args, &[][..]),
+    };
+    let mut line: Vec<String> = flags.iter().map(|f| f.to_string()).collect();
+    line.extend(theirs.iter().cloned());
+    let given = |flag: &str| {
+        their_tests
+            .iter()
+            .any(|a| a == flag || a.starts_with(&format!("{flag}=")))
+    };
+    let ours: Vec<&str> = match test_args.first() {
+        Some(flag) if flag.starts_with("--") && given(flag) => Vec::new(),
+        _ => test_args.to_vec(),
+    };
+    if !ours.is_empty() || split.is_some() {
+        line.push("--".to_string());
+    }
+    line.extend(ours.iter().map(|a| a.to_string()));
+    line.extend(their_tests.iter().cloned());
+    line
+}
+
 /// A child's status as ours: its exit code, or 128 + the signal that ended it.
 pub(crate) fn exit_code(status: ExitStatus) -> ExitCode {
     let code = status
@@ -409,6 +515,81 @@ mod tests {
                 format!("name = \"{target}\"\nharness = false\nrequired-features = [\"tls\"]");
             assert!(manifest.contains(&entry), "no TLS test target {target}");
         }
+    }
+
+    /// sync-consul leaves the workspace step for its own, which names every target.
+    #[test]
+    fn consul_has_a_step_of_its_own() {
+        let no = |s: &[&'static str]| without_consul(s, true);
+        assert_eq!(
+            no(&["--workspace"]),
+            ["--workspace", "--exclude", "sync-consul"]
+        );
+        assert_eq!(
+            no(&["-p", "sync-etcd", "-p", "sync-consul"]),
+            ["-p", "sync-etcd"]
+        );
+        assert!(no(&["-p", "sync-consul"]).is_empty());
+        assert_eq!(without_consul(&["--workspace"], false), ["--workspace"]);
+        assert!(CONSUL_TESTS.contains(&"--all-targets"));
+        let manifest = std::fs::read_to_string(project_root().join("sync-consul/Cargo.toml"))
+            .expect("sync-consul's manifest");
+        assert!(
+            manifest.contains("name = \"conformance\""),
+            "no conformance target"
+        );
+    }
+
+    /// The Consul step's SYNC_TEST_* variables: both agents.
+    #[test]
+    fn the_consul_step_gets_both_agents() {
+        let vars: Vec<&str> = Service::ALL
+            .into_iter()
+            .filter(|s| s.backend() == "consul")
+            .flat_map(|s| s.envs())
+            .map(|(var, _)| var)
+            .collect();
+        assert_eq!(vars, ["SYNC_TEST_CONSUL", "SYNC_TEST_CONSUL_ACL"]);
+    }
+
+    #[test]
+    fn test_arguments_merge_with_the_users() {
+        let args = |a: &[&str]| a.iter().map(|s| s.to_string()).collect::<Vec<_>>();
+        let threads = ["--test-threads", "64"];
+        assert_eq!(
+            cargo_line(&["-p", "x"], &[], &threads),
+            ["-p", "x", "--", "--test-threads", "64"]
+        );
+        assert_eq!(
+            cargo_line(
+                &["-p", "x"],
+                &args(&["--release", "--", "lock::"]),
+                &threads
+            ),
+            [
+                "-p",
+                "x",
+                "--release",
+                "--",
+                "--test-threads",
+                "64",
+                "lock::"
+            ]
+        );
+        // The user's own thread count wins.
+        assert_eq!(
+            cargo_line(&["-p", "x"], &args(&["--", "--test-threads=1"]), &threads),
+            ["-p", "x", "--", "--test-threads=1"]
+        );
+        // Without test arguments of ours, the user's line is passed on as it was.
+        assert_eq!(
+            cargo_line(&["-p", "x"], &args(&["-q"]), &[]),
+            ["-p", "x", "-q"]
+        );
+        assert_eq!(
+            cargo_line(&["-p", "x"], &args(&["--", "--nocapture"]), &[]),
+            ["-p", "x", "--", "--nocapture"]
+        );
     }
 
     #[test]

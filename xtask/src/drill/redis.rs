@@ -18,25 +18,17 @@
 use std::{
     net::SocketAddr,
     path::{Path, PathBuf},
-    process::{Child, Command, ExitCode, Stdio},
+    process::{Child, ExitCode, Stdio},
     thread,
     time::{Duration, Instant},
 };
 
 use super::{
-    Run, build_worker,
+    Run, Scope, build_worker,
     cluster::{free_port, wait_until},
-    drill_one, now_us, on_service, task,
+    drills_where_capable, now_us, on_service,
 };
 use crate::{Result, probe, services::Service};
-
-/// Which Redis drills to run.
-pub(super) enum Scope {
-    All,
-    Cluster,
-    Task,
-    Restart,
-}
 
 /// Runs the Redis drills of `scope`, `length` each.
 pub(super) fn drill(length: Duration, scope: Scope) -> Result<ExitCode> {
@@ -45,12 +37,12 @@ pub(super) fn drill(length: Duration, scope: Scope) -> Result<ExitCode> {
     let mut codes = Vec::new();
     if matches!(scope, Scope::All | Scope::Task) {
         codes.push(on_service(Service::Redis, |url| {
-            drills(&worker, url, length, only_task)
+            drills_where_capable(&worker, url, length, only_task)
         })?);
     }
     if matches!(scope, Scope::All | Scope::Cluster | Scope::Task) && !crate::interrupted() {
         codes.push(on_service(Service::RedisCluster, |url| {
-            drills(&worker, url, length, only_task)
+            drills_where_capable(&worker, url, length, only_task)
         })?);
     }
     if matches!(scope, Scope::All | Scope::Restart) && !crate::interrupted() {
@@ -58,45 +50,6 @@ pub(super) fn drill(length: Duration, scope: Scope) -> Result<ExitCode> {
     }
     let failed = codes.into_iter().find(|c| *c != ExitCode::SUCCESS);
     Ok(failed.unwrap_or(ExitCode::SUCCESS))
-}
-
-/// The lock and leader drills (unless `only_task`), then the task drill if `url`'s backend has
-/// Task (sync-redis gains it later: until then it is skipped, and says so).
-fn drills(worker: &Path, url: &str, length: Duration, only_task: bool) -> Result<ExitCode> {
-    let mut code = ExitCode::SUCCESS;
-    let primitives: &[&'static str] = if only_task { &[] } else { &["lock", "leader"] };
-    for &what in primitives {
-        if drill_one(worker, what, url, length)? != ExitCode::SUCCESS {
-            code = ExitCode::FAILURE;
-        }
-    }
-    if crate::interrupted() {
-        return Ok(code);
-    }
-    if !capable(worker, url, "task")? {
-        say!("drill task on {url}: SKIPPED, the backend does not report the Task capability");
-        return Ok(code);
-    }
-    if task::drill(worker, url, length)? != ExitCode::SUCCESS {
-        code = ExitCode::FAILURE;
-    }
-    Ok(code)
-}
-
-/// Whether the backend at `url` reports `capability`, as the worker sees it.
-fn capable(worker: &Path, url: &str, capability: &str) -> Result<bool> {
-    let out = Command::new(worker)
-        .args([url, "capable", capability, "0"])
-        .stdin(Stdio::null())
-        .stderr(Stdio::inherit())
-        .output()?;
-    if !out.status.success() {
-        bail!(
-            "drill: asking {url} for its capabilities failed ({})",
-            out.status
-        );
-    }
-    Ok(String::from_utf8_lossy(&out.stdout).trim() == "CAPABLE yes")
 }
 
 /// The lock drill while the server is killed (-9) and restarted, losing every key, whenever a

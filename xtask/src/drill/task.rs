@@ -45,7 +45,7 @@ use std::{
 
 use nix::{sys::signal, unistd::Pid};
 
-use super::{Dice, STOP_FOR, TTL, now_us};
+use super::{Dice, Lease, now_us};
 use crate::{Result, fmt_duration};
 
 /// Worker processes running at once (each runs two jobs at a time).
@@ -67,18 +67,14 @@ struct Chaos {
     submitter_kills: usize,
 }
 
-/// The task drill against `url` (an etcd URL without namespace): chaos for `length`, then a
-/// drain of at most 20–60 s, judged.
+/// The task drill against `url` (a backend URL without namespace): chaos for `length`, then a
+/// drain of at most 20–60 s (longer on a backend whose lease is longer), judged.
 pub(super) fn drill(worker: &Path, url: &str, length: Duration) -> Result<ExitCode> {
-    let namespace = format!("drill-{}", now_us());
-    let url = format!(
-        "{}/{namespace}?ttl={}s",
-        url.trim_end_matches('/'),
-        TTL.as_secs()
-    );
+    let lease = Lease::of(url);
+    let url = lease.url(url, &format!("drill-{}", now_us()));
     let span = (length * 3 / 4).max(Duration::from_secs(1));
     let count = (span.as_millis() / PACE.as_millis()).max(10) as u64;
-    let drain = length.clamp(Duration::from_secs(20), Duration::from_secs(60));
+    let drain = drain_time(length, lease);
     say!(
         "drill task: {WORKERS} workers and a submitter ({count} jobs) on {url} for {}, then a drain of at most {}",
         fmt_duration(length),
@@ -155,7 +151,7 @@ pub(super) fn drill(worker: &Path, url: &str, length: Duration) -> Result<ExitCo
             if stop {
                 let from = now_us();
                 let _ = signal::kill(pid, signal::Signal::SIGSTOP);
-                thread::sleep(STOP_FOR);
+                thread::sleep(lease.stop_for);
                 let _ = signal::kill(pid, signal::Signal::SIGCONT);
                 chaos
                     .stops
@@ -243,6 +239,14 @@ pub(super) fn drill(worker: &Path, url: &str, length: Duration) -> Result<ExitCo
     } else {
         ExitCode::FAILURE
     })
+}
+
+/// How long the final check may wait for the queue to drain: a job whose worker was killed
+/// last comes back after its claim expires, which may take two TTLs (Consul invalidates
+/// lazily), and then runs; so at least four TTLs, and 20–60 s.
+fn drain_time(length: Duration, lease: Lease) -> Duration {
+    let floor = (lease.ttl * 4).max(Duration::from_secs(20));
+    length.clamp(floor, floor.max(Duration::from_secs(60)))
 }
 
 /// Starts `bin` with `args`, feeding it `stdin` (then closing it) and sending each line it
@@ -751,6 +755,17 @@ mod tests {
         // No status at all: the check never answered for it.
         let v = judge(vec![line(9, "SUBMIT j-0 j-0 50")], &Chaos::default());
         assert_eq!(v.lost, 1);
+    }
+
+    #[test]
+    fn the_drain_outlasts_a_dead_workers_claim() {
+        let short = Lease::of("etcd://h:1");
+        let consul = Lease::of("consul://h:1");
+        let secs = |d: Duration| d.as_secs();
+        assert_eq!(secs(drain_time(Duration::from_secs(12), short)), 20);
+        assert_eq!(secs(drain_time(Duration::from_secs(600), short)), 60);
+        assert_eq!(secs(drain_time(Duration::from_secs(12), consul)), 40);
+        assert_eq!(secs(drain_time(Duration::from_secs(600), consul)), 60);
     }
 
     #[test]
