@@ -53,8 +53,13 @@ fn restart(worker: &Path, length: Duration) -> Result<ExitCode> {
     let until = Instant::now() + length;
     let (mut longest, mut down_total, mut restarts) = (Duration::ZERO, Duration::ZERO, 0u32);
     let mut held_at_kill = 0;
-    while Instant::now() < until && !crate::interrupted() {
-        thread::sleep(Duration::from_millis(2000 + run.dice.below(2000)));
+    while !crate::interrupted() {
+        // A restart takes a few seconds: none is begun that could not end within the drill.
+        let nap = Duration::from_millis(2000 + run.dice.below(2000));
+        if Instant::now() + nap + Duration::from_secs(4) > until {
+            break;
+        }
+        thread::sleep(nap);
         run.reap_exited();
         // Aim at a hold: the restart should land while someone uses the lock.
         held_at_kill += usize::from(wait_until(Duration::from_secs(1), || run.held()));

@@ -384,10 +384,14 @@ impl Run {
     /// backend restart is to be ridden out) and starts others in their slots.
     pub(crate) fn reap_exited(&mut self) {
         for slot in 0..self.workers.len() {
-            if !matches!(self.workers[slot].try_wait(), Ok(Some(_))) {
+            let Ok(Some(status)) = self.workers[slot].try_wait() else {
                 continue;
+            };
+            // A worker runs a little past the drill's length: one that ended cleanly was done.
+            let id = self.ids[slot];
+            if !status.success() && !self.exited.contains(&id) {
+                self.exited.push(id);
             }
-            self.exited.push(self.ids[slot]);
             if Instant::now() < self.ends
                 && let Ok(child) = self.spawn(self.next)
             {
@@ -436,10 +440,14 @@ impl Run {
     /// would outlast the drill is a kill.
     fn strike_a_worker(&mut self) -> Result<()> {
         self.reap_exited();
-        self.collect();
-        let holder = holding(&self.seen).and_then(|w| self.ids.iter().position(|id| *id == w));
         let fits = Instant::now() + self.lease.stop_for <= self.ends;
         let stop = fits && (self.pauses == 0 || self.dice.below(2) == 0);
+        // A stop is aimed at a holder; holds are short, so wait a moment for one.
+        if stop {
+            cluster::wait_until(Duration::from_secs(1), || self.held());
+        }
+        self.collect();
+        let holder = holding(&self.seen).and_then(|w| self.ids.iter().position(|id| *id == w));
         let slot = match (stop, holder) {
             (true, Some(slot)) => slot,
             _ => self.dice.below(WORKERS as u64) as usize,
