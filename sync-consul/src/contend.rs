@@ -31,6 +31,13 @@ pub(crate) struct Grant {
     pub(crate) turn: Arc<Turn>,
 }
 
+/// A value unique to one grant: Consul does not rewrite an entry whose value, flags and
+/// session are unchanged, so the grant's write must change the value for its ModifyIndex (the
+/// fencing token) to be new.
+pub(crate) fn nonce() -> String {
+    uuid::Uuid::new_v4().simple().to_string()
+}
+
 /// What one try found.
 enum Tried {
     Granted(u64),

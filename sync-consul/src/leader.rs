@@ -23,11 +23,15 @@ use crate::{
     contend::{Contender, Grant, release},
 };
 
-/// A leader key's value: the term (empty until the first proclamation: the acquiring write's
-/// ModifyIndex is not known before it is made), the escaped candidate, the value, separated by
-/// newlines.
+/// A leader key's value: the term, the escaped candidate, the value, separated by newlines.
+/// Until the first proclamation the term is `~` and a nonce: the acquiring write's ModifyIndex
+/// is not known before it is made, and the nonce makes that write a new one (see
+/// [`nonce`](crate::contend::nonce)).
 fn encode(term: Option<u64>, candidate: &str, value: &[u8]) -> Vec<u8> {
-    let term = term.map(|t| t.to_string()).unwrap_or_default();
+    let term = term.map_or_else(
+        || format!("~{}", crate::contend::nonce()),
+        |t| t.to_string(),
+    );
     let mut out = format!("{term}\n{}\n", sync_core::id::escape(candidate)).into_bytes();
     out.extend_from_slice(value);
     out
@@ -39,7 +43,7 @@ fn decode(entry: &KvEntry) -> Option<LeaderInfo> {
     let term = std::str::from_utf8(parts.next()?).ok()?;
     let candidate = sync_core::id::unescape(std::str::from_utf8(parts.next()?).ok()?)?;
     let value = parts.next()?.to_vec();
-    let term = if term.is_empty() {
+    let term = if term.starts_with('~') {
         entry.modify_index
     } else {
         term.parse().ok()?
@@ -341,6 +345,7 @@ mod tests {
     #[test]
     fn values_round_trip_with_and_without_a_term() {
         let fresh = entry(&encode(None, "a\nb", b"v\n1"), Some("s"));
+        assert_ne!(encode(None, "c", b""), encode(None, "c", b""));
         assert_eq!(
             decode(&fresh),
             Some(LeaderInfo::new("a\nb", 9, b"v\n1".to_vec()))

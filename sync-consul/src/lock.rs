@@ -28,11 +28,14 @@ impl ConsulLock {
         }
     }
 
-    fn contender<'a>(&'a self, key: &'a str) -> Contender<'a> {
+    /// A contender writing `nonce`: Consul leaves an entry rewritten with what it holds
+    /// untouched, ModifyIndex included, so a grant that re-takes a key its session still holds
+    /// (a release that failed) would get the last grant's fencing token again.
+    fn contender<'a>(&'a self, key: &'a str, nonce: &'a str) -> Contender<'a> {
         Contender {
             client: &self.client,
             key,
-            value: b"",
+            value: nonce.as_bytes(),
         }
     }
 
@@ -60,8 +63,9 @@ impl Lock for ConsulLock {
     #[tracing::instrument(level = "debug", skip(self, opts), fields(backend = BACKEND, primitive = "lock"))]
     async fn acquire(&self, id: &str, opts: LockOptions) -> Result<LockGuard> {
         let key = self.client.lock_key(id);
+        let nonce = crate::contend::nonce();
         let grant = self
-            .contender(&key)
+            .contender(&key, &nonce)
             .wait(&format!("lock {id:?}"), opts.wait)
             .await
             .map_err(|e| e.with_id(id))?;
@@ -71,8 +75,9 @@ impl Lock for ConsulLock {
     #[tracing::instrument(level = "debug", skip(self), fields(backend = BACKEND, primitive = "lock"))]
     async fn try_acquire(&self, id: &str) -> Result<Option<LockGuard>> {
         let key = self.client.lock_key(id);
+        let nonce = crate::contend::nonce();
         let tried = self
-            .contender(&key)
+            .contender(&key, &nonce)
             .try_once()
             .await
             .map_err(|e| e.with_id(id))?;

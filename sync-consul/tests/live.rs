@@ -445,6 +445,46 @@ async fn late_release_spares_a_later_grant(url: String) -> TestResult {
     other.close().await.map_err(err)
 }
 
+/// A release that fails leaves the key held by the client's session; the next grant of it
+/// through the same client re-takes it, and still gets a larger fencing token (Consul keeps an
+/// entry's ModifyIndex when a write changes nothing, so the grant must change the value).
+async fn regrant_after_a_failed_release_gets_a_new_token(url: String) -> TestResult {
+    use sync_conformance::proxy::{Fault, FaultProxy, hosts, through_all};
+    let upstream = hosts(&url).ok_or("no agent address in the URL")?;
+    let proxy = FaultProxy::start_all(&upstream).await.map_err(err)?;
+    let through = through_all(&url, proxy.addrs());
+    let ns = unique("regrant");
+    let client = common::connect(&through, &ns, |c| {
+        c.with_request_timeout(Duration::from_secs(1))
+    })
+    .await?;
+    let lock = client.lock().map_err(err)?;
+    let first = lock
+        .acquire("orders", LockOptions::new())
+        .await
+        .map_err(err)?;
+    let token = first.fencing_token();
+    // Refused connections: the release is never sent, and the key stays the session's.
+    proxy.set(Fault::Reset);
+    if first.release().await.is_ok() {
+        return Err("the release succeeded through a proxy refusing every connection".into());
+    }
+    proxy.set(Fault::Pass);
+    let second = lock
+        .acquire("orders", LockOptions::new())
+        .await
+        .map_err(err)?;
+    let again = second.fencing_token();
+    second.release().await.map_err(err)?;
+    client.close().await.map_err(err)?;
+    if again <= token {
+        return Err(format!(
+            "the second grant's fencing token {again} is not above the first's {token}"
+        ));
+    }
+    Ok(())
+}
+
 /// A leader that proclaimed resigns cleanly (its release is guarded by the index of its last
 /// proclamation) and the group is free for the next candidate at once.
 async fn resign_after_proclaim_hands_over(url: String) -> TestResult {
@@ -602,7 +642,7 @@ async fn acl_cases(url: &str, ns: &str, writer: &AclToken, keyless: &AclToken) -
 }
 
 fn main() -> std::process::ExitCode {
-    let tests: [(&'static str, Needs, TestFn); 7] = [
+    let tests: [(&'static str, Needs, TestFn); 8] = [
         (
             "lock::uncontended_acquire_release_is_two_requests",
             Needs::Consul,
@@ -627,6 +667,11 @@ fn main() -> std::process::ExitCode {
             "lock::late_release_spares_a_later_grant",
             Needs::Consul,
             |u| Box::pin(late_release_spares_a_later_grant(u)),
+        ),
+        (
+            "lock::regrant_after_a_failed_release_gets_a_new_token",
+            Needs::Consul,
+            |u| Box::pin(regrant_after_a_failed_release_gets_a_new_token(u)),
         ),
         (
             "leader::resign_after_proclaim_hands_over",
