@@ -496,7 +496,7 @@ fn token() -> String {
     uuid::Uuid::new_v4().simple().to_string()
 }
 
-async fn timed<T>(f: impl Future<Output = Result<T>>) -> Result<Duration> {
+pub(crate) async fn timed<T>(f: impl Future<Output = Result<T>>) -> Result<Duration> {
     let t = Instant::now();
     f.await?;
     Ok(t.elapsed())
@@ -504,7 +504,7 @@ async fn timed<T>(f: impl Future<Output = Result<T>>) -> Result<Duration> {
 
 /// Waits `wait` (the waiter is queued by then), releases, and returns how long after the
 /// release the waiter was granted.
-async fn handoff_after<E: std::fmt::Display>(
+pub(crate) async fn handoff_after<E: std::fmt::Display>(
     wait: Duration,
     release: impl Future<Output = std::result::Result<(), E>>,
     waiter: tokio::task::JoinHandle<Result<Instant>>,
@@ -517,7 +517,7 @@ async fn handoff_after<E: std::fmt::Display>(
 }
 
 /// Acquires and releases at once; when it was granted.
-async fn sync_cycle(lock: &Arc<dyn Lock>, id: &str) -> Result<Instant> {
+pub(crate) async fn sync_cycle(lock: &Arc<dyn Lock>, id: &str) -> Result<Instant> {
     let g = lock
         .acquire(id, LockOptions::new())
         .await
@@ -580,9 +580,9 @@ async fn raw_release(conn: &mut Conn, key: &str, token: &str) -> Result<()> {
 
 /// Ops done by `tasks` tasks looping `op(i)` until `window` is over, per task, and how long
 /// they took (the last ones finish their op after the window).
-struct Contended {
-    counts: Vec<usize>,
-    took: Duration,
+pub(crate) struct Contended {
+    pub(crate) counts: Vec<usize>,
+    pub(crate) took: Duration,
 }
 
 async fn contend<F, Fut, T>(tasks: usize, window: Duration, op: F) -> Result<Contended>
@@ -766,7 +766,7 @@ async fn raw_hold(raw_url: &str, ns: &str, n: usize, ttl: Duration) -> Result<Ab
     Ok(AbortOnDrop(task))
 }
 
-struct AbortOnDrop(tokio::task::JoinHandle<()>);
+pub(crate) struct AbortOnDrop(pub(crate) tokio::task::JoinHandle<()>);
 
 impl Drop for AbortOnDrop {
     fn drop(&mut self) {

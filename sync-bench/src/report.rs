@@ -26,7 +26,8 @@ pub struct Sample {
     #[serde(skip_serializing_if = "Option::is_none")]
     pub p99: Option<f64>,
     /// etcd requests (unary calls) per operation, from etcd's `/metrics`; for Redis, the
-    /// commands the client sent per operation, from `INFO commandstats`.
+    /// commands the client sent per operation, from `INFO commandstats`; for Consul, the HTTP
+    /// requests sent per operation, counted by a proxy in front of the agent.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub requests_per_op: Option<f64>,
     /// etcd watch streams opened per operation, from etcd's `/metrics`.
@@ -270,7 +271,7 @@ impl Report {
              medians of the rounds, ratios sync/baseline per round (min–max); ↓ lower is \
              better, ↑ higher is better. Requests, streams and etcd CPU per op are counted by \
              etcd (/metrics; for Redis, req/op is the top-level commands of INFO \
-             commandstats), client CPU from this process's threads, in the order sync / raw / \
+             commandstats; for Consul, the HTTP requests through a counting proxy), client CPU from this process's threads, in the order sync / raw / \
              peer.\n",
             if self.quick { "Quick" } else { "Full" },
             self.profile,

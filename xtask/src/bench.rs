@@ -12,14 +12,14 @@ use crate::{
     target_dir, total_elapsed,
 };
 
-/// Backends the bench knows. Consul has no backend crate yet: sync-bench lists it as not run,
-/// and no service is started for it.
+/// Backends the bench knows.
 const BACKENDS: [&str; 5] = ["etcd", "local", "ntp", "consul", "redis"];
 
 /// The service a backend's scenarios run against, for the backends that have scenarios.
 fn service_of(backend: &str) -> Option<Service> {
     match backend {
         "etcd" => Some(Service::Etcd),
+        "consul" => Some(Service::Consul),
         "ntp" => Some(Service::Ntp),
         "redis" => Some(Service::Redis),
         _ => None,
@@ -138,7 +138,7 @@ mod tests {
         assert_eq!(service_of("etcd"), Some(Service::Etcd));
         assert_eq!(service_of("ntp"), Some(Service::Ntp));
         assert_eq!(service_of("redis"), Some(Service::Redis));
-        assert_eq!(service_of("consul"), None);
+        assert_eq!(service_of("consul"), Some(Service::Consul));
         assert_eq!(service_of("local"), None);
     }
 
