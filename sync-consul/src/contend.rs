@@ -131,6 +131,11 @@ impl Contender<'_> {
                 }
                 Err(e) => return Err(e),
             };
+            // A zero sleep still waits for the next timer tick (a millisecond): a key that
+            // changed is tried again at once.
+            if nap.is_zero() {
+                continue;
+            }
             tokio::select! {
                 () = tokio::time::sleep(nap) => {}
                 () = tokio::time::sleep_until(deadline) => return Err(timed_out()),

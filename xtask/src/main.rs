@@ -85,7 +85,7 @@ usage:
       side-by-side benchmarks (sync-bench): each scenario runs the library, a raw client doing
       the minimal requests and the peer a user would otherwise pick, interleaved in rounds,
       against the live services (started and stopped here unless SYNC_TEST_* is set). BACKEND:
-      etcd local ntp (consul redis: listed as not run until their crates exist); default all.
+      etcd local ntp redis consul; default all.
       Prints a Markdown table; writes report.json, report.md and report.svg to
       <target>/bench/ (CARGO_TARGET_DIR honoured). --quick: a few seconds per scenario, dev
       build (`cargo xtask test` runs it after the tests); otherwise a release build.";
