@@ -1020,10 +1020,22 @@ impl JobQueue for ConsulQueue {
     async fn claim(&self, _name: &str, max: usize) -> Result<Claimed<Claim>> {
         self.shared.client.check_alive()?;
         let queue = self.look().await?;
+        let index = queue.index;
+        let listed = queue.value.clone();
         let (picks, due) = self.pick(queue.value, max.max(1));
         if picks.is_empty() {
             // Blocks past the index of the look just taken: nothing queued since is missed.
-            return Ok(Claimed::Empty(self.sleeper(queue.index, due)));
+            return Ok(Claimed::Empty(self.sleeper(index, due)));
+        }
+        // The rest of the listing serves the next claims, so a long queue is not read again
+        // for every batch: an entry another worker took meanwhile fails its claim's index
+        // check and is dropped, and an empty rest reads the queue again.
+        let rest: Vec<KvEntry> = listed
+            .into_iter()
+            .filter(|e| !picks.iter().any(|p| p.key == e.key))
+            .collect();
+        if !rest.is_empty() {
+            *locked(&self.fresh) = Some(Snapshot { value: rest, index });
         }
         Ok(Claimed::Jobs(self.claim_picks(picks).await?))
     }
