@@ -89,18 +89,20 @@ const SCHEMES: &[(&str, &str)] = &[
     ("consuls", "consul"),
 ];
 
+/// Each feature with whether this build has it.
+const FEATURES: &[(&str, bool)] = &[
+    ("local", cfg!(feature = "local")),
+    ("etcd", cfg!(feature = "etcd")),
+    ("etcd-tls", cfg!(feature = "etcd-tls")),
+    ("ntp", cfg!(feature = "ntp")),
+    ("redis", cfg!(feature = "redis")),
+    ("redis-tls", cfg!(feature = "redis-tls")),
+    ("consul", cfg!(feature = "consul")),
+];
+
 /// Whether this build has the backend behind `feature`.
 fn enabled(feature: &str) -> bool {
-    match feature {
-        "local" => cfg!(feature = "local"),
-        "etcd" => cfg!(feature = "etcd"),
-        "etcd-tls" => cfg!(feature = "etcd-tls"),
-        "ntp" => cfg!(feature = "ntp"),
-        "redis" => cfg!(feature = "redis"),
-        "redis-tls" => cfg!(feature = "redis-tls"),
-        "consul" => cfg!(feature = "consul"),
-        _ => false,
-    }
+    FEATURES.iter().any(|(f, on)| *f == feature && *on)
 }
 
 /// The schemes this build can connect to, e.g. `["local", "etcd"]`.

@@ -91,13 +91,17 @@ impl From<Failure> for Error {
     }
 }
 
-/// The error and its causes in one line (reqwest's own message hides the cause).
+/// The error and its causes in one line (reqwest's own message hides the cause); a cause
+/// whose text is already there (hyper's include their own) is said once.
 fn describe(e: &(dyn std::error::Error + 'static)) -> String {
     let mut text = e.to_string();
     let mut source = e.source();
     while let Some(s) = source {
-        text.push_str(": ");
-        text.push_str(&s.to_string());
+        let more = s.to_string();
+        if !text.contains(&more) {
+            text.push_str(": ");
+            text.push_str(&more);
+        }
         source = s.source();
     }
     text

@@ -1,0 +1,86 @@
+//! What `lock` and `elect` share: waiting with progress on stderr, and running CMD while the
+//! hold lasts.
+
+use std::{
+    future::Future,
+    time::{Duration, Instant},
+};
+
+use crate::{
+    child::{self, Ending, Io, Signals},
+    cli::HoldArgs,
+    exit::{self, Exit},
+    output,
+};
+
+/// When the first progress line appears, and how often the next ones do.
+const FIRST_PROGRESS: Duration = Duration::from_secs(1);
+const PROGRESS_EVERY: Duration = Duration::from_secs(10);
+
+/// Awaits `work` (connecting, acquiring), saying on stderr what it waits for unless `quiet`;
+/// a signal ends the wait (exit 128 + its number).
+pub async fn wait<T>(
+    work: impl Future<Output = Result<T, Exit>>,
+    what: &str,
+    quiet: bool,
+    signals: &mut Signals,
+) -> Result<T, Exit> {
+    let started = Instant::now();
+    let mut next = FIRST_PROGRESS;
+    tokio::pin!(work);
+    loop {
+        let tick = tokio::time::sleep_until((started + next).into());
+        tokio::select! {
+            done = &mut work => return done,
+            got = signals.recv() => return Err(child::interrupted(got)),
+            () = tick => {
+                if !quiet {
+                    output::err(&format!("waiting for {what} ({}s so far)…", started.elapsed().as_secs()));
+                }
+                next += PROGRESS_EVERY;
+            }
+        }
+    }
+}
+
+/// Runs CMD with `env` until it exits or `lost` fires, and returns syncctl's status: CMD's own,
+/// or [`exit::LOST`] when the hold was lost while it ran (`still_held` tells, once CMD exited).
+pub async fn run(
+    args: &HoldArgs,
+    env: &[(&str, String)],
+    what: &str,
+    lost: impl Future<Output = String>,
+    still_held: impl FnOnce() -> bool,
+    signals: &mut Signals,
+) -> Result<u8, Exit> {
+    let mut cmd = child::spawn(&args.command, env, Io::Inherit)?;
+    match cmd.supervise(lost, args.grace, Some(signals)).await? {
+        Ending::Lost(reason) => Err(Exit::new(
+            exit::LOST,
+            format!("{what} was lost ({reason}); the command was terminated"),
+        )),
+        Ending::Exited(_) if !still_held() => Err(Exit::new(
+            exit::LOST,
+            format!("{what} was lost as the command exited"),
+        )),
+        Ending::Exited(status) => Ok(exit::of_child(status)),
+    }
+}
+
+/// How long a release or a close may take before syncctl gives up on it (the lease then
+/// frees what is left within a TTL).
+pub const LET_GO: Duration = Duration::from_secs(10);
+
+/// Lets go of what `release` lets go of, bounded by [`LET_GO`]; a failure is only reported.
+pub async fn let_go(release: impl Future<Output = sync_core::Result<()>>, what: &str) {
+    match tokio::time::timeout(LET_GO, release).await {
+        Ok(Ok(())) => {}
+        Ok(Err(e)) => output::err(&format!(
+            "warning: releasing {what}: {}",
+            exit::one_line(&exit::describe(&e))
+        )),
+        Err(_) => output::err(&format!(
+            "warning: releasing {what} took over {LET_GO:?}; it frees when the lease expires"
+        )),
+    }
+}

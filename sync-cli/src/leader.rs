@@ -1,0 +1,134 @@
+//! `syncctl elect GROUP --id ME -- CMD` (CMD runs while leader) and `syncctl leader GROUP`.
+
+use futures::StreamExt;
+use sync_core::{ElectOptions, LeaderInfo};
+
+use crate::{
+    backend,
+    child::{self, Signals},
+    cli::{ElectArgs, Global, LeaderArgs},
+    exit::{self, Exit},
+    hold, output,
+};
+
+pub async fn elect(global: &Global, args: ElectArgs) -> Result<u8, Exit> {
+    let config = backend::config(global, args.hold.ttl)?;
+    backend::shared(&config, "leadership")?;
+    let name = config.backend();
+    let mut signals = Signals::catch()?;
+    let what = format!("leadership of {:?} on {name}", args.group);
+    let client = hold::wait(backend::connect(config), &what, global.quiet, &mut signals).await?;
+    let status = lead_and_run(&*client, global, &args, &what, &mut signals).await;
+    hold::let_go(client.close(), &format!("the {name} session")).await;
+    status
+}
+
+async fn lead_and_run(
+    client: &dyn sync_core::Backend,
+    global: &Global,
+    args: &ElectArgs,
+    what: &str,
+    signals: &mut Signals,
+) -> Result<u8, Exit> {
+    let leader = client.leader(&args.group)?;
+    let mut opts = ElectOptions::new().with_value(args.value.as_bytes());
+    if let Some(wait) = args.hold.wait {
+        opts = opts.with_wait(wait);
+    }
+    let elect = async {
+        leader
+            .elect(&args.candidate, opts)
+            .await
+            .map_err(Exit::from)
+    };
+    let elected = hold::wait(elect, what, global.quiet, signals).await?;
+    let env = [
+        ("SYNC_LEADER_GROUP", args.group.clone()),
+        ("SYNC_CANDIDATE", args.candidate.clone()),
+        ("SYNC_TERM", elected.term().to_string()),
+    ];
+    let revoked = elected.revoked();
+    let status = hold::run(
+        &args.hold,
+        &env,
+        what,
+        revoked,
+        || !elected.is_revoked(),
+        signals,
+    )
+    .await;
+    if elected.is_revoked() {
+        let _ = tokio::time::timeout(hold::LET_GO, elected.resign()).await;
+    } else {
+        hold::let_go(elected.resign(), what).await;
+    }
+    status
+}
+
+pub async fn leader(global: &Global, args: LeaderArgs) -> Result<u8, Exit> {
+    let config = backend::config(global, None)?;
+    let mut signals = Signals::catch()?;
+    let client = backend::connect(config).await?;
+    let leader = client.leader(&args.group)?;
+    let status = if args.follow {
+        follow(&*leader, global, &args.group, &mut signals).await
+    } else {
+        match leader.leader().await? {
+            Some(info) => {
+                print(global, &args.group, Some(&info));
+                Ok(0)
+            }
+            None if global.json => {
+                print(global, &args.group, None);
+                Ok(exit::NEGATIVE)
+            }
+            None => Err(Exit::new(
+                exit::NEGATIVE,
+                format!("{}: no leader", args.group),
+            )),
+        }
+    };
+    hold::let_go(client.close(), "the session").await;
+    status
+}
+
+/// Prints the leader and every change until the stream ends or a signal comes.
+async fn follow(
+    leader: &dyn sync_core::Leader,
+    global: &Global,
+    group: &str,
+    signals: &mut Signals,
+) -> Result<u8, Exit> {
+    let mut changes = leader.follow().await?;
+    loop {
+        tokio::select! {
+            next = changes.next() => match next {
+                Some(Ok(info)) => print(global, group, info.as_ref()),
+                Some(Err(e)) => return Err(e.into()),
+                None => return Ok(0),
+            },
+            got = signals.recv() => return Err(child::interrupted(got)),
+        }
+    }
+}
+
+fn print(global: &Global, group: &str, info: Option<&LeaderInfo>) {
+    if global.json {
+        let leader = info.map(|i| {
+            let mut entry = serde_json::json!({"candidate": i.candidate, "term": i.term});
+            output::put_bytes(&mut entry, "value", &i.value);
+            entry
+        });
+        output::json(&serde_json::json!({"group": group, "leader": leader}));
+        return;
+    }
+    match info {
+        Some(i) => output::line(&format!(
+            "{} term={} value={}",
+            i.candidate,
+            i.term,
+            output::shown(&i.value)
+        )),
+        None => output::line(&format!("{group}: no leader")),
+    }
+}

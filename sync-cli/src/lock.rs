@@ -1,0 +1,59 @@
+//! `syncctl lock ID -- CMD`: CMD runs while this process holds the lock.
+
+use sync_core::LockOptions;
+
+use crate::{
+    backend,
+    child::Signals,
+    cli::{Global, LockArgs},
+    exit::Exit,
+    hold,
+};
+
+pub async fn run(global: &Global, args: LockArgs) -> Result<u8, Exit> {
+    let config = backend::config(global, args.hold.ttl)?;
+    backend::shared(&config, "a lock")?;
+    let name = config.backend();
+    let mut signals = Signals::catch()?;
+    let what = format!("lock {:?} on {name}", args.id);
+    let client = hold::wait(backend::connect(config), &what, global.quiet, &mut signals).await?;
+    let status = hold_and_run(&*client, global, &args, &what, &mut signals).await;
+    hold::let_go(client.close(), &format!("the {name} session")).await;
+    status
+}
+
+async fn hold_and_run(
+    client: &dyn sync_core::Backend,
+    global: &Global,
+    args: &LockArgs,
+    what: &str,
+    signals: &mut Signals,
+) -> Result<u8, Exit> {
+    let lock = client.lock()?;
+    let mut opts = LockOptions::new();
+    if let Some(wait) = args.hold.wait {
+        opts = opts.with_wait(wait);
+    }
+    let acquire = async { lock.acquire(&args.id, opts).await.map_err(Exit::from) };
+    let guard = hold::wait(acquire, what, global.quiet, signals).await?;
+    let env = [
+        ("SYNC_LOCK_ID", args.id.clone()),
+        ("SYNC_FENCING_TOKEN", guard.fencing_token().to_string()),
+    ];
+    let status = hold::run(
+        &args.hold,
+        &env,
+        what,
+        guard.lost(),
+        || !guard.is_lost(),
+        signals,
+    )
+    .await;
+    if guard.is_lost() {
+        // Nothing left to release; only the backend's bookkeeping.
+        let _ = tokio::time::timeout(hold::LET_GO, guard.release()).await;
+    } else {
+        hold::let_go(guard.release(), what).await;
+    }
+    status
+}
