@@ -13,7 +13,9 @@ const LOCAL: &str = "local://";
 
 /// The chosen backend's config, with `ttl` in place of its own when given.
 pub fn config(global: &Global, ttl: Option<Duration>) -> Result<Config, Exit> {
-    let config = match (&global.backend, &global.config) {
+    // An empty SYNC_BACKEND (a script's unset variable) is no URL at all.
+    let url = global.backend.as_deref().filter(|u| !u.trim().is_empty());
+    let config = match (url, &global.config) {
         (Some(url), _) => {
             Config::from_url(url.trim()).map_err(|e| Exit::failed(url_error(url, e)))?
         }

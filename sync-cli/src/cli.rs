@@ -35,7 +35,13 @@ pub struct Cli {
 #[derive(Debug, Args)]
 pub struct Global {
     /// The backend URL, e.g. etcd://127.0.0.1:2379/myapp.
-    #[arg(long, global = true, env = "SYNC_BACKEND", value_name = "URL")]
+    #[arg(
+        long,
+        global = true,
+        env = "SYNC_BACKEND",
+        hide_env_values = true,
+        value_name = "URL"
+    )]
     pub backend: Option<String>,
     /// A TOML file with the backend's config (sync-any's: `backend = "etcd"`, its fields).
     #[arg(long, global = true, value_name = "FILE")]

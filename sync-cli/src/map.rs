@@ -61,7 +61,7 @@ async fn get(map: &dyn Map, global: &Global, key: &str) -> Result<u8, Exit> {
     let Some(entry) = map.read(key).await? else {
         return Err(Exit::new(
             exit::NEGATIVE,
-            format!("{}: no key {key:?}", map.name()),
+            format!("map {}: no key {key:?}", map.name()),
         ));
     };
     if global.json {
@@ -81,7 +81,7 @@ async fn del(map: &dyn Map, key: &str, expect: Option<u64>) -> Result<u8, Exit> 
         None if !map.delete(key).await? => {
             return Err(Exit::new(
                 exit::NEGATIVE,
-                format!("{}: no key {key:?}", map.name()),
+                format!("map {}: no key {key:?}", map.name()),
             ));
         }
         None => {}

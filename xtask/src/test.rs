@@ -72,11 +72,13 @@ pub(crate) fn run(args: &[String]) -> Result<ExitCode> {
         }
         scope
     };
-    // sync-etcd's `tls` feature is off in the workspace runs: its TLS tests (private etcds
-    // serving certificates they make) run in a step of their own whenever etcd is tested.
+    // The TLS tests (private servers with certificates they make) need sync-etcd's and
+    // sync-redis's `tls` features. A whole-workspace run has them on, since syncctl's
+    // sync-any asks for every backend (see `the_workspace_run_has_tls_on`); a run of named
+    // backends gives them a step of their own.
     let own = OwnSteps {
-        etcd_tls: wanted.contains(&Service::Etcd) && workspace_has("sync-etcd"),
-        redis_tls: wanted.contains(&Service::Redis) && workspace_has("sync-redis"),
+        etcd_tls: !whole && wanted.contains(&Service::Etcd) && workspace_has("sync-etcd"),
+        redis_tls: !whole && wanted.contains(&Service::Redis) && workspace_has("sync-redis"),
         consul: wanted.contains(&Service::Consul) && workspace_has("sync-consul"),
     };
     // etcd-client's build script runs protoc, also against a user's own etcd: installed by
@@ -514,6 +516,18 @@ mod tests {
             let entry =
                 format!("name = \"{target}\"\nharness = false\nrequired-features = [\"tls\"]");
             assert!(manifest.contains(&entry), "no TLS test target {target}");
+        }
+    }
+
+    /// A whole-workspace run tests TLS in the workspace step: sync-cli turns on sync-any's
+    /// TLS features, which turn on sync-etcd's and sync-redis's `tls`.
+    #[test]
+    fn the_workspace_run_has_tls_on() {
+        let manifest = std::fs::read_to_string(project_root().join("sync-cli/Cargo.toml"))
+            .expect("sync-cli's manifest");
+        assert!(workspace_has("sync-cli"), "sync-cli left the workspace");
+        for feature in ["\"etcd-tls\"", "\"redis-tls\""] {
+            assert!(manifest.contains(feature), "sync-cli's sync-any lacks {feature}");
         }
     }
 
