@@ -17,14 +17,18 @@ use crate::{
 const FIRST_PROGRESS: Duration = Duration::from_secs(1);
 const PROGRESS_EVERY: Duration = Duration::from_secs(10);
 
-/// Awaits `work` (connecting, acquiring), saying on stderr what it waits for unless `quiet`;
-/// a signal ends the wait (exit 128 + its number).
-pub async fn wait<T>(
+/// Awaits `work` (connecting, acquiring), saying on stderr what it waits for and who holds it
+/// (when `holder` can tell) unless `quiet`; a signal ends the wait (exit 128 + its number).
+pub async fn wait<T, Who>(
     work: impl Future<Output = Result<T, Exit>>,
     what: &str,
+    holder: impl Fn() -> Who,
     quiet: bool,
     signals: &mut Signals,
-) -> Result<T, Exit> {
+) -> Result<T, Exit>
+where
+    Who: Future<Output = Option<String>>,
+{
     let started = Instant::now();
     let mut next = FIRST_PROGRESS;
     tokio::pin!(work);
@@ -33,14 +37,32 @@ pub async fn wait<T>(
         tokio::select! {
             done = &mut work => return done,
             got = signals.recv() => return Err(child::interrupted(got)),
-            () = tick => {
-                if !quiet {
-                    output::err(&format!("waiting for {what} ({}s so far)…", started.elapsed().as_secs()));
-                }
+            () = tick, if !quiet => {
+                // The work goes on meanwhile: a grant is never held up by the question.
+                let who = tokio::select! {
+                    done = &mut work => return done,
+                    who = ask(holder()) => who,
+                };
+                let so_far = started.elapsed().as_secs();
+                let held = who.map_or(String::new(), |w| format!("; held by {w}"));
+                output::err(&format!("waiting for {what} ({so_far}s so far){held}"));
                 next += PROGRESS_EVERY;
             }
         }
     }
+}
+
+/// Nobody, for the progress lines of a wait that is no contest (connecting).
+pub async fn nobody() -> Option<String> {
+    None
+}
+
+/// The holder, if the backend tells within a second.
+async fn ask(holder: impl Future<Output = Option<String>>) -> Option<String> {
+    tokio::time::timeout(Duration::from_secs(1), holder)
+        .await
+        .ok()
+        .flatten()
 }
 
 /// Runs CMD with `env` until it exits or `lost` fires, and returns syncctl's status: CMD's own,

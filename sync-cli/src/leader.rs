@@ -17,7 +17,8 @@ pub async fn elect(global: &Global, args: ElectArgs) -> Result<u8, Exit> {
     let name = config.backend();
     let mut signals = Signals::catch()?;
     let what = format!("leadership of {:?} on {name}", args.group);
-    let client = hold::wait(backend::connect(config), &what, global.quiet, &mut signals).await?;
+    let connect = backend::connect(config);
+    let client = hold::wait(connect, &what, hold::nobody, global.quiet, &mut signals).await?;
     let status = lead_and_run(&*client, global, &args, &what, &mut signals).await;
     hold::let_go(client.close(), &format!("the {name} session")).await;
     status
@@ -41,7 +42,14 @@ async fn lead_and_run(
             .await
             .map_err(Exit::from)
     };
-    let elected = hold::wait(elect, what, global.quiet, signals).await?;
+    let holder = || async {
+        let info = leader.leader().await.ok().flatten()?;
+        Some(format!(
+            "candidate {:?} (term {})",
+            info.candidate, info.term
+        ))
+    };
+    let elected = hold::wait(elect, what, holder, global.quiet, signals).await?;
     let env = [
         ("SYNC_LEADER_GROUP", args.group.clone()),
         ("SYNC_CANDIDATE", args.candidate.clone()),

@@ -16,7 +16,8 @@ pub async fn run(global: &Global, args: LockArgs) -> Result<u8, Exit> {
     let name = config.backend();
     let mut signals = Signals::catch()?;
     let what = format!("lock {:?} on {name}", args.id);
-    let client = hold::wait(backend::connect(config), &what, global.quiet, &mut signals).await?;
+    let connect = backend::connect(config);
+    let client = hold::wait(connect, &what, hold::nobody, global.quiet, &mut signals).await?;
     let status = hold_and_run(&*client, global, &args, &what, &mut signals).await;
     hold::let_go(client.close(), &format!("the {name} session")).await;
     status
@@ -35,7 +36,8 @@ async fn hold_and_run(
         opts = opts.with_wait(wait);
     }
     let acquire = async { lock.acquire(&args.id, opts).await.map_err(Exit::from) };
-    let guard = hold::wait(acquire, what, global.quiet, signals).await?;
+    let holder = || async { lock.holder(&args.id).await.ok().flatten() };
+    let guard = hold::wait(acquire, what, holder, global.quiet, signals).await?;
     let env = [
         ("SYNC_LOCK_ID", args.id.clone()),
         ("SYNC_FENCING_TOKEN", guard.fencing_token().to_string()),

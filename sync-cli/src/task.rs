@@ -176,10 +176,13 @@ async fn work(
     }
     signals.recv().await;
     if !global.quiet {
-        output::err("stopping: the running jobs finish first");
+        output::err("stopping: the running jobs finish first (a second signal ends them)");
     }
-    worker.stop().await;
-    Ok(0)
+    tokio::select! {
+        () = worker.stop() => Ok(0),
+        // The commands die with syncctl; their claims end with the session, at close.
+        got = signals.recv() => Err(child::interrupted(got)),
+    }
 }
 
 /// One attempt: CMD with the payload on stdin; its stdout is the output.

@@ -237,6 +237,24 @@ pub async fn fencing_tokens_increase(ctx: &Ctx) -> CaseResult {
     ensure_increasing("fencing tokens", &tokens)
 }
 
+/// Another client's `holder()` names the holder's fencing token while the lock is held, and
+/// nobody once it is released.
+pub async fn holder_names_the_token(ctx: &Ctx) -> CaseResult {
+    let (a, b) = (ctx.client().await?, ctx.client().await?);
+    let (la, lb) = (a.lock()?, b.lock()?);
+    let guard = la.acquire("holder", LockOptions::new()).await?;
+    let token = format!("token {}", guard.fencing_token());
+    let seen = lb.holder("holder").await?;
+    ensure!(
+        seen.as_deref().is_some_and(|who| who.contains(&token)),
+        "holder() said {seen:?} while the grant with {token} held"
+    );
+    guard.release().await?;
+    let after = lb.holder("holder").await?;
+    ensure!(after.is_none(), "holder() said {after:?} after the release");
+    Ok(())
+}
+
 /// Revoking the holder's lease fires the guard's `lost()` promptly, another client can then
 /// acquire, and the holder learned of the loss before the other client's grant.
 pub async fn lost_on_lease_revoke(ctx: &Ctx) -> CaseResult {

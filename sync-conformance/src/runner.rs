@@ -78,6 +78,7 @@ pub fn cases() -> Vec<Case> {
         case!(lock::wait_timeout, [Lock]),
         case!(lock::handoff_on_release, [Lock]),
         case!(lock::fencing_tokens_increase, [Lock]),
+        case!(lock::holder_names_the_token, [Lock]),
         case!(lock::lost_on_lease_revoke, [Lock, RevokeSession]),
         case!(lock::dead_holder_expires_after_ttl, [Lock, KillClient]),
         case!(lock::drop_releases, [Lock]),

@@ -84,6 +84,21 @@ impl Lock for ConsulLock {
         Ok(tried.map(|grant| self.guard(id, key, grant)))
     }
 
+    /// The holding session, which `/v1/session/info` and `/v1/session/destroy` take, and the
+    /// fencing token of its grant.
+    async fn holder(&self, id: &str) -> Result<Option<String>> {
+        let key = self.client.lock_key(id);
+        let read = self.client.api.get("reading the holder", &key, 0).await;
+        let entry = read.map_err(|e| Error::from(e).with_id(id))?.value;
+        Ok(entry.and_then(|e| {
+            let session = e.session?;
+            Some(format!(
+                "consul session {session} (token {})",
+                e.modify_index
+            ))
+        }))
+    }
+
     #[tracing::instrument(level = "debug", skip(self), fields(backend = BACKEND, primitive = "lock"))]
     async fn release(&self, id: &str) -> Result<()> {
         self.client.check_alive()?;

@@ -65,6 +65,28 @@ pub trait Lock: Send + Sync {
     /// [`ErrorKind::NotHeld`](crate::ErrorKind) if this handle holds none.
     async fn release(&self, id: &str) -> Result<()>;
 
+    /// Who holds `id` now, as far as the backend can tell, in words for people (progress
+    /// messages, `syncctl`), e.g. `etcd lease 694d81a3c2b1 (token 1042)`. `Ok(None)` when
+    /// nobody holds it, and from backends that cannot tell (the default).
+    ///
+    /// ```
+    /// # #[tokio::main(flavor = "current_thread")] async fn main() -> sync_core::Result<()> {
+    /// use sync_core::{Backend, LockOptions};
+    ///
+    /// let backend = sync_local::Client::connect(Default::default())?;
+    /// let lock = backend.lock()?;
+    /// let guard = lock.acquire("orders", LockOptions::new()).await?;
+    /// if let Some(who) = lock.holder("orders").await? {
+    ///     println!("orders is held by {who}");
+    /// }
+    /// guard.release().await?;
+    /// # Ok(()) }
+    /// ```
+    async fn holder(&self, id: &str) -> Result<Option<String>> {
+        let _ = id;
+        Ok(None)
+    }
+
     /// A grant that needs neither a wait nor any I/O, if one can be had right now — for an
     /// in-process backend, whose uncontended grant is one look at a table, so that a caller
     /// ([`acquire`](Lock::acquire) of a wrapper) need not build and box a future for it.

@@ -12,7 +12,8 @@ use tracing::Instrument;
 use crate::{
     BACKEND,
     client::ClientInner,
-    contention::{Contender, Holding, contend, try_contend},
+    contention::{Contender, Holding, contend, first_created, try_contend},
+    error::etcd_err,
 };
 
 pub(crate) struct EtcdLock {
@@ -73,6 +74,21 @@ impl Lock for EtcdLock {
         Ok(try_contend(&self.client, id, &prefix, Vec::new())
             .await?
             .map(|c| self.guard(id, prefix, c)))
+    }
+
+    /// The oldest contender's lease, which `etcdctl lease timetolive` and `lease revoke`
+    /// take, and its fencing token.
+    async fn holder(&self, id: &str) -> Result<Option<String>> {
+        let prefix = self.prefix(id)?;
+        let resp = self.client.kv().get(prefix, Some(first_created())).await;
+        let resp = resp.map_err(|e| etcd_err("reading the holder", e).with_id(id))?;
+        Ok(resp.kvs().first().map(|kv| {
+            format!(
+                "etcd lease {:x} (token {})",
+                kv.lease(),
+                kv.create_revision()
+            )
+        }))
     }
 
     #[tracing::instrument(level = "debug", skip(self), fields(backend = BACKEND, primitive = "lock"))]

@@ -487,6 +487,12 @@ impl<L: ?Sized + GrantNow + 'static> Lock for CheckedLock<L> {
         // A wrapper's callers go through acquire, which takes the backend's fast path.
         None
     }
+
+    async fn holder(&self, id: &str) -> Result<Option<String>> {
+        self.check(id)?;
+        let holder = self.inner.holder(id).await;
+        holder.map_err(|e| e.in_context(self.ops.backend, "lock.holder", id))
+    }
 }
 
 /// What a [`TimedHold`] wraps: a boxed [`HeldLock`] of any backend, or an in-process one.

@@ -159,6 +159,14 @@ impl Lock for LocalLock {
         Some(Self::guard(id, grant, signal))
     }
 
+    /// The holding session, by its number in this process, and the token.
+    async fn holder(&self, id: &str) -> Result<Option<String>> {
+        self.client.check_open()?;
+        let locks = &self.client.shared.locks;
+        let held = self.with_key(id, |key| locks.holder(key));
+        Ok(held.map(|(token, session)| format!("local session {session} (token {token})")))
+    }
+
     async fn release(&self, id: &str) -> Result<()> {
         self.client.check_open()?;
         // A lock is exclusive, so this handle holds at most one live grant of `id`.

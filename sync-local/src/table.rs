@@ -212,6 +212,13 @@ impl<S: SlotState> Table<S> {
         owner != 0 && self.free_if(key, |h| h.owner == owner)
     }
 
+    /// The token and session of `key`'s holder, if it is held.
+    pub(crate) fn holder(&self, key: &str) -> Option<(u64, u64)> {
+        let inner = self.lock();
+        let holder = inner.slots.get(key)?.holder.as_ref()?;
+        Some((holder.token, holder.session))
+    }
+
     /// Runs `f` on the state of `key` while it is held — by `token`, if given. None when not.
     pub(crate) fn if_held<R>(
         &self,

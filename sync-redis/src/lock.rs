@@ -13,6 +13,7 @@ use crate::{
     BACKEND,
     client::ClientInner,
     contend::{Contender, Grant, release},
+    error::redis_err,
     keys::HeldKeys,
 };
 
@@ -81,6 +82,24 @@ impl Lock for RedisLock {
         Ok(tried.ok().map(|grant| self.guard(id, keys, grant)))
     }
 
+    /// The holding client's id (the first 32 characters of the owner written in the key), the
+    /// fencing token, and how long the key lives unless renewed.
+    async fn holder(&self, id: &str) -> Result<Option<String>> {
+        self.client.check_alive()?;
+        let keys = self.client.keys.lock(id);
+        let conn = &self.client.conn;
+        let read = |e| redis_err("reading the holder", e).with_id(id);
+        let value: Option<Vec<u8>> = conn
+            .query(redis::cmd("GET").arg(&keys.key))
+            .await
+            .map_err(read)?;
+        let pttl: i64 = conn
+            .query(redis::cmd("PTTL").arg(&keys.key))
+            .await
+            .map_err(read)?;
+        Ok(value.map(|v| describe_holder(&v, pttl)))
+    }
+
     #[tracing::instrument(level = "debug", skip(self), fields(backend = BACKEND, primitive = "lock"))]
     async fn release(&self, id: &str) -> Result<()> {
         self.client.check_alive()?;
@@ -108,6 +127,22 @@ async fn give_back(client: &ClientInner, id: &str, keys: &HeldKeys, grant: Grant
     )
     .with_backend(BACKEND)
     .with_id(id))
+}
+
+/// A lock key's value (`owner` of 40 characters, the token, `\n`, the payload) in words.
+fn describe_holder(value: &[u8], pttl: i64) -> String {
+    let text = String::from_utf8_lossy(value);
+    let client = text.get(..32).unwrap_or(&text);
+    let token = text.get(40..).and_then(|rest| rest.split('\n').next());
+    let mut said = format!("redis client {client}");
+    if let Some(token) = token {
+        said += &format!(" (token {token}");
+        if pttl >= 0 {
+            said += &format!(", expires in {pttl} ms unless renewed");
+        }
+        said += ")";
+    }
+    said
 }
 
 fn not_held(id: &str, why: &str) -> Error {
@@ -151,5 +186,23 @@ impl HeldLock for RedisHeld {
                 tracing::debug!(backend = BACKEND, id = %self.id, error = %e, "background release failed");
             }
         });
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_holder_is_its_client_token_and_expiry() {
+        let value = format!("{}{:08x}1234\npayload", "c".repeat(32), 7);
+        assert_eq!(
+            describe_holder(value.as_bytes(), 900),
+            format!(
+                "redis client {} (token 1234, expires in 900 ms unless renewed)",
+                "c".repeat(32)
+            )
+        );
+        assert_eq!(describe_holder(b"short", -1), "redis client short");
     }
 }
