@@ -9,7 +9,7 @@ Exit statuses:
   0        success (lock, elect: CMD's own status is passed through)
   1        a negative answer: no such key, version mismatch, no leader, job failed
   2        usage error
-  122      the lock or leadership was lost while CMD ran; CMD was terminated
+  122      the lock or leadership was lost: CMD was terminated (or never started)
   124      --wait or --timeout expired
   125      syncctl failed: bad URL or config, backend unreachable, unsupported
   126, 127 CMD could not be run, CMD not found

@@ -72,9 +72,16 @@ pub async fn run(
     env: &[(&str, String)],
     what: &str,
     lost: impl Future<Output = String>,
-    still_held: impl FnOnce() -> bool,
+    still_held: impl Fn() -> bool,
     signals: &mut Signals,
 ) -> Result<u8, Exit> {
+    // Lost between the grant and now (a pause, say): CMD must not start at all.
+    if !still_held() {
+        return Err(Exit::new(
+            exit::LOST,
+            format!("{what} was lost before the command started"),
+        ));
+    }
     let mut cmd = child::spawn(&args.command, env, Io::Inherit)?;
     match cmd.supervise(lost, args.grace, Some(signals)).await? {
         Ending::Lost(reason) => Err(Exit::new(
