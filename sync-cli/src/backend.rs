@@ -33,6 +33,18 @@ pub async fn connect(config: Config) -> Result<Arc<dyn Backend>, Exit> {
     config.connect().await.map_err(Exit::from)
 }
 
+/// Connects, runs `work` with the client, and closes it; nothing is held, so a close that
+/// takes long is cut short.
+pub async fn with_client(
+    global: &Global,
+    work: impl AsyncFnOnce(&dyn Backend) -> Result<u8, Exit>,
+) -> Result<u8, Exit> {
+    let client = connect(config(global, None)?).await?;
+    let status = work(&*client).await;
+    let _ = tokio::time::timeout(crate::hold::LET_GO, client.close()).await;
+    status
+}
+
 /// Refuses the in-process backend for what must be shared between processes.
 pub fn shared(config: &Config, what: &str) -> Result<(), Exit> {
     if config.backend() == "local" {

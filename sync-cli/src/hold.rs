@@ -6,12 +6,36 @@ use std::{
     time::{Duration, Instant},
 };
 
+use sync_core::Backend;
+
 use crate::{
+    backend,
     child::{self, Ending, Io, Signals},
-    cli::HoldArgs,
+    cli::{Global, HoldArgs},
     exit::{self, Exit},
     output,
 };
+
+/// Connects to the shared backend for a hold on `subject` (`lock "x"`), runs `work` with the
+/// client, the words for what it waits for, and the signals, then closes the client: its lease
+/// or session ends, so nothing of this process is left held.
+pub async fn session(
+    global: &Global,
+    ttl: Option<Duration>,
+    subject: &str,
+    work: impl AsyncFnOnce(&dyn Backend, &str, &mut Signals) -> Result<u8, Exit>,
+) -> Result<u8, Exit> {
+    let config = backend::config(global, ttl)?;
+    backend::shared(&config, subject)?;
+    let name = config.backend();
+    let mut signals = Signals::catch()?;
+    let what = format!("{subject} on {name}");
+    let connect = backend::connect(config);
+    let client = wait(connect, &what, nobody, global.quiet, &mut signals).await?;
+    let status = work(&*client, &what, &mut signals).await;
+    let_go(client.close(), &format!("the {name} session")).await;
+    status
+}
 
 /// When the first progress line appears, and how often the next ones do.
 const FIRST_PROGRESS: Duration = Duration::from_secs(1);

@@ -12,16 +12,14 @@ use crate::{
 };
 
 pub async fn elect(global: &Global, args: ElectArgs) -> Result<u8, Exit> {
-    let config = backend::config(global, args.hold.ttl)?;
-    backend::shared(&config, "leadership")?;
-    let name = config.backend();
-    let mut signals = Signals::catch()?;
-    let what = format!("leadership of {:?} on {name}", args.group);
-    let connect = backend::connect(config);
-    let client = hold::wait(connect, &what, hold::nobody, global.quiet, &mut signals).await?;
-    let status = lead_and_run(&*client, global, &args, &what, &mut signals).await;
-    hold::let_go(client.close(), &format!("the {name} session")).await;
-    status
+    let subject = format!("leadership of {:?}", args.group);
+    hold::session(
+        global,
+        args.hold.ttl,
+        &subject,
+        async |client, what, signals| lead_and_run(client, global, &args, what, signals).await,
+    )
+    .await
 }
 
 async fn lead_and_run(
@@ -74,30 +72,23 @@ async fn lead_and_run(
 }
 
 pub async fn leader(global: &Global, args: LeaderArgs) -> Result<u8, Exit> {
-    let config = backend::config(global, None)?;
     let mut signals = Signals::catch()?;
-    let client = backend::connect(config).await?;
-    let leader = client.leader(&args.group)?;
-    let status = if args.follow {
-        follow(&*leader, global, &args.group, &mut signals).await
-    } else {
-        match leader.leader().await? {
-            Some(info) => {
-                print(global, &args.group, Some(&info));
-                Ok(0)
-            }
-            None if global.json => {
-                print(global, &args.group, None);
-                Ok(exit::NEGATIVE)
-            }
-            None => Err(Exit::new(
+    let show = async |client: &dyn sync_core::Backend| {
+        let leader = client.leader(&args.group)?;
+        if args.follow {
+            return follow(&*leader, global, &args.group, &mut signals).await;
+        }
+        let info = leader.leader().await?;
+        if info.is_none() && !global.json {
+            return Err(Exit::new(
                 exit::NEGATIVE,
                 format!("{}: no leader", args.group),
-            )),
+            ));
         }
+        print(global, &args.group, info.as_ref());
+        Ok(if info.is_some() { 0 } else { exit::NEGATIVE })
     };
-    hold::let_go(client.close(), "the session").await;
-    status
+    backend::with_client(global, show).await
 }
 
 /// Prints the leader and every change until the stream ends or a signal comes.

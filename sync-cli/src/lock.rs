@@ -3,7 +3,6 @@
 use sync_core::LockOptions;
 
 use crate::{
-    backend,
     child::Signals,
     cli::{Global, LockArgs},
     exit::Exit,
@@ -11,16 +10,14 @@ use crate::{
 };
 
 pub async fn run(global: &Global, args: LockArgs) -> Result<u8, Exit> {
-    let config = backend::config(global, args.hold.ttl)?;
-    backend::shared(&config, "a lock")?;
-    let name = config.backend();
-    let mut signals = Signals::catch()?;
-    let what = format!("lock {:?} on {name}", args.id);
-    let connect = backend::connect(config);
-    let client = hold::wait(connect, &what, hold::nobody, global.quiet, &mut signals).await?;
-    let status = hold_and_run(&*client, global, &args, &what, &mut signals).await;
-    hold::let_go(client.close(), &format!("the {name} session")).await;
-    status
+    let subject = format!("lock {:?}", args.id);
+    hold::session(
+        global,
+        args.hold.ttl,
+        &subject,
+        async |client, what, signals| hold_and_run(client, global, &args, what, signals).await,
+    )
+    .await
 }
 
 async fn hold_and_run(

@@ -12,11 +12,10 @@ use crate::{
 };
 
 pub async fn run(global: &Global, command: MapCommand) -> Result<u8, Exit> {
-    let client = backend::connect(backend::config(global, None)?).await?;
-    let status = dispatch(&*client, global, command).await;
-    // Nothing is held: a slow close loses nothing.
-    let _ = tokio::time::timeout(crate::hold::LET_GO, client.close()).await;
-    status
+    backend::with_client(global, async |client| {
+        dispatch(client, global, command).await
+    })
+    .await
 }
 
 async fn dispatch(

@@ -17,10 +17,10 @@ use crate::{
 };
 
 pub async fn run(global: &Global, command: TaskCommand) -> Result<u8, Exit> {
-    let client = backend::connect(backend::config(global, None)?).await?;
-    let status = dispatch(&*client, global, command).await;
-    let _ = tokio::time::timeout(crate::hold::LET_GO, client.close()).await;
-    status
+    backend::with_client(global, async |client| {
+        dispatch(client, global, command).await
+    })
+    .await
 }
 
 async fn dispatch(

@@ -1,5 +1,7 @@
 //! `syncctl time`: the synchronized time, with how uncertain it is.
 
+use sync_core::Backend;
+
 use crate::{
     backend,
     cli::{Global, TimeArgs},
@@ -8,10 +10,11 @@ use crate::{
 };
 
 pub async fn run(global: &Global, args: TimeArgs) -> Result<u8, Exit> {
-    let client = backend::connect(backend::config(global, None)?).await?;
-    let interval = async { Ok::<_, Exit>(client.time()?.now_interval().await?) }.await;
-    let _ = tokio::time::timeout(crate::hold::LET_GO, client.close()).await;
-    let interval = interval?;
+    backend::with_client(global, async |client| print(global, &args, client).await).await
+}
+
+async fn print(global: &Global, args: &TimeArgs, client: &dyn Backend) -> Result<u8, Exit> {
+    let interval = client.time()?.now_interval().await?;
     let show = |t| humantime::format_rfc3339_nanos(t).to_string();
     let (now, earliest, latest) = (
         show(interval.midpoint()),
