@@ -46,6 +46,7 @@ pub mod proxy;
 mod runner;
 pub mod task;
 pub mod time;
+pub mod tools;
 
 use runner::Harness;
 pub use runner::{Case, cases, run};
