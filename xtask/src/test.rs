@@ -527,7 +527,10 @@ mod tests {
             .expect("sync-cli's manifest");
         assert!(workspace_has("sync-cli"), "sync-cli left the workspace");
         for feature in ["\"etcd-tls\"", "\"redis-tls\""] {
-            assert!(manifest.contains(feature), "sync-cli's sync-any lacks {feature}");
+            assert!(
+                manifest.contains(feature),
+                "sync-cli's sync-any lacks {feature}"
+            );
         }
     }
 
