@@ -32,14 +32,41 @@ pub fn cases(out: &mut Vec<Case>) {
         out.push(Case::live(
             name("lost_lock_terminates_child", live),
             live,
-            move |base| lost_lock_terminates_child(live, base, OnTerm::Exit),
+            move |base| lost_lock_terminates_child(live, base, Hold::Lock, OnTerm::Exit),
+        ));
+        out.push(Case::live(
+            format!("elect::lost_leadership_terminates_child::{}", live.name()),
+            live,
+            move |base| lost_lock_terminates_child(live, base, Hold::Elect, OnTerm::Exit),
         ));
     }
     out.push(Case::live(
         name("lost_lock_kills_child_ignoring_term", Live::Etcd),
         Live::Etcd,
-        |base| lost_lock_terminates_child(Live::Etcd, base, OnTerm::Ignore),
+        |base| lost_lock_terminates_child(Live::Etcd, base, Hold::Lock, OnTerm::Ignore),
     ));
+    out.push(Case::live(
+        name("signal_while_waiting_starts_nothing", Live::Etcd),
+        Live::Etcd,
+        signal_while_waiting_starts_nothing,
+    ));
+}
+
+/// What a holder holds: a lock, or the leadership of a group.
+#[derive(Clone, Copy)]
+enum Hold {
+    Lock,
+    Elect,
+}
+
+impl Hold {
+    /// syncctl's arguments up to the flags.
+    fn args(self) -> &'static [&'static str] {
+        match self {
+            Hold::Lock => &["lock", "X"],
+            Hold::Elect => &["elect", "X", "--id", "me"],
+        }
+    }
 }
 
 /// The lease a backend's holders get: the shortest TTL it grants, and for Consul a 1 s
@@ -221,7 +248,12 @@ enum OnTerm {
 
 /// A lock made lost from outside (its lease revoked, its key deleted, its session destroyed):
 /// the command gets SIGTERM (SIGKILL after --grace if it ignores it) and syncctl exits 122.
-async fn lost_lock_terminates_child(live: Live, base: String, on_term: OnTerm) -> TestResult {
+async fn lost_lock_terminates_child(
+    live: Live,
+    base: String,
+    hold: Hold,
+    on_term: OnTerm,
+) -> TestResult {
     const GRACE: Duration = Duration::from_secs(3);
     let lease = lease(live);
     let scratch = Scratch::new()?;
@@ -232,12 +264,10 @@ async fn lost_lock_terminates_child(live: Live, base: String, on_term: OnTerm) -
         OnTerm::Exit => r#"trap 'echo term >> "$F"; exit 0' TERM"#,
         OnTerm::Ignore => "trap '' TERM",
     };
-    let hold = format!(r#"{trap}; echo $$ > "$R"; while :; do sleep 0.1; done"#);
+    let script = format!(r#"{trap}; echo $$ > "$R"; while :; do sleep 0.1; done"#);
     let (ttl, grace) = (flag(lease.ttl), flag(GRACE));
-    let args = [
-        "lock", "X", "--ttl", &ttl, "--grace", &grace, "--", "sh", "-c", &hold,
-    ];
-    let mut command = syncctl(Some(&url), &args);
+    let flags = ["--ttl", &ttl, "--grace", &grace, "--", "sh", "-c", &script];
+    let mut command = syncctl(Some(&url), &[hold.args(), &flags[..]].concat());
     command.env("R", &ready).env("F", &termed);
     let mut holder = Proc::spawn(&scratch, command)?;
     // The command leads its own process group (syncctl's stdin is no terminal).
@@ -282,4 +312,53 @@ async fn lost_lock_terminates_child(live: Live, base: String, on_term: OnTerm) -
         live.name()
     );
     Ok(())
+}
+
+/// A waiter that gets SIGTERM while it waits exits 143 and never starts its command; while it
+/// waited, its progress line named the holder (etcd: its lease and token).
+async fn signal_while_waiting_starts_nothing(base: String) -> TestResult {
+    let scratch = Scratch::new()?;
+    let url = services::url(&base, &unique("waiting"), "");
+    let (pidfile, marker) = (scratch.path("pid"), scratch.path("marker"));
+    let mut command = syncctl(
+        Some(&url),
+        &[
+            "lock",
+            "X",
+            "--",
+            "sh",
+            "-c",
+            r#"echo $$ > "$P"; exec sleep 60"#,
+        ],
+    );
+    command.env("P", &pidfile);
+    let mut holder = Proc::spawn(&scratch, command)?;
+    pid_in(&pidfile, &mut holder, STARTUP).await?;
+    let mut command = syncctl(
+        Some(&url),
+        &["lock", "X", "--", "sh", "-c", r#"touch "$M""#],
+    );
+    command.env("M", &marker);
+    let mut waiter = Proc::spawn(&scratch, command)?;
+    let progress = poll(STARTUP, || {
+        waiter.stderr().contains("waiting for").then_some(())
+    })
+    .await;
+    if progress.is_none() {
+        return Err(format!("the waiter said no progress: {}", waiter.said()));
+    }
+    let said = waiter.stderr();
+    if !said.contains("held by etcd lease") || !said.contains("(token ") {
+        return Err(format!(
+            "the progress line does not name the holder: {said:?}"
+        ));
+    }
+    waiter.signal("TERM").await?;
+    waiter.exits_with(143, Duration::from_secs(10)).await?;
+    if marker.exists() {
+        return Err("the waiter ran its command after it was told to stop".into());
+    }
+    // The holder's SIGTERM reaches its command; syncctl then exits with its status.
+    holder.signal("TERM").await?;
+    holder.exits_with(143, Duration::from_secs(10)).await
 }

@@ -22,6 +22,11 @@ pub fn cases(out: &mut Vec<Case>) {
         out.push(Case::live(name("elect_and_leader"), live, elect_and_leader));
     }
     out.push(Case::live(
+        "config::precedence::etcd".into(),
+        Live::Etcd,
+        config_precedence,
+    ));
+    out.push(Case::live(
         "smoke::time::ntp".into(),
         Live::Ntp,
         time_command,
@@ -235,6 +240,43 @@ async fn time_command(base: String) -> TestResult {
     let plain = ctl(&base, &["time"]).await?.ok()?;
     if plain.stdout.lines().count() != 1 {
         return Err(format!("time printed more than a line: {}", plain.said()));
+    }
+    Ok(())
+}
+
+/// The backend comes from --backend, else SYNC_BACKEND, else --config FILE: each source writes
+/// into a namespace of its own, and each value is read back where it should have landed.
+async fn config_precedence(base: String) -> TestResult {
+    let scratch = Scratch::new()?;
+    let [from_file, from_env, from_flag] = ["file", "env", "flag"].map(unique);
+    let file = scratch.path("sync.toml");
+    let endpoint = services::first_host(&base);
+    let toml =
+        format!("backend = \"etcd\"\nendpoints = [\"{endpoint}\"]\nnamespace = \"{from_file}\"\n");
+    std::fs::write(&file, toml).map_err(|e| format!("writing the config: {e}"))?;
+    let config = file.to_str().ok_or("a config path that is not UTF-8")?;
+    let env_url = services::url(&base, &from_env, "");
+    let flag_url = services::url(&base, &from_flag, "");
+    let put = |value: &'static str| ["--config", config, "map", "put", "m", "k", value];
+    output(syncctl(None, &put("file")), LIMIT).await?.ok()?;
+    let mut with_env = syncctl(None, &put("env"));
+    with_env.env("SYNC_BACKEND", &env_url);
+    output(with_env, LIMIT).await?.ok()?;
+    let mut with_flag = syncctl(Some(&flag_url), &put("flag"));
+    with_flag.env("SYNC_BACKEND", &env_url);
+    output(with_flag, LIMIT).await?.ok()?;
+    for (ns, want) in [
+        (&from_file, "file"),
+        (&from_env, "env"),
+        (&from_flag, "flag"),
+    ] {
+        let url = services::url(&base, ns, "");
+        let got = ctl(&url, &["map", "get", "m", "k"]).await?.ok()?;
+        same(
+            &format!("the value in namespace {ns}"),
+            got.stdout.as_str(),
+            want,
+        )?;
     }
     Ok(())
 }
