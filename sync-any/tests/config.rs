@@ -175,7 +175,11 @@ fn a_scheme_whose_feature_is_off_names_the_feature() {
         ("rediss+cluster", "redis-tls"),
     ] {
         // etcds:// takes its CA by file (read at connect, not here).
-        let query = if scheme == "etcds" { "?ca_file=ca.pem" } else { "" };
+        let query = if scheme == "etcds" {
+            "?ca_file=ca.pem"
+        } else {
+            ""
+        };
         let url = format!("{scheme}://h:1{query}");
         if on.contains(&scheme) {
             assert!(Config::from_url(&url).is_ok(), "{url}");
