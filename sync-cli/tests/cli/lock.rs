@@ -45,6 +45,13 @@ pub fn cases(out: &mut Vec<Case>) {
         Live::Etcd,
         |base| lost_lock_terminates_child(Live::Etcd, base, Hold::Lock, OnTerm::Ignore),
     ));
+    for live in [Live::Etcd, Live::Redis] {
+        out.push(Case::live(
+            name("paused_past_the_ttl_ends_the_command", live),
+            live,
+            move |base| paused_past_the_ttl_ends_the_command(live, base),
+        ));
+    }
     out.push(Case::live(
         name("signal_while_waiting_starts_nothing", Live::Etcd),
         Live::Etcd,
@@ -361,4 +368,35 @@ async fn signal_while_waiting_starts_nothing(base: String) -> TestResult {
     // The holder's SIGTERM reaches its command; syncctl then exits with its status.
     holder.signal("TERM").await?;
     holder.exits_with(143, Duration::from_secs(10)).await
+}
+
+/// syncctl stopped (SIGSTOP) for longer than its TTL while its command runs: once it runs
+/// again, the lock's safe deadline has passed, so it ends the command (SIGTERM) and exits 122
+/// at once, without waiting to hear from the backend.
+async fn paused_past_the_ttl_ends_the_command(live: Live, base: String) -> TestResult {
+    let lease = lease(live);
+    let scratch = Scratch::new()?;
+    let url = services::url(&base, &unique("paused"), lease.query);
+    let (ready, termed) = (scratch.path("ready"), scratch.path("termed"));
+    let script =
+        r#"trap 'echo term >> "$F"; exit 0' TERM; echo $$ > "$R"; while :; do sleep 0.1; done"#;
+    let ttl = flag(lease.ttl);
+    let args = ["lock", "X", "--ttl", &ttl, "--", "sh", "-c", script];
+    let mut command = syncctl(Some(&url), &args);
+    command.env("R", &ready).env("F", &termed);
+    let mut holder = Proc::spawn(&scratch, command)?;
+    pid_in(&ready, &mut holder, STARTUP).await?;
+    holder.signal("STOP").await?;
+    // The fault itself: a pause of a known length, past the TTL.
+    tokio::time::sleep(lease.ttl + Duration::from_millis(1500)).await;
+    holder.signal("CONT").await?;
+    holder
+        .exits_with(122, Duration::from_secs(3))
+        .await
+        .map_err(|e| format!("after a pause past the TTL: {e}"))?;
+    let noted = std::fs::read_to_string(&termed).unwrap_or_default();
+    if !noted.contains("term") {
+        return Err(format!("the command got no SIGTERM: {}", holder.said()));
+    }
+    Ok(())
 }
