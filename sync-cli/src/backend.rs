@@ -33,6 +33,10 @@ pub async fn connect(config: Config) -> Result<Arc<dyn Backend>, Exit> {
     config.connect().await.map_err(Exit::from)
 }
 
+/// How long a release or a close may take before syncctl gives up on it (the lease then
+/// frees what is left within a TTL).
+pub const LET_GO: Duration = Duration::from_secs(10);
+
 /// Connects, runs `work` with the client, and closes it; nothing is held, so a close that
 /// takes long is cut short.
 pub async fn with_client(
@@ -41,7 +45,7 @@ pub async fn with_client(
 ) -> Result<u8, Exit> {
     let client = connect(config(global, None)?).await?;
     let status = work(&*client).await;
-    let _ = tokio::time::timeout(crate::hold::LET_GO, client.close()).await;
+    let _ = tokio::time::timeout(LET_GO, client.close()).await;
     status
 }
 

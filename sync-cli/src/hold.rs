@@ -120,20 +120,17 @@ pub async fn run(
     }
 }
 
-/// How long a release or a close may take before syncctl gives up on it (the lease then
-/// frees what is left within a TTL).
-pub const LET_GO: Duration = Duration::from_secs(10);
-
-/// Lets go of what `release` lets go of, bounded by [`LET_GO`]; a failure is only reported.
+/// Lets go of what `release` lets go of, bounded by [`backend::LET_GO`]; a failure is only reported.
 pub async fn let_go(release: impl Future<Output = sync_core::Result<()>>, what: &str) {
-    match tokio::time::timeout(LET_GO, release).await {
+    match tokio::time::timeout(backend::LET_GO, release).await {
         Ok(Ok(())) => {}
         Ok(Err(e)) => output::err(&format!(
             "warning: releasing {what}: {}",
             exit::one_line(&exit::describe(&e))
         )),
         Err(_) => output::err(&format!(
-            "warning: releasing {what} took over {LET_GO:?}; it frees when the lease expires"
+            "warning: releasing {what} took over {:?}; it frees when the lease expires",
+            backend::LET_GO
         )),
     }
 }

@@ -64,7 +64,7 @@ async fn lead_and_run(
     )
     .await;
     if elected.is_revoked() {
-        let _ = tokio::time::timeout(hold::LET_GO, elected.resign()).await;
+        let _ = tokio::time::timeout(backend::LET_GO, elected.resign()).await;
     } else {
         hold::let_go(elected.resign(), what).await;
     }

@@ -3,6 +3,7 @@
 use sync_core::LockOptions;
 
 use crate::{
+    backend,
     child::Signals,
     cli::{Global, LockArgs},
     exit::Exit,
@@ -50,7 +51,7 @@ async fn hold_and_run(
     .await;
     if guard.is_lost() {
         // Nothing left to release; only the backend's bookkeeping.
-        let _ = tokio::time::timeout(hold::LET_GO, guard.release()).await;
+        let _ = tokio::time::timeout(backend::LET_GO, guard.release()).await;
     } else {
         hold::let_go(guard.release(), what).await;
     }
