@@ -53,7 +53,8 @@ pub fn spawn(argv: &[String], env: &[(&str, String)], io: Io) -> Result<Spawned,
     if io == Io::Piped {
         command.stdin(Stdio::piped()).stdout(Stdio::piped());
     }
-    let group = !std::io::stdin().is_terminal();
+    // A job's command never needs the terminal, and must not get its Ctrl-C.
+    let group = io == Io::Piped || !on_a_terminal();
     if group {
         command.process_group(0);
     }
@@ -70,6 +71,15 @@ pub fn spawn(argv: &[String], env: &[(&str, String)], io: Io) -> Result<Spawned,
         .and_then(Pid::from_raw)
         .ok_or_else(|| Exit::failed(format!("{program}: exited before it could be watched")))?;
     Ok(Spawned { child, pid, group })
+}
+
+/// Whether syncctl runs on a terminal (any of its stdio is one): CMD then stays in syncctl's
+/// process group, so that it can use the terminal without being stopped (SIGTTIN, SIGTTOU)
+/// and Ctrl-C and Ctrl-Z reach both.
+fn on_a_terminal() -> bool {
+    std::io::stdin().is_terminal()
+        || std::io::stdout().is_terminal()
+        || std::io::stderr().is_terminal()
 }
 
 /// CMD gets SIGKILL from the kernel when syncctl dies, even by SIGKILL: otherwise it would
@@ -153,6 +163,23 @@ impl Spawned {
         }
     }
 
+    /// Ends what CMD left running in its process group after it exited (a `&` job, say): it
+    /// must not run on once the hold is let go of. SIGTERM, then SIGKILL after `grace`.
+    pub async fn end_leftovers(&self, grace: Duration) {
+        if !self.group || rustix::process::test_kill_process_group(self.pid).is_err() {
+            return;
+        }
+        self.signal(Signal::TERM);
+        let deadline = tokio::time::Instant::now() + grace;
+        while rustix::process::test_kill_process_group(self.pid).is_ok() {
+            if tokio::time::Instant::now() >= deadline {
+                self.signal(Signal::KILL);
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
     /// A signal syncctl got, for CMD. On a terminal, Ctrl-C already reached CMD, which shares
     /// syncctl's process group: passing it on would deliver it twice.
     fn pass_on(&self, got: Signal) {
@@ -165,14 +192,24 @@ impl Spawned {
 /// SIGINT, SIGTERM and SIGHUP, caught from the start so that none kills syncctl while it
 /// holds something: while waiting they end the wait, while CMD runs they are passed on.
 pub struct Signals {
-    int: tokio::signal::unix::Signal,
-    term: tokio::signal::unix::Signal,
-    hup: tokio::signal::unix::Signal,
+    int: Option<tokio::signal::unix::Signal>,
+    term: Option<tokio::signal::unix::Signal>,
+    hup: Option<tokio::signal::unix::Signal>,
 }
 
 impl Signals {
+    /// Catches those of the three that syncctl was not told to ignore: an ignored one (under
+    /// `nohup`, or `&` in a script) stays ignored, for syncctl and for CMD, which inherits it.
     pub fn catch() -> Result<Signals, Exit> {
-        let catch = |kind| signal(kind).map_err(|e| Exit::failed(format!("signals: {e}")));
+        let ignored = ignored_signals();
+        let catch = |kind: SignalKind| {
+            if ignored & (1 << (kind.as_raw_value() - 1)) != 0 {
+                return Ok(None);
+            }
+            signal(kind)
+                .map(Some)
+                .map_err(|e| Exit::failed(format!("signals: {e}")))
+        };
         Ok(Signals {
             int: catch(SignalKind::interrupt())?,
             term: catch(SignalKind::terminate())?,
@@ -183,11 +220,32 @@ impl Signals {
     /// The next signal.
     pub async fn recv(&mut self) -> Signal {
         tokio::select! {
-            _ = self.int.recv() => Signal::INT,
-            _ = self.term.recv() => Signal::TERM,
-            _ = self.hup.recv() => Signal::HUP,
+            () = one(self.int.as_mut()) => Signal::INT,
+            () = one(self.term.as_mut()) => Signal::TERM,
+            () = one(self.hup.as_mut()) => Signal::HUP,
         }
     }
+}
+
+/// The next delivery of a caught signal; never for one not caught.
+async fn one(signal: Option<&mut tokio::signal::unix::Signal>) {
+    match signal {
+        Some(signal) => {
+            signal.recv().await;
+        }
+        None => std::future::pending().await,
+    }
+}
+
+/// The set of signals this process ignores (bit N-1 for signal N), from `/proc/self/status`;
+/// none where that cannot be read.
+fn ignored_signals() -> u64 {
+    let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
+    status
+        .lines()
+        .find_map(|line| line.strip_prefix("SigIgn:"))
+        .and_then(|mask| u64::from_str_radix(mask.trim(), 16).ok())
+        .unwrap_or(0)
 }
 
 /// The next signal, or never without `signals`.

@@ -16,6 +16,8 @@ pub const FAILED: u8 = 125;
 pub const CANNOT_RUN: u8 = 126;
 /// CMD was not found.
 pub const NOT_FOUND: u8 = 127;
+/// The reader of stdout went away (128 + SIGPIPE, as a shell reports it).
+pub const BROKEN_PIPE: u8 = 141;
 
 /// Why syncctl stops with a non-zero status: the status and a one-line message (empty when
 /// the status says it all, as with a child's own status).
@@ -56,6 +58,16 @@ impl From<sync_core::Error> for Exit {
         };
         Exit::new(status, describe(&e))
     }
+}
+
+/// Errors of these kinds are a "no" (exit 1), the rest syncctl's failure.
+pub fn negative_on(e: sync_core::Error, kinds: &[ErrorKind]) -> Exit {
+    let negative = kinds.contains(&e.kind());
+    let mut exit = Exit::from(e);
+    if negative {
+        exit.status = NEGATIVE;
+    }
+    exit
 }
 
 /// The error and its root cause (unless the message already says it): the causes between

@@ -6,7 +6,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use sync_core::Backend;
+use sync_core::{Backend, ErrorKind};
 
 use crate::{
     backend,
@@ -33,7 +33,8 @@ pub async fn session(
     let connect = backend::connect(config);
     let client = wait(connect, &what, nobody, global.quiet, &mut signals).await?;
     let status = work(&*client, &what, &mut signals).await;
-    let_go(client.close(), &format!("the {name} session")).await;
+    // What closing finds is no news: the hold was let go of (or found lost) before.
+    let _ = let_go(client.close(), &format!("the {name} session")).await;
     status
 }
 
@@ -107,7 +108,9 @@ pub async fn run(
         ));
     }
     let mut cmd = child::spawn(&args.command, env, Io::Inherit)?;
-    match cmd.supervise(lost, args.grace, Some(signals)).await? {
+    let ending = cmd.supervise(lost, args.grace, Some(signals)).await?;
+    cmd.end_leftovers(args.grace).await;
+    match ending {
         Ending::Lost(reason) => Err(Exit::new(
             exit::LOST,
             format!("{what} was lost ({reason}); the command was terminated"),
@@ -120,10 +123,25 @@ pub async fn run(
     }
 }
 
-/// Lets go of what `release` lets go of, bounded by [`backend::LET_GO`]; a failure is only reported.
-pub async fn let_go(release: impl Future<Output = sync_core::Result<()>>, what: &str) {
+/// Lets go of what `release` lets go of, bounded by [`backend::LET_GO`]. A hold the backend
+/// finds already lost is reported as lost (the command may have run without it, on a backend
+/// that noticed only now); other failures are warnings, as the lease frees the rest.
+pub async fn let_go(
+    release: impl Future<Output = sync_core::Result<()>>,
+    what: &str,
+) -> Result<(), Exit> {
     match tokio::time::timeout(backend::LET_GO, release).await {
         Ok(Ok(())) => {}
+        Ok(Err(e)) if matches!(e.kind(), ErrorKind::LockLost | ErrorKind::NotHeld) => {
+            return Err(Exit::new(
+                exit::LOST,
+                format!(
+                    "{what} was found lost at release, so the command may have run without \
+                     it: {}",
+                    exit::describe(&e)
+                ),
+            ));
+        }
         Ok(Err(e)) => output::err(&format!(
             "warning: releasing {what}: {}",
             exit::one_line(&exit::describe(&e))
@@ -132,5 +150,15 @@ pub async fn let_go(release: impl Future<Output = sync_core::Result<()>>, what: 
             "warning: releasing {what} took over {:?}; it frees when the lease expires",
             backend::LET_GO
         )),
+    }
+    Ok(())
+}
+
+/// The status of a hold whose command ended with `status`, once it was let go of: a loss
+/// found at the release outranks the command's own status.
+pub fn after_release(status: Result<u8, Exit>, released: Result<(), Exit>) -> Result<u8, Exit> {
+    match (status, released) {
+        (Ok(_), Err(lost)) => Err(lost),
+        (status, _) => status,
     }
 }

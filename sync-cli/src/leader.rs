@@ -65,18 +65,17 @@ async fn lead_and_run(
     .await;
     if elected.is_revoked() {
         let _ = tokio::time::timeout(backend::LET_GO, elected.resign()).await;
-    } else {
-        hold::let_go(elected.resign(), what).await;
+        return status;
     }
-    status
+    let resigned = hold::let_go(elected.resign(), what).await;
+    hold::after_release(status, resigned)
 }
 
 pub async fn leader(global: &Global, args: LeaderArgs) -> Result<u8, Exit> {
-    let mut signals = Signals::catch()?;
     let show = async |client: &dyn sync_core::Backend| {
         let leader = client.leader(&args.group)?;
         if args.follow {
-            return follow(&*leader, global, &args.group, &mut signals).await;
+            return follow(&*leader, global, &args.group).await;
         }
         let info = leader.leader().await?;
         if info.is_none() && !global.json {
@@ -85,24 +84,32 @@ pub async fn leader(global: &Global, args: LeaderArgs) -> Result<u8, Exit> {
                 format!("{}: no leader", args.group),
             ));
         }
-        print(global, &args.group, info.as_ref());
+        let _ = print(global, &args.group, info.as_ref());
         Ok(if info.is_some() { 0 } else { exit::NEGATIVE })
     };
     backend::with_client(global, show).await
 }
 
-/// Prints the leader and every change until the stream ends or a signal comes.
-async fn follow(
-    leader: &dyn sync_core::Leader,
-    global: &Global,
-    group: &str,
-    signals: &mut Signals,
-) -> Result<u8, Exit> {
+/// Prints the leader and every change until the stream ends, a signal comes, or the reader of
+/// stdout has gone (`| head -1`: status 141, as a shell reports SIGPIPE).
+async fn follow(leader: &dyn sync_core::Leader, global: &Global, group: &str) -> Result<u8, Exit> {
+    // Caught only now: until here, a signal simply ends syncctl, which holds nothing.
+    let mut signals = Signals::catch()?;
     let mut changes = leader.follow().await?;
+    let mut check = tokio::time::interval(std::time::Duration::from_millis(500));
     loop {
         tokio::select! {
+            _ = check.tick() => {
+                if output::stdout_gone() {
+                    return Err(Exit::silent(exit::BROKEN_PIPE));
+                }
+            }
             next = changes.next() => match next {
-                Some(Ok(info)) => print(global, group, info.as_ref()),
+                Some(Ok(info)) => {
+                    if !print(global, group, info.as_ref()) {
+                        return Err(Exit::silent(exit::BROKEN_PIPE));
+                    }
+                }
                 Some(Err(e)) => return Err(e.into()),
                 None => return Ok(0),
             },
@@ -111,15 +118,15 @@ async fn follow(
     }
 }
 
-fn print(global: &Global, group: &str, info: Option<&LeaderInfo>) {
+/// Prints one state of the group; false when stdout's reader has gone.
+fn print(global: &Global, group: &str, info: Option<&LeaderInfo>) -> bool {
     if global.json {
         let leader = info.map(|i| {
             let mut entry = serde_json::json!({"candidate": i.candidate, "term": i.term});
             output::put_bytes(&mut entry, "value", &i.value);
             entry
         });
-        output::json(&serde_json::json!({"group": group, "leader": leader}));
-        return;
+        return output::json(&serde_json::json!({"group": group, "leader": leader}));
     }
     match info {
         Some(i) => output::line(&format!(

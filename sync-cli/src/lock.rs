@@ -52,8 +52,8 @@ async fn hold_and_run(
     if guard.is_lost() {
         // Nothing left to release; only the backend's bookkeeping.
         let _ = tokio::time::timeout(backend::LET_GO, guard.release()).await;
-    } else {
-        hold::let_go(guard.release(), what).await;
+        return status;
     }
-    status
+    let released = hold::let_go(guard.release(), what).await;
+    hold::after_release(status, released)
 }

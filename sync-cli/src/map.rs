@@ -43,7 +43,7 @@ async fn dispatch(
                 .map(&map)?
                 .compare_and_swap(&key, expect, &value)
                 .await;
-            let version = swapped.map_err(|e| negative_on(e, &[ErrorKind::Conflict]))?;
+            let version = swapped.map_err(|e| exit::negative_on(e, &[ErrorKind::Conflict]))?;
             print_version(global, &key, version);
             Ok(0)
         }
@@ -75,7 +75,8 @@ async fn del(map: &dyn Map, key: &str, expect: Option<u64>) -> Result<u8, Exit> 
     match expect {
         Some(version) => {
             let deleted = map.compare_and_delete(key, version).await;
-            deleted.map_err(|e| negative_on(e, &[ErrorKind::Conflict, ErrorKind::NotFound]))?;
+            deleted
+                .map_err(|e| exit::negative_on(e, &[ErrorKind::Conflict, ErrorKind::NotFound]))?;
         }
         None if !map.delete(key).await? => {
             return Err(Exit::new(
@@ -116,16 +117,6 @@ fn print_version(global: &Global, key: &str, version: u64) {
     } else {
         output::line(&version.to_string());
     }
-}
-
-/// Errors of these kinds are a "no" (exit 1), the rest syncctl's failure.
-fn negative_on(e: sync_core::Error, kinds: &[ErrorKind]) -> Exit {
-    let negative = kinds.contains(&e.kind());
-    let mut exit = Exit::from(e);
-    if negative {
-        exit.status = exit::NEGATIVE;
-    }
-    exit
 }
 
 /// The value given, or all of stdin.

@@ -5,21 +5,35 @@ use std::io::Write;
 
 use base64::Engine;
 
-/// `text` and a newline on stdout.
-pub fn line(text: &str) {
-    bytes(format!("{text}\n").as_bytes());
+/// `text` and a newline on stdout; false when the reader has gone (see [`bytes`]).
+pub fn line(text: &str) -> bool {
+    bytes(format!("{text}\n").as_bytes())
 }
 
-/// Raw bytes on stdout.
-pub fn bytes(data: &[u8]) {
+/// Raw bytes on stdout; false when they could not be written. A reader that went away is not
+/// syncctl's failure: a one-shot command ignores it, a command that goes on printing stops.
+pub fn bytes(data: &[u8]) -> bool {
     let mut out = std::io::stdout().lock();
-    // A reader that went away is not syncctl's failure.
-    let _ = out.write_all(data).and_then(|()| out.flush());
+    out.write_all(data).and_then(|()| out.flush()).is_ok()
 }
 
-/// One JSON value on one line of stdout.
-pub fn json(value: &serde_json::Value) {
-    line(&value.to_string());
+/// Whether the reader of stdout has gone (a pipe whose other end is closed), found without
+/// writing: a command that waits long between lines must not outlive `| head -1` by that long.
+pub fn stdout_gone() -> bool {
+    use rustix::event::{PollFd, PollFlags, Timespec, poll};
+    let stdout = std::io::stdout();
+    let mut fds = [PollFd::new(&stdout, PollFlags::empty())];
+    let now = Timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    poll(&mut fds, Some(&now)).is_ok()
+        && fds[0].revents().intersects(PollFlags::ERR | PollFlags::HUP)
+}
+
+/// One JSON value on one line of stdout; false when the reader has gone.
+pub fn json(value: &serde_json::Value) -> bool {
+    line(&value.to_string())
 }
 
 /// `text` as a line on stderr, prefixed `syncctl: `.

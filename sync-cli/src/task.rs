@@ -3,7 +3,8 @@
 use std::{sync::Arc, time::Duration};
 
 use sync_core::{
-    HandlerError, Job, JobContext, JobId, JobState, JobStatus, MAX_PAYLOAD_LEN, WorkerOptions,
+    ErrorKind, HandlerError, Job, JobContext, JobId, JobState, JobStatus, MAX_PAYLOAD_LEN,
+    WorkerOptions,
 };
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
@@ -51,7 +52,10 @@ async fn dispatch(
                     .wait(&id, Some(wait))
                     .await
                     .map_err(|e| waited(e, &id))?,
-                None => task.status(&id).await?,
+                None => task
+                    .status(&id)
+                    .await
+                    .map_err(|e| exit::negative_on(e, &[ErrorKind::NotFound]))?,
             };
             outcome(global, &status, false)
         }
@@ -83,7 +87,7 @@ fn job(args: JobArgs) -> Result<Job, Exit> {
 
 /// An expired wait names the job, which goes on without us.
 fn waited(e: sync_core::Error, id: &JobId) -> Exit {
-    let mut exit = Exit::from(e);
+    let mut exit = exit::negative_on(e, &[ErrorKind::NotFound]);
     if exit.status == exit::EXPIRED {
         exit.message = format!("job {id} is not done yet: {}", exit.message);
     }
@@ -207,11 +211,14 @@ async fn run_job(
         }
     });
     let stdout = cmd.child.stdout.take();
-    let reader = tokio::spawn(async move {
+    let mut reader = tokio::spawn(async move {
         let mut out = Vec::new();
-        if let Some(stdout) = stdout {
+        if let Some(mut stdout) = stdout {
             let limit = u64::try_from(MAX_PAYLOAD_LEN + 1).unwrap_or(u64::MAX);
-            let _ = stdout.take(limit).read_to_end(&mut out).await;
+            let _ = (&mut stdout).take(limit).read_to_end(&mut out).await;
+            // The rest is read and dropped, so that CMD is not killed by SIGPIPE: the attempt
+            // fails for its output's size, not for a signal.
+            let _ = tokio::io::copy(&mut stdout, &mut tokio::io::sink()).await;
         }
         out
     });
@@ -224,7 +231,13 @@ async fn run_job(
     let ending = // Signals are the worker's (they stop it); a job's CMD only ends when its claim does.
     cmd.supervise(lost, grace, None).await.map_err(|e| e.message)?;
     writer.abort();
-    let out = reader.await.unwrap_or_default();
+    cmd.end_leftovers(grace).await;
+    // Whatever still holds its stdout open (a process that left its group) holds no job.
+    let Ok(read) = tokio::time::timeout(grace, &mut reader).await else {
+        reader.abort();
+        return Err("the command's stdout stayed open after it exited".into());
+    };
+    let out = read.unwrap_or_default();
     match ending {
         Ending::Lost(reason) => {
             Err(format!("the claim was lost ({reason}); the command was terminated").into())

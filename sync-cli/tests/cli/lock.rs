@@ -53,6 +53,21 @@ pub fn cases(out: &mut Vec<Case>) {
         ));
     }
     out.push(Case::live(
+        name("loss_found_at_release_is_122", Live::Redis),
+        Live::Redis,
+        loss_found_at_release_is_122,
+    ));
+    out.push(Case::live(
+        name("leftovers_end_before_release", Live::Etcd),
+        Live::Etcd,
+        leftovers_end_before_release,
+    ));
+    out.push(Case::live(
+        name("an_ignored_hangup_stays_ignored", Live::Etcd),
+        Live::Etcd,
+        an_ignored_hangup_stays_ignored,
+    ));
+    out.push(Case::live(
         name("signal_while_waiting_starts_nothing", Live::Etcd),
         Live::Etcd,
         signal_while_waiting_starts_nothing,
@@ -397,6 +412,72 @@ async fn paused_past_the_ttl_ends_the_command(live: Live, base: String) -> TestR
     let noted = std::fs::read_to_string(&termed).unwrap_or_default();
     if !noted.contains("term") {
         return Err(format!("the command got no SIGTERM: {}", holder.said()));
+    }
+    Ok(())
+}
+
+/// The lock key deleted while the command runs, with a TTL so long that no renewal notices
+/// before the command exits 0: the release finds the lock gone, so syncctl exits 122, not 0.
+async fn loss_found_at_release_is_122(base: String) -> TestResult {
+    let scratch = Scratch::new()?;
+    let ns = unique("atrelease");
+    let url = services::url(&base, &ns, "ttl=30s");
+    let ready = scratch.path("ready");
+    let mut command = syncctl(
+        Some(&url),
+        &["lock", "X", "--", "sh", "-c", r#"echo $$ > "$R"; sleep 2"#],
+    );
+    command.env("R", &ready);
+    let mut holder = Proc::spawn(&scratch, command)?;
+    pid_in(&ready, &mut holder, STARTUP).await?;
+    services::break_holds(Live::Redis, &base, &ns).await?;
+    holder.exits_with(122, Duration::from_secs(15)).await
+}
+
+/// What the command left running in its process group (`sleep &`) is ended before the lock is
+/// released: nothing it started runs on without the lock.
+async fn leftovers_end_before_release(base: String) -> TestResult {
+    let scratch = Scratch::new()?;
+    let url = services::url(&base, &unique("leftovers"), "");
+    let pidfile = scratch.path("pid");
+    let script = r#"sleep 300 & echo $! > "$P""#;
+    let mut command = syncctl(
+        Some(&url),
+        &["lock", "X", "--grace", "1s", "--", "sh", "-c", script],
+    );
+    command.env("P", &pidfile);
+    output(command, Duration::from_secs(20)).await?.ok()?;
+    let text = std::fs::read_to_string(&pidfile).map_err(|e| format!("reading the pid: {e}"))?;
+    let pid: u32 = text.trim().parse().map_err(|e| format!("{text:?}: {e}"))?;
+    if alive(pid) {
+        return Err(format!(
+            "the command's background sleep ({pid}) outlived syncctl"
+        ));
+    }
+    Ok(())
+}
+
+/// Under `trap "" HUP` (as under nohup) syncctl leaves SIGHUP ignored, for itself and for its
+/// command: a hangup changes nothing, and the command finishes.
+async fn an_ignored_hangup_stays_ignored(base: String) -> TestResult {
+    let scratch = Scratch::new()?;
+    let url = services::url(&base, &unique("nohup"), "");
+    let (ready, finished) = (scratch.path("ready"), scratch.path("finished"));
+    let script = r#"echo $$ > "$R"; sleep 1; echo yes > "$F""#;
+    let line =
+        format!(r#"trap '' HUP; exec "$SYNCCTL" --backend '{url}' lock X -- sh -c '{script}'"#);
+    let mut command = tokio::process::Command::new("sh");
+    command
+        .args(["-c", &line])
+        .env("SYNCCTL", env!("CARGO_BIN_EXE_syncctl"))
+        .env("R", &ready)
+        .env("F", &finished);
+    let mut holder = Proc::spawn(&scratch, command)?;
+    pid_in(&ready, &mut holder, STARTUP).await?;
+    holder.signal("HUP").await?;
+    holder.exits_with(0, Duration::from_secs(15)).await?;
+    if !finished.exists() {
+        return Err("the command did not finish after an ignored hangup".into());
     }
     Ok(())
 }

@@ -170,6 +170,10 @@ async fn task_commands(base: String) -> TestResult {
     same("the job's name", &status["name"], &json!("upper"))?;
     same("the job's state", &status["state"], &json!("succeeded"))?;
     same("the job's output", &status["output"], &json!("HI"))?;
+    let unknown = ctl(&url, &["task", "status", "no-such-job"]).await?;
+    unknown
+        .fails(1)
+        .map_err(|e| format!("task status of an unknown job: {e}"))?;
     for w in [&mut upper, &mut failing] {
         w.signal("TERM").await?;
         w.exits_with(0, Duration::from_secs(15)).await?;
