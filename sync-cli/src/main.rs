@@ -55,8 +55,12 @@ async fn dispatch(cli: Cli) -> Result<u8, Exit> {
         Command::Elect(args) => leader::elect(global, args).await,
         Command::Leader(args) => leader::leader(global, args).await,
         Command::Time(args) => time::run(global, args).await,
-        Command::Map(command) => map::run(global, command).await,
-        Command::Task(command) => task::run(global, command).await,
+        Command::Map(command) => {
+            backend::with_client(global, async |c| map::run(c, global, command).await).await
+        }
+        Command::Task(command) => {
+            backend::with_client(global, async |c| task::run(c, global, command).await).await
+        }
         Command::Completions { shell } => {
             let mut out = Vec::new();
             clap_complete::generate(shell, &mut Cli::command(), "syncctl", &mut out);

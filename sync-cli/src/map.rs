@@ -5,20 +5,13 @@ use std::io::Read;
 use sync_core::{Entry, ErrorKind, Map};
 
 use crate::{
-    backend,
     cli::{Global, MapCommand},
     exit::{self, Exit},
     output,
 };
 
-pub async fn run(global: &Global, command: MapCommand) -> Result<u8, Exit> {
-    backend::with_client(global, async |client| {
-        dispatch(client, global, command).await
-    })
-    .await
-}
-
-async fn dispatch(
+/// Runs the command on a connected client.
+pub async fn run(
     client: &dyn sync_core::Backend,
     global: &Global,
     command: MapCommand,

@@ -9,7 +9,6 @@ use sync_core::{
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 use crate::{
-    backend,
     child::{self, Ending, Io, Signals},
     cli::{Global, JobArgs, TaskCommand},
     exit::{self, Exit},
@@ -17,14 +16,8 @@ use crate::{
     output,
 };
 
-pub async fn run(global: &Global, command: TaskCommand) -> Result<u8, Exit> {
-    backend::with_client(global, async |client| {
-        dispatch(client, global, command).await
-    })
-    .await
-}
-
-async fn dispatch(
+/// Runs the command on a connected client.
+pub async fn run(
     client: &dyn sync_core::Backend,
     global: &Global,
     command: TaskCommand,
