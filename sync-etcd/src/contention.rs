@@ -303,11 +303,15 @@ async fn create_key(
         let key = format!("{prefix}{}", session.lease_hex());
         let txn = contender_txn(&key, prefix, value.clone(), session.lease);
         let mut kv = client.kv();
+        // The request's future is boxed, not stored in the task: a task is allocated aligned
+        // to 128 bytes, and glibc can reuse no freed ~12 KB task for the next one, so every
+        // lock still held pinned one (10 000 held locks: 110 MB of RSS instead of 42).
+        let txn = Box::pin(async move { kv.txn(txn).await });
         let mut cleanup = Cleanup {
             client: client.clone(),
             key,
             session: session.clone(),
-            txn: Some(tokio::spawn(async move { kv.txn(txn).await })),
+            txn: Some(tokio::spawn(txn)),
             turn: Some(turn),
             armed: true,
         };
