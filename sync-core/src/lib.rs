@@ -48,7 +48,7 @@ pub mod raw {
     pub use crate::lock::HeldLock;
     pub use crate::map::validate_value;
     pub use crate::signal::{
-        LeaseClock, LeaseDeadline, LossTrigger, loss_signal, loss_signal_until,
+        LeaseClock, LeaseDeadline, LossTrigger, loss_signal, loss_signal_under, loss_signal_until,
     };
     pub use crate::task::WorkerControl;
 

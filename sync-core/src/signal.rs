@@ -5,7 +5,9 @@
 //! is dropped (whoever guarded it is gone), or — for a signal bound to a lease — as soon as the
 //! monotonic clock passes the lease's safe deadline, or the lease's renewer is gone. The
 //! deadline is computed on every check, so a holder whose process was paused past its TTL sees
-//! the loss on its first check, before any background task has had a chance to run.
+//! the loss on its first check, before any background task has had a chance to run. A signal
+//! made under another (its parent, e.g. the session a lock is held with) is also lost when the
+//! parent is, with no task and no registration per signal.
 
 use std::{
     future::pending,
@@ -54,6 +56,8 @@ struct Flag {
     waiting: AtomicUsize,
     notify: Notify,
     lease: Option<Arc<Lease>>,
+    /// A signal this one is lost with (see [`loss_signal_under`]).
+    parent: Option<Arc<Flag>>,
 }
 
 const LIVE: u8 = 0;
@@ -62,13 +66,14 @@ const FIRED: u8 = 1;
 const GONE: u8 = 2;
 
 impl Flag {
-    fn new(lease: Option<Arc<Lease>>) -> Arc<Self> {
+    fn new(lease: Option<Arc<Lease>>, parent: Option<Arc<Flag>>) -> Arc<Self> {
         Arc::new(Flag {
             state: AtomicU8::new(LIVE),
             reason: OnceLock::new(),
             waiting: AtomicUsize::new(0),
             notify: Notify::new(),
             lease,
+            parent,
         })
     }
 
@@ -84,7 +89,7 @@ impl Flag {
 
 /// A connected trigger and signal, lost only when fired or dropped.
 pub fn loss_signal() -> (LossTrigger, LossSignal) {
-    let flag = Flag::new(None);
+    let flag = Flag::new(None, None);
     (LossTrigger { flag: flag.clone() }, LossSignal { flag })
 }
 
@@ -108,7 +113,28 @@ pub fn loss_signal() -> (LossTrigger, LossSignal) {
 /// # }
 /// ```
 pub fn loss_signal_until(lease: LeaseDeadline) -> (LossTrigger, LossSignal) {
-    let flag = Flag::new(Some(lease.lease));
+    let flag = Flag::new(Some(lease.lease), None);
+    (LossTrigger { flag: flag.clone() }, LossSignal { flag })
+}
+
+/// A connected trigger and signal that is also lost whenever `parent` is (with the parent's
+/// reason), computed on every check like a lease's deadline: a backend holding many things on
+/// one session makes each one's signal under the session's, and the session's loss reaches
+/// them all at once, with nothing to register or wake per holder.
+///
+/// ```
+/// # #[tokio::main(flavor = "current_thread")] async fn main() {
+/// use sync_core::raw::{loss_signal, loss_signal_under};
+///
+/// let (session, session_lost) = loss_signal();
+/// let (_held, held_lost) = loss_signal_under(&session_lost);
+/// assert!(!held_lost.is_lost());
+/// session.fire("lease revoked");
+/// assert_eq!(held_lost.wait().await, "lease revoked");
+/// # }
+/// ```
+pub fn loss_signal_under(parent: &LossSignal) -> (LossTrigger, LossSignal) {
+    let flag = Flag::new(None, Some(parent.flag.clone()));
     (LossTrigger { flag: flag.clone() }, LossSignal { flag })
 }
 
@@ -196,10 +222,24 @@ impl LossSignal {
                     None => pending().await,
                 }
             };
+            // Made anew on each turn: a parent lost by its deadline may be renewed after all.
+            let parent_lost = async {
+                match &flag.parent {
+                    // Boxed: the parent's wait is this same function.
+                    Some(parent) => {
+                        let parent = LossSignal {
+                            flag: parent.clone(),
+                        };
+                        Box::pin(parent.wait()).await;
+                    }
+                    None => pending().await,
+                }
+            };
             tokio::select! {
                 () = fired => {}
                 () = moved => {}
                 () = passed => {}
+                () = parent_lost => {}
             }
         }
     }
@@ -227,24 +267,42 @@ impl LossSignal {
     }
 
     fn why(&self, now: Option<Instant>) -> Option<Why<'_>> {
-        let flag = &*self.flag;
-        match flag.state.load(SeqCst) {
-            LIVE => {}
-            FIRED => return Some(Why::Fired(flag.reason.get().map_or("", String::as_str))),
-            _ => return Some(Why::Dropped),
-        }
-        let lease = flag.lease.as_deref()?;
-        // A renewer that stops at the deadline (it gave up) leaves it as the reason.
-        if now.unwrap_or_else(Instant::now) >= lease.last() {
-            return Some(Why::PastDeadline);
-        }
-        lease.gone.load(SeqCst).then_some(Why::NoRenewer)
+        why(&self.flag, now)
     }
 
-    /// The safe deadline of the lease this signal is bound to, if any.
+    /// The safe deadline of the lease this signal (or its parent) is bound to, if any.
     pub fn deadline(&self) -> Option<Instant> {
-        self.flag.lease.as_deref().and_then(Lease::get)
+        let mut flag = &*self.flag;
+        loop {
+            if let Some(lease) = flag.lease.as_deref() {
+                return lease.get();
+            }
+            flag = flag.parent.as_deref()?;
+        }
     }
+}
+
+/// Why `flag` is lost, if it is: its own state first, then its parent's, then its lease.
+fn why(flag: &Flag, now: Option<Instant>) -> Option<Why<'_>> {
+    let dropped = match flag.state.load(SeqCst) {
+        LIVE => false,
+        FIRED => return Some(Why::Fired(flag.reason.get().map_or("", String::as_str))),
+        _ => true,
+    };
+    // The parent's reason before "dropped": whoever guarded this signal may have let it go
+    // because the parent was lost.
+    if let Some(lost) = flag.parent.as_deref().and_then(|p| why(p, now)) {
+        return Some(lost);
+    }
+    if dropped {
+        return Some(Why::Dropped);
+    }
+    let lease = flag.lease.as_deref()?;
+    // A renewer that stops at the deadline (it gave up) leaves it as the reason.
+    if now.unwrap_or_else(Instant::now) >= lease.last() {
+        return Some(Why::PastDeadline);
+    }
+    lease.gone.load(SeqCst).then_some(Why::NoRenewer)
 }
 
 /// The renewer's side of a lease's safe deadline: the backend's keepalive owns it and moves the
@@ -418,5 +476,34 @@ mod tests {
         assert!(!signal.is_lost_at(start + Duration::from_secs(1)));
         assert!(signal.is_lost_at(start + Duration::from_secs(2)));
         assert!(!signal.is_lost());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_signal_under_another_is_lost_with_it() {
+        let start = Instant::now();
+        let clock = LeaseClock::new(start + Duration::from_secs(2));
+        let (session, session_lost) = loss_signal_until(clock.deadline());
+        let (held, held_lost) = loss_signal_under(&session_lost);
+        let (_other, other_lost) = loss_signal_under(&session_lost);
+        assert_eq!(held_lost.deadline(), Some(start + Duration::from_secs(2)));
+        // Its own loss leaves the parent and its siblings alone.
+        held.fire("key deleted");
+        assert_eq!(held_lost.reason().as_deref(), Some("key deleted"));
+        assert!(!session_lost.is_lost() && !other_lost.is_lost());
+        // The parent's reaches a waiter, and is computed on a check.
+        let waiting = tokio::spawn({
+            let other_lost = other_lost.clone();
+            async move { other_lost.wait().await }
+        });
+        tokio::task::yield_now().await;
+        session.fire("lease revoked");
+        assert_eq!(other_lost.reason().as_deref(), Some("lease revoked"));
+        assert_eq!(waiting.await.unwrap(), "lease revoked");
+        // So is the parent's lease deadline.
+        let (_s, session_lost) = loss_signal_until(clock.deadline());
+        let (_h, held_lost) = loss_signal_under(&session_lost);
+        tokio::time::advance(Duration::from_secs(2)).await;
+        assert_eq!(held_lost.reason().as_deref(), Some(PAST_DEADLINE));
+        assert_eq!(held_lost.wait().await, PAST_DEADLINE);
     }
 }

@@ -68,11 +68,12 @@ impl ClientInner {
     pub(crate) fn new(endpoints: Endpoints, config: Config) -> Arc<ClientInner> {
         let endpoints = Arc::new(endpoints);
         let killed = watch::channel(false).0;
-        let watches = Watches::new(
-            endpoints.clone(),
-            config.request_timeout,
-            killed.subscribe(),
-        );
+        let sender = Sender {
+            endpoints: endpoints.clone(),
+            tries: tries(&config),
+            timeout: config.request_timeout,
+        };
+        let watches = Watches::new(sender, killed.subscribe());
         Arc::new(ClientInner {
             endpoints,
             config,
@@ -111,14 +112,9 @@ impl ClientInner {
     pub(crate) fn sender(&self) -> Sender {
         Sender {
             endpoints: self.endpoints.clone(),
-            tries: self.tries(),
+            tries: tries(&self.config),
             timeout: self.config.request_timeout,
         }
-    }
-
-    /// How often a request that was never delivered is sent: enough to try every endpoint.
-    fn tries(&self) -> usize {
-        2 * self.config.endpoints.len() + 2
     }
 
     /// Waits for the first event of a watch on `key`: true when one arrived, false when the
@@ -198,6 +194,11 @@ impl ClientInner {
             format!("{}/", self.config.namespace)
         }
     }
+}
+
+/// How often a request that was never delivered is sent: enough to try every endpoint.
+fn tries(config: &Config) -> usize {
+    2 * config.endpoints.len() + 2
 }
 
 /// How a watch for one event ended.
@@ -303,7 +304,9 @@ impl Client {
     pub async fn kill(&self) {
         self.inner.killed.send_replace(true);
         if let Some(s) = self.inner.session.lock().await.as_ref() {
-            s.stop_renewing();
+            // What it held is lost (its holders are told, as a dead process would be by
+            // nothing), and nothing is released.
+            s.end("client killed");
         }
     }
 

@@ -20,17 +20,16 @@ use etcd_client::{
     Compare, CompareOp, GetOptions, PutOptions, SortOrder, SortTarget, Txn, TxnOp, TxnOpResponse,
     WatchFilterType, WatchOptions,
 };
-use sync_core::raw::LossTrigger;
 use sync_core::{Error, ErrorKind, LossSignal, Result};
 use sync_kit::locked;
-use tokio::{sync::OwnedMutexGuard, task::AbortHandle};
+use tokio::sync::OwnedMutexGuard;
 
 use crate::{
     BACKEND,
-    client::{ClientInner, Watched},
+    client::ClientInner,
     error::{answer_lost, etcd_err, refused_for_good},
     session::Session,
-    watch::Delivery,
+    watch::{Delivery, Registration},
 };
 
 /// Per contender prefix: contenders of one id on one handle queue here, so only one of them
@@ -128,16 +127,6 @@ impl ClientInner {
         })
     }
 }
-
-/// How long a held key's monitor trusts its watch without an event: a silent endpoint is
-/// found out by the keepalive (and the watch then re-opened elsewhere), so this is only the
-/// last resort, kept long because every held lock has a monitor.
-const MONITOR_TRUST: Duration = Duration::from_secs(300);
-
-/// How long a held key's monitor waits before it adds its watch: longer than an uncontended
-/// hold or a quick turn in a queue (each watch added and cancelled is work for etcd), and
-/// short against the 2 s a deleted key's holder is promised to hear of it in.
-const MONITOR_GRACE: Duration = Duration::from_millis(500);
 
 /// The safety-net re-check while waiting on a watch (push is the normal path).
 pub(crate) const FALLBACK_POLL: Duration = Duration::from_secs(10);
@@ -584,32 +573,26 @@ pub(crate) struct Holding {
     /// The session (lease) the key was written with.
     pub(crate) session: Arc<Session>,
     pub(crate) lost: LossSignal,
-    trigger: Arc<LossTrigger>,
-    monitor: AbortHandle,
+    /// Its key's watch in the client's watch hub, which fires the loss on the key's delete;
+    /// the lease's loss reaches it through the session's signal.
+    monitor: Option<Registration>,
     turn: Option<LocalTurn>,
     armed: bool,
 }
 
 impl Holding {
     pub(crate) fn start(c: Contender) -> Holding {
-        let (trigger, lost) = sync_core::raw::loss_signal_until(c.session.deadline.clone());
-        let trigger = Arc::new(trigger);
-        let monitor = tokio::spawn(monitor(
-            c.client.clone(),
-            c.key.clone(),
-            c.rev,
-            c.session.clone(),
-            trigger.clone(),
-        ))
-        .abort_handle();
+        // Under the session's signal: the lease's end (and its safe deadline) needs nothing
+        // per key.
+        let (trigger, lost) = sync_core::raw::loss_signal_under(&c.session.ended);
+        let monitor = c.client.watches.monitor(&c.key, c.rev, trigger);
         Holding {
             client: c.client,
             key: c.key,
             rev: c.rev,
             session: c.session,
             lost,
-            trigger,
-            monitor,
+            monitor: Some(monitor),
             turn: Some(c.turn),
             armed: true,
         }
@@ -617,8 +600,9 @@ impl Holding {
 
     /// Deletes the key. `LockLost` if it was lost (or gone) before.
     pub(crate) async fn release(mut self, id: &str) -> Result<()> {
-        self.monitor.abort();
+        // Read before the monitor goes: the hub drops its trigger with it.
         let was_lost = self.lost.is_lost();
+        drop(self.monitor.take());
         // Only this holding's key: a delete applied late (sent to a member that stalled and
         // then woke up) cannot free a later holding of the same client, whose key has the same
         // name but another create revision. That also makes sending it again harmless.
@@ -663,7 +647,7 @@ impl Holding {
                 self.armed = false;
                 let err = etcd_err("deleting the key on release", e).with_id(id);
                 let reason = format!("the lock could not be released: {err}");
-                self.trigger.fire(&reason);
+                // Ending the lease loses this guard (and every other on it) with the reason.
                 give_up_lease(&self.client, &self.session, &reason);
                 Err(err)
             }
@@ -746,7 +730,7 @@ fn give_up_lease(client: &ClientInner, session: &Session, reason: &str) {
 
 impl Drop for Holding {
     fn drop(&mut self) {
-        self.monitor.abort();
+        drop(self.monitor.take());
         if self.armed {
             spawn_delete(
                 &self.client,
@@ -756,54 +740,6 @@ impl Drop for Holding {
             );
         }
     }
-}
-
-async fn monitor(
-    client: Arc<ClientInner>,
-    key: String,
-    rev: i64,
-    session: Arc<Session>,
-    trigger: Arc<LossTrigger>,
-) {
-    let mut killed = client.killed();
-    let watch_key = async {
-        // A short hold (an uncontended acquire + release, or a turn in a busy queue) adds no
-        // watch: the watch starts after a grace. Watching from the key's own revision, it
-        // still sees a delete made meanwhile.
-        tokio::time::sleep(MONITOR_GRACE).await;
-        let mut from = rev + 1;
-        loop {
-            let opts = deleted_from(from);
-            match client.watch_first(key.clone(), opts, MONITOR_TRUST).await {
-                Watched::Event => return "the key was deleted".to_string(),
-                // Watching again from the same revision misses nothing, and costs thousands
-                // of held keys no read each when the shared stream fails or moves.
-                Watched::Interrupted => continue,
-                Watched::Cancelled => {}
-            }
-            // Compacted past `from`: check the key directly. Boxed: a request's future is
-            // large, and every held key's monitor would carry its room while it waits.
-            match Box::pin(client.kv().get(key.clone(), None)).await {
-                Ok(resp) => {
-                    if resp.kvs().first().map(|kv| kv.create_revision()) != Some(rev) {
-                        return "the key was deleted".to_string();
-                    }
-                    from = resp.header().map(|h| h.revision()).unwrap_or(from - 1) + 1;
-                }
-                Err(e) => {
-                    tracing::debug!(backend = BACKEND, key, error = %e, "checking the held key failed");
-                    tokio::time::sleep(Duration::from_millis(200)).await;
-                }
-            }
-        }
-    };
-    let reason = tokio::select! {
-        r = session.ended.wait() => r,
-        r = watch_key => r,
-        _ = killed.wait_for(|k| *k) => "client killed".to_string(),
-    };
-    tracing::warn!(backend = BACKEND, key, token = rev, reason, "lost");
-    trigger.fire(reason);
 }
 
 #[cfg(test)]

@@ -4,7 +4,7 @@
 use std::{sync::Arc, time::Duration};
 
 use etcd_client::{LeaseKeepAliveStream, LeaseKeeper};
-use sync_core::raw::{LeaseClock, LeaseDeadline, LossTrigger};
+use sync_core::raw::{LeaseClock, LossTrigger};
 use sync_core::{LossSignal, Result};
 use tokio::{sync::watch, task::AbortHandle, time::Instant};
 
@@ -20,10 +20,9 @@ pub(crate) struct Session {
     pub(crate) lease: i64,
     /// The TTL etcd granted.
     ttl: Duration,
+    /// Lost when the lease is: bound to its safe deadline, which each confirmed renewal moves
+    /// forward, and to the keepalive. What the lease holds has its signal under this one.
     pub(crate) ended: LossSignal,
-    /// The lease's safe deadline, moved forward by each confirmed renewal: what this lease
-    /// holds is lost once the monotonic clock passes it, or once the keepalive is gone.
-    pub(crate) deadline: LeaseDeadline,
     trigger: Arc<LossTrigger>,
     keepalive: AbortHandle,
 }
@@ -55,8 +54,7 @@ impl Session {
         let lease = grant.id();
         // Owned by the keepalive alone: if it dies, every signal bound to the lease is lost.
         let clock = LeaseClock::new(granted_at + granted_ttl - safety_margin(granted_ttl));
-        let deadline = clock.deadline();
-        let (trigger, ended) = sync_core::raw::loss_signal_until(deadline.clone());
+        let (trigger, ended) = sync_core::raw::loss_signal_until(clock.deadline());
         let trigger = Arc::new(trigger);
         let renewer = Renewer {
             endpoints: sender.endpoints.clone(),
@@ -80,7 +78,6 @@ impl Session {
             lease,
             ttl: granted_ttl,
             ended,
-            deadline,
             trigger,
             keepalive,
         })

@@ -8,9 +8,13 @@
 //! When the stream fails or the client moves to another endpoint, every watch on it ends
 //! (`Failed`, `Moved`) and its owner resumes from the revision it watched from (nothing is
 //! missed: etcd replays history) or re-reads; the next watch added opens a new stream.
+//!
+//! Held keys are monitored by the hub itself ([`Watches::monitor`]): no task, channel or
+//! timer per held key, only a small entry in the hub, which fires the holder's loss trigger
+//! on the key's delete and carries the watch over to every new stream.
 
 use std::{
-    collections::HashMap,
+    collections::{HashMap, VecDeque},
     future::Future,
     pin::Pin,
     sync::{
@@ -20,16 +24,29 @@ use std::{
     time::Duration,
 };
 
-use etcd_client::{WatchOptions, WatchResponse, WatchResponseStream};
+use etcd_client::{WatchFilterType, WatchOptions, WatchResponse, WatchResponseStream};
+use sync_core::raw::LossTrigger;
 use sync_kit::locked;
-use tokio::sync::{mpsc, oneshot, watch};
+use tokio::{
+    sync::{mpsc, oneshot, watch},
+    time::Instant,
+};
 
 use crate::{
     BACKEND,
     endpoints::Endpoints,
     error::{not_delivered, timed_out},
-    kv::{EtcdResult, answered_within},
+    kv::{EtcdResult, Kv, Sender, answered_within},
 };
+
+/// How long a held key waits before its monitor's watch is added: longer than an uncontended
+/// hold or a quick turn in a queue, and short against the 2 s a deleted key's holder is
+/// promised to hear of it in.
+const MONITOR_GRACE: Duration = Duration::from_millis(500);
+
+/// The pause before a failed stream is opened again for the monitors, so a failing server is
+/// not spun on.
+const REOPEN_PAUSE: Duration = Duration::from_millis(200);
 
 /// What a watch is told.
 #[derive(Debug)]
@@ -79,6 +96,41 @@ enum Command {
         sink: Sink,
     },
     Remove(i64),
+    Monitor(i64, Monitored),
+    /// A monitored key was read again after etcd cancelled its watch.
+    Checked(i64, Checked),
+}
+
+/// A held key as its monitor keeps it: what to watch, and the trigger to fire.
+pub(crate) struct Monitored {
+    key: Box<[u8]>,
+    /// The key's create revision: a key read back with another one is a new key.
+    rev: i64,
+    /// The revision its watch starts at.
+    from: i64,
+    /// Its watch id on the stream: its registration's id, until etcd cancels the watch.
+    watch: i64,
+    trigger: LossTrigger,
+    state: MonitorState,
+}
+
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum MonitorState {
+    /// Young: it opens no stream before its grace has passed.
+    Graced,
+    /// Waiting for a stream to be created on.
+    Pending,
+    /// Watched on the current stream.
+    Created,
+    /// Being read again (its watch was cancelled).
+    Checking,
+}
+
+/// What a re-read of a monitored key found.
+pub(crate) enum Checked {
+    /// The key with this create revision, at this store revision.
+    Found(i64, i64),
+    Gone,
 }
 
 /// A message for the stream, sent by its writer task.
@@ -91,25 +143,28 @@ enum Outgoing {
 pub(crate) struct Watches {
     commands: mpsc::UnboundedSender<Command>,
     hub: Mutex<Option<Hub>>,
-    next_id: AtomicI64,
+    /// Watch ids, shared with the hub (which gives a monitor a new one after etcd cancels
+    /// its watch: etcd keeps a cancelled id taken on its stream).
+    next_id: Arc<AtomicI64>,
 }
 
 impl Watches {
-    pub(crate) fn new(
-        endpoints: Arc<Endpoints>,
-        timeout: Duration,
-        killed: watch::Receiver<bool>,
-    ) -> Watches {
+    /// The hub sends its requests as `sender` does (it re-reads monitored keys with it).
+    pub(crate) fn new(sender: Sender, killed: watch::Receiver<bool>) -> Watches {
         let (commands, rx) = mpsc::unbounded_channel();
+        let next_id = Arc::new(AtomicI64::new(1));
         Watches {
-            commands,
+            commands: commands.clone(),
             hub: Mutex::new(Some(Hub {
-                endpoints,
-                timeout,
+                endpoints: sender.endpoints.clone(),
+                timeout: sender.timeout,
+                sender,
                 killed,
                 commands: rx,
+                to_self: commands.downgrade(),
+                next_id: next_id.clone(),
             })),
-            next_id: AtomicI64::new(1),
+            next_id,
         }
     }
 
@@ -133,11 +188,38 @@ impl Watches {
         }
     }
 
-    fn add(&self, key: Vec<u8>, opts: WatchOptions, sink: Sink) -> Registration {
+    /// Monitors the held `key` (created at `rev`) until the registration is dropped: fires
+    /// `trigger` once the key is deleted. The watch is sent once the key was held for a grace,
+    /// from `rev + 1`, so a delete meanwhile is
+    /// still seen; it is carried over to every new stream, and a key whose watch etcd cancels
+    /// (compacted) is read again.
+    pub(crate) fn monitor(&self, key: &str, rev: i64, trigger: LossTrigger) -> Registration {
+        let id = self.start_hub();
+        let monitored = Monitored {
+            key: key.as_bytes().into(),
+            rev,
+            from: rev + 1,
+            watch: id,
+            trigger,
+            state: MonitorState::Graced,
+        };
+        let _ = self.commands.send(Command::Monitor(id, monitored));
+        Registration {
+            id,
+            commands: self.commands.clone(),
+        }
+    }
+
+    /// Starts the hub if it is not running yet; a new watch id.
+    fn start_hub(&self) -> i64 {
         if let Some(hub) = locked(&self.hub).take() {
             tokio::spawn(hub.run());
         }
-        let id = self.next_id.fetch_add(1, Ordering::Relaxed);
+        self.next_id.fetch_add(1, Ordering::Relaxed)
+    }
+
+    fn add(&self, key: Vec<u8>, opts: WatchOptions, sink: Sink) -> Registration {
+        let id = self.start_hub();
         // A hub that is gone (the client was killed) drops the sink: the watch reads as failed.
         let _ = self.commands.send(Command::Add {
             id,
@@ -153,7 +235,7 @@ impl Watches {
 }
 
 /// Cancels its watch when dropped: a message to the hub, never a wait.
-struct Registration {
+pub(crate) struct Registration {
     id: i64,
     commands: mpsc::UnboundedSender<Command>,
 }
@@ -214,76 +296,228 @@ impl Conn {
 struct Hub {
     endpoints: Arc<Endpoints>,
     timeout: Duration,
+    /// For re-reading monitored keys.
+    sender: Sender,
     killed: watch::Receiver<bool>,
     commands: mpsc::UnboundedReceiver<Command>,
+    /// Where a re-read's answer comes back (weak: the hub ends with the last registration).
+    to_self: mpsc::WeakUnboundedSender<Command>,
+    next_id: Arc<AtomicI64>,
+}
+
+/// What the hub keeps: the stream, the watches on it and the monitored keys.
+struct State {
+    conn: Conn,
+    watches: HashMap<i64, Sink>,
+    /// By registration id.
+    monitors: HashMap<i64, Monitored>,
+    /// The registration of each monitor whose watch id is another (see [`Monitored::watch`]).
+    renamed: HashMap<i64, i64>,
+    /// Monitors in their grace, oldest first, with when it ends.
+    graced: VecDeque<(Instant, i64)>,
+    /// When the monitors' stream is opened again after it was lost.
+    reopen_at: Option<Instant>,
+}
+
+impl State {
+    /// The next time the hub has something to do on its own.
+    fn next_wake(&self) -> Option<Instant> {
+        let graced = self.graced.front().map(|(at, _)| *at);
+        match (graced, self.reopen_at) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        }
+    }
+
+    /// The stream is gone: every watch on it ends, and the monitors wait for the next one,
+    /// opened after `pause`.
+    fn stream_lost(&mut self, why: Ended, pause: Duration) {
+        end_all(&mut self.watches, why);
+        let mut pending = false;
+        for m in self.monitors.values_mut() {
+            if m.state == MonitorState::Created {
+                m.state = MonitorState::Pending;
+            }
+            pending |= m.state == MonitorState::Pending;
+        }
+        if pending {
+            self.reopen_at = Some(Instant::now() + pause);
+        }
+    }
 }
 
 impl Hub {
     async fn run(mut self) {
-        let mut watches: HashMap<i64, Sink> = HashMap::new();
-        let mut conn = Conn::Closed;
+        let mut st = State {
+            conn: Conn::Closed,
+            watches: HashMap::new(),
+            monitors: HashMap::new(),
+            renamed: HashMap::new(),
+            graced: VecDeque::new(),
+            reopen_at: None,
+        };
         let mut moves = self.endpoints.moves();
         moves.mark_unchanged();
         let mut killed = self.killed.clone();
         loop {
+            let wake = st.next_wake();
             tokio::select! {
                 biased;
                 _ = killed.wait_for(|k| *k) => {
-                    end_all(&mut watches, Ended::Failed);
+                    end_all(&mut st.watches, Ended::Failed);
+                    // The monitors' triggers go with the hub: their holders read it as lost.
                     return;
                 }
                 Ok(()) = moves.changed() => {
-                    if !matches!(conn, Conn::Closed) {
-                        tracing::debug!(backend = BACKEND, watches = watches.len(), "client moved; re-opening the watch stream");
-                        conn = self.close();
-                        end_all(&mut watches, Ended::Moved);
+                    if !matches!(st.conn, Conn::Closed) {
+                        tracing::debug!(backend = BACKEND, watches = st.watches.len(), monitors = st.monitors.len(), "client moved; re-opening the watch stream");
+                        st.conn = Conn::Closed;
+                        st.stream_lost(Ended::Moved, Duration::ZERO);
                     }
                 }
-                event = conn_event(&mut conn) => match event {
+                event = conn_event(&mut st.conn) => match event {
                     ConnEvent::Opened(Ok(responses)) => {
-                        if let Conn::Opening(_, out) = std::mem::replace(&mut conn, Conn::Closed) {
-                            conn = Conn::Open(Box::new(responses), out);
+                        if let Conn::Opening(_, out) = std::mem::replace(&mut st.conn, Conn::Closed) {
+                            st.conn = Conn::Open(Box::new(responses), out);
                         }
                     }
                     ConnEvent::Opened(Err(e)) => {
                         tracing::debug!(backend = BACKEND, error = %e, "opening the watch stream failed");
-                        conn = self.close();
-                        end_all(&mut watches, Ended::Failed);
+                        st.conn = Conn::Closed;
+                        st.stream_lost(Ended::Failed, REOPEN_PAUSE);
                     }
-                    ConnEvent::Message(Ok(Some(resp))) => route(resp, &mut watches, &conn),
+                    ConnEvent::Message(Ok(Some(resp))) => self.route(resp, &mut st),
                     ConnEvent::Message(ended) => {
                         if let Err(e) = &ended {
                             tracing::debug!(backend = BACKEND, error = %e, "the watch stream failed");
                         }
-                        conn = self.close();
-                        end_all(&mut watches, Ended::Failed);
+                        st.conn = Conn::Closed;
+                        st.stream_lost(Ended::Failed, REOPEN_PAUSE);
                     }
                 },
+                () = sleep_until(wake) => self.on_time(&mut st),
                 command = self.commands.recv() => match command {
                     None => return,
-                    Some(Command::Add { id, key, opts, sink }) => {
-                        match conn.outgoing() {
-                            Some(out) => {
-                                let _ = out.send(Outgoing::Create(key, opts));
-                            }
-                            None => conn = self.open_with(key, opts),
-                        }
-                        watches.insert(id, sink);
-                    }
-                    Some(Command::Remove(id)) => {
-                        if watches.remove(&id).is_some() {
-                            if let Some(out) = conn.outgoing() {
-                                let _ = out.send(Outgoing::Cancel(id));
-                            }
-                        }
-                    }
+                    Some(command) => self.command(command, &mut st),
                 },
             }
         }
     }
 
-    fn close(&self) -> Conn {
-        Conn::Closed
+    fn command(&self, command: Command, st: &mut State) {
+        match command {
+            Command::Add {
+                id,
+                key,
+                opts,
+                sink,
+            } => {
+                match st.conn.outgoing() {
+                    Some(out) => {
+                        let _ = out.send(Outgoing::Create(key, opts));
+                    }
+                    None => st.conn = self.open_with(key, opts),
+                }
+                st.watches.insert(id, sink);
+            }
+            Command::Remove(id) => {
+                let on_stream = match st.monitors.remove(&id) {
+                    Some(m) => {
+                        st.renamed.remove(&m.watch);
+                        (m.state == MonitorState::Created).then_some(m.watch)
+                    }
+                    None => st.watches.remove(&id).map(|_| id),
+                };
+                if let (Some(watch), Some(out)) = (on_stream, st.conn.outgoing()) {
+                    let _ = out.send(Outgoing::Cancel(watch));
+                }
+            }
+            Command::Monitor(id, m) => {
+                // Young keys are not watched yet: most short holds (an uncontended acquire and
+                // release, a quick turn in a busy queue) end within the grace, and each watch
+                // added and cancelled is work for etcd and for this client.
+                st.graced.push_back((Instant::now() + MONITOR_GRACE, id));
+                st.monitors.insert(id, m);
+            }
+            Command::Checked(id, found) => {
+                let Some(m) = st
+                    .monitors
+                    .get_mut(&id)
+                    .filter(|m| m.state == MonitorState::Checking)
+                else {
+                    return;
+                };
+                match found {
+                    Checked::Found(rev, at) if rev == m.rev => {
+                        m.from = at + 1;
+                        m.state = MonitorState::Pending;
+                        // etcd keeps the id of a watch it cancelled taken on its stream.
+                        st.renamed.remove(&m.watch);
+                        m.watch = self.next_id.fetch_add(1, Ordering::Relaxed);
+                        st.renamed.insert(m.watch, id);
+                        self.create(id, st);
+                    }
+                    _ => fire(st, id),
+                }
+            }
+        }
+    }
+
+    /// Ends the graces that are over, and re-opens the monitors' stream when it is time.
+    fn on_time(&self, st: &mut State) {
+        let now = Instant::now();
+        while let Some(&(at, id)) = st.graced.front() {
+            if at > now {
+                break;
+            }
+            st.graced.pop_front();
+            if let Some(m) = st.monitors.get_mut(&id) {
+                if m.state == MonitorState::Graced {
+                    m.state = MonitorState::Pending;
+                    self.create(id, st);
+                }
+            }
+        }
+        if st.reopen_at.is_some_and(|at| at <= now) {
+            st.reopen_at = None;
+            self.create_pending(st);
+        }
+    }
+
+    /// Sends pending monitor `id`'s watch (opening a stream if there is none, and then also
+    /// every other pending monitor's).
+    fn create(&self, id: i64, st: &mut State) {
+        let Some(m) = st.monitors.get_mut(&id) else {
+            return;
+        };
+        // Sent once per stream: opening one sends the others' already.
+        if m.state != MonitorState::Pending {
+            return;
+        }
+        m.state = MonitorState::Created;
+        let (key, opts) = (m.key.to_vec(), monitor_opts(m.watch, m.from));
+        match st.conn.outgoing() {
+            Some(out) => {
+                let _ = out.send(Outgoing::Create(key, opts));
+            }
+            None => {
+                st.conn = self.open_with(key, opts);
+                self.create_pending(st);
+            }
+        }
+    }
+
+    /// Sends every pending monitor's watch (on a stream that is open or opening).
+    fn create_pending(&self, st: &mut State) {
+        let pending: Vec<i64> = st
+            .monitors
+            .iter()
+            .filter(|(_, m)| m.state == MonitorState::Pending)
+            .map(|(id, _)| *id)
+            .collect();
+        for id in pending {
+            self.create(id, st);
+        }
     }
 
     /// Starts opening a stream on the current endpoint, with `key`'s watch as its first
@@ -318,6 +552,94 @@ impl Hub {
             Ok(responses)
         };
         Conn::Opening(Box::pin(opening), out)
+    }
+
+    /// Hands `resp` to its watch or monitor.
+    fn route(&self, resp: WatchResponse, st: &mut State) {
+        let watch = resp.watch_id();
+        let id = st.renamed.get(&watch).copied().unwrap_or(watch);
+        let Some(m) = st.monitors.get_mut(&id).filter(|m| m.watch == watch) else {
+            return route(resp, &mut st.watches, &st.conn);
+        };
+        if resp.canceled() {
+            // Compacted past its start: read the key again before watching it again.
+            tracing::debug!(
+                backend = BACKEND,
+                id,
+                compacted = resp.compact_revision(),
+                reason = resp.cancel_reason(),
+                "held key's watch cancelled by etcd"
+            );
+            m.state = MonitorState::Checking;
+            self.check(id, m.key.to_vec());
+        } else if !resp.events().is_empty() {
+            fire(st, id);
+            if let Some(out) = st.conn.outgoing() {
+                let _ = out.send(Outgoing::Cancel(watch));
+            }
+        }
+    }
+
+    /// Reads monitored `key` again (retrying until etcd answers) and tells the hub.
+    fn check(&self, id: i64, key: Vec<u8>) {
+        let (mut kv, to_hub, mut killed) = (
+            Kv::new(self.sender.clone()),
+            self.to_self.clone(),
+            self.killed.clone(),
+        );
+        tokio::spawn(async move {
+            let read = async {
+                loop {
+                    match kv.get(key.clone(), None).await {
+                        Ok(resp) => {
+                            let at = resp.header().map_or(0, |h| h.revision());
+                            return match resp.kvs().first() {
+                                Some(kv) => Checked::Found(kv.create_revision(), at),
+                                None => Checked::Gone,
+                            };
+                        }
+                        Err(e) => {
+                            tracing::debug!(backend = BACKEND, error = %e, "checking a held key failed");
+                            tokio::time::sleep(REOPEN_PAUSE).await;
+                        }
+                    }
+                }
+            };
+            tokio::select! {
+                found = read => {
+                    if let Some(hub) = to_hub.upgrade() {
+                        let _ = hub.send(Command::Checked(id, found));
+                    }
+                }
+                _ = killed.wait_for(|k| *k) => {}
+            }
+        });
+    }
+}
+
+/// Monitor `id`'s key is gone: its holder is told.
+fn fire(st: &mut State, id: i64) {
+    if let Some(m) = st.monitors.remove(&id) {
+        st.renamed.remove(&m.watch);
+        let reason = "the key was deleted";
+        tracing::warn!(backend = BACKEND, key = %String::from_utf8_lossy(&m.key), token = m.rev, reason, "lost");
+        m.trigger.fire(reason);
+    }
+}
+
+/// A held key's watch: its deletes from `from` on (NoPut: every event is one).
+fn monitor_opts(id: i64, from: i64) -> WatchOptions {
+    WatchOptions::new()
+        .with_start_revision(from)
+        .with_filters([WatchFilterType::NoPut])
+        .with_watch_id(id)
+}
+
+/// Sleeps until `at`; never without one.
+async fn sleep_until(at: Option<Instant>) {
+    match at {
+        Some(at) => tokio::time::sleep_until(at).await,
+        None => std::future::pending().await,
     }
 }
 

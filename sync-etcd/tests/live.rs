@@ -157,6 +157,55 @@ async fn lost_when_key_deleted_while_the_watch_stream_is_down(endpoint: String) 
     Ok(())
 }
 
+/// The store revision, read through `etcdctl`.
+async fn revision(endpoint: &str, key: &str) -> Result<i64, String> {
+    let out = etcdctl(endpoint, &["put", key, "x", "-w", "json"]).await?;
+    let at = out.find("\"revision\":").ok_or(format!("no revision in {out}"))?;
+    let digits: String = out[at + 11..]
+        .chars()
+        .take_while(char::is_ascii_digit)
+        .collect();
+    digits.parse().map_err(|_| format!("bad revision in {out}"))
+}
+
+/// Held keys' watches that etcd cancels because their start revision was compacted (the
+/// stream was cut meanwhile) are read again: a key deleted meanwhile is lost, a key still
+/// there is watched again, and its later delete is still seen.
+async fn held_keys_are_read_again_after_a_compaction(endpoint: String) -> TestResult {
+    let ns = unique("compacted");
+    let (proxy, proxied) = common::proxy(&endpoint).await?;
+    let config = common::config(&proxied, &ns).with_ttl(Duration::from_secs(10));
+    let client = sync_etcd::Client::connect(config)
+        .await
+        .map_err(|e| e.to_string())?;
+    let lock = client.lock().map_err(|e| e.to_string())?;
+    let kept = (lock.acquire("kept", LockOptions::new()).await).map_err(|e| e.to_string())?;
+    let victim =
+        (lock.acquire("victim", LockOptions::new()).await).map_err(|e| e.to_string())?;
+    // Past the monitors' grace: both keys are watched on the stream.
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    proxy.set(Fault::Reset);
+    etcdctl(&endpoint, &["del", "--prefix", &format!("{ns}/victim/")]).await?;
+    let now = revision(&endpoint, &format!("{ns}/bump")).await?;
+    etcdctl(&endpoint, &["compact", &now.to_string()]).await?;
+    proxy.set(Fault::Pass);
+    let reason = tokio::time::timeout(Duration::from_secs(5), victim.lost())
+        .await
+        .map_err(|_| "a key deleted before a compaction was not found lost".to_string())?;
+    if !reason.contains("deleted") {
+        return Err(format!("lost() reason: {reason}"));
+    }
+    if kept.is_lost() {
+        return Err(format!("a key still held was lost: {:?}", kept.lost().await));
+    }
+    etcdctl(&endpoint, &["del", "--prefix", &format!("{ns}/kept/")]).await?;
+    tokio::time::timeout(Duration::from_secs(5), kept.lost())
+        .await
+        .map_err(|_| "a key read again after a compaction was not watched again".to_string())?;
+    drop(proxy);
+    Ok(())
+}
+
 /// A queue deeper than the waiters that count every older key down (64): the deep ones
 /// watch a far older key and read again, and still every one is granted, one at a time.
 async fn deep_queue_is_granted_one_at_a_time(endpoint: String) -> TestResult {
@@ -1279,7 +1328,10 @@ async fn task_batched_claim_answer_lost(endpoint: String) -> TestResult {
 }
 
 fn main() -> std::process::ExitCode {
-    let tests: [(&'static str, TestFn); 24] = [
+    let tests: [(&'static str, TestFn); 25] = [
+        ("live::held_keys_are_read_again_after_a_compaction", |e| {
+            Box::pin(held_keys_are_read_again_after_a_compaction(e))
+        }),
         (
             "live::follow_reports_a_member_cut_off_from_the_quorum",
             |e| Box::pin(follow_reports_a_member_cut_off_from_the_quorum(e)),
