@@ -36,29 +36,37 @@ use crate::{
 /// owns the key `<prefix><lease-hex>` at a time.
 #[derive(Default)]
 pub(crate) struct LocalQueues {
-    queues: Mutex<HashMap<String, LocalQueue>>,
+    queues: Mutex<HashMap<Arc<str>, LocalQueue>>,
 }
 
 /// One per-id local queue and how many contenders (waiting or holding) use it; the entry is
 /// removed when the last of them goes, however it goes (turn dropped, or a waiting future
 /// cancelled).
 struct LocalQueue {
+    /// The map's key, shared with each user (a client may hold thousands of ids).
+    prefix: Arc<str>,
     mutex: Arc<tokio::sync::Mutex<()>>,
     users: usize,
 }
 
 impl LocalQueues {
-    /// Counts one more user of `prefix`'s queue and returns it.
-    fn join(&self, prefix: &str) -> Arc<tokio::sync::Mutex<()>> {
+    /// Counts one more user of `prefix`'s queue and returns it, and the prefix as kept.
+    fn join(&self, prefix: &str) -> (Arc<tokio::sync::Mutex<()>>, Arc<str>) {
         let mut queues = locked(&self.queues);
-        let queue = queues
-            .entry(prefix.to_string())
-            .or_insert_with(|| LocalQueue {
-                mutex: Arc::default(),
-                users: 0,
-            });
+        let queue = match queues.get_mut(prefix) {
+            Some(queue) => queue,
+            None => {
+                let prefix: Arc<str> = prefix.into();
+                let queue = LocalQueue {
+                    prefix: prefix.clone(),
+                    mutex: Arc::default(),
+                    users: 0,
+                };
+                queues.entry(prefix).or_insert(queue)
+            }
+        };
         queue.users += 1;
-        queue.mutex.clone()
+        (queue.mutex.clone(), queue.prefix.clone())
     }
 
     /// Counts a user of `prefix`'s queue out; the last one removes it.
@@ -88,7 +96,7 @@ pub(crate) struct LocalTurn {
 /// A contender's use of a local queue, from before it waits until its turn ends.
 struct QueueUser {
     client: Arc<ClientInner>,
-    prefix: String,
+    prefix: Arc<str>,
 }
 
 impl Drop for QueueUser {
@@ -110,11 +118,11 @@ impl ClientInner {
         prefix: &str,
         try_only: bool,
     ) -> Option<LocalTurn> {
-        let queue = self.queues.join(prefix);
+        let (queue, prefix) = self.queues.join(prefix);
         // Joined above: from here on, dropping `user` (also by cancellation) counts out.
         let user = QueueUser {
             client: self.clone(),
-            prefix: prefix.to_string(),
+            prefix,
         };
         let guard = if try_only {
             queue.try_lock_owned().ok()?
@@ -568,7 +576,8 @@ fn deleted_from(from: i64) -> WatchOptions {
 /// client is killed.
 pub(crate) struct Holding {
     client: Arc<ClientInner>,
-    pub(crate) key: String,
+    /// Shared with its monitor.
+    pub(crate) key: Arc<str>,
     pub(crate) rev: i64,
     /// The session (lease) the key was written with.
     pub(crate) session: Arc<Session>,
@@ -585,10 +594,11 @@ impl Holding {
         // Under the session's signal: the lease's end (and its safe deadline) needs nothing
         // per key.
         let (trigger, lost) = sync_core::raw::loss_signal_under(&c.session.ended);
-        let monitor = c.client.watches.monitor(&c.key, c.rev, trigger);
+        let key: Arc<str> = c.key.into();
+        let monitor = c.client.watches.monitor(key.clone(), c.rev, trigger);
         Holding {
             client: c.client,
-            key: c.key,
+            key,
             rev: c.rev,
             session: c.session,
             lost,
@@ -608,11 +618,11 @@ impl Holding {
         // name but another create revision. That also makes sending it again harmless.
         let delete = Txn::new()
             .when([Compare::create_revision(
-                self.key.clone(),
+                &*self.key,
                 CompareOp::Equal,
                 self.rev,
             )])
-            .and_then([TxnOp::delete(self.key.clone(), None)]);
+            .and_then([TxnOp::delete(&*self.key, None)]);
         // Stays armed until the delete is known to be done: if this future is dropped
         // mid-request, `Drop` finishes the release in the background instead of leaving the
         // key (and so the lock) held by a live lease.
@@ -665,7 +675,7 @@ impl Holding {
 /// new key, and the old lease is revoked).
 fn spawn_delete(
     client: &Arc<ClientInner>,
-    key: String,
+    key: Arc<str>,
     turn: Option<LocalTurn>,
     session: Arc<Session>,
 ) {

@@ -245,12 +245,12 @@ impl Leadership for EtcdLeadership {
         }
         let txn = Txn::new()
             .when([Compare::create_revision(
-                h.key.clone(),
+                &*h.key,
                 CompareOp::Equal,
                 h.rev,
             )])
             .and_then([TxnOp::put(
-                h.key.clone(),
+                &*h.key,
                 encode(&self.candidate, value),
                 Some(PutOptions::new().with_lease(h.session.lease)),
             )]);

@@ -103,7 +103,8 @@ enum Command {
 
 /// A held key as its monitor keeps it: what to watch, and the trigger to fire.
 pub(crate) struct Monitored {
-    key: Box<[u8]>,
+    /// Shared with the holding.
+    key: Arc<str>,
     /// The key's create revision: a key read back with another one is a new key.
     rev: i64,
     /// The revision its watch starts at.
@@ -193,10 +194,10 @@ impl Watches {
     /// from `rev + 1`, so a delete meanwhile is
     /// still seen; it is carried over to every new stream, and a key whose watch etcd cancels
     /// (compacted) is read again.
-    pub(crate) fn monitor(&self, key: &str, rev: i64, trigger: LossTrigger) -> Registration {
+    pub(crate) fn monitor(&self, key: Arc<str>, rev: i64, trigger: LossTrigger) -> Registration {
         let id = self.start_hub();
         let monitored = Monitored {
-            key: key.as_bytes().into(),
+            key,
             rev,
             from: rev + 1,
             watch: id,
@@ -495,7 +496,7 @@ impl Hub {
             return;
         }
         m.state = MonitorState::Created;
-        let (key, opts) = (m.key.to_vec(), monitor_opts(m.watch, m.from));
+        let (key, opts) = (m.key.as_bytes().to_vec(), monitor_opts(m.watch, m.from));
         match st.conn.outgoing() {
             Some(out) => {
                 let _ = out.send(Outgoing::Create(key, opts));
@@ -571,7 +572,7 @@ impl Hub {
                 "held key's watch cancelled by etcd"
             );
             m.state = MonitorState::Checking;
-            self.check(id, m.key.to_vec());
+            self.check(id, m.key.as_bytes().to_vec());
         } else if !resp.events().is_empty() {
             fire(st, id);
             if let Some(out) = st.conn.outgoing() {
@@ -622,7 +623,7 @@ fn fire(st: &mut State, id: i64) {
     if let Some(m) = st.monitors.remove(&id) {
         st.renamed.remove(&m.watch);
         let reason = "the key was deleted";
-        tracing::warn!(backend = BACKEND, key = %String::from_utf8_lossy(&m.key), token = m.rev, reason, "lost");
+        tracing::warn!(backend = BACKEND, key = %m.key, token = m.rev, reason, "lost");
         m.trigger.fire(reason);
     }
 }

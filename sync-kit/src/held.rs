@@ -22,11 +22,12 @@ use crate::locked;
 /// One grant's place: emptied by whichever release comes first.
 #[derive(Debug)]
 pub struct Slot<T> {
-    id: String,
+    /// The map's key (one copy per id, however many grants).
+    id: Arc<str>,
     grant: Mutex<Option<T>>,
 }
 
-type ById<T> = HashMap<String, Vec<Arc<Slot<T>>>>;
+type ById<T> = HashMap<Arc<str>, Vec<Arc<Slot<T>>>>;
 
 /// A handle's held grants by id, oldest first. Cheap to clone (shared).
 #[derive(Debug)]
@@ -53,14 +54,18 @@ impl<T> Clone for HeldGrants<T> {
 impl<T> HeldGrants<T> {
     /// Adds a grant of `id`; its slot is the guard's.
     pub fn insert(&self, id: &str, grant: T) -> Arc<Slot<T>> {
+        let mut by_id = locked(&self.by_id);
+        let id = match by_id.get_key_value(id) {
+            Some((id, _)) => id.clone(),
+            None => Arc::from(id),
+        };
         let slot = Arc::new(Slot {
-            id: id.to_string(),
+            id: id.clone(),
             grant: Mutex::new(Some(grant)),
         });
-        locked(&self.by_id)
-            .entry(id.to_string())
-            .or_default()
-            .push(slot.clone());
+        // Most ids are held once at a time: no room for more until needed.
+        let slots = by_id.entry(id).or_insert_with(|| Vec::with_capacity(1));
+        slots.push(slot.clone());
         slot
     }
 
