@@ -61,7 +61,13 @@ pub(crate) struct ClientInner {
     pub(crate) queues: LocalQueues,
     /// The one watch stream every watch of this client shares.
     pub(crate) watches: Watches,
+    /// Bounds the deletes of dropped guards' keys in flight: dropping thousands of guards at
+    /// once queues them instead of sending thousands of requests (and holding their buffers).
+    pub(crate) background_deletes: Arc<tokio::sync::Semaphore>,
 }
+
+/// Deletes of dropped guards' keys in flight per client, at most.
+const BACKGROUND_DELETES: usize = 64;
 
 impl ClientInner {
     /// A handle on `endpoints` with no session yet.
@@ -81,6 +87,7 @@ impl ClientInner {
             killed,
             queues: LocalQueues::default(),
             watches,
+            background_deletes: Arc::new(tokio::sync::Semaphore::new(BACKGROUND_DELETES)),
         })
     }
 

@@ -43,30 +43,25 @@ pub(crate) struct LocalQueues {
 /// removed when the last of them goes, however it goes (turn dropped, or a waiting future
 /// cancelled).
 struct LocalQueue {
-    /// The map's key, shared with each user (a client may hold thousands of ids).
-    prefix: Arc<str>,
     mutex: Arc<tokio::sync::Mutex<()>>,
     users: usize,
 }
 
 impl LocalQueues {
-    /// Counts one more user of `prefix`'s queue and returns it, and the prefix as kept.
+    /// Counts one more user of `prefix`'s queue and returns it, and the map's key (shared
+    /// with each user: a client may hold thousands of ids).
     fn join(&self, prefix: &str) -> (Arc<tokio::sync::Mutex<()>>, Arc<str>) {
         let mut queues = locked(&self.queues);
-        let queue = match queues.get_mut(prefix) {
-            Some(queue) => queue,
-            None => {
-                let prefix: Arc<str> = prefix.into();
-                let queue = LocalQueue {
-                    prefix: prefix.clone(),
-                    mutex: Arc::default(),
-                    users: 0,
-                };
-                queues.entry(prefix).or_insert(queue)
-            }
+        let key = match queues.get_key_value(prefix) {
+            Some((key, _)) => key.clone(),
+            None => Arc::from(prefix),
         };
+        let queue = queues.entry(key.clone()).or_insert_with(|| LocalQueue {
+            mutex: Arc::default(),
+            users: 0,
+        });
         queue.users += 1;
-        (queue.mutex.clone(), queue.prefix.clone())
+        (queue.mutex.clone(), key)
     }
 
     /// Counts a user of `prefix`'s queue out; the last one removes it.
@@ -188,7 +183,8 @@ impl Drop for Cleanup {
                 if let Some(txn) = txn {
                     let _ = txn.await;
                 }
-                delete_until_gone(&client, &key, &session, "a cancelled contender key").await;
+                let what = "a cancelled contender key";
+                delete_in_background(&client, &key, &session, what).await;
                 drop(turn);
             });
         }
@@ -686,10 +682,18 @@ fn spawn_delete(
     let client = client.clone();
     if let Ok(rt) = tokio::runtime::Handle::try_current() {
         rt.spawn(async move {
-            delete_until_gone(&client, &key, &session, "a released key").await;
+            delete_in_background(&client, &key, &session, "a released key").await;
             drop(turn);
         });
     }
+}
+
+/// [`delete_until_gone`] from a background task, once one of the client's background
+/// deletes is free. Its future is boxed only then: a task waiting its turn stays small (a
+/// task is allocated aligned, and glibc reuses no freed one for the next).
+async fn delete_in_background(client: &ClientInner, key: &str, session: &Session, what: &str) {
+    let _permit = client.background_deletes.acquire().await;
+    Box::pin(delete_until_gone(client, key, session, what)).await;
 }
 
 /// Deletes `key` (`what`, for the log), retrying with backoff until the delete succeeds or

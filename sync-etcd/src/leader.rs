@@ -244,11 +244,7 @@ impl Leadership for EtcdLeadership {
             return Err(self.lost_error("leadership was lost"));
         }
         let txn = Txn::new()
-            .when([Compare::create_revision(
-                &*h.key,
-                CompareOp::Equal,
-                h.rev,
-            )])
+            .when([Compare::create_revision(&*h.key, CompareOp::Equal, h.rev)])
             .and_then([TxnOp::put(
                 &*h.key,
                 encode(&self.candidate, value),

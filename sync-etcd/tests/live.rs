@@ -160,7 +160,9 @@ async fn lost_when_key_deleted_while_the_watch_stream_is_down(endpoint: String) 
 /// The store revision, read through `etcdctl`.
 async fn revision(endpoint: &str, key: &str) -> Result<i64, String> {
     let out = etcdctl(endpoint, &["put", key, "x", "-w", "json"]).await?;
-    let at = out.find("\"revision\":").ok_or(format!("no revision in {out}"))?;
+    let at = out
+        .find("\"revision\":")
+        .ok_or(format!("no revision in {out}"))?;
     let digits: String = out[at + 11..]
         .chars()
         .take_while(char::is_ascii_digit)
@@ -180,8 +182,7 @@ async fn held_keys_are_read_again_after_a_compaction(endpoint: String) -> TestRe
         .map_err(|e| e.to_string())?;
     let lock = client.lock().map_err(|e| e.to_string())?;
     let kept = (lock.acquire("kept", LockOptions::new()).await).map_err(|e| e.to_string())?;
-    let victim =
-        (lock.acquire("victim", LockOptions::new()).await).map_err(|e| e.to_string())?;
+    let victim = (lock.acquire("victim", LockOptions::new()).await).map_err(|e| e.to_string())?;
     // Past the monitors' grace: both keys are watched on the stream.
     tokio::time::sleep(Duration::from_secs(1)).await;
     proxy.set(Fault::Reset);
@@ -196,7 +197,10 @@ async fn held_keys_are_read_again_after_a_compaction(endpoint: String) -> TestRe
         return Err(format!("lost() reason: {reason}"));
     }
     if kept.is_lost() {
-        return Err(format!("a key still held was lost: {:?}", kept.lost().await));
+        return Err(format!(
+            "a key still held was lost: {:?}",
+            kept.lost().await
+        ));
     }
     etcdctl(&endpoint, &["del", "--prefix", &format!("{ns}/kept/")]).await?;
     tokio::time::timeout(Duration::from_secs(5), kept.lost())
@@ -952,6 +956,28 @@ async fn await_keys(endpoint: &str, prefix: &str, n: usize) -> Result<Vec<String
     }
 }
 
+/// Guards dropped by the hundred (more than the deletes a client keeps in flight) all have
+/// their keys deleted, the same ids can then be taken again at once, and the lease stays.
+async fn many_dropped_guards_are_all_released(endpoint: String) -> TestResult {
+    let ns = unique("dropped");
+    let client = common::connect(&endpoint, &ns).await?;
+    let lock = client.lock().map_err(|e| e.to_string())?;
+    let mut guards = Vec::new();
+    for i in 0..300 {
+        let guard = lock.acquire(&format!("id-{i}"), LockOptions::new()).await;
+        guards.push(guard.map_err(|e| e.to_string())?);
+    }
+    drop(guards);
+    await_keys(&endpoint, &format!("{ns}/"), 0).await?;
+    for i in 0..300 {
+        let again = lock.try_acquire(&format!("id-{i}")).await;
+        if again.map_err(|e| e.to_string())?.is_none() {
+            return Err(format!("id-{i} was still held after its guard was dropped"));
+        }
+    }
+    Ok(())
+}
+
 /// A waiting acquire cancelled while etcd cannot be reached leaves its contender key behind
 /// only until etcd is back: the cleanup is retried, so the key (on a lease that stays renewed)
 /// does not block every later contender.
@@ -1328,7 +1354,10 @@ async fn task_batched_claim_answer_lost(endpoint: String) -> TestResult {
 }
 
 fn main() -> std::process::ExitCode {
-    let tests: [(&'static str, TestFn); 25] = [
+    let tests: [(&'static str, TestFn); 26] = [
+        ("live::many_dropped_guards_are_all_released", |e| {
+            Box::pin(many_dropped_guards_are_all_released(e))
+        }),
         ("live::held_keys_are_read_again_after_a_compaction", |e| {
             Box::pin(held_keys_are_read_again_after_a_compaction(e))
         }),

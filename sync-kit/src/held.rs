@@ -17,6 +17,8 @@ use std::{
     sync::{Arc, Mutex},
 };
 
+use smallvec::SmallVec;
+
 use crate::locked;
 
 /// One grant's place: emptied by whichever release comes first.
@@ -27,7 +29,8 @@ pub struct Slot<T> {
     grant: Mutex<Option<T>>,
 }
 
-type ById<T> = HashMap<Arc<str>, Vec<Arc<Slot<T>>>>;
+/// Oldest first; one grant (the usual case) needs no allocation of its own.
+type ById<T> = HashMap<Arc<str>, SmallVec<[Arc<Slot<T>>; 1]>>;
 
 /// A handle's held grants by id, oldest first. Cheap to clone (shared).
 #[derive(Debug)]
@@ -63,9 +66,7 @@ impl<T> HeldGrants<T> {
             id: id.clone(),
             grant: Mutex::new(Some(grant)),
         });
-        // Most ids are held once at a time: no room for more until needed.
-        let slots = by_id.entry(id).or_insert_with(|| Vec::with_capacity(1));
-        slots.push(slot.clone());
+        by_id.entry(id).or_default().push(slot.clone());
         slot
     }
 
