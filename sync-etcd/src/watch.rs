@@ -564,13 +564,7 @@ impl Hub {
         };
         if resp.canceled() {
             // Compacted past its start: read the key again before watching it again.
-            tracing::debug!(
-                backend = BACKEND,
-                id,
-                compacted = resp.compact_revision(),
-                reason = resp.cancel_reason(),
-                "held key's watch cancelled by etcd"
-            );
+            log_cancelled(&resp, "held key's watch");
             m.state = MonitorState::Checking;
             self.check(id, m.key.as_bytes().to_vec());
         } else if !resp.events().is_empty() {
@@ -658,18 +652,22 @@ async fn conn_event(conn: &mut Conn) -> ConnEvent {
     }
 }
 
+fn log_cancelled(resp: &WatchResponse, what: &str) {
+    tracing::debug!(
+        backend = BACKEND,
+        id = resp.watch_id(),
+        compacted = resp.compact_revision(),
+        reason = resp.cancel_reason(),
+        "{what} cancelled by etcd"
+    );
+}
+
 /// Hands `resp` to its watch.
 fn route(resp: WatchResponse, watches: &mut HashMap<i64, Sink>, conn: &Conn) {
     let id = resp.watch_id();
     if resp.canceled() {
         if let Some(sink) = watches.remove(&id) {
-            tracing::debug!(
-                backend = BACKEND,
-                id,
-                compacted = resp.compact_revision(),
-                reason = resp.cancel_reason(),
-                "watch cancelled by etcd"
-            );
+            log_cancelled(&resp, "watch");
             sink.deliver(Delivery::Ended(Ended::Cancelled));
         }
         return;
