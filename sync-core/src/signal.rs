@@ -13,7 +13,7 @@ use std::{
     future::pending,
     sync::{
         Arc, OnceLock,
-        atomic::{AtomicBool, AtomicU8, AtomicU64, AtomicUsize, Ordering::SeqCst},
+        atomic::{AtomicBool, AtomicU8, AtomicU64, AtomicUsize, Ordering::SeqCst, fence},
     },
     time::Duration,
 };
@@ -50,14 +50,22 @@ pub struct LossSignal {
 struct Flag {
     /// [`LIVE`], [`FIRED`] or [`GONE`]; it leaves `LIVE` once and never changes again.
     state: AtomicU8,
+    lease: Option<Arc<Lease>>,
+    /// A signal this one is lost with (see [`loss_signal_under`]).
+    parent: Option<Arc<Flag>>,
+    /// Made by the first fire or wait: most signals see neither, and a client may hold
+    /// thousands of them, so a live, unwatched signal is this small.
+    slow: OnceLock<Box<Slow>>,
+}
+
+/// The part of a flag only a fire or a wait needs.
+#[derive(Debug, Default)]
+struct Slow {
     /// The reason, set before the state becomes `FIRED`.
     reason: OnceLock<String>,
     /// How many tasks are in [`LossSignal::wait`]: with none, firing takes no lock.
     waiting: AtomicUsize,
     notify: Notify,
-    lease: Option<Arc<Lease>>,
-    /// A signal this one is lost with (see [`loss_signal_under`]).
-    parent: Option<Arc<Flag>>,
 }
 
 const LIVE: u8 = 0;
@@ -69,20 +77,26 @@ impl Flag {
     fn new(lease: Option<Arc<Lease>>, parent: Option<Arc<Flag>>) -> Arc<Self> {
         Arc::new(Flag {
             state: AtomicU8::new(LIVE),
-            reason: OnceLock::new(),
-            waiting: AtomicUsize::new(0),
-            notify: Notify::new(),
             lease,
             parent,
+            slow: OnceLock::new(),
         })
     }
 
-    /// Wakes the waiters, if any. Called after the state left `LIVE`: a waiter that registered
-    /// after this load saw 0 reads the new state before it sleeps (both are sequentially
-    /// consistent), and one counted here is notified.
+    fn slow(&self) -> &Slow {
+        self.slow.get_or_init(Box::default)
+    }
+
+    /// Wakes the waiters, if any. Called after the state left `LIVE`. A waiter makes the slow
+    /// part, counts itself in, then reads the state; this reads them in the opposite order.
+    /// With a fence on both sides, either the waiter sees the new state or this sees it
+    /// counted in and notifies it.
     fn wake(&self) {
-        if self.waiting.load(SeqCst) > 0 {
-            self.notify.notify_waiters();
+        fence(SeqCst);
+        if let Some(slow) = self.slow.get()
+            && slow.waiting.load(SeqCst) > 0
+        {
+            slow.notify.notify_waiters();
         }
     }
 }
@@ -146,7 +160,7 @@ impl LossTrigger {
             return;
         }
         // Of two racing fires, the first to set the reason wins; both store FIRED.
-        let _ = flag.reason.set(reason.into());
+        let _ = flag.slow().reason.set(reason.into());
         flag.state.store(FIRED, SeqCst);
         flag.wake();
     }
@@ -193,18 +207,21 @@ impl LossSignal {
     /// Waits for the loss and returns its reason.
     pub async fn wait(&self) -> String {
         let flag = &*self.flag;
-        flag.waiting.fetch_add(1, SeqCst);
+        let slow = flag.slow();
+        // Pairs with the fence in `Flag::wake` (see there).
+        fence(SeqCst);
+        slow.waiting.fetch_add(1, SeqCst);
         struct Leave<'a>(&'a AtomicUsize);
         impl Drop for Leave<'_> {
             fn drop(&mut self) {
                 self.0.fetch_sub(1, SeqCst);
             }
         }
-        let _leave = Leave(&flag.waiting);
+        let _leave = Leave(&slow.waiting);
         let lease = flag.lease.as_deref();
         loop {
             // Made before the check, so a change after it wakes them.
-            let fired = flag.notify.notified();
+            let fired = slow.notify.notified();
             let moved = lease.map(|l| l.notify.notified());
             if let Some(reason) = self.reason() {
                 return reason;
@@ -286,7 +303,10 @@ impl LossSignal {
 fn why(flag: &Flag, now: Option<Instant>) -> Option<Why<'_>> {
     let dropped = match flag.state.load(SeqCst) {
         LIVE => false,
-        FIRED => return Some(Why::Fired(flag.reason.get().map_or("", String::as_str))),
+        FIRED => {
+            let reason = flag.slow.get().and_then(|s| s.reason.get());
+            return Some(Why::Fired(reason.map_or("", String::as_str)));
+        }
         _ => true,
     };
     // The parent's reason before "dropped": whoever guarded this signal may have let it go
