@@ -10,19 +10,14 @@
 //! (the term). Contenders of one id on one handle share that key name, so they take turns in a
 //! per-id local queue first.
 
-use std::{
-    collections::HashMap,
-    sync::{Arc, Mutex},
-    time::Duration,
-};
+use std::{sync::Arc, time::Duration};
 
 use etcd_client::{
     Compare, CompareOp, GetOptions, PutOptions, SortOrder, SortTarget, Txn, TxnOp, TxnOpResponse,
     WatchFilterType, WatchOptions,
 };
 use sync_core::{Error, ErrorKind, LossSignal, Result};
-use sync_kit::locked;
-use tokio::sync::OwnedMutexGuard;
+use sync_kit::turns::Turn;
 
 use crate::{
     BACKEND,
@@ -32,74 +27,6 @@ use crate::{
     watch::{Delivery, Registration},
 };
 
-/// Per contender prefix: contenders of one id on one handle queue here, so only one of them
-/// owns the key `<prefix><lease-hex>` at a time.
-#[derive(Default)]
-pub(crate) struct LocalQueues {
-    queues: Mutex<HashMap<Arc<str>, LocalQueue>>,
-}
-
-/// One per-id local queue and how many contenders (waiting or holding) use it; the entry is
-/// removed when the last of them goes, however it goes (turn dropped, or a waiting future
-/// cancelled).
-struct LocalQueue {
-    mutex: Arc<tokio::sync::Mutex<()>>,
-    users: usize,
-}
-
-impl LocalQueues {
-    /// Counts one more user of `prefix`'s queue and returns it, and the map's key (shared
-    /// with each user: a client may hold thousands of ids).
-    fn join(&self, prefix: &str) -> (Arc<tokio::sync::Mutex<()>>, Arc<str>) {
-        let mut queues = locked(&self.queues);
-        let key = match queues.get_key_value(prefix) {
-            Some((key, _)) => key.clone(),
-            None => Arc::from(prefix),
-        };
-        let queue = queues.entry(key.clone()).or_insert_with(|| LocalQueue {
-            mutex: Arc::default(),
-            users: 0,
-        });
-        queue.users += 1;
-        (queue.mutex.clone(), key)
-    }
-
-    /// Counts a user of `prefix`'s queue out; the last one removes it.
-    fn leave(&self, prefix: &str) {
-        let mut queues = locked(&self.queues);
-        if let Some(queue) = queues.get_mut(prefix) {
-            queue.users = queue.users.saturating_sub(1);
-            if queue.users == 0 {
-                queues.remove(prefix);
-            }
-        }
-    }
-
-    #[cfg(test)]
-    fn len(&self) -> usize {
-        locked(&self.queues).len()
-    }
-}
-
-/// A place in a per-id local queue; dropping it lets the next local contender talk to etcd.
-pub(crate) struct LocalTurn {
-    // Declared first so it is dropped (the queue handed on) before the place is given up.
-    _guard: OwnedMutexGuard<()>,
-    _user: QueueUser,
-}
-
-/// A contender's use of a local queue, from before it waits until its turn ends.
-struct QueueUser {
-    client: Arc<ClientInner>,
-    prefix: Arc<str>,
-}
-
-impl Drop for QueueUser {
-    fn drop(&mut self) {
-        self.client.queues.leave(&self.prefix);
-    }
-}
-
 impl ClientInner {
     /// The contender prefix of a lock id or election group: `<ns>/<escaped id>/`.
     pub(crate) fn contender_prefix(&self, id: &str) -> String {
@@ -108,26 +35,11 @@ impl ClientInner {
 
     /// Waits for this handle's turn on `prefix` (None when `try_only` and it is taken).
     /// Cancelling the wait gives the place up.
-    pub(crate) async fn local_turn(
-        self: &Arc<Self>,
-        prefix: &str,
-        try_only: bool,
-    ) -> Option<LocalTurn> {
-        let (queue, prefix) = self.queues.join(prefix);
-        // Joined above: from here on, dropping `user` (also by cancellation) counts out.
-        let user = QueueUser {
-            client: self.clone(),
-            prefix,
-        };
-        let guard = if try_only {
-            queue.try_lock_owned().ok()?
-        } else {
-            queue.lock_owned().await
-        };
-        Some(LocalTurn {
-            _guard: guard,
-            _user: user,
-        })
+    pub(crate) async fn local_turn(&self, prefix: &str, try_only: bool) -> Option<Turn> {
+        if try_only {
+            return self.turns.try_take(prefix);
+        }
+        Some(self.turns.take(prefix).await)
     }
 }
 
@@ -140,7 +52,7 @@ pub(crate) struct Contender {
     key: String,
     rev: i64,
     session: Arc<Session>,
-    turn: LocalTurn,
+    turn: Turn,
 }
 
 /// Deletes a contender key in the background unless disarmed: what makes a dropped acquire
@@ -156,12 +68,12 @@ struct Cleanup {
     txn: Option<
         tokio::task::JoinHandle<std::result::Result<etcd_client::TxnResponse, etcd_client::Error>>,
     >,
-    turn: Option<LocalTurn>,
+    turn: Option<Turn>,
     armed: bool,
 }
 
 impl Cleanup {
-    fn disarm(mut self) -> LocalTurn {
+    fn disarm(mut self) -> Turn {
         self.armed = false;
         self.turn.take().expect("turn is only taken here")
     }
@@ -287,7 +199,7 @@ async fn create_key(
     id: &str,
     prefix: &str,
     value: Vec<u8>,
-    mut turn: LocalTurn,
+    mut turn: Turn,
 ) -> Result<(Arc<Session>, Cleanup, etcd_client::TxnResponse)> {
     let mut attempt = 0;
     loop {
@@ -581,11 +493,16 @@ pub(crate) struct Holding {
     /// Its key's watch in the client's watch hub, which fires the loss on the key's delete;
     /// the lease's loss reaches it through the session's signal.
     monitor: Option<Registration>,
-    turn: Option<LocalTurn>,
+    turn: Option<Turn>,
     armed: bool,
 }
 
 impl Holding {
+    /// The contender prefix, as the client's local queue keeps it.
+    pub(crate) fn prefix(&self) -> Option<Arc<str>> {
+        self.turn.as_ref().map(|t| t.key().clone())
+    }
+
     pub(crate) fn start(c: Contender) -> Holding {
         // Under the session's signal: the lease's end (and its safe deadline) needs nothing
         // per key.
@@ -672,7 +589,7 @@ impl Holding {
 fn spawn_delete(
     client: &Arc<ClientInner>,
     key: Arc<str>,
-    turn: Option<LocalTurn>,
+    turn: Option<Turn>,
     session: Arc<Session>,
 ) {
     if client.is_killed() {
@@ -753,65 +670,5 @@ impl Drop for Holding {
                 self.session.clone(),
             );
         }
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    /// A client that never talks to etcd (the channel connects lazily).
-    async fn offline_inner() -> Arc<ClientInner> {
-        let endpoints = crate::endpoints::Endpoints::new(
-            vec!["http://127.0.0.1:1".to_string()],
-            etcd_client::ConnectOptions::new(),
-            Duration::from_secs(1),
-        );
-        ClientInner::new(endpoints, crate::Config::default())
-    }
-
-    fn queue_count(inner: &ClientInner) -> usize {
-        inner.queues.len()
-    }
-
-    #[tokio::test]
-    async fn local_queue_is_removed_when_a_waiter_is_cancelled_after_the_holder_left() {
-        let inner = offline_inner().await;
-        let turn = inner.local_turn("ns/a/", false).await.expect("free");
-        let mut waiter = Box::pin(inner.local_turn("ns/a/", false));
-        assert!(futures::poll!(waiter.as_mut()).is_pending());
-        // The holder leaves while the waiter is queued, then the waiter is cancelled.
-        drop(turn);
-        drop(waiter);
-        assert_eq!(queue_count(&inner), 0, "the queue of a gone id leaked");
-    }
-
-    #[tokio::test]
-    async fn local_queue_is_removed_when_a_waiter_is_cancelled_before_the_holder_left() {
-        let inner = offline_inner().await;
-        let turn = inner.local_turn("ns/a/", false).await.expect("free");
-        let mut waiter = Box::pin(inner.local_turn("ns/a/", false));
-        assert!(futures::poll!(waiter.as_mut()).is_pending());
-        drop(waiter);
-        assert_eq!(queue_count(&inner), 1, "the holder still uses it");
-        drop(turn);
-        assert_eq!(queue_count(&inner), 0);
-    }
-
-    #[tokio::test]
-    async fn local_queue_hands_over_and_is_removed_after_the_last_turn() {
-        let inner = offline_inner().await;
-        let turn = inner.local_turn("ns/a/", false).await.expect("free");
-        assert!(inner.local_turn("ns/a/", true).await.is_none(), "taken");
-        let mut waiter = Box::pin(inner.local_turn("ns/a/", false));
-        assert!(futures::poll!(waiter.as_mut()).is_pending());
-        drop(turn);
-        let next = waiter.await.expect("handed over");
-        assert_eq!(queue_count(&inner), 1);
-        drop(next);
-        assert_eq!(queue_count(&inner), 0);
-        let other = inner.local_turn("ns/b/", true).await.expect("free");
-        drop(other);
-        assert_eq!(queue_count(&inner), 0);
     }
 }

@@ -38,7 +38,11 @@ impl EtcdLock {
     fn guard(&self, id: &str, prefix: String, c: Contender) -> LockGuard {
         let holding = Holding::start(c);
         let (token, lost) = (holding.rev as u64, holding.lost.clone());
-        let slot = self.mine.insert(&prefix, holding);
+        // The local queue's copy of the prefix, not a second one.
+        let slot = match holding.prefix() {
+            Some(shared) => self.mine.insert(shared, holding),
+            None => self.mine.insert(prefix, holding),
+        };
         tracing::debug!(backend = BACKEND, id, token, "lock acquired");
         LockGuard::new(
             id,
@@ -46,8 +50,8 @@ impl EtcdLock {
             lost,
             Box::new(EtcdHeld {
                 mine: self.mine.clone(),
-                id: id.to_string(),
                 slot,
+                id_at: self.client.ns_prefix().len(),
             }),
         )
     }
@@ -103,19 +107,31 @@ impl Lock for EtcdLock {
 
 struct EtcdHeld {
     mine: HeldGrants<Holding>,
-    id: String,
+    /// Its id is the contender prefix (`<ns>/<escaped id>/`).
     slot: Arc<Slot<Holding>>,
+    /// Where the escaped id starts in the prefix: the id is read back from it, for errors
+    /// only, rather than kept a second time per held lock.
+    id_at: usize,
+}
+
+impl EtcdHeld {
+    fn id(&self) -> String {
+        let prefix = self.slot.id();
+        let escaped = prefix.get(self.id_at..prefix.len().saturating_sub(1));
+        let escaped = escaped.unwrap_or_default();
+        sync_core::id::unescape(escaped).unwrap_or_else(|| escaped.to_string())
+    }
 }
 
 #[async_trait]
 impl HeldLock for EtcdHeld {
     async fn release(&mut self) -> Result<()> {
-        let span =
-            tracing::debug_span!("release", backend = BACKEND, primitive = "lock", id = %self.id);
+        let id = self.id();
+        let span = tracing::debug_span!("release", backend = BACKEND, primitive = "lock", id);
         match self.mine.take(&self.slot) {
-            Some(h) => h.release(&self.id).instrument(span).await,
+            Some(h) => h.release(&id).instrument(span).await,
             None => Err(not_held(
-                &self.id,
+                &id,
                 "the lock was already released through the handle",
             )),
         }

@@ -54,13 +54,21 @@ impl<T> Clone for HeldGrants<T> {
     }
 }
 
+impl<T> Slot<T> {
+    /// The id the grant was inserted with.
+    pub fn id(&self) -> &str {
+        &self.id
+    }
+}
+
 impl<T> HeldGrants<T> {
-    /// Adds a grant of `id`; its slot is the guard's.
-    pub fn insert(&self, id: &str, grant: T) -> Arc<Slot<T>> {
+    /// Adds a grant of `id`; its slot is the guard's. An `id` passed as an `Arc<str>` becomes
+    /// the map's key as it is (no copy of the text) if the id is new.
+    pub fn insert<K: AsRef<str> + Into<Arc<str>>>(&self, id: K, grant: T) -> Arc<Slot<T>> {
         let mut by_id = locked(&self.by_id);
-        let id = match by_id.get_key_value(id) {
+        let id = match by_id.get_key_value(id.as_ref()) {
             Some((id, _)) => id.clone(),
-            None => Arc::from(id),
+            None => id.into(),
         };
         let slot = Arc::new(Slot {
             id: id.clone(),
