@@ -47,9 +47,9 @@ impl ClientInner {
 pub(crate) const FALLBACK_POLL: Duration = Duration::from_secs(10);
 
 /// A contender that owns its prefix (lock or leadership), before monitoring starts.
+/// Its key is `<turn's key><session's lease-hex>`.
 pub(crate) struct Contender {
     client: Arc<ClientInner>,
-    key: String,
     rev: i64,
     session: Arc<Session>,
     turn: Turn,
@@ -184,7 +184,6 @@ async fn contend_inner(
     let turn = cleanup.disarm();
     Ok(Some(Contender {
         client: client.clone(),
-        key,
         rev,
         session,
         turn,
@@ -479,13 +478,34 @@ fn deleted_from(from: i64) -> WatchOptions {
         .with_filters([WatchFilterType::NoPut])
 }
 
+/// A held contender key, `<prefix><lease-hex>`, kept as its parts: the prefix is the local
+/// turn's, so a held key keeps no string of its own (a client may hold thousands).
+#[derive(Clone)]
+pub(crate) struct ContenderKey {
+    prefix: Arc<str>,
+    lease: i64,
+}
+
+impl ContenderKey {
+    /// The key, written out (for a request).
+    pub(crate) fn text(&self) -> String {
+        self.to_string()
+    }
+}
+
+impl std::fmt::Display for ContenderKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}{:x}", self.prefix, self.lease)
+    }
+}
+
 /// An owned contender key being monitored: its loss signal fires when the lease ends (TTL 0,
 /// revoked, renewals failing past the safe deadline), when the key is deleted, or when the
 /// client is killed.
 pub(crate) struct Holding {
     client: Arc<ClientInner>,
     /// Shared with its monitor.
-    pub(crate) key: Arc<str>,
+    pub(crate) key: ContenderKey,
     pub(crate) rev: i64,
     /// The session (lease) the key was written with.
     pub(crate) session: Arc<Session>,
@@ -498,16 +518,20 @@ pub(crate) struct Holding {
 }
 
 impl Holding {
-    /// The contender prefix, as the client's local queue keeps it.
-    pub(crate) fn prefix(&self) -> Option<Arc<str>> {
-        self.turn.as_ref().map(|t| t.key().clone())
+    /// The contender prefix, as the client's local turns keep it.
+    pub(crate) fn prefix(&self) -> Arc<str> {
+        self.key.prefix.clone()
     }
 
     pub(crate) fn start(c: Contender) -> Holding {
         // Under the session's signal: the lease's end (and its safe deadline) needs nothing
         // per key.
         let (trigger, lost) = sync_core::raw::loss_signal_under(&c.session.ended);
-        let key: Arc<str> = c.key.into();
+        // The key `create_key` wrote, as its parts.
+        let key = ContenderKey {
+            prefix: c.turn.key().clone(),
+            lease: c.session.lease,
+        };
         let monitor = c.client.watches.monitor(key.clone(), c.rev, trigger);
         Holding {
             client: c.client,
@@ -529,13 +553,10 @@ impl Holding {
         // Only this holding's key: a delete applied late (sent to a member that stalled and
         // then woke up) cannot free a later holding of the same client, whose key has the same
         // name but another create revision. That also makes sending it again harmless.
+        let key = self.key.text();
         let delete = Txn::new()
-            .when([Compare::create_revision(
-                &*self.key,
-                CompareOp::Equal,
-                self.rev,
-            )])
-            .and_then([TxnOp::delete(&*self.key, None)]);
+            .when([Compare::create_revision(&*key, CompareOp::Equal, self.rev)])
+            .and_then([TxnOp::delete(key, None)]);
         // Stays armed until the delete is known to be done: if this future is dropped
         // mid-request, `Drop` finishes the release in the background instead of leaving the
         // key (and so the lock) held by a live lease.
@@ -586,12 +607,7 @@ impl Holding {
 /// its old create revision (a reused fencing token). Retries until the delete succeeds or the
 /// lease the key was written with has ended (a later contender then uses a new lease, hence a
 /// new key, and the old lease is revoked).
-fn spawn_delete(
-    client: &Arc<ClientInner>,
-    key: Arc<str>,
-    turn: Option<Turn>,
-    session: Arc<Session>,
-) {
+fn spawn_delete(client: &Arc<ClientInner>, key: String, turn: Option<Turn>, session: Arc<Session>) {
     if client.is_killed() {
         // A dead process releases nothing: the lease expiry frees the key.
         return;
@@ -665,7 +681,7 @@ impl Drop for Holding {
         if self.armed {
             spawn_delete(
                 &self.client,
-                std::mem::take(&mut self.key),
+                self.key.text(),
                 self.turn.take(),
                 self.session.clone(),
             );

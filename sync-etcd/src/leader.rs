@@ -243,10 +243,11 @@ impl Leadership for EtcdLeadership {
         if h.lost.is_lost() {
             return Err(self.lost_error("leadership was lost"));
         }
+        let key = h.key.text();
         let txn = Txn::new()
-            .when([Compare::create_revision(&*h.key, CompareOp::Equal, h.rev)])
+            .when([Compare::create_revision(&*key, CompareOp::Equal, h.rev)])
             .and_then([TxnOp::put(
-                &*h.key,
+                key,
                 encode(&self.candidate, value),
                 Some(PutOptions::new().with_lease(h.session.lease)),
             )]);

@@ -35,14 +35,11 @@ impl EtcdLock {
         Ok(self.client.contender_prefix(id))
     }
 
-    fn guard(&self, id: &str, prefix: String, c: Contender) -> LockGuard {
+    fn guard(&self, id: &str, c: Contender) -> LockGuard {
         let holding = Holding::start(c);
         let (token, lost) = (holding.rev as u64, holding.lost.clone());
         // The local queue's copy of the prefix, not a second one.
-        let slot = match holding.prefix() {
-            Some(shared) => self.mine.insert(shared, holding),
-            None => self.mine.insert(prefix, holding),
-        };
+        let slot = self.mine.insert(holding.prefix(), holding);
         tracing::debug!(backend = BACKEND, id, token, "lock acquired");
         LockGuard::new(
             id,
@@ -69,7 +66,7 @@ impl Lock for EtcdLock {
     async fn acquire(&self, id: &str, opts: LockOptions) -> Result<LockGuard> {
         let prefix = self.prefix(id)?;
         let c = contend(&self.client, "lock", id, &prefix, Vec::new(), opts.wait).await?;
-        Ok(self.guard(id, prefix, c))
+        Ok(self.guard(id, c))
     }
 
     #[tracing::instrument(level = "debug", skip(self), fields(backend = BACKEND, primitive = "lock"))]
@@ -77,7 +74,7 @@ impl Lock for EtcdLock {
         let prefix = self.prefix(id)?;
         Ok(try_contend(&self.client, id, &prefix, Vec::new())
             .await?
-            .map(|c| self.guard(id, prefix, c)))
+            .map(|c| self.guard(id, c)))
     }
 
     /// The oldest contender's lease, which `etcdctl lease timetolive` and `lease revoke`

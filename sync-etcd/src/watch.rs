@@ -34,6 +34,7 @@ use tokio::{
 
 use crate::{
     BACKEND,
+    contention::ContenderKey,
     endpoints::Endpoints,
     error::{not_delivered, timed_out},
     kv::{EtcdResult, Kv, Sender, answered_within},
@@ -104,7 +105,7 @@ enum Command {
 /// A held key as its monitor keeps it: what to watch, and the trigger to fire.
 pub(crate) struct Monitored {
     /// Shared with the holding.
-    key: Arc<str>,
+    key: ContenderKey,
     /// The key's create revision: a key read back with another one is a new key.
     rev: i64,
     /// The revision its watch starts at.
@@ -194,7 +195,12 @@ impl Watches {
     /// from `rev + 1`, so a delete meanwhile is
     /// still seen; it is carried over to every new stream, and a key whose watch etcd cancels
     /// (compacted) is read again.
-    pub(crate) fn monitor(&self, key: Arc<str>, rev: i64, trigger: LossTrigger) -> Registration {
+    pub(crate) fn monitor(
+        &self,
+        key: ContenderKey,
+        rev: i64,
+        trigger: LossTrigger,
+    ) -> Registration {
         let id = self.start_hub();
         let monitored = Monitored {
             key,
@@ -496,7 +502,7 @@ impl Hub {
             return;
         }
         m.state = MonitorState::Created;
-        let (key, opts) = (m.key.as_bytes().to_vec(), monitor_opts(m.watch, m.from));
+        let (key, opts) = (m.key.text().into_bytes(), monitor_opts(m.watch, m.from));
         match st.conn.outgoing() {
             Some(out) => {
                 let _ = out.send(Outgoing::Create(key, opts));
@@ -566,7 +572,7 @@ impl Hub {
             // Compacted past its start: read the key again before watching it again.
             log_cancelled(&resp, "held key's watch");
             m.state = MonitorState::Checking;
-            self.check(id, m.key.as_bytes().to_vec());
+            self.check(id, m.key.text().into_bytes());
         } else if !resp.events().is_empty() {
             fire(st, id);
             if let Some(out) = st.conn.outgoing() {
