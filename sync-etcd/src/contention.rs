@@ -487,6 +487,14 @@ pub(crate) struct ContenderKey {
 }
 
 impl ContenderKey {
+    #[cfg(test)]
+    pub(crate) fn new(prefix: &str, lease: i64) -> ContenderKey {
+        ContenderKey {
+            prefix: prefix.into(),
+            lease,
+        }
+    }
+
     /// The key, written out (for a request).
     pub(crate) fn text(&self) -> String {
         self.to_string()

@@ -45,6 +45,10 @@ use crate::{
 /// promised to hear of it in.
 const MONITOR_GRACE: Duration = Duration::from_millis(500);
 
+/// Graces ending this soon after the one the hub woke for end with it: under a steady stream of
+/// short holds the hub wakes about ten times a second, not once per hold.
+const GRACE_SLACK: Duration = Duration::from_millis(100);
+
 /// The pause before a failed stream is opened again for the monitors, so a failing server is
 /// not spun on.
 const REOPEN_PAUSE: Duration = Duration::from_millis(200);
@@ -97,7 +101,9 @@ enum Command {
         sink: Sink,
     },
     Remove(i64),
-    Monitor(i64, Monitored),
+    /// The young monitors went from none to some: the hub wakes when the first one's grace
+    /// ends.
+    Young,
     /// A monitored key was read again after etcd cancelled its watch.
     Checked(i64, Checked),
 }
@@ -118,8 +124,6 @@ pub(crate) struct Monitored {
 
 #[derive(Clone, Copy, PartialEq, Eq)]
 enum MonitorState {
-    /// Young: it opens no stream before its grace has passed.
-    Graced,
     /// Waiting for a stream to be created on.
     Pending,
     /// Watched on the current stream.
@@ -143,7 +147,7 @@ enum Outgoing {
 
 /// The client's shared watch stream: a handle to its hub task, started with the first watch.
 pub(crate) struct Watches {
-    commands: mpsc::UnboundedSender<Command>,
+    link: Arc<Link>,
     hub: Mutex<Option<Hub>>,
     /// Watch ids, shared with the hub (which gives a monitor a new one after etcd cancels
     /// its watch: etcd keeps a cancelled id taken on its stream).
@@ -155,8 +159,12 @@ impl Watches {
     pub(crate) fn new(sender: Sender, killed: watch::Receiver<bool>) -> Watches {
         let (commands, rx) = mpsc::unbounded_channel();
         let next_id = Arc::new(AtomicI64::new(1));
+        let young = Arc::<Mutex<Young>>::default();
         Watches {
-            commands: commands.clone(),
+            link: Arc::new(Link {
+                commands: commands.clone(),
+                young: young.clone(),
+            }),
             hub: Mutex::new(Some(Hub {
                 endpoints: sender.endpoints.clone(),
                 timeout: sender.timeout,
@@ -165,6 +173,7 @@ impl Watches {
                 commands: rx,
                 to_self: commands.downgrade(),
                 next_id: next_id.clone(),
+                young,
             })),
             next_id,
         }
@@ -208,12 +217,14 @@ impl Watches {
             from: rev + 1,
             watch: id,
             trigger,
-            state: MonitorState::Graced,
+            state: MonitorState::Pending,
         };
-        let _ = self.commands.send(Command::Monitor(id, monitored));
+        if locked(&self.link.young).add(id, monitored) {
+            let _ = self.link.commands.send(Command::Young);
+        }
         Registration {
             id,
-            commands: self.commands.clone(),
+            link: self.link.clone(),
         }
     }
 
@@ -228,7 +239,7 @@ impl Watches {
     fn add(&self, key: Vec<u8>, opts: WatchOptions, sink: Sink) -> Registration {
         let id = self.start_hub();
         // A hub that is gone (the client was killed) drops the sink: the watch reads as failed.
-        let _ = self.commands.send(Command::Add {
+        let _ = self.link.commands.send(Command::Add {
             id,
             key,
             opts: opts.with_watch_id(id),
@@ -236,20 +247,76 @@ impl Watches {
         });
         Registration {
             id,
-            commands: self.commands.clone(),
+            link: self.link.clone(),
         }
+    }
+}
+
+/// What registrations share: the way to the hub, and the young monitors.
+struct Link {
+    commands: mpsc::UnboundedSender<Command>,
+    young: Arc<Mutex<Young>>,
+}
+
+/// Held keys in their grace, kept beside the hub rather than sent to it: young keys are not
+/// watched yet, since most short holds (an uncontended acquire and release, a quick turn in a
+/// busy queue) end within the grace, and each watch added and cancelled is work for etcd and
+/// for this client. A hold that starts and ends here costs the hub no wake-up either.
+#[derive(Default)]
+struct Young {
+    by_id: HashMap<i64, Monitored>,
+    /// When each one's grace ends, oldest first (ids already gone are skipped).
+    order: VecDeque<(Instant, i64)>,
+    /// The hub knows there are some (it wakes for the first one's grace end).
+    told: bool,
+}
+
+impl Young {
+    /// Adds monitor `id`; true when the hub must be told (there were none).
+    fn add(&mut self, id: i64, m: Monitored) -> bool {
+        self.by_id.insert(id, m);
+        self.order.push_back((Instant::now() + MONITOR_GRACE, id));
+        !std::mem::replace(&mut self.told, true)
+    }
+
+    /// When the first grace ends.
+    fn next(&self) -> Option<Instant> {
+        self.order.front().map(|(at, _)| *at)
+    }
+
+    /// Takes the monitors whose grace is over by `now`.
+    fn grown(&mut self, now: Instant) -> Vec<(i64, Monitored)> {
+        let mut grown = Vec::new();
+        while let Some(&(at, id)) = self.order.front() {
+            if at > now {
+                break;
+            }
+            self.order.pop_front();
+            grown.extend(self.by_id.remove(&id).map(|m| (id, m)));
+        }
+        if self.order.is_empty() {
+            self.told = false;
+            // A burst (thousands of locks taken at once) leaves nothing allocated behind.
+            self.by_id = HashMap::new();
+            self.order = VecDeque::new();
+        }
+        grown
     }
 }
 
 /// Cancels its watch when dropped: a message to the hub, never a wait.
 pub(crate) struct Registration {
     id: i64,
-    commands: mpsc::UnboundedSender<Command>,
+    link: Arc<Link>,
 }
 
 impl Drop for Registration {
     fn drop(&mut self) {
-        let _ = self.commands.send(Command::Remove(self.id));
+        let young = locked(&self.link.young).by_id.remove(&self.id);
+        // Dropped outside the lock (it fires the holder's signal).
+        if young.is_none() {
+            let _ = self.link.commands.send(Command::Remove(self.id));
+        }
     }
 }
 
@@ -310,6 +377,7 @@ struct Hub {
     /// Where a re-read's answer comes back (weak: the hub ends with the last registration).
     to_self: mpsc::WeakUnboundedSender<Command>,
     next_id: Arc<AtomicI64>,
+    young: Arc<Mutex<Young>>,
 }
 
 /// What the hub keeps: the stream, the watches on it and the monitored keys.
@@ -320,17 +388,14 @@ struct State {
     monitors: HashMap<i64, Monitored>,
     /// The registration of each monitor whose watch id is another (see [`Monitored::watch`]).
     renamed: HashMap<i64, i64>,
-    /// Monitors in their grace, oldest first, with when it ends.
-    graced: VecDeque<(Instant, i64)>,
     /// When the monitors' stream is opened again after it was lost.
     reopen_at: Option<Instant>,
 }
 
 impl State {
     /// The next time the hub has something to do on its own.
-    fn next_wake(&self) -> Option<Instant> {
-        let graced = self.graced.front().map(|(at, _)| *at);
-        match (graced, self.reopen_at) {
+    fn next_wake(&self, young: Option<Instant>) -> Option<Instant> {
+        match (young, self.reopen_at) {
             (Some(a), Some(b)) => Some(a.min(b)),
             (a, b) => a.or(b),
         }
@@ -360,19 +425,21 @@ impl Hub {
             watches: HashMap::new(),
             monitors: HashMap::new(),
             renamed: HashMap::new(),
-            graced: VecDeque::new(),
             reopen_at: None,
         };
         let mut moves = self.endpoints.moves();
         moves.mark_unchanged();
         let mut killed = self.killed.clone();
         loop {
-            let wake = st.next_wake();
+            let wake = st.next_wake(locked(&self.young).next());
             tokio::select! {
                 biased;
                 _ = killed.wait_for(|k| *k) => {
                     end_all(&mut st.watches, Ended::Failed);
-                    // The monitors' triggers go with the hub: their holders read it as lost.
+                    // The monitors' triggers go with the hub (the young ones too): their
+                    // holders read it as lost.
+                    let young = std::mem::take(&mut *locked(&self.young));
+                    drop(young);
                     return;
                 }
                 Ok(()) = moves.changed() => {
@@ -439,13 +506,8 @@ impl Hub {
                     let _ = out.send(Outgoing::Cancel(watch));
                 }
             }
-            Command::Monitor(id, m) => {
-                // Young keys are not watched yet: most short holds (an uncontended acquire and
-                // release, a quick turn in a busy queue) end within the grace, and each watch
-                // added and cancelled is work for etcd and for this client.
-                st.graced.push_back((Instant::now() + MONITOR_GRACE, id));
-                st.monitors.insert(id, m);
-            }
+            // The loop's next wake-up now counts the young monitors.
+            Command::Young => {}
             Command::Checked(id, found) => {
                 let Some(m) = st
                     .monitors
@@ -473,17 +535,10 @@ impl Hub {
     /// Ends the graces that are over, and re-opens the monitors' stream when it is time.
     fn on_time(&self, st: &mut State) {
         let now = Instant::now();
-        while let Some(&(at, id)) = st.graced.front() {
-            if at > now {
-                break;
-            }
-            st.graced.pop_front();
-            if let Some(m) = st.monitors.get_mut(&id) {
-                if m.state == MonitorState::Graced {
-                    m.state = MonitorState::Pending;
-                    self.create(id, st);
-                }
-            }
+        let grown = locked(&self.young).grown(now + GRACE_SLACK);
+        for (id, m) in grown {
+            st.monitors.insert(id, m);
+            self.create(id, st);
         }
         if st.reopen_at.is_some_and(|at| at <= now) {
             st.reopen_at = None;
@@ -699,5 +754,53 @@ fn route(resp: WatchResponse, watches: &mut HashMap<i64, Sink>, conn: &Conn) {
 fn end_all(watches: &mut HashMap<i64, Sink>, why: Ended) {
     for (_, sink) in watches.drain() {
         sink.deliver(Delivery::Ended(why));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn young_one(young: &mut Young, id: i64) -> (bool, sync_core::LossSignal) {
+        let (trigger, signal) = sync_core::raw::loss_signal();
+        let m = Monitored {
+            key: ContenderKey::new("ns/a/", id),
+            rev: id,
+            from: id + 1,
+            watch: id,
+            trigger,
+            state: MonitorState::Pending,
+        };
+        (young.add(id, m), signal)
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn young_monitors_grow_up_after_their_grace_and_tell_the_hub_once() {
+        let mut young = Young::default();
+        let (tell_first, _a) = young_one(&mut young, 1);
+        let (tell_second, _b) = young_one(&mut young, 2);
+        assert!(tell_first && !tell_second, "the hub is told once per batch");
+        // A hold that ended in its grace is gone before it grows up.
+        young.by_id.remove(&2);
+        assert!(young.grown(Instant::now()).is_empty());
+        tokio::time::advance(MONITOR_GRACE).await;
+        let grown: Vec<i64> = young
+            .grown(Instant::now())
+            .iter()
+            .map(|(id, _)| *id)
+            .collect();
+        assert_eq!(grown, vec![1]);
+        assert!(young.next().is_none() && !young.told);
+        let (tell_again, _c) = young_one(&mut young, 3);
+        assert!(tell_again, "the hub is told again after the young ran out");
+    }
+
+    #[test]
+    fn a_young_monitor_forgotten_with_the_hub_loses_its_hold() {
+        let mut young = Young::default();
+        let (_, signal) = young_one(&mut young, 1);
+        assert!(!signal.is_lost());
+        drop(std::mem::take(&mut young));
+        assert!(signal.is_lost());
     }
 }
