@@ -9,6 +9,12 @@
 //! (`Failed`, `Moved`) and its owner resumes from the revision it watched from (nothing is
 //! missed: etcd replays history) or re-reads; the next watch added opens a new stream.
 //!
+//! etcd answers each create in the order it was sent. A create it refuses is answered with no
+//! watch id (-1), so the hub keeps the creates it sent in order and takes the refused one from
+//! the front. A refusal for a stale auth token (the stream keeps the token it was opened with,
+//! and etcd checks it on every create) closes the stream; the next one is opened with a fresh
+//! token. Any other refusal ends that watch as cancelled, so its owner reads again.
+//!
 //! Held keys are monitored by the hub itself ([`Watches::monitor`]): no task, channel or
 //! timer per held key, only a small entry in the hub, which fires the holder's loss trigger
 //! on the key's delete and carries the watch over to every new stream.
@@ -19,7 +25,7 @@ use std::{
     pin::Pin,
     sync::{
         Arc, Mutex,
-        atomic::{AtomicI64, Ordering},
+        atomic::{AtomicBool, AtomicI64, Ordering},
     },
     time::Duration,
 };
@@ -174,6 +180,7 @@ impl Watches {
                 to_self: commands.downgrade(),
                 next_id: next_id.clone(),
                 young,
+                stale_token: AtomicBool::new(false),
             })),
             next_id,
         }
@@ -378,6 +385,9 @@ struct Hub {
     to_self: mpsc::WeakUnboundedSender<Command>,
     next_id: Arc<AtomicI64>,
     young: Arc<Mutex<Young>>,
+    /// etcd refused a create for the stream's auth token: the next stream is opened with a
+    /// fresh one.
+    stale_token: AtomicBool,
 }
 
 /// What the hub keeps: the stream, the watches on it and the monitored keys.
@@ -390,6 +400,8 @@ struct State {
     renamed: HashMap<i64, i64>,
     /// When the monitors' stream is opened again after it was lost.
     reopen_at: Option<Instant>,
+    /// The watch ids of the creates sent on this stream and not answered yet, in order.
+    creating: VecDeque<i64>,
 }
 
 impl State {
@@ -404,6 +416,7 @@ impl State {
     /// The stream is gone: every watch on it ends, and the monitors wait for the next one,
     /// opened after `pause`.
     fn stream_lost(&mut self, why: Ended, pause: Duration) {
+        self.creating.clear();
         end_all(&mut self.watches, why);
         let mut pending = false;
         for m in self.monitors.values_mut() {
@@ -426,6 +439,7 @@ impl Hub {
             monitors: HashMap::new(),
             renamed: HashMap::new(),
             reopen_at: None,
+            creating: VecDeque::new(),
         };
         let mut moves = self.endpoints.moves();
         moves.mark_unchanged();
@@ -486,12 +500,7 @@ impl Hub {
                 opts,
                 sink,
             } => {
-                match st.conn.outgoing() {
-                    Some(out) => {
-                        let _ = out.send(Outgoing::Create(key, opts));
-                    }
-                    None => st.conn = self.open_with(key, opts),
-                }
+                self.send_create(st, id, key, opts);
                 st.watches.insert(id, sink);
             }
             Command::Remove(id) => {
@@ -557,16 +566,31 @@ impl Hub {
             return;
         }
         m.state = MonitorState::Created;
-        let (key, opts) = (m.key.text().into_bytes(), monitor_opts(m.watch, m.from));
-        match st.conn.outgoing() {
+        let (watch, key, opts) = (
+            m.watch,
+            m.key.text().into_bytes(),
+            monitor_opts(m.watch, m.from),
+        );
+        if self.send_create(st, watch, key, opts) {
+            self.create_pending(st);
+        }
+    }
+
+    /// Sends watch `watch`'s create on the stream, opening one if there is none (then true).
+    fn send_create(&self, st: &mut State, watch: i64, key: Vec<u8>, opts: WatchOptions) -> bool {
+        let opened = match st.conn.outgoing() {
             Some(out) => {
                 let _ = out.send(Outgoing::Create(key, opts));
+                false
             }
             None => {
                 st.conn = self.open_with(key, opts);
-                self.create_pending(st);
+                st.creating.clear();
+                true
             }
-        }
+        };
+        st.creating.push_back(watch);
+        opened
     }
 
     /// Sends every pending monitor's watch (on a stream that is open or opening).
@@ -588,8 +612,15 @@ impl Hub {
         let (out, mut queued) = mpsc::unbounded_channel::<Outgoing>();
         let endpoints = self.endpoints.clone();
         let timeout = self.timeout;
+        let refresh = self.stale_token.swap(false, Ordering::Relaxed);
         let opening = async move {
             let (index, client) = endpoints.pick().await?;
+            if refresh {
+                // Failing, the new stream's creates are refused again and this comes back.
+                if let Err(e) = answered_within(timeout, client.refresh_token()).await {
+                    tracing::debug!(backend = BACKEND, error = %e, "refreshing the auth token failed");
+                }
+            }
             let stream = answered_within(timeout, client.watch_client().watch(key, Some(opts)))
                 .await
                 .inspect_err(|e| {
@@ -618,10 +649,12 @@ impl Hub {
 
     /// Hands `resp` to its watch or monitor.
     fn route(&self, resp: WatchResponse, st: &mut State) {
-        let watch = resp.watch_id();
+        let Some(watch) = self.answered(&resp, st) else {
+            return;
+        };
         let id = st.renamed.get(&watch).copied().unwrap_or(watch);
         let Some(m) = st.monitors.get_mut(&id).filter(|m| m.watch == watch) else {
-            return route(resp, &mut st.watches, &st.conn);
+            return route(watch, resp, &mut st.watches, &st.conn);
         };
         if resp.canceled() {
             // Compacted past its start: read the key again before watching it again.
@@ -634,6 +667,36 @@ impl Hub {
                 let _ = out.send(Outgoing::Cancel(watch));
             }
         }
+    }
+
+    /// The watch `resp` is for. A create's answer is taken off the creates sent; a refused one
+    /// (no id) is the oldest of them. None when there is nothing to route: unknown, or the
+    /// stream is being replaced for a stale token.
+    fn answered(&self, resp: &WatchResponse, st: &mut State) -> Option<i64> {
+        let watch = resp.watch_id();
+        if !resp.created() {
+            return Some(watch);
+        }
+        if watch != -1 {
+            if let Some(at) = st.creating.iter().position(|w| *w == watch) {
+                st.creating.remove(at);
+            }
+            return Some(watch);
+        }
+        let refused = st.creating.pop_front()?;
+        if stale_token(resp.cancel_reason()) {
+            tracing::debug!(
+                backend = BACKEND,
+                reason = resp.cancel_reason(),
+                "the watch stream's auth token is stale; opening a new stream"
+            );
+            self.stale_token.store(true, Ordering::Relaxed);
+            st.conn = Conn::Closed;
+            // Paused: a token that cannot be refreshed must not spin the hub.
+            st.stream_lost(Ended::Failed, REOPEN_PAUSE);
+            return None;
+        }
+        Some(refused)
     }
 
     /// Reads monitored `key` again (retrying until etcd answers) and tells the hub.
@@ -723,9 +786,14 @@ fn log_cancelled(resp: &WatchResponse, what: &str) {
     );
 }
 
-/// Hands `resp` to its watch.
-fn route(resp: WatchResponse, watches: &mut HashMap<i64, Sink>, conn: &Conn) {
-    let id = resp.watch_id();
+/// Whether etcd refused a create for the token the stream was opened with (expired, or older
+/// than a change to users and roles).
+fn stale_token(reason: &str) -> bool {
+    reason.contains("invalid auth token") || reason.contains("revision of auth store is old")
+}
+
+/// Hands `resp`, an answer to watch `id`, to its watch.
+fn route(id: i64, resp: WatchResponse, watches: &mut HashMap<i64, Sink>, conn: &Conn) {
     if resp.canceled() {
         if let Some(sink) = watches.remove(&id) {
             log_cancelled(&resp, "watch");

@@ -18,7 +18,7 @@ use tokio::time::Instant;
 use common::{TestFn, TestResult};
 use sync_conformance::proxy::Fault;
 use sync_core::{
-    Backend, ElectOptions, ErrorKind, HandlerError, Job, JobContext, JobState, LockOptions,
+    Backend, ElectOptions, ErrorKind, HandlerError, Job, JobContext, JobState, Lock, LockOptions,
     MAX_PAYLOAD_LEN, MAX_VALUE_LEN, WorkerOptions,
 };
 
@@ -1196,6 +1196,74 @@ async fn lock_outlives_the_auth_token(_endpoint: String) -> TestResult {
     released.map_err(|e| format!("releasing after the token expired: {e}"))
 }
 
+/// Watches added after the auth token of the client's watch stream expired still work: etcd
+/// refuses them on that stream (an answer with no watch id), and the client opens a new
+/// stream with a fresh token instead of leaving the waiter and the held key unwatched, or
+/// asking again and again on the old one.
+async fn watches_outlive_the_stream_token(_endpoint: String) -> TestResult {
+    let etcd = AuthEtcd::start().await?;
+    let ns = unique("stream-token");
+    let a = etcd.client("root:secret", &ns).await?;
+    let b = etcd.client("root:secret", &ns).await?;
+    let (la, lb) = (
+        a.lock().map_err(|e| e.to_string())?,
+        b.lock().map_err(|e| e.to_string())?,
+    );
+    let acquire = |lock: &Arc<dyn Lock>, id: &'static str| {
+        let lock = lock.clone();
+        async move {
+            (lock
+                .acquire(id, LockOptions::new().with_wait(Duration::from_secs(20)))
+                .await)
+                .map_err(|e| format!("acquiring {id}: {e}"))
+        }
+    };
+    // Held past the monitor's grace, so `a` has a watch stream open with its first token.
+    let _kept = acquire(&la, "kept").await?;
+    // The fault: that stream's token expires.
+    tokio::time::sleep(AuthEtcd::TOKEN_TTL * 2 + Duration::from_millis(500)).await;
+
+    // A waiter's watch, added on the old stream.
+    let held_by_b = acquire(&lb, "contended").await?;
+    let waiting = tokio::spawn(acquire(&la, "contended"));
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    held_by_b
+        .release()
+        .await
+        .map_err(|e| format!("releasing: {e}"))?;
+    let granted = tokio::time::timeout(Duration::from_secs(5), waiting)
+        .await
+        .map_err(|_| "the waiter was not granted within 5s of the release".to_string())?
+        .map_err(|e| e.to_string())??;
+
+    // Held past its monitor's grace: `a` then sits idle. Re-reading and re-watching after each
+    // refusal instead would be a request per round trip, for as long as the lock is held.
+    let url = etcd.client_url.clone();
+    tokio::time::sleep(Duration::from_millis(1000)).await;
+    let before = common::metrics::counters(&url).await?;
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let idle = common::metrics::delta(&before, &common::metrics::counters(&url).await?);
+    let reads: u64 = ["Range", "Txn", "Watch"]
+        .iter()
+        .filter_map(|m| idle.get(*m))
+        .sum();
+    if reads > 2 {
+        return Err(format!("requests in 1s of holding, idle: {idle:?}"));
+    }
+
+    // A held key's monitor, added after the expiry too, still sees the key deleted.
+    let key = format!("{ns}/contended/");
+    etcdctl(&url, &["--user=root:secret", "del", "--prefix", &key]).await?;
+    let reason = tokio::time::timeout(Duration::from_secs(3), granted.lost())
+        .await
+        .map_err(|_| "lost() did not fire within 3s of the key's deletion".to_string())?;
+    if !reason.contains("deleted") {
+        return Err(format!("lost() reason: {reason}"));
+    }
+    drop((a, b));
+    Ok(())
+}
+
 /// A lock whose release etcd refuses for good (the user lost its rights while holding) is
 /// reported lost and its lease ends, so the key does not block everyone for as long as the
 /// process lives; the release itself says why.
@@ -1354,7 +1422,10 @@ async fn task_batched_claim_answer_lost(endpoint: String) -> TestResult {
 }
 
 fn main() -> std::process::ExitCode {
-    let tests: [(&'static str, TestFn); 26] = [
+    let tests: [(&'static str, TestFn); 27] = [
+        ("live::watches_outlive_the_stream_token", |e| {
+            Box::pin(watches_outlive_the_stream_token(e))
+        }),
         ("live::many_dropped_guards_are_all_released", |e| {
             Box::pin(many_dropped_guards_are_all_released(e))
         }),

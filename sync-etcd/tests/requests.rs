@@ -9,83 +9,11 @@ mod common;
 
 use std::{collections::BTreeMap, time::Duration};
 
-use common::{TestFn, TestResult};
+use common::{
+    TestFn, TestResult,
+    metrics::{counters, delta, gauge},
+};
 use sync_core::{Backend, LockOptions};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-
-/// `/metrics` of `endpoint`.
-async fn metrics(endpoint: &str) -> Result<String, String> {
-    let authority = common::authority(endpoint);
-    let mut stream = tokio::net::TcpStream::connect(&authority)
-        .await
-        .map_err(|e| format!("connecting to {authority}: {e}"))?;
-    stream
-        .write_all(format!("GET /metrics HTTP/1.0\r\nHost: {authority}\r\n\r\n").as_bytes())
-        .await
-        .map_err(|e| e.to_string())?;
-    let mut body = String::new();
-    stream
-        .read_to_string(&mut body)
-        .await
-        .map_err(|e| e.to_string())?;
-    Ok(body)
-}
-
-/// The value of the unlabelled metric `name` (a gauge such as the server's watcher count).
-async fn gauge(endpoint: &str, name: &str) -> Result<u64, String> {
-    let body = metrics(endpoint).await?;
-    let value = body
-        .lines()
-        .find_map(|line| line.strip_prefix(name)?.strip_prefix(' '))
-        .ok_or_else(|| format!("no {name} at {endpoint}/metrics"))?;
-    let value: f64 = value.trim().parse().map_err(|e| format!("{name}: {e}"))?;
-    Ok(value as u64)
-}
-
-/// `grpc_server_started_total` per method for the KV, Lease (unary) and Watch services.
-async fn counters(endpoint: &str) -> Result<BTreeMap<String, u64>, String> {
-    let body = metrics(endpoint).await?;
-    let mut out = BTreeMap::new();
-    for line in body.lines() {
-        let Some(rest) = line.strip_prefix("grpc_server_started_total{") else {
-            continue;
-        };
-        let Some((labels, value)) = rest.split_once("} ") else {
-            continue;
-        };
-        let label = |name: &str| {
-            labels
-                .split(',')
-                .find_map(|kv| kv.strip_prefix(&format!("{name}=\"")))
-                .map(|v| v.trim_end_matches('"').to_string())
-        };
-        let (Some(method), Some(service)) = (label("grpc_method"), label("grpc_service")) else {
-            continue;
-        };
-        if !matches!(
-            service.as_str(),
-            "etcdserverpb.KV" | "etcdserverpb.Lease" | "etcdserverpb.Watch"
-        ) {
-            continue;
-        }
-        let value: f64 = value.trim().parse().map_err(|e| format!("{line}: {e}"))?;
-        out.insert(method, value as u64);
-    }
-    if !out.contains_key("Txn") {
-        return Err(format!(
-            "no grpc_server_started_total{{grpc_method=\"Txn\"}} at {endpoint}/metrics"
-        ));
-    }
-    Ok(out)
-}
-
-fn delta(before: &BTreeMap<String, u64>, after: &BTreeMap<String, u64>) -> BTreeMap<String, u64> {
-    after
-        .iter()
-        .map(|(k, v)| (k.clone(), v.saturating_sub(*before.get(k).unwrap_or(&0))))
-        .filter(|(_, v)| *v > 0)
-        .collect()
-}
 
 const UNARY: [&str; 6] = [
     "Range",

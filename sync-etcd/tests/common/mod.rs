@@ -2,6 +2,7 @@
 
 #![allow(dead_code)]
 
+pub mod metrics;
 pub mod private;
 pub mod tls;
 
