@@ -1049,8 +1049,9 @@ impl Etcd {
     }
 
     async fn task_latency(&self) -> Result<Vec<Row>> {
-        let n = self.pick(10, 50);
-        let gap = Duration::from_millis(20);
+        // Enough jobs that the p99 is not simply the slowest one.
+        let n = self.pick(10, 200);
+        let gap = Duration::from_millis(10);
         let mut row = Row::new(
             B,
             "Task submit → handler start, idle worker",
