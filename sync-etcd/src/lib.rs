@@ -36,7 +36,10 @@
 //! [`Config::from_url`] takes `etcd://[user[:password]@]h1:2379,h2:2379[/namespace][?ttl=5s]`,
 //! whose query keys are the [`Config`] field names; several endpoints are balanced, and a
 //! request that could not be delivered to the endpoint picked (connection refused) is sent
-//! again, so one node down does not fail calls. User/password authentication is config; TLS
+//! again, so one node down does not fail calls. User/password authentication is config; etcd's
+//! auth tokens expire (`--auth-token-ttl`), and the client gets a new one when a request or a
+//! watch is refused for it (a watch stream keeps the token it was opened with, so a new
+//! stream is opened). TLS
 //! (`etcds://…?ca_file=…&cert_file=…&key_file=…&tls_domain=…`) needs the `tls` cargo feature.
 //! With TLS, `ca_file` is required (system and webpki roots are not used: etcd is served with
 //! a private CA); [`Client::connect`] reads and checks the PEM files before dialling and names
