@@ -42,7 +42,7 @@ use crate::{
     BACKEND,
     contention::ContenderKey,
     endpoints::Endpoints,
-    error::{not_delivered, timed_out},
+    error::{not_delivered, refused_for_good, timed_out},
     kv::{EtcdResult, Kv, Sender, answered_within},
 };
 
@@ -143,6 +143,9 @@ pub(crate) enum Checked {
     /// The key with this create revision, at this store revision.
     Found(i64, i64),
     Gone,
+    /// etcd refuses this client the key for good (its rights were taken away): it can no
+    /// longer tell whether it holds it.
+    Refused(String),
 }
 
 /// A message for the stream, sent by its writer task.
@@ -535,7 +538,8 @@ impl Hub {
                         st.renamed.insert(m.watch, id);
                         self.create(id, st);
                     }
-                    _ => fire(st, id),
+                    Checked::Found(..) | Checked::Gone => fire(st, id, "the key was deleted"),
+                    Checked::Refused(why) => fire(st, id, &why),
                 }
             }
         }
@@ -657,12 +661,13 @@ impl Hub {
             return route(watch, resp, &mut st.watches, &st.conn);
         };
         if resp.canceled() {
-            // Compacted past its start: read the key again before watching it again.
+            // Compacted past its start, or refused: read the key again before watching it
+            // again.
             log_cancelled(&resp, "held key's watch");
             m.state = MonitorState::Checking;
             self.check(id, m.key.text().into_bytes());
         } else if !resp.events().is_empty() {
-            fire(st, id);
+            fire(st, id, "the key was deleted");
             if let Some(out) = st.conn.outgoing() {
                 let _ = out.send(Outgoing::Cancel(watch));
             }
@@ -717,6 +722,11 @@ impl Hub {
                                 None => Checked::Gone,
                             };
                         }
+                        // No retry changes that; retrying would ask again for as long as
+                        // the process lives.
+                        Err(e) if refused_for_good(&e) => {
+                            return Checked::Refused(format!("reading the key was refused: {e}"));
+                        }
                         Err(e) => {
                             tracing::debug!(backend = BACKEND, error = %e, "checking a held key failed");
                             tokio::time::sleep(REOPEN_PAUSE).await;
@@ -736,11 +746,11 @@ impl Hub {
     }
 }
 
-/// Monitor `id`'s key is gone: its holder is told.
-fn fire(st: &mut State, id: i64) {
+/// Monitor `id`'s key is gone (or can no longer be watched, `reason` says): its holder is
+/// told.
+fn fire(st: &mut State, id: i64, reason: &str) {
     if let Some(m) = st.monitors.remove(&id) {
         st.renamed.remove(&m.watch);
-        let reason = "the key was deleted";
         tracing::warn!(backend = BACKEND, key = %m.key, token = m.rev, reason, "lost");
         m.trigger.fire(reason);
     }

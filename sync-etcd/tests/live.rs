@@ -1264,6 +1264,81 @@ async fn watches_outlive_the_stream_token(_endpoint: String) -> TestResult {
     Ok(())
 }
 
+/// A held key whose watch and read etcd now refuses (the holder lost its rights, and the
+/// watch had to be added again) is reported lost, once: the client cannot tell any more
+/// whether it holds the lock, and does not keep asking.
+async fn held_key_refused_to_its_holder_is_lost(_endpoint: String) -> TestResult {
+    let etcd = AuthEtcd::start().await?;
+    let ns = unique("refused");
+    let prefix = format!("{ns}/");
+    let url = etcd.client_url.clone();
+    let root_etcdctl = |args: Vec<String>| {
+        let url = url.clone();
+        async move {
+            let mut all = vec!["--user=root:secret".to_string()];
+            all.extend(args);
+            let all: Vec<&str> = all.iter().map(String::as_str).collect();
+            etcdctl(&url, &all).await
+        }
+    };
+    let setup: [&[&str]; 4] = [
+        &["user", "add", "holder", "--new-user-password=pw"],
+        &["role", "add", "rw"],
+        &[
+            "role",
+            "grant-permission",
+            "rw",
+            "--prefix=true",
+            "readwrite",
+            &prefix,
+        ],
+        &["user", "grant-role", "holder", "rw"],
+    ];
+    for args in setup {
+        root_etcdctl(args.iter().map(|a| a.to_string()).collect()).await?;
+    }
+    // Revoking through an open connection is quick: it must land within a monitor's grace.
+    let root = etcd_client::Client::connect(
+        [url.trim_start_matches("http://")],
+        Some(
+            etcd_client::ConnectOptions::new()
+                .with_user("root", "secret")
+                .with_auto_token_refresh(true),
+        ),
+    )
+    .await
+    .map_err(|e| format!("connecting as root: {e}"))?;
+    let client = etcd.client("holder:pw", &ns).await?;
+    let lock = client.lock().map_err(|e| e.to_string())?;
+    let first = (lock.acquire("first", LockOptions::new()).await).map_err(|e| e.to_string())?;
+    // Watched on a stream whose token then expires.
+    tokio::time::sleep(AuthEtcd::TOKEN_TTL * 2 + Duration::from_millis(500)).await;
+    let second = (lock.acquire("second", LockOptions::new()).await).map_err(|e| e.to_string())?;
+    // The fault: the rights go while `second` is in its grace. Its watch, added after it,
+    // finds the stream's token stale; on the new stream both watches are refused.
+    root.auth_client()
+        .user_revoke_role("holder", "rw")
+        .await
+        .map_err(|e| format!("revoking: {e}"))?;
+    for (what, guard) in [("first", &first), ("second", &second)] {
+        let reason = tokio::time::timeout(Duration::from_secs(5), guard.lost())
+            .await
+            .map_err(|_| format!("{what}: lost() did not fire within 5s of the refusal"))?;
+        if !reason.contains("refused") {
+            return Err(format!("{what}: lost() reason: {reason}"));
+        }
+    }
+    let before = common::metrics::counters(&url).await?;
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let after = common::metrics::delta(&before, &common::metrics::counters(&url).await?);
+    let asked = after.get("Range").copied().unwrap_or(0);
+    if asked > 2 {
+        return Err(format!("reads in 1s after the loss: {after:?}"));
+    }
+    drop((first, second, client, root));
+    Ok(())
+}
+
 /// A lock whose release etcd refuses for good (the user lost its rights while holding) is
 /// reported lost and its lease ends, so the key does not block everyone for as long as the
 /// process lives; the release itself says why.
@@ -1422,7 +1497,10 @@ async fn task_batched_claim_answer_lost(endpoint: String) -> TestResult {
 }
 
 fn main() -> std::process::ExitCode {
-    let tests: [(&'static str, TestFn); 27] = [
+    let tests: [(&'static str, TestFn); 28] = [
+        ("live::held_key_refused_to_its_holder_is_lost", |e| {
+            Box::pin(held_key_refused_to_its_holder_is_lost(e))
+        }),
         ("live::watches_outlive_the_stream_token", |e| {
             Box::pin(watches_outlive_the_stream_token(e))
         }),
