@@ -123,12 +123,14 @@ pub(crate) fn answer_lost(e: &etcd_client::Error) -> bool {
     maybe_sent && !not_delivered(e)
 }
 
-/// Whether etcd refused a request for want of rights: no retry changes that (an expired
-/// token is refreshed by the client and never gets here).
+/// Whether etcd refused a request for want of rights or credentials: no retry changes that.
+/// (An expired token is refreshed by the client and never gets here; a refresh refused, the
+/// password changed or the user gone, comes back as etcd's answer to the login.)
 pub(crate) fn refused_for_good(e: &etcd_client::Error) -> bool {
     matches!(e, etcd_client::Error::GRpcStatus(status)
         if matches!(i32::from(status.code()), 7 | 16)
-            || status.message().contains("permission denied"))
+            || status.message().contains("permission denied")
+            || status.message().contains("authentication failed"))
 }
 
 /// Whether etcd answered that a lease does not exist (expired or revoked): a definite refusal
@@ -157,6 +159,25 @@ mod tests {
             !not_delivered(&etcd_client::Error::GRpcStatus(connect_word)),
             "no source, no proof"
         );
+    }
+
+    #[test]
+    fn refused_rights_and_credentials_are_for_good() {
+        let refused = |status| refused_for_good(&etcd_client::Error::GRpcStatus(status));
+        assert!(refused(tonic::Status::permission_denied(
+            "etcdserver: permission denied"
+        )));
+        // etcd's answer to a login with a changed password, as a failed token refresh
+        // returns it.
+        assert!(refused(tonic::Status::invalid_argument(
+            "etcdserver: authentication failed, invalid user ID or password"
+        )));
+        assert!(!refused(tonic::Status::unavailable(
+            "etcdserver: no leader"
+        )));
+        assert!(!refused(tonic::Status::invalid_argument(
+            "etcdserver: duplicate key given in txn request"
+        )));
     }
 
     #[tokio::test]

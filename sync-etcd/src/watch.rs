@@ -416,6 +416,16 @@ impl State {
         }
     }
 
+    /// etcd refuses this client's credentials or rights for good: no held key can be watched
+    /// any more, so every holder is told (retrying would log in again and again).
+    fn refused(&mut self, e: &etcd_client::Error) {
+        let reason = format!("watching the key was refused: {e}");
+        let ids: Vec<i64> = self.monitors.keys().copied().collect();
+        for id in ids {
+            fire(self, id, &reason);
+        }
+    }
+
     /// The stream is gone: every watch on it ends, and the monitors wait for the next one,
     /// opened after `pause`.
     fn stream_lost(&mut self, why: Ended, pause: Duration) {
@@ -475,6 +485,9 @@ impl Hub {
                     ConnEvent::Opened(Err(e)) => {
                         tracing::debug!(backend = BACKEND, error = %e, "opening the watch stream failed");
                         st.conn = Conn::Closed;
+                        if refused_for_good(&e) {
+                            st.refused(&e);
+                        }
                         st.stream_lost(Ended::Failed, REOPEN_PAUSE);
                     }
                     ConnEvent::Message(Ok(Some(resp))) => self.route(resp, &mut st),
@@ -620,9 +633,14 @@ impl Hub {
         let opening = async move {
             let (index, client) = endpoints.pick().await?;
             if refresh {
-                // Failing, the new stream's creates are refused again and this comes back.
-                if let Err(e) = answered_within(timeout, client.refresh_token()).await {
-                    tracing::debug!(backend = BACKEND, error = %e, "refreshing the auth token failed");
+                match answered_within(timeout, client.refresh_token()).await {
+                    // The credentials are refused: no stream will do.
+                    Err(e) if refused_for_good(&e) => return Err(e),
+                    // Else the new stream's creates are refused again and this comes back.
+                    Err(e) => {
+                        tracing::debug!(backend = BACKEND, error = %e, "refreshing the auth token failed");
+                    }
+                    Ok(()) => {}
                 }
             }
             let stream = answered_within(timeout, client.watch_client().watch(key, Some(opts)))

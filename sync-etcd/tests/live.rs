@@ -1176,6 +1176,47 @@ impl AuthEtcd {
             .await
             .map_err(|e| format!("connecting as {credentials}: {e}"))
     }
+
+    /// Runs `etcdctl` as root.
+    async fn root_etcdctl(&self, args: &[&str]) -> Result<String, String> {
+        let mut all = vec!["--user=root:secret"];
+        all.extend_from_slice(args);
+        etcdctl(&self.client_url, &all).await
+    }
+
+    /// Adds user `holder` (password `pw`) with read and write rights under `<namespace>/`
+    /// through its role `rw`.
+    async fn add_holder(&self, namespace: &str) -> Result<(), String> {
+        let prefix = format!("{namespace}/");
+        let setup: [&[&str]; 4] = [
+            &["user", "add", "holder", "--new-user-password=pw"],
+            &["role", "add", "rw"],
+            &[
+                "role",
+                "grant-permission",
+                "rw",
+                "--prefix=true",
+                "readwrite",
+                &prefix,
+            ],
+            &["user", "grant-role", "holder", "rw"],
+        ];
+        for args in setup {
+            self.root_etcdctl(args).await?;
+        }
+        Ok(())
+    }
+
+    /// A raw etcd client as root: changes made through it land at once.
+    async fn root_client(&self) -> Result<etcd_client::Client, String> {
+        let options = etcd_client::ConnectOptions::new()
+            .with_user("root", "secret")
+            .with_auto_token_refresh(true);
+        let authority = self.client_url.trim_start_matches("http://");
+        etcd_client::Client::connect([authority], Some(options))
+            .await
+            .map_err(|e| format!("connecting as root: {e}"))
+    }
 }
 
 /// A lock held across twice the auth token's TTL, with no calls of its own meanwhile, releases
@@ -1270,44 +1311,10 @@ async fn watches_outlive_the_stream_token(_endpoint: String) -> TestResult {
 async fn held_key_refused_to_its_holder_is_lost(_endpoint: String) -> TestResult {
     let etcd = AuthEtcd::start().await?;
     let ns = unique("refused");
-    let prefix = format!("{ns}/");
     let url = etcd.client_url.clone();
-    let root_etcdctl = |args: Vec<String>| {
-        let url = url.clone();
-        async move {
-            let mut all = vec!["--user=root:secret".to_string()];
-            all.extend(args);
-            let all: Vec<&str> = all.iter().map(String::as_str).collect();
-            etcdctl(&url, &all).await
-        }
-    };
-    let setup: [&[&str]; 4] = [
-        &["user", "add", "holder", "--new-user-password=pw"],
-        &["role", "add", "rw"],
-        &[
-            "role",
-            "grant-permission",
-            "rw",
-            "--prefix=true",
-            "readwrite",
-            &prefix,
-        ],
-        &["user", "grant-role", "holder", "rw"],
-    ];
-    for args in setup {
-        root_etcdctl(args.iter().map(|a| a.to_string()).collect()).await?;
-    }
+    etcd.add_holder(&ns).await?;
     // Revoking through an open connection is quick: it must land within a monitor's grace.
-    let root = etcd_client::Client::connect(
-        [url.trim_start_matches("http://")],
-        Some(
-            etcd_client::ConnectOptions::new()
-                .with_user("root", "secret")
-                .with_auto_token_refresh(true),
-        ),
-    )
-    .await
-    .map_err(|e| format!("connecting as root: {e}"))?;
+    let root = etcd.root_client().await?;
     let client = etcd.client("holder:pw", &ns).await?;
     let lock = client.lock().map_err(|e| e.to_string())?;
     let first = (lock.acquire("first", LockOptions::new()).await).map_err(|e| e.to_string())?;
@@ -1339,35 +1346,58 @@ async fn held_key_refused_to_its_holder_is_lost(_endpoint: String) -> TestResult
     Ok(())
 }
 
+/// A client whose password changed, holding a lock whose watch stream must be opened again
+/// (cut, after the token expired), tells the holder instead of logging in again and again.
+async fn held_key_lost_when_the_credentials_are_refused(_endpoint: String) -> TestResult {
+    let etcd = AuthEtcd::start().await?;
+    let ns = unique("credentials");
+    etcd.add_holder(&ns).await?;
+    let root = etcd.root_client().await?;
+    let (proxy, proxied) = common::proxy(&etcd.client_url).await?;
+    let url = format!("etcd://holder:pw@{}/{ns}", common::authority(&proxied));
+    // A lease that outlasts the cut: the loss must come from the refused login.
+    let config = (sync_etcd::Config::from_url(&url).map_err(|e| e.to_string()))?
+        .with_ttl(Duration::from_secs(10));
+    let client = (sync_etcd::Client::connect(config).await).map_err(|e| e.to_string())?;
+    let lock = client.lock().map_err(|e| e.to_string())?;
+    let guard = (lock.acquire("held", LockOptions::new()).await).map_err(|e| e.to_string())?;
+    // Watched, then the faults: the password changes, the token expires, the stream is cut.
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    root.auth_client()
+        .user_change_password("holder", "changed")
+        .await
+        .map_err(|e| format!("changing the password: {e}"))?;
+    tokio::time::sleep(AuthEtcd::TOKEN_TTL * 2 + Duration::from_millis(500)).await;
+    proxy.set(Fault::Reset);
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    proxy.set(Fault::Pass);
+    let reason = tokio::time::timeout(Duration::from_secs(5), guard.lost())
+        .await
+        .map_err(|_| "lost() did not fire within 5s of the refused login".to_string())?;
+    if !reason.contains("refused") {
+        return Err(format!("lost() reason: {reason}"));
+    }
+    let before = common::metrics::counters(&etcd.client_url).await?;
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let after = common::metrics::counters(&etcd.client_url).await?;
+    let idle = common::metrics::delta(&before, &after);
+    if idle.get("Watch").copied().unwrap_or(0) > 1 {
+        return Err(format!(
+            "watch streams opened in 1s after the loss: {idle:?}"
+        ));
+    }
+    drop((guard, client, root, proxy));
+    Ok(())
+}
+
 /// A lock whose release etcd refuses for good (the user lost its rights while holding) is
 /// reported lost and its lease ends, so the key does not block everyone for as long as the
 /// process lives; the release itself says why.
 async fn unreleasable_lock_is_lost_and_its_lease_ends(_endpoint: String) -> TestResult {
     let etcd = AuthEtcd::start().await?;
     let ns = unique("unreleasable");
-    let root = |args: &[&str]| {
-        let mut all = vec!["--user=root:secret"];
-        all.extend_from_slice(args);
-        let url = etcd.client_url.clone();
-        let all: Vec<String> = all.iter().map(|a| a.to_string()).collect();
-        async move {
-            let all: Vec<&str> = all.iter().map(String::as_str).collect();
-            etcdctl(&url, &all).await
-        }
-    };
     let prefix = format!("{ns}/");
-    root(&["user", "add", "holder", "--new-user-password=pw"]).await?;
-    root(&["role", "add", "rw"]).await?;
-    root(&[
-        "role",
-        "grant-permission",
-        "rw",
-        "--prefix=true",
-        "readwrite",
-        &prefix,
-    ])
-    .await?;
-    root(&["user", "grant-role", "holder", "rw"]).await?;
+    etcd.add_holder(&ns).await?;
     let client = etcd.client("holder:pw", &ns).await?;
     let guard = client
         .lock()
@@ -1377,7 +1407,9 @@ async fn unreleasable_lock_is_lost_and_its_lease_ends(_endpoint: String) -> Test
         .map_err(|e| format!("acquiring: {e}"))?;
     let lost = guard.loss_signal();
     // The fault: the holder loses its rights while holding.
-    root(&["user", "revoke-role", "holder", "rw"]).await?;
+    (etcd
+        .root_etcdctl(&["user", "revoke-role", "holder", "rw"])
+        .await)?;
     match guard.release().await {
         Err(e) if e.kind() == ErrorKind::Unauthorized => {}
         other => return Err(format!("release without rights: {other:?}")),
@@ -1388,7 +1420,9 @@ async fn unreleasable_lock_is_lost_and_its_lease_ends(_endpoint: String) -> Test
     // The key goes with the lease: within a TTL (revoked, or expired once renewals stopped).
     let deadline = Instant::now() + 3 * sync_etcd::MIN_TTL;
     loop {
-        let left = root(&["get", "--prefix", "--keys-only", &prefix]).await?;
+        let left = (etcd
+            .root_etcdctl(&["get", "--prefix", "--keys-only", &prefix])
+            .await)?;
         if left.trim().is_empty() {
             break;
         }
@@ -1497,7 +1531,11 @@ async fn task_batched_claim_answer_lost(endpoint: String) -> TestResult {
 }
 
 fn main() -> std::process::ExitCode {
-    let tests: [(&'static str, TestFn); 28] = [
+    let tests: [(&'static str, TestFn); 29] = [
+        (
+            "live::held_key_lost_when_the_credentials_are_refused",
+            |e| Box::pin(held_key_lost_when_the_credentials_are_refused(e)),
+        ),
         ("live::held_key_refused_to_its_holder_is_lost", |e| {
             Box::pin(held_key_refused_to_its_holder_is_lost(e))
         }),
