@@ -20,7 +20,7 @@ use tokio::{sync::watch, time::Instant};
 
 use crate::{
     BACKEND,
-    api::{Api, KvOp, MAX_TXN_OPS, Txn},
+    api::{Api, KvEntry, KvOp, MAX_TXN_OPS, Txn},
     error::closed,
 };
 
@@ -395,13 +395,7 @@ impl Sessions {
         for chunk in held.chunks(MAX_TXN_OPS) {
             let ops: Vec<KvOp> = chunk.iter().map(|(_, k)| KvOp::get(k)).collect();
             match self.api.txn("checking held keys", &ops).await {
-                Ok(Txn::Done(entries)) => {
-                    for ((number, _), entry) in chunk.iter().zip(entries) {
-                        if entry.is_none_or(|e| e.session.as_deref() != Some(&session.id)) {
-                            self.lose(session, *number, "the key is held by another session");
-                        }
-                    }
-                }
+                Ok(Txn::Done(entries)) => self.check_read(session, chunk, entries),
                 Ok(Txn::RolledBack(errors)) => {
                     for e in errors {
                         if let Some((number, _)) = chunk.get(e.op_index) {
@@ -411,6 +405,23 @@ impl Sessions {
                 }
                 Err(_) => return,
             }
+        }
+    }
+
+    /// Fires the loss of each of the `held` keys that `entries` (their reads) do not give to
+    /// `session`. Consul leaves out, without an error, the reads the ACL token may not make:
+    /// a key missing from the answer can no longer be watched over.
+    fn check_read(&self, session: &Session, held: &[(u64, String)], entries: Vec<Option<KvEntry>>) {
+        let mut read: HashMap<String, KvEntry> = (entries.into_iter().flatten())
+            .map(|e| (e.key.clone(), e))
+            .collect();
+        for (number, key) in held {
+            let reason = match read.remove(key) {
+                Some(e) if e.session.as_deref() == Some(&session.id) => continue,
+                Some(_) => "the key is held by another session",
+                None => "reading the key back was refused (the ACL token may no longer read it)",
+            };
+            self.lose(session, *number, reason);
         }
     }
 

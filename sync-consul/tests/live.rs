@@ -515,6 +515,8 @@ async fn resign_after_proclaim_hands_over(url: String) -> TestResult {
 /// A policy and a token of it, made with the master token; deleted by `remove`.
 struct AclToken {
     policy: String,
+    /// The policy's name (an update must repeat it).
+    name: String,
     accessor: String,
     secret: String,
 }
@@ -548,6 +550,7 @@ impl AclToken {
         };
         Ok(AclToken {
             policy,
+            name,
             accessor: field("AccessorID")?,
             secret: field("SecretID")?,
         })
@@ -641,8 +644,64 @@ async fn acl_cases(url: &str, ns: &str, writer: &AclToken, keyless: &AclToken) -
     client.close().await.map_err(err)
 }
 
+/// A holder whose token loses its rights on the held key is told at the next key check (it
+/// can no longer see the key deleted), with the refusal as the reason.
+async fn held_key_refused_to_its_holder_is_lost(url: String) -> TestResult {
+    let admin = Agent::from_url(&url)?;
+    let ns = unique("acl-refused");
+    let sessions = r#"session_prefix "" { policy = "write" }"#;
+    let token = AclToken::create(
+        &admin,
+        &format!(r#"key_prefix "{ns}/" {{ policy = "write" }} {sessions}"#),
+    )
+    .await?;
+    let checked = lost_with_rights(&url, &ns, &admin, &token, sessions).await;
+    token.remove(&admin).await?;
+    checked
+}
+
+async fn lost_with_rights(
+    url: &str,
+    ns: &str,
+    admin: &Agent,
+    token: &AclToken,
+    sessions: &str,
+) -> TestResult {
+    let mut config = common::config(url, ns)?;
+    config.token = Some(token.secret.clone());
+    let client = Client::connect(config).await.map_err(err)?;
+    let guard = (client.lock().map_err(err)?)
+        .acquire("held", LockOptions::new())
+        .await
+        .map_err(err)?;
+    // Held across a key check (every half TTL) while the rights last: still held.
+    tokio::time::sleep(sync_consul::MIN_TTL / 2 + Duration::from_secs(1)).await;
+    if guard.is_lost() {
+        return Err(format!(
+            "lost with its rights: {:?}",
+            guard.loss_signal().reason()
+        ));
+    }
+    // The fault: the token keeps its session rights and loses those on the keys.
+    admin
+        .ok(
+            Method::PUT,
+            &format!("acl/policy/{}", token.policy),
+            Some(json!({"Name": token.name, "Rules": sessions})),
+        )
+        .await?;
+    let within = sync_consul::MIN_TTL;
+    let reason = tokio::time::timeout(within, guard.lost())
+        .await
+        .map_err(|_| format!("lost() did not fire within {within:?} of the rights going"))?;
+    if !reason.contains("refused") {
+        return Err(format!("lost() reason: {reason}"));
+    }
+    client.close().await.map_err(err)
+}
+
 fn main() -> std::process::ExitCode {
-    let tests: [(&'static str, Needs, TestFn); 8] = [
+    let tests: [(&'static str, Needs, TestFn); 9] = [
         (
             "lock::uncontended_acquire_release_is_two_requests",
             Needs::Consul,
@@ -679,6 +738,11 @@ fn main() -> std::process::ExitCode {
             |u| Box::pin(resign_after_proclaim_hands_over(u)),
         ),
         ("acl::tokens", Needs::Acl, |u| Box::pin(acl_tokens(u))),
+        (
+            "acl::held_key_refused_to_its_holder_is_lost",
+            Needs::Acl,
+            |u| Box::pin(held_key_refused_to_its_holder_is_lost(u)),
+        ),
     ];
     common::run(&tests)
 }
