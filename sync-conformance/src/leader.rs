@@ -321,3 +321,39 @@ pub async fn leader_reports_current(ctx: &Ctx) -> CaseResult {
     );
     Ok(())
 }
+
+/// For a backend's rights tests: reads `stream` until it reports an error, passing over the
+/// leader changes before it. The error must be Unauthorized, and the stream must end right
+/// after it (a follower refused for good is told once, then not read for again). Returns the
+/// refusal's message.
+pub async fn refused_then_ends(
+    stream: &mut FollowStream,
+    limit: Duration,
+) -> Result<String, String> {
+    let refusal = tokio::time::timeout(limit, async {
+        loop {
+            match stream.next().await {
+                Some(Ok(_)) => continue,
+                Some(Err(e)) => return Ok(e),
+                None => return Err("the follow stream ended without an error".to_string()),
+            }
+        }
+    })
+    .await
+    .map_err(|_| format!("no refusal reported within {limit:?}"))??;
+    if refusal.kind() != sync_core::ErrorKind::Unauthorized {
+        return Err(format!(
+            "reported {:?}, not Unauthorized: {refusal}",
+            refusal.kind()
+        ));
+    }
+    match tokio::time::timeout(limit, stream.next()).await {
+        Ok(None) => Ok(refusal.to_string()),
+        Ok(Some(item)) => Err(format!(
+            "after the refusal ({refusal}) the stream went on: {item:?}"
+        )),
+        Err(_) => Err(format!(
+            "the stream did not end within {limit:?} of the refusal ({refusal})"
+        )),
+    }
+}

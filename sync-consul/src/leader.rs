@@ -8,13 +8,12 @@ use std::{
 };
 
 use async_trait::async_trait;
-use futures::StreamExt;
 use sync_core::raw::Leadership;
 use sync_core::{
     ElectOptions, Elected, Error, ErrorKind, FollowStream, Leader, LeaderInfo, LossSignal, Result,
 };
+use sync_kit::follow::{Follow, Next};
 use sync_kit::locked;
-use tokio::sync::mpsc;
 
 use crate::{
     BACKEND,
@@ -144,61 +143,45 @@ impl Leader for ConsulLeader {
         let (first, index) = read_leader(&self.client, &self.key, 0)
             .await
             .map_err(|e| e.with_id(&self.group))?;
-        let (tx, rx) = mpsc::channel::<Result<Option<LeaderInfo>>>(16);
-        let _ = tx.try_send(Ok(first.clone()));
+        let (follow, stream) = Follow::open(first);
         let follower = Follower {
             client: self.client.clone(),
             key: self.key.clone(),
-            tx,
+            follow,
         };
-        tokio::spawn(follower.run(first, index));
-        Ok(futures::stream::unfold(rx, |mut rx| async move {
-            rx.recv().await.map(|item| (item, rx))
-        })
-        .boxed())
+        tokio::spawn(follower.run(index));
+        Ok(stream)
     }
 }
 
 struct Follower {
     client: Arc<ClientInner>,
     key: String,
-    tx: mpsc::Sender<Result<Option<LeaderInfo>>>,
+    follow: Follow,
 }
 
 impl Follower {
     /// Blocks on the leader key's index and reports the leader whenever it changed. Ends when
-    /// the stream is dropped or the client killed.
-    async fn run(self, mut last: Option<LeaderInfo>, mut index: u64) {
+    /// the stream is dropped, the client killed, or a read refused for good.
+    async fn run(mut self, mut index: u64) {
         let mut killed = self.client.killed();
-        let mut failing = false;
         loop {
             let read = tokio::select! {
                 r = read_leader(&self.client, &self.key, index.max(1)) => r,
-                () = self.tx.closed() => return,
+                () = self.follow.closed() => return,
                 _ = killed.wait_for(|k| *k) => return,
             };
-            match read {
-                Ok((info, at)) => {
-                    failing = false;
-                    // An index that goes back (a restored server) starts the wait over.
-                    index = if at < index { 0 } else { at };
-                    if info != last {
-                        last = info.clone();
-                        if self.tx.send(Ok(info)).await.is_err() {
-                            return;
-                        }
-                    }
-                }
-                Err(e) => {
-                    if !failing && self.tx.send(Err(e)).await.is_err() {
-                        return;
-                    }
-                    failing = true;
-                    tokio::select! {
-                        () = tokio::time::sleep(Duration::from_millis(500)) => {}
-                        _ = killed.wait_for(|k| *k) => return,
-                    }
-                }
+            if let Ok((_, at)) = &read {
+                // An index that goes back (a restored server) starts the wait over.
+                index = if *at < index { 0 } else { *at };
+            }
+            match self.follow.report(read.map(|(info, _)| info)).await {
+                Next::Wait => {}
+                Next::Retry => tokio::select! {
+                    () = tokio::time::sleep(Duration::from_millis(500)) => {}
+                    _ = killed.wait_for(|k| *k) => return,
+                },
+                Next::Stop => return,
             }
         }
     }

@@ -700,8 +700,76 @@ async fn lost_with_rights(
     client.close().await.map_err(err)
 }
 
+/// A follower whose token loses its rights on the group's key is told once, and its stream
+/// ends: it does not ask again and again.
+async fn follow_ends_when_its_reads_are_refused(url: String) -> TestResult {
+    let admin = Agent::from_url(&url)?;
+    let ns = unique("acl-follow");
+    let sessions = r#"session_prefix "" { policy = "write" }"#;
+    let token = AclToken::create(
+        &admin,
+        &format!(r#"key_prefix "{ns}/" {{ policy = "write" }} {sessions}"#),
+    )
+    .await?;
+    let checked = follow_refused(&url, &ns, &admin, &token, sessions).await;
+    token.remove(&admin).await?;
+    checked
+}
+
+async fn follow_refused(
+    url: &str,
+    ns: &str,
+    admin: &Agent,
+    token: &AclToken,
+    sessions: &str,
+) -> TestResult {
+    use futures::StreamExt;
+
+    let mut config = common::config(url, ns)?;
+    config.token = Some(token.secret.clone());
+    let follower = Client::connect(config).await.map_err(err)?;
+    let candidate = Client::connect(common::config(url, ns)?)
+        .await
+        .map_err(err)?;
+    let mut follow = follower
+        .leader("g")
+        .map_err(err)?
+        .follow()
+        .await
+        .map_err(err)?;
+    let first = follow.next().await;
+    if !matches!(first, Some(Ok(None))) {
+        return Err(format!("first report of an empty group: {first:?}"));
+    }
+    let elected = (candidate.leader("g").map_err(err)?)
+        .elect("a", sync_core::ElectOptions::new())
+        .await
+        .map_err(err)?;
+    // The fault: the token keeps its session rights and loses those on the keys.
+    admin
+        .ok(
+            Method::PUT,
+            &format!("acl/policy/{}", token.policy),
+            Some(json!({"Name": token.name, "Rules": sessions})),
+        )
+        .await?;
+    // Changes the follower must read, with no rights left to read them.
+    elected.resign().await.map_err(err)?;
+    let again = (candidate.leader("g").map_err(err)?)
+        .elect("b", sync_core::ElectOptions::new())
+        .await
+        .map_err(err)?;
+    let refusal =
+        sync_conformance::leader::refused_then_ends(&mut follow, Duration::from_secs(15)).await?;
+    println!("seen: {refusal}");
+    again.resign().await.map_err(err)?;
+    drop(follow);
+    follower.close().await.map_err(err)?;
+    candidate.close().await.map_err(err)
+}
+
 fn main() -> std::process::ExitCode {
-    let tests: [(&'static str, Needs, TestFn); 9] = [
+    let tests: [(&'static str, Needs, TestFn); 10] = [
         (
             "lock::uncontended_acquire_release_is_two_requests",
             Needs::Consul,
@@ -742,6 +810,11 @@ fn main() -> std::process::ExitCode {
             "acl::held_key_refused_to_its_holder_is_lost",
             Needs::Acl,
             |u| Box::pin(held_key_refused_to_its_holder_is_lost(u)),
+        ),
+        (
+            "acl::follow_ends_when_its_reads_are_refused",
+            Needs::Acl,
+            |u| Box::pin(follow_ends_when_its_reads_are_refused(u)),
         ),
     ];
     common::run(&tests)

@@ -91,6 +91,8 @@ pub trait Leader: Send + Sync {
     async fn leader(&self) -> Result<Option<LeaderInfo>>;
 
     /// Leader changes, starting with the current state. Never reports two leaders at once.
+    /// A failed read is reported once and retried; an error no retry can fix (Unauthorized,
+    /// InvalidArgument) is the stream's last item.
     async fn follow(&self) -> Result<FollowStream>;
 }
 

@@ -10,14 +10,13 @@ use std::sync::{Arc, Mutex};
 
 use async_trait::async_trait;
 use etcd_client::{Compare, CompareOp, PutOptions, Txn, TxnOp, WatchOptions};
-use futures::StreamExt;
 use sync_core::raw::Leadership;
 use sync_core::{
     ElectOptions, Elected, Error, ErrorKind, FollowStream, Leader, LeaderInfo, LossSignal, Result,
 };
-use tokio::sync::mpsc;
 use tracing::Instrument;
 
+use sync_kit::follow::{Follow, Next};
 use sync_kit::locked;
 
 use crate::{
@@ -154,35 +153,28 @@ impl Leader for EtcdLeader {
     async fn follow(&self) -> Result<FollowStream> {
         self.client.check_alive()?;
         let (first, rev) = read_leader(&self.client, &self.group, &self.prefix).await?;
-        let (tx, rx) = mpsc::channel::<Result<Option<LeaderInfo>>>(16);
-        let _ = tx.try_send(Ok(first.clone()));
+        let (follow, stream) = Follow::open(first);
         tokio::spawn(follow_task(
             self.client.clone(),
             self.group.clone(),
             self.prefix.clone(),
-            first,
             rev,
-            tx,
+            follow,
         ));
-        Ok(futures::stream::unfold(rx, |mut rx| async move {
-            rx.recv().await.map(|item| (item, rx))
-        })
-        .boxed())
+        Ok(stream)
     }
 }
 
-/// Watches the group's prefix; on every change re-reads the leader and reports it if it
-/// differs from the last report. Ends when the stream is dropped or the client killed.
+/// Watches the group's prefix; on every change re-reads the leader and reports it. Ends when
+/// the stream is dropped, the client killed, or a read refused for good.
 async fn follow_task(
     client: Arc<ClientInner>,
     group: String,
     prefix: String,
-    mut last: Option<LeaderInfo>,
     mut rev: i64,
-    tx: mpsc::Sender<Result<Option<LeaderInfo>>>,
+    mut follow: Follow,
 ) {
     let mut killed = client.killed();
-    let mut failing = false;
     loop {
         let changed = WatchOptions::new()
             .with_prefix()
@@ -191,27 +183,17 @@ async fn follow_task(
             _ = client.watch_once(prefix.as_str(), changed, client.recheck_every()) => {}
             // A watch can sit silently on a member cut off from the quorum: re-read anyway.
             _ = tokio::time::sleep(crate::contention::FALLBACK_POLL) => {}
-            _ = tx.closed() => return,
+            _ = follow.closed() => return,
             _ = killed.wait_for(|k| *k) => return,
         }
-        match read_leader(&client, &group, &prefix).await {
-            Ok((info, at)) => {
-                failing = false;
-                rev = at;
-                if info != last {
-                    last = info.clone();
-                    if tx.send(Ok(info)).await.is_err() {
-                        return;
-                    }
-                }
-            }
-            Err(e) => {
-                if !failing && tx.send(Err(e)).await.is_err() {
-                    return;
-                }
-                failing = true;
-                tokio::time::sleep(std::time::Duration::from_millis(500)).await;
-            }
+        let read = read_leader(&client, &group, &prefix).await;
+        if let Ok((_, at)) = &read {
+            rev = *at;
+        }
+        match follow.report(read.map(|(info, _)| info)).await {
+            Next::Wait => {}
+            Next::Retry => tokio::time::sleep(std::time::Duration::from_millis(500)).await,
+            Next::Stop => return,
         }
     }
 }

@@ -1346,6 +1346,40 @@ async fn held_key_refused_to_its_holder_is_lost(_endpoint: String) -> TestResult
     Ok(())
 }
 
+/// A follower whose rights on the group are revoked is told once, and its stream ends: it
+/// does not read the group again and again.
+async fn follow_ends_when_its_reads_are_refused(_endpoint: String) -> TestResult {
+    let etcd = AuthEtcd::start().await?;
+    let ns = unique("follow-refused");
+    etcd.add_holder(&ns).await?;
+    let root = etcd.root_client().await?;
+    let follower = etcd.client("holder:pw", &ns).await?;
+    let candidate = etcd.client("root:secret", &ns).await?;
+    let mut follow = follow_empty_group(&follower).await?;
+    let elected = (candidate.leader("g").map_err(|e| e.to_string())?)
+        .elect("a", ElectOptions::new())
+        .await
+        .map_err(|e| e.to_string())?;
+    root.auth_client()
+        .user_revoke_role("holder", "rw")
+        .await
+        .map_err(|e| format!("revoking: {e}"))?;
+    // A change the follower must read, with no rights left to read it.
+    elected.resign().await.map_err(|e| e.to_string())?;
+    let refusal =
+        sync_conformance::leader::refused_then_ends(&mut follow, Duration::from_secs(15)).await?;
+    println!("seen: {refusal}");
+    let before = common::metrics::counters(&etcd.client_url).await?;
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let after =
+        common::metrics::delta(&before, &common::metrics::counters(&etcd.client_url).await?);
+    if after.get("Range").copied().unwrap_or(0) > 1 {
+        return Err(format!("reads in 1s after the stream ended: {after:?}"));
+    }
+    drop((follow, follower, candidate, root));
+    Ok(())
+}
+
 /// A client whose password changed, holding a lock whose watch stream must be opened again
 /// (cut, after the token expired), tells the holder instead of logging in again and again.
 async fn held_key_lost_when_the_credentials_are_refused(_endpoint: String) -> TestResult {
@@ -1531,7 +1565,10 @@ async fn task_batched_claim_answer_lost(endpoint: String) -> TestResult {
 }
 
 fn main() -> std::process::ExitCode {
-    let tests: [(&'static str, TestFn); 29] = [
+    let tests: [(&'static str, TestFn); 30] = [
+        ("live::follow_ends_when_its_reads_are_refused", |e| {
+            Box::pin(follow_ends_when_its_reads_are_refused(e))
+        }),
         (
             "live::held_key_lost_when_the_credentials_are_refused",
             |e| Box::pin(held_key_lost_when_the_credentials_are_refused(e)),

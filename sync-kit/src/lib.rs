@@ -35,8 +35,25 @@ pub fn panic_message(payload: &(dyn std::any::Any + Send)) -> &str {
         .unwrap_or("(non-string payload)")
 }
 
+/// Whether retrying `e` cannot help: the credentials or rights were refused, or the request
+/// itself is wrong. A loop that meets one reports it and stops, instead of asking again.
+///
+/// ```
+/// use sync_core::{Error, ErrorKind};
+/// assert!(sync_kit::refused_for_good(&Error::new(ErrorKind::Unauthorized, "403")));
+/// assert!(!sync_kit::refused_for_good(&Error::new(ErrorKind::Unavailable, "down")));
+/// ```
+pub fn refused_for_good(e: &sync_core::Error) -> bool {
+    use sync_core::ErrorKind;
+    matches!(
+        e.kind(),
+        ErrorKind::Unauthorized | ErrorKind::InvalidArgument | ErrorKind::Unsupported
+    )
+}
+
 pub mod checked;
 pub mod clock;
+pub mod follow;
 pub mod held;
 pub mod task;
 pub mod turns;

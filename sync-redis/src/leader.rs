@@ -8,14 +8,13 @@ use std::{
 };
 
 use async_trait::async_trait;
-use futures::StreamExt;
 use redis::Script;
 use sync_core::raw::Leadership;
 use sync_core::{
     ElectOptions, Elected, Error, ErrorKind, FollowStream, Leader, LeaderInfo, LossSignal, Result,
 };
+use sync_kit::follow::{Follow, Next};
 use sync_kit::locked;
-use tokio::sync::mpsc;
 
 use crate::{
     BACKEND,
@@ -148,67 +147,47 @@ impl Leader for RedisLeader {
         let mut sub = self.client.hub.subscribe(&self.keys.channel).await;
         sub.mark();
         let (first, expires) = read_leader(&self.client, &self.keys).await?;
-        let (tx, rx) = mpsc::channel::<Result<Option<LeaderInfo>>>(16);
-        let _ = tx.try_send(Ok(first.clone()));
+        let (follow, stream) = Follow::open(first);
         let follower = Follower {
             client: self.client.clone(),
             keys: self.keys.clone(),
-            tx,
+            follow,
         };
-        tokio::spawn(follower.run(sub, first, expires));
-        Ok(futures::stream::unfold(rx, |mut rx| async move {
-            rx.recv().await.map(|item| (item, rx))
-        })
-        .boxed())
+        tokio::spawn(follower.run(sub, expires));
+        Ok(stream)
     }
 }
 
 struct Follower {
     client: Arc<ClientInner>,
     keys: HeldKeys,
-    tx: mpsc::Sender<Result<Option<LeaderInfo>>>,
+    follow: Follow,
 }
 
 impl Follower {
     /// On every message on the group's channel (and at the leader key's expiry, and on the
     /// safety-net poll) re-reads the leader and reports it if it changed. Ends when the stream
-    /// is dropped or the client killed.
-    async fn run(
-        self,
-        mut sub: crate::hub::Subscription,
-        mut last: Option<LeaderInfo>,
-        mut expires: Option<Duration>,
-    ) {
+    /// is dropped, the client killed, or a read refused for good.
+    async fn run(mut self, mut sub: crate::hub::Subscription, mut expires: Option<Duration>) {
         let mut killed = self.client.killed();
-        let mut failing = false;
         loop {
             let poll = self.client.config.poll;
             let nap = expires.map_or(poll, |e| (e + Duration::from_millis(1)).min(poll));
             tokio::select! {
                 () = sub.changed() => {}
                 () = tokio::time::sleep(nap) => {}
-                () = self.tx.closed() => return,
+                () = self.follow.closed() => return,
                 _ = killed.wait_for(|k| *k) => return,
             }
             sub.mark();
-            match read_leader(&self.client, &self.keys).await {
-                Ok((info, at)) => {
-                    failing = false;
-                    expires = at;
-                    if info != last {
-                        last = info.clone();
-                        if self.tx.send(Ok(info)).await.is_err() {
-                            return;
-                        }
-                    }
-                }
-                Err(e) => {
-                    if !failing && self.tx.send(Err(e)).await.is_err() {
-                        return;
-                    }
-                    failing = true;
-                    expires = Some(Duration::from_millis(500));
-                }
+            let read = read_leader(&self.client, &self.keys).await;
+            if let Ok((_, at)) = &read {
+                expires = *at;
+            }
+            match self.follow.report(read.map(|(info, _)| info)).await {
+                Next::Wait => {}
+                Next::Retry => expires = Some(Duration::from_millis(500)),
+                Next::Stop => return,
             }
         }
     }

@@ -517,6 +517,57 @@ async fn lost_when_key_deleted(url: String) -> TestResult {
     Ok(())
 }
 
+/// A follower whose ACL user loses its rights on the keys is told once, and its stream ends:
+/// it does not read the group again and again.
+async fn follow_ends_when_its_reads_are_refused(_: String) -> TestResult {
+    use futures::StreamExt;
+
+    let redis = PrivateRedis::start().await?;
+    let mut raw = redis.raw().await?;
+    let acl = |rules: &[&str]| {
+        let mut cmd = redis::cmd("ACL");
+        cmd.arg("SETUSER").arg("follower").arg(rules);
+        cmd
+    };
+    (acl(&["on", ">pw", "~*", "&*", "+@all"])
+        .query_async::<()>(&mut raw)
+        .await)
+        .map_err(err)?;
+    let ns = unique("follow-refused");
+    let authority = redis.url().replace("redis://", "redis://follower:pw@");
+    let follower = connect(&authority, &ns, Duration::from_secs(5)).await?;
+    let candidate = connect(&redis.url(), &ns, Duration::from_secs(5)).await?;
+    let mut follow = follower
+        .leader("g")
+        .map_err(err)?
+        .follow()
+        .await
+        .map_err(err)?;
+    let first = follow.next().await;
+    if !matches!(first, Some(Ok(None))) {
+        return Err(format!("first report of an empty group: {first:?}"));
+    }
+    let elected = (candidate.leader("g").map_err(err)?)
+        .elect("a", sync_core::ElectOptions::new())
+        .await
+        .map_err(err)?;
+    // The fault: the user keeps its channels and loses every key.
+    (acl(&["resetkeys"]).query_async::<()>(&mut raw).await).map_err(err)?;
+    // A change the follower must read, with no rights left to read it.
+    elected.resign().await.map_err(err)?;
+    let refusal =
+        sync_conformance::leader::refused_then_ends(&mut follow, Duration::from_secs(15)).await?;
+    println!("seen: {refusal}");
+    redis.reset_stats().await?;
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let calls = redis.calls().await?;
+    if total(&calls) > 0 {
+        return Err(format!("commands in 1s after the stream ended: {calls:?}"));
+    }
+    drop((follow, follower, candidate));
+    Ok(())
+}
+
 fn main() -> std::process::ExitCode {
     let tests: Vec<(&'static str, TestFn)> = vec![
         ("live::uncontended_acquire_release_is_two_commands", |u| {
@@ -541,6 +592,9 @@ fn main() -> std::process::ExitCode {
         }),
         ("live::lost_when_key_deleted", |u| {
             Box::pin(lost_when_key_deleted(u))
+        }),
+        ("live::follow_ends_when_its_reads_are_refused", |u| {
+            Box::pin(follow_ends_when_its_reads_are_refused(u))
         }),
     ];
     common::run(&tests)
