@@ -1001,10 +1001,12 @@ impl ConsulQueue {
                 Ok(answer) => return Ok(answer),
                 Err(f) => {
                     client.check_alive()?;
-                    if !session.alive() {
-                        return Err(f.error());
+                    let e = f.error();
+                    // Refused (a 403, a 400): asking again changes nothing.
+                    if !session.alive() || sync_kit::refused_for_good(&e) {
+                        return Err(e);
                     }
-                    tracing::warn!(backend = BACKEND, error = %f.error(), what, "retrying");
+                    tracing::warn!(backend = BACKEND, error = %e, what, "retrying");
                 }
             }
             tokio::time::sleep(pause).await;
@@ -1212,6 +1214,7 @@ async fn reaper(shared: Arc<Shared>, mut stop: watch::Receiver<bool>) {
     let mut killed = shared.client.killed();
     let prefix = shared.keys.claims_dir();
     let mut index = 0;
+    let mut retry = sync_kit::retry::Retry::new(RETRY);
     loop {
         let read = tokio::select! {
             r = shared.client.api.list("watching claims", &prefix, index) => r,
@@ -1221,7 +1224,7 @@ async fn reaper(shared: Arc<Shared>, mut stop: watch::Receiver<bool>) {
             Ok(read) => {
                 // An index that goes back (a restored server) starts the wait over.
                 index = if read.index < index { 0 } else { read.index };
-                let mut failed = false;
+                let mut failed = None;
                 for c in read
                     .value
                     .iter()
@@ -1229,20 +1232,22 @@ async fn reaper(shared: Arc<Shared>, mut stop: watch::Receiver<bool>) {
                 {
                     if let Err(e) = reap(&shared, c).await {
                         tracing::warn!(backend = BACKEND, key = %c.key, error = %e, "handing on an abandoned job failed");
-                        failed = true;
+                        failed = Some(e);
                     }
                 }
-                if failed {
+                if let Some(e) = failed {
                     index = 0;
-                    RETRY
+                    retry.after(&e, "handing on an abandoned job")
                 } else {
+                    retry.succeeded();
                     REAP_DEBOUNCE
                 }
             }
             Err(f) => {
-                tracing::debug!(backend = BACKEND, error = %f.error(), "watching claims failed");
+                let e = f.error();
+                tracing::debug!(backend = BACKEND, error = %e, "watching claims failed");
                 index = 0;
-                RETRY
+                retry.after(&e, "watching claims")
             }
         };
         tokio::select! {

@@ -66,6 +66,7 @@ use serde::{Deserialize, Serialize};
 use sync_core::{
     Error, ErrorKind, Job, JobContext, JobId, JobState, JobStatus, LossSignal, Result,
 };
+use sync_kit::retry::Retry;
 use sync_kit::task::{
     Claimed, JobQueue, JobStore, Next, Outcome, apply_outcome, apply_worker_loss,
 };
@@ -771,6 +772,7 @@ impl EtcdQueue {
         let client = self.shared.client.clone();
         let mut killed = client.killed();
         let mut registered: Option<Arc<Session>> = None;
+        let mut retry = Retry::new(RESYNC_RETRY);
         loop {
             // (Re-)registering rides on the read of the queue.
             let mut register = None;
@@ -786,13 +788,14 @@ impl EtcdQueue {
             }
             let rev = match self.read(register.as_deref()).await {
                 Ok(rev) => {
+                    retry.succeeded();
                     registered = register.or(registered);
                     rev
                 }
                 Err(e) => {
                     tracing::debug!(backend = BACKEND, error = %e, "reading the queue failed; retrying");
                     tokio::select! {
-                        _ = tokio::time::sleep(RESYNC_RETRY) => continue,
+                        _ = tokio::time::sleep(retry.after(&e, "reading the queue")) => continue,
                         _ = stopped(&mut stop, &mut killed) => break,
                     }
                 }
@@ -1337,17 +1340,21 @@ async fn release_claim(shared: &Shared, id: &str, rev: i64) {
 async fn reaper(shared: Arc<Shared>, mut stop: watch::Receiver<bool>) {
     let mut killed = shared.client.killed();
     let keys = &shared.keys;
+    let mut retry = Retry::new(RESYNC_RETRY);
     loop {
-        let rev = match reap_orphans(&shared).await {
-            Ok(rev) => rev,
+        let (rev, pause) = match reap_orphans(&shared).await {
+            Ok(rev) => {
+                retry.succeeded();
+                (rev, RESYNC_RETRY)
+            }
             Err(e) => {
                 tracing::debug!(backend = BACKEND, error = %e, "scanning for orphaned claims failed");
-                0
+                (0, retry.after(&e, "scanning for orphaned claims"))
             }
         };
         if rev == 0 {
             tokio::select! {
-                _ = tokio::time::sleep(RESYNC_RETRY) => continue,
+                _ = tokio::time::sleep(pause) => continue,
                 _ = stopped(&mut stop, &mut killed) => return,
             }
         }

@@ -1380,6 +1380,59 @@ async fn follow_ends_when_its_reads_are_refused(_endpoint: String) -> TestResult
     Ok(())
 }
 
+/// A worker whose rights are revoked asks ever less often (not twice a second per loop for
+/// as long as it runs), and takes jobs again once the rights are back.
+async fn worker_without_rights_backs_off(_endpoint: String) -> TestResult {
+    let etcd = AuthEtcd::start().await?;
+    let ns = unique("worker-refused");
+    etcd.add_holder(&ns).await?;
+    let root = etcd.root_client().await?;
+    let worker_client = etcd.client("holder:pw", &ns).await?;
+    let submitter = etcd.client("root:secret", &ns).await?;
+    let handler = Arc::new(|job: JobContext| async move { Ok::<_, HandlerError>(job.payload) });
+    let worker = (worker_client.task().map_err(|e| e.to_string())?)
+        .work("refused", handler, WorkerOptions::new())
+        .await
+        .map_err(|e| e.to_string())?;
+    root.auth_client()
+        .user_revoke_role("holder", "rw")
+        .await
+        .map_err(|e| format!("revoking: {e}"))?;
+    // A job for the worker to claim, with no rights left to claim it.
+    let task = submitter.task().map_err(|e| e.to_string())?;
+    let id = (task.submit(Job::new("refused", "x")).await).map_err(|e| e.to_string())?;
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    let before = common::metrics::counters(&etcd.client_url).await?;
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let after =
+        common::metrics::delta(&before, &common::metrics::counters(&etcd.client_url).await?);
+    let asked: u64 = ["Range", "Txn"].iter().filter_map(|m| after.get(*m)).sum();
+    if asked > 3 {
+        return Err(format!("requests in 3s, 4s into the refusal: {after:?}"));
+    }
+    println!("requests in 3s, 4s into the refusal: {after:?}");
+    root.auth_client()
+        .user_grant_role("holder", "rw")
+        .await
+        .map_err(|e| format!("granting again: {e}"))?;
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let status = task.status(&id).await.map_err(|e| e.to_string())?;
+        if status.state == JobState::Succeeded {
+            break;
+        }
+        if Instant::now() > deadline {
+            return Err(format!(
+                "the job did not run within 20s of the rights coming back: {status:?}"
+            ));
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    worker.stop().await;
+    drop((worker_client, submitter, root));
+    Ok(())
+}
+
 /// A client whose password changed, holding a lock whose watch stream must be opened again
 /// (cut, after the token expired), tells the holder instead of logging in again and again.
 async fn held_key_lost_when_the_credentials_are_refused(_endpoint: String) -> TestResult {
@@ -1565,7 +1618,10 @@ async fn task_batched_claim_answer_lost(endpoint: String) -> TestResult {
 }
 
 fn main() -> std::process::ExitCode {
-    let tests: [(&'static str, TestFn); 30] = [
+    let tests: [(&'static str, TestFn); 31] = [
+        ("live::worker_without_rights_backs_off", |e| {
+            Box::pin(worker_without_rights_backs_off(e))
+        }),
         ("live::follow_ends_when_its_reads_are_refused", |e| {
             Box::pin(follow_ends_when_its_reads_are_refused(e))
         }),

@@ -55,6 +55,7 @@ pub mod checked;
 pub mod clock;
 pub mod follow;
 pub mod held;
+pub mod retry;
 pub mod task;
 pub mod turns;
 

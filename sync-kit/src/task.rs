@@ -177,6 +177,7 @@ impl<Q: JobQueue> ClaimLoop<Q> {
     async fn run(self, mut stop: watch::Receiver<bool>) {
         let this = Arc::new(self);
         let mut permits = Vec::new();
+        let mut retry = crate::retry::Retry::new(CLAIM_RETRY);
         loop {
             if permits.is_empty() {
                 let permit = tokio::select! {
@@ -200,7 +201,11 @@ impl<Q: JobQueue> ClaimLoop<Q> {
                     Err(_) => break,
                 }
             }
-            let pause = match this.queue.claim(&this.name, permits.len()).await {
+            let claimed = this.queue.claim(&this.name, permits.len()).await;
+            if claimed.is_ok() {
+                retry.succeeded();
+            }
+            let pause = match claimed {
                 Ok(Claimed::Job(claim, ctx)) => {
                     let permit = permits.pop().expect("a permit per claim");
                     this.clone().spawn_attempt(claim, ctx, permit);
@@ -228,7 +233,7 @@ impl<Q: JobQueue> ClaimLoop<Q> {
                 }
                 Err(e) => {
                     tracing::warn!(error = %e, "claiming a job failed; retrying");
-                    Box::pin(tokio::time::sleep(CLAIM_RETRY))
+                    Box::pin(tokio::time::sleep(retry.after(&e, "claiming a job")))
                 }
             };
             tokio::select! {

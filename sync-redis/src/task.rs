@@ -777,13 +777,17 @@ impl RedisQueue {
         let mut heard = shared.client.hub.subscribe(&self.keys.claimed).await;
         let mut killed = shared.client.killed();
         let ttl = shared.client.config.ttl;
+        let mut retry = sync_kit::retry::Retry::new(REAP_RETRY);
         loop {
             heard.mark();
             let pause = match self.reap().await {
-                Ok(next) => next.map_or(self.poll, |n| (n + MARGIN).min(self.poll)),
+                Ok(next) => {
+                    retry.succeeded();
+                    next.map_or(self.poll, |n| (n + MARGIN).min(self.poll))
+                }
                 Err(e) => {
                     tracing::warn!(backend = BACKEND, error = %e, "reaping ended claims failed; retrying");
-                    REAP_RETRY
+                    retry.after(&e, "reaping ended claims")
                 }
             };
             let mut until = sync_kit::deadline(pause);

@@ -90,7 +90,8 @@ impl PrivateRedis {
         client.get_multiplexed_async_connection().await.map_err(err)
     }
 
-    /// Commands this test's clients sent since the last `CONFIG RESETSTAT`, per name. Redis
+    /// Commands this test's clients sent since the last `CONFIG RESETSTAT` (refused ones too),
+    /// per name. Redis
     /// counts the commands a script runs as well; those (what our scripts call) are left out,
     /// as are the test's own INFO and CONFIG.
     async fn calls(&self) -> Result<Vec<(String, u64)>, String> {
@@ -105,12 +106,12 @@ impl PrivateRedis {
             .lines()
             .filter_map(|l| {
                 let (name, rest) = l.strip_prefix("cmdstat_")?.split_once(':')?;
-                let calls = rest
-                    .strip_prefix("calls=")?
-                    .split(',')
-                    .next()?
-                    .parse()
-                    .ok()?;
+                // Run, and refused before running (NOPERM, say).
+                let calls: u64 = (rest.split(','))
+                    .filter_map(|f| f.split_once('='))
+                    .filter(|(k, _)| matches!(*k, "calls" | "rejected_calls"))
+                    .filter_map(|(_, v)| v.parse::<u64>().ok())
+                    .sum();
                 let ours = !IN_SCRIPTS.contains(&name)
                     && !matches!(
                         name,
@@ -568,6 +569,64 @@ async fn follow_ends_when_its_reads_are_refused(_: String) -> TestResult {
     Ok(())
 }
 
+/// A worker whose ACL user loses its keys asks ever less often (not twice a second per loop
+/// for as long as it runs), and takes jobs again once the rights are back.
+async fn worker_without_rights_backs_off(_: String) -> TestResult {
+    use std::sync::Arc;
+    use sync_core::{HandlerError, Job, JobContext, JobState, WorkerOptions};
+
+    let redis = PrivateRedis::start().await?;
+    let mut raw = redis.raw().await?;
+    let acl = |rules: &[&str]| {
+        let mut cmd = redis::cmd("ACL");
+        cmd.arg("SETUSER").arg("worker").arg(rules);
+        cmd
+    };
+    (acl(&["on", ">pw", "~*", "&*", "+@all"])
+        .query_async::<()>(&mut raw)
+        .await)
+        .map_err(err)?;
+    let ns = unique("worker-refused");
+    let as_worker = redis.url().replace("redis://", "redis://worker:pw@");
+    let worker_client = connect(&as_worker, &ns, Duration::from_secs(5)).await?;
+    let submitter = connect(&redis.url(), &ns, Duration::from_secs(5)).await?;
+    let handler = Arc::new(|job: JobContext| async move { Ok::<_, HandlerError>(job.payload) });
+    let worker = (worker_client.task().map_err(err)?)
+        .work("refused", handler, WorkerOptions::new())
+        .await
+        .map_err(err)?;
+    // The fault: the user keeps its channels and loses every key.
+    (acl(&["resetkeys"]).query_async::<()>(&mut raw).await).map_err(err)?;
+    // A job for the worker to claim, with no rights left to claim it.
+    let task = submitter.task().map_err(err)?;
+    let id = task.submit(Job::new("refused", "x")).await.map_err(err)?;
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    redis.reset_stats().await?;
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let calls = redis.calls().await?;
+    if total(&calls) > 3 {
+        return Err(format!("commands in 3s, 4s into the refusal: {calls:?}"));
+    }
+    println!("commands in 3s, 4s into the refusal: {calls:?}");
+    (acl(&["~*"]).query_async::<()>(&mut raw).await).map_err(err)?;
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let status = task.status(&id).await.map_err(err)?;
+        if status.state == JobState::Succeeded {
+            break;
+        }
+        if Instant::now() > deadline {
+            return Err(format!(
+                "the job did not run within 20s of the rights coming back: {status:?}"
+            ));
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    worker.stop().await;
+    drop((worker_client, submitter));
+    Ok(())
+}
+
 fn main() -> std::process::ExitCode {
     let tests: Vec<(&'static str, TestFn)> = vec![
         ("live::uncontended_acquire_release_is_two_commands", |u| {
@@ -595,6 +654,9 @@ fn main() -> std::process::ExitCode {
         }),
         ("live::follow_ends_when_its_reads_are_refused", |u| {
             Box::pin(follow_ends_when_its_reads_are_refused(u))
+        }),
+        ("live::worker_without_rights_backs_off", |u| {
+            Box::pin(worker_without_rights_backs_off(u))
         }),
     ];
     common::run(&tests)
