@@ -322,6 +322,22 @@ pub async fn leader_reports_current(ctx: &Ctx) -> CaseResult {
     Ok(())
 }
 
+/// For a backend's own tests: follows `group` through `backend`, which must first report it
+/// leaderless.
+pub async fn follow_empty(
+    backend: &dyn sync_core::Backend,
+    group: &str,
+) -> Result<FollowStream, String> {
+    let leader = backend.leader(group).map_err(|e| e.to_string())?;
+    let mut follow = leader.follow().await.map_err(|e| e.to_string())?;
+    match follow.next().await {
+        Some(Ok(None)) => Ok(follow),
+        other => Err(format!(
+            "first report of the empty group {group}: {other:?}"
+        )),
+    }
+}
+
 /// For a backend's rights tests: reads `stream` until it reports an error, passing over the
 /// leader changes before it. The error must be Unauthorized, and the stream must end right
 /// after it (a follower refused for good is told once, then not read for again). Returns the

@@ -646,3 +646,24 @@ pub async fn ambiguous_claim_neither_loses_nor_strands_the_job(ctx: &Ctx) -> Cas
     );
     Ok(())
 }
+
+/// For a backend's own tests: waits until job `id` has succeeded, up to `limit`.
+pub async fn succeeded_within(
+    task: &dyn sync_core::Task,
+    id: &JobId,
+    limit: Duration,
+) -> Result<(), String> {
+    let deadline = tokio::time::Instant::now() + limit;
+    loop {
+        let status = task.status(id).await.map_err(|e| e.to_string())?;
+        if status.state == JobState::Succeeded {
+            return Ok(());
+        }
+        if tokio::time::Instant::now() > deadline {
+            return Err(format!(
+                "job {id} did not succeed within {limit:?}: {status:?}"
+            ));
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}

@@ -571,6 +571,32 @@ impl AclToken {
     }
 }
 
+/// Session rights alone: what a token keeps when its key rights are taken away.
+const SESSIONS: &str = r#"session_prefix "" { policy = "write" }"#;
+
+/// Runs `case` with a token that may write the keys under a new namespace (`what`, made
+/// unique) and sessions, then deletes the token.
+async fn with_key_writer(
+    url: &str,
+    what: &str,
+    case: impl AsyncFnOnce(&str, &str, &Agent, &AclToken) -> TestResult,
+) -> TestResult {
+    let admin = Agent::from_url(url)?;
+    let ns = unique(what);
+    let rules = format!(r#"key_prefix "{ns}/" {{ policy = "write" }} {SESSIONS}"#);
+    let token = AclToken::create(&admin, &rules).await?;
+    let checked = case(url, &ns, &admin, &token).await;
+    token.remove(&admin).await?;
+    checked
+}
+
+/// The fault: `token` keeps its session rights and loses those on the keys.
+async fn take_key_rights(admin: &Agent, token: &AclToken) -> TestResult {
+    let body = json!({"Name": token.name, "Rules": SESSIONS});
+    let policy = format!("acl/policy/{}", token.policy);
+    admin.ok(Method::PUT, &policy, Some(body)).await.map(drop)
+}
+
 /// Unauthorized, with a message that points at the token.
 fn check_unauthorized<T: std::fmt::Debug>(what: &str, got: sync_core::Result<T>) -> TestResult {
     match got {
@@ -590,13 +616,12 @@ fn check_unauthorized<T: std::fmt::Debug>(what: &str, got: sync_core::Result<T>)
 async fn acl_tokens(url: String) -> TestResult {
     let admin = Agent::from_url(&url)?;
     let ns = unique("acl");
-    let sessions = r#"session_prefix "" { policy = "write" }"#;
     let writer = AclToken::create(
         &admin,
-        &format!(r#"key_prefix "{ns}/" {{ policy = "write" }} {sessions}"#),
+        &format!(r#"key_prefix "{ns}/" {{ policy = "write" }} {SESSIONS}"#),
     )
     .await?;
-    let checked = match AclToken::create(&admin, sessions).await {
+    let checked = match AclToken::create(&admin, SESSIONS).await {
         Ok(keyless) => {
             let checked = acl_cases(&url, &ns, &writer, &keyless).await;
             checked.and(keyless.remove(&admin).await)
@@ -647,26 +672,10 @@ async fn acl_cases(url: &str, ns: &str, writer: &AclToken, keyless: &AclToken) -
 /// A holder whose token loses its rights on the held key is told at the next key check (it
 /// can no longer see the key deleted), with the refusal as the reason.
 async fn held_key_refused_to_its_holder_is_lost(url: String) -> TestResult {
-    let admin = Agent::from_url(&url)?;
-    let ns = unique("acl-refused");
-    let sessions = r#"session_prefix "" { policy = "write" }"#;
-    let token = AclToken::create(
-        &admin,
-        &format!(r#"key_prefix "{ns}/" {{ policy = "write" }} {sessions}"#),
-    )
-    .await?;
-    let checked = lost_with_rights(&url, &ns, &admin, &token, sessions).await;
-    token.remove(&admin).await?;
-    checked
+    with_key_writer(&url, "acl-refused", lost_with_rights).await
 }
 
-async fn lost_with_rights(
-    url: &str,
-    ns: &str,
-    admin: &Agent,
-    token: &AclToken,
-    sessions: &str,
-) -> TestResult {
+async fn lost_with_rights(url: &str, ns: &str, admin: &Agent, token: &AclToken) -> TestResult {
     let mut config = common::config(url, ns)?;
     config.token = Some(token.secret.clone());
     let client = Client::connect(config).await.map_err(err)?;
@@ -682,14 +691,7 @@ async fn lost_with_rights(
             guard.loss_signal().reason()
         ));
     }
-    // The fault: the token keeps its session rights and loses those on the keys.
-    admin
-        .ok(
-            Method::PUT,
-            &format!("acl/policy/{}", token.policy),
-            Some(json!({"Name": token.name, "Rules": sessions})),
-        )
-        .await?;
+    take_key_rights(admin, token).await?;
     let within = sync_consul::MIN_TTL;
     let reason = tokio::time::timeout(within, guard.lost())
         .await
@@ -703,56 +705,22 @@ async fn lost_with_rights(
 /// A follower whose token loses its rights on the group's key is told once, and its stream
 /// ends: it does not ask again and again.
 async fn follow_ends_when_its_reads_are_refused(url: String) -> TestResult {
-    let admin = Agent::from_url(&url)?;
-    let ns = unique("acl-follow");
-    let sessions = r#"session_prefix "" { policy = "write" }"#;
-    let token = AclToken::create(
-        &admin,
-        &format!(r#"key_prefix "{ns}/" {{ policy = "write" }} {sessions}"#),
-    )
-    .await?;
-    let checked = follow_refused(&url, &ns, &admin, &token, sessions).await;
-    token.remove(&admin).await?;
-    checked
+    with_key_writer(&url, "acl-follow", follow_refused).await
 }
 
-async fn follow_refused(
-    url: &str,
-    ns: &str,
-    admin: &Agent,
-    token: &AclToken,
-    sessions: &str,
-) -> TestResult {
-    use futures::StreamExt;
-
+async fn follow_refused(url: &str, ns: &str, admin: &Agent, token: &AclToken) -> TestResult {
     let mut config = common::config(url, ns)?;
     config.token = Some(token.secret.clone());
     let follower = Client::connect(config).await.map_err(err)?;
     let candidate = Client::connect(common::config(url, ns)?)
         .await
         .map_err(err)?;
-    let mut follow = follower
-        .leader("g")
-        .map_err(err)?
-        .follow()
-        .await
-        .map_err(err)?;
-    let first = follow.next().await;
-    if !matches!(first, Some(Ok(None))) {
-        return Err(format!("first report of an empty group: {first:?}"));
-    }
+    let mut follow = sync_conformance::leader::follow_empty(&follower, "g").await?;
     let elected = (candidate.leader("g").map_err(err)?)
         .elect("a", sync_core::ElectOptions::new())
         .await
         .map_err(err)?;
-    // The fault: the token keeps its session rights and loses those on the keys.
-    admin
-        .ok(
-            Method::PUT,
-            &format!("acl/policy/{}", token.policy),
-            Some(json!({"Name": token.name, "Rules": sessions})),
-        )
-        .await?;
+    take_key_rights(admin, token).await?;
     // Changes the follower must read, with no rights left to read them.
     elected.resign().await.map_err(err)?;
     let again = (candidate.leader("g").map_err(err)?)

@@ -340,18 +340,7 @@ async fn a_frozen_endpoint_is_passed_over(endpoint: String) -> TestResult {
 
 /// Follows group `g` on `client`, which must first report it leaderless.
 async fn follow_empty_group(client: &sync_etcd::Client) -> Result<sync_core::FollowStream, String> {
-    use futures::StreamExt;
-
-    let mut follow = client
-        .leader("g")
-        .map_err(|e| e.to_string())?
-        .follow()
-        .await
-        .map_err(|e| e.to_string())?;
-    match follow.next().await {
-        Some(Ok(None)) => Ok(follow),
-        other => Err(format!("first report of an empty group: {other:?}")),
-    }
+    sync_conformance::leader::follow_empty(client, "g").await
 }
 
 /// A follower whose watch sits on an endpoint that stopped answering (no events, no error)
@@ -1207,6 +1196,17 @@ impl AuthEtcd {
         Ok(())
     }
 
+    /// Takes the `holder`'s rights away (`grant: false`) or gives them back, through `root`.
+    async fn holder_rights(root: &etcd_client::Client, grant: bool) -> TestResult {
+        let mut auth = root.auth_client();
+        let done = if grant {
+            auth.user_grant_role("holder", "rw").await.map(drop)
+        } else {
+            auth.user_revoke_role("holder", "rw").await.map(drop)
+        };
+        done.map_err(|e| format!("changing the holder's rights: {e}"))
+    }
+
     /// A raw etcd client as root: changes made through it land at once.
     async fn root_client(&self) -> Result<etcd_client::Client, String> {
         let options = etcd_client::ConnectOptions::new()
@@ -1281,9 +1281,7 @@ async fn watches_outlive_the_stream_token(_endpoint: String) -> TestResult {
     // refusal instead would be a request per round trip, for as long as the lock is held.
     let url = etcd.client_url.clone();
     tokio::time::sleep(Duration::from_millis(1000)).await;
-    let before = common::metrics::counters(&url).await?;
-    tokio::time::sleep(Duration::from_secs(1)).await;
-    let idle = common::metrics::delta(&before, &common::metrics::counters(&url).await?);
+    let idle = common::metrics::over(&url, Duration::from_secs(1)).await?;
     let reads: u64 = ["Range", "Txn", "Watch"]
         .iter()
         .filter_map(|m| idle.get(*m))
@@ -1323,10 +1321,7 @@ async fn held_key_refused_to_its_holder_is_lost(_endpoint: String) -> TestResult
     let second = (lock.acquire("second", LockOptions::new()).await).map_err(|e| e.to_string())?;
     // The fault: the rights go while `second` is in its grace. Its watch, added after it,
     // finds the stream's token stale; on the new stream both watches are refused.
-    root.auth_client()
-        .user_revoke_role("holder", "rw")
-        .await
-        .map_err(|e| format!("revoking: {e}"))?;
+    AuthEtcd::holder_rights(&root, false).await?;
     for (what, guard) in [("first", &first), ("second", &second)] {
         let reason = tokio::time::timeout(Duration::from_secs(5), guard.lost())
             .await
@@ -1335,9 +1330,7 @@ async fn held_key_refused_to_its_holder_is_lost(_endpoint: String) -> TestResult
             return Err(format!("{what}: lost() reason: {reason}"));
         }
     }
-    let before = common::metrics::counters(&url).await?;
-    tokio::time::sleep(Duration::from_secs(1)).await;
-    let after = common::metrics::delta(&before, &common::metrics::counters(&url).await?);
+    let after = common::metrics::over(&url, Duration::from_secs(1)).await?;
     let asked = after.get("Range").copied().unwrap_or(0);
     if asked > 2 {
         return Err(format!("reads in 1s after the loss: {after:?}"));
@@ -1360,19 +1353,13 @@ async fn follow_ends_when_its_reads_are_refused(_endpoint: String) -> TestResult
         .elect("a", ElectOptions::new())
         .await
         .map_err(|e| e.to_string())?;
-    root.auth_client()
-        .user_revoke_role("holder", "rw")
-        .await
-        .map_err(|e| format!("revoking: {e}"))?;
+    AuthEtcd::holder_rights(&root, false).await?;
     // A change the follower must read, with no rights left to read it.
     elected.resign().await.map_err(|e| e.to_string())?;
     let refusal =
         sync_conformance::leader::refused_then_ends(&mut follow, Duration::from_secs(15)).await?;
     println!("seen: {refusal}");
-    let before = common::metrics::counters(&etcd.client_url).await?;
-    tokio::time::sleep(Duration::from_secs(1)).await;
-    let after =
-        common::metrics::delta(&before, &common::metrics::counters(&etcd.client_url).await?);
+    let after = common::metrics::over(&etcd.client_url, Duration::from_secs(1)).await?;
     if after.get("Range").copied().unwrap_or(0) > 1 {
         return Err(format!("reads in 1s after the stream ended: {after:?}"));
     }
@@ -1394,40 +1381,21 @@ async fn worker_without_rights_backs_off(_endpoint: String) -> TestResult {
         .work("refused", handler, WorkerOptions::new())
         .await
         .map_err(|e| e.to_string())?;
-    root.auth_client()
-        .user_revoke_role("holder", "rw")
-        .await
-        .map_err(|e| format!("revoking: {e}"))?;
+    AuthEtcd::holder_rights(&root, false).await?;
     // A job for the worker to claim, with no rights left to claim it.
     let task = submitter.task().map_err(|e| e.to_string())?;
     let id = (task.submit(Job::new("refused", "x")).await).map_err(|e| e.to_string())?;
-    tokio::time::sleep(Duration::from_secs(4)).await;
-    let before = common::metrics::counters(&etcd.client_url).await?;
-    tokio::time::sleep(Duration::from_secs(3)).await;
-    let after =
-        common::metrics::delta(&before, &common::metrics::counters(&etcd.client_url).await?);
+    // Every loop has met the refusal by now, and waits 4 s or more between two asks: at most
+    // one each in the next 3 s, where a loop that does not back off asks 6 times.
+    tokio::time::sleep(Duration::from_secs(8)).await;
+    let after = common::metrics::over(&etcd.client_url, Duration::from_secs(3)).await?;
     let asked: u64 = ["Range", "Txn"].iter().filter_map(|m| after.get(*m)).sum();
     if asked > 3 {
-        return Err(format!("requests in 3s, 4s into the refusal: {after:?}"));
+        return Err(format!("requests in 3s, 8s into the refusal: {after:?}"));
     }
-    println!("requests in 3s, 4s into the refusal: {after:?}");
-    root.auth_client()
-        .user_grant_role("holder", "rw")
-        .await
-        .map_err(|e| format!("granting again: {e}"))?;
-    let deadline = Instant::now() + Duration::from_secs(20);
-    loop {
-        let status = task.status(&id).await.map_err(|e| e.to_string())?;
-        if status.state == JobState::Succeeded {
-            break;
-        }
-        if Instant::now() > deadline {
-            return Err(format!(
-                "the job did not run within 20s of the rights coming back: {status:?}"
-            ));
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    println!("requests in 3s, 8s into the refusal: {after:?}");
+    AuthEtcd::holder_rights(&root, true).await?;
+    sync_conformance::task::succeeded_within(&*task, &id, Duration::from_secs(20)).await?;
     worker.stop().await;
     drop((worker_client, submitter, root));
     Ok(())
@@ -1464,10 +1432,7 @@ async fn held_key_lost_when_the_credentials_are_refused(_endpoint: String) -> Te
     if !reason.contains("refused") {
         return Err(format!("lost() reason: {reason}"));
     }
-    let before = common::metrics::counters(&etcd.client_url).await?;
-    tokio::time::sleep(Duration::from_secs(1)).await;
-    let after = common::metrics::counters(&etcd.client_url).await?;
-    let idle = common::metrics::delta(&before, &after);
+    let idle = common::metrics::over(&etcd.client_url, Duration::from_secs(1)).await?;
     if idle.get("Watch").copied().unwrap_or(0) > 1 {
         return Err(format!(
             "watch streams opened in 1s after the loss: {idle:?}"

@@ -122,6 +122,18 @@ impl PrivateRedis {
             .collect())
     }
 
+    /// `ACL SETUSER name rules…`.
+    async fn set_user(&self, name: &str, rules: &[&str]) -> TestResult {
+        let mut c = self.raw().await?;
+        redis::cmd("ACL")
+            .arg("SETUSER")
+            .arg(name)
+            .arg(rules)
+            .query_async::<()>(&mut c)
+            .await
+            .map_err(err)
+    }
+
     async fn reset_stats(&self) -> TestResult {
         let mut c = self.raw().await?;
         redis::cmd("CONFIG")
@@ -521,39 +533,21 @@ async fn lost_when_key_deleted(url: String) -> TestResult {
 /// A follower whose ACL user loses its rights on the keys is told once, and its stream ends:
 /// it does not read the group again and again.
 async fn follow_ends_when_its_reads_are_refused(_: String) -> TestResult {
-    use futures::StreamExt;
-
     let redis = PrivateRedis::start().await?;
-    let mut raw = redis.raw().await?;
-    let acl = |rules: &[&str]| {
-        let mut cmd = redis::cmd("ACL");
-        cmd.arg("SETUSER").arg("follower").arg(rules);
-        cmd
-    };
-    (acl(&["on", ">pw", "~*", "&*", "+@all"])
-        .query_async::<()>(&mut raw)
-        .await)
-        .map_err(err)?;
+    redis
+        .set_user("follower", &["on", ">pw", "~*", "&*", "+@all"])
+        .await?;
     let ns = unique("follow-refused");
     let authority = redis.url().replace("redis://", "redis://follower:pw@");
     let follower = connect(&authority, &ns, Duration::from_secs(5)).await?;
     let candidate = connect(&redis.url(), &ns, Duration::from_secs(5)).await?;
-    let mut follow = follower
-        .leader("g")
-        .map_err(err)?
-        .follow()
-        .await
-        .map_err(err)?;
-    let first = follow.next().await;
-    if !matches!(first, Some(Ok(None))) {
-        return Err(format!("first report of an empty group: {first:?}"));
-    }
+    let mut follow = sync_conformance::leader::follow_empty(&follower, "g").await?;
     let elected = (candidate.leader("g").map_err(err)?)
         .elect("a", sync_core::ElectOptions::new())
         .await
         .map_err(err)?;
     // The fault: the user keeps its channels and loses every key.
-    (acl(&["resetkeys"]).query_async::<()>(&mut raw).await).map_err(err)?;
+    redis.set_user("follower", &["resetkeys"]).await?;
     // A change the follower must read, with no rights left to read it.
     elected.resign().await.map_err(err)?;
     let refusal =
@@ -573,19 +567,12 @@ async fn follow_ends_when_its_reads_are_refused(_: String) -> TestResult {
 /// for as long as it runs), and takes jobs again once the rights are back.
 async fn worker_without_rights_backs_off(_: String) -> TestResult {
     use std::sync::Arc;
-    use sync_core::{HandlerError, Job, JobContext, JobState, WorkerOptions};
+    use sync_core::{HandlerError, Job, JobContext, WorkerOptions};
 
     let redis = PrivateRedis::start().await?;
-    let mut raw = redis.raw().await?;
-    let acl = |rules: &[&str]| {
-        let mut cmd = redis::cmd("ACL");
-        cmd.arg("SETUSER").arg("worker").arg(rules);
-        cmd
-    };
-    (acl(&["on", ">pw", "~*", "&*", "+@all"])
-        .query_async::<()>(&mut raw)
-        .await)
-        .map_err(err)?;
+    redis
+        .set_user("worker", &["on", ">pw", "~*", "&*", "+@all"])
+        .await?;
     let ns = unique("worker-refused");
     let as_worker = redis.url().replace("redis://", "redis://worker:pw@");
     let worker_client = connect(&as_worker, &ns, Duration::from_secs(5)).await?;
@@ -596,32 +583,22 @@ async fn worker_without_rights_backs_off(_: String) -> TestResult {
         .await
         .map_err(err)?;
     // The fault: the user keeps its channels and loses every key.
-    (acl(&["resetkeys"]).query_async::<()>(&mut raw).await).map_err(err)?;
+    redis.set_user("worker", &["resetkeys"]).await?;
     // A job for the worker to claim, with no rights left to claim it.
     let task = submitter.task().map_err(err)?;
     let id = task.submit(Job::new("refused", "x")).await.map_err(err)?;
-    tokio::time::sleep(Duration::from_secs(4)).await;
+    // Every loop has met the refusal by now, and waits 4 s or more between two asks: at most
+    // one each in the next 3 s, where a loop that does not back off asks 6 times.
+    tokio::time::sleep(Duration::from_secs(8)).await;
     redis.reset_stats().await?;
     tokio::time::sleep(Duration::from_secs(3)).await;
     let calls = redis.calls().await?;
     if total(&calls) > 3 {
-        return Err(format!("commands in 3s, 4s into the refusal: {calls:?}"));
+        return Err(format!("commands in 3s, 8s into the refusal: {calls:?}"));
     }
-    println!("commands in 3s, 4s into the refusal: {calls:?}");
-    (acl(&["~*"]).query_async::<()>(&mut raw).await).map_err(err)?;
-    let deadline = Instant::now() + Duration::from_secs(20);
-    loop {
-        let status = task.status(&id).await.map_err(err)?;
-        if status.state == JobState::Succeeded {
-            break;
-        }
-        if Instant::now() > deadline {
-            return Err(format!(
-                "the job did not run within 20s of the rights coming back: {status:?}"
-            ));
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    println!("commands in 3s, 8s into the refusal: {calls:?}");
+    redis.set_user("worker", &["~*"]).await?;
+    sync_conformance::task::succeeded_within(&*task, &id, Duration::from_secs(20)).await?;
     worker.stop().await;
     drop((worker_client, submitter));
     Ok(())

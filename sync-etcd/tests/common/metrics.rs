@@ -80,3 +80,14 @@ pub fn delta(
         .filter(|(_, v)| *v > 0)
         .collect()
 }
+
+/// The requests etcd at `endpoint` handled, per method, over the next `window`.
+#[allow(dead_code)] // Not every test binary counts over a window.
+pub async fn over(
+    endpoint: &str,
+    window: std::time::Duration,
+) -> Result<BTreeMap<String, u64>, String> {
+    let before = counters(endpoint).await?;
+    tokio::time::sleep(window).await;
+    Ok(delta(&before, &counters(endpoint).await?))
+}
