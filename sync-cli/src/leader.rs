@@ -91,12 +91,15 @@ pub async fn leader(global: &Global, args: LeaderArgs) -> Result<u8, Exit> {
 }
 
 /// Prints the leader and every change until the stream ends, a signal comes, or the reader of
-/// stdout has gone (`| head -1`: status 141, as a shell reports SIGPIPE).
+/// stdout has gone (`| head -1`: status 141, as a shell reports SIGPIPE). A failed read (the
+/// backend unreachable for a while) is told on stderr and followed on through; the stream ends
+/// only on an error no retry can fix, which is then syncctl's.
 async fn follow(leader: &dyn sync_core::Leader, global: &Global, group: &str) -> Result<u8, Exit> {
     // Caught only now: until here, a signal simply ends syncctl, which holds nothing.
     let mut signals = Signals::catch()?;
     let mut changes = leader.follow().await?;
     let mut check = tokio::time::interval(std::time::Duration::from_millis(500));
+    let mut failed = None;
     loop {
         tokio::select! {
             _ = check.tick() => {
@@ -106,12 +109,18 @@ async fn follow(leader: &dyn sync_core::Leader, global: &Global, group: &str) ->
             }
             next = changes.next() => match next {
                 Some(Ok(info)) => {
+                    failed = None;
                     if !print(global, group, info.as_ref()) {
                         return Err(Exit::silent(exit::BROKEN_PIPE));
                     }
                 }
-                Some(Err(e)) => return Err(e.into()),
-                None => return Ok(0),
+                // Told once, here: syncctl's own status when it is the stream's last item.
+                Some(Err(e)) => {
+                    let exit = Exit::from(e);
+                    output::err(&exit.message);
+                    failed = Some(exit.status);
+                }
+                None => return failed.map_or(Ok(0), |status| Err(Exit::silent(status))),
             },
             got = signals.recv() => return Err(child::interrupted(got)),
         }

@@ -7,7 +7,7 @@ use serde_json::{Value, json};
 
 use crate::{
     harness::{Case, Live, TestResult},
-    procs::{Out, Proc, Scratch, line_in, output, syncctl},
+    procs::{Out, Proc, Scratch, line_in, output, poll, syncctl},
     services::{self, unique},
 };
 
@@ -20,6 +20,11 @@ pub fn cases(out: &mut Vec<Case>) {
         out.push(Case::live(name("map"), live, map_commands));
         out.push(Case::live(name("task"), live, task_commands));
         out.push(Case::live(name("elect_and_leader"), live, elect_and_leader));
+        out.push(Case::live(
+            name("leader_follow_outlives_an_outage"),
+            live,
+            follow_outlives_an_outage,
+        ));
     }
     out.push(Case::live(
         "config::precedence::etcd".into(),
@@ -221,6 +226,60 @@ async fn elect_and_leader(base: String) -> TestResult {
         return Err(format!("after the leader resigned: {}", none.said()));
     }
     Ok(())
+}
+
+/// `leader g --follow` through a backend that is cut off for a while says so on stderr, keeps
+/// following, and prints the leader elected once the backend is back.
+async fn follow_outlives_an_outage(base: String) -> TestResult {
+    use sync_conformance::proxy::{Fault, FaultProxy, hosts, through};
+
+    let scratch = Scratch::new()?;
+    let url = services::url(&base, &unique("follow"), "");
+    let server = hosts(&url)
+        .and_then(|h| h.first().copied())
+        .ok_or("no server address")?;
+    let proxy = (FaultProxy::start(server).await).map_err(|e| format!("proxy: {e}"))?;
+    let proxied = through(&url, proxy.addr());
+    let mut follower = Proc::spawn(
+        &scratch,
+        syncctl(Some(&proxied), &["leader", "g", "--follow"]),
+    )?;
+    printed(&follower, "g: no leader")
+        .await
+        .ok_or_else(|| format!("no first report: {}", follower.said()))?;
+    proxy.set(Fault::Reset);
+    poll(LIMIT, || (!follower.stderr().is_empty()).then_some(()))
+        .await
+        .ok_or_else(|| format!("the outage was not told: {}", follower.said()))?;
+    proxy.set(Fault::Pass);
+    follower.running()?;
+    let mut leader = Proc::spawn(
+        &scratch,
+        syncctl(
+            Some(&url),
+            &["elect", "g", "--id", "me", "--", "sleep", "30"],
+        ),
+    )?;
+    let seen = printed(&follower, "me term=").await;
+    leader.signal("TERM").await?;
+    leader.exits_with(143, Duration::from_secs(10)).await?;
+    seen.ok_or_else(|| {
+        format!(
+            "the leader elected after the outage was not printed: {}",
+            follower.said()
+        )
+    })?;
+    follower.running()?;
+    follower.signal("TERM").await?;
+    follower
+        .exits_within(Duration::from_secs(10))
+        .await
+        .map(drop)
+}
+
+/// Whether `proc` printed `what` on stdout within [`LIMIT`].
+async fn printed(proc: &Proc, what: &str) -> Option<()> {
+    poll(LIMIT, || proc.stdout().contains(what).then_some(())).await
 }
 
 /// `time --json`: now, earliest and latest as RFC 3339 (UTC, nanoseconds), in order.
