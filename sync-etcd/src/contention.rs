@@ -65,12 +65,19 @@ struct Cleanup {
     key: String,
     /// The session (lease) the key is written with.
     session: Arc<Session>,
-    txn: Option<
-        tokio::task::JoinHandle<std::result::Result<etcd_client::TxnResponse, etcd_client::Error>>,
-    >,
+    /// The create request while it is unanswered: polled by the acquire, and by the
+    /// background cleanup if the acquire is dropped first, so its answer is never lost.
+    txn: Option<CreateTxn>,
     turn: Option<Turn>,
     armed: bool,
 }
+
+type CreateTxn = std::pin::Pin<
+    Box<
+        dyn Future<Output = std::result::Result<etcd_client::TxnResponse, etcd_client::Error>>
+            + Send,
+    >,
+>;
 
 impl Cleanup {
     fn disarm(mut self) -> Turn {
@@ -207,33 +214,25 @@ async fn create_key(
         let key = format!("{prefix}{}", session.lease_hex());
         let txn = contender_txn(&key, prefix, value.clone(), session.lease);
         let mut kv = client.kv();
-        // The request's future is boxed, not stored in the task: a task is allocated aligned
-        // to 128 bytes, and glibc can reuse no freed ~12 KB task for the next one, so every
-        // lock still held pinned one (10 000 held locks: 110 MB of RSS instead of 42).
-        let txn = Box::pin(async move { kv.txn(txn).await });
+        // Polled right here rather than in a task of its own (a hand-off to another thread
+        // and back per acquire); only a dropped acquire moves it to the background.
         let mut cleanup = Cleanup {
             client: client.clone(),
             key,
             session: session.clone(),
-            txn: Some(tokio::spawn(txn)),
+            txn: Some(Box::pin(async move { kv.txn(txn).await })),
             turn: Some(turn),
             armed: true,
         };
-        let joined = cleanup.txn.as_mut().expect("set above").await;
+        let answer = cleanup.txn.as_mut().expect("set above").await;
         cleanup.txn = None;
-        match joined {
-            Ok(Ok(resp)) => return Ok((session, cleanup, resp)),
+        match answer {
+            Ok(resp) => return Ok((session, cleanup, resp)),
             // The lease ended before the keepalive noticed: retry once on a new one.
-            Ok(Err(e)) if attempt < 2 && session.end_if_lease_gone(&e) => {
+            Err(e) if attempt < 2 && session.end_if_lease_gone(&e) => {
                 turn = cleanup.disarm();
             }
-            Ok(Err(e)) => return Err(etcd_err("creating the contender key", e).with_id(id)),
-            Err(e) => {
-                return Err(Error::new(ErrorKind::Backend, "the contender task failed")
-                    .with_backend(BACKEND)
-                    .with_id(id)
-                    .with_source(e));
-            }
+            Err(e) => return Err(etcd_err("creating the contender key", e).with_id(id)),
         }
     }
 }

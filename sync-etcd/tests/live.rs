@@ -1010,6 +1010,57 @@ async fn cancelled_acquire_cleans_up_after_an_outage(endpoint: String) -> TestRe
     Ok(())
 }
 
+/// An acquire dropped while its create request is on the wire leaves no key once that
+/// request lands: the create is still answered, and what it wrote is deleted. (The proxy holds
+/// the request until the acquire is gone; a watch from before shows the put and its delete.)
+async fn acquire_dropped_mid_create_leaves_no_key(endpoint: String) -> TestResult {
+    let ns = unique("mid-create");
+    let prefix = format!("{ns}/c/");
+    let (proxy, proxied) = common::proxy(&endpoint).await?;
+    let client = common::connect(&proxied, &ns).await?;
+    let lock = client.lock().map_err(|e| e.to_string())?;
+    let mut raw = etcd_client::Client::connect([endpoint.replace("etcd://", "http://")], None)
+        .await
+        .map_err(|e| e.to_string())?;
+    let from = raw.get("/", None).await.map_err(|e| e.to_string())?;
+    let from = from.header().map_or(0, |h| h.revision()) + 1;
+    let watch = etcd_client::WatchOptions::new()
+        .with_prefix()
+        .with_start_revision(from);
+    let mut events = raw
+        .watch(prefix.as_str(), Some(watch))
+        .await
+        .map_err(|e| e.to_string())?;
+    proxy.hold_next(prefix.as_bytes());
+    let acquire = tokio::spawn(async move { lock.acquire("c", LockOptions::new()).await });
+    tokio::time::timeout(Duration::from_secs(10), proxy.held())
+        .await
+        .map_err(|_| "the acquire sent no create request within 10s".to_string())?;
+    acquire.abort();
+    let _ = acquire.await;
+    proxy.release();
+    let mut seen = Vec::new();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while seen.len() < 2 {
+        let next = tokio::time::timeout_at(deadline, events.message()).await;
+        let Ok(Ok(Some(resp))) = next else {
+            return Err(format!(
+                "the held create and the cleanup's delete within 10s; saw {seen:?}"
+            ));
+        };
+        seen.extend(
+            resp.events()
+                .iter()
+                .map(|e| format!("{:?}", e.event_type())),
+        );
+    }
+    if seen[..2] != ["Put", "Delete"] {
+        return Err(format!("the held create, then its delete: saw {seen:?}"));
+    }
+    await_keys(&endpoint, &prefix, 0).await?;
+    Ok(())
+}
+
 /// `elect` that adopts an existing contender key of its own lease (left over with another
 /// value) proclaims its own candidate and value: followers never see the stale one.
 async fn elect_adopting_a_key_proclaims_its_value(endpoint: String) -> TestResult {
@@ -1583,7 +1634,10 @@ async fn task_batched_claim_answer_lost(endpoint: String) -> TestResult {
 }
 
 fn main() -> std::process::ExitCode {
-    let tests: [(&'static str, TestFn); 31] = [
+    let tests: [(&'static str, TestFn); 32] = [
+        ("live::acquire_dropped_mid_create_leaves_no_key", |e| {
+            Box::pin(acquire_dropped_mid_create_leaves_no_key(e))
+        }),
         ("live::worker_without_rights_backs_off", |e| {
             Box::pin(worker_without_rights_backs_off(e))
         }),
