@@ -90,6 +90,10 @@ const MAX_ERROR_LEN: usize = 16 * 1024;
 /// How long an idle worker trusts its blocking query on the queue before reading it again.
 const SAFETY_NET: Duration = Duration::from_secs(10);
 
+/// How often, at most, a worker that finds its queue empty asks whether it may read it at all
+/// (Consul leaves out of a listing what the token may not read, and says nothing).
+const RIGHTS_EVERY: Duration = Duration::from_secs(30);
+
 /// How long a reaper lets claim changes gather before reading the claims again.
 const REAP_DEBOUNCE: Duration = Duration::from_millis(100);
 
@@ -556,7 +560,9 @@ impl JobStore for ConsulTask {
     async fn queue(&self, name: &str) -> Result<ConsulQueue> {
         // Fails with Closed once killed, and makes sure a session exists for the claims.
         self.shared.client.sessions.current().await?;
-        Ok(ConsulQueue::new(self.shared.clone(), name))
+        let queue = ConsulQueue::new(self.shared.clone(), name);
+        queue.check_rights().await?;
+        Ok(queue)
     }
 }
 
@@ -611,6 +617,8 @@ pub(crate) struct ConsulQueue {
     skip: Mutex<HashMap<String, u64>>,
     /// Whether the last claim lost jobs to other workers: then picks are spread.
     contended: AtomicBool,
+    /// When the token was last found allowed to read the queue.
+    rights_seen: Mutex<Option<tokio::time::Instant>>,
 }
 
 /// The queue as one read found it: its entries, and the index to block past.
@@ -662,7 +670,28 @@ impl ConsulQueue {
             fresh: Arc::default(),
             skip: Mutex::default(),
             contended: AtomicBool::new(false),
+            rights_seen: Mutex::default(),
         }
+    }
+
+    /// Fails (Unauthorized) if the token may not read the queue: a listing would just come
+    /// back empty, but a read of one key is refused.
+    async fn check_rights(&self) -> Result<()> {
+        let api = &self.shared.client.api;
+        api.get("checking the rights on the queue", &self.prefix, 0)
+            .await?;
+        *locked(&self.rights_seen) = Some(tokio::time::Instant::now());
+        Ok(())
+    }
+
+    /// [`check_rights`](Self::check_rights), when the queue reads empty and the last check is
+    /// [`RIGHTS_EVERY`] old: so a worker whose rights were taken says so instead of idling.
+    async fn check_rights_if_empty(&self, listed: &[KvEntry]) -> Result<()> {
+        let due = locked(&self.rights_seen).is_none_or(|at| at.elapsed() >= RIGHTS_EVERY);
+        if listed.is_empty() && due {
+            self.check_rights().await?;
+        }
+        Ok(())
     }
 
     /// The queue: as the last blocking query left it, or read now.
@@ -1024,6 +1053,7 @@ impl JobQueue for ConsulQueue {
         let queue = self.look().await?;
         let index = queue.index;
         let listed = queue.value.clone();
+        self.check_rights_if_empty(&listed).await?;
         let (picks, due) = self.pick(queue.value, max.max(1));
         if picks.is_empty() {
             // Blocks past the index of the look just taken: nothing queued since is missed.

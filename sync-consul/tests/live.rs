@@ -11,6 +11,7 @@ mod common;
 use std::{
     path::{Path, PathBuf},
     process::Stdio,
+    sync::Arc,
     time::Duration,
 };
 
@@ -22,7 +23,7 @@ use common::{
 use reqwest::Method;
 use serde_json::json;
 use sync_consul::{Client, Config};
-use sync_core::{Backend, ErrorKind, LockOptions};
+use sync_core::{Backend, ErrorKind, HandlerError, Job, JobContext, LockOptions, WorkerOptions};
 use tokio::{process::Child, time::Instant};
 
 /// The `Flags` of Consul's `api.Lock`, which `consul lock` writes and checks.
@@ -583,16 +584,24 @@ async fn with_key_writer(
 ) -> TestResult {
     let admin = Agent::from_url(url)?;
     let ns = unique(what);
-    let rules = format!(r#"key_prefix "{ns}/" {{ policy = "write" }} {SESSIONS}"#);
-    let token = AclToken::create(&admin, &rules).await?;
+    let token = AclToken::create(&admin, &key_writer(&ns)).await?;
     let checked = case(url, &ns, &admin, &token).await;
     token.remove(&admin).await?;
     checked
 }
 
+/// The rules of a token that may write the keys under `ns` and sessions.
+fn key_writer(ns: &str) -> String {
+    format!(r#"key_prefix "{ns}/" {{ policy = "write" }} {SESSIONS}"#)
+}
+
 /// The fault: `token` keeps its session rights and loses those on the keys.
 async fn take_key_rights(admin: &Agent, token: &AclToken) -> TestResult {
-    let body = json!({"Name": token.name, "Rules": SESSIONS});
+    set_rules(admin, token, SESSIONS).await
+}
+
+async fn set_rules(admin: &Agent, token: &AclToken, rules: &str) -> TestResult {
+    let body = json!({"Name": token.name, "Rules": rules});
     let policy = format!("acl/policy/{}", token.policy);
     admin.ok(Method::PUT, &policy, Some(body)).await.map(drop)
 }
@@ -616,11 +625,7 @@ fn check_unauthorized<T: std::fmt::Debug>(what: &str, got: sync_core::Result<T>)
 async fn acl_tokens(url: String) -> TestResult {
     let admin = Agent::from_url(&url)?;
     let ns = unique("acl");
-    let writer = AclToken::create(
-        &admin,
-        &format!(r#"key_prefix "{ns}/" {{ policy = "write" }} {SESSIONS}"#),
-    )
-    .await?;
+    let writer = AclToken::create(&admin, &key_writer(&ns)).await?;
     let checked = match AclToken::create(&admin, SESSIONS).await {
         Ok(keyless) => {
             let checked = acl_cases(&url, &ns, &writer, &keyless).await;
@@ -666,6 +671,49 @@ async fn acl_cases(url: &str, ns: &str, writer: &AclToken, keyless: &AclToken) -
         )
         .await;
     check_unauthorized("acquire with a token without key rights", acquired)?;
+    let idle = Arc::new(|_: JobContext| async { Ok::<_, HandlerError>(Vec::new()) });
+    let worker = (client.task().map_err(err)?)
+        .work("orders", idle, WorkerOptions::new())
+        .await;
+    check_unauthorized("work with a token without key rights", worker)?;
+    client.close().await.map_err(err)
+}
+
+/// A worker whose token loses its rights on the keys says so (an error naming the refusal)
+/// within a rights check's period, rather than idling on a queue that only reads empty; with
+/// its rights back, it takes jobs again.
+async fn worker_says_when_its_rights_go(url: String) -> TestResult {
+    with_key_writer(&url, "acl-worker", worker_rights).await
+}
+
+async fn worker_rights(url: &str, ns: &str, admin: &Agent, token: &AclToken) -> TestResult {
+    common::logs::keep();
+    let mut config = common::config(url, ns)?;
+    config.token = Some(token.secret.clone());
+    let client = Client::connect(config).await.map_err(err)?;
+    let task = client.task().map_err(err)?;
+    let done = Arc::new(|_: JobContext| async { Ok::<_, HandlerError>(b"done".to_vec()) });
+    let worker = task
+        .work("rights", done, WorkerOptions::new())
+        .await
+        .map_err(err)?;
+    take_key_rights(admin, token).await?;
+    // Every 30 s at most, plus the 10 s an idle worker trusts its blocking query.
+    let said = "checking the rights on the queue";
+    let deadline = Instant::now() + Duration::from_secs(50);
+    while !common::logs::seen(said) {
+        if Instant::now() > deadline {
+            return Err(format!(
+                "no error logged within 50s of the worker's rights going ({said:?})"
+            ));
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    set_rules(admin, token, &key_writer(ns)).await?;
+    let id = task.submit(Job::new("rights", "x")).await.map_err(err)?;
+    let within = Duration::from_secs(40);
+    sync_conformance::task::succeeded_within(&*task, &id, within).await?;
+    worker.stop().await;
     client.close().await.map_err(err)
 }
 
@@ -737,7 +785,7 @@ async fn follow_refused(url: &str, ns: &str, admin: &Agent, token: &AclToken) ->
 }
 
 fn main() -> std::process::ExitCode {
-    let tests: [(&'static str, Needs, TestFn); 10] = [
+    let tests: [(&'static str, Needs, TestFn); 11] = [
         (
             "lock::uncontended_acquire_release_is_two_requests",
             Needs::Consul,
@@ -779,6 +827,9 @@ fn main() -> std::process::ExitCode {
             Needs::Acl,
             |u| Box::pin(held_key_refused_to_its_holder_is_lost(u)),
         ),
+        ("acl::worker_says_when_its_rights_go", Needs::Acl, |u| {
+            Box::pin(worker_says_when_its_rights_go(u))
+        }),
         (
             "acl::follow_ends_when_its_reads_are_refused",
             Needs::Acl,

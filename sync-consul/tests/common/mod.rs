@@ -4,6 +4,7 @@
 #![allow(dead_code)]
 
 pub mod counting;
+pub mod logs;
 
 use std::{future::Future, pin::Pin, process::ExitCode, time::Duration};
 
