@@ -35,6 +35,7 @@ use sync_core::raw::LossTrigger;
 use sync_kit::locked;
 use tokio::{
     sync::{mpsc, oneshot, watch},
+    task::AbortHandle,
     time::Instant,
 };
 
@@ -405,6 +406,16 @@ struct State {
     reopen_at: Option<Instant>,
     /// The watch ids of the creates sent on this stream and not answered yet, in order.
     creating: VecDeque<i64>,
+    /// The re-reads of monitors being checked, by registration id: a monitor that goes
+    /// (released, lost, or the hub with it) stops its re-read, which otherwise retries for as
+    /// long as etcd cannot be reached.
+    checks: HashMap<i64, AbortHandle>,
+}
+
+impl Drop for State {
+    fn drop(&mut self) {
+        self.checks.values().for_each(AbortHandle::abort);
+    }
 }
 
 impl State {
@@ -453,6 +464,7 @@ impl Hub {
             renamed: HashMap::new(),
             reopen_at: None,
             creating: VecDeque::new(),
+            checks: HashMap::new(),
         };
         let mut moves = self.endpoints.moves();
         moves.mark_unchanged();
@@ -520,6 +532,9 @@ impl Hub {
                 st.watches.insert(id, sink);
             }
             Command::Remove(id) => {
+                if let Some(check) = st.checks.remove(&id) {
+                    check.abort();
+                }
                 let on_stream = match st.monitors.remove(&id) {
                     Some(m) => {
                         st.renamed.remove(&m.watch);
@@ -534,6 +549,7 @@ impl Hub {
             // The loop's next wake-up now counts the young monitors.
             Command::Young => {}
             Command::Checked(id, found) => {
+                st.checks.remove(&id);
                 let Some(m) = st
                     .monitors
                     .get_mut(&id)
@@ -683,7 +699,8 @@ impl Hub {
             // again.
             log_cancelled(&resp, "held key's watch");
             m.state = MonitorState::Checking;
-            self.check(id, m.key.text().into_bytes());
+            let check = self.check(id, m.key.text().into_bytes());
+            st.checks.insert(id, check);
         } else if !resp.events().is_empty() {
             fire(st, id, "the key was deleted");
             if let Some(out) = st.conn.outgoing() {
@@ -723,7 +740,7 @@ impl Hub {
     }
 
     /// Reads monitored `key` again (retrying until etcd answers) and tells the hub.
-    fn check(&self, id: i64, key: Vec<u8>) {
+    fn check(&self, id: i64, key: Vec<u8>) -> AbortHandle {
         let (mut kv, to_hub, mut killed) = (
             Kv::new(self.sender.clone()),
             self.to_self.clone(),
@@ -760,13 +777,17 @@ impl Hub {
                 }
                 _ = killed.wait_for(|k| *k) => {}
             }
-        });
+        })
+        .abort_handle()
     }
 }
 
 /// Monitor `id`'s key is gone (or can no longer be watched, `reason` says): its holder is
 /// told.
 fn fire(st: &mut State, id: i64, reason: &str) {
+    if let Some(check) = st.checks.remove(&id) {
+        check.abort();
+    }
     if let Some(m) = st.monitors.remove(&id) {
         st.renamed.remove(&m.watch);
         tracing::warn!(backend = BACKEND, key = %m.key, token = m.rev, reason, "lost");

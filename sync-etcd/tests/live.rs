@@ -210,6 +210,63 @@ async fn held_keys_are_read_again_after_a_compaction(endpoint: String) -> TestRe
     Ok(())
 }
 
+/// A held key whose watch etcd cancelled (compacted) is read again before it is watched
+/// again. If its lock is released while that read cannot get through, the read stops with it
+/// instead of asking again for as long as the outage lasts. On a private etcd, so that its
+/// reads can be counted: a proxy holds the re-read back, the guard is dropped, the connection
+/// is cut for a while, and once it is back no read may reach etcd.
+async fn released_key_is_not_read_again(_endpoint: String) -> TestResult {
+    let (_etcd, endpoint) = healthy_private_etcd("unread", &[]).await?;
+    let ns = unique("unread");
+    let (proxy, proxied) = common::proxy(&endpoint).await?;
+    let config = common::config(&proxied, &ns).with_ttl(Duration::from_secs(10));
+    let client = sync_etcd::Client::connect(config)
+        .await
+        .map_err(|e| e.to_string())?;
+    let lease = client.lease_id().await.map_err(|e| e.to_string())?;
+    let guard = (client.lock().map_err(|e| e.to_string())?)
+        .acquire("k", LockOptions::new())
+        .await
+        .map_err(|e| e.to_string())?;
+    // Past the monitor's grace: the key is watched on the stream.
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    proxy.set(Fault::Reset);
+    // Two revisions on: the watch starts at the one after the key's, compacted too.
+    revision(&endpoint, &format!("{ns}/bump")).await?;
+    let now = revision(&endpoint, &format!("{ns}/bump")).await?;
+    etcdctl(&endpoint, &["compact", &now.to_string()]).await?;
+    proxy.hold_next(range_request(&format!("{ns}/k/{lease}")));
+    proxy.set(Fault::Pass);
+    tokio::time::timeout(Duration::from_secs(10), proxy.held())
+        .await
+        .map_err(|_| "the key whose watch was compacted was not read again".to_string())?;
+    drop(guard);
+    proxy.set(Fault::Reset);
+    proxy.release();
+    // Several of the re-read's retry pauses (200 ms) into the outage.
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let before = common::metrics::counters(&endpoint).await?;
+    proxy.set(Fault::Pass);
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let after = common::metrics::counters(&endpoint).await?;
+    let after = common::metrics::delta(&before, &after);
+    if let Some(reads) = after.get("Range") {
+        return Err(format!(
+            "{reads} read(s) after the outage, of a key released during it: {after:?}"
+        ));
+    }
+    await_keys(&endpoint, &format!("{ns}/k/"), 0).await?;
+    Ok(())
+}
+
+/// A gRPC-framed RangeRequest for `key` alone, as the proxy sees it on the wire.
+fn range_request(key: &str) -> Vec<u8> {
+    let len = u8::try_from(key.len()).expect("a short key");
+    let mut bytes = vec![0, 0, 0, 0, len + 2, 0x0a, len];
+    bytes.extend_from_slice(key.as_bytes());
+    bytes
+}
+
 /// A queue deeper than the waiters that count every older key down (64): the deep ones
 /// watch a far older key and read again, and still every one is granted, one at a time.
 async fn deep_queue_is_granted_one_at_a_time(endpoint: String) -> TestResult {
@@ -1162,6 +1219,23 @@ struct AuthEtcd {
     client_url: String,
 }
 
+/// A private etcd named `name` with `flags`, once healthy, and its client URL.
+async fn healthy_private_etcd(
+    name: &str,
+    flags: &[String],
+) -> Result<(common::private::PrivateEtcd, String), String> {
+    let etcd = common::private::PrivateEtcd::start(name, "http", flags)?;
+    let client_url = format!("http://{}", etcd.authority);
+    let deadline = Instant::now() + Duration::from_secs(15);
+    while etcdctl(&client_url, &["endpoint", "health"]).await.is_err() {
+        if Instant::now() > deadline {
+            return Err("the private etcd did not become healthy within 15s".into());
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    Ok((etcd, client_url))
+}
+
 impl AuthEtcd {
     const TOKEN_TTL: Duration = Duration::from_secs(2);
 
@@ -1172,22 +1246,11 @@ impl AuthEtcd {
             "--auth-token-ttl".to_string(),
             Self::TOKEN_TTL.as_secs().to_string(),
         ];
-        let etcd = common::private::PrivateEtcd::start("auth", "http", &flags)?;
-        let client_url = format!("http://{}", etcd.authority);
+        let (etcd, client_url) = healthy_private_etcd("auth", &flags).await?;
         let etcd = AuthEtcd {
             _etcd: etcd,
             client_url,
         };
-        let deadline = Instant::now() + Duration::from_secs(15);
-        while etcdctl(&etcd.client_url, &["endpoint", "health"])
-            .await
-            .is_err()
-        {
-            if Instant::now() > deadline {
-                return Err("the private etcd did not become healthy within 15s".into());
-            }
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
         for args in [
             &["user", "add", "root", "--new-user-password=secret"][..],
             &["user", "grant-role", "root", "root"][..],
@@ -1634,7 +1697,10 @@ async fn task_batched_claim_answer_lost(endpoint: String) -> TestResult {
 }
 
 fn main() -> std::process::ExitCode {
-    let tests: [(&'static str, TestFn); 32] = [
+    let tests: [(&'static str, TestFn); 33] = [
+        ("live::released_key_is_not_read_again", |e| {
+            Box::pin(released_key_is_not_read_again(e))
+        }),
         ("live::acquire_dropped_mid_create_leaves_no_key", |e| {
             Box::pin(acquire_dropped_mid_create_leaves_no_key(e))
         }),
