@@ -124,12 +124,15 @@ impl Endpoints {
     /// dials lazily and this is immediate; with auth it authenticates, which gets at most the
     /// connect timeout.
     pub(crate) async fn connect(&self, index: usize) -> EtcdResult<&etcd_client::Client> {
-        self.clients[index]
-            .get_or_try_init(|| {
-                let dial =
-                    etcd_client::Client::connect([&self.urls[index]], Some(self.options.clone()));
-                answered_within(self.connect_timeout, dial)
-            })
-            .await
+        if let Some(client) = self.clients[index].get() {
+            return Ok(client);
+        }
+        // Boxed: the dial's future is kilobytes, and every request's future would carry it.
+        let dial = self.clients[index].get_or_try_init(|| {
+            let dial =
+                etcd_client::Client::connect([&self.urls[index]], Some(self.options.clone()));
+            answered_within(self.connect_timeout, dial)
+        });
+        Box::pin(dial).await
     }
 }

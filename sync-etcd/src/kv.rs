@@ -48,13 +48,15 @@ impl Sender {
             attempt += 1;
             let picked = self.endpoints.pick().await;
             let failed = match picked {
-                Ok((index, client)) => match answered_within(self.timeout, call(client)).await {
-                    Err(e) if not_delivered(&e) || timed_out(&e) => {
-                        self.endpoints.pass_over(index);
-                        e
+                Ok((index, client)) => {
+                    match answered_within(self.timeout, Box::pin(call(client))).await {
+                        Err(e) if not_delivered(&e) || timed_out(&e) => {
+                            self.endpoints.pass_over(index);
+                            e
+                        }
+                        other => return other,
                     }
-                    other => return other,
-                },
+                }
                 Err(e) => e,
             };
             if timed_out(&failed) {
