@@ -61,6 +61,12 @@
 //! TTL). An uncontended job costs its submitter one transaction, and its worker one queue
 //! read, one claim and one finish transaction (details in `src/task.rs`).
 //!
+//! Consul leaves out of a listing the entries a token may not read, and says nothing; to a
+//! worker that would look like an empty queue. So `work()` reads the queue's own key once and
+//! fails `Unauthorized` if that is refused, and a running worker whose queue reads empty reads
+//! it again at most every 30 s: a token that lost its rights is logged as refused, and the
+//! worker asks ever less often (up to every 30 s) until the rights are back.
+//!
 //! ## Answers that go missing
 //!
 //! A grant whose answer is lost is sent again (it is re-entrant for its session) for at most
