@@ -8,7 +8,9 @@
 //! the newest older key only, is granted on its delete event with no read when that was the
 //! only older one, and reads again otherwise. The key's create revision is the fencing token
 //! (the term). Contenders of one id on one handle share that key name, so they take turns in a
-//! per-id local queue first.
+//! per-id local queue first. A key is deleted with a plain delete; after one that went
+//! unanswered, the handle's keys take a new name (see [`ContenderKey`]), so a delete that etcd
+//! applies late never finds a later holding.
 
 use std::{sync::Arc, time::Duration};
 
@@ -47,9 +49,9 @@ impl ClientInner {
 pub(crate) const FALLBACK_POLL: Duration = Duration::from_secs(10);
 
 /// A contender that owns its prefix (lock or leadership), before monitoring starts.
-/// Its key is `<turn's key><session's lease-hex>`.
 pub(crate) struct Contender {
     client: Arc<ClientInner>,
+    key: ContenderKey,
     rev: i64,
     session: Arc<Session>,
     turn: Turn,
@@ -62,7 +64,7 @@ pub(crate) struct Contender {
 /// renewed would block every other contender for as long as this process lives.
 struct Cleanup {
     client: Arc<ClientInner>,
-    key: String,
+    key: ContenderKey,
     /// The session (lease) the key is written with.
     session: Arc<Session>,
     /// The create request while it is unanswered: polled by the acquire, and by the
@@ -91,11 +93,7 @@ impl Drop for Cleanup {
         if !self.armed || self.client.is_killed() {
             return;
         }
-        let (txn, turn, key) = (
-            self.txn.take(),
-            self.turn.take(),
-            std::mem::take(&mut self.key),
-        );
+        let (txn, turn, key) = (self.txn.take(), self.turn.take(), self.key.text());
         let (client, session) = (self.client.clone(), self.session.clone());
         if let Ok(rt) = tokio::runtime::Handle::try_current() {
             rt.spawn(async move {
@@ -169,16 +167,15 @@ async fn contend_inner(
         return Ok(None);
     };
     let (session, cleanup, resp) = create_key(client, id, prefix, value, turn).await?;
-    let key = cleanup.key.clone();
+    let key = cleanup.key.text();
     let (rev, standing) = positions(&resp, id)?;
     if !matches!(standing, Standing::Owner) {
         if try_only {
             // Foreground delete; on failure the armed cleanup retries in the background.
-            client
-                .kv()
-                .delete(key.clone(), None)
-                .await
-                .map_err(|e| etcd_err("deleting the contender key", e).with_id(id))?;
+            client.kv().delete(key, None).await.map_err(|e| {
+                retire_if_unanswered(&session, &e);
+                etcd_err("deleting the contender key", e).with_id(id)
+            })?;
             drop(cleanup.disarm());
             return Ok(None);
         }
@@ -188,16 +185,18 @@ async fn contend_inner(
         };
         wait_for_lower(client, id, prefix, &key, rev, &session, known).await?;
     }
+    let name = cleanup.key.clone();
     let turn = cleanup.disarm();
     Ok(Some(Contender {
         client: client.clone(),
+        key: name,
         rev,
         session,
         turn,
     }))
 }
 
-/// Writes this handle's contender key `<prefix><lease-hex>` unless it exists, reading the
+/// Writes this handle's contender key (see [`ContenderKey`]) unless it exists, reading the
 /// prefix's owner in the same transaction. Returns the armed cleanup of the key (holding
 /// `turn`) and etcd's answer.
 async fn create_key(
@@ -211,8 +210,8 @@ async fn create_key(
     loop {
         attempt += 1;
         let session = client.session().await.map_err(|e| e.with_id(id))?;
-        let key = format!("{prefix}{}", session.lease_hex());
-        let txn = contender_txn(&key, prefix, value.clone(), session.lease);
+        let key = ContenderKey::of(turn.key(), &session);
+        let txn = contender_txn(&key.text(), prefix, value.clone(), session.lease);
         let mut kv = client.kv();
         // Polled right here rather than in a task of its own (a hand-off to another thread
         // and back per acquire); only a dropped acquire moves it to the background.
@@ -477,12 +476,15 @@ fn deleted_from(from: i64) -> WatchOptions {
         .with_filters([WatchFilterType::NoPut])
 }
 
-/// A held contender key, `<prefix><lease-hex>`, kept as its parts: the prefix is the local
-/// turn's, so a held key keeps no string of its own (a client may hold thousands).
+/// A contender key, `<prefix><lease-hex>` as etcd's concurrency package writes it, or
+/// `<prefix><lease-hex>-<n>` once its session retired the names before (see
+/// [`Session::retire_key_names`]). Kept as its parts: the prefix is the local turn's, so a
+/// held key keeps no string of its own (a client may hold thousands).
 #[derive(Clone)]
 pub(crate) struct ContenderKey {
     prefix: Arc<str>,
     lease: i64,
+    generation: u32,
 }
 
 impl ContenderKey {
@@ -491,6 +493,16 @@ impl ContenderKey {
         ContenderKey {
             prefix: prefix.into(),
             lease,
+            generation: 0,
+        }
+    }
+
+    /// The key `session` writes under `prefix` now.
+    fn of(prefix: &Arc<str>, session: &Session) -> ContenderKey {
+        ContenderKey {
+            prefix: prefix.clone(),
+            lease: session.lease,
+            generation: session.key_names(),
         }
     }
 
@@ -502,7 +514,11 @@ impl ContenderKey {
 
 impl std::fmt::Display for ContenderKey {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "{}{:x}", self.prefix, self.lease)
+        write!(f, "{}{:x}", self.prefix, self.lease)?;
+        match self.generation {
+            0 => Ok(()),
+            n => write!(f, "-{n}"),
+        }
     }
 }
 
@@ -534,15 +550,10 @@ impl Holding {
         // Under the session's signal: the lease's end (and its safe deadline) needs nothing
         // per key.
         let (trigger, lost) = sync_core::raw::loss_signal_under(&c.session.ended);
-        // The key `create_key` wrote, as its parts.
-        let key = ContenderKey {
-            prefix: c.turn.key().clone(),
-            lease: c.session.lease,
-        };
-        let monitor = c.client.watches.monitor(key.clone(), c.rev, trigger);
+        let monitor = c.client.watches.monitor(c.key.clone(), c.rev, trigger);
         Holding {
             client: c.client,
-            key,
+            key: c.key,
             rev: c.rev,
             session: c.session,
             lost,
@@ -557,28 +568,27 @@ impl Holding {
         // Read before the monitor goes: the hub drops its trigger with it.
         let was_lost = self.lost.is_lost();
         drop(self.monitor.take());
-        // Only this holding's key: a delete applied late (sent to a member that stalled and
-        // then woke up) cannot free a later holding of the same client, whose key has the same
-        // name but another create revision. That also makes sending it again harmless.
+        // A plain delete, as etcd's Mutex sends it: this key's name was never written before
+        // by this session, and it is not written again if the delete goes unanswered, so a
+        // delete applied late (sent to a member that stalled and then woke up) can only find
+        // this holding's key or nothing.
         let key = self.key.text();
-        let delete = Txn::new()
-            .when([Compare::create_revision(&*key, CompareOp::Equal, self.rev)])
-            .and_then([TxnOp::delete(key, None)]);
         // Stays armed until the delete is known to be done: if this future is dropped
         // mid-request, `Drop` finishes the release in the background instead of leaving the
         // key (and so the lock) held by a live lease.
         let mut kv = self.client.kv();
-        let mut result = kv.txn(delete.clone()).await;
+        let mut result = kv.delete(key.clone(), None).await;
         // Unanswered: send it again (on the next endpoint). Finding the key gone then is no
         // sign of loss: the first one may have deleted it.
         let resent = matches!(&result, Err(e) if answer_lost(e));
         if resent {
-            result = kv.txn(delete).await;
+            self.session.retire_key_names();
+            result = kv.delete(key, None).await;
         }
         match result {
             Ok(resp) => {
                 self.armed = false;
-                if was_lost || (!resp.succeeded() && !resent) {
+                if was_lost || (resp.deleted() == 0 && !resent) {
                     let reason = self
                         .lost
                         .reason()
@@ -660,6 +670,7 @@ async fn delete_until_gone(client: &ClientInner, key: &str, session: &Session, w
                 return;
             }
             Err(e) => {
+                retire_if_unanswered(session, &e);
                 attempt = attempt.saturating_add(1);
                 tracing::warn!(backend = BACKEND, key, attempt, error = %e, "deleting {what} failed; retrying");
                 let pause = Duration::from_millis(200) * attempt.min(25);
@@ -669,6 +680,14 @@ async fn delete_until_gone(client: &ClientInner, key: &str, session: &Session, w
                 }
             }
         }
+    }
+}
+
+/// After a delete of a contender key of `session` failed with `e`: if etcd may still apply
+/// it, the key's name is not used again.
+fn retire_if_unanswered(session: &Session, e: &etcd_client::Error) {
+    if answer_lost(e) {
+        session.retire_key_names();
     }
 }
 

@@ -21,6 +21,11 @@
 //! `etcdctl elect NAME`. As in etcd itself, a lock and an election of the same name share a
 //! key range, so do not give them the same name.
 //!
+//! A release deletes its key with a plain delete, as etcd's Mutex does. If that delete goes
+//! unanswered, the client sends it again and its later contender keys take the name
+//! `<lease-hex>-<n>`: the first delete, should etcd apply it late, then finds nothing to
+//! delete rather than a later holding of the same lock under the same name.
+//!
 //! ## Leases
 //!
 //! Each [`Client`] holds one lease (TTL at least [`MIN_TTL`], whole seconds), renewed every

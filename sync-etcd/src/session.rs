@@ -1,7 +1,13 @@
 //! The lease behind a client's TTL (its "session"): granting it, and the keepalive that renews
 //! it and signals its loss.
 
-use std::{sync::Arc, time::Duration};
+use std::{
+    sync::{
+        Arc,
+        atomic::{AtomicU32, Ordering},
+    },
+    time::Duration,
+};
 
 use etcd_client::{LeaseKeepAliveStream, LeaseKeeper};
 use sync_core::raw::{LeaseClock, LossTrigger};
@@ -25,6 +31,8 @@ pub(crate) struct Session {
     pub(crate) ended: LossSignal,
     trigger: Arc<LossTrigger>,
     keepalive: AbortHandle,
+    /// Which names this session's contender keys take (see [`Session::retire_key_names`]).
+    key_names: AtomicU32,
 }
 
 impl Session {
@@ -80,6 +88,7 @@ impl Session {
             ended,
             trigger,
             keepalive,
+            key_names: AtomicU32::new(0),
         })
     }
 
@@ -139,6 +148,20 @@ impl Session {
     /// The lease id as etcd's concurrency package writes it in keys.
     pub(crate) fn lease_hex(&self) -> String {
         format!("{:x}", self.lease)
+    }
+
+    /// The generation of contender key names: 0 (etcd's `<prefix><lease-hex>`) until a delete
+    /// of a contender key went unanswered.
+    pub(crate) fn key_names(&self) -> u32 {
+        self.key_names.load(Ordering::Acquire)
+    }
+
+    /// Called when a delete of a contender key went unanswered: etcd may still apply it later,
+    /// so no key of this session may take that name again. Contender keys are then deleted
+    /// without comparing their create revision: a late delete finds either its own key or
+    /// nothing.
+    pub(crate) fn retire_key_names(&self) {
+        self.key_names.fetch_add(1, Ordering::AcqRel);
     }
 }
 

@@ -1118,6 +1118,72 @@ async fn acquire_dropped_mid_create_leaves_no_key(endpoint: String) -> TestResul
     Ok(())
 }
 
+/// A release whose delete goes unanswered sends it again on the next endpoint, and the
+/// session writes that key name no more: the first delete, applied late, then finds nothing,
+/// where it would otherwise delete the next holding's key (same lease, same name) and free
+/// the lock under its holder. A proxy holds the delete back until the client gives up on
+/// it; the test then sends that same delete itself, as etcd would apply it late (the proxy
+/// cannot be trusted to: the client has cancelled the request on that connection). Both for
+/// a release and for a guard dropped (released in the background).
+async fn release_applied_late_spares_the_next_holding(endpoint: String) -> TestResult {
+    late_delete_spares_the_next_holding(&endpoint, true).await?;
+    late_delete_spares_the_next_holding(&endpoint, false)
+        .await
+        .map_err(|e| format!("a dropped guard: {e}"))
+}
+
+async fn late_delete_spares_the_next_holding(endpoint: &str, release: bool) -> TestResult {
+    let ns = unique("late");
+    let (proxy, proxied) = common::proxy(endpoint).await?;
+    let config = common::config(&proxied, &ns)
+        .with_endpoints([proxied.as_str(), endpoint])
+        .with_request_timeout(Duration::from_secs(1));
+    let client = sync_etcd::Client::connect(config)
+        .await
+        .map_err(|e| e.to_string())?;
+    let key = format!(
+        "{ns}/k/{}",
+        client.lease_id().await.map_err(|e| e.to_string())?
+    );
+    let lock = client.lock().map_err(|e| e.to_string())?;
+    let first = lock
+        .acquire("k", LockOptions::new())
+        .await
+        .map_err(|e| e.to_string())?;
+    // A DeleteRange of the key alone is framed like a Range of it.
+    proxy.hold_next(range_request(&key));
+    if release {
+        first
+            .release()
+            .await
+            .map_err(|e| format!("a release sent again on the next endpoint: {e}"))?;
+    } else {
+        drop(first);
+    }
+    tokio::time::timeout(Duration::from_secs(1), proxy.held())
+        .await
+        .map_err(|_| "the release's delete did not reach the proxy".to_string())?;
+    let second = lock
+        .acquire("k", LockOptions::new())
+        .await
+        .map_err(|e| e.to_string())?;
+    etcdctl(endpoint, &["del", &key]).await?;
+    let prefix = format!("{ns}/k/");
+    let keys = etcdctl(endpoint, &["get", "--prefix", "--keys-only", &prefix]).await?;
+    if keys.trim().is_empty() {
+        return Err(format!(
+            "the late delete of {key} freed the next holding's lock"
+        ));
+    }
+    second
+        .release()
+        .await
+        .map_err(|e| format!("releasing the next holding: {e}"))?;
+    drop(proxy);
+    await_keys(endpoint, &prefix, 0).await?;
+    Ok(())
+}
+
 /// `elect` that adopts an existing contender key of its own lease (left over with another
 /// value) proclaims its own candidate and value: followers never see the stale one.
 async fn elect_adopting_a_key_proclaims_its_value(endpoint: String) -> TestResult {
@@ -1697,7 +1763,10 @@ async fn task_batched_claim_answer_lost(endpoint: String) -> TestResult {
 }
 
 fn main() -> std::process::ExitCode {
-    let tests: [(&'static str, TestFn); 33] = [
+    let tests: [(&'static str, TestFn); 34] = [
+        ("live::release_applied_late_spares_the_next_holding", |e| {
+            Box::pin(release_applied_late_spares_the_next_holding(e))
+        }),
         ("live::released_key_is_not_read_again", |e| {
             Box::pin(released_key_is_not_read_again(e))
         }),

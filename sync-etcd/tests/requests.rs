@@ -1,7 +1,7 @@
 //! What the lock costs, counted by etcd itself (its Prometheus `grpc_server_started_total`
 //! counters and watcher gauges on `/metrics`), not timed: an uncontended acquire + release is
-//! two Txns (create the contender key and read the owner; delete the key if it is still this
-//! holding's) and opens no watch stream; a client holding many locks shares one watch stream
+//! a Txn (create the contender key and read the owner) and a DeleteRange (delete it), and opens
+//! no watch stream; a client holding many locks shares one watch stream
 //! among their monitors. Needs `SYNC_TEST_ETCD`; run alone (it is its own test binary) so other
 //! clients do not add to the counters.
 
@@ -75,9 +75,10 @@ async fn uncontended_acquire_release_costs_two_requests(endpoint: String) -> Tes
             "5 uncontended acquire + release opened {streams} watch streams; expected none"
         ));
     }
-    if unary != 2 || d.get("Txn") != Some(&2) {
+    if unary != 2 || d.get("Txn") != Some(&1) || d.get("DeleteRange") != Some(&1) {
         return Err(format!(
-            "an uncontended acquire + release cost {unary} requests ({d:?}); expected two Txns"
+            "an uncontended acquire + release cost {unary} requests ({d:?}); expected a Txn \
+             and a DeleteRange"
         ));
     }
     Ok(())
@@ -203,8 +204,8 @@ async fn held_locks_share_one_watch_stream(endpoint: String) -> TestResult {
 }
 
 /// A handoff to the only waiter is decided by the holder's delete event, with no read: each
-/// grant costs its two Txns (create the key and count the older contenders; delete it on
-/// release), as an uncontended one does.
+/// grant costs its two requests (a Txn creates the key and counts the older contenders; a
+/// DeleteRange deletes it on release), as an uncontended one does.
 async fn handoff_costs_two_requests(endpoint: String) -> TestResult {
     contended_grants(endpoint, 2, 50, 2.0).await
 }
