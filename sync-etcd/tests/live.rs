@@ -1123,16 +1123,34 @@ async fn acquire_dropped_mid_create_leaves_no_key(endpoint: String) -> TestResul
 /// where it would otherwise delete the next holding's key (same lease, same name) and free
 /// the lock under its holder. A proxy holds the delete back until the client gives up on
 /// it; the test then sends that same delete itself, as etcd would apply it late (the proxy
-/// cannot be trusted to: the client has cancelled the request on that connection). Both for
-/// a release and for a guard dropped (released in the background).
+/// cannot be trusted to: the client has cancelled the request on that connection). For a
+/// release, a guard dropped (released in the background) and a try_acquire taking its key
+/// back.
 async fn release_applied_late_spares_the_next_holding(endpoint: String) -> TestResult {
-    late_delete_spares_the_next_holding(&endpoint, true).await?;
-    late_delete_spares_the_next_holding(&endpoint, false)
-        .await
-        .map_err(|e| format!("a dropped guard: {e}"))
+    for how in [
+        FirstDelete::Release,
+        FirstDelete::Drop,
+        FirstDelete::TryAcquire,
+    ] {
+        late_delete_spares_the_next_holding(&endpoint, how)
+            .await
+            .map_err(|e| format!("{how:?}: {e}"))?;
+    }
+    Ok(())
 }
 
-async fn late_delete_spares_the_next_holding(endpoint: &str, release: bool) -> TestResult {
+/// What sends the first delete of a contender key.
+#[derive(Clone, Copy, Debug)]
+enum FirstDelete {
+    /// The release of a held lock.
+    Release,
+    /// A held guard dropped: released in the background.
+    Drop,
+    /// A try_acquire of a lock held elsewhere, taking its own key back.
+    TryAcquire,
+}
+
+async fn late_delete_spares_the_next_holding(endpoint: &str, how: FirstDelete) -> TestResult {
     let ns = unique("late");
     let (proxy, proxied) = common::proxy(endpoint).await?;
     let config = common::config(&proxied, &ns)
@@ -1146,23 +1164,41 @@ async fn late_delete_spares_the_next_holding(endpoint: &str, release: bool) -> T
         client.lease_id().await.map_err(|e| e.to_string())?
     );
     let lock = client.lock().map_err(|e| e.to_string())?;
-    let first = lock
-        .acquire("k", LockOptions::new())
-        .await
-        .map_err(|e| e.to_string())?;
+    let first = match how {
+        FirstDelete::TryAcquire => None,
+        _ => Some(
+            lock.acquire("k", LockOptions::new())
+                .await
+                .map_err(|e| e.to_string())?,
+        ),
+    };
+    let other = common::connect(endpoint, &ns).await?;
+    let held_elsewhere = match how {
+        FirstDelete::TryAcquire => Some(
+            (other.lock().map_err(|e| e.to_string())?)
+                .acquire("k", LockOptions::new())
+                .await
+                .map_err(|e| e.to_string())?,
+        ),
+        _ => None,
+    };
     // A DeleteRange of the key alone is framed like a Range of it.
     proxy.hold_next(range_request(&key));
-    if release {
-        first
+    match (how, first) {
+        (FirstDelete::Release, Some(first)) => first
             .release()
             .await
-            .map_err(|e| format!("a release sent again on the next endpoint: {e}"))?;
-    } else {
-        drop(first);
+            .map_err(|e| format!("a release sent again on the next endpoint: {e}"))?,
+        (FirstDelete::Drop, first) => drop(first),
+        // Fails or not: the delete's outcome is unknown, and the cleanup sends it again.
+        _ => drop(lock.try_acquire("k").await),
     }
     tokio::time::timeout(Duration::from_secs(1), proxy.held())
         .await
-        .map_err(|_| "the release's delete did not reach the proxy".to_string())?;
+        .map_err(|_| "the delete did not reach the proxy".to_string())?;
+    if let Some(guard) = held_elsewhere {
+        guard.release().await.map_err(|e| e.to_string())?;
+    }
     let second = lock
         .acquire("k", LockOptions::new())
         .await
