@@ -10,9 +10,13 @@
 //! (the term). Contenders of one id on one handle share that key name, so they take turns in a
 //! per-id local queue first. A key is deleted with a plain delete; after one that went
 //! unanswered, the handle's keys take a new name (see [`ContenderKey`]), so a delete that etcd
-//! applies late never finds a later holding.
+//! applies late never finds a later holding. So do they after a create that went unanswered,
+//! and a late create of the old name is deleted when it lands.
 
-use std::{sync::Arc, time::Duration};
+use std::{
+    sync::{Arc, Weak},
+    time::Duration,
+};
 
 use etcd_client::{
     Compare, CompareOp, GetOptions, PutOptions, SortOrder, SortTarget, Txn, TxnOp, TxnOpResponse,
@@ -61,7 +65,9 @@ pub(crate) struct Contender {
 /// future leave nothing behind. It first waits for the creating transaction (so the delete
 /// cannot overtake it) and keeps the local turn until the delete is done. A failing delete is
 /// retried until the key is gone or its lease ended: a key left on a lease that is still
-/// renewed would block every other contender for as long as this process lives.
+/// renewed would block every other contender for as long as this process lives. If the create
+/// went unanswered, the key's name is retired and a late create of it is swept up (see
+/// [`sweep_late_create`]).
 struct Cleanup {
     client: Arc<ClientInner>,
     key: ContenderKey,
@@ -70,6 +76,8 @@ struct Cleanup {
     /// The create request while it is unanswered: polled by the acquire, and by the
     /// background cleanup if the acquire is dropped first, so its answer is never lost.
     txn: Option<CreateTxn>,
+    /// The create went unanswered: etcd may still apply it, later than the delete.
+    create_unanswered: bool,
     turn: Option<Turn>,
     armed: bool,
 }
@@ -95,14 +103,25 @@ impl Drop for Cleanup {
         }
         let (txn, turn, key) = (self.txn.take(), self.turn.take(), self.key.text());
         let (client, session) = (self.client.clone(), self.session.clone());
+        let mut unanswered = self.create_unanswered;
         if let Ok(rt) = tokio::runtime::Handle::try_current() {
             rt.spawn(async move {
                 if let Some(txn) = txn {
-                    let _ = txn.await;
+                    unanswered = txn.await.as_ref().is_err_and(answer_lost);
+                }
+                if unanswered {
+                    // Before the turn goes: no later contender of this client takes the name.
+                    session.retire_key_names();
                 }
                 let what = "a cancelled contender key";
-                delete_in_background(&client, &key, &session, what).await;
+                let deleted_at = delete_in_background(&client, &key, &session, what).await;
                 drop(turn);
+                if let (true, Some(rev)) = (unanswered, deleted_at) {
+                    // Held weakly: a dropped client ends its lease, and the sweep with it.
+                    let weak = Arc::downgrade(&client);
+                    drop(client);
+                    sweep_late_create(weak, &key, &session, rev + 1).await;
+                }
             });
         }
     }
@@ -220,11 +239,13 @@ async fn create_key(
             key,
             session: session.clone(),
             txn: Some(Box::pin(async move { kv.txn(txn).await })),
+            create_unanswered: false,
             turn: Some(turn),
             armed: true,
         };
         let answer = cleanup.txn.as_mut().expect("set above").await;
         cleanup.txn = None;
+        cleanup.create_unanswered = answer.as_ref().is_err_and(answer_lost);
         match answer {
             Ok(resp) => return Ok((session, cleanup, resp)),
             // The lease ended before the keepalive noticed: retry once on a new one.
@@ -641,25 +662,35 @@ fn spawn_delete(client: &Arc<ClientInner>, key: String, turn: Option<Turn>, sess
 /// [`delete_until_gone`] from a background task, once one of the client's background
 /// deletes is free. Its future is boxed only then: a task waiting its turn stays small (a
 /// task is allocated aligned, and glibc reuses no freed one for the next).
-async fn delete_in_background(client: &ClientInner, key: &str, session: &Session, what: &str) {
+async fn delete_in_background(
+    client: &ClientInner,
+    key: &str,
+    session: &Session,
+    what: &str,
+) -> Option<i64> {
     let _permit = client.background_deletes.acquire().await;
-    Box::pin(delete_until_gone(client, key, session, what)).await;
+    Box::pin(delete_until_gone(client, key, session, what)).await
 }
 
 /// Deletes `key` (`what`, for the log), retrying with backoff until the delete succeeds or
 /// the lease the key was written with has ended (the key then goes with the lease, which the
 /// client revokes). A delete etcd refuses for good (the user lost its rights) ends the lease
-/// instead: see [`give_up_lease`].
-async fn delete_until_gone(client: &ClientInner, key: &str, session: &Session, what: &str) {
+/// instead: see [`give_up_lease`]. The revision of the delete that succeeded, if one did.
+async fn delete_until_gone(
+    client: &ClientInner,
+    key: &str,
+    session: &Session,
+    what: &str,
+) -> Option<i64> {
     let mut kv = client.kv();
     let lease_ended = &session.ended;
     let mut attempt = 0u32;
     loop {
         match kv.delete(key, None).await {
-            Ok(_) => return,
+            Ok(resp) => return resp.header().map(|h| h.revision()),
             Err(e) if lease_ended.is_lost() => {
                 tracing::warn!(backend = BACKEND, key, error = %e, "deleting {what} failed; it ends with its lease");
-                return;
+                return None;
             }
             Err(e) if refused_for_good(&e) => {
                 give_up_lease(
@@ -667,7 +698,7 @@ async fn delete_until_gone(client: &ClientInner, key: &str, session: &Session, w
                     session,
                     &format!("deleting {what} was refused: {e}"),
                 );
-                return;
+                return None;
             }
             Err(e) => {
                 retire_if_unanswered(session, &e);
@@ -681,6 +712,61 @@ async fn delete_until_gone(client: &ClientInner, key: &str, session: &Session, w
             }
         }
     }
+}
+
+/// Deletes `key` should its create, which went unanswered, be applied after all: etcd may
+/// apply a request held by a stalled member or a frozen path late, after the cleanup's delete
+/// (done at revision `from` - 1). Its name is retired, so no contender of this client owns
+/// it, and left alone it would block every other contender for as long as this process
+/// renews its lease. Watches from `from` until the key appears, or the lease or the client
+/// ends (a late create on an ended lease fails). Keeps no client alive meanwhile.
+async fn sweep_late_create(client: Weak<ClientInner>, key: &str, session: &Session, mut from: i64) {
+    let Some(mut killed) = client.upgrade().map(|c| c.killed()) else {
+        return;
+    };
+    loop {
+        let watch = match client.upgrade() {
+            Some(c) => c.watches.once(key.as_bytes().to_vec(), put_from(from)),
+            None => return,
+        };
+        let delivery = tokio::select! {
+            d = watch.wait() => d,
+            _ = session.ended.wait() => return,
+            _ = killed.wait_for(|k| *k) => return,
+        };
+        let Some(client) = client.upgrade() else {
+            return;
+        };
+        if let Delivery::Ended(why) = delivery {
+            client.ended(why).await;
+            // Missed nothing only if it is not there now: read it, and watch on from there.
+            match client.kv().get(key, None).await {
+                Ok(resp) if resp.count() == 0 => {
+                    from = resp.header().map_or(from, |h| h.revision() + 1);
+                    continue;
+                }
+                Ok(_) => {}
+                Err(_) => {
+                    tokio::time::sleep(Duration::from_millis(200)).await;
+                    continue;
+                }
+            }
+        }
+        tracing::warn!(
+            backend = BACKEND,
+            key,
+            "a contender key whose create went unanswered was written late; deleting it"
+        );
+        delete_in_background(&client, key, session, "a contender key created late").await;
+        return;
+    }
+}
+
+/// A watch for puts from revision `from` on.
+fn put_from(from: i64) -> WatchOptions {
+    WatchOptions::new()
+        .with_start_revision(from)
+        .with_filters([WatchFilterType::NoDelete])
 }
 
 /// After a delete of a contender key of `session` failed with `e`: if etcd may still apply

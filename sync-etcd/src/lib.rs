@@ -24,7 +24,10 @@
 //! A release deletes its key with a plain delete, as etcd's Mutex does. If that delete goes
 //! unanswered, the client sends it again and its later contender keys take the name
 //! `<lease-hex>-<n>`: the first delete, should etcd apply it late, then finds nothing to
-//! delete rather than a later holding of the same lock under the same name.
+//! delete rather than a later holding of the same lock under the same name. An acquire whose
+//! create goes unanswered fails; its key is deleted, the name is retired the same way, and if
+//! etcd applies that create late after all, the client deletes the key it leaves (until the
+//! client's lease ends), so it cannot block the lock.
 //!
 //! ## Leases
 //!

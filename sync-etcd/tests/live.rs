@@ -1220,6 +1220,68 @@ async fn late_delete_spares_the_next_holding(endpoint: &str, how: FirstDelete) -
     Ok(())
 }
 
+/// An acquire whose create goes unanswered fails or is retried, and its cleanup deletes the
+/// key. Should etcd apply that create late after all, the key it leaves on the client's live lease would
+/// block the lock for every other client: the client deletes it when it lands. A proxy holds
+/// the create back until the client gives up on it; once the cleanup's delete is done, the
+/// test writes that same key itself, as the late create would. On a private etcd, so that the
+/// cleanup's delete can be seen done.
+async fn late_create_is_swept_up(_endpoint: String) -> TestResult {
+    let (_etcd, endpoint) = healthy_private_etcd("late-create", &[]).await?;
+    let ns = unique("late-create");
+    let (proxy, proxied) = common::proxy(&endpoint).await?;
+    let config = common::config(&proxied, &ns)
+        .with_endpoints([proxied.as_str(), endpoint.as_str()])
+        .with_request_timeout(Duration::from_secs(1));
+    let client = sync_etcd::Client::connect(config)
+        .await
+        .map_err(|e| e.to_string())?;
+    let lease = client.lease_id().await.map_err(|e| e.to_string())?;
+    let prefix = format!("{ns}/k/");
+    let key = format!("{prefix}{lease}");
+    let before = common::metrics::answered(&endpoint).await?;
+    proxy.hold_next(prefix.as_bytes());
+    // Granted on a retry (through the other endpoint), or failed: either way the first
+    // create's outcome is unknown.
+    let acquired = (client.lock().map_err(|e| e.to_string())?)
+        .acquire("k", LockOptions::new())
+        .await;
+    tokio::time::timeout(Duration::from_secs(1), proxy.held())
+        .await
+        .map_err(|_| "the create did not reach the proxy".to_string())?;
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let done = common::metrics::answered(&endpoint).await?;
+        let done = common::metrics::delta(&before, &done);
+        if done.contains_key("DeleteRange") {
+            break;
+        }
+        if Instant::now() > deadline {
+            return Err(format!("the cleanup's delete within 10s: {done:?}"));
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    // The late create lands once the lock is free again.
+    if let Ok(guard) = acquired {
+        guard.release().await.map_err(|e| e.to_string())?;
+    }
+    etcdctl(&endpoint, &["put", &format!("--lease={lease}"), &key, ""]).await?;
+    await_keys(&endpoint, &prefix, 0)
+        .await
+        .map_err(|e| format!("the key of a late create stayed: {e}"))?;
+    let other = common::connect(&endpoint, &ns).await?;
+    let wait = LockOptions::new().with_wait(Duration::from_secs(5));
+    (other.lock().map_err(|e| e.to_string())?)
+        .acquire("k", wait)
+        .await
+        .map_err(|e| format!("another client after the late create: {e}"))?
+        .release()
+        .await
+        .map_err(|e| e.to_string())?;
+    drop(proxy);
+    Ok(())
+}
+
 /// `elect` that adopts an existing contender key of its own lease (left over with another
 /// value) proclaims its own candidate and value: followers never see the stale one.
 async fn elect_adopting_a_key_proclaims_its_value(endpoint: String) -> TestResult {
@@ -1802,7 +1864,10 @@ async fn task_batched_claim_answer_lost(endpoint: String) -> TestResult {
 }
 
 fn main() -> std::process::ExitCode {
-    let tests: [(&'static str, TestFn); 34] = [
+    let tests: [(&'static str, TestFn); 35] = [
+        ("live::late_create_is_swept_up", |e| {
+            Box::pin(late_create_is_swept_up(e))
+        }),
         ("live::release_applied_late_spares_the_next_holding", |e| {
             Box::pin(release_applied_late_spares_the_next_holding(e))
         }),

@@ -35,10 +35,28 @@ pub async fn gauge(endpoint: &str, name: &str) -> Result<u64, String> {
 
 /// `grpc_server_started_total` per method for the KV, Lease (unary) and Watch services.
 pub async fn counters(endpoint: &str) -> Result<BTreeMap<String, u64>, String> {
+    per_method(endpoint, "grpc_server_started_total", None).await
+}
+
+/// The requests etcd at `endpoint` answered OK, per method (`grpc_server_handled_total`):
+/// unlike a request started, one answered is applied.
+#[allow(dead_code)] // Not every test binary counts answers.
+pub async fn answered(endpoint: &str) -> Result<BTreeMap<String, u64>, String> {
+    per_method(endpoint, "grpc_server_handled_total", Some("OK")).await
+}
+
+/// Counter `metric` per method for the KV, Lease and Watch services; with `code`, only the
+/// requests answered with it.
+async fn per_method(
+    endpoint: &str,
+    metric: &str,
+    code: Option<&str>,
+) -> Result<BTreeMap<String, u64>, String> {
     let body = metrics(endpoint).await?;
     let mut out = BTreeMap::new();
+    let start = format!("{metric}{{");
     for line in body.lines() {
-        let Some(rest) = line.strip_prefix("grpc_server_started_total{") else {
+        let Some(rest) = line.strip_prefix(&start) else {
             continue;
         };
         let Some((labels, value)) = rest.split_once("} ") else {
@@ -53,18 +71,22 @@ pub async fn counters(endpoint: &str) -> Result<BTreeMap<String, u64>, String> {
         let (Some(method), Some(service)) = (label("grpc_method"), label("grpc_service")) else {
             continue;
         };
-        if !matches!(
-            service.as_str(),
-            "etcdserverpb.KV" | "etcdserverpb.Lease" | "etcdserverpb.Watch"
-        ) {
+        let services = [
+            "etcdserverpb.KV",
+            "etcdserverpb.Lease",
+            "etcdserverpb.Watch",
+        ];
+        if !services.contains(&service.as_str())
+            || code.is_some_and(|c| label("grpc_code").as_deref() != Some(c))
+        {
             continue;
         }
         let value: f64 = value.trim().parse().map_err(|e| format!("{line}: {e}"))?;
-        out.insert(method, value as u64);
+        *out.entry(method).or_default() += value as u64;
     }
     if !out.contains_key("Txn") {
         return Err(format!(
-            "no grpc_server_started_total{{grpc_method=\"Txn\"}} at {endpoint}/metrics"
+            "no {metric}{{grpc_method=\"Txn\"}} at {endpoint}/metrics"
         ));
     }
     Ok(out)
