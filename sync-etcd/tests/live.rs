@@ -331,18 +331,28 @@ async fn several_endpoints(endpoint: String) -> TestResult {
     Ok(())
 }
 
+/// A client of `endpoint` in `ns` whose requests go first through a fault proxy, then, once
+/// the proxy leaves one unanswered for a second, straight to `endpoint`.
+async fn proxied_first(
+    endpoint: &str,
+    ns: &str,
+) -> Result<(sync_conformance::proxy::FaultProxy, sync_etcd::Client), String> {
+    let (proxy, proxied) = common::proxy(endpoint).await?;
+    let config = common::config(&proxied, ns)
+        .with_endpoints([proxied.as_str(), endpoint])
+        .with_request_timeout(Duration::from_secs(1));
+    let client = sync_etcd::Client::connect(config)
+        .await
+        .map_err(|e| e.to_string())?;
+    Ok((proxy, client))
+}
+
 /// An endpoint that accepts and never answers (a stopped member) is passed over: after it
 /// freezes, reads still succeed (one waits out the request timeout, then goes to the next
 /// endpoint), the held lock's lease is renewed through the live endpoint, and locking works.
 /// Only a write whose answer the frozen endpoint swallowed may fail, once, saying so.
 async fn a_frozen_endpoint_is_passed_over(endpoint: String) -> TestResult {
-    let (proxy, proxied) = common::proxy(&endpoint).await?;
-    let config = common::config(&proxied, &unique("frozen"))
-        .with_endpoints([proxied.as_str(), endpoint.as_str()])
-        .with_request_timeout(Duration::from_secs(1));
-    let client = sync_etcd::Client::connect(config)
-        .await
-        .map_err(|e| e.to_string())?;
+    let (proxy, client) = proxied_first(&endpoint, &unique("frozen")).await?;
     let (lock, map) = (
         client.lock().map_err(|e| e.to_string())?,
         client.map("m").map_err(|e| e.to_string())?,
@@ -408,13 +418,7 @@ async fn follow_moves_off_a_frozen_endpoint(endpoint: String) -> TestResult {
     use futures::StreamExt;
 
     let ns = unique("follow-frozen");
-    let (proxy, proxied) = common::proxy(&endpoint).await?;
-    let config = common::config(&proxied, &ns)
-        .with_endpoints([proxied.as_str(), endpoint.as_str()])
-        .with_request_timeout(Duration::from_secs(1));
-    let follower = sync_etcd::Client::connect(config)
-        .await
-        .map_err(|e| e.to_string())?;
+    let (proxy, follower) = proxied_first(&endpoint, &ns).await?;
     let candidate = common::connect(&endpoint, &ns).await?;
     let mut follow = follow_empty_group(&follower).await?;
     proxy.set(Fault::Freeze);
@@ -1152,13 +1156,7 @@ enum FirstDelete {
 
 async fn late_delete_spares_the_next_holding(endpoint: &str, how: FirstDelete) -> TestResult {
     let ns = unique("late");
-    let (proxy, proxied) = common::proxy(endpoint).await?;
-    let config = common::config(&proxied, &ns)
-        .with_endpoints([proxied.as_str(), endpoint])
-        .with_request_timeout(Duration::from_secs(1));
-    let client = sync_etcd::Client::connect(config)
-        .await
-        .map_err(|e| e.to_string())?;
+    let (proxy, client) = proxied_first(endpoint, &ns).await?;
     let key = format!(
         "{ns}/k/{}",
         client.lease_id().await.map_err(|e| e.to_string())?
@@ -1229,13 +1227,7 @@ async fn late_delete_spares_the_next_holding(endpoint: &str, how: FirstDelete) -
 async fn late_create_is_swept_up(_endpoint: String) -> TestResult {
     let (_etcd, endpoint) = healthy_private_etcd("late-create", &[]).await?;
     let ns = unique("late-create");
-    let (proxy, proxied) = common::proxy(&endpoint).await?;
-    let config = common::config(&proxied, &ns)
-        .with_endpoints([proxied.as_str(), endpoint.as_str()])
-        .with_request_timeout(Duration::from_secs(1));
-    let client = sync_etcd::Client::connect(config)
-        .await
-        .map_err(|e| e.to_string())?;
+    let (proxy, client) = proxied_first(&endpoint, &ns).await?;
     let lease = client.lease_id().await.map_err(|e| e.to_string())?;
     let prefix = format!("{ns}/k/");
     let key = format!("{prefix}{lease}");
