@@ -91,6 +91,15 @@ impl ClientInner {
     }
 }
 
+/// `<ns>/:fence/`, where the sessions' grant fences are (see [`crate::fence`]).
+fn fence_prefix(namespace: &str) -> String {
+    // Not `id::key`: it would escape the ':' that keeps fences apart from ids.
+    match namespace {
+        "" => ":fence/".to_string(),
+        ns => format!("{ns}/:fence/"),
+    }
+}
+
 impl Client {
     /// Connects with `config` (validated first): creates the client's session, which proves
     /// that the agent answers and the token may write sessions. Fails with Unavailable when no
@@ -103,6 +112,7 @@ impl Client {
         let starting = Sessions::start(
             api.clone(),
             name,
+            fence_prefix(&config.namespace),
             config.ttl,
             config.lock_delay,
             killed.subscribe(),

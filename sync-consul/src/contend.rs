@@ -17,6 +17,7 @@ use crate::{
     api::{KvOp, Txn, unexpected},
     client::ClientInner,
     error::closed,
+    fence,
     session::{Registration, Session},
 };
 
@@ -47,6 +48,8 @@ enum Tried {
     LockDelay,
     /// The session this try used is gone.
     SessionGone,
+    /// The session's grant fence moved since this client last read it.
+    Fenced,
 }
 
 /// One contender for one key.
@@ -71,6 +74,7 @@ impl Contender<'_> {
                 Tried::Granted(token) => return Ok(Some(self.grant(session, token, turn))),
                 Tried::Busy | Tried::LockDelay => return Ok(None),
                 Tried::SessionGone => self.session_gone(&session),
+                Tried::Fenced => fence::refresh(self.client, &session).await?,
             }
         }
     }
@@ -111,6 +115,11 @@ impl Contender<'_> {
                     self.session_gone(&session);
                     continue;
                 }
+                Ok((session, Tried::Fenced)) => match fence::refresh(self.client, &session).await {
+                    Ok(()) => continue,
+                    Err(e) if e.kind() == ErrorKind::Unavailable => outage.next(),
+                    Err(e) => return Err(e),
+                },
                 Ok((_, Tried::LockDelay)) => delay.next(),
                 Ok((_, Tried::Busy)) => {
                     outage = Backoff::default();
@@ -161,17 +170,19 @@ impl Contender<'_> {
         }
     }
 
-    /// One grant transaction: lock the key for the session, and read it back in the same
-    /// transaction for the acquiring write's index. An answer lost is sent again (a grant is
-    /// re-entrant for its session); if none comes, the key is released in the background in
-    /// case it was granted, keeping the turn until then.
+    /// One grant transaction: check the session's grant fence, lock the key for the session,
+    /// and read it back in the same transaction for the acquiring write's index. An answer
+    /// lost is sent again (a grant is re-entrant for its session), and once one comes the
+    /// fence is moved, so the lost send fails should it arrive later. If none comes, the fence
+    /// is moved and the key released in the background, keeping the turn until then.
     async fn try_with(&self, session: &Arc<Session>, turn: &Arc<Turn>) -> Result<Tried> {
         let ops = [
+            session.fence.check(),
             KvOp::lock(self.key, &session.id, self.value),
             KvOp::get(self.key),
         ];
         let first = Instant::now();
-        let mut cleanup = Cleanup::armed(self.client, self.key, &session.id, turn);
+        let mut cleanup = Cleanup::armed(self.client, self.key, session, turn);
         // Once a send's outcome is unknown, the grant may exist whatever later sends say.
         let mut ambiguous = false;
         let answer = loop {
@@ -189,10 +200,15 @@ impl Contender<'_> {
                 }
             }
         };
+        // Still armed: a caller that stops waiting now gets the clean-up.
+        if ambiguous {
+            fence::move_fence(self.client, session).await;
+        }
         cleanup.disarm();
         match answer {
+            // A passed check-not-exists returns no entry: the read is the last one.
             Txn::Done(entries) => {
-                let entry = entries.get(1).cloned().flatten().ok_or_else(|| {
+                let entry = entries.last().cloned().flatten().ok_or_else(|| {
                     unexpected("taking the key", "the transaction read nothing back")
                 })?;
                 if entry.session.as_deref() != Some(session.id.as_str()) {
@@ -200,6 +216,7 @@ impl Contender<'_> {
                 }
                 Ok(Tried::Granted(entry.modify_index))
             }
+            Txn::RolledBack(errors) if errors.iter().any(|e| e.op_index == 0) => Ok(Tried::Fenced),
             Txn::RolledBack(errors) => {
                 let what = errors.first().map(|e| e.what.as_str()).unwrap_or_default();
                 if what.contains("lock delay") {
@@ -258,19 +275,33 @@ pub(crate) async fn release(
 /// Releases, in the background, a key a grant may have taken when its answer never came (or
 /// the caller stopped waiting for it), keeping the local turn until done: a later local
 /// contender would otherwise be granted the same key again and then lose it to this clean-up.
+/// The session's fence moves first, so that the grant fails should it arrive after that.
 struct Cleanup {
-    job: Option<(Arc<ClientInner>, String, String, Arc<Turn>)>,
+    job: Option<CleanupJob>,
+}
+
+/// What a clean-up needs: the key, the session the grant was sent under, and the turn.
+struct CleanupJob {
+    client: Arc<ClientInner>,
+    key: String,
+    session: Arc<Session>,
+    turn: Arc<Turn>,
 }
 
 impl Cleanup {
-    fn armed(client: &Arc<ClientInner>, key: &str, session: &str, turn: &Arc<Turn>) -> Cleanup {
+    fn armed(
+        client: &Arc<ClientInner>,
+        key: &str,
+        session: &Arc<Session>,
+        turn: &Arc<Turn>,
+    ) -> Cleanup {
         Cleanup {
-            job: Some((
-                client.clone(),
-                key.to_string(),
-                session.to_string(),
-                turn.clone(),
-            )),
+            job: Some(CleanupJob {
+                client: client.clone(),
+                key: key.to_string(),
+                session: session.clone(),
+                turn: turn.clone(),
+            }),
         }
     }
 
@@ -281,17 +312,27 @@ impl Cleanup {
 
 impl Drop for Cleanup {
     fn drop(&mut self) {
-        let Some((client, key, session, turn)) = self.job.take() else {
+        let Some(job) = self.job.take() else {
             return;
         };
         let Ok(runtime) = tokio::runtime::Handle::try_current() else {
             return;
         };
         runtime.spawn(async move {
+            let CleanupJob {
+                client,
+                key,
+                session,
+                turn,
+            } = job;
+            fence::move_fence(&client, &session).await;
             // Session-checked: sending it again is harmless, and the session's end frees the
             // key anyway.
             for _ in 0..5 {
-                if client.is_killed() || release(&client, &key, &session, None, false).await.is_ok()
+                if client.is_killed()
+                    || release(&client, &key, &session.id, None, false)
+                        .await
+                        .is_ok()
                 {
                     break;
                 }

@@ -25,6 +25,7 @@
 //! | a queued job of handler `name` | `<ns>/:task/queue/<escaped name>/<escaped id>` |
 //! | a running attempt (locked by the worker's session) | `<ns>/:task/claims/<escaped id>/<attempt>` |
 //! | an ended job, by end time (for the retention sweep) | `<ns>/:task/done/<unix ms>/<escaped id>` |
+//! | a session's grant fence (only once one of its grants went unanswered) | `<ns>/:fence/<session>` |
 //!
 //! Ids are escaped with [`sync_core::id::escape`]: one made only of `[A-Za-z0-9._-]` is
 //! itself, so `consul lock sync/orders cmd` and a lock on `orders` in namespace `sync`
@@ -32,8 +33,9 @@
 //!
 //! ## Locks
 //!
-//! A grant is one `/v1/txn`: `lock` the key for the session, with the flags value of Consul's
-//! `api.Lock` (0x2ddccbc058a50c18), and read it back. Its ModifyIndex (the raft index of the
+//! A grant is one `/v1/txn`: check the session's grant fence (see below), `lock` the key for
+//! the session, with the flags value of Consul's `api.Lock` (0x2ddccbc058a50c18), and read it
+//! back. Its ModifyIndex (the raft index of the
 //! acquiring write) is the fencing token. A release is one transaction too: check that the
 //! session still holds the key, and delete it. An uncontended acquire and release cost one
 //! request each. A waiter blocks on the key's index (a blocking query) and tries again when it
@@ -74,6 +76,14 @@
 //! was granted. A release found not held after a resend counts as done when the holder had not
 //! lost the lock.
 //!
+//! A send whose answer was lost may still be applied later, after the client released the
+//! key: it would lock it for the client's live session, with nobody to release it. So every
+//! grant also checks the session's fence key (`<ns>/:fence/<session>`) as the client last saw
+//! it, and the client rewrites that key whenever a grant's send goes unanswered, before it lets
+//! go of what the send may have taken: the late send then fails its check. The key is written
+//! only after such a fault and deleted when the session ends (a client that dies leaves it).
+//! The ACL token therefore needs write on `<ns>/:fence/` as well as on the lock keys.
+//!
 //! ## Fencing when Consul loses data
 //!
 //! Tokens are raft indexes: they increase for as long as the servers keep their raft log. A
@@ -110,6 +120,7 @@ mod client;
 mod config;
 mod contend;
 mod error;
+mod fence;
 mod leader;
 mod lock;
 mod map;

@@ -22,6 +22,7 @@ use crate::{
     BACKEND,
     api::{Api, KvEntry, KvOp, MAX_TXN_OPS, Txn},
     error::closed,
+    fence::Fence,
 };
 
 /// How far before the safe end of a renewal the holders stop trusting it: the session is only
@@ -54,12 +55,15 @@ pub(crate) struct Session {
     held: Mutex<HashMap<u64, Held>>,
     /// Set once the session is known gone or given up: later registrations are lost at once.
     ended: Mutex<Option<String>>,
+    /// What its grants check, so that one arriving late fails.
+    pub(crate) fence: Fence,
 }
 
 impl Session {
-    fn new(id: String, sent: Instant, ttl: Duration) -> Session {
+    fn new(id: String, sent: Instant, ttl: Duration, fence_prefix: &str) -> Session {
         let safe_until = sent + ttl - safety_margin(ttl);
         Session {
+            fence: Fence::new(fence_prefix, &id),
             id,
             clock: LeaseClock::new(safe_until),
             safe_until: Mutex::new(safe_until),
@@ -98,6 +102,8 @@ impl Session {
 pub(crate) struct Sessions {
     api: Arc<Api>,
     name: String,
+    /// `<ns>/:fence/`: where each session's grant fence is.
+    fence_prefix: String,
     ttl: Duration,
     lock_delay: Duration,
     current: Mutex<Option<Arc<Session>>>,
@@ -122,6 +128,7 @@ impl Sessions {
     pub(crate) async fn start(
         api: Arc<Api>,
         name: String,
+        fence_prefix: String,
         ttl: Duration,
         lock_delay: Duration,
         killed: watch::Receiver<bool>,
@@ -129,6 +136,7 @@ impl Sessions {
         let sessions = Arc::new(Sessions {
             api,
             name,
+            fence_prefix,
             ttl,
             lock_delay,
             current: Mutex::default(),
@@ -162,7 +170,7 @@ impl Sessions {
             .await
             .map_err(Error::from)?;
         tracing::debug!(backend = BACKEND, session = %id, "session created");
-        let session = Arc::new(Session::new(id, sent, self.ttl));
+        let session = Arc::new(Session::new(id, sent, self.ttl, &self.fence_prefix));
         *locked(&self.current) = Some(session.clone());
         self.replaced.send_modify(|n| *n += 1);
         Ok(session)
@@ -179,6 +187,8 @@ impl Sessions {
             }
         }
         session.end(reason);
+        // Its late grants fail on the ended session from now on.
+        crate::fence::remove_in_background(self.api.clone(), session);
         if destroy {
             let api = self.api.clone();
             let (id, ttl) = (session.id.clone(), self.ttl);
@@ -303,10 +313,9 @@ impl Sessions {
                 }
             }
         }
-        self.api
-            .session_destroy(&session.id)
-            .await
-            .map_err(Error::from)
+        let destroyed = self.api.session_destroy(&session.id).await;
+        crate::fence::remove_in_background(self.api.clone(), &session);
+        destroyed.map_err(Error::from)
     }
 
     /// Stops everything (the client was killed): holders learn at once, nothing is released.

@@ -446,6 +446,105 @@ async fn late_release_spares_a_later_grant(url: String) -> TestResult {
     other.close().await.map_err(err)
 }
 
+/// How a grant's first send, held in flight, is given up on.
+#[derive(Clone, Copy, Debug)]
+enum GivenUp {
+    /// Its answer never comes, it is sent again, and the resend is granted; the lock is then
+    /// released.
+    Resent,
+    /// The caller stops waiting for it (the acquire is cancelled); its clean-up runs, and the
+    /// lock is then taken and released again through the same client.
+    Cancelled,
+}
+
+/// A grant whose first send is held in flight and let through only after the client gave up
+/// on it must not lock the key again: nobody would release it while the client's session
+/// lives, and every other client would wait for it.
+async fn late_grant_is_fenced(url: String) -> TestResult {
+    for how in [GivenUp::Resent, GivenUp::Cancelled] {
+        late_grant_after(&url, how)
+            .await
+            .map_err(|e| format!("{how:?}: {e}"))?;
+    }
+    Ok(())
+}
+
+async fn late_grant_after(url: &str, how: GivenUp) -> TestResult {
+    use sync_conformance::proxy::{FaultProxy, hosts, through_all};
+    let upstream = hosts(url).ok_or("no agent address in the URL")?;
+    let proxy = FaultProxy::start_all(&upstream).await.map_err(err)?;
+    let through = through_all(url, proxy.addrs());
+    let (ns, id) = (unique("late-grant"), "orders");
+    let client = common::connect(&through, &ns, |c| {
+        c.with_request_timeout(Duration::from_secs(1))
+    })
+    .await?;
+    let other = common::connect(url, &ns, |c| c).await?;
+    let lock = client.lock().map_err(err)?;
+    proxy.hold_next(b"\"Verb\":\"lock\"".to_vec());
+    match how {
+        GivenUp::Resent => {
+            let guard = lock.acquire(id, LockOptions::new()).await.map_err(err)?;
+            guard.release().await.map_err(err)?;
+        }
+        GivenUp::Cancelled => {
+            let cancelled = tokio::time::timeout(
+                Duration::from_millis(300),
+                lock.acquire(id, LockOptions::new()),
+            );
+            if let Ok(got) = cancelled.await {
+                return Err(format!("the held grant answered: {got:?}"));
+            }
+            // The clean-up keeps the client's turn on the key until it is done.
+            let deadline = Instant::now() + Duration::from_secs(10);
+            let guard = loop {
+                if let Some(g) = lock.try_acquire(id).await.map_err(err)? {
+                    break g;
+                }
+                if Instant::now() > deadline {
+                    return Err("the clean-up did not end within 10s".into());
+                }
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            };
+            guard.release().await.map_err(err)?;
+        }
+    }
+    let session = client.session_id().await.map_err(err)?;
+    // The first send arrives now. Unfenced, it locks the key at once.
+    proxy.release();
+    let key = format!("{ns}/{id}/.lock");
+    let admin = Agent::from_url(url)?;
+    let deadline = Instant::now() + Duration::from_secs(2);
+    while Instant::now() < deadline {
+        if let Some(entry) = admin.kv(&key).await? {
+            if entry["Session"].as_str() == Some(session.as_str()) {
+                return Err(format!(
+                    "the late grant locked the key for the client's session: {entry}"
+                ));
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let taken = other
+        .lock()
+        .map_err(err)?
+        .try_acquire(id)
+        .await
+        .map_err(err)?;
+    taken
+        .ok_or("another client could not take the free lock")?
+        .release()
+        .await
+        .map_err(err)?;
+    // The fence the client moved does not hold back its own later grants.
+    let again = lock.acquire(id, LockOptions::new()).await.map_err(err)?;
+    again.release().await.map_err(err)?;
+    client.close().await.map_err(err)?;
+    other.close().await.map_err(err)?;
+    drop(proxy);
+    Ok(())
+}
+
 /// A release that fails leaves the key held by the client's session; the next grant of it
 /// through the same client re-takes it, and still gets a larger fencing token (Consul keeps an
 /// entry's ModifyIndex when a write changes nothing, so the grant must change the value).
@@ -785,7 +884,7 @@ async fn follow_refused(url: &str, ns: &str, admin: &Agent, token: &AclToken) ->
 }
 
 fn main() -> std::process::ExitCode {
-    let tests: [(&'static str, Needs, TestFn); 11] = [
+    let tests: [(&'static str, Needs, TestFn); 12] = [
         (
             "lock::uncontended_acquire_release_is_two_requests",
             Needs::Consul,
@@ -811,6 +910,9 @@ fn main() -> std::process::ExitCode {
             Needs::Consul,
             |u| Box::pin(late_release_spares_a_later_grant(u)),
         ),
+        ("lock::late_grant_is_fenced", Needs::Consul, |u| {
+            Box::pin(late_grant_is_fenced(u))
+        }),
         (
             "lock::regrant_after_a_failed_release_gets_a_new_token",
             Needs::Consul,
