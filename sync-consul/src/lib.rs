@@ -67,7 +67,9 @@
 //! worker that would look like an empty queue. So `work()` reads the queue's own key once and
 //! fails `Unauthorized` if that is refused, and a running worker whose queue reads empty reads
 //! it again at most every 30 s: a token that lost its rights is logged as refused, and the
-//! worker asks ever less often (up to every 30 s) until the rights are back.
+//! worker asks ever less often (up to every 30 s) until the rights are back. An attempt that
+//! ends meanwhile keeps its outcome and writes it once they are (its claim lives on with the
+//! session).
 //!
 //! ## Answers that go missing
 //!

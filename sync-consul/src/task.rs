@@ -1104,9 +1104,12 @@ enum Finished {
 
 /// Records an attempt's outcome, unless its claim ended meanwhile. An outcome that cannot be
 /// stored is recorded as a failed attempt; if nothing can be, the claim is given up so the
-/// job is handed on.
+/// job is handed on. A refusal (the token lost its rights) is waited out while the claim
+/// lives: giving up would be refused too, and leave the job Running for as long as the
+/// worker's session lives.
 async fn record_outcome(shared: &Shared, claim: &Claim, mut outcome: Outcome) {
     let mut downgraded = false;
+    let mut refusals = sync_kit::retry::Retry::new(RETRY);
     loop {
         let result = match finish_ops(shared, claim, outcome.clone()).await {
             Ok((ops, spilled)) => send_finish(shared, claim, &ops)
@@ -1135,6 +1138,14 @@ async fn record_outcome(shared: &Shared, claim: &Claim, mut outcome: Outcome) {
             {
                 tracing::warn!(backend = BACKEND, job = %claim.id, error = %e, "storing the outcome failed; retrying");
                 tokio::time::sleep(RETRY).await;
+            }
+            Err(e)
+                if e.kind() == ErrorKind::Unauthorized
+                    && claim.session.alive()
+                    && !shared.client.is_killed() =>
+            {
+                tracing::warn!(backend = BACKEND, job = %claim.id, error = %e, "recording the outcome was refused; retrying");
+                tokio::time::sleep(refusals.after(&e, "recording a job's outcome")).await;
             }
             Err(e) if !downgraded && e.kind() != ErrorKind::Unavailable => {
                 tracing::warn!(backend = BACKEND, job = %claim.id, error = %e, "the outcome cannot be stored; recording the attempt as failed");

@@ -816,6 +816,59 @@ async fn worker_rights(url: &str, ns: &str, admin: &Agent, token: &AclToken) -> 
     client.close().await.map_err(err)
 }
 
+/// A worker whose token loses its rights while a job runs records the job's outcome once the
+/// rights are back: it does not give the outcome up (giving the claim up is refused too) and
+/// leave the job Running for as long as the worker's session lives.
+async fn refused_outcome_is_recorded_once_the_rights_are_back(url: String) -> TestResult {
+    with_key_writer(&url, "acl-outcome", outcome_after_rights).await
+}
+
+async fn outcome_after_rights(url: &str, ns: &str, admin: &Agent, token: &AclToken) -> TestResult {
+    common::logs::keep();
+    let mut config = common::config(url, ns)?;
+    config.token = Some(token.secret.clone());
+    let client = Client::connect(config).await.map_err(err)?;
+    let submitter = common::connect(url, ns, |c| c).await?;
+    let (started, mut running) = tokio::sync::mpsc::channel::<()>(1);
+    let go = Arc::new(tokio::sync::Notify::new());
+    let handler = {
+        let go = go.clone();
+        Arc::new(move |job: JobContext| {
+            let (started, go) = (started.clone(), go.clone());
+            async move {
+                let _ = started.send(()).await;
+                go.notified().await;
+                Ok::<_, HandlerError>(job.payload)
+            }
+        })
+    };
+    let worker = (client.task().map_err(err)?)
+        .work("outcome", handler, WorkerOptions::new())
+        .await
+        .map_err(err)?;
+    let task = submitter.task().map_err(err)?;
+    let id = task.submit(Job::new("outcome", "x")).await.map_err(err)?;
+    tokio::time::timeout(Duration::from_secs(10), running.recv())
+        .await
+        .map_err(|_| "the job did not start within 10s".to_string())?;
+    // The fault: the rights go while the job runs, so its outcome's write is refused.
+    take_key_rights(admin, token).await?;
+    go.notify_one();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !common::logs::seen_all(&[&id.0, "outcome"]) {
+        if Instant::now() > deadline {
+            return Err("no refused outcome logged within 10s".into());
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    set_rules(admin, token, &key_writer(ns)).await?;
+    // The write is tried again after 0.5 s, then 1 s, 2 s: well within 5 s.
+    sync_conformance::task::succeeded_within(&*task, &id, Duration::from_secs(5)).await?;
+    worker.stop().await;
+    submitter.close().await.map_err(err)?;
+    client.close().await.map_err(err)
+}
+
 /// A holder whose token loses its rights on the held key is told at the next key check (it
 /// can no longer see the key deleted), with the refusal as the reason.
 async fn held_key_refused_to_its_holder_is_lost(url: String) -> TestResult {
@@ -884,7 +937,7 @@ async fn follow_refused(url: &str, ns: &str, admin: &Agent, token: &AclToken) ->
 }
 
 fn main() -> std::process::ExitCode {
-    let tests: [(&'static str, Needs, TestFn); 12] = [
+    let tests: [(&'static str, Needs, TestFn); 13] = [
         (
             "lock::uncontended_acquire_release_is_two_requests",
             Needs::Consul,
@@ -932,6 +985,11 @@ fn main() -> std::process::ExitCode {
         ("acl::worker_says_when_its_rights_go", Needs::Acl, |u| {
             Box::pin(worker_says_when_its_rights_go(u))
         }),
+        (
+            "acl::refused_outcome_is_recorded_once_the_rights_are_back",
+            Needs::Acl,
+            |u| Box::pin(refused_outcome_is_recorded_once_the_rights_are_back(u)),
+        ),
         (
             "acl::follow_ends_when_its_reads_are_refused",
             Needs::Acl,

@@ -24,7 +24,16 @@ pub fn keep() {
 
 /// Whether a kept line contains `text`.
 pub fn seen(text: &str) -> bool {
-    LINES.lock().unwrap().iter().any(|l| l.contains(text))
+    seen_all(&[text])
+}
+
+/// Whether one kept line contains every one of `texts`.
+pub fn seen_all(texts: &[&str]) -> bool {
+    LINES
+        .lock()
+        .unwrap()
+        .iter()
+        .any(|l| texts.iter().all(|t| l.contains(t)))
 }
 
 struct Keeper;
