@@ -895,11 +895,13 @@ impl JobQueue for EtcdQueue {
                 }
             })));
         }
-        let claims = claim_batch(&self.shared, &session, &picks).await;
-        // Claimed or not, these entries are done with at this revision: the watch's delete
-        // event (or a new put) comes soon, and until then they are not tried again.
+        // A claim that failed (refused, or etcd unreachable) took nothing: its entries are
+        // tried again after the worker's pause, not left until the next read of the queue.
+        let claims = claim_batch(&self.shared, &session, &picks).await?;
+        // Claimed, or taken by another worker: these entries are done with at this revision
+        // (the watch's delete event, or a new put, comes soon).
         self.mark_tried(&picks);
-        Ok(Claimed::Jobs(claims?))
+        Ok(Claimed::Jobs(claims))
     }
 
     async fn finish(&self, claim: Claim, outcome: Outcome) {
@@ -1190,7 +1192,7 @@ async fn record_outcome(shared: &Shared, claim: Claim, mut outcome: Outcome) {
     } = claim;
     record.status.attempts = attempt;
     let mut downgraded = false;
-    let mut transient_failures = 0u32;
+    let mut pauses = OutcomePauses::default();
     let mut lease_refreshes = 0u32;
     loop {
         if shared.client.is_killed() {
@@ -1200,10 +1202,9 @@ async fn record_outcome(shared: &Shared, claim: Claim, mut outcome: Outcome) {
             Ok(lease) => lease,
             // As for the outcome's own write: keep trying while the claim's lease may live;
             // once it ended the claim went with it and the job is redelivered.
-            Err(e) if e.kind() == ErrorKind::Unavailable && !lease_ended.is_lost() => {
+            Err(e) if pauses.worth_waiting(&e, &lease_ended) => {
                 tracing::warn!(backend = BACKEND, job = %id, error = %e, "granting the retention lease failed; retrying");
-                transient_failures = transient_failures.saturating_add(1);
-                tokio::time::sleep(Duration::from_millis(200) * transient_failures.min(25)).await;
+                pauses.wait(&e, &lease_ended).await;
                 continue;
             }
             Err(e) => {
@@ -1244,17 +1245,17 @@ async fn record_outcome(shared: &Shared, claim: Claim, mut outcome: Outcome) {
             Err(e) => etcd_err("recording the outcome", e).with_id(&id),
         };
         match err.kind() {
-            // etcd is unreachable: keep trying while the claim's lease may live. Once it has
-            // ended the claim goes with it and the reapers redeliver the job.
-            ErrorKind::Unavailable if lease_ended.is_lost() => {
+            // etcd unreachable, or the worker's rights revoked: keep trying while the claim's
+            // lease may live (giving up would leave the job Running for as long as this
+            // worker's lease lives). Once it has ended the claim went with it and the reapers
+            // redeliver the job.
+            ErrorKind::Unavailable | ErrorKind::Unauthorized if lease_ended.is_lost() => {
                 tracing::warn!(backend = BACKEND, job = %id, error = %err, "recording the outcome failed and the claim's lease ended; the job will be redelivered");
                 return;
             }
-            ErrorKind::Unavailable => {
-                transient_failures = transient_failures.saturating_add(1);
+            ErrorKind::Unavailable | ErrorKind::Unauthorized => {
                 tracing::warn!(backend = BACKEND, job = %id, error = %err, "recording the outcome failed; retrying");
-                let backoff = Duration::from_millis(200) * transient_failures.min(25);
-                tokio::time::sleep(backoff).await;
+                pauses.wait(&err, &lease_ended).await;
             }
             // The outcome cannot be stored (an output over etcd's request limit): record the
             // attempt as failed instead, once, so the job is not left Running.
@@ -1270,6 +1271,45 @@ async fn record_outcome(shared: &Shared, claim: Claim, mut outcome: Outcome) {
                 release_claim(shared, &id, rev).await;
                 return;
             }
+        }
+    }
+}
+
+/// The pauses of an outcome's write between failures: 200 ms more after each while etcd is
+/// unreachable (up to 5 s), and doubling up to 30 s while refused (the worker's rights
+/// revoked, until an operator gives them back).
+struct OutcomePauses {
+    transient: u32,
+    refused: Retry,
+}
+
+impl Default for OutcomePauses {
+    fn default() -> Self {
+        OutcomePauses {
+            transient: 0,
+            refused: Retry::new(Duration::from_millis(500)),
+        }
+    }
+}
+
+impl OutcomePauses {
+    /// Whether failure `e` may pass while the claim lives: an outage or a refusal.
+    fn worth_waiting(&self, e: &Error, lease_ended: &LossSignal) -> bool {
+        matches!(e.kind(), ErrorKind::Unavailable | ErrorKind::Unauthorized)
+            && !lease_ended.is_lost()
+    }
+
+    /// Waits out the pause after failure `e`, or until the claim's lease ends.
+    async fn wait(&mut self, e: &Error, lease_ended: &LossSignal) {
+        let pause = if e.kind() == ErrorKind::Unauthorized {
+            self.refused.after(e, "recording a job's outcome")
+        } else {
+            self.transient = self.transient.saturating_add(1);
+            Duration::from_millis(200) * self.transient.min(25)
+        };
+        tokio::select! {
+            () = tokio::time::sleep(pause) => {}
+            _ = lease_ended.wait() => {}
         }
     }
 }
