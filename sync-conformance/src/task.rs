@@ -647,6 +647,44 @@ pub async fn ambiguous_claim_neither_loses_nor_strands_the_job(ctx: &Ctx) -> Cas
     Ok(())
 }
 
+/// A handler that tells when a job starts and returns its payload only once let go: a live
+/// test changes something while the job runs (takes the worker's rights away, say).
+pub struct Gate {
+    started: mpsc::Receiver<()>,
+    go: Arc<tokio::sync::Notify>,
+}
+
+impl Gate {
+    /// The gate and its handler.
+    pub fn new() -> (Gate, Arc<dyn Handler>) {
+        let (tell, started) = mpsc::channel(1);
+        let go = Arc::new(tokio::sync::Notify::new());
+        let held = go.clone();
+        let gated = handler(move |job: JobContext| {
+            let (tell, held) = (tell.clone(), held.clone());
+            async move {
+                let _ = tell.send(()).await;
+                held.notified().await;
+                Ok(job.payload)
+            }
+        });
+        (Gate { started, go }, gated)
+    }
+
+    /// Waits (up to `limit`) until a job started.
+    pub async fn started(&mut self, limit: Duration) -> Result<(), String> {
+        match tokio::time::timeout(limit, self.started.recv()).await {
+            Ok(Some(())) => Ok(()),
+            _ => Err(format!("no job started within {limit:?}")),
+        }
+    }
+
+    /// Lets the job that started (or the next one) return.
+    pub fn open(&self) {
+        self.go.notify_one();
+    }
+}
+
 /// For a backend's own tests: waits until job `id` has succeeded, up to `limit`.
 pub async fn succeeded_within(
     task: &dyn sync_core::Task,

@@ -402,6 +402,16 @@ async fn destroyed_session_loses_then_hands_over_after_lock_delay(url: String) -
     waiter.close().await.map_err(err)
 }
 
+/// `client`'s try of lock `id`.
+async fn try_take(client: &Client, id: &str) -> Result<Option<sync_core::LockGuard>, String> {
+    client
+        .lock()
+        .map_err(err)?
+        .try_acquire(id)
+        .await
+        .map_err(err)
+}
+
 /// A release whose first send is held in flight (its answer never comes) and is then let
 /// through late must not delete a later grant of the same key to the same client: the key's
 /// new holder would keep believing it holds it while another client takes the free key.
@@ -425,12 +435,7 @@ async fn late_release_spares_a_later_grant(url: String) -> TestResult {
     // The first send arrives now, after the second grant.
     proxy.release();
     tokio::time::sleep(Duration::from_millis(500)).await;
-    let taken = other
-        .lock()
-        .map_err(err)?
-        .try_acquire(id)
-        .await
-        .map_err(err)?;
+    let taken = try_take(&other, id).await?;
     if let Some(taken) = taken {
         let lost = second.is_lost();
         let _ = taken.release().await;
@@ -525,12 +530,7 @@ async fn late_grant_after(url: &str, how: GivenUp) -> TestResult {
         }
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
-    let taken = other
-        .lock()
-        .map_err(err)?
-        .try_acquire(id)
-        .await
-        .map_err(err)?;
+    let taken = try_take(&other, id).await?;
     taken
         .ok_or("another client could not take the free lock")?
         .release()
@@ -787,9 +787,7 @@ async fn worker_says_when_its_rights_go(url: String) -> TestResult {
 
 async fn worker_rights(url: &str, ns: &str, admin: &Agent, token: &AclToken) -> TestResult {
     common::logs::keep();
-    let mut config = common::config(url, ns)?;
-    config.token = Some(token.secret.clone());
-    let client = Client::connect(config).await.map_err(err)?;
+    let client = common::connect(url, ns, |c| c.with_token(&token.secret)).await?;
     let task = client.task().map_err(err)?;
     let done = Arc::new(|_: JobContext| async { Ok::<_, HandlerError>(b"done".to_vec()) });
     let worker = task
@@ -825,35 +823,19 @@ async fn refused_outcome_is_recorded_once_the_rights_are_back(url: String) -> Te
 
 async fn outcome_after_rights(url: &str, ns: &str, admin: &Agent, token: &AclToken) -> TestResult {
     common::logs::keep();
-    let mut config = common::config(url, ns)?;
-    config.token = Some(token.secret.clone());
-    let client = Client::connect(config).await.map_err(err)?;
+    let client = common::connect(url, ns, |c| c.with_token(&token.secret)).await?;
     let submitter = common::connect(url, ns, |c| c).await?;
-    let (started, mut running) = tokio::sync::mpsc::channel::<()>(1);
-    let go = Arc::new(tokio::sync::Notify::new());
-    let handler = {
-        let go = go.clone();
-        Arc::new(move |job: JobContext| {
-            let (started, go) = (started.clone(), go.clone());
-            async move {
-                let _ = started.send(()).await;
-                go.notified().await;
-                Ok::<_, HandlerError>(job.payload)
-            }
-        })
-    };
+    let (mut gate, handler) = sync_conformance::task::Gate::new();
     let worker = (client.task().map_err(err)?)
         .work("outcome", handler, WorkerOptions::new())
         .await
         .map_err(err)?;
     let task = submitter.task().map_err(err)?;
     let id = task.submit(Job::new("outcome", "x")).await.map_err(err)?;
-    tokio::time::timeout(Duration::from_secs(10), running.recv())
-        .await
-        .map_err(|_| "the job did not start within 10s".to_string())?;
+    gate.started(Duration::from_secs(10)).await?;
     // The fault: the rights go while the job runs, so its outcome's write is refused.
     take_key_rights(admin, token).await?;
-    go.notify_one();
+    gate.open();
     let deadline = Instant::now() + Duration::from_secs(10);
     while !common::logs::seen_all(&[&id.0, "outcome"]) {
         if Instant::now() > deadline {
@@ -876,9 +858,7 @@ async fn held_key_refused_to_its_holder_is_lost(url: String) -> TestResult {
 }
 
 async fn lost_with_rights(url: &str, ns: &str, admin: &Agent, token: &AclToken) -> TestResult {
-    let mut config = common::config(url, ns)?;
-    config.token = Some(token.secret.clone());
-    let client = Client::connect(config).await.map_err(err)?;
+    let client = common::connect(url, ns, |c| c.with_token(&token.secret)).await?;
     let guard = (client.lock().map_err(err)?)
         .acquire("held", LockOptions::new())
         .await
@@ -909,9 +889,7 @@ async fn follow_ends_when_its_reads_are_refused(url: String) -> TestResult {
 }
 
 async fn follow_refused(url: &str, ns: &str, admin: &Agent, token: &AclToken) -> TestResult {
-    let mut config = common::config(url, ns)?;
-    config.token = Some(token.secret.clone());
-    let follower = Client::connect(config).await.map_err(err)?;
+    let follower = common::connect(url, ns, |c| c.with_token(&token.secret)).await?;
     let candidate = Client::connect(common::config(url, ns)?)
         .await
         .map_err(err)?;

@@ -1685,33 +1685,19 @@ async fn refused_outcome_is_recorded_once_the_rights_are_back(_endpoint: String)
     let root = etcd.root_client().await?;
     let worker_client = etcd.client("holder:pw", &ns).await?;
     let submitter = etcd.client("root:secret", &ns).await?;
-    let (started, mut running) = tokio::sync::mpsc::channel::<()>(1);
-    let go = Arc::new(tokio::sync::Notify::new());
-    let handler = {
-        let go = go.clone();
-        Arc::new(move |job: JobContext| {
-            let (started, go) = (started.clone(), go.clone());
-            async move {
-                let _ = started.send(()).await;
-                go.notified().await;
-                Ok::<_, HandlerError>(job.payload)
-            }
-        })
-    };
+    let (mut gate, handler) = sync_conformance::task::Gate::new();
     let worker = (worker_client.task().map_err(|e| e.to_string())?)
         .work("refused", handler, WorkerOptions::new())
         .await
         .map_err(|e| e.to_string())?;
     let task = submitter.task().map_err(|e| e.to_string())?;
     let id = (task.submit(Job::new("refused", "x")).await).map_err(|e| e.to_string())?;
-    tokio::time::timeout(Duration::from_secs(10), running.recv())
-        .await
-        .map_err(|_| "the job did not start within 10s".to_string())?;
+    gate.started(Duration::from_secs(10)).await?;
     // The fault: the rights go while the job runs, so its outcome's write is refused.
     AuthEtcd::holder_rights(&root, false).await?;
     let refused = |m: std::collections::BTreeMap<String, u64>| m.get("Txn").copied();
     let before = refused(common::metrics::refused(&etcd.client_url).await?).unwrap_or(0);
-    go.notify_one();
+    gate.open();
     wait_until("the refused outcome", Duration::from_secs(10), || async {
         let now = refused(common::metrics::refused(&etcd.client_url).await?).unwrap_or(0);
         Ok(now > before)
