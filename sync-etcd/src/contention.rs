@@ -191,7 +191,9 @@ async fn contend_inner(
     if !matches!(standing, Standing::Owner) {
         if try_only {
             // Foreground delete; on failure the armed cleanup retries in the background.
-            client.kv().delete(key, None).await.map_err(|e| {
+            let mut kv = client.kv();
+            let deleted = kv.delete_once_written(key, || session.retire_key_names());
+            deleted.await.map_err(|e| {
                 retire_if_unanswered(&session, &e);
                 etcd_err("deleting the contender key", e).with_id(id)
             })?;
@@ -597,15 +599,16 @@ impl Holding {
         // Stays armed until the delete is known to be done: if this future is dropped
         // mid-request, `Drop` finishes the release in the background instead of leaving the
         // key (and so the lock) held by a live lease.
-        let mut kv = self.client.kv();
-        let mut result = kv.delete(key.clone(), None).await;
-        // Unanswered: send it again (on the next endpoint). Finding the key gone then is no
-        // sign of loss: the first one may have deleted it.
-        let resent = matches!(&result, Err(e) if answer_lost(e));
-        if resent {
-            self.session.retire_key_names();
-            result = kv.delete(key, None).await;
-        }
+        // Sent again when unanswered. Finding the key gone then is no sign of loss: an
+        // earlier send may have deleted it.
+        let mut resent = false;
+        let session = &self.session;
+        let result = (self.client.kv())
+            .delete_once_written(key, || {
+                resent = true;
+                session.retire_key_names();
+            })
+            .await;
         match result {
             Ok(resp) => {
                 self.armed = false;
@@ -686,7 +689,8 @@ async fn delete_until_gone(
     let lease_ended = &session.ended;
     let mut attempt = 0u32;
     loop {
-        match kv.delete(key, None).await {
+        let deleted = kv.delete_once_written(key, || session.retire_key_names());
+        match deleted.await {
             Ok(resp) => return resp.header().map(|h| h.revision()),
             Err(e) if lease_ended.is_lost() => {
                 tracing::warn!(backend = BACKEND, key, error = %e, "deleting {what} failed; it ends with its lease");

@@ -111,6 +111,14 @@ pub(crate) fn timed_out(e: &etcd_client::Error) -> bool {
     matches!(e, etcd_client::Error::IoError(io) if io.kind() == std::io::ErrorKind::TimedOut)
 }
 
+/// Whether etcd itself answered "unavailable" (it has no leader, or lost track of a
+/// proposal): the member is up, the cluster is not there yet. Transport failures, also
+/// Unavailable, carry their cause as the status's source.
+pub(crate) fn leaderless(e: &etcd_client::Error) -> bool {
+    matches!(e, etcd_client::Error::GRpcStatus(s)
+        if i32::from(s.code()) == UNAVAILABLE && std::error::Error::source(s).is_none())
+}
+
 /// Whether a request may have been applied although the caller saw an error: the transport
 /// failed, or no answer came in time — and it was not proven undelivered. Such a write is
 /// resolved (read back, or resent where resending is idempotent), never just retried blindly.

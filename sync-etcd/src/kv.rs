@@ -4,10 +4,13 @@
 
 use std::{future::Future, sync::Arc, time::Duration};
 
+use futures::{StreamExt, stream::FuturesUnordered};
+use tokio::time::Instant;
+
 use crate::{
     BACKEND,
     endpoints::Endpoints,
-    error::{not_delivered, timed_out},
+    error::{answer_lost, leaderless, not_delivered, timed_out},
 };
 
 /// What the etcd client answers.
@@ -77,6 +80,100 @@ impl Sender {
     }
 }
 
+/// How long a request whose repetition changes nothing waits for its answer before it is
+/// sent again elsewhere (see [`Sender::send_hedged`]), at most.
+const HEDGE: Duration = Duration::from_secs(1);
+
+/// The sends of one hedged request still out: each with the endpoint it went to.
+type InFlight<'a, T> =
+    FuturesUnordered<std::pin::Pin<Box<dyn Future<Output = (usize, EtcdResult<T>)> + Send + 'a>>>;
+
+impl Sender {
+    /// Sends `call`, a request whose repetition changes nothing (the delete of a key no one
+    /// writes again, a lease revoke), so that an endpoint holding it unanswered costs a
+    /// second rather than a request timeout: a follower that forwarded it to a leader that
+    /// just died never answers, while etcd answers a healthy delete in milliseconds.
+    ///
+    /// While no answer has come it is sent again on the next endpoint every [`HEDGE`] (a
+    /// quarter of the request timeout if that is shorter); at once when a send fails without
+    /// an answer; a moment later when etcd answers that it has no leader. The sends already
+    /// out stay in flight and the first answer wins. At most `tries` sends, within one
+    /// request timeout. `resending` runs before each send that follows one which may have
+    /// been applied.
+    pub(crate) async fn send_hedged<T, F, Fut>(
+        &self,
+        mut call: F,
+        mut resending: impl FnMut(),
+    ) -> EtcdResult<T>
+    where
+        F: FnMut(&etcd_client::Client) -> Fut,
+        Fut: Future<Output = EtcdResult<T>> + Send,
+    {
+        let hedge = HEDGE.min(self.timeout / 4);
+        let give_up = Instant::now() + self.timeout;
+        let mut out: InFlight<'_, T> = FuturesUnordered::new();
+        let (mut sent, mut maybe_applied, mut last) = (0, false, None);
+        // When to send next, and the endpoint of the latest send.
+        let (mut next_send, mut latest) = (Some(Instant::now()), None);
+        loop {
+            if let Some(at) = next_send.filter(|at| *at <= Instant::now() && sent < self.tries) {
+                sent += 1;
+                if maybe_applied {
+                    resending();
+                }
+                match self.endpoints.pick().await {
+                    Ok((index, client)) => {
+                        latest = Some(index);
+                        let request = call(client);
+                        out.push(Box::pin(async move { (index, request.await) }));
+                    }
+                    Err(e) => last = Some(e),
+                }
+                next_send = Some(at.max(Instant::now()) + hedge);
+            }
+            if sent >= self.tries && out.is_empty() {
+                return Err(last.unwrap_or_else(|| no_answer(self.timeout)));
+            }
+            let send_at = next_send.filter(|_| sent < self.tries).unwrap_or(give_up);
+            let answer = tokio::select! {
+                Some(answer) = out.next() => answer,
+                _ = tokio::time::sleep_until(send_at), if send_at < give_up => {
+                    // Unanswered so far: the endpoint holding it is passed over.
+                    if let Some(index) = latest.filter(|_| !out.is_empty()) {
+                        self.endpoints.pass_over(index);
+                        maybe_applied = true;
+                    }
+                    continue;
+                }
+                _ = tokio::time::sleep_until(give_up) => {
+                    return Err(last.unwrap_or_else(|| no_answer(self.timeout)));
+                }
+            };
+            match answer {
+                (index, Err(e)) if not_delivered(&e) || answer_lost(&e) => {
+                    maybe_applied |= !not_delivered(&e);
+                    if !leaderless(&e) {
+                        self.endpoints.pass_over(index);
+                        next_send = Some(Instant::now());
+                    } else {
+                        next_send = Some(Instant::now() + hedge / 4);
+                    }
+                    last = Some(e);
+                }
+                (_, answer) => return answer,
+            }
+        }
+    }
+}
+
+/// The error of a request that got no answer within `limit`: it may have been applied.
+fn no_answer(limit: Duration) -> etcd_client::Error {
+    etcd_client::Error::IoError(std::io::Error::new(
+        std::io::ErrorKind::TimedOut,
+        format!("no answer within the request timeout ({limit:?}); it may have been applied"),
+    ))
+}
+
 /// `request`, failed with a timeout (Unavailable, never resent: it may have been applied)
 /// when no answer comes within `limit`.
 pub(crate) async fn answered_within<T>(
@@ -85,14 +182,7 @@ pub(crate) async fn answered_within<T>(
 ) -> EtcdResult<T> {
     tokio::time::timeout(limit, request)
         .await
-        .unwrap_or_else(|_| {
-            Err(etcd_client::Error::IoError(std::io::Error::new(
-                std::io::ErrorKind::TimedOut,
-                format!(
-                    "no answer within the request timeout ({limit:?}); it may have been applied"
-                ),
-            )))
-        })
+        .unwrap_or_else(|_| Err(no_answer(limit)))
 }
 
 /// The KV API through a [`Sender`]: reads are resent after a timeout, writes only when
@@ -149,6 +239,23 @@ impl Kv {
                 async move { kv.delete(key, opts).await }
             })
             .await
+    }
+
+    /// Deletes `key`, a key whose name is never written again once a delete of it may have
+    /// been applied, so that sending the delete again changes nothing: hedged (see
+    /// [`Sender::send_hedged`]). `resending` runs before each send that follows one which may
+    /// have been applied (a later answer of "nothing deleted" then proves nothing).
+    pub(crate) async fn delete_once_written(
+        &mut self,
+        key: impl Into<Vec<u8>>,
+        resending: impl FnMut(),
+    ) -> EtcdResult<etcd_client::DeleteResponse> {
+        let key = key.into();
+        let call = |c: &etcd_client::Client| {
+            let (mut kv, key) = (c.kv_client(), key.clone());
+            async move { kv.delete(key, None).await }
+        };
+        self.sender.send_hedged(call, resending).await
     }
 
     pub(crate) async fn txn(

@@ -109,12 +109,11 @@ impl Session {
         self.end(reason);
         let lease = self.lease;
         // Revoking twice changes nothing: the second answer is "not found".
-        let revoked = sender
-            .send(Resend::IfUnanswered, |c| {
-                let mut leases = c.lease_client();
-                async move { leases.revoke(lease).await }
-            })
-            .await;
+        let revoke = |c: &etcd_client::Client| {
+            let mut leases = c.lease_client();
+            async move { leases.revoke(lease).await }
+        };
+        let revoked = sender.send_hedged(revoke, || {}).await;
         match revoked {
             Err(e) if !lease_not_found(&e) => Err(etcd_err("revoking the lease", e)),
             _ => Ok(()),
@@ -181,12 +180,11 @@ async fn revoke_until_answered(
     let expired_by = Instant::now() + ttl;
     let mut attempt = 0u32;
     loop {
-        let revoked = sender
-            .send(Resend::IfUnanswered, |c| {
-                let mut leases = c.lease_client();
-                async move { leases.revoke(lease).await }
-            })
-            .await;
+        let revoke = |c: &etcd_client::Client| {
+            let mut leases = c.lease_client();
+            async move { leases.revoke(lease).await }
+        };
+        let revoked = sender.send_hedged(revoke, || {}).await;
         let e = match revoked {
             Ok(_) => return,
             Err(e) if lease_not_found(&e) => return,

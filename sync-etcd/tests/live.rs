@@ -405,6 +405,48 @@ async fn a_frozen_endpoint_is_passed_over(endpoint: String) -> TestResult {
     Ok(())
 }
 
+/// A delete an endpoint holds unanswered (a follower that forwarded it to a leader that just
+/// died) is sent again on the next endpoint a second later, not after the request timeout:
+/// with a 30 s timeout, a release through a frozen endpoint returns, and a dropped guard's
+/// lock is free for another client, within 10 s. Before, each waited out the 30 s.
+async fn held_deletes_are_sent_again_elsewhere(endpoint: String) -> TestResult {
+    let ns = unique("hedged-delete");
+    let (proxy, proxied) = common::proxy(&endpoint).await?;
+    let config = common::config(&proxied, &ns)
+        .with_endpoints([proxied.as_str(), endpoint.as_str()])
+        .with_request_timeout(Duration::from_secs(30));
+    let client = sync_etcd::Client::connect(config)
+        .await
+        .map_err(|e| e.to_string())?;
+    let lock = client.lock().map_err(|e| e.to_string())?;
+    let (released, dropped) = (
+        lock.acquire("released", LockOptions::new())
+            .await
+            .map_err(|e| e.to_string())?,
+        lock.acquire("dropped", LockOptions::new())
+            .await
+            .map_err(|e| e.to_string())?,
+    );
+    proxy.set(Fault::Freeze);
+    let bound = Duration::from_secs(10);
+    tokio::time::timeout(bound, released.release())
+        .await
+        .map_err(|_| "a release through a frozen endpoint took 10 s".to_string())?
+        .map_err(|e| format!("a release through a frozen endpoint: {e}"))?;
+    drop(dropped);
+    let other = common::connect(&endpoint, &ns).await?;
+    let other_lock = other.lock().map_err(|e| e.to_string())?;
+    for id in ["released", "dropped"] {
+        let wait = LockOptions::new().with_wait(bound);
+        let guard = other_lock.acquire(id, wait).await.map_err(|e| {
+            format!("lock {id:?} was not free 10 s after its holder let go of it: {e}")
+        })?;
+        guard.release().await.map_err(|e| e.to_string())?;
+    }
+    drop(proxy);
+    Ok(())
+}
+
 /// Follows group `g` on `client`, which must first report it leaderless.
 async fn follow_empty_group(client: &sync_etcd::Client) -> Result<sync_core::FollowStream, String> {
     sync_conformance::leader::follow_empty(client, "g").await
@@ -1909,7 +1951,7 @@ async fn task_batched_claim_answer_lost(endpoint: String) -> TestResult {
 }
 
 fn main() -> std::process::ExitCode {
-    let tests: [(&'static str, TestFn); 36] = [
+    let tests: [(&'static str, TestFn); 37] = [
         ("live::late_create_is_swept_up", |e| {
             Box::pin(late_create_is_swept_up(e))
         }),
@@ -1960,6 +2002,9 @@ fn main() -> std::process::ExitCode {
         }),
         ("live::a_frozen_endpoint_is_passed_over", |e| {
             Box::pin(a_frozen_endpoint_is_passed_over(e))
+        }),
+        ("live::held_deletes_are_sent_again_elsewhere", |e| {
+            Box::pin(held_deletes_are_sent_again_elsewhere(e))
         }),
         ("live::work_without_rights_fails", |e| {
             Box::pin(work_without_rights_fails(e))
