@@ -97,9 +97,9 @@ impl Sender {
     /// While no answer has come it is sent again on the next endpoint every [`HEDGE`] (a
     /// quarter of the request timeout if that is shorter); at once when a send fails without
     /// an answer; a moment later when etcd answers that it has no leader. The sends already
-    /// out stay in flight and the first answer wins. At most `tries` sends, within one
-    /// request timeout. `resending` runs before each send that follows one which may have
-    /// been applied.
+    /// out stay in flight and the first answer wins. At most `tries` sends that got no
+    /// answer, within one request timeout. `resending` runs before each send that follows
+    /// one which may have been applied.
     pub(crate) async fn send_hedged<T, F, Fut>(
         &self,
         mut call: F,
@@ -152,11 +152,14 @@ impl Sender {
             match answer {
                 (index, Err(e)) if not_delivered(&e) || answer_lost(&e) => {
                     maybe_applied |= !not_delivered(&e);
-                    if !leaderless(&e) {
+                    if leaderless(&e) {
+                        // An answer, not a lost send: it does not count against `tries`,
+                        // so an election is waited out up to the timeout.
+                        sent -= 1;
+                        next_send = Some(Instant::now() + hedge / 4);
+                    } else {
                         self.endpoints.pass_over(index);
                         next_send = Some(Instant::now());
-                    } else {
-                        next_send = Some(Instant::now() + hedge / 4);
                     }
                     last = Some(e);
                 }
