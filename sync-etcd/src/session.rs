@@ -18,7 +18,7 @@ use crate::{
     BACKEND,
     endpoints::Endpoints,
     error::{etcd_err, lease_not_found, not_delivered, refused_for_good, timed_out},
-    kv::{Resend, Sender},
+    kv::Sender,
 };
 
 /// One lease and the signal that it is gone (or no longer certain).
@@ -44,19 +44,19 @@ impl Session {
         killed: watch::Receiver<bool>,
     ) -> Result<Session> {
         let granted_at = Instant::now();
-        // A grant unanswered for a whole TTL is of no use; one granted unseen just expires, so
-        // an unanswered grant may be sent again.
+        // A grant unanswered for a whole TTL is of no use; one granted unseen just expires
+        // (a TTL, which is short), so an unanswered grant may be sent again, hedged. The
+        // deadline counts from the first send: a later one's lease lives longer, not shorter.
         let sender = Sender {
             timeout: sender.timeout.min(ttl),
             ..sender.clone()
         };
         let secs = ttl.as_secs() as i64;
-        let grant = sender
-            .send(Resend::IfUnanswered, |c| {
-                let mut leases = c.lease_client();
-                async move { leases.grant(secs, None).await }
-            })
-            .await
+        let grant = |c: &etcd_client::Client| {
+            let mut leases = c.lease_client();
+            async move { leases.grant(secs, None).await }
+        };
+        let grant = (sender.send_hedged(grant, || {}).await)
             .map_err(|e| etcd_err("granting the lease", e))?;
         let granted_ttl = Duration::from_secs(grant.ttl().max(1) as u64);
         let lease = grant.id();

@@ -408,7 +408,8 @@ async fn a_frozen_endpoint_is_passed_over(endpoint: String) -> TestResult {
 /// A delete an endpoint holds unanswered (a follower that forwarded it to a leader that just
 /// died) is sent again on the next endpoint a second later, not after the request timeout:
 /// with a 30 s timeout, a release through a frozen endpoint returns, and a dropped guard's
-/// lock is free for another client, within 10 s. Before, each waited out the 30 s.
+/// lock is free for another client, within 10 s. Before, each waited out the 30 s. So is a
+/// new session's lease grant.
 async fn held_deletes_are_sent_again_elsewhere(endpoint: String) -> TestResult {
     let ns = unique("hedged-delete");
     let (proxy, proxied) = common::proxy(&endpoint).await?;
@@ -434,6 +435,24 @@ async fn held_deletes_are_sent_again_elsewhere(endpoint: String) -> TestResult {
         .map_err(|_| "a release through a frozen endpoint took 10 s".to_string())?
         .map_err(|e| format!("a release through a frozen endpoint: {e}"))?;
     drop(dropped);
+    // A session started while the first endpoint is frozen: its lease grant is hedged too
+    // (with this TTL the grant could otherwise wait 30 s).
+    let late = common::config(&proxied, &ns)
+        .with_endpoints([proxied.as_str(), endpoint.as_str()])
+        .with_request_timeout(Duration::from_secs(30))
+        .with_ttl(Duration::from_secs(30));
+    let late = sync_etcd::Client::connect(late)
+        .await
+        .map_err(|e| e.to_string())?;
+    let late_lock = late.lock().map_err(|e| e.to_string())?;
+    let first = late_lock.acquire("late", LockOptions::new());
+    tokio::time::timeout(bound, first)
+        .await
+        .map_err(|_| "a first acquire with the first endpoint frozen took 10 s".to_string())?
+        .map_err(|e| format!("a first acquire with the first endpoint frozen: {e}"))?
+        .release()
+        .await
+        .map_err(|e| e.to_string())?;
     let other = common::connect(&endpoint, &ns).await?;
     let other_lock = other.lock().map_err(|e| e.to_string())?;
     for id in ["released", "dropped"] {
