@@ -34,7 +34,9 @@
 //! A worker's reaper looks at each claim when it could have expired (the `running` set); a
 //! claim found gone puts its job back in the stream, or fails it when out of attempts. A
 //! finish is owner-checked against the claim key, so the outcome of an attempt whose claim
-//! ended is dropped (the job was, or will be, handed on).
+//! ended is dropped (the job was, or will be, handed on). A finish Redis cannot take (down,
+//! loading, failing over) is sent again until the claim's safe deadline: an attempt that ran
+//! is not run again because Redis was briefly away when it ended.
 //!
 //! Answers that are lost are resolved, not blindly repeated: the start script answers a
 //! resend by the same owner with the grant it made (or grants anew the same attempt if that
@@ -53,7 +55,7 @@ use async_trait::async_trait;
 use futures::future::BoxFuture;
 use redis::{FromRedisValue, Script, Value};
 use sync_core::{
-    Error, ErrorKind, Job, JobContext, JobId, JobState, JobStatus, Result, id::escape,
+    Error, ErrorKind, Job, JobContext, JobId, JobState, JobStatus, LossSignal, Result, id::escape,
 };
 use sync_kit::task::{Claimed, JobQueue, JobStore, Next, Outcome, apply_outcome};
 use tokio::{
@@ -640,12 +642,44 @@ pub(crate) struct RedisClaim {
     token: u64,
     owner: String,
     registration: u64,
+    /// The claim's loss signal (the handler's `JobContext::lost()`).
+    lost: LossSignal,
 }
 
 /// A delivered stream entry: its id and the escaped job id.
 type Delivery = (String, String);
 
 impl RedisQueue {
+    /// Sends the finish script; while Redis is unavailable, again after a pause (100 ms,
+    /// doubling up to 1 s) as long as the claim is safe (`until`). Its answer: 1 recorded, 0
+    /// the claim had ended.
+    async fn send_finish(
+        &self,
+        keys: &[&str],
+        args: &[&[u8]],
+        until: Option<Instant>,
+    ) -> Result<i64> {
+        let what = "finishing a job";
+        let mut pause = Duration::from_millis(100);
+        let mut killed = self.shared.client.killed();
+        loop {
+            let e = match self.shared.call(what, &FINISH, keys, args).await {
+                Ok((answer, _)) => return convert::<i64>(what, answer.into_iter().next()),
+                Err(e) => e,
+            };
+            let safe = until.is_some_and(|u| Instant::now() + pause < u);
+            if e.kind() != ErrorKind::Unavailable || !safe {
+                return Err(e);
+            }
+            tracing::warn!(backend = BACKEND, error = %e, retry_in = ?pause, "recording the attempt failed; retrying while the claim is safe");
+            tokio::select! {
+                () = tokio::time::sleep(pause) => {}
+                _ = killed.wait_for(|k| *k) => return Err(e),
+            }
+            pause = (pause * 2).min(Duration::from_secs(1));
+        }
+    }
+
     /// Promotes due retries, takes back stranded deliveries and reads new ones: up to `max`
     /// entries, or none and how long until something may be startable.
     async fn take(&self, max: usize) -> Result<(Option<Duration>, Vec<Delivery>)> {
@@ -718,7 +752,7 @@ impl RedisQueue {
                 .renewals
                 .register(&claim, &owner, &self.keys.claimed, as_if_sent);
         let mut ctx = JobContext::new(JobId(grant.id.clone()), &job, grant.attempt)
-            .with_claim(grant.token, lost);
+            .with_claim(grant.token, lost.clone());
         ctx.payload = grant.payload;
         let claim = RedisClaim {
             id: grant.id,
@@ -728,6 +762,7 @@ impl RedisQueue {
             token: grant.token,
             owner,
             registration,
+            lost,
         };
         Ok(Some((claim, ctx)))
     }
@@ -882,6 +917,9 @@ impl JobQueue for RedisQueue {
 
     async fn finish(&self, claim: RedisClaim, outcome: Outcome) {
         let shared = &self.shared;
+        // Read before the renewals stop, which ends the signal: no longer renewed, the claim
+        // stays safe until then.
+        let until = claim.lost.deadline().filter(|_| !claim.lost.is_lost());
         shared.client.renewals.forget(claim.registration);
         let mut status = JobStatus::queued(JobId(claim.id.clone()), &claim.job);
         let next = apply_outcome(&claim.job, &mut status, claim.attempt, outcome);
@@ -915,12 +953,7 @@ impl JobQueue for RedisQueue {
             self.keys.wake.as_bytes(),
             done.as_bytes(),
         ];
-        let what = "finishing a job";
-        let recorded = match shared.call(what, &FINISH, &keys, &args).await {
-            Ok((answer, _)) => convert::<i64>(what, answer.into_iter().next()),
-            Err(e) => Err(e),
-        };
-        match recorded {
+        match self.send_finish(&keys, &args, until).await {
             Ok(1) => tracing::debug!(backend = BACKEND, job = %claim.id, kind, "attempt recorded"),
             Ok(_) => tracing::info!(
                 backend = BACKEND,

@@ -1,6 +1,7 @@
 //! Live behaviour beyond the conformance suite: what an acquire costs in commands, one renewal
 //! call per tick for many locks, pushed handoff, loss and fencing across a Redis restart that
-//! lost the data, ACL credentials, and loss when another client deletes the key.
+//! lost the data, ACL credentials, loss when another client deletes the key, and a job's
+//! finish sent again through a short outage.
 //!
 //! Needs `SYNC_TEST_REDIS` (and `SYNC_TEST_REDIS_ACL` for the ACL case) and `redis-server` on
 //! the PATH for the cases that run a private server (command counts and restarts must not be
@@ -604,6 +605,69 @@ async fn worker_without_rights_backs_off(_: String) -> TestResult {
     Ok(())
 }
 
+/// A finish that meets Redis away (the worker's connections cut and refused for 1.5 s, well
+/// within the claim's safe time) is sent again once Redis is back: the job succeeds after its
+/// one attempt, rather than its claim expiring and the job running a second time.
+async fn finish_during_an_outage_is_recorded_once(url: String) -> TestResult {
+    use std::sync::{
+        Arc,
+        atomic::{AtomicU32, Ordering},
+    };
+    use sync_conformance::proxy::{Fault, FaultProxy};
+    use sync_core::{HandlerError, Job, JobContext, WorkerOptions};
+
+    let server = sync_conformance::proxy::hosts(&url).ok_or("no server address")?;
+    let proxy = Arc::new(FaultProxy::start_all(&server).await.map_err(err)?);
+    let ns = unique("finish-outage");
+    let config = Config::from_url(&sync_conformance::proxy::through_all(&url, proxy.addrs()))
+        .map_err(err)?
+        .with_namespace(ns.clone())
+        .with_ttl(Duration::from_secs(10))
+        .with_request_timeout(Duration::from_secs(1));
+    let worker_client = Client::connect(config).await.map_err(err)?;
+    let submitter = connect(&url, &ns, Duration::from_secs(10)).await?;
+    let runs = Arc::new(AtomicU32::new(0));
+    let ran = Arc::new(tokio::sync::watch::channel(false).0);
+    let handler = {
+        let (proxy, runs, ran) = (proxy.clone(), runs.clone(), ran.clone());
+        Arc::new(move |_job: JobContext| {
+            let (proxy, runs, ran) = (proxy.clone(), runs.clone(), ran.clone());
+            async move {
+                if runs.fetch_add(1, Ordering::SeqCst) == 0 {
+                    // The fault: Redis is away when the attempt ends.
+                    proxy.set(Fault::Reset);
+                    ran.send_replace(true);
+                }
+                Ok::<_, HandlerError>(b"done".to_vec())
+            }
+        })
+    };
+    let worker = (worker_client.task().map_err(err)?)
+        .work("outage", handler, WorkerOptions::new())
+        .await
+        .map_err(err)?;
+    let task = submitter.task().map_err(err)?;
+    let id = task.submit(Job::new("outage", "x")).await.map_err(err)?;
+    let mut ran = ran.subscribe();
+    tokio::time::timeout(Duration::from_secs(10), ran.wait_for(|r| *r))
+        .await
+        .map_err(|_| "the job did not start within 10s")?
+        .map_err(err)?;
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    proxy.set(Fault::Pass);
+    sync_conformance::task::succeeded_within(&*task, &id, Duration::from_secs(6)).await?;
+    let status = task.status(&id).await.map_err(err)?;
+    let runs = runs.load(Ordering::SeqCst);
+    worker.stop().await;
+    if status.attempts != 1 || runs != 1 {
+        return Err(format!(
+            "{runs} runs, {} attempts recorded: the finish was not sent again",
+            status.attempts
+        ));
+    }
+    Ok(())
+}
+
 fn main() -> std::process::ExitCode {
     let tests: Vec<(&'static str, TestFn)> = vec![
         ("live::uncontended_acquire_release_is_two_commands", |u| {
@@ -634,6 +698,9 @@ fn main() -> std::process::ExitCode {
         }),
         ("live::worker_without_rights_backs_off", |u| {
             Box::pin(worker_without_rights_backs_off(u))
+        }),
+        ("live::finish_during_an_outage_is_recorded_once", |u| {
+            Box::pin(finish_during_an_outage_is_recorded_once(u))
         }),
     ];
     common::run(&tests)
