@@ -112,23 +112,16 @@ impl Op {
 
     /// Runs `fut` in this operation's span.
     async fn traced<T>(self, id: &str, fut: impl Future<Output = T>) -> T {
-        let span = self.span(id);
-        if span.is_disabled() {
-            return fut.await;
-        }
-        fut.instrument(span).await
-    }
-
-    /// Runs `f` (which does not wait) in this operation's span.
-    fn in_span<T>(self, id: &str, f: impl FnOnce() -> T) -> T {
-        let span = self.span(id);
-        if span.is_disabled() {
-            return f();
-        }
-        span.in_scope(f)
+        in_span_async(self.span(id), fut).await
     }
 
     fn span(self, id: &str) -> tracing::Span {
+        // Checked first: with tracing's `log` feature on (a dependency may turn it on), a
+        // disabled span would still be built and offered to `log`, costing more than the
+        // in-process operation it wraps.
+        if !tracing::level_enabled!(tracing::Level::DEBUG) {
+            return tracing::Span::none();
+        }
         tracing::debug_span!(
             "sync",
             backend = self.backend,
@@ -179,6 +172,23 @@ impl Op {
             .increment(1);
         }
     }
+}
+
+/// Runs `f` (which does not wait) in `span`. An operation that tries a fast path first and
+/// then waits builds its span once and runs both in it (one span per operation).
+fn in_span<T>(span: &tracing::Span, f: impl FnOnce() -> T) -> T {
+    if span.is_disabled() {
+        return f();
+    }
+    span.in_scope(f)
+}
+
+/// Runs `fut` in `span` (see [`in_span`]).
+async fn in_span_async<T>(span: tracing::Span, fut: impl Future<Output = T>) -> T {
+    if span.is_disabled() {
+        return fut.await;
+    }
+    fut.instrument(span).await
 }
 
 /// The context of one operation (its metric keys interned on first use).
@@ -409,24 +419,23 @@ impl<L: ?Sized + Lock> CheckedLock<L> {
     /// The acquire of a lock that cannot be granted at once: queued, or through a failure.
     async fn acquire_waiting(
         &self,
-        start: Instant,
+        (span, start): (tracing::Span, Instant),
         id: &str,
         opts: LockOptions,
     ) -> Result<LockGuard> {
         let op = self.ops.acquire;
         let check = self.check(id);
-        let granted = op
-            .traced(id, async {
-                check?;
-                let lost = |g: &LockGuard, now| g.is_lost_at(now);
-                until_granted(opts.wait, lost, |wait| {
-                    let mut opts = opts.clone();
-                    opts.wait = wait;
-                    self.inner.acquire(id, opts)
-                })
-                .await
+        let granted = in_span_async(span, async {
+            check?;
+            let lost = |g: &LockGuard, now| g.is_lost_at(now);
+            until_granted(opts.wait, lost, |wait| {
+                let mut opts = opts.clone();
+                opts.wait = wait;
+                self.inner.acquire(id, opts)
             })
-            .await;
+            .await
+        })
+        .await;
         let (granted, now) = match granted {
             Ok((guard, now)) => (Ok(guard), now),
             Err(e) => (Err(e), Instant::now()),
@@ -437,11 +446,11 @@ impl<L: ?Sized + Lock> CheckedLock<L> {
 }
 
 impl<L: ?Sized + GrantNow> CheckedLock<L> {
-    /// A grant the backend can make at once, in the operation's span, timed (see
+    /// A grant the backend can make at once, in the operation's `span`, timed (see
     /// [`GrantNow`]).
-    fn grant_now(&self, op: Op, id: &str) -> Option<(LockGuard, Instant)> {
+    fn grant_now(&self, span: &tracing::Span, id: &str) -> Option<(LockGuard, Instant)> {
         self.check(id).ok()?;
-        op.in_span(id, || self.inner.timed_grant(self.ops, id))
+        in_span(span, || self.inner.timed_grant(self.ops, id))
     }
 }
 
@@ -449,7 +458,8 @@ impl<L: ?Sized + GrantNow> CheckedLock<L> {
 impl<L: ?Sized + GrantNow + 'static> Lock for CheckedLock<L> {
     async fn acquire(&self, id: &str, opts: LockOptions) -> Result<LockGuard> {
         let op = self.ops.acquire;
-        if let Some((guard, now)) = self.grant_now(op, id) {
+        let span = op.span(id);
+        if let Some((guard, now)) = self.grant_now(&span, id) {
             // Granted at once: no wait, no I/O, no time of its own (see the module doc).
             return self.granted(op, id, (now, now), Ok(guard), |_| true);
         }
@@ -457,17 +467,18 @@ impl<L: ?Sized + GrantNow + 'static> Lock for CheckedLock<L> {
         // and the start of the hold all come from them.
         let start = Instant::now();
         // Boxed apart, so the future of the common case above stays small.
-        Box::pin(self.acquire_waiting(start, id, opts)).await
+        Box::pin(self.acquire_waiting((span, start), id, opts)).await
     }
 
     async fn try_acquire(&self, id: &str) -> Result<Option<LockGuard>> {
         let op = self.ops.try_acquire;
-        if let Some((guard, now)) = self.grant_now(op, id) {
+        let span = op.span(id);
+        if let Some((guard, now)) = self.grant_now(&span, id) {
             return self.granted(op, id, (now, now), Ok(Some(guard)), Option::is_some);
         }
         let start = Instant::now();
         let check = self.check(id);
-        let granted = op.traced(id, async {
+        let granted = in_span_async(span, async {
             check?;
             self.inner.try_acquire(id).await
         });
@@ -498,6 +509,10 @@ impl<L: ?Sized + GrantNow + 'static> Lock for CheckedLock<L> {
 /// What a [`TimedHold`] wraps: a boxed [`HeldLock`] of any backend, or an in-process one.
 /// (`lost` is the guard's loss signal.)
 trait Backing: Send + Sync + 'static {
+    /// Whether [`release_now`](Backing::release_now) always releases. If not, a guard's
+    /// `release_now` leaves it to `release`, so that the operation still has one span.
+    const RELEASES_NOW: bool;
+
     fn release_now(&mut self, lost: &LossSignal) -> Option<Result<()>>;
     fn release<'a>(&'a mut self, lost: &'a LossSignal) -> BoxFuture<'a, Result<()>>;
     fn release_in_background(self);
@@ -506,6 +521,8 @@ trait Backing: Send + Sync + 'static {
 struct Boxed(Box<dyn HeldLock>);
 
 impl Backing for Boxed {
+    const RELEASES_NOW: bool = false;
+
     fn release_now(&mut self, _: &LossSignal) -> Option<Result<()>> {
         self.0.release_now()
     }
@@ -522,6 +539,8 @@ impl Backing for Boxed {
 struct InProcess<H>(H);
 
 impl<H: InProcessHeld> Backing for InProcess<H> {
+    const RELEASES_NOW: bool = true;
+
     fn release_now(&mut self, lost: &LossSignal) -> Option<Result<()>> {
         Some(self.0.release_held(lost))
     }
@@ -575,21 +594,24 @@ impl<H: Backing> HeldLock for TimedHold<H> {
     async fn release(&mut self) -> Result<()> {
         let start = Instant::now();
         let lost = self.loss(start);
-        let op = self.ops.release;
-        let released = match op.in_span("", || self.inner.release_now(&self.lost)) {
+        let span = self.ops.release.span("");
+        let released = match in_span(&span, || self.inner.release_now(&self.lost)) {
             Some(released) => released,
-            None => op.traced("", self.inner.release(&self.lost)).await,
+            None => in_span_async(span, self.inner.release(&self.lost)).await,
         };
         self.ended((start, Instant::now()), lost, released)
     }
 
     fn release_now(&mut self) -> Option<Result<()>> {
+        if !H::RELEASES_NOW {
+            return None;
+        }
         // Read for the loss and the end of the hold; a release done at once has no time of
         // its own (see the module doc).
         let now = Instant::now();
         let lost = self.loss(now);
-        let op = self.ops.release;
-        let released = op.in_span("", || self.inner.release_now(&self.lost))?;
+        let span = self.ops.release.span("");
+        let released = in_span(&span, || self.inner.release_now(&self.lost))?;
         Some(self.ended((now, now), lost, released))
     }
 
@@ -910,6 +932,117 @@ mod tests {
             self.note(key);
             Histogram::noop()
         }
+    }
+
+    /// Notes every span it is offered as `operation id`, up to DEBUG.
+    #[derive(Clone, Default)]
+    struct Spans(Arc<Mutex<Vec<String>>>);
+
+    /// The `operation` and `id` fields of a span.
+    #[derive(Default)]
+    struct Fields(String, String);
+
+    impl tracing::field::Visit for Fields {
+        fn record_str(&mut self, field: &tracing::field::Field, value: &str) {
+            match field.name() {
+                "operation" => self.0 = value.to_string(),
+                "id" => self.1 = value.to_string(),
+                _ => {}
+            }
+        }
+
+        fn record_debug(&mut self, _: &tracing::field::Field, _: &dyn std::fmt::Debug) {}
+    }
+
+    impl tracing::Subscriber for Spans {
+        fn enabled(&self, meta: &tracing::Metadata<'_>) -> bool {
+            *meta.level() <= tracing::Level::DEBUG
+        }
+
+        fn new_span(&self, span: &tracing::span::Attributes<'_>) -> tracing::span::Id {
+            let mut fields = Fields::default();
+            span.record(&mut fields);
+            if span.metadata().name() == "sync" {
+                crate::locked(&self.0).push(format!("{} {}", fields.0, fields.1));
+            }
+            tracing::span::Id::from_u64(1)
+        }
+
+        fn record(&self, _: &tracing::span::Id, _: &tracing::span::Record<'_>) {}
+        fn record_follows_from(&self, _: &tracing::span::Id, _: &tracing::span::Id) {}
+        fn event(&self, _: &tracing::Event<'_>) {}
+        fn enter(&self, _: &tracing::span::Id) {}
+        fn exit(&self, _: &tracing::span::Id) {}
+    }
+
+    #[tokio::test(flavor = "current_thread")]
+    async fn every_lock_operation_has_its_span_once_a_subscriber_listens() -> Result<()> {
+        let client = sync_local::Cluster::new().client(Default::default())?;
+        let lock = client.lock()?;
+        // Nobody listens: no span is built (checked before the macro), and nothing breaks.
+        lock.acquire("a", LockOptions::new())
+            .await?
+            .release()
+            .await?;
+
+        let spans = Spans::default();
+        let _listening = tracing::subscriber::set_default(spans.clone());
+        let held = lock.acquire("a", LockOptions::new()).await?;
+        assert!(lock.try_acquire("a").await?.is_none());
+        held.release().await?;
+        assert_eq!(
+            crate::locked(&spans.0).clone(),
+            ["lock.acquire a", "lock.try_acquire a", "lock.release "]
+        );
+        Ok(())
+    }
+
+    /// A lock as a network backend's looks to the checked layer: nothing is granted or
+    /// released at once. (It grants every id: only the spans matter here.)
+    struct Remote;
+
+    /// Keeps the grant's trigger, as a backend's monitor would.
+    struct RemoteHeld(#[allow(dead_code)] sync_core::raw::LossTrigger);
+
+    #[async_trait]
+    impl HeldLock for RemoteHeld {
+        async fn release(&mut self) -> Result<()> {
+            Ok(())
+        }
+
+        fn release_in_background(self: Box<Self>) {}
+    }
+
+    #[async_trait]
+    impl Lock for Remote {
+        async fn acquire(&self, id: &str, _: LockOptions) -> Result<LockGuard> {
+            let (trigger, lost) = sync_core::raw::loss_signal();
+            Ok(LockGuard::new(id, 1, lost, Box::new(RemoteHeld(trigger))))
+        }
+
+        async fn try_acquire(&self, id: &str) -> Result<Option<LockGuard>> {
+            self.acquire(id, LockOptions::new()).await.map(Some)
+        }
+
+        async fn release(&self, _: &str) -> Result<()> {
+            Ok(())
+        }
+    }
+
+    #[tokio::test(flavor = "current_thread")]
+    async fn a_network_backends_operations_have_one_span_each() -> Result<()> {
+        let lock = super::lock("remote", Arc::new(Remote));
+        let spans = Spans::default();
+        let _listening = tracing::subscriber::set_default(spans.clone());
+        let held = lock.acquire("a", LockOptions::new()).await?;
+        let other = lock.try_acquire("b").await?;
+        held.release().await?;
+        drop(other);
+        assert_eq!(
+            crate::locked(&spans.0).clone(),
+            ["lock.acquire a", "lock.try_acquire b", "lock.release "]
+        );
+        Ok(())
     }
 
     #[tokio::test(flavor = "current_thread")]
