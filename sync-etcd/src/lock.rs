@@ -7,7 +7,6 @@ use async_trait::async_trait;
 use sync_core::raw::HeldLock;
 use sync_core::{Error, ErrorKind, Lock, LockGuard, LockOptions, Result};
 use sync_kit::held::{HeldGrants, Slot};
-use tracing::Instrument;
 
 use crate::{
     BACKEND,
@@ -60,16 +59,15 @@ fn not_held(id: &str, why: &str) -> Error {
         .with_id(id)
 }
 
+// The checked layer (sync-kit) opens each operation's span, with backend, primitive and id.
 #[async_trait]
 impl Lock for EtcdLock {
-    #[tracing::instrument(level = "debug", skip(self, opts), fields(backend = BACKEND, primitive = "lock"))]
     async fn acquire(&self, id: &str, opts: LockOptions) -> Result<LockGuard> {
         let prefix = self.prefix(id)?;
         let c = contend(&self.client, "lock", id, &prefix, Vec::new(), opts.wait).await?;
         Ok(self.guard(id, c))
     }
 
-    #[tracing::instrument(level = "debug", skip(self), fields(backend = BACKEND, primitive = "lock"))]
     async fn try_acquire(&self, id: &str) -> Result<Option<LockGuard>> {
         let prefix = self.prefix(id)?;
         Ok(try_contend(&self.client, id, &prefix, Vec::new())
@@ -92,7 +90,6 @@ impl Lock for EtcdLock {
         }))
     }
 
-    #[tracing::instrument(level = "debug", skip(self), fields(backend = BACKEND, primitive = "lock"))]
     async fn release(&self, id: &str) -> Result<()> {
         let prefix = self.prefix(id)?;
         match self.mine.take_oldest(&prefix) {
@@ -124,9 +121,8 @@ impl EtcdHeld {
 impl HeldLock for EtcdHeld {
     async fn release(&mut self) -> Result<()> {
         let id = self.id();
-        let span = tracing::debug_span!("release", backend = BACKEND, primitive = "lock", id);
         match self.mine.take(&self.slot) {
-            Some(h) => h.release(&id).instrument(span).await,
+            Some(h) => h.release(&id).await,
             None => Err(not_held(
                 &id,
                 "the lock was already released through the handle",

@@ -58,9 +58,9 @@ impl RedisLock {
     }
 }
 
+// The checked layer (sync-kit) opens each operation's span, with backend, primitive and id.
 #[async_trait]
 impl Lock for RedisLock {
-    #[tracing::instrument(level = "debug", skip(self, opts), fields(backend = BACKEND, primitive = "lock"))]
     async fn acquire(&self, id: &str, opts: LockOptions) -> Result<LockGuard> {
         let keys = self.client.keys.lock(id);
         let grant = self
@@ -71,7 +71,6 @@ impl Lock for RedisLock {
         Ok(self.guard(id, keys, grant))
     }
 
-    #[tracing::instrument(level = "debug", skip(self), fields(backend = BACKEND, primitive = "lock"))]
     async fn try_acquire(&self, id: &str) -> Result<Option<LockGuard>> {
         let keys = self.client.keys.lock(id);
         let tried = self
@@ -100,7 +99,6 @@ impl Lock for RedisLock {
         Ok(value.map(|v| describe_holder(&v, pttl)))
     }
 
-    #[tracing::instrument(level = "debug", skip(self), fields(backend = BACKEND, primitive = "lock"))]
     async fn release(&self, id: &str) -> Result<()> {
         self.client.check_alive()?;
         match self.mine.take_oldest(id) {
