@@ -33,6 +33,35 @@ use crate::{Ctx, OrMsg, Result, scenario, unique};
 const B: &str = "etcd";
 /// Requests a round sets off in the background land within this, so they are counted.
 const SETTLE: Duration = Duration::from_millis(150);
+
+/// Where sync and its baselines are timed one request after another, a round alternates
+/// between them this many times: a drift of etcd's speed during the round (an fsync stall, a
+/// compaction) then falls on all of them alike rather than on whichever ran at that moment.
+const SLICES: usize = 5;
+
+/// `n` operations as [`SLICES`] slices (fewer when `n` is smaller).
+fn slices(n: usize) -> impl Iterator<Item = usize> {
+    let k = SLICES.min(n.max(1));
+    (0..k).map(move |i| n * (i + 1) / k - n * i / k)
+}
+
+/// One side's latencies and costs over the slices of a round.
+#[derive(Default)]
+struct Side {
+    lat: Vec<Duration>,
+    cost: Cost,
+}
+
+impl Side {
+    fn add(&mut self, (lat, cost): (Vec<Duration>, Cost)) {
+        self.lat.extend(lat);
+        self.cost.add(&cost);
+    }
+
+    fn sample(&self) -> Sample {
+        with_cost(latency(&self.lat), &self.cost, self.lat.len())
+    }
+}
 /// In flight at once where a scenario sets up or holds many keys.
 const IN_FLIGHT: usize = 64;
 
@@ -189,54 +218,55 @@ impl Etcd {
         let mut row = Row::new(B, "uncontended acquire+release", "p50 µs", Better::Lower)
             .with_raw("txn put-if-absent + delete")
             .with_peer("etcd Lock + Unlock RPCs")
-            .with_note(format!("{n} sequential ops per round, one id"));
+            .with_note(format!(
+                "{n} sequential ops per round, one id, in {SLICES} slices alternating \
+                 between sync, raw and peer"
+            ));
         lock.acquire("warm-up", LockOptions::new())
             .await
             .or_msg("warm-up")?
             .release()
             .await
             .or_msg("warm-up")?;
+        let mut sync_op = async |_| {
+            let g = lock
+                .acquire("uncontended", LockOptions::new())
+                .await
+                .or_msg("acquire")?;
+            g.release().await.or_msg("release")?;
+            Ok(())
+        };
+        let mut kv = raw.kv_client();
+        let mut raw_op = async |_| {
+            let r = kv.txn(put_if_absent(&key, lease)).await.or_msg("txn")?;
+            if !r.succeeded() {
+                return Err("raw: the key was taken".into());
+            }
+            kv.delete(key.as_str(), None).await.or_msg("delete")?;
+            Ok(())
+        };
+        let mut lc = raw.lock_client();
+        let mut peer_op = async |_| {
+            let r = lc
+                .lock(
+                    format!("{ns}/peer/uncontended"),
+                    Some(RpcLockOptions::new().with_lease(lease)),
+                )
+                .await
+                .or_msg("Lock")?;
+            lc.unlock(r.key()).await.or_msg("Unlock")?;
+            Ok(())
+        };
         for _ in 0..self.ctx.rounds {
-            let (lat, cost) = self
-                .timed(n, async |_| {
-                    let g = lock
-                        .acquire("uncontended", LockOptions::new())
-                        .await
-                        .or_msg("acquire")?;
-                    g.release().await.or_msg("release")?;
-                    Ok(())
-                })
-                .await?;
-            row.sync.rounds.push(with_cost(latency(&lat), &cost, n));
-
-            let mut kv = raw.kv_client();
-            let (lat, cost) = self
-                .timed(n, async |_| {
-                    let r = kv.txn(put_if_absent(&key, lease)).await.or_msg("txn")?;
-                    if !r.succeeded() {
-                        return Err("raw: the key was taken".into());
-                    }
-                    kv.delete(key.as_str(), None).await.or_msg("delete")?;
-                    Ok(())
-                })
-                .await?;
-            push(&mut row.raw, with_cost(latency(&lat), &cost, n));
-
-            let mut lc = raw.lock_client();
-            let (lat, cost) = self
-                .timed(n, async |_| {
-                    let r = lc
-                        .lock(
-                            format!("{ns}/peer/uncontended"),
-                            Some(RpcLockOptions::new().with_lease(lease)),
-                        )
-                        .await
-                        .or_msg("Lock")?;
-                    lc.unlock(r.key()).await.or_msg("Unlock")?;
-                    Ok(())
-                })
-                .await?;
-            push(&mut row.peer, with_cost(latency(&lat), &cost, n));
+            let mut sides: [Side; 3] = Default::default();
+            for slice in slices(n) {
+                sides[0].add(self.timed(slice, &mut sync_op).await?);
+                sides[1].add(self.timed(slice, &mut raw_op).await?);
+                sides[2].add(self.timed(slice, &mut peer_op).await?);
+            }
+            row.sync.rounds.push(sides[0].sample());
+            push(&mut row.raw, sides[1].sample());
+            push(&mut row.peer, sides[2].sample());
         }
         let _ = raw.lease_revoke(lease).await;
         self.cleanup(&mut raw, &ns).await;
@@ -266,35 +296,59 @@ impl Etcd {
         .with_raw("delete → the waiter's watch event")
         .with_peer("Unlock → the waiting Lock RPC returns")
         .with_note(format!(
-            "{n} handoffs per round between two clients; the waiter waits {} ms first; \
-                 req/op counts the whole cycle",
+            "{n} handoffs per round between two clients, in {SLICES} slices alternating \
+             between sync, raw and peer; the waiter waits {} ms first; req/op counts the \
+             whole cycle",
             wait.as_millis()
         ));
+        let mut sync_op = async |_| {
+            let ga = la
+                .acquire("handoff", LockOptions::new())
+                .await
+                .or_msg("acquire")?;
+            let lb = lb.clone();
+            let waiter = tokio::spawn(async move {
+                let g = lb.acquire("handoff", LockOptions::new()).await?;
+                let t1 = Instant::now();
+                g.release().await?;
+                Ok::<_, sync_core::Error>(t1)
+            });
+            tokio::time::sleep(wait).await;
+            let t0 = Instant::now();
+            ga.release().await.or_msg("release")?;
+            let t1 = waiter.await.or_msg("waiter")?.or_msg("waiter")?;
+            Ok(t1.saturating_duration_since(t0))
+        };
+        let key = format!("{ns}/raw/handoff");
+        let mut kv = ra.kv_client();
+        let name = format!("{ns}/peer/handoff");
+        let mut lc = ra.lock_client();
+        let mut peer_op = async |_| {
+            let held = lc
+                .lock(
+                    name.as_str(),
+                    Some(RpcLockOptions::new().with_lease(lease_a)),
+                )
+                .await
+                .or_msg("Lock")?;
+            let mut lcb = rb.lock_client();
+            let name = name.clone();
+            let waiter = tokio::spawn(async move {
+                let r = lcb
+                    .lock(name, Some(RpcLockOptions::new().with_lease(lease_b)))
+                    .await?;
+                let t1 = Instant::now();
+                lcb.unlock(r.key()).await?;
+                Ok::<_, etcd_client::Error>(t1)
+            });
+            tokio::time::sleep(wait).await;
+            let t0 = Instant::now();
+            lc.unlock(held.key()).await.or_msg("Unlock")?;
+            let t1 = waiter.await.or_msg("waiter")?.or_msg("waiter")?;
+            Ok(t1.saturating_duration_since(t0))
+        };
         for _ in 0..self.ctx.rounds {
-            let (lat, cost) = self
-                .clocked(n, async |_| {
-                    let ga = la
-                        .acquire("handoff", LockOptions::new())
-                        .await
-                        .or_msg("acquire")?;
-                    let lb = lb.clone();
-                    let waiter = tokio::spawn(async move {
-                        let g = lb.acquire("handoff", LockOptions::new()).await?;
-                        let t1 = Instant::now();
-                        g.release().await?;
-                        Ok::<_, sync_core::Error>(t1)
-                    });
-                    tokio::time::sleep(wait).await;
-                    let t0 = Instant::now();
-                    ga.release().await.or_msg("release")?;
-                    let t1 = waiter.await.or_msg("waiter")?.or_msg("waiter")?;
-                    Ok(t1.saturating_duration_since(t0))
-                })
-                .await?;
-            row.sync.rounds.push(with_cost(latency(&lat), &cost, n));
-
-            let key = format!("{ns}/raw/handoff");
-            // The waiter's one watch stream, timestamping deletes as they arrive.
+            // The raw waiter's one watch stream, timestamping deletes as they arrive.
             let mut watch = rb.watch_client();
             let mut stream = watch.watch(key.as_str(), None).await.or_msg("watch")?;
             let (tx, mut deletes) = mpsc::unbounded_channel();
@@ -307,52 +361,27 @@ impl Etcd {
                     }
                 }
             });
-            let mut kv = ra.kv_client();
-            let (lat, cost) = self
-                .clocked(n, async |_| {
-                    kv.txn(put_if_absent(&key, lease_a)).await.or_msg("txn")?;
-                    tokio::time::sleep(wait).await;
-                    let t0 = Instant::now();
-                    kv.delete(key.as_str(), None).await.or_msg("delete")?;
-                    let t1 = tokio::time::timeout(Duration::from_secs(10), deletes.recv())
-                        .await
-                        .or_msg("waiting for the delete event")?
-                        .ok_or("the watch ended")?;
-                    Ok(t1.saturating_duration_since(t0))
-                })
-                .await?;
+            let mut raw_op = async |_| {
+                kv.txn(put_if_absent(&key, lease_a)).await.or_msg("txn")?;
+                tokio::time::sleep(wait).await;
+                let t0 = Instant::now();
+                kv.delete(key.as_str(), None).await.or_msg("delete")?;
+                let t1 = tokio::time::timeout(Duration::from_secs(10), deletes.recv())
+                    .await
+                    .or_msg("waiting for the delete event")?
+                    .ok_or("the watch ended")?;
+                Ok(t1.saturating_duration_since(t0))
+            };
+            let mut sides: [Side; 3] = Default::default();
+            for slice in slices(n) {
+                sides[0].add(self.clocked(slice, &mut sync_op).await?);
+                sides[1].add(self.clocked(slice, &mut raw_op).await?);
+                sides[2].add(self.clocked(slice, &mut peer_op).await?);
+            }
             reader.abort();
-            push(&mut row.raw, with_cost(latency(&lat), &cost, n));
-
-            let name = format!("{ns}/peer/handoff");
-            let mut lc = ra.lock_client();
-            let (lat, cost) = self
-                .clocked(n, async |_| {
-                    let held = lc
-                        .lock(
-                            name.as_str(),
-                            Some(RpcLockOptions::new().with_lease(lease_a)),
-                        )
-                        .await
-                        .or_msg("Lock")?;
-                    let mut lcb = rb.lock_client();
-                    let name = name.clone();
-                    let waiter = tokio::spawn(async move {
-                        let r = lcb
-                            .lock(name, Some(RpcLockOptions::new().with_lease(lease_b)))
-                            .await?;
-                        let t1 = Instant::now();
-                        lcb.unlock(r.key()).await?;
-                        Ok::<_, etcd_client::Error>(t1)
-                    });
-                    tokio::time::sleep(wait).await;
-                    let t0 = Instant::now();
-                    lc.unlock(held.key()).await.or_msg("Unlock")?;
-                    let t1 = waiter.await.or_msg("waiter")?.or_msg("waiter")?;
-                    Ok(t1.saturating_duration_since(t0))
-                })
-                .await?;
-            push(&mut row.peer, with_cost(latency(&lat), &cost, n));
+            row.sync.rounds.push(sides[0].sample());
+            push(&mut row.raw, sides[1].sample());
+            push(&mut row.peer, sides[2].sample());
         }
         let _ = ra.lease_revoke(lease_a).await;
         let _ = ra.lease_revoke(lease_b).await;

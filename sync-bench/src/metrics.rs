@@ -41,6 +41,20 @@ pub struct Cost {
     pub client_cpu_seconds: f64,
 }
 
+impl Cost {
+    /// Adds what `other` counted (a later slice of the same measurement).
+    pub fn add(&mut self, other: &Cost) {
+        self.requests += other.requests;
+        self.watch_streams += other.watch_streams;
+        self.keepalives += other.keepalives;
+        for (method, n) in &other.by_method {
+            *self.by_method.entry(method.clone()).or_default() += n;
+        }
+        self.cpu_seconds += other.cpu_seconds;
+        self.client_cpu_seconds += other.client_cpu_seconds;
+    }
+}
+
 impl Counters {
     /// Parses the Prometheus text format, keeping the two counter families.
     pub fn parse(text: &str) -> Counters {
