@@ -1091,7 +1091,9 @@ impl Etcd {
         )
         .with_raw("put → the worker's watch event → claim txn")
         .with_note(format!(
-            "{n} jobs per round, one at a time, {} ms apart; one worker × concurrency 8",
+            "{n} jobs per round, one at a time, {} ms apart, in {SLICES} slices alternating \
+             between sync and raw (each side's worker idles through the other's slices); one \
+             worker × concurrency 8",
             gap.as_millis()
         ));
         for round in 0..self.ctx.rounds {
@@ -1114,104 +1116,56 @@ impl Etcd {
                 )
                 .await
                 .or_msg("work")?;
-            tokio::time::sleep(Duration::from_millis(200)).await;
-            let (lat, cost) = self
-                .counted(async {
-                    let mut lat = Vec::new();
-                    for i in 0..n {
-                        let t0 = Instant::now();
-                        task.submit(Job::new(name.as_str(), vec![i as u8]))
-                            .await
-                            .or_msg("submit")?;
-                        let t1 = tokio::time::timeout(Duration::from_secs(30), started.recv())
-                            .await
-                            .or_msg("waiting for the handler")?
-                            .ok_or("the worker ended")?;
-                        lat.push(t1.saturating_duration_since(t0));
-                        tokio::time::sleep(gap).await;
-                    }
-                    Ok(lat)
-                })
-                .await?;
-            row.sync.rounds.push(with_cost(latency(&lat), &cost, n));
-            worker.stop().await;
-            let _ = worker_client.close().await;
-            let _ = submitter.close().await;
+            let mut sync_op = async |i: usize| {
+                let t0 = Instant::now();
+                task.submit(Job::new(name.as_str(), vec![i as u8]))
+                    .await
+                    .or_msg("submit")?;
+                let t1 = tokio::time::timeout(Duration::from_secs(30), started.recv())
+                    .await
+                    .or_msg("waiting for the handler")?
+                    .ok_or("the worker ended")?;
+                tokio::time::sleep(gap).await;
+                Ok(t1.saturating_duration_since(t0))
+            };
 
             // Raw: a worker watching the queue prefix claims each job as its put arrives.
             let raw = self.raw().await?;
             let mut wc = self.raw().await?;
             let lease = wc.lease_grant(60, None).await.or_msg("lease")?.id();
             let queue = format!("{ns}/raw/q/");
-            let mut watch = wc.watch_client();
-            let mut stream = watch
-                .watch(queue.as_str(), Some(WatchOptions::new().with_prefix()))
-                .await
-                .or_msg("watch")?;
-            let (tx, mut started) = mpsc::unbounded_channel();
-            let mut kv = wc.kv_client();
-            let ns2 = ns.clone();
-            let worker = tokio::spawn(async move {
-                while let Ok(Some(resp)) = stream.message().await {
-                    for ev in resp.events() {
-                        if ev.event_type() != EventType::Put {
-                            continue;
-                        }
-                        let Some(job) = ev.kv() else { continue };
-                        let key = job.key().to_vec();
-                        let id = String::from_utf8_lossy(&key)
-                            .rsplit('/')
-                            .next()
-                            .unwrap_or_default()
-                            .to_string();
-                        let running = format!("{ns2}/raw/r/{id}");
-                        let claimed = kv
-                            .txn(
-                                Txn::new()
-                                    .when([Compare::version(key.clone(), CompareOp::Greater, 0)])
-                                    .and_then([
-                                        TxnOp::delete(key, None),
-                                        TxnOp::put(
-                                            running.as_str(),
-                                            "",
-                                            Some(PutOptions::new().with_lease(lease)),
-                                        ),
-                                    ]),
-                            )
-                            .await;
-                        if matches!(&claimed, Ok(r) if r.succeeded()) {
-                            let _ = tx.send(Instant::now());
-                            let _ = kv
-                                .txn(Txn::new().and_then([
-                                    TxnOp::delete(running.as_str(), None),
-                                    TxnOp::put(format!("{ns2}/raw/d/{id}"), "ok", None),
-                                ]))
-                                .await;
-                        }
-                    }
-                }
-            });
-            let (lat, cost) = self
-                .counted(async {
-                    let mut kv = raw.kv_client();
-                    let mut lat = Vec::new();
-                    for i in 0..n {
-                        let t0 = Instant::now();
-                        kv.put(format!("{queue}{i:08}"), vec![i as u8], None)
-                            .await
-                            .or_msg("put")?;
-                        let t1 = tokio::time::timeout(Duration::from_secs(30), started.recv())
-                            .await
-                            .or_msg("waiting for the raw worker")?
-                            .ok_or("the raw worker ended")?;
-                        lat.push(t1.saturating_duration_since(t0));
-                        tokio::time::sleep(gap).await;
-                    }
-                    Ok(lat)
-                })
-                .await?;
-            push(&mut row.raw, with_cost(latency(&lat), &cost, n));
-            worker.abort();
+            let (raw_tx, mut raw_started) = mpsc::unbounded_channel();
+            let raw_worker =
+                raw_latency_worker(&mut wc, ns.clone(), queue.clone(), lease, raw_tx).await?;
+            let mut kv = raw.kv_client();
+            let mut next = 0usize;
+            let mut raw_op = async |_| {
+                let t0 = Instant::now();
+                kv.put(format!("{queue}{next:08}"), vec![next as u8], None)
+                    .await
+                    .or_msg("put")?;
+                next += 1;
+                let t1 = tokio::time::timeout(Duration::from_secs(30), raw_started.recv())
+                    .await
+                    .or_msg("waiting for the raw worker")?
+                    .ok_or("the raw worker ended")?;
+                tokio::time::sleep(gap).await;
+                Ok(t1.saturating_duration_since(t0))
+            };
+
+            tokio::time::sleep(Duration::from_millis(200)).await;
+            let mut sides: [Side; 2] = Default::default();
+            for slice in slices(n) {
+                sides[0].add(self.clocked(slice, &mut sync_op).await?);
+                sides[1].add(self.clocked(slice, &mut raw_op).await?);
+            }
+            row.sync.rounds.push(sides[0].sample());
+            push(&mut row.raw, sides[1].sample());
+
+            worker.stop().await;
+            let _ = worker_client.close().await;
+            let _ = submitter.close().await;
+            raw_worker.abort();
             let _ = wc.lease_revoke(lease).await;
             let mut raw = raw;
             self.cleanup(&mut raw, &ns).await;
@@ -1333,6 +1287,63 @@ impl Etcd {
 /// one txn (the job key still there → delete it, put a running key on the worker's lease), a
 /// result one more (delete the running key, put the outcome). Lists again when its list runs
 /// out or a claim finds its job taken, until the queue is empty.
+/// The raw queue's idle worker: watches the queue prefix and claims each job as its put
+/// arrives (sending the time on `started`), then records it done. Runs until aborted.
+async fn raw_latency_worker(
+    wc: &mut Raw,
+    ns: String,
+    queue: String,
+    lease: i64,
+    started: mpsc::UnboundedSender<Instant>,
+) -> Result<tokio::task::JoinHandle<()>> {
+    let mut watch = wc.watch_client();
+    let mut stream = watch
+        .watch(queue.as_str(), Some(WatchOptions::new().with_prefix()))
+        .await
+        .or_msg("watch")?;
+    let mut kv = wc.kv_client();
+    Ok(tokio::spawn(async move {
+        while let Ok(Some(resp)) = stream.message().await {
+            for ev in resp.events() {
+                if ev.event_type() != EventType::Put {
+                    continue;
+                }
+                let Some(job) = ev.kv() else { continue };
+                let key = job.key().to_vec();
+                let id = String::from_utf8_lossy(&key)
+                    .rsplit('/')
+                    .next()
+                    .unwrap_or_default()
+                    .to_string();
+                let running = format!("{ns}/raw/r/{id}");
+                let claimed = kv
+                    .txn(
+                        Txn::new()
+                            .when([Compare::version(key.clone(), CompareOp::Greater, 0)])
+                            .and_then([
+                                TxnOp::delete(key, None),
+                                TxnOp::put(
+                                    running.as_str(),
+                                    "",
+                                    Some(PutOptions::new().with_lease(lease)),
+                                ),
+                            ]),
+                    )
+                    .await;
+                if matches!(&claimed, Ok(r) if r.succeeded()) {
+                    let _ = started.send(Instant::now());
+                    let _ = kv
+                        .txn(Txn::new().and_then([
+                            TxnOp::delete(running.as_str(), None),
+                            TxnOp::put(format!("{ns}/raw/d/{id}"), "ok", None),
+                        ]))
+                        .await;
+                }
+            }
+        }
+    }))
+}
+
 async fn raw_worker(
     client: Raw,
     lease: i64,
