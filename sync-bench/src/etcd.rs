@@ -1287,6 +1287,50 @@ impl Etcd {
 /// one txn (the job key still there → delete it, put a running key on the worker's lease), a
 /// result one more (delete the running key, put the outcome). Lists again when its list runs
 /// out or a claim finds its job taken, until the queue is empty.
+/// A raw queue's job: its queue entry, and where its claim and result go.
+struct RawJob {
+    key: Vec<u8>,
+    running: String,
+    done: String,
+}
+
+impl RawJob {
+    fn of(ns: &str, key: &[u8]) -> RawJob {
+        let id = String::from_utf8_lossy(key)
+            .rsplit('/')
+            .next()
+            .unwrap_or_default()
+            .to_string();
+        RawJob {
+            key: key.to_vec(),
+            running: format!("{ns}/raw/r/{id}"),
+            done: format!("{ns}/raw/d/{id}"),
+        }
+    }
+
+    /// Takes the entry if it is still queued, marking it running under `lease`.
+    fn claim(&self, lease: i64) -> Txn {
+        Txn::new()
+            .when([Compare::version(self.key.clone(), CompareOp::Greater, 0)])
+            .and_then([
+                TxnOp::delete(self.key.clone(), None),
+                TxnOp::put(
+                    self.running.as_str(),
+                    "",
+                    Some(PutOptions::new().with_lease(lease)),
+                ),
+            ])
+    }
+
+    /// The no-op handler's result.
+    fn result(&self) -> Txn {
+        Txn::new().and_then([
+            TxnOp::delete(self.running.as_str(), None),
+            TxnOp::put(self.done.as_str(), "ok", None),
+        ])
+    }
+}
+
 /// The raw queue's idle worker: watches the queue prefix and claims each job as its put
 /// arrives (sending the time on `started`), then records it done. Runs until aborted.
 async fn raw_latency_worker(
@@ -1309,35 +1353,11 @@ async fn raw_latency_worker(
                     continue;
                 }
                 let Some(job) = ev.kv() else { continue };
-                let key = job.key().to_vec();
-                let id = String::from_utf8_lossy(&key)
-                    .rsplit('/')
-                    .next()
-                    .unwrap_or_default()
-                    .to_string();
-                let running = format!("{ns}/raw/r/{id}");
-                let claimed = kv
-                    .txn(
-                        Txn::new()
-                            .when([Compare::version(key.clone(), CompareOp::Greater, 0)])
-                            .and_then([
-                                TxnOp::delete(key, None),
-                                TxnOp::put(
-                                    running.as_str(),
-                                    "",
-                                    Some(PutOptions::new().with_lease(lease)),
-                                ),
-                            ]),
-                    )
-                    .await;
+                let raw_job = RawJob::of(&ns, job.key());
+                let claimed = kv.txn(raw_job.claim(lease)).await;
                 if matches!(&claimed, Ok(r) if r.succeeded()) {
                     let _ = started.send(Instant::now());
-                    let _ = kv
-                        .txn(Txn::new().and_then([
-                            TxnOp::delete(running.as_str(), None),
-                            TxnOp::put(format!("{ns}/raw/d/{id}"), "ok", None),
-                        ]))
-                        .await;
+                    let _ = kv.txn(raw_job.result()).await;
                 }
             }
         }
@@ -1379,27 +1399,8 @@ async fn raw_worker(
                     let Some(key) = next else {
                         return Ok::<_, String>(());
                     };
-                    let id = String::from_utf8_lossy(&key)
-                        .rsplit('/')
-                        .next()
-                        .unwrap_or_default()
-                        .to_string();
-                    let running = format!("{ns}/raw/r/{id}");
-                    let claim = kv
-                        .txn(
-                            Txn::new()
-                                .when([Compare::version(key.clone(), CompareOp::Greater, 0)])
-                                .and_then([
-                                    TxnOp::delete(key, None),
-                                    TxnOp::put(
-                                        running.as_str(),
-                                        "",
-                                        Some(PutOptions::new().with_lease(lease)),
-                                    ),
-                                ]),
-                        )
-                        .await
-                        .or_msg("claim")?;
+                    let raw_job = RawJob::of(ns, &key);
+                    let claim = kv.txn(raw_job.claim(lease)).await.or_msg("claim")?;
                     if !claim.succeeded() {
                         // Another worker got here first: the rest of this listing is
                         // likely taken too. List again rather than try key after key.
@@ -1407,12 +1408,7 @@ async fn raw_worker(
                         continue;
                     }
                     // The no-op handler, then its result.
-                    kv.txn(Txn::new().and_then([
-                        TxnOp::delete(running.as_str(), None),
-                        TxnOp::put(format!("{ns}/raw/d/{id}"), "ok", None),
-                    ]))
-                    .await
-                    .or_msg("result")?;
+                    kv.txn(raw_job.result()).await.or_msg("result")?;
                     done.fetch_add(1, Ordering::SeqCst);
                 }
             }
