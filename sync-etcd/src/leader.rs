@@ -106,13 +106,13 @@ async fn campaign(
     Ok(Holding::start(c))
 }
 
+// The checked layer (sync-kit) opens each operation's span, with backend, primitive and group.
 #[async_trait]
 impl Leader for EtcdLeader {
     fn group(&self) -> &str {
         &self.group
     }
 
-    #[tracing::instrument(level = "debug", skip(self, opts), fields(backend = BACKEND, primitive = "leader", id = %self.group))]
     async fn elect(&self, candidate: &str, opts: ElectOptions) -> Result<Elected> {
         self.client.check_alive()?;
         let holding = campaign(
@@ -141,7 +141,6 @@ impl Leader for EtcdLeader {
         ))
     }
 
-    #[tracing::instrument(level = "debug", skip(self), fields(backend = BACKEND, primitive = "leader", id = %self.group))]
     async fn leader(&self) -> Result<Option<LeaderInfo>> {
         self.client.check_alive()?;
         Ok(read_leader(&self.client, &self.group, &self.prefix)
@@ -149,7 +148,6 @@ impl Leader for EtcdLeader {
             .0)
     }
 
-    #[tracing::instrument(level = "debug", skip(self), fields(backend = BACKEND, primitive = "leader", id = %self.group))]
     async fn follow(&self) -> Result<FollowStream> {
         self.client.check_alive()?;
         let (first, rev) = read_leader(&self.client, &self.group, &self.prefix).await?;
@@ -215,10 +213,10 @@ impl EtcdLeadership {
     }
 }
 
+// The checked layer (sync-kit) opens each operation's span, with backend, primitive and group.
 #[async_trait]
 impl Leadership for EtcdLeadership {
     async fn proclaim(&self, value: &[u8]) -> Result<()> {
-        let span = tracing::debug_span!("proclaim", backend = BACKEND, primitive = "leader", id = %self.group);
         let Some(h) = self.holding.as_ref() else {
             return Err(self.lost_error("leadership was resigned"));
         };
@@ -237,7 +235,6 @@ impl Leadership for EtcdLeadership {
             .client
             .kv()
             .txn(txn)
-            .instrument(span)
             .await
             .map_err(|e| etcd_err("proclaiming", e).with_id(&self.group))?;
         if !resp.succeeded() {
@@ -248,10 +245,9 @@ impl Leadership for EtcdLeadership {
     }
 
     async fn resign(&mut self) -> Result<()> {
-        let span = tracing::debug_span!("resign", backend = BACKEND, primitive = "leader", id = %self.group);
         let holding = self.holding.take();
         match holding {
-            Some(h) => h.release(&self.group).instrument(span).await,
+            Some(h) => h.release(&self.group).await,
             None => Err(
                 Error::new(ErrorKind::NotHeld, "leadership was already resigned")
                     .with_backend(BACKEND)

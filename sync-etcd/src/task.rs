@@ -290,11 +290,11 @@ impl EtcdTask {
     }
 }
 
+// The checked layer (sync-kit) opens each operation's span, with backend, primitive and job.
 #[async_trait]
 impl JobStore for EtcdTask {
     type Queue = EtcdQueue;
 
-    #[tracing::instrument(level = "debug", skip(self, job), fields(backend = BACKEND, primitive = "task", id = %job.name))]
     async fn submit(&self, job: Job) -> Result<JobId> {
         self.shared.client.check_alive()?;
         // A keyed job's id is its key: a second submit of the key finds the first job.
@@ -334,7 +334,6 @@ impl JobStore for EtcdTask {
         Ok(JobId(id))
     }
 
-    #[tracing::instrument(level = "debug", skip(self), fields(backend = BACKEND, primitive = "task"))]
     async fn status(&self, id: &JobId) -> Result<JobStatus> {
         self.shared.check_job_id(id)?;
         match self.shared.read_status(&id.0).await? {
@@ -343,7 +342,6 @@ impl JobStore for EtcdTask {
         }
     }
 
-    #[tracing::instrument(level = "debug", skip(self), fields(backend = BACKEND, primitive = "task"))]
     async fn wait(&self, id: &JobId) -> Result<JobStatus> {
         self.shared.check_job_id(id)?;
         let shared = &self.shared;

@@ -101,13 +101,13 @@ async fn read_leader(
     Ok((info, u64::try_from(pttl).ok().map(Duration::from_millis)))
 }
 
+// The checked layer (sync-kit) opens each operation's span, with backend, primitive and group.
 #[async_trait]
 impl Leader for RedisLeader {
     fn group(&self) -> &str {
         &self.group
     }
 
-    #[tracing::instrument(level = "debug", skip(self, opts), fields(backend = BACKEND, primitive = "leader", id = %self.group))]
     async fn elect(&self, candidate: &str, opts: ElectOptions) -> Result<Elected> {
         let grant = campaign(
             &self.client,
