@@ -12,7 +12,9 @@ use futures::StreamExt;
 use sync_core::{ElectOptions, FollowStream, Leader, LeaderInfo};
 
 use crate::{
-    CaseResult, Context, Ctx, Failure, ensure, ensure_increasing, fail, stays_pending, within,
+    CaseResult, Context, Ctx, Failure, ensure, ensure_increasing, fail,
+    spans::{Seen, spans_of},
+    stays_pending, within,
 };
 
 /// The next state a follow stream reports, within `limit`.
@@ -372,4 +374,40 @@ pub async fn refused_then_ends(
             "the stream did not end within {limit:?} of the refusal ({refusal})"
         )),
     }
+}
+
+/// Each leader operation shows a `tracing` subscriber exactly one span (DESIGN §2), `sync`,
+/// with the operation and the group; the backend nests no second span in it.
+pub async fn one_span_per_operation(ctx: &Ctx) -> CaseResult {
+    let client = ctx.client().await?;
+    let leader = client.leader("spans")?;
+    // A session opens on first use: not part of what is heard.
+    let warm_up = client
+        .lock()?
+        .acquire("warm-up", Default::default())
+        .await?;
+    warm_up.release().await?;
+    let (done, seen) = spans_of(async {
+        let elected = leader.elect("me", ElectOptions::new()).await?;
+        leader.leader().await?;
+        drop(leader.follow().await?);
+        elected.proclaim(b"v").await?;
+        elected.resign().await?;
+        Ok::<_, Failure>(())
+    })
+    .await;
+    done?;
+    let expected = [
+        "leader.elect",
+        "leader.leader",
+        "leader.follow",
+        "leader.proclaim",
+        "leader.resign",
+    ]
+    .map(|op| Seen::op(op, "spans"));
+    ensure!(
+        seen == expected,
+        "the spans opened were {seen:#?}, expected {expected:#?}"
+    );
+    Ok(())
 }

@@ -44,6 +44,7 @@ pub mod pause;
 pub mod pki;
 pub mod proxy;
 mod runner;
+mod spans;
 pub mod task;
 pub mod time;
 pub mod tools;

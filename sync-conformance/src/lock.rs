@@ -13,8 +13,9 @@ use std::future::Future;
 use sync_core::{ErrorKind, Lock, LockGuard, LockOptions, id::MAX_ID_LEN};
 
 use crate::{
-    CaseResult, Context, Ctx, Failure, ensure, ensure_increasing, expect_kind, stays_pending,
-    within,
+    CaseResult, Context, Ctx, Failure, ensure, ensure_increasing, expect_kind, fail,
+    spans::{Seen, spans_of},
+    stays_pending, within,
 };
 
 /// Runs `rounds` critical sections per contender, each contender a task on one of `handles`
@@ -583,4 +584,37 @@ pub async fn release_after_revoke(ctx: &Ctx) -> CaseResult {
         "release of a guard whose lease was revoked",
         guard.release().await,
     )
+}
+
+/// Each lock operation shows a `tracing` subscriber exactly one span (DESIGN §2), `sync`, with
+/// the operation and the id; the backend nests no second span of its own in it.
+pub async fn one_span_per_operation(ctx: &Ctx) -> CaseResult {
+    let client = ctx.client().await?;
+    let lock = client.lock()?;
+    // A session opens on first use: not part of what is heard.
+    let warm_up = lock.acquire("warm-up", LockOptions::new()).await?;
+    warm_up.release().await?;
+    let (done, seen) = spans_of(async {
+        let guard = lock.acquire("spans", LockOptions::new()).await?;
+        guard.release().await?;
+        let Some(guard) = lock.try_acquire("spans").await? else {
+            fail!("try_acquire of a free lock granted nothing");
+        };
+        guard.release().await?;
+        Ok::<_, Failure>(())
+    })
+    .await;
+    done?;
+    // A guard's release is named by the guard, which the span does not repeat.
+    let expected = [
+        Seen::op("lock.acquire", "spans"),
+        Seen::op("lock.release", ""),
+        Seen::op("lock.try_acquire", "spans"),
+        Seen::op("lock.release", ""),
+    ];
+    ensure!(
+        seen == expected,
+        "the spans opened were {seen:#?}, expected {expected:#?}"
+    );
+    Ok(())
 }

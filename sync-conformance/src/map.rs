@@ -4,7 +4,11 @@ use std::sync::{Arc, Mutex};
 
 use sync_core::{ErrorKind, Map};
 
-use crate::{CaseResult, Ctx, Failure, ensure, expect_kind, fail, within};
+use crate::{
+    CaseResult, Ctx, Failure, ensure, expect_kind, fail,
+    spans::{Seen, spans_of},
+    within,
+};
 
 fn num(v: Option<&[u8]>) -> u64 {
     v.and_then(|v| std::str::from_utf8(v).ok())
@@ -274,6 +278,39 @@ pub async fn iterate_holds_no_locks(ctx: &Ctx) -> CaseResult {
     ensure!(
         value(m.as_ref(), "b").await?.as_deref() == Some(&b"7"[..]),
         "b lost the other client's write"
+    );
+    Ok(())
+}
+
+/// Each map operation shows a `tracing` subscriber exactly one span (DESIGN §2), `sync`, with
+/// the operation, the key and the map's name; the backend nests no second span in it.
+pub async fn one_span_per_operation(ctx: &Ctx) -> CaseResult {
+    let client = ctx.client().await?;
+    let m = client.map("spans")?;
+    m.write("warm-up", b"x").await?;
+    let (done, seen) = spans_of(async {
+        let v = m.write("k", b"1").await?;
+        m.read("k").await?;
+        let v = m.compare_and_swap("k", Some(v), b"2").await?;
+        m.compare_and_delete("k", v).await?;
+        m.delete("warm-up").await?;
+        m.entries().await?;
+        Ok::<_, Failure>(())
+    })
+    .await;
+    done?;
+    let expected = [
+        ("map.write", "k"),
+        ("map.read", "k"),
+        ("map.compare_and_swap", "k"),
+        ("map.compare_and_delete", "k"),
+        ("map.delete", "warm-up"),
+        ("map.entries", "spans"),
+    ]
+    .map(|(op, id)| Seen::op(op, id).in_map("spans"));
+    ensure!(
+        seen == expected,
+        "the spans opened were {seen:#?}, expected {expected:#?}"
     );
     Ok(())
 }

@@ -16,7 +16,9 @@ use sync_core::{
 use tokio::sync::{mpsc, watch};
 
 use crate::{
-    CaseResult, Ctx, Failure, ensure, eventually, expect_kind, fail, stays_pending, within,
+    CaseResult, Ctx, Failure, ensure, eventually, expect_kind, fail,
+    spans::{Seen, spans_of},
+    stays_pending, within,
 };
 
 /// Retries in these cases wait this long, so they stay fast.
@@ -704,4 +706,29 @@ pub async fn succeeded_within(
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
+}
+
+/// Each task operation shows a `tracing` subscriber exactly one span (DESIGN §2), `sync`,
+/// with the operation and the job's name or id; the backend nests no second span in it.
+pub async fn one_span_per_operation(ctx: &Ctx) -> CaseResult {
+    let client = ctx.client().await?;
+    let task = client.task()?;
+    // Whatever a first use sets up is not part of what is heard.
+    task.submit(Job::new("warm-up", b"".to_vec())).await?;
+    let (done, seen) = spans_of(async {
+        let id = task.submit(Job::new("spans", b"".to_vec())).await?;
+        task.status(&id).await?;
+        Ok::<_, Failure>(id)
+    })
+    .await;
+    let id = done?;
+    let expected = [
+        Seen::op("task.submit", "spans"),
+        Seen::op("task.status", &id.0),
+    ];
+    ensure!(
+        seen == expected,
+        "the spans opened were {seen:#?}, expected {expected:#?}"
+    );
+    Ok(())
 }

@@ -102,7 +102,6 @@ impl Leader for ConsulLeader {
         &self.group
     }
 
-    #[tracing::instrument(level = "debug", skip(self, opts), fields(backend = BACKEND, primitive = "leader", id = %self.group))]
     async fn elect(&self, candidate: &str, opts: ElectOptions) -> Result<Elected> {
         let grant = campaign(
             &self.client,

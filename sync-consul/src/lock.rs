@@ -60,7 +60,6 @@ impl ConsulLock {
 
 #[async_trait]
 impl Lock for ConsulLock {
-    #[tracing::instrument(level = "debug", skip(self, opts), fields(backend = BACKEND, primitive = "lock"))]
     async fn acquire(&self, id: &str, opts: LockOptions) -> Result<LockGuard> {
         let key = self.client.lock_key(id);
         let nonce = crate::contend::nonce();
@@ -72,7 +71,6 @@ impl Lock for ConsulLock {
         Ok(self.guard(id, key, grant))
     }
 
-    #[tracing::instrument(level = "debug", skip(self), fields(backend = BACKEND, primitive = "lock"))]
     async fn try_acquire(&self, id: &str) -> Result<Option<LockGuard>> {
         let key = self.client.lock_key(id);
         let nonce = crate::contend::nonce();
@@ -99,7 +97,6 @@ impl Lock for ConsulLock {
         }))
     }
 
-    #[tracing::instrument(level = "debug", skip(self), fields(backend = BACKEND, primitive = "lock"))]
     async fn release(&self, id: &str) -> Result<()> {
         self.client.check_alive()?;
         match self.mine.take_oldest(id) {

@@ -313,13 +313,13 @@ fn unknown(change: &Change<'_>, why: &str) -> Error {
     .with_id(change.key)
 }
 
+// The checked layer (sync-kit) opens each operation's span, with backend, primitive, map and key.
 #[async_trait]
 impl Map for ConsulMap {
     fn name(&self) -> &str {
         &self.name
     }
 
-    #[tracing::instrument(level = "debug", skip(self), fields(backend = BACKEND, primitive = "map", map = %self.name))]
     async fn read(&self, key: &str) -> Result<Option<Entry>> {
         let path = self.path(key)?;
         let seen = self
@@ -329,17 +329,14 @@ impl Map for ConsulMap {
         Ok(seen.map(|e| Entry::new(key, e.value, e.modify_index)))
     }
 
-    #[tracing::instrument(level = "debug", skip(self, value), fields(backend = BACKEND, primitive = "map", map = %self.name))]
     async fn write(&self, key: &str, value: &[u8]) -> Result<Version> {
         self.put(key, Expect::Any, value).await
     }
 
-    #[tracing::instrument(level = "debug", skip(self), fields(backend = BACKEND, primitive = "map", map = %self.name))]
     async fn delete(&self, key: &str) -> Result<bool> {
         self.remove(key, Expect::Any).await
     }
 
-    #[tracing::instrument(level = "debug", skip(self, value), fields(backend = BACKEND, primitive = "map", map = %self.name))]
     async fn compare_and_swap(
         &self,
         key: &str,
@@ -355,7 +352,6 @@ impl Map for ConsulMap {
         self.put(key, expect, value).await
     }
 
-    #[tracing::instrument(level = "debug", skip(self), fields(backend = BACKEND, primitive = "map", map = %self.name))]
     async fn compare_and_delete(&self, key: &str, expected: Version) -> Result<()> {
         if expected == 0 {
             return Err(conflict(key, Expect::At(0)));
@@ -364,7 +360,6 @@ impl Map for ConsulMap {
     }
 
     /// One consistent recursive read of the map's prefix: a single snapshot, sorted by key.
-    #[tracing::instrument(level = "debug", skip(self), fields(backend = BACKEND, primitive = "map", map = %self.name))]
     async fn entries(&self) -> Result<Vec<Entry>> {
         self.client.check_alive()?;
         let read = self

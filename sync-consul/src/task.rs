@@ -445,7 +445,6 @@ enum Submitted {
 impl JobStore for ConsulTask {
     type Queue = ConsulQueue;
 
-    #[tracing::instrument(level = "debug", skip(self, job), fields(backend = BACKEND, primitive = "task", id = %job.name))]
     async fn submit(&self, job: Job) -> Result<JobId> {
         let shared = &self.shared;
         shared.client.check_alive()?;
@@ -516,7 +515,6 @@ impl JobStore for ConsulTask {
         Ok(JobId(id))
     }
 
-    #[tracing::instrument(level = "debug", skip(self), fields(backend = BACKEND, primitive = "task"))]
     async fn status(&self, id: &JobId) -> Result<JobStatus> {
         self.shared.check_job_id(id)?;
         let eid = escape(&id.0);
@@ -526,7 +524,6 @@ impl JobStore for ConsulTask {
         }
     }
 
-    #[tracing::instrument(level = "debug", skip(self), fields(backend = BACKEND, primitive = "task"))]
     async fn wait(&self, id: &JobId) -> Result<JobStatus> {
         let shared = &self.shared;
         shared.check_job_id(id)?;

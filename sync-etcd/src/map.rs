@@ -194,13 +194,13 @@ impl EtcdMap {
     }
 }
 
+// The checked layer (sync-kit) opens each operation's span, with backend, primitive, map and key.
 #[async_trait]
 impl Map for EtcdMap {
     fn name(&self) -> &str {
         &self.name
     }
 
-    #[tracing::instrument(level = "debug", skip(self), fields(backend = BACKEND, primitive = "map", map = %self.name))]
     async fn read(&self, key: &str) -> Result<Option<Entry>> {
         let k = self.key(key)?;
         let resp = self
@@ -215,7 +215,6 @@ impl Map for EtcdMap {
             .map(|kv| Entry::new(key, kv.value().to_vec(), kv.mod_revision() as Version)))
     }
 
-    #[tracing::instrument(level = "debug", skip(self, value), fields(backend = BACKEND, primitive = "map", map = %self.name))]
     async fn write(&self, key: &str, value: &[u8]) -> Result<Version> {
         let k = self.key(key)?;
         let resp = self
@@ -227,7 +226,6 @@ impl Map for EtcdMap {
         Ok(Self::revision(resp.header()))
     }
 
-    #[tracing::instrument(level = "debug", skip(self), fields(backend = BACKEND, primitive = "map", map = %self.name))]
     async fn delete(&self, key: &str) -> Result<bool> {
         let k = self.key(key)?;
         let resp = self
@@ -243,7 +241,6 @@ impl Map for EtcdMap {
     /// the answer is lost: the txn also writes a write-marker (this write's nonce, on the
     /// client's lease) that a resolution reads back. Resending the same swap is safe: only one
     /// of two sends can find the key at `expected`.
-    #[tracing::instrument(level = "debug", skip(self, value), fields(backend = BACKEND, primitive = "map", map = %self.name))]
     async fn compare_and_swap(
         &self,
         key: &str,
@@ -309,7 +306,6 @@ impl Map for EtcdMap {
         }
     }
 
-    #[tracing::instrument(level = "debug", skip(self), fields(backend = BACKEND, primitive = "map", map = %self.name))]
     async fn compare_and_delete(&self, key: &str, expected: Version) -> Result<()> {
         let k = self.key(key)?;
         let v = Self::mod_revision(key, expected)?;
@@ -329,7 +325,6 @@ impl Map for EtcdMap {
     }
 
     /// A sorted snapshot of the whole map, read in pages (see [`EtcdMap::list`]).
-    #[tracing::instrument(level = "debug", skip(self), fields(backend = BACKEND, primitive = "map", map = %self.name))]
     async fn entries(&self) -> Result<Vec<Entry>> {
         self.list().await
     }

@@ -101,45 +101,66 @@ fn observe(key: &Key, took: Duration) {
     metrics::with_recorder(|r| r.register_histogram(key, &META).record(took.as_secs_f64()));
 }
 
+/// What an operation acts on: an id (lock id, map key, group…) and, for a map's, the map.
+#[derive(Clone, Copy)]
+struct At<'a> {
+    id: &'a str,
+    map: Option<&'a str>,
+}
+
+impl<'a> From<&'a str> for At<'a> {
+    fn from(id: &'a str) -> Self {
+        At { id, map: None }
+    }
+}
+
+impl<'a> From<&'a String> for At<'a> {
+    fn from(id: &'a String) -> Self {
+        id.as_str().into()
+    }
+}
+
 impl Op {
     /// Runs `fut` in its span, records it, and names backend, operation and id in its error.
-    async fn run<T>(self, id: &str, fut: impl Future<Output = Result<T>>) -> Result<T> {
+    async fn run<'a, T>(
+        self,
+        at: impl Into<At<'a>>,
+        fut: impl Future<Output = Result<T>>,
+    ) -> Result<T> {
+        let at = at.into();
         let start = Instant::now();
-        let result = self.traced(id, fut).await;
+        let result = in_span_async(self.span(at), fut).await;
         self.record(start.elapsed(), result.as_ref().err());
-        result.map_err(|e| e.in_context(self.backend, self.operation, id))
+        result.map_err(|e| e.in_context(self.backend, self.operation, at.id))
     }
 
-    /// Runs `fut` in this operation's span.
-    async fn traced<T>(self, id: &str, fut: impl Future<Output = T>) -> T {
-        in_span_async(self.span(id), fut).await
-    }
-
-    fn span(self, id: &str) -> tracing::Span {
+    fn span<'a>(self, at: impl Into<At<'a>>) -> tracing::Span {
         // Checked first: with tracing's `log` feature on (a dependency may turn it on), a
         // disabled span would still be built and offered to `log`, costing more than the
         // in-process operation it wraps.
         if !tracing::level_enabled!(tracing::Level::DEBUG) {
             return tracing::Span::none();
         }
+        let At { id, map } = at.into();
         tracing::debug_span!(
             "sync",
             backend = self.backend,
             primitive = self.primitive,
             operation = self.operation,
-            id
+            id,
+            map
         )
     }
 
     /// Runs `fut` only if the input `check` passed; a refusal is counted and named like any
     /// other error. (`fut` is lazy: nothing reaches the backend before it is polled.)
-    async fn checked<T>(
+    async fn checked<'a, T>(
         self,
-        id: &str,
+        at: impl Into<At<'a>>,
         check: Result<()>,
         fut: impl Future<Output = Result<T>>,
     ) -> Result<T> {
-        self.run(id, async move {
+        self.run(at, async move {
             check?;
             fut.await
         })
@@ -809,6 +830,12 @@ impl CheckedMap {
         self.check_key(key)?;
         validate_value(value).map_err(|e| e.with_backend(self.backend))
     }
+
+    /// `key` of this map, as its operation's span and errors name it.
+    fn at<'a>(&'a self, key: &'a str) -> At<'a> {
+        let map = Some(self.inner.name());
+        At { id: key, map }
+    }
 }
 
 #[async_trait]
@@ -819,14 +846,14 @@ impl Map for CheckedMap {
 
     async fn read(&self, key: &str) -> Result<Option<Entry>> {
         op(self.backend, "map", "map.read")
-            .checked(key, self.check_key(key), self.inner.read(key))
+            .checked(self.at(key), self.check_key(key), self.inner.read(key))
             .await
     }
 
     async fn write(&self, key: &str, value: &[u8]) -> Result<Version> {
         op(self.backend, "map", "map.write")
             .checked(
-                key,
+                self.at(key),
                 self.check_write(key, value),
                 self.inner.write(key, value),
             )
@@ -835,7 +862,7 @@ impl Map for CheckedMap {
 
     async fn delete(&self, key: &str) -> Result<bool> {
         op(self.backend, "map", "map.delete")
-            .checked(key, self.check_key(key), self.inner.delete(key))
+            .checked(self.at(key), self.check_key(key), self.inner.delete(key))
             .await
     }
 
@@ -847,20 +874,20 @@ impl Map for CheckedMap {
     ) -> Result<Version> {
         let cas = self.inner.compare_and_swap(key, expected, value);
         op(self.backend, "map", "map.compare_and_swap")
-            .checked(key, self.check_write(key, value), cas)
+            .checked(self.at(key), self.check_write(key, value), cas)
             .await
     }
 
     async fn compare_and_delete(&self, key: &str, expected: Version) -> Result<()> {
         let cad = self.inner.compare_and_delete(key, expected);
         op(self.backend, "map", "map.compare_and_delete")
-            .checked(key, self.check_key(key), cad)
+            .checked(self.at(key), self.check_key(key), cad)
             .await
     }
 
     async fn entries(&self) -> Result<Vec<Entry>> {
         op(self.backend, "map", "map.entries")
-            .run(self.name(), self.inner.entries())
+            .run(self.at(self.name()), self.inner.entries())
             .await
     }
 }

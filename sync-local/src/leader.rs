@@ -8,7 +8,6 @@ use sync_core::{
     ElectOptions, Elected, Error, ErrorKind, FollowStream, Leader, LeaderInfo, LossSignal, Result,
 };
 use tokio::sync::watch;
-use tracing::Instrument;
 
 use sync_kit::locked;
 
@@ -143,32 +142,25 @@ impl Leader for LocalLeader {
     }
 
     async fn elect(&self, candidate: &str, opts: ElectOptions) -> Result<Elected> {
-        let span = tracing::debug_span!("elect", backend = BACKEND, primitive = "leader", id = %self.campaign.group, candidate);
-        async {
-            let (term, signal) = self
-                .campaign
-                .win(candidate, opts.value.clone(), opts.wait)
-                .await?;
-            let inner = LocalLeadership {
-                campaign: self.campaign.clone(),
-                candidate: candidate.to_string(),
-                term,
-                revoked: signal.clone(),
-                value: Mutex::new(opts.value),
-            };
-            Ok(Elected::new(candidate, term, signal, Box::new(inner)))
-        }
-        .instrument(span)
-        .await
+        let (term, signal) = self
+            .campaign
+            .win(candidate, opts.value.clone(), opts.wait)
+            .await?;
+        let inner = LocalLeadership {
+            campaign: self.campaign.clone(),
+            candidate: candidate.to_string(),
+            term,
+            revoked: signal.clone(),
+            value: Mutex::new(opts.value),
+        };
+        Ok(Elected::new(candidate, term, signal, Box::new(inner)))
     }
 
-    #[tracing::instrument(level = "debug", skip(self), fields(backend = BACKEND, primitive = "leader", id = %self.campaign.group))]
     async fn leader(&self) -> Result<Option<LeaderInfo>> {
         self.campaign.check_open()?;
         Ok(self.campaign.current())
     }
 
-    #[tracing::instrument(level = "debug", skip(self), fields(backend = BACKEND, primitive = "leader", id = %self.campaign.group))]
     async fn follow(&self) -> Result<FollowStream> {
         self.campaign.check_open()?;
         let subscribe = |g: &mut Group| g.published.subscribe();

@@ -51,17 +51,6 @@ impl LocalMap {
         self.client.session().map(|_| ())
     }
 
-    fn span(&self, op: &'static str, key: &str) -> tracing::Span {
-        tracing::debug_span!(
-            "map",
-            op,
-            backend = BACKEND,
-            primitive = "map",
-            map = %self.name,
-            id = key
-        )
-    }
-
     /// Runs `f` on this map's entries under the table lock.
     fn with_map<T>(&self, f: impl FnOnce(&mut BTreeMap<String, Slot>) -> T) -> T {
         let mut maps = locked(&self.client.shared.maps.maps);
@@ -101,6 +90,7 @@ impl LocalMap {
     }
 }
 
+// The checked layer (sync-kit) opens each operation's span, with backend, primitive, map and key.
 #[async_trait]
 impl Map for LocalMap {
     fn name(&self) -> &str {
@@ -108,28 +98,22 @@ impl Map for LocalMap {
     }
 
     async fn read(&self, key: &str) -> Result<Option<Entry>> {
-        self.span("read", key).in_scope(|| {
-            self.check_client()?;
-            let maps = locked(&self.client.shared.maps.maps);
-            Ok(maps
-                .get(&self.key)
-                .and_then(|m| m.get(key))
-                .map(|s| Entry::new(key, s.value.clone(), s.version)))
-        })
+        self.check_client()?;
+        let maps = locked(&self.client.shared.maps.maps);
+        Ok(maps
+            .get(&self.key)
+            .and_then(|m| m.get(key))
+            .map(|s| Entry::new(key, s.value.clone(), s.version)))
     }
 
     async fn write(&self, key: &str, value: &[u8]) -> Result<Version> {
-        self.span("write", key).in_scope(|| {
-            self.check_client()?;
-            Ok(self.with_map(|map| self.put(map, key, value)))
-        })
+        self.check_client()?;
+        Ok(self.with_map(|map| self.put(map, key, value)))
     }
 
     async fn delete(&self, key: &str) -> Result<bool> {
-        self.span("delete", key).in_scope(|| {
-            self.check_client()?;
-            Ok(self.with_map(|map| map.remove(key).is_some()))
-        })
+        self.check_client()?;
+        Ok(self.with_map(|map| map.remove(key).is_some()))
     }
 
     async fn compare_and_swap(
@@ -138,56 +122,43 @@ impl Map for LocalMap {
         expected: Option<Version>,
         value: &[u8],
     ) -> Result<Version> {
-        self.span("compare_and_swap", key).in_scope(|| {
-            self.check_client()?;
-            let result = self.with_map(|map| {
-                let actual = map.get(key).map(|s| s.version);
-                if actual != expected {
-                    return Err(Self::conflict(key, expected, actual));
-                }
-                Ok(self.put(map, key, value))
-            });
-            if let Err(e) = &result {
-                tracing::debug!(backend = BACKEND, key, error = %e, "compare-and-swap lost");
+        self.check_client()?;
+        let result = self.with_map(|map| {
+            let actual = map.get(key).map(|s| s.version);
+            if actual != expected {
+                return Err(Self::conflict(key, expected, actual));
             }
-            result
-        })
+            Ok(self.put(map, key, value))
+        });
+        if let Err(e) = &result {
+            tracing::debug!(backend = BACKEND, key, error = %e, "compare-and-swap lost");
+        }
+        result
     }
 
     async fn compare_and_delete(&self, key: &str, expected: Version) -> Result<()> {
-        self.span("compare_and_delete", key).in_scope(|| {
-            self.check_client()?;
-            self.with_map(|map| {
-                let actual = map.get(key).map(|s| s.version);
-                if actual != Some(expected) {
-                    return Err(Self::conflict(key, Some(expected), actual));
-                }
-                map.remove(key);
-                Ok(())
-            })
+        self.check_client()?;
+        self.with_map(|map| {
+            let actual = map.get(key).map(|s| s.version);
+            if actual != Some(expected) {
+                return Err(Self::conflict(key, Some(expected), actual));
+            }
+            map.remove(key);
+            Ok(())
         })
     }
 
     async fn entries(&self) -> Result<Vec<Entry>> {
-        let span = tracing::debug_span!(
-            "map",
-            op = "entries",
-            backend = BACKEND,
-            primitive = "map",
-            id = %self.name
-        );
-        span.in_scope(|| {
-            self.check_client()?;
-            let maps = locked(&self.client.shared.maps.maps);
-            Ok(maps
-                .get(&self.key)
-                .map(|m| {
-                    m.iter()
-                        .map(|(k, s)| Entry::new(k.clone(), s.value.clone(), s.version))
-                        .collect()
-                })
-                .unwrap_or_default())
-        })
+        self.check_client()?;
+        let maps = locked(&self.client.shared.maps.maps);
+        Ok(maps
+            .get(&self.key)
+            .map(|m| {
+                m.iter()
+                    .map(|(k, s)| Entry::new(k.clone(), s.value.clone(), s.version))
+                    .collect()
+            })
+            .unwrap_or_default())
     }
 }
 

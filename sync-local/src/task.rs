@@ -360,77 +360,69 @@ impl JobStore for LocalTask {
     type Queue = LocalQueue;
 
     async fn submit(&self, job: Job) -> Result<JobId> {
-        let span =
-            tracing::debug_span!("submit", backend = BACKEND, primitive = "task", id = %job.name);
-        span.in_scope(|| {
-            self.client.session()?;
-            // A keyed job's id is its key: a second submit of the key finds the first job.
-            let id = JobId(job.key.clone().unwrap_or_else(|| uuid::Uuid::new_v4().to_string()));
-            let job_key = self.job_key(&id);
-            let queue = self.client.key(&["task", &job.name]);
-            let mut state = locked(&self.client.shared.jobs.state);
-            state.forget_expired(Instant::now());
-            if state.jobs.contains_key(&job_key) {
-                tracing::debug!(backend = BACKEND, primitive = "task", job = %id, "job key already submitted");
-                return Ok(id);
-            }
-            let status = JobStatus::queued(id.clone(), &job);
-            state.jobs.insert(
-                job_key.clone(),
-                JobEntry {
-                    job,
-                    queue: queue.clone(),
-                    status,
-                    claim: None,
-                    retry: None,
-                    changed: watch::channel(()).0,
-                    retention: self.client.config.job_retention,
-                },
-            );
-            state.make_ready(&queue, &job_key);
-            tracing::debug!(backend = BACKEND, primitive = "task", job = %id, "job queued");
-            Ok(id)
-        })
+        self.client.session()?;
+        // A keyed job's id is its key: a second submit of the key finds the first job.
+        let id = JobId(
+            job.key
+                .clone()
+                .unwrap_or_else(|| uuid::Uuid::new_v4().to_string()),
+        );
+        let job_key = self.job_key(&id);
+        let queue = self.client.key(&["task", &job.name]);
+        let mut state = locked(&self.client.shared.jobs.state);
+        state.forget_expired(Instant::now());
+        if state.jobs.contains_key(&job_key) {
+            tracing::debug!(backend = BACKEND, primitive = "task", job = %id, "job key already submitted");
+            return Ok(id);
+        }
+        let status = JobStatus::queued(id.clone(), &job);
+        state.jobs.insert(
+            job_key.clone(),
+            JobEntry {
+                job,
+                queue: queue.clone(),
+                status,
+                claim: None,
+                retry: None,
+                changed: watch::channel(()).0,
+                retention: self.client.config.job_retention,
+            },
+        );
+        state.make_ready(&queue, &job_key);
+        tracing::debug!(backend = BACKEND, primitive = "task", job = %id, "job queued");
+        Ok(id)
     }
 
     async fn status(&self, id: &JobId) -> Result<JobStatus> {
-        let span = tracing::debug_span!("status", backend = BACKEND, primitive = "task", id = %id);
-        span.in_scope(|| {
-            self.client.session()?;
-            let mut state = locked(&self.client.shared.jobs.state);
-            state.forget_expired(Instant::now());
-            state
-                .jobs
-                .get(&self.job_key(id))
-                .map(|e| e.status.clone())
-                .ok_or_else(|| Self::not_found(id))
-        })
+        self.client.session()?;
+        let mut state = locked(&self.client.shared.jobs.state);
+        state.forget_expired(Instant::now());
+        state
+            .jobs
+            .get(&self.job_key(id))
+            .map(|e| e.status.clone())
+            .ok_or_else(|| Self::not_found(id))
     }
 
     async fn wait(&self, id: &JobId) -> Result<JobStatus> {
-        let span = tracing::debug_span!("wait", backend = BACKEND, primitive = "task", id = %id);
-        async {
-            self.client.session()?;
-            let job_key = self.job_key(id);
-            loop {
-                // Subscribe under the lock that guards the status, so no change is missed.
-                let mut changed = {
-                    let state = locked(&self.client.shared.jobs.state);
-                    let entry = state
-                        .jobs
-                        .get(&job_key)
-                        .ok_or_else(|| Self::not_found(id))?;
-                    if entry.status.state.is_final() {
-                        return Ok(entry.status.clone());
-                    }
-                    entry.changed.subscribe()
-                };
-                // The sender is dropped when the job is forgotten.
-                changed.changed().await.map_err(|_| Self::not_found(id))?;
-            }
+        self.client.session()?;
+        let job_key = self.job_key(id);
+        loop {
+            // Subscribe under the lock that guards the status, so no change is missed.
+            let mut changed = {
+                let state = locked(&self.client.shared.jobs.state);
+                let entry = state
+                    .jobs
+                    .get(&job_key)
+                    .ok_or_else(|| Self::not_found(id))?;
+                if entry.status.state.is_final() {
+                    return Ok(entry.status.clone());
+                }
+                entry.changed.subscribe()
+            };
+            // The sender is dropped when the job is forgotten.
+            changed.changed().await.map_err(|_| Self::not_found(id))?;
         }
-        .instrument(span)
-        .await
     }
 
     async fn queue(&self, name: &str) -> Result<LocalQueue> {

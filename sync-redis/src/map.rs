@@ -344,13 +344,13 @@ impl Expect {
     }
 }
 
+// The checked layer (sync-kit) opens each operation's span, with backend, primitive, map and key.
 #[async_trait]
 impl Map for RedisMap {
     fn name(&self) -> &str {
         &self.name
     }
 
-    #[tracing::instrument(level = "debug", skip(self), fields(backend = BACKEND, primitive = "map", map = %self.name))]
     async fn read(&self, key: &str) -> Result<Option<Entry>> {
         self.client.check_alive()?;
         let raw: Option<Vec<u8>> = self
@@ -359,17 +359,14 @@ impl Map for RedisMap {
         raw.map(|raw| parse_entry(key, &raw)).transpose()
     }
 
-    #[tracing::instrument(level = "debug", skip(self, value), fields(backend = BACKEND, primitive = "map", map = %self.name))]
     async fn write(&self, key: &str, value: &[u8]) -> Result<Version> {
         self.put(key, Expect::Any, value).await
     }
 
-    #[tracing::instrument(level = "debug", skip(self), fields(backend = BACKEND, primitive = "map", map = %self.name))]
     async fn delete(&self, key: &str) -> Result<bool> {
         self.remove(key, Expect::Any).await
     }
 
-    #[tracing::instrument(level = "debug", skip(self, value), fields(backend = BACKEND, primitive = "map", map = %self.name))]
     async fn compare_and_swap(
         &self,
         key: &str,
@@ -385,7 +382,6 @@ impl Map for RedisMap {
         self.put(key, expect, value).await
     }
 
-    #[tracing::instrument(level = "debug", skip(self), fields(backend = BACKEND, primitive = "map", map = %self.name))]
     async fn compare_and_delete(&self, key: &str, expected: Version) -> Result<()> {
         // No key is ever at version 0 (and "0" means absent to the script).
         if expected == 0 {
@@ -397,7 +393,6 @@ impl Map for RedisMap {
     /// One HGETALL: a consistent snapshot of the whole map in one reply, so a map is meant to
     /// stay small enough to be read at once (its values are at most
     /// [`MAX_VALUE_LEN`](sync_core::MAX_VALUE_LEN) each; the reply holds them all).
-    #[tracing::instrument(level = "debug", skip(self), fields(backend = BACKEND, primitive = "map", map = %self.name))]
     async fn entries(&self) -> Result<Vec<Entry>> {
         self.client.check_alive()?;
         let raw: Vec<(String, Vec<u8>)> = self.look("listing", &self.name, &READ_ALL, &[]).await?;

@@ -536,7 +536,6 @@ impl RedisTask {
 impl JobStore for RedisTask {
     type Queue = RedisQueue;
 
-    #[tracing::instrument(level = "debug", skip(self, job), fields(backend = BACKEND, primitive = "task", id = %job.name))]
     async fn submit(&self, job: Job) -> Result<JobId> {
         let shared = &self.shared;
         shared.client.check_alive()?;
@@ -574,7 +573,6 @@ impl JobStore for RedisTask {
         Ok(JobId(id))
     }
 
-    #[tracing::instrument(level = "debug", skip(self), fields(backend = BACKEND, primitive = "task"))]
     async fn status(&self, id: &JobId) -> Result<JobStatus> {
         self.shared.check_job_id(id)?;
         let eid = escape(&id.0);
@@ -584,7 +582,6 @@ impl JobStore for RedisTask {
             .ok_or_else(|| Shared::not_found(&id.0))
     }
 
-    #[tracing::instrument(level = "debug", skip(self), fields(backend = BACKEND, primitive = "task"))]
     async fn wait(&self, id: &JobId) -> Result<JobStatus> {
         let shared = &self.shared;
         shared.check_job_id(id)?;
