@@ -605,12 +605,11 @@ pub async fn one_span_per_operation(ctx: &Ctx) -> CaseResult {
     })
     .await;
     done?;
-    // A guard's release is named by the guard, which the span does not repeat.
     let expected = [
         Seen::op("lock.acquire", "spans"),
-        Seen::op("lock.release", ""),
+        Seen::op("lock.release", "spans"),
         Seen::op("lock.try_acquire", "spans"),
-        Seen::op("lock.release", ""),
+        Seen::op("lock.release", "spans"),
     ];
     ensure!(
         seen == expected,

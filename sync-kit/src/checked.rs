@@ -330,6 +330,9 @@ pub trait InProcessHeld: Send + Sync + 'static {
 
     /// Releases without waiting (the guard was dropped).
     fn release_held_in_background(self);
+
+    /// The lock id, for the release's span (asked only while a subscriber listens).
+    fn id(&self) -> String;
 }
 
 /// The [`LockOps`] of `backend`, made on first use.
@@ -404,10 +407,12 @@ impl<L: InProcessLock> GrantNow for L {
 /// Times the hold of `guard` (from `now`, when it was granted) and counts a loss when it ends.
 fn timed(ops: &'static LockOps, guard: LockGuard, now: Instant) -> LockGuard {
     let lost = guard.loss_signal();
+    // A copy of the id per grant costs nothing beside a network round trip.
+    let id = guard.id().into();
     guard.map_held(|inner| {
         Box::new(TimedHold {
             ops,
-            inner: Boxed(inner),
+            inner: Boxed(inner, id),
             since: now,
             lost,
         })
@@ -537,9 +542,13 @@ trait Backing: Send + Sync + 'static {
     fn release_now(&mut self, lost: &LossSignal) -> Option<Result<()>>;
     fn release<'a>(&'a mut self, lost: &'a LossSignal) -> BoxFuture<'a, Result<()>>;
     fn release_in_background(self);
+
+    /// The lock id, for the release's span.
+    fn id(&self) -> std::borrow::Cow<'_, str>;
 }
 
-struct Boxed(Box<dyn HeldLock>);
+/// A network backend's side of a guard, and the lock id.
+struct Boxed(Box<dyn HeldLock>, Box<str>);
 
 impl Backing for Boxed {
     const RELEASES_NOW: bool = false;
@@ -554,6 +563,10 @@ impl Backing for Boxed {
 
     fn release_in_background(self) {
         self.0.release_in_background();
+    }
+
+    fn id(&self) -> std::borrow::Cow<'_, str> {
+        (&*self.1).into()
     }
 }
 
@@ -573,6 +586,10 @@ impl<H: InProcessHeld> Backing for InProcess<H> {
     fn release_in_background(self) {
         self.0.release_held_in_background();
     }
+
+    fn id(&self) -> std::borrow::Cow<'_, str> {
+        self.0.id().into()
+    }
 }
 
 /// The backend side of a guard, timed.
@@ -585,6 +602,14 @@ struct TimedHold<H> {
 }
 
 impl<H: Backing> TimedHold<H> {
+    /// The release's span, naming the lock (its id is looked up only if a subscriber listens).
+    fn release_span(&self) -> tracing::Span {
+        if !tracing::level_enabled!(tracing::Level::DEBUG) {
+            return tracing::Span::none();
+        }
+        self.ops.release.span(&*self.inner.id())
+    }
+
     /// Why the hold was lost, if it was by `now`: asked before the release, which ends the
     /// signal.
     fn loss(&self, now: Instant) -> Option<String> {
@@ -615,7 +640,7 @@ impl<H: Backing> HeldLock for TimedHold<H> {
     async fn release(&mut self) -> Result<()> {
         let start = Instant::now();
         let lost = self.loss(start);
-        let span = self.ops.release.span("");
+        let span = self.release_span();
         let released = match in_span(&span, || self.inner.release_now(&self.lost)) {
             Some(released) => released,
             None => in_span_async(span, self.inner.release(&self.lost)).await,
@@ -631,7 +656,7 @@ impl<H: Backing> HeldLock for TimedHold<H> {
         // its own (see the module doc).
         let now = Instant::now();
         let lost = self.loss(now);
-        let span = self.ops.release.span("");
+        let span = self.release_span();
         let released = in_span(&span, || self.inner.release_now(&self.lost))?;
         Some(self.ended((now, now), lost, released))
     }
@@ -1019,7 +1044,7 @@ mod tests {
         held.release().await?;
         assert_eq!(
             crate::locked(&spans.0).clone(),
-            ["lock.acquire a", "lock.try_acquire a", "lock.release "]
+            ["lock.acquire a", "lock.try_acquire a", "lock.release a"]
         );
         Ok(())
     }
@@ -1067,7 +1092,7 @@ mod tests {
         drop(other);
         assert_eq!(
             crate::locked(&spans.0).clone(),
-            ["lock.acquire a", "lock.try_acquire b", "lock.release "]
+            ["lock.acquire a", "lock.try_acquire b", "lock.release a"]
         );
         Ok(())
     }

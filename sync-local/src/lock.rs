@@ -241,6 +241,10 @@ impl InProcessHeld for Grant {
     fn release_held_in_background(self) {
         self.release_in_background();
     }
+
+    fn id(&self) -> String {
+        Grant::id(self)
+    }
 }
 
 /// The backend side of a guard of the raw handle: a grant and its signal.
