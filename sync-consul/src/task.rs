@@ -23,10 +23,11 @@
 //! attempt's fencing token (and the record's new index). A claim key is new for each attempt,
 //! so Consul's lock-delay on the key of a session that ended never holds up the next attempt.
 //!
-//! **Finishing** is one transaction, guarded by the claim (check-session) and the record's
-//! index (the token): the record becomes Succeeded / Failed (with a `done/` key) or Queued again
-//! with its queue entry (a retry, not before its backoff: workers skip it until due), the claim
-//! key is deleted, and the payload once the job ended. Outputs and payloads up to
+//! **Finishing** is one transaction, guarded by the claim key's index and the record's (both
+//! the token; Consul releasing the claim when its session ends gives it a new index): the
+//! record becomes Succeeded / Failed (with a `done/` key) or Queued again with its queue entry
+//! (a retry, not before its backoff: workers skip it until due), the claim key is deleted (at
+//! that index: the guard), and the payload once the job ended. Outputs and payloads up to
 //! [`INLINE_MAX`] travel in the transactions; bigger ones (up to
 //! [`MAX_PAYLOAD_LEN`](sync_core::MAX_PAYLOAD_LEN), which is Consul's largest value) are
 //! written with a plain PUT first, because Consul bounds a whole transaction by the size of one
@@ -700,16 +701,26 @@ impl ConsulQueue {
         Ok(api.list("reading the queue", &self.prefix, 0).await?)
     }
 
-    /// Up to `max` startable entries (and [`CLAIM_BUDGET`] bytes of records, at least one),
-    /// oldest first (spread at random over the oldest when contended); else the earliest time
-    /// (unix ms) a delayed one becomes startable.
-    fn pick(&self, entries: Vec<KvEntry>, max: usize) -> (Vec<Pick>, Option<u64>) {
+    /// Takes up to `max` startable entries out of `entries` (and [`CLAIM_BUDGET`] bytes of
+    /// records, at least one), oldest first (spread at random over the oldest when contended);
+    /// else the earliest time (unix ms) a delayed one becomes startable. Only the records of
+    /// the oldest entries are read: a long queue costs a sort, not a decode of every record,
+    /// per claim.
+    fn pick(&self, entries: &mut Vec<KvEntry>, max: usize) -> (Vec<Pick>, Option<u64>) {
         let now = now_ms();
         let mut skip = locked(&self.skip);
         skip.retain(|k, i| entries.iter().any(|e| e.key == *k && e.modify_index == *i));
+        // Stable, and all but free on the rest of a listing, which stays in this order.
+        entries.sort_by_key(|e| e.create_index);
+        let contended = self.contended.load(Ordering::Relaxed);
+        let window = if contended { max * SPREAD } else { max };
         let mut due: Option<u64> = None;
+        // Each startable entry's place in `entries`, id and record.
         let mut ready = Vec::new();
-        for e in entries {
+        for (at, e) in entries.iter().enumerate() {
+            if ready.len() == window {
+                break;
+            }
             if skip.contains_key(&e.key) {
                 continue;
             }
@@ -732,33 +743,43 @@ impl ConsulQueue {
                 due = Some(due.map_or(record.not_before, |d| d.min(record.not_before)));
                 continue;
             }
-            ready.push((e.create_index, e, id, record));
+            ready.push((at, id, record));
         }
         drop(skip);
-        ready.sort_by_key(|(created, ..)| *created);
-        if self.contended.load(Ordering::Relaxed) && ready.len() > max {
-            let window = ready.len().min(max * SPREAD);
-            ready[..window].rotate_left(random_below(window));
+        if contended && ready.len() > max {
+            let spread = random_below(ready.len());
+            ready.rotate_left(spread);
         }
         let mut budget = CLAIM_BUDGET;
-        let picks = ready
+        let mut chosen: Vec<_> = ready
             .into_iter()
             .take(max)
             .enumerate()
-            .take_while(|(i, (_, e, ..))| {
-                let fits = *i == 0 || e.value.len() <= budget;
-                budget = budget.saturating_sub(e.value.len());
+            .take_while(|(i, (at, ..))| {
+                let len = entries[*at].value.len();
+                let fits = *i == 0 || len <= budget;
+                budget = budget.saturating_sub(len);
                 fits
             })
-            .map(|(_, (_, e, id, record))| Pick {
-                eid: escape(&id).into_owned(),
-                id,
-                index: e.modify_index,
-                key: e.key,
-                record,
-                value: e.value,
+            .map(|(_, chosen)| chosen)
+            .collect();
+        // Taken out from the back, so the places of the others stay right.
+        chosen.sort_by_key(|(at, ..)| std::cmp::Reverse(*at));
+        let mut picks: Vec<Pick> = chosen
+            .into_iter()
+            .map(|(at, id, record)| {
+                let e = entries.remove(at);
+                Pick {
+                    eid: escape(&id).into_owned(),
+                    id,
+                    index: e.modify_index,
+                    key: e.key,
+                    record,
+                    value: e.value,
+                }
             })
             .collect();
+        picks.reverse();
         (picks, due)
     }
 
@@ -1047,11 +1068,12 @@ impl JobQueue for ConsulQueue {
 
     async fn claim(&self, _name: &str, max: usize) -> Result<Claimed<Claim>> {
         self.shared.client.check_alive()?;
-        let queue = self.look().await?;
-        let index = queue.index;
-        let listed = queue.value.clone();
+        let Snapshot {
+            value: mut listed,
+            index,
+        } = self.look().await?;
         self.check_rights_if_empty(&listed).await?;
-        let (picks, due) = self.pick(queue.value, max.max(1));
+        let (picks, due) = self.pick(&mut listed, max.max(1));
         if picks.is_empty() {
             // Blocks past the index of the look just taken: nothing queued since is missed.
             return Ok(Claimed::Empty(self.sleeper(index, due)));
@@ -1059,12 +1081,11 @@ impl JobQueue for ConsulQueue {
         // The rest of the listing serves the next claims, so a long queue is not read again
         // for every batch: an entry another worker took meanwhile fails its claim's index
         // check and is dropped, and an empty rest reads the queue again.
-        let rest: Vec<KvEntry> = listed
-            .into_iter()
-            .filter(|e| !picks.iter().any(|p| p.key == e.key))
-            .collect();
-        if !rest.is_empty() {
-            *locked(&self.fresh) = Some(Snapshot { value: rest, index });
+        if !listed.is_empty() {
+            *locked(&self.fresh) = Some(Snapshot {
+                value: listed,
+                index,
+            });
         }
         Ok(Claimed::Jobs(self.claim_picks(picks).await?))
     }
@@ -1158,7 +1179,7 @@ async fn record_outcome(shared: &Shared, claim: &Claim, mut outcome: Outcome) {
     }
 }
 
-/// The finish transaction, guarded (its first two operations) by the claim and the record's
+/// The finish transaction, guarded (its first two operations) by the claim's and the record's
 /// index: Succeeded (with its output and `done/` key), Failed (likewise), or Queued again
 /// with its entry. A big output is PUT first: its key is returned.
 async fn finish_ops(
@@ -1189,10 +1210,11 @@ async fn finish_ops(
         Next::Failed => record.finished = Some(now),
     }
     let value = record.encode()?;
+    // The claim key is deleted only at its index, the token: once its session ended, Consul
+    // released it (a new index), so this one operation both guards and deletes.
     let mut ops = vec![
-        KvOp::check_session(&claim.key, &claim.session.id),
+        KvOp::delete_cas(&claim.key, claim.token),
         KvOp::cas(&keys.record(&claim.eid), &value, claim.token),
-        KvOp::delete(&claim.key),
     ];
     ops.extend(output_op);
     match record.finished {
