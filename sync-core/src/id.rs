@@ -74,8 +74,21 @@ pub fn validate_namespace(ns: &str) -> Result<()> {
     Ok(())
 }
 
+/// The bytes an id keeps as they are, `[A-Za-z0-9._-]`, by value: one look-up a byte, as
+/// every grant escapes its id.
+const PLAIN: [bool; 256] = {
+    let mut plain = [false; 256];
+    let mut b = 0;
+    while b < 256 {
+        let c = b as u8;
+        plain[b] = c.is_ascii_alphanumeric() || matches!(c, b'.' | b'_' | b'-');
+        b += 1;
+    }
+    plain
+};
+
 fn is_plain(b: u8) -> bool {
-    b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-')
+    PLAIN[usize::from(b)]
 }
 
 /// Escapes an id into one key segment: bytes outside `[A-Za-z0-9._-]` become `%XX`.
