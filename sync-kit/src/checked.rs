@@ -368,26 +368,26 @@ struct CheckedLock<L: ?Sized> {
     inner: Arc<L>,
 }
 
-/// How the checked layer gets an immediate grant of the lock it wraps, timed: the guard (its
-/// backend side wrapped in a [`TimedHold`]) and the instant it was checked at. None when there
-/// is none, or it was lost as it arrived (the full path retries that).
+/// How the checked layer gets an immediate grant of the lock it wraps, timed: the guard, its
+/// backend side wrapped in a [`TimedHold`]. None when there is none, or it was lost as it
+/// arrived (the full path retries that).
 trait GrantNow: Lock {
-    fn timed_grant(&self, ops: &'static LockOps, id: &str) -> Option<(LockGuard, Instant)>;
+    fn timed_grant(&self, ops: &'static LockOps, id: &str) -> Option<LockGuard>;
 }
 
 impl GrantNow for dyn Lock {
-    fn timed_grant(&self, ops: &'static LockOps, id: &str) -> Option<(LockGuard, Instant)> {
+    fn timed_grant(&self, ops: &'static LockOps, id: &str) -> Option<LockGuard> {
         let guard = self.grant_now(id)?;
         let now = Instant::now();
         if guard.is_lost_at(now) {
             return None;
         }
-        Some((timed(ops, guard, now), now))
+        Some(timed(ops, guard, now))
     }
 }
 
 impl<L: InProcessLock> GrantNow for L {
-    fn timed_grant(&self, ops: &'static LockOps, id: &str) -> Option<(LockGuard, Instant)> {
+    fn timed_grant(&self, ops: &'static LockOps, id: &str) -> Option<LockGuard> {
         let (token, lost, held) = self.grant_held(id)?;
         let now = Instant::now();
         if lost.is_lost_at(now) {
@@ -400,7 +400,7 @@ impl<L: InProcessLock> GrantNow for L {
             since: now,
             lost: lost.clone(),
         };
-        Some((LockGuard::new(id, token, lost, Box::new(timed)), now))
+        Some(LockGuard::new(id, token, lost, Box::new(timed)))
     }
 }
 
@@ -474,9 +474,16 @@ impl<L: ?Sized + Lock> CheckedLock<L> {
 impl<L: ?Sized + GrantNow> CheckedLock<L> {
     /// A grant the backend can make at once, in the operation's `span`, timed (see
     /// [`GrantNow`]).
-    fn grant_now(&self, span: &tracing::Span, id: &str) -> Option<(LockGuard, Instant)> {
+    fn grant_now(&self, span: &tracing::Span, id: &str) -> Option<LockGuard> {
         self.check(id).ok()?;
         in_span(span, || self.inner.timed_grant(self.ops, id))
+    }
+
+    /// Records an immediate grant: no wait, no I/O, no time of its own (see the module doc),
+    /// so nothing to subtract.
+    fn granted_now(&self, op: Op) {
+        let zero = Duration::ZERO;
+        op.record_with(zero, None, Some((&self.ops.wait, zero)));
     }
 }
 
@@ -485,9 +492,9 @@ impl<L: ?Sized + GrantNow + 'static> Lock for CheckedLock<L> {
     async fn acquire(&self, id: &str, opts: LockOptions) -> Result<LockGuard> {
         let op = self.ops.acquire;
         let span = op.span(id);
-        if let Some((guard, now)) = self.grant_now(&span, id) {
-            // Granted at once: no wait, no I/O, no time of its own (see the module doc).
-            return self.granted(op, id, (now, now), Ok(guard), |_| true);
+        if let Some(guard) = self.grant_now(&span, id) {
+            self.granted_now(op);
+            return Ok(guard);
         }
         // One clock reading for the start, one at the grant: the operation's time, the wait
         // and the start of the hold all come from them.
@@ -499,8 +506,9 @@ impl<L: ?Sized + GrantNow + 'static> Lock for CheckedLock<L> {
     async fn try_acquire(&self, id: &str) -> Result<Option<LockGuard>> {
         let op = self.ops.try_acquire;
         let span = op.span(id);
-        if let Some((guard, now)) = self.grant_now(&span, id) {
-            return self.granted(op, id, (now, now), Ok(Some(guard)), Option::is_some);
+        if let Some(guard) = self.grant_now(&span, id) {
+            self.granted_now(op);
+            return Ok(Some(guard));
         }
         let start = Instant::now();
         let check = self.check(id);
@@ -616,11 +624,11 @@ impl<H: Backing> TimedHold<H> {
         self.lost.is_lost_at(now).then(|| self.lost.reason())?
     }
 
-    /// The hold ended at `start`, when the release began (and ended at `end`): counts its
+    /// The hold ended at `start`, when the release began (which then took `took`): counts its
     /// loss (`lost`), and records `released`, the outcome of the release.
     fn ended(
         &self,
-        (start, end): (Instant, Instant),
+        (start, took): (Instant, Duration),
         lost: Option<String>,
         released: Result<()>,
     ) -> Result<()> {
@@ -628,7 +636,6 @@ impl<H: Backing> TimedHold<H> {
             count_lost(self.ops.backend, "lock", &reason);
         }
         let held = start.saturating_duration_since(self.since);
-        let took = end.saturating_duration_since(start);
         let op = self.ops.release;
         op.record_with(took, released.as_ref().err(), Some((&self.ops.hold, held)));
         released.map_err(|e| e.in_context(op.backend, op.operation, ""))
@@ -645,7 +652,7 @@ impl<H: Backing> HeldLock for TimedHold<H> {
             Some(released) => released,
             None => in_span_async(span, self.inner.release(&self.lost)).await,
         };
-        self.ended((start, Instant::now()), lost, released)
+        self.ended((start, start.elapsed()), lost, released)
     }
 
     fn release_now(&mut self) -> Option<Result<()>> {
@@ -658,7 +665,7 @@ impl<H: Backing> HeldLock for TimedHold<H> {
         let lost = self.loss(now);
         let span = self.release_span();
         let released = in_span(&span, || self.inner.release_now(&self.lost))?;
-        Some(self.ended((now, now), lost, released))
+        Some(self.ended((now, Duration::ZERO), lost, released))
     }
 
     fn release_in_background(self: Box<Self>) {
