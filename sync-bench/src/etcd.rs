@@ -37,11 +37,24 @@ const SETTLE: Duration = Duration::from_millis(150);
 /// Where sync and its baselines are timed one request after another, a round alternates
 /// between them this many times: a drift of etcd's speed during the round (an fsync stall, a
 /// compaction) then falls on all of them alike rather than on whichever ran at that moment.
-const SLICES: usize = 5;
+const SLICES: usize = 20;
 
-/// `n` operations as [`SLICES`] slices (fewer when `n` is smaller).
+/// The fewest operations in a slice.
+const SLICE_MIN: usize = 10;
+
+/// The TTL of the raw and peer sides' leases, in seconds: they send no keep-alives, so it
+/// outlasts any scenario (each revokes its leases at the end).
+const RAW_LEASE_TTL: i64 = 600;
+
+/// How many slices [`slices`] cuts `n` operations into.
+fn slice_count(n: usize) -> usize {
+    SLICES.min(n / SLICE_MIN).max(1)
+}
+
+/// `n` operations as [`SLICES`] slices of at least [`SLICE_MIN`] (fewer when `n` is smaller:
+/// each slice costs a [`SETTLE`]).
 fn slices(n: usize) -> impl Iterator<Item = usize> {
-    let k = SLICES.min(n.max(1));
+    let k = slice_count(n);
     (0..k).map(move |i| n * (i + 1) / k - n * i / k)
 }
 
@@ -213,14 +226,19 @@ impl Etcd {
         let lib = self.lib(&ns).await?;
         let lock = lib.lock().or_msg("lock handle")?;
         let mut raw = self.raw().await?;
-        let lease = raw.lease_grant(60, None).await.or_msg("lease")?.id();
+        let lease = raw
+            .lease_grant(RAW_LEASE_TTL, None)
+            .await
+            .or_msg("lease")?
+            .id();
         let key = format!("{ns}/raw/uncontended");
         let mut row = Row::new(B, "uncontended acquire+release", "p50 µs", Better::Lower)
             .with_raw("txn put-if-absent + delete")
             .with_peer("etcd Lock + Unlock RPCs")
             .with_note(format!(
-                "{n} sequential ops per round, one id, in {SLICES} slices alternating \
-                 between sync, raw and peer"
+                "{n} sequential ops per round, one id, in {} slices alternating \
+                 between sync, raw and peer",
+                slice_count(n)
             ));
         lock.acquire("warm-up", LockOptions::new())
             .await
@@ -285,8 +303,16 @@ impl Etcd {
             b.lock().or_msg("lock handle")?,
         );
         let (mut ra, rb) = (self.raw().await?, self.raw().await?);
-        let lease_a = ra.lease_grant(60, None).await.or_msg("lease")?.id();
-        let lease_b = ra.lease_grant(60, None).await.or_msg("lease")?.id();
+        let lease_a = ra
+            .lease_grant(RAW_LEASE_TTL, None)
+            .await
+            .or_msg("lease")?
+            .id();
+        let lease_b = ra
+            .lease_grant(RAW_LEASE_TTL, None)
+            .await
+            .or_msg("lease")?
+            .id();
         let mut row = Row::new(
             B,
             "handoff (release → waiter granted)",
@@ -296,9 +322,10 @@ impl Etcd {
         .with_raw("delete → the waiter's watch event")
         .with_peer("Unlock → the waiting Lock RPC returns")
         .with_note(format!(
-            "{n} handoffs per round between two clients, in {SLICES} slices alternating \
+            "{n} handoffs per round between two clients, in {} slices alternating \
              between sync, raw and peer; the waiter waits {} ms first; req/op counts the \
              whole cycle",
+            slice_count(n),
             wait.as_millis()
         ));
         let mut sync_op = async |_| {
@@ -398,7 +425,11 @@ impl Etcd {
         let lib = self.lib(&ns).await?;
         let lock = lib.lock().or_msg("lock handle")?;
         let mut raw = self.raw().await?;
-        let lease = raw.lease_grant(60, None).await.or_msg("lease")?.id();
+        let lease = raw
+            .lease_grant(RAW_LEASE_TTL, None)
+            .await
+            .or_msg("lease")?
+            .id();
         let mut row = Row::new(B, "64 tasks × 64 ids, one client", "ops/s", Better::Higher)
             .with_raw("txn put-if-absent + delete")
             .with_peer("etcd Lock + Unlock RPCs")
@@ -497,7 +528,11 @@ impl Etcd {
         for _ in 0..CLIENTS {
             libs.push(self.lib(&ns).await?);
             let mut r = self.raw().await?;
-            let lease = r.lease_grant(60, None).await.or_msg("lease")?.id();
+            let lease = r
+                .lease_grant(RAW_LEASE_TTL, None)
+                .await
+                .or_msg("lease")?
+                .id();
             raws.push((r, lease));
         }
         let locks = libs
@@ -672,7 +707,11 @@ impl Etcd {
         let lib = self.lib(&ns).await?;
         let leader = lib.leader("group").or_msg("leader handle")?;
         let mut raw = self.raw().await?;
-        let lease = raw.lease_grant(60, None).await.or_msg("lease")?.id();
+        let lease = raw
+            .lease_grant(RAW_LEASE_TTL, None)
+            .await
+            .or_msg("lease")?
+            .id();
         let mut row = Row::new(B, "elect + resign, uncontended", "p50 µs", Better::Lower)
             .with_peer("etcd Campaign + Resign RPCs")
             .with_note(format!("{n} sequential elect/resign per round"));
@@ -1050,7 +1089,11 @@ impl Etcd {
         let mut clients = Vec::new();
         for _ in 0..workers {
             let mut c = self.raw().await?;
-            let lease = c.lease_grant(60, None).await.or_msg("lease")?.id();
+            let lease = c
+                .lease_grant(RAW_LEASE_TTL, None)
+                .await
+                .or_msg("lease")?
+                .id();
             clients.push((c, lease));
         }
         let done = Arc::new(AtomicUsize::new(0));
@@ -1081,7 +1124,7 @@ impl Etcd {
     async fn task_latency(&self) -> Result<Vec<Row>> {
         // Enough jobs that the p99 is not decided by one etcd stall (fsync on a shared disk
         // holds a write for milliseconds now and then): it is the 4th slowest of 400.
-        let n = self.pick(10, 400);
+        let n = self.pick(10, 1000);
         let gap = Duration::from_millis(10);
         let mut row = Row::new(
             B,
@@ -1091,10 +1134,11 @@ impl Etcd {
         )
         .with_raw("put → the worker's watch event → claim txn")
         .with_note(format!(
-            "{n} jobs per round, one at a time, {} ms apart, in {SLICES} slices alternating \
+            "{n} jobs per round, one at a time, {} ms apart, in {} slices alternating \
              between sync and raw (each side's worker idles through the other's slices); one \
              worker × concurrency 8",
-            gap.as_millis()
+            gap.as_millis(),
+            slice_count(n)
         ));
         for round in 0..self.ctx.rounds {
             let ns = unique("bench");
@@ -1132,7 +1176,11 @@ impl Etcd {
             // Raw: a worker watching the queue prefix claims each job as its put arrives.
             let raw = self.raw().await?;
             let mut wc = self.raw().await?;
-            let lease = wc.lease_grant(60, None).await.or_msg("lease")?.id();
+            let lease = wc
+                .lease_grant(RAW_LEASE_TTL, None)
+                .await
+                .or_msg("lease")?
+                .id();
             let queue = format!("{ns}/raw/q/");
             let (raw_tx, mut raw_started) = mpsc::unbounded_channel();
             let raw_worker =
