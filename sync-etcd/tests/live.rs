@@ -508,22 +508,102 @@ async fn follow_moves_off_a_frozen_endpoint(endpoint: String) -> TestResult {
     Ok(())
 }
 
+/// A private three-member cluster, once every member answers healthy.
+async fn healthy_cluster() -> Result<common::private::PrivateCluster, String> {
+    let cluster = common::private::PrivateCluster::start()?;
+    until_healthy(&cluster).await?;
+    Ok(cluster)
+}
+
+/// Waits (up to 20 s) until every member of `cluster` answers healthy.
+async fn until_healthy(cluster: &common::private::PrivateCluster) -> TestResult {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    for member in &cluster.endpoints {
+        while etcdctl(member, &["endpoint", "health"]).await.is_err() {
+            if Instant::now() > deadline {
+                return Err("the private cluster was not healthy within 20 s".into());
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+    Ok(())
+}
+
+/// A lock held through a member that loses its quorum (the other two stopped): `lost()`
+/// fires within one TTL, since no renewal can be confirmed; an acquire there fails within its
+/// wait instead of hanging; once the quorum is back another client is granted the lock, and
+/// this handle, after releasing the lost guard (LockLost), is granted it with a greater token.
+async fn lock_held_through_a_member_cut_off_from_the_quorum(_endpoint: String) -> TestResult {
+    let cluster = healthy_cluster().await?;
+    let ns = unique("quorum");
+    let config =
+        common::config(&cluster.endpoints[0], &ns).with_request_timeout(Duration::from_secs(1));
+    let client = sync_etcd::Client::connect(config)
+        .await
+        .map_err(|e| e.to_string())?;
+    let lock = client.lock().map_err(|e| e.to_string())?;
+    let guard = lock
+        .acquire("q", LockOptions::new())
+        .await
+        .map_err(|e| e.to_string())?;
+    cluster.signal(1, true)?;
+    cluster.signal(2, true)?;
+    let cut_off = Instant::now();
+    let lost = tokio::time::timeout(sync_etcd::MIN_TTL + Duration::from_secs(1), guard.lost())
+        .await
+        .map(|reason| (reason, cut_off.elapsed()));
+    let refused = tokio::time::timeout(
+        Duration::from_secs(10),
+        lock.acquire("r", LockOptions::new().with_wait(Duration::from_secs(3))),
+    )
+    .await;
+    cluster.signal(1, false)?;
+    cluster.signal(2, false)?;
+    let (reason, after) =
+        lost.map_err(|_| "lost() did not fire within one TTL (+1 s) of the quorum's loss")?;
+    eprintln!("lost() {after:?} after the quorum's loss: {reason}");
+    match refused {
+        Ok(Err(e)) if matches!(e.kind(), ErrorKind::Unavailable | ErrorKind::Timeout) => {
+            eprintln!("acquire without a quorum: {e}");
+        }
+        Ok(other) => return Err(format!("acquire without a quorum gave {other:?}")),
+        Err(_) => return Err("acquire without a quorum did not answer within 10 s".into()),
+    }
+    until_healthy(&cluster).await?;
+    let other = common::connect(&cluster.endpoints[0], &ns).await?;
+    let theirs = other
+        .lock()
+        .map_err(|e| e.to_string())?
+        .acquire("q", LockOptions::new().with_wait(Duration::from_secs(20)))
+        .await
+        .map_err(|e| format!("another client's acquire once the quorum was back: {e}"))?;
+    theirs.release().await.map_err(|e| e.to_string())?;
+    let token = guard.fencing_token();
+    // The lost guard still holds this handle's local turn on `q`.
+    match guard.release().await {
+        Err(e) if e.kind() == ErrorKind::LockLost => {}
+        other => return Err(format!("release of the lost guard: {other:?}")),
+    }
+    let again = lock
+        .acquire("q", LockOptions::new().with_wait(Duration::from_secs(20)))
+        .await
+        .map_err(|e| format!("acquire once the quorum was back: {e}"))?;
+    if again.fencing_token() <= token {
+        return Err(format!(
+            "fencing token {} after the outage, {token} before",
+            again.fencing_token()
+        ));
+    }
+    again.release().await.map_err(|e| e.to_string())
+}
+
 /// A follower connected to a member that loses its quorum (the other two stopped) is told,
 /// instead of waiting silently for events that cannot come: its watch asks for a leader
 /// (etcd cancels it without one) and its re-reads fail fast on a member without one.
 async fn follow_reports_a_member_cut_off_from_the_quorum(_endpoint: String) -> TestResult {
     use futures::StreamExt;
 
-    let cluster = common::private::PrivateCluster::start()?;
-    let deadline = Instant::now() + Duration::from_secs(20);
-    for member in &cluster.endpoints {
-        while etcdctl(member, &["endpoint", "health"]).await.is_err() {
-            if Instant::now() > deadline {
-                return Err("the private cluster did not become healthy within 20 s".into());
-            }
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
-    }
+    let cluster = healthy_cluster().await?;
     let config = common::config(&cluster.endpoints[0], &unique("quorum"))
         .with_request_timeout(Duration::from_secs(1));
     let client = sync_etcd::Client::connect(config)
@@ -1970,7 +2050,7 @@ async fn task_batched_claim_answer_lost(endpoint: String) -> TestResult {
 }
 
 fn main() -> std::process::ExitCode {
-    let tests: [(&'static str, TestFn); 37] = [
+    let tests: [(&'static str, TestFn); 38] = [
         ("live::late_create_is_swept_up", |e| {
             Box::pin(late_create_is_swept_up(e))
         }),
@@ -2009,6 +2089,10 @@ fn main() -> std::process::ExitCode {
         ("live::held_keys_are_read_again_after_a_compaction", |e| {
             Box::pin(held_keys_are_read_again_after_a_compaction(e))
         }),
+        (
+            "live::lock_held_through_a_member_cut_off_from_the_quorum",
+            |e| Box::pin(lock_held_through_a_member_cut_off_from_the_quorum(e)),
+        ),
         (
             "live::follow_reports_a_member_cut_off_from_the_quorum",
             |e| Box::pin(follow_reports_a_member_cut_off_from_the_quorum(e)),

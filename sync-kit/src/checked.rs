@@ -262,8 +262,16 @@ where
     Fut: Future<Output = Result<T>>,
 {
     let deadline = wait.map(crate::deadline);
+    let not_granted = |why: &str| {
+        let waited = wait.unwrap_or_default();
+        Error::new(
+            ErrorKind::Timeout,
+            format!("not granted within {waited:?}; last: {why}"),
+        )
+    };
     // The first retry is at once (a grant lost as it arrived is usually a race just lost).
     let mut pause = Duration::ZERO;
+    let mut last: Option<String> = None;
     loop {
         let left = deadline.map(|d| d.saturating_duration_since(Instant::now()));
         let why = match attempt(left).await {
@@ -277,17 +285,19 @@ where
             Err(e) if matches!(e.kind(), ErrorKind::Unavailable | ErrorKind::LockLost) => {
                 e.to_string()
             }
+            // A retry's timeout is over what was left of the caller's wait: name the whole
+            // wait, and the failure that made it retry.
+            Err(e) if e.kind() == ErrorKind::Timeout && last.is_some() => {
+                return Err(not_granted(last.as_deref().unwrap_or_default()));
+            }
             Err(e) => return Err(e),
         };
         let left = deadline.map(|d| d.saturating_duration_since(Instant::now()));
         if left.is_some_and(|l| l.is_zero()) {
-            let waited = wait.unwrap_or_default();
-            return Err(Error::new(
-                ErrorKind::Timeout,
-                format!("not granted within {waited:?}; last: {why}"),
-            ));
+            return Err(not_granted(&why));
         }
         tracing::warn!(reason = %why, retry_in = ?pause, "waiting for a grant through a transient failure");
+        last = Some(why);
         tokio::time::sleep(left.map_or(pause, |l| l.min(pause))).await;
         pause = (pause * 2).clamp(Duration::from_millis(50), Duration::from_secs(1));
     }
@@ -991,6 +1001,35 @@ mod tests {
             self.note(key);
             Histogram::noop()
         }
+    }
+
+    #[tokio::test]
+    async fn a_retry_that_times_out_names_the_whole_wait_and_the_failure_before() {
+        let mut tries = 0;
+        let answer = until_granted(
+            Some(Duration::from_secs(3)),
+            |_: &(), _| false,
+            |left| {
+                tries += 1;
+                let first = tries == 1;
+                async move {
+                    Err(if first {
+                        Error::new(ErrorKind::Unavailable, "etcdserver: no leader")
+                    } else {
+                        let left = left.unwrap_or_default();
+                        Error::new(ErrorKind::Timeout, format!("not granted within {left:?}"))
+                    })
+                }
+            },
+        )
+        .await;
+        let err = answer.expect_err("never granted");
+        assert_eq!(err.kind(), ErrorKind::Timeout);
+        let text = err.to_string();
+        assert!(
+            text.contains("within 3s") && text.contains("no leader"),
+            "{text}"
+        );
     }
 
     /// Notes every span it is offered as `operation id`, up to DEBUG.
