@@ -3,7 +3,7 @@
 
 use std::time::Duration;
 
-use sync_core::LockOptions;
+use sync_core::{ErrorKind, LockOptions};
 
 use crate::{
     CaseResult, Context, Ctx, ensure, fail, lock::loss_precedes_grant, proxy::Fault, stays_pending,
@@ -25,6 +25,44 @@ pub async fn frozen_holder_loses_before_another_grant(ctx: &Ctx) -> CaseResult {
     loss_precedes_grant(ctx, &guard, other.lock()?, "a freeze", notice, freeze).await?;
     // Cut, so the holder's client winds down rather than wait on a frozen socket.
     proxy.set(Fault::Reset);
+    Ok(())
+}
+
+/// A guard lost while its task still holds it (its endpoint froze past the safe deadline)
+/// holds up no other contender of its own handle: once the endpoint thaws, an acquire on the
+/// same handle is granted, as another process's would be, with a greater fencing token; the
+/// lost guard's release then answers LockLost and leaves the new grant alone.
+pub async fn lost_guard_holds_up_no_one(ctx: &Ctx) -> CaseResult {
+    let (client, proxy) = ctx.proxied_client().await?;
+    let lock = client.lock()?;
+    let guard = lock.acquire("stranded", LockOptions::new()).await?;
+    proxy.set(Fault::Freeze);
+    let lost = within(ctx.expiry(), "the frozen holder's loss", guard.lost()).await;
+    proxy.set(Fault::Pass);
+    lost?;
+    // Its old lease or session has to expire (or be revoked) on the server first.
+    let again = within(
+        ctx.expiry() * 2 + FROZEN_CALL_BOUND,
+        "an acquire on the lost guard's handle",
+        lock.acquire("stranded", LockOptions::new()),
+    )
+    .await?
+    .context("the acquire on the lost guard's handle")?;
+    ensure!(
+        again.fencing_token() > guard.fencing_token(),
+        "fencing token {} after the loss, {} before",
+        again.fencing_token(),
+        guard.fencing_token()
+    );
+    match guard.release().await {
+        Err(e) if e.kind() == ErrorKind::LockLost => {}
+        other => fail!("the lost guard's release gave {other:?}, not LockLost"),
+    }
+    ensure!(
+        !again.is_lost(),
+        "releasing the lost guard lost the new grant"
+    );
+    again.release().await?;
     Ok(())
 }
 

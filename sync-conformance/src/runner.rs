@@ -93,6 +93,7 @@ pub fn cases() -> Vec<Case> {
         case!(pause::paused_holder_sees_loss_first, [Lock, Leader]),
         case!(limits::duration_max_waits_never_panic, [Lock, Leader, Task]),
         case!(network fault::frozen_holder_loses_before_another_grant, [Lock]),
+        case!(network fault::lost_guard_holds_up_no_one, [Lock]),
         case!(network fault::frozen_endpoint_fails_calls_in_bounded_time, [Map]),
         case!(network fault::waiter_rides_out_an_outage, [Lock]),
         case!(network fault::ambiguous_swap_is_resolved, [Map]),

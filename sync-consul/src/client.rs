@@ -1,11 +1,11 @@
-//! The client handle: the agent's API, the one session, the local turns, the handle factory and
-//! the fault hooks.
+//! The client handle: the agent's API, the one session (with its local turns), the handle
+//! factory and the fault hooks.
 
 use std::{sync::Arc, time::Duration};
 
 use async_trait::async_trait;
 use sync_core::{Backend, Capabilities, Capability, Faults, Leader, Lock, Map, Result, Task};
-use sync_kit::{checked, turns::Turns};
+use sync_kit::checked;
 use tokio::sync::watch;
 
 use crate::{
@@ -43,8 +43,6 @@ pub(crate) struct ClientInner {
     pub(crate) config: Config,
     pub(crate) api: Arc<Api>,
     pub(crate) sessions: Arc<Sessions>,
-    /// Contenders for one key through this client take turns: see [`Turns`].
-    pub(crate) turns: Turns,
     /// Set once by `kill` or `close`: every background task of this client stops.
     killed: watch::Sender<bool>,
 }
@@ -140,7 +138,6 @@ impl Client {
                 config,
                 api,
                 sessions,
-                turns: Turns::default(),
                 killed,
             }),
         })

@@ -2,8 +2,10 @@
 //! the `/v1/txn` grant, the blocking wait on the key, and the clean-up of a grant whose answer
 //! never came.
 //!
-//! Consul grants a key again to the session that holds it, so two contenders of one client
-//! would both "win": a grant keeps the client's local turn for its key until it is released.
+//! Consul grants a key again to the session that holds it, so two contenders of one session
+//! would both "win": a grant keeps its session's local turn for its key until it is released.
+//! A session that ends takes its turns with it: the next session's contenders do not wait
+//! for holders lost with the old one.
 
 use std::{sync::Arc, time::Duration};
 
@@ -64,12 +66,17 @@ impl Contender<'_> {
     /// the turn).
     pub(crate) async fn try_once(&self) -> Result<Option<Grant>> {
         self.client.check_alive()?;
-        let Some(turn) = self.client.turns.take(self.key).now_or_never() else {
-            return Ok(None);
-        };
-        let turn = Arc::new(turn);
+        let mut held: Option<(Arc<Session>, Arc<Turn>)> = None;
         loop {
             let session = self.client.sessions.current().await?;
+            let turn = match held.take() {
+                Some((s, turn)) if Arc::ptr_eq(&s, &session) => turn,
+                _ => match session.turns.take(self.key).now_or_never() {
+                    Some(turn) => Arc::new(turn),
+                    None => return Ok(None),
+                },
+            };
+            held = Some((session.clone(), turn.clone()));
             match self.try_with(&session, &turn).await? {
                 Tried::Granted(token) => return Ok(Some(self.grant(session, token, turn))),
                 Tried::Busy | Tried::LockDelay => return Ok(None),
@@ -91,54 +98,59 @@ impl Contender<'_> {
             )
             .with_backend(BACKEND)
         };
-        let turn = tokio::select! {
-            turn = self.client.turns.take(self.key) => Arc::new(turn),
-            () = tokio::time::sleep_until(deadline) => return Err(timed_out()),
-        };
         let mut killed = self.client.killed();
         let mut delay = Backoff::default();
         let mut outage = Backoff::default();
+        let mut held: Option<(Arc<Session>, Arc<Turn>)> = None;
         loop {
             let step = async {
-                let session = self.client.sessions.current().await?;
-                let tried = self.try_with(&session, &turn).await?;
-                Ok::<_, Error>((session, tried))
+                let (session, turn) = self.turn_in_current(held.take()).await?;
+                let tried = self.try_with(&session, &turn).await;
+                Ok::<_, Error>((session, turn, tried))
             };
-            let nap = match tokio::select! {
+            let stepped = tokio::select! {
                 r = step => r,
                 () = tokio::time::sleep_until(deadline) => return Err(timed_out()),
-            } {
-                Ok((session, Tried::Granted(token))) => {
-                    return Ok(self.grant(session, token, turn));
-                }
-                Ok((session, Tried::SessionGone)) => {
-                    self.session_gone(&session);
-                    continue;
-                }
-                Ok((session, Tried::Fenced)) => match fence::refresh(self.client, &session).await {
-                    Ok(()) => continue,
-                    Err(e) if e.kind() == ErrorKind::Unavailable => outage.next(),
-                    Err(e) => return Err(e),
-                },
-                Ok((_, Tried::LockDelay)) => delay.next(),
-                Ok((_, Tried::Busy)) => {
-                    outage = Backoff::default();
-                    delay = Backoff::default();
-                    let changed = self.changed();
-                    tokio::select! {
-                        r = changed => match r {
-                            Ok(()) => Duration::ZERO,
+            };
+            let nap = match stepped {
+                // No session to take a turn in (Consul unreachable): ride it out.
+                Err(e) if e.kind() == ErrorKind::Unavailable => outage.next(),
+                Err(e) => return Err(e),
+                Ok((session, turn, tried)) => {
+                    held = Some((session.clone(), turn.clone()));
+                    match tried {
+                        Ok(Tried::Granted(token)) => return Ok(self.grant(session, token, turn)),
+                        Ok(Tried::SessionGone) => {
+                            held = None;
+                            self.session_gone(&session);
+                            continue;
+                        }
+                        Ok(Tried::Fenced) => match fence::refresh(self.client, &session).await {
+                            Ok(()) => continue,
                             Err(e) if e.kind() == ErrorKind::Unavailable => outage.next(),
                             Err(e) => return Err(e),
                         },
-                        () = tokio::time::sleep_until(deadline) => return Err(timed_out()),
+                        Ok(Tried::LockDelay) => delay.next(),
+                        Ok(Tried::Busy) => {
+                            outage = Backoff::default();
+                            delay = Backoff::default();
+                            let changed = self.changed();
+                            tokio::select! {
+                                r = changed => match r {
+                                    Ok(()) => Duration::ZERO,
+                                    Err(e) if e.kind() == ErrorKind::Unavailable => outage.next(),
+                                    Err(e) => return Err(e),
+                                },
+                                () = tokio::time::sleep_until(deadline) => return Err(timed_out()),
+                            }
+                        }
+                        Err(e) if e.kind() == ErrorKind::Unavailable => {
+                            tracing::debug!(backend = BACKEND, error = %e, "waiting through an outage");
+                            outage.next()
+                        }
+                        Err(e) => return Err(e),
                     }
                 }
-                Err(e) if e.kind() == ErrorKind::Unavailable => {
-                    tracing::debug!(backend = BACKEND, error = %e, "waiting through an outage");
-                    outage.next()
-                }
-                Err(e) => return Err(e),
             };
             // A zero sleep still waits for the next timer tick (a millisecond): a key that
             // changed is tried again at once.
@@ -149,6 +161,27 @@ impl Contender<'_> {
                 () = tokio::time::sleep(nap) => {}
                 () = tokio::time::sleep_until(deadline) => return Err(timed_out()),
                 _ = killed.wait_for(|k| *k) => return Err(closed()),
+            }
+        }
+    }
+
+    /// The client's current session and this contender's turn on the key among that
+    /// session's contenders: `held` is kept while its session is still the current one. A
+    /// wait for the turn whose session ends moves on to the next session, so a holder lost
+    /// with its session holds up no one.
+    async fn turn_in_current(
+        &self,
+        mut held: Option<(Arc<Session>, Arc<Turn>)>,
+    ) -> Result<(Arc<Session>, Arc<Turn>)> {
+        loop {
+            let session = self.client.sessions.current().await?;
+            match held.take() {
+                Some((s, turn)) if Arc::ptr_eq(&s, &session) => return Ok((session, turn)),
+                _ => {}
+            }
+            tokio::select! {
+                turn = session.turns.take(self.key) => return Ok((session, Arc::new(turn))),
+                () = session.ended() => {}
             }
         }
     }

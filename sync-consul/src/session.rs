@@ -15,7 +15,7 @@ use std::{
 
 use sync_core::raw::{LeaseClock, LossTrigger, loss_signal_until};
 use sync_core::{Error, LossSignal, Result};
-use sync_kit::locked;
+use sync_kit::{locked, turns::Turns};
 use tokio::{sync::watch, time::Instant};
 
 use crate::{
@@ -57,6 +57,12 @@ pub(crate) struct Session {
     ended: Mutex<Option<String>>,
     /// What its grants check, so that one arriving late fails.
     pub(crate) fence: Fence,
+    /// The per-key local turns of the contenders granting under this session: Consul grants
+    /// a key again to the session holding it. A holder lost with the session keeps its turn
+    /// here only; the next session's contenders take turns of their own.
+    pub(crate) turns: Turns,
+    /// Turns true when the session ends (see [`Session::ended`]).
+    ended_tx: watch::Sender<bool>,
 }
 
 impl Session {
@@ -71,7 +77,14 @@ impl Session {
             due: Mutex::new(sent + ttl / 2),
             held: Mutex::default(),
             ended: Mutex::default(),
+            turns: Turns::default(),
+            ended_tx: watch::channel(false).0,
         }
+    }
+
+    /// Resolves once the session has ended (known gone, given up, or its client closed).
+    pub(crate) async fn ended(&self) {
+        let _ = self.ended_tx.subscribe().wait_for(|e| *e).await;
     }
 
     /// Ends the session for its holders: each learns `reason`.
@@ -85,6 +98,7 @@ impl Session {
         for h in held {
             h.trigger.fire(reason);
         }
+        self.ended_tx.send_replace(true);
     }
 
     fn is_ended(&self) -> bool {

@@ -8,7 +8,7 @@ use etcd_client::{ConnectOptions, WatchOptions};
 use sync_core::{
     Backend, Capabilities, Capability, Error, ErrorKind, Faults, Leader, Lock, Map, Result, Task,
 };
-use sync_kit::{checked, turns::Turns};
+use sync_kit::checked;
 use tokio::sync::watch;
 
 use crate::{
@@ -56,8 +56,6 @@ pub(crate) struct ClientInner {
     session: tokio::sync::Mutex<Option<Arc<Session>>>,
     /// Set once by `kill`: every background task of this client stops.
     killed: watch::Sender<bool>,
-    /// The per-id local turns of contenders on this handle.
-    pub(crate) turns: Turns,
     /// The one watch stream every watch of this client shares.
     pub(crate) watches: Watches,
     /// Bounds the deletes of dropped guards' keys in flight: dropping thousands of guards at
@@ -84,7 +82,6 @@ impl ClientInner {
             config,
             session: tokio::sync::Mutex::new(None),
             killed,
-            turns: Turns::default(),
             watches,
             background_deletes: Arc::new(tokio::sync::Semaphore::new(BACKGROUND_DELETES)),
         })

@@ -39,13 +39,25 @@ impl ClientInner {
         format!("{}{}/", self.ns_prefix(), sync_core::id::escape(id))
     }
 
-    /// Waits for this handle's turn on `prefix` (None when `try_only` and it is taken).
-    /// Cancelling the wait gives the place up.
-    pub(crate) async fn local_turn(&self, prefix: &str, try_only: bool) -> Option<Turn> {
-        if try_only {
-            return self.turns.try_take(prefix);
+    /// Waits for this handle's turn on `prefix` among the contenders of its current session
+    /// (None when `try_only` and it is taken); the session with it. A wait whose session ends
+    /// moves on to the next one: a holder lost with its lease holds up no one. Cancelling the
+    /// wait gives the place up.
+    pub(crate) async fn local_turn(
+        &self,
+        prefix: &str,
+        try_only: bool,
+    ) -> Result<Option<(Arc<Session>, Turn)>> {
+        loop {
+            let session = self.session().await?;
+            if try_only {
+                return Ok(session.turns.try_take(prefix).map(|t| (session, t)));
+            }
+            tokio::select! {
+                turn = session.turns.take(prefix) => return Ok(Some((session, turn))),
+                _ = session.ended.wait() => {}
+            }
         }
-        Some(self.turns.take(prefix).await)
     }
 }
 
@@ -182,10 +194,10 @@ async fn contend_inner(
     value: Vec<u8>,
     try_only: bool,
 ) -> Result<Option<Contender>> {
-    let Some(turn) = client.local_turn(prefix, try_only).await else {
+    let Some((session, cleanup, resp)) = create_key(client, id, prefix, value, try_only).await?
+    else {
         return Ok(None);
     };
-    let (session, cleanup, resp) = create_key(client, id, prefix, value, turn).await?;
     let key = cleanup.key.text();
     let (rev, standing) = positions(&resp, id)?;
     if !matches!(standing, Standing::Owner) {
@@ -217,20 +229,27 @@ async fn contend_inner(
     }))
 }
 
-/// Writes this handle's contender key (see [`ContenderKey`]) unless it exists, reading the
-/// prefix's owner in the same transaction. Returns the armed cleanup of the key (holding
-/// `turn`) and etcd's answer.
+/// The session a contender key was written with, the armed cleanup of the key (holding the
+/// local turn) and etcd's answer.
+type Created = (Arc<Session>, Cleanup, etcd_client::TxnResponse);
+
+/// Takes this handle's local turn on `prefix` (None when `try_only` and it is taken), then
+/// writes its contender key (see [`ContenderKey`]) unless it exists, reading the prefix's
+/// owner in the same transaction.
 async fn create_key(
     client: &Arc<ClientInner>,
     id: &str,
     prefix: &str,
     value: Vec<u8>,
-    mut turn: Turn,
-) -> Result<(Arc<Session>, Cleanup, etcd_client::TxnResponse)> {
+    try_only: bool,
+) -> Result<Option<Created>> {
     let mut attempt = 0;
     loop {
         attempt += 1;
-        let session = client.session().await.map_err(|e| e.with_id(id))?;
+        let turn = client.local_turn(prefix, try_only).await;
+        let Some((session, turn)) = turn.map_err(|e| e.with_id(id))? else {
+            return Ok(None);
+        };
         let key = ContenderKey::of(turn.key(), &session);
         let txn = contender_txn(&key.text(), prefix, value.clone(), session.lease);
         let mut kv = client.kv();
@@ -249,10 +268,11 @@ async fn create_key(
         cleanup.txn = None;
         cleanup.create_unanswered = answer.as_ref().is_err_and(answer_lost);
         match answer {
-            Ok(resp) => return Ok((session, cleanup, resp)),
-            // The lease ended before the keepalive noticed: retry once on a new one.
+            Ok(resp) => return Ok(Some((session, cleanup, resp))),
+            // The lease ended before the keepalive noticed: retry once on a new one, in its
+            // turns.
             Err(e) if attempt < 2 && session.end_if_lease_gone(&e) => {
-                turn = cleanup.disarm();
+                drop(cleanup.disarm());
             }
             Err(e) => return Err(etcd_err("creating the contender key", e).with_id(id)),
         }

@@ -12,6 +12,7 @@ use std::{
 use etcd_client::{LeaseKeepAliveStream, LeaseKeeper};
 use sync_core::raw::{LeaseClock, LossTrigger};
 use sync_core::{LossSignal, Result};
+use sync_kit::turns::Turns;
 use tokio::{sync::watch, task::AbortHandle, time::Instant};
 
 use crate::{
@@ -33,6 +34,10 @@ pub(crate) struct Session {
     keepalive: AbortHandle,
     /// Which names this session's contender keys take (see [`Session::retire_key_names`]).
     key_names: AtomicU32,
+    /// The per-id local turns of the contenders writing with this lease: two of them would
+    /// write one key name. A holder lost with its lease keeps its turn here only; the next
+    /// session's contenders write other names and take turns of their own.
+    pub(crate) turns: Turns,
 }
 
 impl Session {
@@ -89,6 +94,7 @@ impl Session {
             trigger,
             keepalive,
             key_names: AtomicU32::new(0),
+            turns: Turns::default(),
         })
     }
 
