@@ -41,9 +41,10 @@
 //! request each. A waiter blocks on the key's index (a blocking query) and tries again when it
 //! changes; after a holder's session was invalidated, Consul refuses every grant for the
 //! lock-delay, and waiters retry within a second of its end. Contenders for one id through one
-//! client take turns locally (Consul grants a key again to the session holding it): a guard
+//! session take turns locally (Consul grants a key again to the session holding it): a guard
 //! keeps the turn until it is released or dropped, even after its `lost()` fired, so that its
-//! release can never delete a later grant of the same session.
+//! release can never delete a later grant of the same session. A session that ends takes its
+//! turns with it: contenders under the next session do not wait for guards lost with it.
 //!
 //! A guard's `lost()` fires when its session is invalidated (destroyed, or expired), when a
 //! renewal finds the key deleted or held by another session, or at the safe deadline.

@@ -7,8 +7,9 @@
 //! prefix. Otherwise it waits for the older ones' deletes (etcd's `waitDeletes`): it watches
 //! the newest older key only, is granted on its delete event with no read when that was the
 //! only older one, and reads again otherwise. The key's create revision is the fencing token
-//! (the term). Contenders of one id on one handle share that key name, so they take turns in a
-//! per-id local queue first. A key is deleted with a plain delete; after one that went
+//! (the term). Contenders of one id on one handle writing with one lease share that key name,
+//! so they take turns in that lease's per-id local queue first (a lease that ends takes its
+//! queue with it: the next lease's contenders write other names). A key is deleted with a plain delete; after one that went
 //! unanswered, the handle's keys take a new name (see [`ContenderKey`]), so a delete that etcd
 //! applies late never finds a later holding. So do they after a create that went unanswered,
 //! and a late create of the old name is deleted when it lands.
