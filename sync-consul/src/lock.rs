@@ -50,7 +50,6 @@ impl ConsulLock {
             Box::new(ConsulHeld {
                 client: self.client.clone(),
                 mine: self.mine.clone(),
-                id: id.to_string(),
                 key,
                 slot,
             }),
@@ -162,29 +161,28 @@ fn not_held(id: &str, why: &str) -> Error {
 struct ConsulHeld {
     client: Arc<ClientInner>,
     mine: HeldGrants<Grant>,
-    id: String,
     key: String,
     slot: Arc<Slot<Grant>>,
 }
 
 #[async_trait]
 impl HeldLock for ConsulHeld {
-    async fn release(&mut self) -> Result<()> {
+    async fn release(&mut self, id: &str) -> Result<()> {
         match self.mine.take(&self.slot) {
-            Some(g) => give_back(&self.client, &self.id, &self.key, g).await,
+            Some(g) => give_back(&self.client, id, &self.key, g).await,
             None => Err(not_held(
-                &self.id,
+                id,
                 "the lock was already released through the handle",
             )),
         }
     }
 
-    fn release_in_background(self: Box<Self>) {
+    fn release_in_background(self: Box<Self>, id: &str) {
         if let Some(grant) = self.mine.take(&self.slot) {
             let index = Some(grant.token);
             give_back_in_background(
                 self.client.clone(),
-                self.id.clone(),
+                id.to_string(),
                 self.key.clone(),
                 grant,
                 index,

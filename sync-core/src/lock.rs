@@ -100,18 +100,22 @@ pub trait Lock: Send + Sync {
 }
 
 /// The backend side of a held lock, boxed inside a [`LockGuard`].
+///
+/// Each method is handed the guard's lock id, so the backend side need not keep a copy of its
+/// own (it names the id in errors and logs).
 #[async_trait]
 pub trait HeldLock: Send + Sync + 'static {
-    /// Releases the lock; `NotHeld` or `LockLost` if it was no longer held.
-    async fn release(&mut self) -> Result<()>;
+    /// Releases the lock `id`; `NotHeld` or `LockLost` if it was no longer held.
+    async fn release(&mut self, id: &str) -> Result<()>;
 
     /// Releases without waiting (called from `Drop`): must not block, so it spawns or sends.
-    fn release_in_background(self: Box<Self>);
+    fn release_in_background(self: Box<Self>, id: &str);
 
     /// Releases at once, if that needs neither a wait nor any I/O (an in-process backend):
     /// the outcome of [`release`](HeldLock::release) without its future. `None` means "call
     /// `release`" (nothing was done); the default always says so.
-    fn release_now(&mut self) -> Option<Result<()>> {
+    fn release_now(&mut self, id: &str) -> Option<Result<()>> {
+        let _ = id;
         None
     }
 }
@@ -119,7 +123,8 @@ pub trait HeldLock: Send + Sync + 'static {
 /// Proof of holding a lock. Dropping it releases the lock in the background.
 #[must_use = "dropping the guard releases the lock"]
 pub struct LockGuard {
-    id: String,
+    /// Boxed rather than a `String`: a guard is one word smaller, for callers holding many.
+    id: Box<str>,
     token: u64,
     lost: LossSignal,
     inner: Option<Box<dyn HeldLock>>,
@@ -134,7 +139,7 @@ impl LockGuard {
         inner: Box<dyn HeldLock>,
     ) -> Self {
         LockGuard {
-            id: id.into(),
+            id: id.into().into_boxed_str(),
             token,
             lost,
             inner: Some(inner),
@@ -186,9 +191,9 @@ impl LockGuard {
             return Ok(());
         };
         // An in-process release needs no future (the backend's would be boxed).
-        match inner.release_now() {
+        match inner.release_now(&self.id) {
             Some(released) => released,
-            None => inner.release().await,
+            None => inner.release(&self.id).await,
         }
     }
 }
@@ -196,7 +201,7 @@ impl LockGuard {
 impl Drop for LockGuard {
     fn drop(&mut self) {
         if let Some(inner) = self.inner.take() {
-            inner.release_in_background();
+            inner.release_in_background(&self.id);
         }
     }
 }

@@ -47,7 +47,6 @@ impl EtcdLock {
             Box::new(EtcdHeld {
                 mine: self.mine.clone(),
                 slot,
-                id_at: self.client.ns_prefix().len(),
             }),
         )
     }
@@ -103,34 +102,21 @@ struct EtcdHeld {
     mine: HeldGrants<Holding>,
     /// Its id is the contender prefix (`<ns>/<escaped id>/`).
     slot: Arc<Slot<Holding>>,
-    /// Where the escaped id starts in the prefix: the id is read back from it, for errors
-    /// only, rather than kept a second time per held lock.
-    id_at: usize,
-}
-
-impl EtcdHeld {
-    fn id(&self) -> String {
-        let prefix = self.slot.id();
-        let escaped = prefix.get(self.id_at..prefix.len().saturating_sub(1));
-        let escaped = escaped.unwrap_or_default();
-        sync_core::id::unescape(escaped).unwrap_or_else(|| escaped.to_string())
-    }
 }
 
 #[async_trait]
 impl HeldLock for EtcdHeld {
-    async fn release(&mut self) -> Result<()> {
-        let id = self.id();
+    async fn release(&mut self, id: &str) -> Result<()> {
         match self.mine.take(&self.slot) {
-            Some(h) => h.release(&id).await,
+            Some(h) => h.release(id).await,
             None => Err(not_held(
-                &id,
+                id,
                 "the lock was already released through the handle",
             )),
         }
     }
 
-    fn release_in_background(self: Box<Self>) {
+    fn release_in_background(self: Box<Self>, _: &str) {
         // Dropping the holding spawns the delete (it never blocks).
         drop(self.mine.take(&self.slot));
     }

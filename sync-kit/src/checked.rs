@@ -334,15 +334,12 @@ pub trait InProcessLock: Lock + 'static {
 
 /// The backend side of a guard of an [`InProcessLock`].
 pub trait InProcessHeld: Send + Sync + 'static {
-    /// Releases at once; NotHeld or LockLost if it was no longer held (`lost` is the grant's
-    /// loss signal, kept by the checked layer, which tells the two apart).
-    fn release_held(&mut self, lost: &LossSignal) -> Result<()>;
+    /// Releases the lock `id` at once; NotHeld or LockLost if it was no longer held (`lost` is
+    /// the grant's loss signal, kept by the checked layer, which tells the two apart).
+    fn release_held(&mut self, id: &str, lost: &LossSignal) -> Result<()>;
 
     /// Releases without waiting (the guard was dropped).
     fn release_held_in_background(self);
-
-    /// The lock id, for the release's span (asked only while a subscriber listens).
-    fn id(&self) -> String;
 }
 
 /// The [`LockOps`] of `backend`, made on first use.
@@ -417,12 +414,10 @@ impl<L: InProcessLock> GrantNow for L {
 /// Times the hold of `guard` (from `now`, when it was granted) and counts a loss when it ends.
 fn timed(ops: &'static LockOps, guard: LockGuard, now: Instant) -> LockGuard {
     let lost = guard.loss_signal();
-    // A copy of the id per grant costs nothing beside a network round trip.
-    let id = guard.id().into();
     guard.map_held(|inner| {
         Box::new(TimedHold {
             ops,
-            inner: Boxed(inner, id),
+            inner: Boxed(inner),
             since: now,
             lost,
         })
@@ -551,40 +546,33 @@ impl<L: ?Sized + GrantNow + 'static> Lock for CheckedLock<L> {
 }
 
 /// What a [`TimedHold`] wraps: a boxed [`HeldLock`] of any backend, or an in-process one.
-/// (`lost` is the guard's loss signal.)
+/// (`id` is the guard's lock id, `lost` its loss signal.)
 trait Backing: Send + Sync + 'static {
     /// Whether [`release_now`](Backing::release_now) always releases. If not, a guard's
     /// `release_now` leaves it to `release`, so that the operation still has one span.
     const RELEASES_NOW: bool;
 
-    fn release_now(&mut self, lost: &LossSignal) -> Option<Result<()>>;
-    fn release<'a>(&'a mut self, lost: &'a LossSignal) -> BoxFuture<'a, Result<()>>;
-    fn release_in_background(self);
-
-    /// The lock id, for the release's span.
-    fn id(&self) -> std::borrow::Cow<'_, str>;
+    fn release_now(&mut self, id: &str, lost: &LossSignal) -> Option<Result<()>>;
+    fn release<'a>(&'a mut self, id: &'a str, lost: &'a LossSignal) -> BoxFuture<'a, Result<()>>;
+    fn release_in_background(self, id: &str);
 }
 
-/// A network backend's side of a guard, and the lock id.
-struct Boxed(Box<dyn HeldLock>, Box<str>);
+/// A network backend's side of a guard.
+struct Boxed(Box<dyn HeldLock>);
 
 impl Backing for Boxed {
     const RELEASES_NOW: bool = false;
 
-    fn release_now(&mut self, _: &LossSignal) -> Option<Result<()>> {
-        self.0.release_now()
+    fn release_now(&mut self, id: &str, _: &LossSignal) -> Option<Result<()>> {
+        self.0.release_now(id)
     }
 
-    fn release<'a>(&'a mut self, _: &'a LossSignal) -> BoxFuture<'a, Result<()>> {
-        self.0.release()
+    fn release<'a>(&'a mut self, id: &'a str, _: &'a LossSignal) -> BoxFuture<'a, Result<()>> {
+        self.0.release(id)
     }
 
-    fn release_in_background(self) {
-        self.0.release_in_background();
-    }
-
-    fn id(&self) -> std::borrow::Cow<'_, str> {
-        (&*self.1).into()
+    fn release_in_background(self, id: &str) {
+        self.0.release_in_background(id);
     }
 }
 
@@ -593,20 +581,16 @@ struct InProcess<H>(H);
 impl<H: InProcessHeld> Backing for InProcess<H> {
     const RELEASES_NOW: bool = true;
 
-    fn release_now(&mut self, lost: &LossSignal) -> Option<Result<()>> {
-        Some(self.0.release_held(lost))
+    fn release_now(&mut self, id: &str, lost: &LossSignal) -> Option<Result<()>> {
+        Some(self.0.release_held(id, lost))
     }
 
-    fn release<'a>(&'a mut self, lost: &'a LossSignal) -> BoxFuture<'a, Result<()>> {
-        Box::pin(std::future::ready(self.0.release_held(lost)))
+    fn release<'a>(&'a mut self, id: &'a str, lost: &'a LossSignal) -> BoxFuture<'a, Result<()>> {
+        Box::pin(std::future::ready(self.0.release_held(id, lost)))
     }
 
-    fn release_in_background(self) {
+    fn release_in_background(self, _: &str) {
         self.0.release_held_in_background();
-    }
-
-    fn id(&self) -> std::borrow::Cow<'_, str> {
-        self.0.id().into()
     }
 }
 
@@ -620,12 +604,12 @@ struct TimedHold<H> {
 }
 
 impl<H: Backing> TimedHold<H> {
-    /// The release's span, naming the lock (its id is looked up only if a subscriber listens).
-    fn release_span(&self) -> tracing::Span {
+    /// The release's span, naming the lock (made only if a subscriber listens).
+    fn release_span(&self, id: &str) -> tracing::Span {
         if !tracing::level_enabled!(tracing::Level::DEBUG) {
             return tracing::Span::none();
         }
-        self.ops.release.span(&*self.inner.id())
+        self.ops.release.span(id)
     }
 
     /// Why the hold was lost, if it was by `now`: asked before the release, which ends the
@@ -654,18 +638,18 @@ impl<H: Backing> TimedHold<H> {
 
 #[async_trait]
 impl<H: Backing> HeldLock for TimedHold<H> {
-    async fn release(&mut self) -> Result<()> {
+    async fn release(&mut self, id: &str) -> Result<()> {
         let start = Instant::now();
         let lost = self.loss(start);
-        let span = self.release_span();
-        let released = match in_span(&span, || self.inner.release_now(&self.lost)) {
+        let span = self.release_span(id);
+        let released = match in_span(&span, || self.inner.release_now(id, &self.lost)) {
             Some(released) => released,
-            None => in_span_async(span, self.inner.release(&self.lost)).await,
+            None => in_span_async(span, self.inner.release(id, &self.lost)).await,
         };
         self.ended((start, start.elapsed()), lost, released)
     }
 
-    fn release_now(&mut self) -> Option<Result<()>> {
+    fn release_now(&mut self, id: &str) -> Option<Result<()>> {
         if !H::RELEASES_NOW {
             return None;
         }
@@ -673,18 +657,18 @@ impl<H: Backing> HeldLock for TimedHold<H> {
         // its own (see the module doc).
         let now = Instant::now();
         let lost = self.loss(now);
-        let span = self.release_span();
-        let released = in_span(&span, || self.inner.release_now(&self.lost))?;
+        let span = self.release_span(id);
+        let released = in_span(&span, || self.inner.release_now(id, &self.lost))?;
         Some(self.ended((now, Duration::ZERO), lost, released))
     }
 
-    fn release_in_background(self: Box<Self>) {
+    fn release_in_background(self: Box<Self>, id: &str) {
         let now = Instant::now();
         if let Some(reason) = self.loss(now) {
             count_lost(self.ops.backend, "lock", &reason);
         }
         observe(&self.ops.hold, now.saturating_duration_since(self.since));
-        self.inner.release_in_background();
+        self.inner.release_in_background(id);
     }
 }
 
@@ -1104,11 +1088,11 @@ mod tests {
 
     #[async_trait]
     impl HeldLock for RemoteHeld {
-        async fn release(&mut self) -> Result<()> {
+        async fn release(&mut self, _: &str) -> Result<()> {
             Ok(())
         }
 
-        fn release_in_background(self: Box<Self>) {}
+        fn release_in_background(self: Box<Self>, _: &str) {}
     }
 
     #[async_trait]

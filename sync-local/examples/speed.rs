@@ -296,9 +296,9 @@ struct NoopHeld;
 
 #[async_trait]
 impl HeldLock for NoopHeld {
-    async fn release(&mut self) -> Result<()> {
+    async fn release(&mut self, _: &str) -> Result<()> {
         Ok(())
     }
 
-    fn release_in_background(self: Box<Self>) {}
+    fn release_in_background(self: Box<Self>, _: &str) {}
 }

@@ -104,7 +104,6 @@ impl LocalLock {
         Grant {
             client: self.client.clone(),
             key,
-            id_at: self.prefix.len(),
             token,
         }
     }
@@ -198,29 +197,23 @@ pub(crate) struct Grant {
     client: Arc<ClientInner>,
     /// As the table keeps it.
     key: Arc<str>,
-    /// Where the escaped id starts in `key` (the id is needed only for errors).
-    id_at: usize,
     token: u64,
 }
 
 impl Grant {
-    fn id(&self) -> String {
-        let escaped = self.key.get(self.id_at..).unwrap_or_default();
-        sync_core::id::unescape(escaped).unwrap_or_else(|| escaped.to_string())
-    }
-
     fn release_grant(&self) -> bool {
         self.client.shared.locks.release(&self.key, self.token)
     }
 
-    /// Releases now; `lost` is the grant's signal, which tells a lost lock from one not held.
-    fn release_here(&self, lost: &LossSignal) -> Result<()> {
+    /// Releases lock `id` now; `lost` is the grant's signal, which tells a lost lock from one
+    /// not held.
+    fn release_here(&self, id: &str, lost: &LossSignal) -> Result<()> {
         // A killed client releases nothing: its lock frees when its session expires.
-        self.client.check_open().map_err(|e| e.with_id(self.id()))?;
+        self.client.check_open().map_err(|e| e.with_id(id))?;
         if self.release_grant() {
             return Ok(());
         }
-        Err(not_held(&self.id(), lost.is_lost()))
+        Err(not_held(id, lost.is_lost()))
     }
 
     fn release_in_background(&self) {
@@ -234,16 +227,12 @@ impl Grant {
 }
 
 impl InProcessHeld for Grant {
-    fn release_held(&mut self, lost: &LossSignal) -> Result<()> {
-        self.release_here(lost)
+    fn release_held(&mut self, id: &str, lost: &LossSignal) -> Result<()> {
+        self.release_here(id, lost)
     }
 
     fn release_held_in_background(self) {
         self.release_in_background();
-    }
-
-    fn id(&self) -> String {
-        Grant::id(self)
     }
 }
 
@@ -255,15 +244,15 @@ struct LocalHeld {
 
 #[async_trait]
 impl HeldLock for LocalHeld {
-    async fn release(&mut self) -> Result<()> {
-        self.grant.release_here(&self.lost)
+    async fn release(&mut self, id: &str) -> Result<()> {
+        self.grant.release_here(id, &self.lost)
     }
 
-    fn release_now(&mut self) -> Option<Result<()>> {
-        Some(self.grant.release_here(&self.lost))
+    fn release_now(&mut self, id: &str) -> Option<Result<()>> {
+        Some(self.grant.release_here(id, &self.lost))
     }
 
-    fn release_in_background(self: Box<Self>) {
+    fn release_in_background(self: Box<Self>, _: &str) {
         self.grant.release_in_background();
     }
 }

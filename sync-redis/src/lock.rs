@@ -50,7 +50,6 @@ impl RedisLock {
             Box::new(RedisHeld {
                 client: self.client.clone(),
                 mine: self.mine.clone(),
-                id: id.to_string(),
                 keys,
                 slot,
             }),
@@ -152,24 +151,23 @@ fn not_held(id: &str, why: &str) -> Error {
 struct RedisHeld {
     client: Arc<ClientInner>,
     mine: HeldGrants<Grant>,
-    id: String,
     keys: HeldKeys,
     slot: Arc<Slot<Grant>>,
 }
 
 #[async_trait]
 impl HeldLock for RedisHeld {
-    async fn release(&mut self) -> Result<()> {
+    async fn release(&mut self, id: &str) -> Result<()> {
         match self.mine.take(&self.slot) {
-            Some(g) => give_back(&self.client, &self.id, &self.keys, g).await,
+            Some(g) => give_back(&self.client, id, &self.keys, g).await,
             None => Err(not_held(
-                &self.id,
+                id,
                 "the lock was already released through the handle",
             )),
         }
     }
 
-    fn release_in_background(self: Box<Self>) {
+    fn release_in_background(self: Box<Self>, id: &str) {
         let Some(grant) = self.mine.take(&self.slot) else {
             return;
         };
@@ -179,9 +177,10 @@ impl HeldLock for RedisHeld {
         let Ok(runtime) = tokio::runtime::Handle::try_current() else {
             return;
         };
+        let id = id.to_string();
         runtime.spawn(async move {
             if let Err(e) = release(&self.client, &self.keys, &grant.owner, safe).await {
-                tracing::debug!(backend = BACKEND, id = %self.id, error = %e, "background release failed");
+                tracing::debug!(backend = BACKEND, id, error = %e, "background release failed");
             }
         });
     }
