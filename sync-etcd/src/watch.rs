@@ -56,6 +56,11 @@ const MONITOR_GRACE: Duration = Duration::from_millis(500);
 /// short holds the hub wakes about ten times a second, not once per hold.
 const GRACE_SLACK: Duration = Duration::from_millis(100);
 
+/// At most this many monitors' creates are sent and not answered yet: a burst of held keys
+/// (thousands taken at once) is watched a few at a time rather than queued whole in this
+/// client's buffers, which would keep their memory long after.
+const CREATES_IN_FLIGHT: usize = 64;
+
 /// The pause before a failed stream is opened again for the monitors, so a failing server is
 /// not spun on.
 const REOPEN_PAUSE: Duration = Duration::from_millis(200);
@@ -406,6 +411,8 @@ struct State {
     reopen_at: Option<Instant>,
     /// The watch ids of the creates sent on this stream and not answered yet, in order.
     creating: VecDeque<i64>,
+    /// Pending monitors waiting for fewer creates in flight (some may have gone since).
+    queued: VecDeque<i64>,
     /// The re-reads of monitors being checked, by registration id: a monitor that goes
     /// (released, lost, or the hub with it) stops its re-read, which otherwise retries for as
     /// long as etcd cannot be reached.
@@ -464,6 +471,7 @@ impl Hub {
             renamed: HashMap::new(),
             reopen_at: None,
             creating: VecDeque::new(),
+            queued: VecDeque::new(),
             checks: HashMap::new(),
         };
         let mut moves = self.endpoints.moves();
@@ -502,7 +510,10 @@ impl Hub {
                         }
                         st.stream_lost(Ended::Failed, REOPEN_PAUSE);
                     }
-                    ConnEvent::Message(Ok(Some(resp))) => self.route(resp, &mut st),
+                    ConnEvent::Message(Ok(Some(resp))) => {
+                        self.route(resp, &mut st);
+                        self.send_queued(&mut st);
+                    }
                     ConnEvent::Message(ended) => {
                         if let Err(e) = &ended {
                             tracing::debug!(backend = BACKEND, error = %e, "the watch stream failed");
@@ -578,6 +589,7 @@ impl Hub {
     fn on_time(&self, st: &mut State) {
         let now = Instant::now();
         let grown = locked(&self.young).grown(now + GRACE_SLACK);
+        st.monitors.reserve(grown.len());
         for (id, m) in grown {
             st.monitors.insert(id, m);
             self.create(id, st);
@@ -596,6 +608,10 @@ impl Hub {
         };
         // Sent once per stream: opening one sends the others' already.
         if m.state != MonitorState::Pending {
+            return;
+        }
+        if st.conn.outgoing().is_some() && st.creating.len() >= CREATES_IN_FLIGHT {
+            st.queued.push_back(id);
             return;
         }
         m.state = MonitorState::Created;
@@ -626,8 +642,21 @@ impl Hub {
         opened
     }
 
-    /// Sends every pending monitor's watch (on a stream that is open or opening).
+    /// Sends the queued monitors' watches while fewer creates than the bound are in flight.
+    fn send_queued(&self, st: &mut State) {
+        while st.creating.len() < CREATES_IN_FLIGHT && st.conn.outgoing().is_some() {
+            let Some(id) = st.queued.pop_front() else {
+                return;
+            };
+            self.create(id, st);
+        }
+    }
+
+    /// Sends every pending monitor's watch (on a stream that is open or opening), as many as
+    /// the bound lets through; the rest are queued.
     fn create_pending(&self, st: &mut State) {
+        // Every pending one is walked again here.
+        st.queued.clear();
         let pending: Vec<i64> = st
             .monitors
             .iter()

@@ -122,6 +122,37 @@ async fn lost_when_key_deleted(endpoint: String) -> TestResult {
     Ok(())
 }
 
+/// A burst of held locks (more than the hub sends watch creates for at once) is watched in
+/// full: deleting every key at once, before most of their watches exist, reaches every holder.
+async fn every_key_of_a_burst_is_watched(endpoint: String) -> TestResult {
+    use futures::{StreamExt, TryStreamExt};
+    const HELD: usize = 400;
+    let ns = unique("burst");
+    let client = common::connect(&endpoint, &ns).await?;
+    let lock = client.lock().map_err(|e| e.to_string())?;
+    let guards = futures::stream::iter(0..HELD)
+        .map(|i| {
+            let lock = lock.clone();
+            async move { lock.acquire(&format!("k{i}"), LockOptions::new()).await }
+        })
+        .buffer_unordered(64)
+        .try_collect::<Vec<_>>()
+        .await
+        .map_err(|e| e.to_string())?;
+    etcdctl(&endpoint, &["del", "--prefix", &format!("{ns}/")]).await?;
+    let all_lost = futures::future::join_all(guards.iter().map(|g| g.lost()));
+    let reasons = tokio::time::timeout(Duration::from_secs(10), all_lost)
+        .await
+        .map_err(|_| {
+            let left = guards.iter().filter(|g| !g.is_lost()).count();
+            format!("{left} of {HELD} holders did not hear of their key's delete within 10 s")
+        })?;
+    if let Some(r) = reasons.iter().find(|r| !r.contains("deleted")) {
+        return Err(format!("lost() reason: {r}"));
+    }
+    Ok(())
+}
+
 /// A held key deleted while the client's shared watch stream is cut is still seen: the
 /// stream is re-opened and the key's monitor resumes from the revision it watched from,
 /// so the delete made meanwhile is replayed, not missed.
@@ -2056,7 +2087,10 @@ async fn task_batched_claim_answer_lost(endpoint: String) -> TestResult {
 }
 
 fn main() -> std::process::ExitCode {
-    let tests: [(&'static str, TestFn); 38] = [
+    let tests: [(&'static str, TestFn); 39] = [
+        ("live::every_key_of_a_burst_is_watched", |e| {
+            Box::pin(every_key_of_a_burst_is_watched(e))
+        }),
         ("live::late_create_is_swept_up", |e| {
             Box::pin(late_create_is_swept_up(e))
         }),
