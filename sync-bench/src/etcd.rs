@@ -58,6 +58,51 @@ fn slices(n: usize) -> impl Iterator<Item = usize> {
     (0..k).map(move |i| n * (i + 1) / k - n * i / k)
 }
 
+/// How many slices a round of the 64-clients scenario alternates sync and the peer in.
+const CLIENT_SLICES: usize = 5;
+
+/// `run`'s per-client operation counts and how long it took.
+async fn timed_run(
+    run: impl Future<Output = Result<Vec<usize>>>,
+) -> Result<(Vec<usize>, Duration)> {
+    let started = Instant::now();
+    let counts = run.await?;
+    Ok((counts, started.elapsed()))
+}
+
+/// One side's operations, time and costs over the slices of a throughput round.
+#[derive(Default)]
+struct Throughput {
+    /// Per client, over the slices.
+    counts: Vec<usize>,
+    took: Duration,
+    cost: Cost,
+}
+
+impl Throughput {
+    fn add(&mut self, ((counts, took), cost): ((Vec<usize>, Duration), Cost)) {
+        self.counts.resize(self.counts.len().max(counts.len()), 0);
+        for (total, n) in self.counts.iter_mut().zip(counts) {
+            *total += n;
+        }
+        self.took += took;
+        self.cost.add(&cost);
+    }
+
+    /// Operations per second, with the costs and per-client fairness.
+    fn sample(&self) -> Sample {
+        let total: usize = self.counts.iter().sum();
+        let rate = total as f64 / self.took.as_secs_f64().max(f64::MIN_POSITIVE);
+        let mut s = with_cost(Sample::value(rate), &self.cost, total);
+        s.detail = format!(
+            "per-client ops min/max {}/{}",
+            self.counts.iter().min().unwrap_or(&0),
+            self.counts.iter().max().unwrap_or(&0)
+        );
+        s
+    }
+}
+
 /// One side's latencies and costs over the slices of a round.
 #[derive(Default)]
 struct Side {
@@ -540,26 +585,22 @@ impl Etcd {
             .map(|c| c.lock())
             .collect::<sync_core::Result<Vec<_>>>()
             .or_msg("lock handle")?;
+        let slice = window / CLIENT_SLICES as u32;
         let mut row = Row::new(B, "64 clients on one id", "ops/s", Better::Higher)
             .with_peer("etcd Lock + Unlock RPCs, 64 clients")
             .with_note(format!(
-                "{CLIENTS} clients (connections, leases), {:.1} s per round; no raw: the \
-                 minimal contended lock is the Lock RPC's own recipe",
+                "{CLIENTS} clients (connections, leases), {:.1} s per round in {CLIENT_SLICES} \
+                 slices alternating between sync and peer; no raw: the minimal contended lock \
+                 is the Lock RPC's own recipe",
                 window.as_secs_f64()
             ));
-        let fairness = |counts: &[usize]| {
-            format!(
-                "per-client ops min/max {}/{}",
-                counts.iter().min().unwrap_or(&0),
-                counts.iter().max().unwrap_or(&0)
-            )
-        };
+        let name = format!("{ns}/peer/one");
         for _ in 0..self.ctx.rounds {
-            let ((counts, took), cost) = self
-                .counted(async {
-                    let deadline = Instant::now() + window;
-                    let started = Instant::now();
-                    let counts = stream::iter(locks.iter().cloned())
+            let (mut sync_side, mut peer_side) = (Throughput::default(), Throughput::default());
+            for _ in 0..CLIENT_SLICES {
+                let sync_run = async {
+                    let deadline = Instant::now() + slice;
+                    stream::iter(locks.iter().cloned())
                         .map(|lock| async move {
                             let mut n = 0usize;
                             while Instant::now() < deadline {
@@ -572,43 +613,24 @@ impl Etcd {
                         .buffer_unordered(CLIENTS)
                         .try_collect::<Vec<_>>()
                         .await
-                        .or_msg("acquire/release")?;
-                    Ok((counts, started.elapsed()))
-                })
-                .await?;
-            let total: usize = counts.iter().sum();
-            let mut s = with_cost(
-                Sample::value(total as f64 / took.as_secs_f64()),
-                &cost,
-                total,
-            );
-            s.detail = fairness(&counts);
-            row.sync.rounds.push(s);
-
-            let name = format!("{ns}/peer/one");
-            let ((counts, took), cost) = self
-                .counted(async {
-                    let deadline = Instant::now() + window;
-                    let started = Instant::now();
-                    let counts = stream::iter(raws.iter())
+                        .or_msg("acquire/release")
+                };
+                sync_side.add(self.counted(timed_run(sync_run)).await?);
+                let peer_run = async {
+                    let deadline = Instant::now() + slice;
+                    stream::iter(raws.iter())
                         .map(|(r, lease)| {
                             rpc_lock_loop(r.lock_client(), name.clone(), *lease, deadline)
                         })
                         .buffer_unordered(CLIENTS)
                         .try_collect::<Vec<_>>()
                         .await
-                        .or_msg("Lock/Unlock")?;
-                    Ok((counts, started.elapsed()))
-                })
-                .await?;
-            let total: usize = counts.iter().sum();
-            let mut s = with_cost(
-                Sample::value(total as f64 / took.as_secs_f64()),
-                &cost,
-                total,
-            );
-            s.detail = fairness(&counts);
-            push(&mut row.peer, s);
+                        .or_msg("Lock/Unlock")
+                };
+                peer_side.add(self.counted(timed_run(peer_run)).await?);
+            }
+            row.sync.rounds.push(sync_side.sample());
+            push(&mut row.peer, peer_side.sample());
         }
         for c in libs {
             let _ = c.close().await;
